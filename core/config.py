@@ -1,0 +1,216 @@
+"""Settings: read once from the environment and `.env` into one typed object.
+
+Every setting has a type, a default where one makes sense and a one-line description
+(the `description` of its field); `.env.example` lists exactly these. Secrets are
+`SecretStr`, so they are masked in every `repr`, `str` and error.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+KNOWN_MODELS = ("gpt-image-2", "gpt-image-1.5", "gpt-image-1")
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class SettingsError(Exception):
+    """A setting has a wrong value; the message names it and the expected form."""
+
+
+class Settings(BaseSettings):
+    """Everything imgbot can be told, with its default."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # --- the image API -------------------------------------------------------------
+    openai_base_url: str = Field(
+        "https://api.openai.com/v1",
+        description="Root of the OpenAI-compatible API, with or without a trailing /v1",
+    )
+    openai_api_key: SecretStr = Field(SecretStr(""), description="API key sent as a Bearer token")
+    response_format: Literal["b64_json", "url", "none"] = Field(
+        "none",
+        description="response_format to send: b64_json, url, or none (official OpenAI refuses it)",
+    )
+    request_timeout: float = Field(600.0, gt=0, description="Seconds to wait for one image answer")
+    connect_timeout: float = Field(5.0, gt=0, description="Seconds to wait for a connection")
+    max_retries: int = Field(2, ge=0, le=10, description="Retries of calls that cannot have billed")
+    retry_after_cap: float = Field(120.0, ge=0, description="Longest Retry-After honoured, seconds")
+    retry_read_timeout: bool = Field(
+        False, description="Also retry after a read timeout (may bill twice upstream)"
+    )
+    max_download_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Cap on an image downloaded from a url result"
+    )
+    max_reference_bytes: int = Field(
+        50 * 1024 * 1024, gt=0, description="Cap on one reference image"
+    )
+
+    # --- defaults of the command language --------------------------------------------
+    default_model: str = Field("gpt-image-2", description="Model used when none is named")
+    default_tier: Literal["1K", "2K", "4K"] = Field("1K", description="Resolution tier by default")
+    default_quality: Literal["low", "medium", "high", "auto"] = Field(
+        "auto", description="Quality by default"
+    )
+    default_n: int = Field(1, ge=1, le=10, description="Images per request by default")
+    max_n: int = Field(4, ge=1, le=10, description="Most images one request may ask for")
+    model_aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description='Extra model names as JSON, e.g. {"v2": "gpt-image-2"}',
+    )
+
+    # --- pricing (the seed's formula) -------------------------------------------------
+    price_text_input: float = Field(5.0, ge=0, description="USD per million input text tokens")
+    price_image_input: float = Field(10.0, ge=0, description="USD per million input image tokens")
+    price_image_output: float = Field(
+        40.0, ge=0, description="USD per million output image tokens"
+    )
+    cny_per_usd: float = Field(7.1, gt=0, description="Exchange rate used by the formula")
+    credits_per_cny: float = Field(10000.0, gt=0, description="Credits per yuan")
+    model_prices: dict[str, tuple[float, float, float]] = Field(
+        default_factory=dict,
+        description='Per-model USD prices as JSON, e.g. {"gpt-image-1.5": [5, 8, 32]}',
+    )
+
+    # --- the ledger and limits (credits; 0 = unlimited) ------------------------------
+    database_url: str = Field(
+        "sqlite:///./data/imgbot.db", description="Where the ledger lives (sqlite:///path)"
+    )
+    user_daily_limit: float = Field(0, ge=0, description="Credits one user may spend per day")
+    user_monthly_limit: float = Field(0, ge=0, description="Credits one user may spend per month")
+    chat_daily_limit: float = Field(0, ge=0, description="Credits one chat/server may spend per day")
+    global_daily_limit: float = Field(0, ge=0, description="Credits the whole bot may spend per day")
+    job_timeout: float = Field(
+        900.0, gt=0, description="Longest a job may run; older reservations become unsettled"
+    )
+
+    # --- access, concurrency, language ------------------------------------------------
+    admins: CsvList = Field(
+        default_factory=list, description="Admins as platform:id, comma-separated"
+    )
+    allowed_users: CsvList = Field(
+        default_factory=list, description="If set, only these platform:id users may draw"
+    )
+    allowed_chats: CsvList = Field(
+        default_factory=list, description="If set, only these platform:id chats/servers may draw"
+    )
+    silent_refusals_in_groups: bool = Field(
+        True, description="In groups, ignore strangers instead of answering them"
+    )
+    max_jobs_in_flight: int = Field(8, ge=1, description="Jobs drawing at once, all users")
+    max_jobs_per_user: int = Field(1, ge=1, description="Jobs drawing at once for one user")
+    max_queued_per_user: int = Field(3, ge=1, description="Jobs one user may have waiting")
+    rate_limit_per_minute: int = Field(6, ge=0, description="Requests per user per minute (0 = off)")
+    progress_interval: float = Field(5.0, gt=0, description="Seconds between progress updates")
+    default_language: Literal["en", "zh"] = Field("en", description="Language when unknown")
+
+    # --- Telegram ---------------------------------------------------------------------
+    telegram_bot_token: SecretStr = Field(SecretStr(""), description="Token from @BotFather")
+    telegram_api_base_url: str = Field(
+        "https://api.telegram.org", description="Bot API server root (self-hosted lifts limits)"
+    )
+    telegram_webhook_url: str = Field(
+        "", description="Public HTTPS URL for webhook mode (empty = long polling)"
+    )
+    telegram_webhook_secret: SecretStr = Field(
+        SecretStr(""), description="Secret token Telegram sends with each webhook call"
+    )
+    telegram_webhook_listen: str = Field("0.0.0.0", description="Address the webhook server binds")
+    telegram_webhook_port: int = Field(8443, ge=1, le=65535, description="Webhook server port")
+    telegram_send_original: Literal["auto", "always", "never"] = Field(
+        "auto", description="Also send the lossless file: auto (2K/4K), always, never"
+    )
+    album_debounce: float = Field(1.0, gt=0, description="Seconds to wait for album items")
+
+    # --- Discord ----------------------------------------------------------------------
+    discord_bot_token: SecretStr = Field(SecretStr(""), description="Bot token from the portal")
+    discord_guild_ids: CsvList = Field(
+        default_factory=list, description="Guild ids for fast command sync (empty = global)"
+    )
+
+    # --- running ----------------------------------------------------------------------
+    shutdown_grace: float = Field(60.0, ge=0, description="Seconds jobs may finish on shutdown")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level"
+    )
+    log_json: bool = Field(False, description="Write logs as JSON lines")
+
+    _split = field_validator(
+        "admins", "allowed_users", "allowed_chats", "discord_guild_ids", mode="before"
+    )(_split_csv)
+
+    @field_validator("openai_base_url", "telegram_api_base_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")) or len(value) < 10:
+            raise ValueError("must be an http(s) URL such as https://api.openai.com/v1")
+        return value.rstrip("/")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_models(self) -> Settings:
+        for alias, target in self.model_aliases.items():
+            if target not in KNOWN_MODELS:
+                raise ValueError(
+                    f"MODEL_ALIASES: {alias!r} points to unknown model {target!r}; "
+                    f"expected one of {', '.join(KNOWN_MODELS)}"
+                )
+        if self.resolve_model(self.default_model) is None:
+            raise ValueError(
+                f"DEFAULT_MODEL: unknown model {self.default_model!r}; "
+                f"expected one of {', '.join(KNOWN_MODELS)}"
+            )
+        for model in self.model_prices:
+            if model not in KNOWN_MODELS:
+                raise ValueError(f"MODEL_PRICES: unknown model {model!r}")
+        if self.default_n > self.max_n:
+            raise ValueError("DEFAULT_N must not be larger than MAX_N")
+        return self
+
+    def resolve_model(self, name: str) -> str | None:
+        """Return the canonical model for a name or alias, or None."""
+        low = name.strip().lower()
+        if low in KNOWN_MODELS:
+            return low
+        aliases = {k.lower(): v for k, v in self.model_aliases.items()}
+        return aliases.get(low)
+
+    def is_admin(self, platform: str, user_id: str) -> bool:
+        """Say whether platform:user_id is a configured admin."""
+        return f"{platform}:{user_id}" in self.admins
+
+    @property
+    def database_path(self) -> str:
+        """Return the SQLite file path from DATABASE_URL."""
+        prefix = "sqlite:///"
+        if not self.database_url.startswith(prefix):
+            raise SettingsError("DATABASE_URL: expected sqlite:///path/to/file.db")
+        return self.database_url[len(prefix) :]
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings once; a wrong value raises SettingsError naming the setting."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as err:
+        lines = []
+        for problem in err.errors():
+            name = ".".join(str(p) for p in problem["loc"]).upper() or "settings"
+            lines.append(f"{name}: {problem['msg']}")
+        raise SettingsError("Invalid settings:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,145 @@
+"""The one error tree of imgbot.
+
+    ImgbotError                      every error we raise on purpose
+    ├── UserError                    the user's input or standing is at fault
+    │   ├── PromptError              the command text is malformed
+    │   ├── BadReferenceError        a reference image cannot be used
+    │   ├── AccessDenied             not allowed / blocked / not an admin
+    │   ├── LimitExceeded            a spend limit would be exceeded
+    │   ├── RateLimited              too many requests from this user
+    │   ├── QueueFull                too many jobs waiting for this user
+    │   ├── JobNotFound              a job id (button, refund) that is not there
+    │   └── Cancelled                the job was cancelled before it ran
+    └── UpstreamError                the image API failed; `detail` keeps the raw answer
+        ├── ContentPolicyError       moderation_blocked
+        ├── UpstreamAuthError        401/403/404, unknown parameter: operator must fix config
+        ├── UpstreamBalanceError     402 / insufficient balance or quota
+        ├── UpstreamRateLimited      429 after the retries
+        ├── UpstreamUnavailable      5xx, connection refused/reset
+        ├── UpstreamTimeout          no answer in time
+        ├── UpstreamRejected         400 the API refused the request as asked
+        └── UpstreamMalformed        an answer we cannot read
+
+Every error has a message key (`core.messages`) and parameters, so it can be shown in the
+user's language with `error.user_message(lang)`. `detail` is for logs only, and never holds
+a secret. Third-party exceptions are translated at one boundary each (`core.images` for
+httpx), with `raise … from err`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from core.pricing import Usage
+
+
+class ImgbotError(Exception):
+    """Base of every error imgbot raises on purpose."""
+
+    key = "error.internal"
+
+    def __init__(self, key: str | None = None, *, detail: str = "", **params: Any) -> None:
+        if key is not None:
+            self.key = key
+        self.params = params
+        self.detail = detail
+        super().__init__(f"{self.key}: {detail}" if detail else self.key)
+
+    def user_message(self, lang: str) -> str:
+        """Render the message fit to show the user, in their language."""
+        from core.messages import text
+
+        return text(lang, self.key, **self.params)
+
+    @property
+    def code(self) -> str:
+        """Return a short stable code for the ledger and logs."""
+        return self.key.rsplit(".", 1)[-1]
+
+
+class UserError(ImgbotError):
+    """The user's input or standing is at fault."""
+
+
+class PromptError(UserError):
+    key = "prompt.invalid"
+
+
+class BadReferenceError(UserError):
+    key = "ref.invalid"
+
+
+class AccessDenied(UserError):
+    key = "access.denied"
+
+
+class LimitExceeded(UserError):
+    key = "limit.exceeded"
+
+
+class RateLimited(UserError):
+    key = "rate.limited"
+
+
+class QueueFull(UserError):
+    key = "queue.full"
+
+
+class JobNotFound(UserError):
+    key = "job.not_found"
+
+
+class Cancelled(UserError):
+    key = "job.cancelled"
+
+
+class UpstreamError(ImgbotError):
+    """The image API failed. `usage` is set when the answer reported usage anyway."""
+
+    key = "upstream.error"
+
+    def __init__(
+        self,
+        key: str | None = None,
+        *,
+        detail: str = "",
+        status: int | None = None,
+        usage: Usage | None = None,
+        **params: Any,
+    ) -> None:
+        super().__init__(key, detail=detail, **params)
+        self.status = status
+        self.usage = usage
+
+
+class ContentPolicyError(UpstreamError):
+    key = "upstream.moderation"
+
+
+class UpstreamAuthError(UpstreamError):
+    key = "upstream.auth"
+
+
+class UpstreamBalanceError(UpstreamError):
+    key = "upstream.balance"
+
+
+class UpstreamRateLimited(UpstreamError):
+    key = "upstream.rate_limited"
+
+
+class UpstreamUnavailable(UpstreamError):
+    key = "upstream.unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    key = "upstream.timeout"
+
+
+class UpstreamRejected(UpstreamError):
+    key = "upstream.rejected"
+
+
+class UpstreamMalformed(UpstreamError):
+    key = "upstream.malformed"
