@@ -1,0 +1,749 @@
+"""Tests of the spend ledger against a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import random
+import sqlite3
+import subprocess
+import sys
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from core.errors import JobNotFound, LimitExceeded, UserError
+from core.ledger import (
+    CSV_COLUMNS,
+    LATEST_VERSION,
+    MIGRATIONS,
+    SCHEMA_VERSION_DDL,
+    ChatTotal,
+    JobSpec,
+    JobStatus,
+    Ledger,
+    Limits,
+    Spender,
+)
+from core.messages import text
+from core.pricing import Usage
+from core.requester import Requester
+
+ROOT = Path(__file__).resolve().parents[1]
+START = datetime(2025, 3, 15, 12, 0, tzinfo=UTC)
+SPEC = JobSpec(
+    command_text="/img 1:1 high a white cat",
+    model="gpt-image-2",
+    size="1024x1024",
+    quality="high",
+    n=1,
+    reference_count=0,
+    request_json='{"prompt": "a white cat"}',
+)
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: datetime = START) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+def who(uid: str, chat: str | None = None, *, name: str = "", lang: str | None = None) -> Requester:
+    return Requester(
+        "telegram",
+        uid,
+        chat,
+        display_name=name or f"user {uid}",
+        language=lang,
+        is_group=bool(chat),
+    )
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "imgbot.db"
+
+
+async def open_ledger(path: Path, clock: Clock, **limits: float) -> Ledger:
+    return await Ledger.open(path, Limits(**limits), clock=clock)
+
+
+# --- opening and migrations ---------------------------------------------------------------
+
+
+async def test_open_creates_folder_uses_wal_and_closes_twice(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "deep" / "er" / "imgbot.db"
+    async with await open_ledger(path, clock) as ledger:
+        assert await ledger.schema_version() == LATEST_VERSION
+        await ledger.close()
+        await ledger.close()
+        with pytest.raises(RuntimeError):
+            await ledger.get_job(1)
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        versions = [row[0] for row in raw.execute("SELECT version FROM schema_version")]
+    assert versions == [m.version for m in MIGRATIONS]
+    assert len(MIGRATIONS) >= 2
+    # Opening again applies nothing twice.
+    async with await open_ledger(path, clock) as ledger:
+        assert await ledger.schema_version() == LATEST_VERSION
+
+
+def build_v1_database(path: Path) -> None:
+    """Make a database exactly as a release with only the first migration left it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = sqlite3.connect(path)
+    with raw:
+        raw.execute(SCHEMA_VERSION_DDL)
+        for statement in MIGRATIONS[0].statements:
+            raw.execute(statement)
+        raw.execute(
+            "INSERT INTO schema_version VALUES (1, 'users, chats and jobs', ?)",
+            (START.isoformat(),),
+        )
+        t = (START - timedelta(hours=2)).isoformat(timespec="microseconds")
+        raw.execute(
+            "INSERT INTO users VALUES ('telegram:1', 'telegram', '1', 'Old Ann', 'zh', 500, NULL,"
+            " 0, ?, ?)",
+            (t, t),
+        )
+        raw.execute(
+            "INSERT INTO chats VALUES ('telegram:-9', 'telegram', '-9', 'Old group', NULL, 1, ?, ?)",
+            (t, t),
+        )
+        job = (
+            "INSERT INTO jobs (user_key, chat_key, platform, display_name, command_text,"
+            " request_json, model, size, quality, n, reference_count, status,"
+            " estimated_credits, actual_credits, usage_json, created_at)"
+            " VALUES ('telegram:1', 'telegram:-9', 'telegram', 'Old Ann', '/img a', '{}',"
+            " 'gpt-image-1', '1024x1024', 'low', 1, 0, ?, ?, ?, ?, ?)"
+        )
+        raw.execute(job, ("succeeded", 300.0, 120.0, '{"image_output_tokens": 272}', t))
+        raw.execute(job, ("reserved", 250.0, None, None, t))
+    raw.close()
+
+
+async def test_upgrade_from_v1_keeps_rows(db_path: Path, clock: Clock) -> None:
+    build_v1_database(db_path)
+    async with await open_ledger(db_path, clock) as ledger:
+        assert await ledger.schema_version() == LATEST_VERSION
+        old = await ledger.get_job(1)
+        assert old is not None
+        assert (old.status, old.actual_credits, old.result_refs) == (JobStatus.SUCCEEDED, 120, ())
+        assert old.usage == Usage(image_output_tokens=272)
+        assert old.refunded_by is None
+        user = await ledger.get_user("telegram:1")
+        assert user is not None
+        assert (user.display_name, user.language, user.daily_limit) == ("Old Ann", "zh", 500)
+        assert await ledger.is_blocked("telegram:2", "telegram:-9")
+        # Old rows take part in the new code: limits, reports, result refs, refunds.
+        report = await ledger.spend_report("telegram:1")
+        assert report.today == pytest.approx(120 + 250)
+        assert report.daily_remaining == pytest.approx(500 - 370)
+        await ledger.set_result_refs(1, ["file-a", "file-b"])
+        assert (await ledger.get_job(1)).result_refs == ("file-a", "file-b")  # type: ignore[union-attr]
+        assert await ledger.recover_stale(3600) == [2]
+        refunded = await ledger.refund(2, by="telegram:admin")
+        assert refunded.refunded_credits == 250
+        new_id = await ledger.reserve(who("1"), SPEC, 100)
+        assert new_id == 3
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 3
+        assert raw.execute("SELECT COUNT(*) FROM users").fetchone()[0] == 1
+
+
+async def test_refuses_a_newer_schema(db_path: Path, clock: Clock) -> None:
+    async with await open_ledger(db_path, clock):
+        pass
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("INSERT INTO schema_version VALUES (999, 'future', '')")
+    with pytest.raises(RuntimeError, match="newer"):
+        await open_ledger(db_path, clock)
+
+
+# --- reserve, settle, fail ------------------------------------------------------------------
+
+
+async def test_reserve_records_the_job_and_its_requester(db_path: Path, clock: Clock) -> None:
+    async with await open_ledger(db_path, clock) as ledger:
+        job_id = await ledger.reserve(who("7", "-100", name="Ann", lang="en-US"), SPEC, 1234.5)
+        job = await ledger.get_job(job_id)
+        assert job is not None
+        assert job.status is JobStatus.RESERVED
+        assert (job.user_key, job.user_id, job.chat_key, job.chat_id) == (
+            "telegram:7",
+            "7",
+            "telegram:-100",
+            "-100",
+        )
+        assert (job.platform, job.display_name, job.command_text) == (
+            "telegram",
+            "Ann",
+            SPEC.command_text,
+        )
+        assert (job.model, job.size, job.quality, job.n, job.reference_count) == (
+            "gpt-image-2",
+            "1024x1024",
+            "high",
+            1,
+            0,
+        )
+        assert json.loads(job.request_json) == {"prompt": "a white cat"}
+        assert job.estimated_credits == 1234.5 and job.actual_credits is None
+        assert job.created_at == START and job.started_at is None
+        assert job.charged == 1234.5
+        clock.advance(seconds=3)
+        assert await ledger.mark_started(job_id)
+        assert (await ledger.get_job(job_id)).started_at == START + timedelta(seconds=3)  # type: ignore[union-attr]
+        user = await ledger.get_user("telegram:7")
+        assert user is not None
+        assert (user.display_name, user.language, user.blocked) == ("Ann", "en-US", False)
+        chat = await ledger.get_chat("telegram:-100")
+        assert chat is not None and chat.daily_limit is None
+        # A later request updates the name; an empty name keeps the known one.
+        await ledger.reserve(who("7", name="Ann B."), SPEC, 1)
+        await ledger.reserve(Requester("telegram", "7"), SPEC, 1)
+        assert (await ledger.get_user("telegram:7")).display_name == "Ann B."  # type: ignore[union-attr]
+        assert await ledger.get_job(999) is None
+        with pytest.raises(ValueError):
+            await ledger.reserve(who("7"), SPEC, -1)
+        with pytest.raises(ValueError):
+            await ledger.reserve(who("7"), SPEC, float("nan"))
+
+
+async def test_settle_replaces_the_estimate_with_exact_credits(db_path: Path, clock: Clock) -> None:
+    usage = Usage(text_input_tokens=6, image_output_tokens=272, total_tokens=278)
+    async with await open_ledger(db_path, clock, user_daily=5000) as ledger:
+        job_id = await ledger.reserve(who("1"), SPEC, 3000)
+        assert (await ledger.spend_report("telegram:1")).today == 3000
+        clock.advance(seconds=40)
+        assert await ledger.settle(job_id, 772.48, usage) is True
+        job = await ledger.get_job(job_id)
+        assert job is not None
+        assert (job.status, job.actual_credits, job.usage) == (JobStatus.SUCCEEDED, 772.48, usage)
+        assert job.finished_at == START + timedelta(seconds=40)
+        report = await ledger.spend_report("telegram:1")
+        assert report.today == pytest.approx(772.48)
+        assert report.daily_remaining == pytest.approx(5000 - 772.48)
+        # A second settle or a late fail never charges twice nor changes the row.
+        assert await ledger.settle(job_id, 9999, None) is False
+        assert await ledger.fail(job_id, "timeout") is False
+        assert await ledger.mark_started(job_id) is False
+        assert await ledger.get_job(job_id) == job
+        assert await ledger.settle(424242, 1, None) is False
+
+
+async def test_fail_without_usage_costs_nothing_and_with_usage_charges(
+    db_path: Path, clock: Clock
+) -> None:
+    async with await open_ledger(db_path, clock, user_daily=1000) as ledger:
+        first = await ledger.reserve(who("1"), SPEC, 900)
+        with pytest.raises(LimitExceeded):
+            await ledger.reserve(who("1"), SPEC, 900)
+        assert await ledger.fail(first, "unavailable") is True
+        job = await ledger.get_job(first)
+        assert job is not None
+        assert (job.status, job.actual_credits, job.error_code, job.usage, job.charged) == (
+            JobStatus.FAILED,
+            0,
+            "unavailable",
+            None,
+            0,
+        )
+        assert (await ledger.spend_report("telegram:1")).today == 0
+        # The released room is usable again.
+        second = await ledger.reserve(who("1"), SPEC, 900)
+        assert await ledger.fail(second, "moderation", 120.0, Usage(text_input_tokens=50)) is True
+        assert (await ledger.spend_report("telegram:1")).today == 120
+        assert await ledger.fail(second, "again") is False
+        assert (await ledger.get_job(second)).error_code == "moderation"  # type: ignore[union-attr]
+
+
+# --- limits -------------------------------------------------------------------------------
+
+
+async def test_refusal_names_the_scope_and_what_is_left(db_path: Path, clock: Clock) -> None:
+    limits = dict(user_daily=1000, user_monthly=1500, chat_daily=2000, global_daily=3000)
+    async with await open_ledger(db_path, clock, **limits) as ledger:
+        await ledger.settle(await ledger.reserve(who("1"), SPEC, 700), 600, None)
+        with pytest.raises(LimitExceeded) as info:
+            await ledger.reserve(who("1"), SPEC, 500)
+        err = info.value
+        assert err.key == "limit.user_daily"
+        assert err.params == {"scope": "user_daily", "asked": 500, "remaining": 400, "limit": 1000}
+        assert "500" in err.user_message("en") and "400" in err.user_message("en")
+        assert "400" in err.user_message("zh") and "积分" in err.user_message("zh")
+        # Exactly what is left still fits, despite float sums.
+        await ledger.settle(await ledger.reserve(who("1"), SPEC, 400), 400, None)
+
+        # Next day the daily room is back, but the month has 500 left.
+        clock.advance(days=1)
+        with pytest.raises(LimitExceeded) as info:
+            await ledger.reserve(who("1"), SPEC, 600)
+        assert info.value.params["scope"] == "user_monthly"
+        assert info.value.params["remaining"] == pytest.approx(500)
+
+        # The chat fills up from several users.
+        for uid in ("2", "3"):
+            await ledger.reserve(who(uid, "-5"), SPEC, 900)
+        with pytest.raises(LimitExceeded) as info:
+            await ledger.reserve(who("4", "-5"), SPEC, 300)
+        assert (info.value.key, info.value.params["remaining"]) == ("limit.chat_daily", 200)
+        # Outside that chat user 4 may still draw, until the whole bot's budget is spent.
+        await ledger.reserve(who("4"), SPEC, 900)
+        with pytest.raises(LimitExceeded) as info:
+            await ledger.reserve(who("5", "-6"), SPEC, 301)
+        assert info.value.params == {
+            "scope": "global_daily",
+            "asked": 301,
+            "remaining": 300,
+            "limit": 3000,
+        }
+        assert await ledger.global_spent_today() == 2700
+        # A refusal writes nothing, not even the new user's row.
+        assert await ledger.get_user("telegram:5") is None
+        assert await ledger.get_chat("telegram:-6") is None
+
+
+async def test_refusal_reports_the_tightest_limit(db_path: Path, clock: Clock) -> None:
+    async with await open_ledger(db_path, clock, user_daily=5000, global_daily=1000) as ledger:
+        await ledger.reserve(who("9"), SPEC, 800)
+        with pytest.raises(LimitExceeded) as info:
+            await ledger.reserve(who("1"), SPEC, 6000)
+        # Both limits are exceeded; what would really fit is the global 200.
+        assert (info.value.params["scope"], info.value.params["remaining"]) == ("global_daily", 200)
+
+
+async def test_day_and_month_are_utc(db_path: Path) -> None:
+    clock = Clock(datetime(2025, 1, 31, 23, 59, tzinfo=UTC))
+    async with await open_ledger(db_path, clock, user_daily=1000, user_monthly=1500) as ledger:
+        await ledger.settle(await ledger.reserve(who("1"), SPEC, 1000), 1000, None)
+        with pytest.raises(LimitExceeded):
+            await ledger.reserve(who("1"), SPEC, 1)
+        # 07:30 on the 1st in UTC+8 is still 23:30 on the 31st in UTC: the same day.
+        clock.now = datetime(2025, 2, 1, 7, 30, tzinfo=timezone(timedelta(hours=8)))
+        with pytest.raises(LimitExceeded):
+            await ledger.reserve(who("1"), SPEC, 1)
+        clock.now = datetime(2025, 2, 1, 0, 1, tzinfo=UTC)
+        report = await ledger.spend_report("telegram:1")
+        assert (report.today, report.month, report.all_time) == (0, 0, 1000)
+        await ledger.settle(await ledger.reserve(who("1"), SPEC, 1000), 1000, None)
+        clock.now = datetime(2025, 2, 2, 8, 0, tzinfo=UTC)
+        report = await ledger.spend_report("telegram:1")
+        assert (report.today, report.month, report.all_time) == (0, 1000, 2000)
+        assert report.monthly_remaining == 500
+        with pytest.raises(LimitExceeded) as info:
+            await ledger.reserve(who("1"), SPEC, 600)
+        assert info.value.params["scope"] == "user_monthly"
+
+
+async def test_overrides_and_defaults(db_path: Path, clock: Clock) -> None:
+    async with await open_ledger(db_path, clock, user_daily=1000, chat_daily=1500) as ledger:
+        # Setting limits creates the row of a user never seen.
+        await ledger.set_user_limits("telegram:1", 5000, 20000)
+        user = await ledger.get_user("telegram:1")
+        assert user is not None
+        assert (user.platform, user.user_id, user.daily_limit, user.monthly_limit) == (
+            "telegram",
+            "1",
+            5000,
+            20000,
+        )
+        await ledger.reserve(who("1"), SPEC, 3000)
+        report = await ledger.spend_report("telegram:1")
+        assert (report.daily_limit, report.monthly_limit, report.daily_remaining) == (
+            5000,
+            20000,
+            2000,
+        )
+        # Back to the default: 3000 already exceeds the default 1000.
+        await ledger.set_user_limits("telegram:1", None, None)
+        with pytest.raises(LimitExceeded) as info:
+            await ledger.reserve(who("1"), SPEC, 1)
+        assert info.value.params["limit"] == 1000 and info.value.params["remaining"] == 0
+        report = await ledger.spend_report("telegram:1")
+        assert (report.daily_limit, report.monthly_limit, report.monthly_remaining) == (
+            1000,
+            0,
+            None,
+        )
+        # An override of 0 is unlimited, like the defaults.
+        await ledger.set_user_limits("telegram:1", 0, None)
+        await ledger.reserve(who("1"), SPEC, 50_000)
+
+        await ledger.set_chat_limit("telegram:-7", 10_000)
+        await ledger.set_user_limits("telegram:2", 0, None)
+        await ledger.reserve(who("2", "-7"), SPEC, 8000)
+        await ledger.set_chat_limit("telegram:-7", None)
+        with pytest.raises(LimitExceeded) as info:
+            await ledger.reserve(who("2", "-7"), SPEC, 1)
+        assert info.value.params["scope"] == "chat_daily"
+        assert (await ledger.get_chat("telegram:-7")).daily_limit is None  # type: ignore[union-attr]
+
+        with pytest.raises(ValueError):
+            await ledger.set_user_limits("no-platform", 1, 1)
+        with pytest.raises(ValueError):
+            await ledger.set_chat_limit("telegram:-7", -5)
+
+
+async def test_blocked_flags(db_path: Path, clock: Clock) -> None:
+    async with await open_ledger(db_path, clock) as ledger:
+        await ledger.reserve(who("1", "-50"), SPEC, 1)
+        assert not await ledger.is_blocked("telegram:1", "telegram:-50")
+        await ledger.set_blocked("telegram:1", True)
+        assert await ledger.is_blocked("telegram:1", None)
+        assert await ledger.is_blocked("telegram:1", "telegram:-50")
+        assert not await ledger.is_blocked("telegram:2", "telegram:-50")
+        assert (await ledger.get_user("telegram:1")).blocked  # type: ignore[union-attr]
+        await ledger.set_blocked("telegram:-50", True)
+        assert await ledger.is_blocked("telegram:2", "telegram:-50")
+        assert not await ledger.is_blocked("telegram:2", None)
+        await ledger.set_blocked("telegram:1", False)
+        await ledger.set_blocked("telegram:-50", False)
+        assert not await ledger.is_blocked("telegram:1", "telegram:-50")
+        # A key never seen is blocked whichever it turns out to be.
+        await ledger.set_blocked("discord:42", True)
+        assert await ledger.is_blocked("discord:42", None)
+        assert await ledger.is_blocked("discord:1", "discord:42")
+
+
+async def test_a_chosen_language_sticks(db_path: Path, clock: Clock) -> None:
+    async with await open_ledger(db_path, clock) as ledger:
+        await ledger.reserve(who("1", lang="en-GB"), SPEC, 1)
+        await ledger.set_language("telegram:1", "zh")
+        await ledger.reserve(who("1", lang="en-US"), SPEC, 1)
+        assert (await ledger.get_user("telegram:1")).language == "zh"  # type: ignore[union-attr]
+        await ledger.set_language("telegram:3", "en")
+        assert (await ledger.get_user("telegram:3")).language == "en"  # type: ignore[union-attr]
+
+
+# --- a process killed mid-job ---------------------------------------------------------------
+
+KILLED_CHILD = """
+import asyncio, os, signal, sys
+from datetime import datetime
+from core.ledger import JobSpec, Ledger, Limits
+from core.requester import Requester
+
+async def main():
+    now = datetime.fromisoformat(sys.argv[2])
+    ledger = await Ledger.open(sys.argv[1], Limits(user_daily=10000), clock=lambda: now)
+    spec = JobSpec("/img 4K high x4 a city", "gpt-image-2", "3840x2160", "high", 4, 0, "{}")
+    job_id = await ledger.reserve(Requester("telegram", "1", "-9", "Ann"), spec, 8000)
+    await ledger.mark_started(job_id)
+    print(job_id, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # dies mid-draw, nothing closed or settled
+
+asyncio.run(main())
+"""
+
+
+async def test_killed_job_becomes_unsettled_and_refund_brings_spend_back(
+    db_path: Path, clock: Clock
+) -> None:
+    db_path.parent.mkdir(parents=True)
+    child = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", KILLED_CHILD, str(db_path), START.isoformat()],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.returncode == -9, child.stderr
+    job_id = int(child.stdout.strip())
+
+    clock.advance(seconds=60)
+    async with await open_ledger(db_path, clock, user_daily=10000) as ledger:
+        # Still young: not touched by a recovery with the job timeout.
+        assert await ledger.recover_stale(900) == []
+        fresh = await ledger.reserve(who("2"), SPEC, 10)
+        clock.advance(seconds=900)
+        assert await ledger.recover_stale(900) == [job_id]
+        assert await ledger.recover_stale(900) == []
+        unsettled = await ledger.list_unsettled()
+        assert [job.id for job in unsettled] == [job_id]
+        assert unsettled[0].estimated_credits == 8000 and unsettled[0].n == 4
+        assert (await ledger.get_job(fresh)).status is JobStatus.RESERVED  # type: ignore[union-attr]
+        # Counted at its estimate: the upstream may have billed.
+        report = await ledger.spend_report("telegram:1")
+        assert (report.today, report.daily_remaining) == (8000, 2000)
+        with pytest.raises(LimitExceeded) as info:
+            await ledger.reserve(who("1"), SPEC, 3000)
+        assert info.value.params["remaining"] == 2000
+        # The process that owned it is gone; a late settle cannot charge it again.
+        assert await ledger.settle(job_id, 100, None) is False
+
+        refunded = await ledger.refund(job_id, by="telegram:admin")
+        assert refunded.status is JobStatus.REFUNDED
+        assert (refunded.refunded_by, refunded.refunded_at) == ("telegram:admin", clock.now)
+        assert refunded.refunded_credits == 8000
+        assert await ledger.list_unsettled() == []
+        report = await ledger.spend_report("telegram:1")
+        assert (report.today, report.daily_remaining) == (0, 10000)
+        await ledger.reserve(who("1"), SPEC, 3000)
+        with pytest.raises(UserError) as info2:
+            await ledger.refund(job_id, by="telegram:admin")
+        assert info2.value.key == "refund.not_refundable"
+
+
+async def test_mark_unsettled_keeps_the_estimate(db_path: Path, clock: Clock) -> None:
+    async with await open_ledger(db_path, clock) as ledger:
+        job_id = await ledger.reserve(who("1"), SPEC, 600)
+        assert await ledger.mark_unsettled(job_id) is True
+        assert await ledger.mark_unsettled(job_id) is False
+        assert await ledger.settle(job_id, 10, None) is False
+        assert [job.id for job in await ledger.list_unsettled()] == [job_id]
+        assert (await ledger.spend_report("telegram:1")).today == 600
+        assert (await ledger.refund(job_id, by="cli:root")).refunded_credits == 600
+        assert (await ledger.spend_report("telegram:1")).today == 0
+
+
+async def test_refund_rules(db_path: Path, clock: Clock) -> None:
+    async with await open_ledger(db_path, clock) as ledger:
+        reserved = await ledger.reserve(who("1"), SPEC, 100)
+        failed_free = await ledger.reserve(who("1"), SPEC, 100)
+        failed_paid = await ledger.reserve(who("1"), SPEC, 100)
+        succeeded = await ledger.reserve(who("1"), SPEC, 100)
+        await ledger.fail(failed_free, "unavailable")
+        await ledger.fail(failed_paid, "moderation", 40, Usage(text_input_tokens=10))
+        await ledger.settle(succeeded, 70, None)
+        assert (await ledger.spend_report("telegram:1")).today == 100 + 40 + 70
+        for job_id in (reserved, failed_free):
+            with pytest.raises(UserError) as info:
+                await ledger.refund(job_id, by="cli:root")
+            assert info.value.key == "refund.not_refundable"
+            assert "refund" in info.value.user_message("en").lower()
+            assert "退款" in info.value.user_message("zh")
+        assert (await ledger.refund(failed_paid, by="cli:root")).refunded_credits == 40
+        assert (await ledger.refund(succeeded, by="cli:root")).refunded_credits == 70
+        assert (await ledger.spend_report("telegram:1")).today == 100
+        with pytest.raises(JobNotFound) as missing:
+            await ledger.refund(4040, by="cli:root")
+        assert missing.value.params == {"job_id": 4040}
+        assert "4040" in missing.value.user_message("en")
+        assert "4040" in missing.value.user_message("zh")
+        done = text("zh", "refund.done", job_id=4, credits=70.0, user="telegram:1")
+        assert "70" in done and "telegram:1" in done
+
+
+async def test_result_refs(db_path: Path, clock: Clock) -> None:
+    async with await open_ledger(db_path, clock) as ledger:
+        job_id = await ledger.reserve(who("1"), SPEC, 1)
+        assert (await ledger.get_job(job_id)).result_refs == ()  # type: ignore[union-attr]
+        await ledger.set_result_refs(job_id, ["AgAD1", "AgAD2"])
+        assert (await ledger.get_job(job_id)).result_refs == ("AgAD1", "AgAD2")  # type: ignore[union-attr]
+        with pytest.raises(JobNotFound):
+            await ledger.set_result_refs(job_id + 1, ["x"])
+
+
+# --- reports --------------------------------------------------------------------------------
+
+
+async def test_reports_and_csv(db_path: Path, clock: Clock) -> None:
+    async with await open_ledger(db_path, clock, user_daily=10_000) as ledger:
+        # Last month: must not appear in reports "since the 1st".
+        clock.now = datetime(2025, 2, 20, tzinfo=UTC)
+        await ledger.settle(await ledger.reserve(who("3", name="Cy"), SPEC, 9000), 9000, None)
+        clock.now = START
+        usage = Usage(text_input_tokens=6, image_output_tokens=272, total_tokens=278)
+        a1 = await ledger.reserve(who("1", "-10", name="Ann"), SPEC, 500)
+        await ledger.settle(a1, 300, usage)
+        a2 = await ledger.reserve(who("1", name="Ann"), SPEC, 400)  # still reserved
+        b1 = await ledger.reserve(who("2", "-10", name="=cmd|' /C calc'!A0"), SPEC, 700)
+        await ledger.settle(b1, 650, None)
+        b2 = await ledger.reserve(who("2", "-20", name="=cmd|' /C calc'!A0"), SPEC, 900)
+        await ledger.fail(b2, "unavailable")
+        c1 = await ledger.reserve(who("3", "-20", name="Cy"), SPEC, 200)
+        await ledger.settle(c1, 200, None)
+        await ledger.refund(c1, by="telegram:99")
+
+        since = datetime(2025, 3, 1, tzinfo=UTC)
+        assert await ledger.top_spenders(since) == [
+            Spender("telegram:1", "Ann", 700, 2),
+            Spender("telegram:2", "=cmd|' /C calc'!A0", 650, 2),
+            Spender("telegram:3", "Cy", 0, 1),
+        ]
+        top = await ledger.top_spenders(since, limit=1)
+        assert top == [Spender("telegram:1", "Ann", 700, 2)]
+        user_key, name, credits, jobs = top[0]
+        assert (user_key, name, credits, jobs) == ("telegram:1", "Ann", 700, 2)
+        everyone = await ledger.top_spenders(datetime(2025, 1, 1, tzinfo=UTC))
+        assert everyone[0] == Spender("telegram:3", "Cy", 9000, 2)
+        assert await ledger.top_spenders(since, until=datetime(2025, 3, 2, tzinfo=UTC)) == []
+        assert await ledger.chat_totals(since) == [
+            ChatTotal("telegram:-10", 950, 2),
+            ChatTotal("telegram:-20", 0, 2),
+        ]
+        assert await ledger.global_spent_today() == 300 + 400 + 650
+
+        report = await ledger.spend_report("telegram:1")
+        assert (report.display_name, report.today, report.month, report.all_time) == (
+            "Ann",
+            700,
+            700,
+            700,
+        )
+        assert [job.id for job in report.last_jobs] == [a2, a1]
+        many = await ledger.spend_report("telegram:3")
+        assert (many.today, many.month, many.all_time) == (0, 0, 9000)
+        nobody = await ledger.spend_report("telegram:404")
+        assert (nobody.display_name, nobody.all_time, nobody.daily_remaining) == ("", 0, 10_000)
+        assert nobody.last_jobs == ()
+
+        rows = list(csv.reader(io.StringIO(await ledger.export_csv(since))))
+        assert tuple(rows[0]) == CSV_COLUMNS
+        records = [dict(zip(rows[0], row, strict=True)) for row in rows[1:]]
+        assert [int(r["id"]) for r in records] == [a1, a2, b1, b2, c1]
+        first = records[0]
+        assert (first["status"], first["user_key"], first["chat_key"], first["display_name"]) == (
+            "succeeded",
+            "telegram:1",
+            "telegram:-10",
+            "Ann",
+        )
+        assert (float(first["estimated_credits"]), float(first["actual_credits"])) == (500, 300)
+        assert (first["image_output_tokens"], first["total_tokens"]) == ("272", "278")
+        assert first["command_text"] == SPEC.command_text
+        assert datetime.fromisoformat(first["created_at"]) == START
+        assert records[1]["actual_credits"] == "" and float(records[1]["charged_credits"]) == 400
+        # A display name that looks like a spreadsheet formula is kept from running as one.
+        assert records[2]["display_name"] == "'=cmd|' /C calc'!A0"
+        assert (records[3]["status"], records[3]["error_code"]) == ("failed", "unavailable")
+        assert (records[4]["status"], records[4]["refunded_by"]) == ("refunded", "telegram:99")
+        assert float(records[4]["charged_credits"]) == 0
+
+        only_cy = list(csv.DictReader(io.StringIO(await ledger.export_csv(user_key="telegram:3"))))
+        assert [r["status"] for r in only_cy] == ["succeeded", "refunded"]
+        empty = await ledger.export_csv(since, user_key="telegram:404")
+        assert empty.splitlines() == [",".join(CSV_COLUMNS)]
+
+
+# --- concurrency ----------------------------------------------------------------------------
+
+
+def charged(status: str, estimated: float, actual: float | None) -> float:
+    if status in ("reserved", "unsettled"):
+        return estimated
+    if status == "refunded":
+        return 0.0
+    return actual or 0.0
+
+
+async def test_concurrent_reservations_never_overspend(db_path: Path, clock: Clock) -> None:
+    limits = Limits(user_daily=3000, user_monthly=6000, chat_daily=9000, global_daily=36_000)
+    overrides_user = {"telegram:0": 1000, "telegram:19": 8000}
+    overrides_chat = {"telegram:-1": 4000}
+    users = [str(i) for i in range(20)]
+    chats = ["-0", "-1", "-2", "-3"]
+
+    # Earlier this month half the users spent 4000 already: their monthly limit binds first.
+    clock.now = START - timedelta(days=10)
+    first = await Ledger.open(db_path, limits, clock=clock)
+    second = await Ledger.open(db_path, limits, clock=clock)
+    try:
+        for _ in range(2):
+            for uid in users[:10]:
+                await first.settle(await first.reserve(who(uid), SPEC, 2000), 2000, None)
+            clock.advance(days=1)
+        clock.now = START
+        for key, daily in overrides_user.items():
+            await first.set_user_limits(key, daily, None)
+        for key, daily in overrides_chat.items():
+            await second.set_chat_limit(key, daily)
+
+        rng = random.Random(20250315)
+        refusals: dict[str, int] = defaultdict(int)
+        granted: list[int] = []
+
+        async def one_request(i: int) -> None:
+            ledger = (first, second)[i % 2]
+            uid = users[i % len(users)]
+            chat = rng.choice([*chats, None])
+            estimate = float(rng.randrange(200, 1600))
+            action = rng.choice(["settle", "settle", "fail", "fail_paid", "keep"])
+            await asyncio.sleep(0)
+            try:
+                job_id = await ledger.reserve(who(uid, chat), SPEC, estimate)
+            except LimitExceeded as err:
+                refusals[err.params["scope"]] += 1
+                assert 0 <= err.params["remaining"] < estimate
+                assert err.params["asked"] == estimate
+                return
+            granted.append(job_id)
+            await asyncio.sleep(0)
+            other = (first, second)[(i + 1) % 2]  # settle through the other connection at times
+            if action == "settle":
+                assert await other.settle(job_id, estimate * 0.6, Usage(image_output_tokens=272))
+            elif action == "fail":
+                assert await ledger.fail(job_id, "unavailable")
+            elif action == "fail_paid":
+                assert await ledger.fail(job_id, "moderation", estimate * 0.25)
+            report = await ledger.spend_report(f"telegram:{uid}")
+            daily = overrides_user.get(f"telegram:{uid}", limits.user_daily)
+            assert report.today <= daily + 1e-6
+            assert report.month <= limits.user_monthly + 1e-6
+
+        await asyncio.gather(*(one_request(i) for i in range(200)))
+    finally:
+        await first.close()
+        await second.close()
+
+    # Check from the raw rows, independently of the ledger's own sums.
+    with sqlite3.connect(db_path) as raw:
+        rows = raw.execute(
+            "SELECT user_key, chat_key, status, estimated_credits, actual_credits, created_at"
+            " FROM jobs"
+        ).fetchall()
+    day = defaultdict(float)
+    month = defaultdict(float)
+    chat_day = defaultdict(float)
+    total_day = 0.0
+    for user_key, chat_key, status, estimated, actual, created in rows:
+        cost = charged(status, estimated, actual)
+        month[user_key] += cost
+        if datetime.fromisoformat(created) >= START.replace(hour=0):
+            day[user_key] += cost
+            total_day += cost
+            if chat_key:
+                chat_day[chat_key] += cost
+    for user_key, spent in day.items():
+        assert spent <= overrides_user.get(user_key, limits.user_daily) + 1e-6, user_key
+    for user_key, spent in month.items():
+        assert spent <= limits.user_monthly + 1e-6, user_key
+    for chat_key, spent in chat_day.items():
+        assert spent <= overrides_chat.get(chat_key, limits.chat_daily) + 1e-6, chat_key
+    assert total_day <= limits.global_daily + 1e-6
+    assert len(rows) == 20 + len(granted)
+    assert len(granted) + sum(refusals.values()) == 200
+    # The load really pressed on every kind of limit.
+    assert set(refusals) == {"user_daily", "user_monthly", "chat_daily", "global_daily"}
+
+
+async def test_cancelled_calls_leave_the_ledger_usable(db_path: Path, clock: Clock) -> None:
+    async with await open_ledger(db_path, clock) as ledger:
+        for steps in range(12):
+            task = asyncio.create_task(ledger.reserve(who("1"), SPEC, 10))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            job_id = await ledger.reserve(who("2"), SPEC, 10)
+            assert await ledger.settle(job_id, 5, None)
+        assert (await ledger.spend_report("telegram:2")).today == 12 * 5
