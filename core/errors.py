@@ -77,6 +77,15 @@ class AccessDenied(UserError):
 class LimitExceeded(UserError):
     key = "limit.exceeded"
 
+    def user_message(self, lang: str) -> str:
+        """Render the refusal, plus a cheaper option that would fit when there is one."""
+        from core.messages import text
+
+        message = super().user_message(lang)
+        if self.params.get("suggestion"):
+            message += "\n" + text(lang, "limit.try", suggestion=self.params["suggestion"])
+        return message
+
 
 class RateLimited(UserError):
     key = "rate.limited"

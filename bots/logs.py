@@ -1,0 +1,87 @@
+"""Logging, configured once in the entry point: plain or JSON lines, secrets scrubbed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+from core.config import Settings
+
+# Telegram URLs carry the token as /bot<token>/; scrub that shape even for unknown tokens.
+_BOT_URL = re.compile(r"(/(?:file/)?bot)\d+:[A-Za-z0-9_-]{20,}")
+_BEARER = re.compile(r"(Bearer\s+)[^\s'\"]+", re.IGNORECASE)
+
+
+class SecretScrubber(logging.Filter):
+    """Replace every known secret in a record's message and traceback with '***'."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__()
+        self._secrets = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
+
+    def scrub(self, value: str) -> str:
+        """Return the text with every secret masked."""
+        for secret in self._secrets:
+            value = value.replace(secret, "***")
+        value = _BOT_URL.sub(r"\1***", value)
+        return _BEARER.sub(r"\1***", value)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = self.scrub(message)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.scrub(record.exc_text)
+        if clean != message or record.args:
+            record.msg, record.args = clean, None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """Format a record as one JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_text:
+            data["exception"] = record.exc_text
+        return json.dumps(data, ensure_ascii=False)
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Return every secret value in the settings."""
+    return [
+        settings.openai_api_key.get_secret_value(),
+        settings.telegram_bot_token.get_secret_value(),
+        settings.telegram_webhook_secret.get_secret_value(),
+        settings.discord_bot_token.get_secret_value(),
+    ]
+
+
+def setup_logging(settings: Settings, *, level: str | None = None, stream=None) -> logging.Handler:
+    """Install one handler on the root logger; return it."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(SecretScrubber(secrets_of(settings)))
+    if settings.log_json:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level or settings.log_level)
+    # httpx logs every URL at INFO, and Telegram's URLs contain the bot token.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    logging.getLogger("discord").setLevel(max(logging.INFO, root.level))
+    return handler
