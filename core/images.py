@@ -1,15 +1,93 @@
-"""The image API client (httpx): generations and multi-image edits.
+"""The image API client (httpx): generations and multi-image edits, and reference checks.
 
-CONTRACT (filled in by the client work):
-    await prepare_references(files, max_bytes=...) -> list[ReferenceImage]
-    ImageClient(http, settings); await client.draw(request, references=()) -> ImageResult
+    prepare_references(files, max_bytes=…)      → checked `ReferenceImage`s, or BadReferenceError
+    download_reference(http, url, max_bytes=…)  → the bytes of a reference file, capped
+    ImageClient(http, settings).draw(request, references=()) → `ImageResult`, or an UpstreamError
+    api_root(base_url)                          → the API root ending in /v1
+
+httpx errors are translated here and nowhere else (`raise … from err`). The API key goes
+only into the Authorization header of calls to the configured API; it is redacted from
+every `detail` and never logged.
+
+Retries happen only where the request cannot have been billed: the connection was never
+made (connect error or timeout, pool timeout), 429 (waiting `Retry-After` up to a cap) and
+502/503/504 (a gateway answered for an upstream that did not). A 500, a dropped connection
+or a read timeout may come after the image was drawn and billed, so they are not retried
+(a read timeout only when `retry_read_timeout` is set).
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
+import email.utils
+import io
+import json
+import logging
+import random
+import re
+import time
+import warnings
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import PurePath
+from typing import Any
 
+import httpx
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from core.config import Settings
+from core.errors import (
+    BadReferenceError,
+    ContentPolicyError,
+    UpstreamAuthError,
+    UpstreamBalanceError,
+    UpstreamError,
+    UpstreamMalformed,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from core.pricing import Usage
+from core.prompt import ImageRequest
+
+log = logging.getLogger(__name__)
+
+MAX_REFERENCES = 16
+# Well below Pillow's own bomb threshold (~89 MP) and far above any real photo (a 200 MP
+# phone mode excepted); the API itself downsizes references anyway.
+MAX_REFERENCE_PIXELS = 50_000_000
+# The formats we try to open at all: a short list keeps Pillow's guessers (TGA, …) from
+# reading random bytes as an image.
+_OPEN_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# Formats the API takes as they are; MPO is what Pillow calls a phone JPEG with extra frames.
+_PASS_FORMATS = {
+    "PNG": ("image/png", "png"),
+    "JPEG": ("image/jpeg", "jpg"),
+    "MPO": ("image/jpeg", "jpg"),
+    "WEBP": ("image/webp", "webp"),
+}
+_PLAIN_MODES = frozenset({"RGB", "RGBA", "L"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_ANSWER_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+# Big JSON answers are parsed in a worker thread; small ones are not worth the hop.
+_THREAD_JSON_BYTES = 256 * 1024
+
+_BACKOFF_START = 0.5
+_BACKOFF_MAX = 8.0
+# A gateway answering for an upstream that did not (a 504 after a long wait is the one
+# doubtful case; the project's rule counts it as not billed).
+_RETRY_STATUSES = frozenset({502, 503, 504})
+_BALANCE_CODES = frozenset(
+    {"insufficient_quota", "insufficient_balance", "billing_hard_limit_reached", "quota_exceeded"}
+)
+_BALANCE_WORDS = re.compile(r"insufficient|\bbalance\b|quota|余额|额度|欠费", re.IGNORECASE)
+_KEY_LIKE = re.compile(r"\b(sk|hk)-[A-Za-z0-9_\-]{8,}")
+
+Sleep = Callable[[float], Awaitable[Any]]
 
 
 @dataclass(frozen=True)
@@ -41,3 +119,536 @@ class ImageResult:
     usage: Usage | None
     elapsed: float
     revised_prompt: str | None = None
+
+
+# --- references -------------------------------------------------------------------------
+
+
+async def prepare_references(
+    files: Sequence[tuple[bytes, str | None]], *, max_bytes: int, max_count: int = MAX_REFERENCES
+) -> list[ReferenceImage]:
+    """Check reference images and convert odd ones to PNG; refuse bad ones before any call."""
+    if len(files) > max_count:
+        raise BadReferenceError("ref.too_many", count=len(files), limit=max_count)
+    checked = []
+    for index, (data, name) in enumerate(files, start=1):
+        if len(data) > max_bytes:
+            raise BadReferenceError(
+                "ref.too_big", index=index, size_mb=_mb(len(data)), limit_mb=_mb(max_bytes)
+            )
+        checked.append(await asyncio.to_thread(_check_reference, data, name, index, max_bytes))
+    return checked
+
+
+async def download_reference(
+    http: httpx.AsyncClient, url: str, *, max_bytes: int, deadline: float, index: int = 1
+) -> bytes:
+    """Download one reference file with a size cap and a deadline in seconds."""
+    try:
+        return await _download(http, url, max_bytes=max_bytes, deadline=deadline)
+    except _DownloadTooLarge as err:
+        raise BadReferenceError(
+            "ref.download_too_large", detail=str(err), index=index, limit_mb=_mb(max_bytes)
+        ) from err
+    except _DownloadFailed as err:
+        raise BadReferenceError("ref.download_failed", detail=str(err), index=index) from err
+
+
+def _check_reference(data: bytes, name: str | None, index: int, max_bytes: int) -> ReferenceImage:
+    limit_mp = MAX_REFERENCE_PIXELS // 1_000_000
+    try:
+        # Pillow warns (and only at twice its limit raises) on decompression bombs; we
+        # want an error at once. Our own pixel cap below is the real guard either way.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=_OPEN_FORMATS) as im:
+                if im.width * im.height > MAX_REFERENCE_PIXELS:
+                    raise BadReferenceError(
+                        "ref.too_many_pixels",
+                        detail=f"{im.width}x{im.height}",
+                        index=index,
+                        limit_mp=limit_mp,
+                    )
+                # A full decode is the only way to find a truncated or corrupt file.
+                im.load()
+                return _normalise(im, data, name, index, max_bytes)
+    except BadReferenceError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadReferenceError(
+            "ref.too_many_pixels", detail=str(err), index=index, limit_mp=limit_mp
+        ) from err
+    except UnidentifiedImageError as err:
+        raise BadReferenceError("ref.not_image", detail=str(err), index=index) from err
+    except Exception as err:  # noqa: BLE001 - hostile files make Pillow raise many kinds
+        raise BadReferenceError(
+            "ref.corrupt", detail=f"{type(err).__name__}: {err}", index=index
+        ) from err
+
+
+def _normalise(
+    im: Image.Image, data: bytes, name: str | None, index: int, max_bytes: int
+) -> ReferenceImage:
+    stem = _safe_stem(name) or f"image-{index}"
+    fmt = im.format or ""
+    plain = (
+        fmt in _PASS_FORMATS
+        and im.mode in _PLAIN_MODES
+        and (fmt == "MPO" or not getattr(im, "is_animated", False))
+        and not (fmt == "PNG" and _png_bit_depth(data) == 16)
+    )
+    if plain:
+        mime, ext = _PASS_FORMATS[fmt]
+        width, height = im.size
+        if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation: shown rotated 90°
+            width, height = height, width
+        return ReferenceImage(data, f"{stem}.{ext}", mime, width, height)
+
+    im.seek(0)  # animated: the first frame stands for the whole
+    frame = ImageOps.exif_transpose(im)
+    if frame.mode in _SIXTEEN_BIT_MODES:
+        # Pillow's convert("L") clips 16-bit values instead of scaling them.
+        frame = frame.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    elif frame.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in frame.info:
+        frame = frame.convert("RGBA")
+    elif frame.mode in ("L", "1"):
+        frame = frame.convert("L")
+    else:
+        frame = frame.convert("RGB")
+    out = io.BytesIO()
+    frame.save(out, format="PNG", compress_level=3)
+    png = out.getvalue()
+    if len(png) > max_bytes:
+        raise BadReferenceError(
+            "ref.too_big", index=index, size_mb=_mb(len(png)), limit_mb=_mb(max_bytes)
+        )
+    return ReferenceImage(png, f"{stem}.png", "image/png", frame.width, frame.height)
+
+
+def _png_bit_depth(data: bytes) -> int:
+    # IHDR is always the first chunk; its bit depth byte sits at offset 24.
+    return data[24] if len(data) > 24 and data[12:16] == b"IHDR" else 0
+
+
+def _safe_stem(name: str | None) -> str:
+    if not name:
+        return ""
+    stem = PurePath(name.replace("\\", "/")).stem
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:60]
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1_000_000:.1f}".rstrip("0").rstrip(".")
+
+
+# --- downloads ---------------------------------------------------------------------------
+
+
+class _DownloadFailed(Exception):
+    """A download did not give a usable body (reason in the message)."""
+
+
+class _DownloadTooLarge(_DownloadFailed):
+    """A download went over its cap."""
+
+
+async def _download(http: httpx.AsyncClient, url: str, *, max_bytes: int, deadline: float) -> bytes:
+    if not url.lower().startswith(("http://", "https://")):
+        raise _DownloadFailed(f"refused scheme in {url[:60]!r}")
+    try:
+        # A deadline for the whole body: a server trickling bytes defeats per-read timeouts.
+        async with asyncio.timeout(deadline):
+            async with http.stream(
+                "GET", url, timeout=httpx.Timeout(deadline), follow_redirects=True
+            ) as resp:
+                if resp.status_code != 200:
+                    raise _DownloadFailed(f"HTTP {resp.status_code} from {_host(url)}")
+                declared = resp.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > max_bytes:
+                    raise _DownloadTooLarge(f"{declared} bytes declared, cap {max_bytes}")
+                return await _read_capped(resp, max_bytes)
+    except TimeoutError as err:
+        raise _DownloadFailed(f"no complete answer from {_host(url)} in {deadline:g}s") from err
+    except httpx.HTTPError as err:
+        raise _DownloadFailed(f"{type(err).__name__} from {_host(url)}") from err
+
+
+def _host(url: str) -> str:
+    try:
+        return httpx.URL(url).host or "?"
+    except httpx.InvalidURL:
+        return "?"
+
+
+# --- the client ---------------------------------------------------------------------------
+
+
+def api_root(base_url: str) -> str:
+    """Return the API root ending in /v1, whether the base URL had it or not."""
+    base = base_url.rstrip("/")
+    return base if base.endswith("/v1") else f"{base}/v1"
+
+
+class _Retry(Exception):
+    """An attempt failed in a way that cannot have billed; `delay` None = use the backoff."""
+
+    def __init__(self, error: UpstreamError, delay: float | None = None) -> None:
+        super().__init__(error.detail)
+        self.error = error
+        self.delay = delay
+
+
+class ImageClient:
+    """Draw images through an OpenAI-compatible image API."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        settings: Settings,
+        *,
+        sleep: Sleep = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self._http = http
+        self._settings = settings
+        self._sleep = sleep
+        self._jitter = jitter
+        self._root = api_root(settings.openai_base_url)
+
+    def __repr__(self) -> str:
+        return f"ImageClient(root={self._root!r})"
+
+    def _endpoint(self, has_references: bool) -> str:
+        path = "edits" if has_references else "generations"
+        return f"{self._root}/images/{path}"
+
+    def _key(self) -> str:
+        # A trailing newline from a pasted .env line is harmless; anything else odd would
+        # make httpx refuse the header with the key quoted in its exception text.
+        key = self._settings.openai_api_key.get_secret_value().strip()
+        if not key or not key.isascii() or not key.isprintable() or " " in key:
+            raise UpstreamAuthError(
+                detail="OPENAI_API_KEY is empty or holds spaces or non-ASCII characters"
+            )
+        return key
+
+    async def draw(
+        self, request: ImageRequest, references: Sequence[ReferenceImage] = ()
+    ) -> ImageResult:
+        """Draw the request (an edit when there are references) and return the images."""
+        started = time.monotonic()
+        retries = self._settings.max_retries
+        for attempt in range(retries + 1):
+            try:
+                body = await self._post(request, references)
+                break
+            except _Retry as retry:
+                if attempt >= retries:
+                    raise retry.error from retry.__cause__
+                delay = retry.delay if retry.delay is not None else self._backoff(attempt)
+                log.warning(
+                    "image API attempt %d/%d failed (%s); retrying in %.1fs",
+                    attempt + 1,
+                    retries + 1,
+                    retry.error.detail,
+                    delay,
+                )
+                await self._sleep(delay)
+        images, usage, revised = await self._read_answer(body, request.n)
+        elapsed = time.monotonic() - started
+        log.info(
+            "image API: model=%s size=%s quality=%s n=%d refs=%d -> %d image(s) in %.1fs",
+            request.model,
+            request.size,
+            request.quality,
+            request.n,
+            len(references),
+            len(images),
+            elapsed,
+        )
+        return ImageResult(images=images, usage=usage, elapsed=elapsed, revised_prompt=revised)
+
+    # --- one attempt ------------------------------------------------------------------
+
+    async def _post(self, request: ImageRequest, references: Sequence[ReferenceImage]) -> bytes:
+        settings = self._settings
+        url = self._endpoint(bool(references))
+        headers = {"Authorization": f"Bearer {self._key()}"}
+        fields = self._fields(request)
+        if references:
+            send: dict[str, Any] = {
+                "data": {k: str(v) for k, v in fields.items()},
+                "files": [("image[]", (r.filename, r.data, r.mime)) for r in references],
+            }
+        else:
+            send = {"json": fields}
+        timeout = httpx.Timeout(settings.request_timeout, connect=settings.connect_timeout)
+        cap = settings.max_download_bytes * max(request.n, 1) * 2 + 1_000_000
+        answered = False
+        try:
+            # A deadline for the whole attempt: a server trickling bytes defeats read timeouts.
+            async with asyncio.timeout(settings.request_timeout + settings.connect_timeout):
+                async with self._http.stream(
+                    "POST", url, headers=headers, timeout=timeout, **send
+                ) as resp:
+                    answered = True
+                    body = await _read_capped(resp, cap)
+        except _DownloadTooLarge as err:
+            raise UpstreamMalformed(detail=f"answer larger than {cap} bytes") from err
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as err:
+            # The request never left: safe to try again.
+            error_cls = (
+                UpstreamUnavailable if isinstance(err, httpx.ConnectError) else UpstreamTimeout
+            )
+            raise _Retry(
+                error_cls(
+                    detail=self._redact(f"{type(err).__name__}: {err} ({url})"),
+                    seconds=_secs(settings.connect_timeout),
+                )
+            ) from err
+        except (TimeoutError, httpx.TimeoutException) as err:
+            error = UpstreamTimeout(
+                detail=f"no complete answer in time ({type(err).__name__}, {url})",
+                seconds=_secs(settings.request_timeout),
+            )
+            if settings.retry_read_timeout:
+                raise _Retry(error) from err
+            raise error from err
+        except (httpx.RemoteProtocolError, httpx.ReadError) as err:
+            if answered:
+                raise UpstreamMalformed(detail=self._redact(f"answer cut short: {err}")) from err
+            raise UpstreamUnavailable(
+                detail=self._redact(f"connection dropped without an answer: {err}")
+            ) from err
+        except httpx.HTTPError as err:
+            raise UpstreamUnavailable(
+                detail=self._redact(f"{type(err).__name__}: {err} ({url})")
+            ) from err
+
+        if resp.status_code == 200:
+            return body
+        raise self._status_error(resp.status_code, resp.headers, body)
+
+    def _fields(self, request: ImageRequest) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "model": request.model,
+            "prompt": request.prompt,
+            "n": request.n,
+            "size": request.size,
+            "quality": request.quality,
+        }
+        if request.output_format is not None:
+            fields["output_format"] = request.output_format
+        if request.background is not None:
+            fields["background"] = request.background
+        if self._settings.response_format != "none":
+            fields["response_format"] = self._settings.response_format
+        return fields
+
+    def _backoff(self, attempt: int) -> float:
+        delay = min(_BACKOFF_START * 2**attempt, _BACKOFF_MAX)
+        return delay * (1 - 0.25 * self._jitter())
+
+    # --- errors -----------------------------------------------------------------------
+
+    def _status_error(
+        self, status: int, headers: httpx.Headers, body: bytes
+    ) -> UpstreamError | _Retry:
+        message, code, kind, param = _error_fields(body)
+        detail = self._redact(
+            f"HTTP {status} code={code or '-'} type={kind or '-'} param={param or '-'}: {message}"
+        )
+        if status in _RETRY_STATUSES or (status == 429 and not _is_balance(status, code, message)):
+            wait = _retry_after(headers)
+            if status == 429:
+                error: UpstreamError = UpstreamRateLimited(detail=detail, status=status)
+            else:
+                error = UpstreamUnavailable(detail=detail, status=status)
+            if wait is not None and wait > self._settings.retry_after_cap:
+                return error
+            return _Retry(error, wait)
+        return self._classify(status, code, message, param, detail)
+
+    def _classify(
+        self, status: int, code: str, message: str, param: str, detail: str
+    ) -> UpstreamError:
+        reason = self._redact(message)[:200] or f"HTTP {status}"
+        if code == "moderation_blocked" or "safety system" in message.lower():
+            return ContentPolicyError(detail=detail, status=status)
+        if _is_balance(status, code, message):
+            return UpstreamBalanceError(detail=detail, status=status)
+        if status in (401, 403):
+            return UpstreamAuthError(detail=detail, status=status)
+        if code == "unknown_parameter":
+            return UpstreamAuthError(
+                "upstream.unknown_parameter", detail=detail, status=status, param=param or "?"
+            )
+        if status == 404 or 300 <= status < 400 or status == 405:
+            return UpstreamAuthError("upstream.misconfigured", detail=detail, status=status)
+        if status == 408:
+            return UpstreamTimeout(
+                detail=detail, status=status, seconds=_secs(self._settings.request_timeout)
+            )
+        if status >= 500:
+            return UpstreamUnavailable(detail=detail, status=status)
+        return UpstreamRejected(detail=detail, status=status, reason=reason)
+
+    def _redact(self, text: str) -> str:
+        key = self._settings.openai_api_key.get_secret_value().strip()
+        if key:
+            text = text.replace(key, "***")
+        return _KEY_LIKE.sub(lambda m: m.group(1) + "-***", text)
+
+    # --- the answer -------------------------------------------------------------------
+
+    async def _read_answer(
+        self, body: bytes, asked: int
+    ) -> tuple[tuple[GeneratedImage, ...], Usage | None, str | None]:
+        try:
+            if len(body) > _THREAD_JSON_BYTES:
+                payload = await asyncio.to_thread(json.loads, body)
+            else:
+                payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UpstreamMalformed(
+                detail=self._redact(f"not JSON ({len(body)} bytes): {body[:120]!r}")
+            ) from err
+        if not isinstance(payload, dict):
+            raise UpstreamMalformed(detail=f"JSON answer is a {type(payload).__name__}")
+        usage = Usage.from_api(payload.get("usage"))
+        data = payload.get("data")
+        if not data and isinstance(payload.get("error"), (dict, str)):
+            # Some proxies answer 200 with an error object.
+            message, code, _, param = _error_object_fields(payload)
+            detail = self._redact(f"HTTP 200 with error code={code or '-'}: {message}")
+            raise self._classify(400, code, message, param, detail)
+        if not isinstance(data, list) or not data:
+            raise UpstreamMalformed(
+                "upstream.no_image", detail=f"answer has no images (asked {asked})", usage=usage
+            )
+
+        images = []
+        for position, item in enumerate(data, start=1):
+            item = item if isinstance(item, dict) else {}
+            b64 = item.get("b64_json")
+            url = item.get("url")
+            if isinstance(b64, str) and b64:
+                raw = None
+            elif isinstance(url, str) and url:
+                raw = await self._fetch_result(url, usage)
+            else:
+                raise UpstreamMalformed(
+                    detail=f"image {position} has neither b64_json nor url", usage=usage
+                )
+            try:
+                images.append(await asyncio.to_thread(_decode_image, b64 if raw is None else raw))
+            except ValueError as err:
+                source = "base64" if raw is None else f"download from {_host(url)}"
+                key = "upstream.malformed" if raw is None else "upstream.download_failed"
+                raise UpstreamMalformed(
+                    key, detail=f"image {position} ({source}): {err}", usage=usage
+                ) from err
+        revised = next(
+            (i["revised_prompt"] for i in data if isinstance(i, dict) and i.get("revised_prompt")),
+            None,
+        )
+        return tuple(images), usage, revised if isinstance(revised, str) else None
+
+    async def _fetch_result(self, url: str, usage: Usage | None) -> bytes:
+        settings = self._settings
+        try:
+            return await _download(
+                self._http,
+                url,
+                max_bytes=settings.max_download_bytes,
+                deadline=settings.request_timeout,
+            )
+        except _DownloadFailed as err:
+            raise UpstreamMalformed(
+                "upstream.download_failed", detail=self._redact(str(err)), usage=usage
+            ) from err
+
+
+async def _read_capped(resp: httpx.Response, cap: int) -> bytes:
+    body = bytearray()
+    async for chunk in resp.aiter_bytes():
+        body += chunk
+        if len(body) > cap:
+            raise _DownloadTooLarge(f"over {cap} bytes")
+    return bytes(body)
+
+
+def _decode_image(source: str | bytes) -> GeneratedImage:
+    """Decode base64 (with or without a data: prefix) or raw bytes into a checked image."""
+    if isinstance(source, str):
+        text = source.strip()
+        if text.startswith("data:"):
+            text = text.partition(",")[2]
+        try:
+            data = base64.b64decode(re.sub(r"\s+", "", text), validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise ValueError(f"undecodable base64: {err}") from err
+    else:
+        data = source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=tuple(_ANSWER_FORMATS)) as im:
+                return GeneratedImage(data, _ANSWER_FORMATS[im.format or ""], im.width, im.height)
+    except Exception as err:  # noqa: BLE001 - anything Pillow cannot read is "not an image"
+        raise ValueError(f"not a PNG/JPEG/WebP image ({len(data)} bytes)") from err
+
+
+def _error_fields(body: bytes) -> tuple[str, str, str, str]:
+    """Return (message, code, type, param) from an error body, whatever its shape."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return body[:300].decode("utf-8", "replace").strip(), "", "", ""
+    return _error_object_fields(payload)
+
+
+def _error_object_fields(payload: object) -> tuple[str, str, str, str]:
+    """Return (message, code, type, param) from a parsed error answer."""
+    error = payload.get("error", payload) if isinstance(payload, dict) else payload
+    if isinstance(error, str):
+        return error[:300], "", "", ""
+    if not isinstance(error, dict):
+        return str(error)[:300], "", "", ""
+    return tuple(  # type: ignore[return-value]
+        str(error.get(name) or "")[:300] for name in ("message", "code", "type", "param")
+    )
+
+
+def _is_balance(status: int, code: str, message: str) -> bool:
+    if status == 402 or code in _BALANCE_CODES:
+        return True
+    return 400 <= status < 500 and bool(_BALANCE_WORDS.search(message))
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    """Return the wait the server asked for, in seconds, or None."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(float(ms) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
+
+
+def _secs(value: float) -> str:
+    return f"{value:g}"
