@@ -49,19 +49,639 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "服务内部出错，请稍后再试。",
     },
     # --- prompt & sizes ------------------------------------------------------------
+    # Parse errors: each says what was wrong and shows a correct example.
+    "prompt.empty": {
+        "en": "There is nothing to draw: write the picture after the options.\nExample: /img 16:9 2K high a white siamese cat",
+        "zh": "没有要画的内容：请在选项后面写上画面描述。\n示例：/img 16:9 2K high 一只白色暹罗猫",
+    },
+    "prompt.too_long": {
+        "en": "The prompt is {length} characters long; the limit is {limit}. Shorten it.\nExample: /img 16:9 a white siamese cat on a windowsill",
+        "zh": "描述有 {length} 个字符，超过了 {limit} 的上限，请缩短。\n示例：/img 16:9 窗台上的一只白色暹罗猫",
+    },
+    "prompt.ratio_invalid": {
+        "en": "{ratio} is not a ratio I can draw: both sides must be whole numbers above 0.\nExample: /img 16:9 a white siamese cat",
+        "zh": "{ratio} 不是可用的比例：两边都必须是大于 0 的整数。\n示例：/img 16:9 一只白色暹罗猫",
+    },
+    "prompt.ratio_too_wide": {
+        "en": "{ratio} is too stretched: the longest side may be at most 3 times the shortest (3:1 or 1:3).\nExample: /img 3:1 a mountain panorama",
+        "zh": "{ratio} 太细长了：长边最多是短边的 3 倍（3:1 或 1:3）。\n示例：/img 3:1 山脉全景",
+    },
+    "prompt.ratio_twice": {
+        "en": "Two different ratios were given ({first} and {second}); give just one.\nExample: /img 16:9 a white siamese cat",
+        "zh": "给了两个不同的比例（{first} 和 {second}），请只保留一个。\n示例：/img 16:9 一只白色暹罗猫",
+    },
+    "prompt.option_twice": {
+        "en": "{first} and {second} ask for two different {what}s; give just one.\nExample: /img 2K high a white siamese cat",
+        "zh": "{first} 和 {second} 互相冲突，请只保留一个。\n示例：/img 2K high 一只白色暹罗猫",
+    },
+    "prompt.size_and_ratio": {
+        "en": "Give either a size ({size}) or a ratio ({ratio}), not both.\nExample: /img 1536x1024 a white siamese cat  or  /img 3:2 a white siamese cat",
+        "zh": "尺寸（{size}）和比例（{ratio}）只能给一个。\n示例：/img 1536x1024 一只白色暹罗猫  或  /img 3:2 一只白色暹罗猫",
+    },
+    "prompt.size_and_tier": {
+        "en": "Give either a size ({size}) or a tier ({tier}), not both: a ratio with a tier picks the size for you.\nExample: /img 16:9 2K a white siamese cat  or  /img 2048x1152 a white siamese cat",
+        "zh": "尺寸（{size}）和清晰度档位（{tier}）只能给一个：比例加档位会自动选好尺寸。\n示例：/img 16:9 2K 一只白色暹罗猫  或  /img 2048x1152 一只白色暹罗猫",
+    },
+    "prompt.size_step": {
+        "en": "{size} cannot be drawn: both width and height must be multiples of 16. Try {good}.\nExample: /img {good} a white siamese cat",
+        "zh": "无法绘制 {size}：宽和高都必须是 16 的倍数。可以试试 {good}。\n示例：/img {good} 一只白色暹罗猫",
+    },
+    "prompt.size_edge": {
+        "en": "{size} cannot be drawn: the longest edge may be at most {max_edge} pixels. Try {good}.\nExample: /img {good} a white siamese cat",
+        "zh": "无法绘制 {size}：最长边不能超过 {max_edge} 像素。可以试试 {good}。\n示例：/img {good} 一只白色暹罗猫",
+    },
+    "prompt.size_aspect": {
+        "en": "{size} cannot be drawn: the longest edge may be at most 3 times the shortest (3:1). Try {good}.\nExample: /img {good} a mountain panorama",
+        "zh": "无法绘制 {size}：长边最多是短边的 3 倍（3:1）。可以试试 {good}。\n示例：/img {good} 山脉全景",
+    },
+    "prompt.size_small": {
+        "en": "{size} cannot be drawn: it has {pixels} pixels and the minimum is {min_pixels}. Try {good}.\nExample: /img {good} a white siamese cat",
+        "zh": "无法绘制 {size}：它只有 {pixels} 像素，最少需要 {min_pixels}。可以试试 {good}。\n示例：/img {good} 一只白色暹罗猫",
+    },
+    "prompt.size_large": {
+        "en": "{size} cannot be drawn: it has {pixels} pixels and the maximum is {max_pixels}. Try {good}.\nExample: /img {good} a white siamese cat",
+        "zh": "无法绘制 {size}：它有 {pixels} 像素，最多只能 {max_pixels}。可以试试 {good}。\n示例：/img {good} 一只白色暹罗猫",
+    },
+    "prompt.size_fixed": {
+        "en": "{model} cannot draw {size}: it draws only 1024x1024, 1536x1024 or 1024x1536. Use a ratio, or gpt-image-2 for other sizes.\nExample: /img {model} 1536x1024 a white siamese cat",
+        "zh": "{model} 不能画 {size}：它只支持 1024x1024、1536x1024 和 1024x1536。请用比例，或换 gpt-image-2 画其他尺寸。\n示例：/img {model} 1536x1024 一只白色暹罗猫",
+    },
+    "prompt.count_range": {
+        "en": "{value}: you can ask for 1 to {max} images at a time.\nExample: /img x2 a white siamese cat",
+        "zh": "{value}：每次可以画 1 到 {max} 张。\n示例：/img x2 一只白色暹罗猫",
+    },
+    "prompt.unknown_model": {
+        "en": "{model} is not a model I know. Known models: {models}.\nExample: /img gpt-image-1.5 a white siamese cat",
+        "zh": "不认识模型 {model}。可用的模型：{models}。\n示例：/img gpt-image-1.5 一只白色暹罗猫",
+    },
+    "prompt.unknown_flag": {
+        "en": "{flag} is not an option I know (known: {flags}). To draw text that starts with --, put -- before the prompt.\nExample: /img --ar 16:9 a white siamese cat  or  /img -- {flag} …",
+        "zh": "不认识选项 {flag}（可用：{flags}）。如果这是画面描述的一部分，请在描述前加 --。\n示例：/img --ar 16:9 一只白色暹罗猫  或  /img -- {flag} …",
+    },
+    "prompt.flag_value": {
+        "en": "{flag} needs a value it can use (got “{value}”).\nExample: /img {example} a white siamese cat",
+        "zh": "{flag} 后面需要一个有效的值（收到的是“{value}”）。\n示例：/img {example} 一只白色暹罗猫",
+    },
+    "prompt.flag_missing": {
+        "en": "{flag} needs a value after it.\nExample: /img {example} a white siamese cat",
+        "zh": "{flag} 后面需要跟一个值。\n示例：/img {example} 一只白色暹罗猫",
+    },
+    "prompt.transparent_jpeg": {
+        "en": "A transparent background needs png or webp; {format} has no transparency.\nExample: /img transparent png a cat sticker",
+        "zh": "透明背景需要 png 或 webp 格式，{format} 不支持透明。\n示例：/img transparent png 一张猫咪贴纸",
+    },
+    # Notices: how a request was adapted.
+    "size.approximate": {
+        "en": "{ratio} has no exact size on the 16-pixel grid; drawing {size}, the nearest.",
+        "zh": "{ratio} 无法精确对齐到 16 像素网格，改用最接近的 {size}。",
+    },
+    "size.model_max": {
+        "en": "{model} draws at most 1536x1024, so {tier} is not available; drawing {size}.",
+        "zh": "{model} 最大只能画 1536x1024，不支持 {tier}；改为 {size}。",
+    },
+    "size.model_aspect": {
+        "en": "{model} has no {ratio} size; drawing {size}, the nearest it has.",
+        "zh": "{model} 没有 {ratio} 的尺寸，改用最接近的 {size}。",
+    },
+    "size.aspect_clamped": {
+        "en": "The reference is {given}, more stretched than 3:1; drawing at {ratio}.",
+        "zh": "参考图为 {given}，比例超过 3:1；按 {ratio} 绘制。",
+    },
+    "size.tier_ignored": {
+        "en": "The size is auto (the API picks it, following any reference image), so {tier} was not applied.",
+        "zh": "尺寸为 auto（由接口决定，有参考图时跟随参考图），因此未使用 {tier}。",
+    },
+    "sizes.header": {
+        "en": "Sizes gpt-image-2 draws for each ratio and tier:",
+        "zh": "gpt-image-2 在各比例和档位下的尺寸：",
+    },
+    "sizes.footer": {
+        "en": "Example: /img 16:9 2K a white siamese cat. Other ratios from 1:3 to 3:1 work too, or an exact size like 1536x864. gpt-image-1 and gpt-image-1.5 draw only 1024x1024, 1536x1024 and 1024x1536.",
+        "zh": "示例：/img 16:9 2K 一只白色暹罗猫。也支持 1:3 到 3:1 之间的其他比例，或直接写尺寸如 1536x864。gpt-image-1 和 gpt-image-1.5 只能画 1024x1024、1536x1024 和 1024x1536。",
+    },
+    # Pricing display.
+    "price.credits": {
+        "en": "{credits} credits ≈ ¥{yuan}",
+        "zh": "{credits} 积分 ≈ ¥{yuan}",
+    },
     "prompt.invalid": {
         "en": "I could not read that command.\nExample: /img 16:9 2K high a white siamese cat",
         "zh": "无法识别这条命令。\n示例：/img 16:9 2K high 一只白色暹罗猫",
     },
     # --- references & image client ---------------------------------------------------
+    "ref.too_many": {
+        "en": "Too many reference images: {count}. At most {limit} can be used at once.",
+        "zh": "参考图太多：{count} 张。一次最多只能用 {limit} 张。",
+    },
+    "ref.too_big": {
+        "en": "Reference image {index} is {size_mb} MB; each may be at most {limit_mb} MB.",
+        "zh": "第 {index} 张参考图有 {size_mb} MB，每张最多 {limit_mb} MB。",
+    },
+    "ref.not_image": {
+        "en": "Reference {index} is not an image I can read. Send PNG, JPEG or WebP "
+        "(GIF, BMP and TIFF are converted).",
+        "zh": "第 {index} 个参考文件不是可识别的图片。请发送 PNG、JPEG 或 WebP"
+        "（GIF、BMP、TIFF 会自动转换）。",
+    },
+    "ref.corrupt": {
+        "en": "Reference image {index} is damaged or incomplete (cut off). Please send it again.",
+        "zh": "第 {index} 张参考图已损坏或不完整（被截断），请重新发送。",
+    },
+    "ref.too_many_pixels": {
+        "en": "Reference image {index} has too many pixels; the limit is {limit_mp} megapixels. "
+        "Please send a smaller version.",
+        "zh": "第 {index} 张参考图像素过多，上限为 {limit_mp} 百万像素，请发送缩小后的版本。",
+    },
+    "ref.download_too_large": {
+        "en": "Reference image {index} is too large to download (limit {limit_mb} MB).",
+        "zh": "第 {index} 张参考图太大，无法下载（上限 {limit_mb} MB）。",
+    },
+    "ref.download_failed": {
+        "en": "Reference image {index} could not be downloaded. Please send it again.",
+        "zh": "第 {index} 张参考图下载失败，请重新发送。",
+    },
     "ref.invalid": {
         "en": "That reference image cannot be used.",
         "zh": "这张参考图无法使用。",
     },
     # --- upstream ----------------------------------------------------------------------
+    "upstream.moderation": {
+        "en": "The image service's safety system refused this prompt or image. "
+        "Please rephrase it and try again.",
+        "zh": "绘图服务的安全系统拒绝了这条提示词或图片，请换个说法再试。",
+    },
+    "upstream.auth": {
+        "en": "The image service refused the bot's API key. The bot operator needs to check "
+        "OPENAI_API_KEY.",
+        "zh": "绘图服务拒绝了机器人的 API 密钥，需要管理员检查 OPENAI_API_KEY。",
+    },
+    "upstream.misconfigured": {
+        "en": "The image service does not know this address or model. The bot operator needs "
+        "to check OPENAI_BASE_URL and the model name.",
+        "zh": "绘图服务不认识这个地址或模型，需要管理员检查 OPENAI_BASE_URL 和模型名称。",
+    },
+    "upstream.unknown_parameter": {
+        "en": "The image service does not accept the parameter '{param}'. The bot operator "
+        "needs to fix the settings (the official API needs RESPONSE_FORMAT=none).",
+        "zh": "绘图服务不接受参数“{param}”，需要管理员修改设置"
+        "（官方 API 需要 RESPONSE_FORMAT=none）。",
+    },
+    "upstream.balance": {
+        "en": "The image service account is out of balance. The bot operator needs to top it up.",
+        "zh": "绘图服务账户余额不足，需要管理员充值。",
+    },
+    "upstream.rate_limited": {
+        "en": "The image service is rate limiting us right now. Please try again in a minute.",
+        "zh": "绘图服务当前限流，请一分钟后再试。",
+    },
+    "upstream.unavailable": {
+        "en": "The image service is unavailable right now (server error or no connection). "
+        "Please try again later.",
+        "zh": "绘图服务暂时不可用（服务器出错或无法连接），请稍后再试。",
+    },
+    "upstream.timeout": {
+        "en": "The image service did not answer in time ({seconds} s). Please try again, "
+        "perhaps with a smaller size or lower quality.",
+        "zh": "绘图服务未在时限内（{seconds} 秒）返回结果。请重试，或换较小尺寸、较低画质。",
+    },
+    "upstream.rejected": {
+        "en": "The image service refused the request: {reason}",
+        "zh": "绘图服务拒绝了这个请求：{reason}",
+    },
+    "upstream.malformed": {
+        "en": "The image service sent an answer that could not be read.",
+        "zh": "绘图服务返回的结果无法读取。",
+    },
+    "upstream.no_image": {
+        "en": "The image service answered without any image.",
+        "zh": "绘图服务的回复里没有图片。",
+    },
+    "upstream.download_failed": {
+        "en": "The image was drawn, but it could not be downloaded from the image service.",
+        "zh": "图片已生成，但无法从绘图服务下载。",
+    },
     "upstream.error": {
         "en": "The image service failed. Nothing was charged. Please try again.",
         "zh": "绘图服务出错，未扣费，请重试。",
     },
     # --- ledger & service ------------------------------------------------------------
+    "limit.user_daily": {
+        "en": "This request needs {asked:,.0f} credits, but only {remaining:,.0f} of your "
+        "daily limit of {limit:,.0f} are left today (UTC).",
+        "zh": "本次请求需要 {asked:,.0f} 积分，但你今日（UTC）额度 {limit:,.0f} 仅剩 "
+        "{remaining:,.0f}。",
+    },
+    "limit.user_monthly": {
+        "en": "This request needs {asked:,.0f} credits, but only {remaining:,.0f} of your "
+        "monthly limit of {limit:,.0f} are left this month (UTC).",
+        "zh": "本次请求需要 {asked:,.0f} 积分，但你本月（UTC）额度 {limit:,.0f} 仅剩 "
+        "{remaining:,.0f}。",
+    },
+    "limit.chat_daily": {
+        "en": "This request needs {asked:,.0f} credits, but only {remaining:,.0f} of this "
+        "chat's daily limit of {limit:,.0f} are left today (UTC).",
+        "zh": "本次请求需要 {asked:,.0f} 积分，但本群今日（UTC）额度 {limit:,.0f} 仅剩 "
+        "{remaining:,.0f}。",
+    },
+    "limit.global_daily": {
+        "en": "This request needs {asked:,.0f} credits, but only {remaining:,.0f} of the "
+        "bot's daily budget of {limit:,.0f} are left today (UTC).",
+        "zh": "本次请求需要 {asked:,.0f} 积分，但机器人今日（UTC）总预算 {limit:,.0f} 仅剩 "
+        "{remaining:,.0f}。",
+    },
+    "job.not_found": {
+        "en": "Job #{job_id} was not found.",
+        "zh": "找不到任务 #{job_id}。",
+    },
+    "refund.not_refundable": {
+        "en": "Job #{job_id} cannot be refunded (status: {status}); only succeeded, "
+        "unsettled or charged failed jobs can be.",
+        "zh": "任务 #{job_id} 无法退款（状态：{status}）；只有成功、未结算或已扣费的失败任务可以退款。",
+    },
+    "refund.done": {
+        "en": "Job #{job_id} refunded: {credits:,.0f} credits given back to {user}.",
+        "zh": "任务 #{job_id} 已退款：{credits:,.0f} 积分已退还给 {user}。",
+    },
+    # --- pipeline, help, captions, admin (lead) ---------------------------------------
+    "access.denied": {
+        "en": "You are not allowed to use this bot here.",
+        "zh": "你无权在此使用本机器人。",
+    },
+    "access.not_allowed": {
+        "en": "This bot is private: you are not on its list of users. Ask the operator to add you.",
+        "zh": "这是私有机器人，你不在允许名单中。请联系管理员添加。",
+    },
+    "access.chat_not_allowed": {
+        "en": "This bot is not enabled in this chat. Ask the operator to allow it.",
+        "zh": "本群/服务器未启用此机器人，请联系管理员开通。",
+    },
+    "access.blocked": {
+        "en": "You have been blocked from using this bot.",
+        "zh": "你已被禁止使用本机器人。",
+    },
+    "access.admin_only": {
+        "en": "Only admins can use that command.",
+        "zh": "只有管理员可以使用该命令。",
+    },
+    "rate.limited": {
+        "en": "Slow down: at most {per_minute} requests a minute. Try again in {seconds} s.",
+        "zh": "请求太频繁：每分钟最多 {per_minute} 次，请 {seconds} 秒后再试。",
+    },
+    "queue.full": {
+        "en": "You already have {waiting} jobs waiting. Wait for them to finish, or /cancel.",
+        "zh": "你已有 {waiting} 个任务在排队，请等待完成或发送 /cancel 取消。",
+    },
+    "job.cancelled": {
+        "en": "Your waiting job was cancelled. Nothing was charged.",
+        "zh": "你排队中的任务已取消，未扣费。",
+    },
+    "job.shutting_down": {
+        "en": "The bot is restarting; your job was not run and nothing was charged. Please send it again in a minute.",
+        "zh": "机器人正在重启，任务未执行、未扣费。请稍后重新发送。",
+    },
+    "job.no_result": {
+        "en": "Job #{job_id} has no image to vary.",
+        "zh": "任务 #{job_id} 没有可用于变体的图片。",
+    },
+    "limit.exceeded": {
+        "en": "This request would go over your spending limit.",
+        "zh": "此请求将超出你的消费限额。",
+    },
+    "limit.try": {
+        "en": "This would fit: {suggestion}",
+        "zh": "可以试试：{suggestion}",
+    },
+    "cancel.done": {
+        "en": "Cancelled {count} waiting job(s).",
+        "zh": "已取消 {count} 个排队任务。",
+    },
+    "cancel.none": {
+        "en": "You have no waiting jobs.",
+        "zh": "你没有排队中的任务。",
+    },
+    "progress.queued": {
+        "en": "⏳ In the queue: #{position}",
+        "zh": "⏳ 排队中：第 {position} 位",
+    },
+    "progress.started": {
+        "en": "🎨 Drawing…",
+        "zh": "🎨 正在绘制…",
+    },
+    "progress.working": {
+        "en": "🎨 Drawing… {seconds} s",
+        "zh": "🎨 正在绘制… {seconds} 秒",
+    },
+    "caption.cost": {
+        "en": "Cost: {cost}",
+        "zh": "本次消耗：{cost}",
+    },
+    "caption.job": {
+        "en": "Job #{job_id} · {seconds} s",
+        "zh": "任务 #{job_id} · {seconds} 秒",
+    },
+    "spend.today": {
+        "en": "Today: {spent} credits",
+        "zh": "今日：{spent} 积分",
+    },
+    "spend.today_of": {
+        "en": "Today: {spent} / {limit} credits",
+        "zh": "今日：{spent} / {limit} 积分",
+    },
+    "spend.month_of": {
+        "en": "Month: {spent} / {limit}",
+        "zh": "本月：{spent} / {limit}",
+    },
+    "status.reserved": {"en": "running", "zh": "进行中"},
+    "status.succeeded": {"en": "done", "zh": "完成"},
+    "status.failed": {"en": "failed", "zh": "失败"},
+    "status.unsettled": {"en": "unsettled", "zh": "未结算"},
+    "status.refunded": {"en": "refunded", "zh": "已退款"},
+    "job.line": {
+        "en": "#{job_id} {when} {status} {size} {quality} — {cost}",
+        "zh": "#{job_id} {when} {status} {size} {quality} — {cost}",
+    },
+    "balance.header": {"en": "Your spend", "zh": "你的消费"},
+    "balance.today": {
+        "en": "Today: {spent} / {limit} credits",
+        "zh": "今日：{spent} / {limit} 积分",
+    },
+    "balance.month": {
+        "en": "This month: {spent} / {limit} credits",
+        "zh": "本月：{spent} / {limit} 积分",
+    },
+    "balance.all_time": {"en": "All time: {spent} credits", "zh": "累计：{spent} 积分"},
+    "balance.last_jobs": {"en": "Last jobs:", "zh": "最近任务："},
+    "balance.unlimited": {"en": "no limit", "zh": "不限"},
+    "balance.default_limit": {"en": "default", "zh": "默认"},
+    "help.text": {
+        "en": (
+            "Draw an image: /img [options] prompt\n"
+            "\n"
+            "Options (any order, before the prompt):\n"
+            "• ratio: 1:1 16:9 9:16 4:3 3:4 3:2 2:3 5:4 4:5 21:9 (any W:H up to 3:1), auto\n"
+            "• resolution: 1K 2K 4K\n"
+            "• quality: low medium high auto\n"
+            "• size: 1536x1024 (edges multiples of 16, at most 3840)\n"
+            "• count: x2 or n=2\n"
+            "• model: gpt-image-2 gpt-image-1.5 gpt-image-1\n"
+            "• format: png jpeg webp, transparent; file = send the original file\n"
+            "• Midjourney style works too: --ar 16:9 --q high --n 2\n"
+            "• -- ends the options (for a prompt that starts with an option word)\n"
+            "\n"
+            "Examples:\n"
+            "/img a white siamese cat\n"
+            "/img 16:9 2K high a white siamese cat on a windowsill\n"
+            "/img 9:16 low x2 a neon city at night\n"
+            "/img 1536x1024 gpt-image-1.5 a watercolor fox\n"
+            "Attach photos (or reply to one) to edit them: /img make it winter\n"
+            "\n"
+            "Costs: low is cheap, high and 4K cost much more; /balance shows your spend, /sizes the size table."
+        ),
+        "zh": (
+            "画图：/img [选项] 描述\n"
+            "\n"
+            "选项（任意顺序，写在描述前）：\n"
+            "• 比例：1:1 16:9 9:16 4:3 3:4 3:2 2:3 5:4 4:5 21:9（任意 W:H，最多 3:1），auto\n"
+            "• 分辨率：1K 2K 4K\n"
+            "• 画质：low medium high auto（或 低 中 高）\n"
+            "• 尺寸：1536x1024（边长为 16 的倍数，最大 3840）\n"
+            "• 数量：x2 或 n=2\n"
+            "• 模型：gpt-image-2 gpt-image-1.5 gpt-image-1\n"
+            "• 格式：png jpeg webp，transparent 透明背景；file = 发送原图文件\n"
+            "• 也支持 Midjourney 写法：--ar 16:9 --q high --n 2\n"
+            "• -- 表示选项结束（描述以选项词开头时使用）\n"
+            "\n"
+            "示例：\n"
+            "/img 一只白色暹罗猫\n"
+            "/img 16:9 2K high 窗台上的白色暹罗猫\n"
+            "/img 9:16 低 x2 夜晚的霓虹城市\n"
+            "/img 1536x1024 gpt-image-1.5 水彩风格的狐狸\n"
+            "附上图片（或回复一张图片）即可改图：/img 改成冬天\n"
+            "\n"
+            "费用：low 便宜，high 和 4K 贵得多；/balance 查看消费，/sizes 查看尺寸表。"
+        ),
+    },
+    "admin.usage": {
+        "en": (
+            "Admin commands:\n"
+            "limit <user> daily=N monthly=N (N or default; 0 = no limit)\n"
+            "chatlimit <chat> daily=N\n"
+            "refund <job id>\n"
+            "block <user|chat> · unblock <user|chat>\n"
+            "top [days] · chats [days] · unsettled\n"
+            "A bare id means this platform; platform:id names any."
+        ),
+        "zh": (
+            "管理命令：\n"
+            "limit <用户> daily=N monthly=N（N 或 default；0 = 不限）\n"
+            "chatlimit <群> daily=N\n"
+            "refund <任务号>\n"
+            "block <用户|群> · unblock <用户|群>\n"
+            "top [天数] · chats [天数] · unsettled\n"
+            "只写 id 表示当前平台；platform:id 可指定任意平台。"
+        ),
+    },
+    "admin.bad_amount": {
+        "en": "'{value}' is not an amount of credits (a number ≥ 0, or default).",
+        "zh": "“{value}” 不是有效的积分数（应为 ≥ 0 的数字或 default）。",
+    },
+    "admin.limit_set": {
+        "en": "Limits of {who}: daily {daily}, monthly {monthly}.",
+        "zh": "{who} 的限额：每日 {daily}，每月 {monthly}。",
+    },
+    "admin.chatlimit_set": {
+        "en": "Daily limit of {who}: {daily}.",
+        "zh": "{who} 的每日限额：{daily}。",
+    },
+    "admin.blocked": {"en": "{who} is blocked.", "zh": "已禁止 {who}。"},
+    "admin.unblocked": {"en": "{who} is unblocked.", "zh": "已解除禁止 {who}。"},
+    "admin.nothing": {"en": "Nothing to show.", "zh": "没有记录。"},
+    "admin.top_header": {
+        "en": "Top spenders, last {days} days:",
+        "zh": "最近 {days} 天消费排行：",
+    },
+    "admin.chats_header": {
+        "en": "Spend per chat, last {days} days:",
+        "zh": "最近 {days} 天各群消费：",
+    },
+    "admin.unsettled_header": {
+        "en": "Unsettled jobs (counted at their estimate; refund <id> to release):",
+        "zh": "未结算任务（按预估计费；refund <任务号> 可退还）：",
+    },
+    # --- telegram adapter ----------------------------------------------------------------
+    "tg.start": {
+        "en": "Hi! I draw images with gpt-image. Write /img and what you want to see.",
+        "zh": "你好！我用 gpt-image 画图。发送 /img 加上你想要的画面即可。",
+    },
+    "tg.file_too_big": {
+        "en": "That file is {size_mb} MB; I can download at most {limit_mb} MB. Send it as a photo or a smaller file.",
+        "zh": "该文件大小为 {size_mb} MB，机器人最多只能下载 {limit_mb} MB。请以图片方式发送，或换一个更小的文件。",
+    },
+    "tg.download_failed": {
+        "en": "I could not download that image from Telegram. Please send it again.",
+        "zh": "无法从 Telegram 下载这张图片，请重新发送。",
+    },
+    "tg.send_failed": {
+        "en": "The image of job #{job_id} was drawn but Telegram refused to deliver it. An admin can refund it.",
+        "zh": "任务 #{job_id} 的图片已生成，但 Telegram 拒绝发送。管理员可为其退款。",
+    },
+    "tg.buttons": {
+        "en": "Job #{job_id}: more like this?",
+        "zh": "任务 #{job_id}：再来一些？",
+    },
+    "tg.button.again": {"en": "🔁 Again", "zh": "🔁 再来一张"},
+    "tg.button.4k": {"en": "🔍 4K", "zh": "🔍 4K"},
+    "tg.button.vary": {"en": "🎲 Vary", "zh": "🎲 变体"},
+    "tg.cmd.img": {"en": "Draw an image: /img [options] prompt", "zh": "画图：/img [选项] 描述"},
+    "tg.cmd.help": {"en": "How to write /img", "zh": "/img 的写法"},
+    "tg.cmd.sizes": {"en": "Ratios and sizes", "zh": "比例与尺寸表"},
+    "tg.cmd.balance": {"en": "Your spend and limits", "zh": "你的消费与限额"},
+    "tg.cmd.cancel": {"en": "Cancel your waiting jobs", "zh": "取消排队中的任务"},
+    "tg.cmd.start": {"en": "Start", "zh": "开始"},
+    "tg.cmd.limit": {"en": "Admin: set a user's limits", "zh": "管理：设置用户限额"},
+    "tg.cmd.chatlimit": {"en": "Admin: set a chat's daily limit", "zh": "管理：设置群每日限额"},
+    "tg.cmd.refund": {"en": "Admin: refund a job", "zh": "管理：退还任务"},
+    "tg.cmd.block": {"en": "Admin: block a user or chat", "zh": "管理：禁止用户或群"},
+    "tg.cmd.unblock": {"en": "Admin: unblock a user or chat", "zh": "管理：解除禁止"},
+    "tg.cmd.top": {"en": "Admin: top spenders", "zh": "管理：消费排行"},
+    "tg.cmd.chats": {"en": "Admin: spend per chat", "zh": "管理：各群消费"},
+    "tg.cmd.unsettled": {"en": "Admin: unsettled jobs", "zh": "管理：未结算任务"},
+    # --- discord adapter -----------------------------------------------------------------
+    "discord.cmd.img": {"en": "img", "zh": "画图"},
+    "discord.cmd.img.desc": {
+        "en": "Draw an image, or edit attached ones (the prompt also takes 16:9 2K high …)",
+        "zh": "画一张图，或编辑附带的图片（提示词里也可写 16:9 2K high …）",
+    },
+    "discord.opt.prompt": {"en": "prompt", "zh": "提示词"},
+    "discord.opt.prompt.desc": {
+        "en": "What to draw; may start with options, e.g. 16:9 2K high a white cat",
+        "zh": "要画什么；开头可写选项，例如 16:9 2K high 一只白猫",
+    },
+    "discord.opt.ratio": {"en": "ratio", "zh": "比例"},
+    "discord.opt.ratio.desc": {"en": "Aspect ratio", "zh": "宽高比"},
+    "discord.opt.resolution": {"en": "resolution", "zh": "分辨率"},
+    "discord.opt.resolution.desc": {"en": "Resolution tier: 1K, 2K or 4K", "zh": "分辨率档位：1K、2K 或 4K"},
+    "discord.opt.quality": {"en": "quality", "zh": "质量"},
+    "discord.opt.quality.desc": {"en": "Quality (higher costs more)", "zh": "质量（越高越贵）"},
+    "discord.opt.count": {"en": "count", "zh": "数量"},
+    "discord.opt.count.desc": {"en": "How many images", "zh": "生成几张"},
+    "discord.opt.model": {"en": "model", "zh": "模型"},
+    "discord.opt.model.desc": {"en": "Image model", "zh": "绘图模型"},
+    "discord.opt.image1": {"en": "image1", "zh": "图片1"},
+    "discord.opt.image2": {"en": "image2", "zh": "图片2"},
+    "discord.opt.image3": {"en": "image3", "zh": "图片3"},
+    "discord.opt.image4": {"en": "image4", "zh": "图片4"},
+    "discord.opt.image.desc": {
+        "en": "A reference image to edit or draw from",
+        "zh": "要编辑或参考的图片",
+    },
+    "discord.choice.ratio_auto": {
+        "en": "auto (follow the reference image)",
+        "zh": "自动（跟随参考图）",
+    },
+    "discord.choice.quality_low": {"en": "low", "zh": "低"},
+    "discord.choice.quality_medium": {"en": "medium", "zh": "中"},
+    "discord.choice.quality_high": {"en": "high", "zh": "高"},
+    "discord.choice.quality_auto": {"en": "auto", "zh": "自动"},
+    "discord.menu.edit": {"en": "Edit with imgbot", "zh": "用 imgbot 编辑"},
+    "discord.modal.title": {"en": "Edit with imgbot", "zh": "用 imgbot 编辑"},
+    "discord.modal.prompt": {"en": "Prompt", "zh": "提示词"},
+    "discord.modal.prompt_hint": {
+        "en": "What to change, e.g. make it a watercolour",
+        "zh": "要怎么改，例如：改成水彩画风格",
+    },
+    "discord.modal.options": {"en": "Options (optional)", "zh": "选项（可选）"},
+    "discord.modal.options_hint": {"en": "e.g. 16:9 2K high x2", "zh": "例如 16:9 2K high x2"},
+    "discord.no_images": {
+        "en": "That message has no images to edit.",
+        "zh": "这条消息里没有可以编辑的图片。",
+    },
+    "discord.cmd.help": {"en": "help", "zh": "帮助"},
+    "discord.cmd.help.desc": {"en": "How to use imgbot", "zh": "imgbot 使用说明"},
+    "discord.cmd.sizes": {"en": "sizes", "zh": "尺寸"},
+    "discord.cmd.sizes.desc": {
+        "en": "The sizes each ratio and resolution draws",
+        "zh": "各比例与分辨率对应的尺寸",
+    },
+    "discord.cmd.balance": {"en": "balance", "zh": "余额"},
+    "discord.cmd.balance.desc": {
+        "en": "What you spent, your limits and your last jobs",
+        "zh": "你的消费、额度和最近的任务",
+    },
+    "discord.cmd.cancel": {"en": "cancel", "zh": "取消"},
+    "discord.cmd.cancel.desc": {"en": "Cancel your waiting jobs", "zh": "取消你排队中的任务"},
+    "discord.cmd.admin": {"en": "admin", "zh": "管理"},
+    "discord.cmd.admin.desc": {
+        "en": "Admin: limits, refunds, blocks, reports",
+        "zh": "管理：额度、退款、封禁、报表",
+    },
+    "discord.cmd.admin.limit": {"en": "limit", "zh": "额度"},
+    "discord.cmd.admin.limit.desc": {
+        "en": "Set a user's daily/monthly limit in credits",
+        "zh": "设置用户每日/每月额度（积分）",
+    },
+    "discord.cmd.admin.chatlimit": {"en": "chatlimit", "zh": "服务器额度"},
+    "discord.cmd.admin.chatlimit.desc": {
+        "en": "Set a server's daily limit in credits",
+        "zh": "设置服务器每日额度（积分）",
+    },
+    "discord.cmd.admin.refund": {"en": "refund", "zh": "退款"},
+    "discord.cmd.admin.refund.desc": {"en": "Refund a job", "zh": "为一个任务退款"},
+    "discord.cmd.admin.block": {"en": "block", "zh": "封禁"},
+    "discord.cmd.admin.block.desc": {"en": "Block a user or server", "zh": "封禁用户或服务器"},
+    "discord.cmd.admin.unblock": {"en": "unblock", "zh": "解封"},
+    "discord.cmd.admin.unblock.desc": {"en": "Unblock a user or server", "zh": "解封用户或服务器"},
+    "discord.cmd.admin.top": {"en": "top", "zh": "排行"},
+    "discord.cmd.admin.top.desc": {"en": "Top spenders", "zh": "消费排行"},
+    "discord.cmd.admin.chats": {"en": "chats", "zh": "服务器统计"},
+    "discord.cmd.admin.chats.desc": {"en": "Spend per server and chat", "zh": "各服务器/群的消费"},
+    "discord.cmd.admin.unsettled": {"en": "unsettled", "zh": "未结算"},
+    "discord.cmd.admin.unsettled.desc": {
+        "en": "Jobs left unsettled by a crash",
+        "zh": "因中断而未结算的任务",
+    },
+    "discord.opt.user": {"en": "user", "zh": "用户"},
+    "discord.opt.user.desc": {
+        "en": "User id, @mention or platform:id",
+        "zh": "用户 id、@提及 或 platform:id",
+    },
+    "discord.opt.daily": {"en": "daily", "zh": "每日"},
+    "discord.opt.monthly": {"en": "monthly", "zh": "每月"},
+    "discord.opt.amount.desc": {
+        "en": "Credits (0 = unlimited, default = the default limit)",
+        "zh": "积分（0 = 不限，default = 默认额度）",
+    },
+    "discord.opt.server": {"en": "server", "zh": "服务器"},
+    "discord.opt.server.desc": {
+        "en": "Server id or platform:id (this server if empty)",
+        "zh": "服务器 id 或 platform:id（留空为本服务器）",
+    },
+    "discord.opt.job": {"en": "job", "zh": "任务"},
+    "discord.opt.job.desc": {"en": "Job number", "zh": "任务编号"},
+    "discord.opt.target": {"en": "target", "zh": "对象"},
+    "discord.opt.target.desc": {
+        "en": "User or server id, @mention or platform:id",
+        "zh": "用户或服务器 id、@提及 或 platform:id",
+    },
+    "discord.opt.days": {"en": "days", "zh": "天数"},
+    "discord.opt.days.desc": {"en": "Days to look back (7 by default)", "zh": "统计最近几天（默认 7）"},
+    "discord.button.again": {"en": "Again", "zh": "再来一次"},
+    "discord.button.4k": {"en": "4K", "zh": "4K"},
+    "discord.button.vary": {"en": "Vary", "zh": "变体"},
+    "discord.fit.reencoded": {
+        "en": "Image {index} was {size_mb} MB, over this channel's {limit_mb} MB upload limit: "
+        "sent as a high-quality {format} ({new_mb} MB, {size}).",
+        "zh": "第 {index} 张原图 {size_mb} MB，超过此处 {limit_mb} MB 的上传上限，"
+        "已转为高质量 {format} 发送（{new_mb} MB，{size}）。",
+    },
+    "discord.fit.failed": {
+        "en": "Image {index} could not be made small enough for this channel's {limit_mb} MB limit.",
+        "zh": "第 {index} 张图无法压缩到此处 {limit_mb} MB 的上传上限以内。",
+    },
+    "discord.send_failed": {
+        "en": "Your image was drawn (job #{job_id}) but Discord would not take the upload. "
+        "An admin can refund it.",
+        "zh": "图片已生成（任务 #{job_id}），但 Discord 拒绝了上传。管理员可以为此退款。",
+    },
+    "discord.late": {"en": "{mention}, your image is ready:", "zh": "{mention}，你的图片好了："},
 }

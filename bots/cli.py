@@ -1,0 +1,235 @@
+"""The `imgbot` command: run, gen, parse, usage, admin, doctor."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bots.logs import setup_logging
+from core.config import Settings, SettingsError, load_settings
+from core.errors import ImgbotError, PromptError
+from core.messages import language_of
+from core.pricing import PriceTable, estimate_credits, format_credits
+from core.prompt import PromptDefaults, parse_command
+from core.requester import Requester
+
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+
+
+def _cli_requester(settings: Settings) -> Requester:
+    user = os.environ.get("USER") or getpass.getuser() or "local"
+    return Requester(
+        platform="cli",
+        user_id=user,
+        display_name=user,
+        language=os.environ.get("LANG", settings.default_language)[:2],
+        is_admin=True,
+    )
+
+
+def cmd_parse(settings: Settings, args: argparse.Namespace) -> int:
+    """Print the parsed request as JSON; call nothing."""
+    text = " ".join(args.text)
+    if args.model:
+        text = f"{args.model} {text}"
+    lang = language_of(os.environ.get("LANG"))
+    try:
+        request = parse_command(text, PromptDefaults.from_settings(settings))
+    except PromptError as err:
+        print(err.user_message(lang), file=sys.stderr)
+        return 2
+    prices = PriceTable.from_settings(settings)
+    estimate = estimate_credits(request, prices)
+    out = {
+        "model": request.model,
+        "prompt": request.prompt,
+        "size": request.size,
+        "quality": request.quality,
+        "n": request.n,
+        "output_format": request.output_format,
+        "background": request.background,
+        "estimated_credits": round(estimate),
+        "estimated_cost": format_credits(estimate, prices, lang),
+        "notes": [n.render(lang) for n in request.notices],
+    }
+    print(json.dumps(out, ensure_ascii=False, indent=2))
+    return 0
+
+
+async def _gen(settings: Settings, args: argparse.Namespace) -> int:
+    from core.runtime import open_service
+    from core.service import IncomingImage, Progress
+
+    requester = _cli_requester(settings)
+    lang = language_of(requester.language)
+    refs = []
+    for path in args.image or []:
+        p = Path(path)
+        try:
+            refs.append(IncomingImage(await asyncio.to_thread(p.read_bytes), p.name))
+        except OSError as err:
+            print(f"{p}: {err.strerror}", file=sys.stderr)
+            return 2
+    out_dir = Path(args.output)
+    tty = sys.stderr.isatty()
+    started = time.monotonic()
+
+    async def progress(event: Progress) -> None:
+        if not tty:
+            return
+        if event.kind == "queued":
+            sys.stderr.write(f"\rqueued #{event.position}   ")
+        elif event.kind in ("started", "working"):
+            sys.stderr.write(f"\rdrawing… {time.monotonic() - started:.0f}s   ")
+        elif event.kind == "done":
+            sys.stderr.write("\r" + " " * 30 + "\r")
+        sys.stderr.flush()
+
+    async with open_service(settings) as service:
+        ticker = None
+        if tty:
+            async def tick() -> None:
+                while True:
+                    await asyncio.sleep(1)
+                    await progress(Progress("working"))
+
+            ticker = asyncio.create_task(tick())
+        try:
+            outcome = await service.draw(requester, " ".join(args.text), refs, progress)
+        except ImgbotError as err:
+            if tty:
+                sys.stderr.write("\r")
+            print(err.user_message(lang), file=sys.stderr)
+            return 2 if not err.key.startswith("upstream") else 1
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+        await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        for i, image in enumerate(outcome.images, 1):
+            path = out_dir / f"imgbot-{stamp}-{outcome.job_id}-{i}.{EXTENSIONS.get(image.mime, 'png')}"
+            await asyncio.to_thread(path.write_bytes, image.data)
+            print(f"{path}  {image.width}x{image.height}")
+        for notice in outcome.request.notices:
+            print(notice.render(lang))
+        print(f"cost: {format_credits(outcome.credits, service.prices, lang)}  "
+              f"time: {outcome.elapsed:.1f}s  job: #{outcome.job_id}")
+    return 0
+
+
+async def _usage(settings: Settings, args: argparse.Namespace) -> int:
+    from core.ledger import Ledger, Limits
+    from core.pricing import PriceTable
+    from core.reports import render_balance
+
+    lang = language_of(os.environ.get("LANG"))
+    since = None
+    if args.since:
+        try:
+            since = datetime.fromisoformat(args.since).replace(tzinfo=UTC)
+        except ValueError:
+            print("--since: expected a date like 2026-11-01", file=sys.stderr)
+            return 2
+    ledger = await Ledger.open(settings.database_path, Limits.from_settings(settings))
+    try:
+        if args.csv:
+            sys.stdout.write(await ledger.export_csv(since=since, user_key=args.user))
+            return 0
+        prices = PriceTable.from_settings(settings)
+        if args.user:
+            print(render_balance(await ledger.spend_report(args.user), prices, lang))
+            return 0
+        since = since or datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        rows = await ledger.top_spenders(since, 50)
+        print(f"spend since {since:%Y-%m-%d %H:%M} UTC")
+        if not rows:
+            print("(no jobs)")
+        for user_key, display, credits, jobs in rows:
+            print(f"{user_key:<28} {display[:20]:<20} {format_credits(credits, prices, lang):>28} {jobs:>5} jobs")
+        return 0
+    finally:
+        await ledger.close()
+
+
+async def _admin(settings: Settings, args: argparse.Namespace) -> int:
+    from core.admin import run_admin
+    from core.runtime import open_service
+
+    requester = _cli_requester(settings)
+    lang = language_of(requester.language)
+    async with open_service(settings) as service:
+        try:
+            print(await run_admin(service, requester, args.action, args.args))
+        except ImgbotError as err:
+            print(err.user_message(lang), file=sys.stderr)
+            return 2
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgbot", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="start every bot whose token is set")
+    p = sub.add_parser("parse", help="show how a command is read, and its estimated cost")
+    p.add_argument("text", nargs="+")
+    p.add_argument("--model")
+    g = sub.add_parser("gen", help="draw from the terminal")
+    g.add_argument("text", nargs="+")
+    g.add_argument("-i", "--image", action="append", help="reference image (repeatable)")
+    g.add_argument("-o", "--output", default=".", help="folder for the images")
+    u = sub.add_parser("usage", help="spend reports from the ledger")
+    u.add_argument("--user", help="platform:id")
+    u.add_argument("--since", help="YYYY-MM-DD (UTC)")
+    u.add_argument("--csv", action="store_true", help="export jobs as CSV")
+    a = sub.add_parser("admin", help="limits, refunds, blocks: limit|chatlimit|refund|block|unblock|top|chats|unsettled")
+    a.add_argument("action")
+    a.add_argument("args", nargs="*")
+    sub.add_parser("doctor", help="check settings, API key, bot tokens and the database")
+    sub.add_parser("health", help="exit 0 when a running bot is alive (for Docker)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the imgbot command line."""
+    args = _build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+    # Only the bots log job lines by default; terminal commands print their own results.
+    quiet = args.command != "run" and "LOG_LEVEL" not in os.environ
+    setup_logging(settings, level="WARNING" if quiet else None)
+    if args.command == "parse":
+        return cmd_parse(settings, args)
+    if args.command == "gen":
+        return asyncio.run(_gen(settings, args))
+    if args.command == "usage":
+        return asyncio.run(_usage(settings, args))
+    if args.command == "admin":
+        return asyncio.run(_admin(settings, args))
+    if args.command == "run":
+        from bots.run import run_bots
+
+        return run_bots(settings)
+    if args.command == "health":
+        from bots.run import health
+
+        return health(settings)
+    if args.command == "doctor":
+        from bots.doctor import doctor
+
+        return asyncio.run(doctor(settings))
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

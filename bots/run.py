@@ -1,0 +1,107 @@
+"""`imgbot run`: every bot whose token is set, in one event loop, sharing one service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from core.config import Settings
+from core.runtime import open_service
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_EVERY = 30.0
+HEARTBEAT_STALE = 120.0
+
+
+def heartbeat_path(settings: Settings) -> Path:
+    """Return the file the running bot touches, beside the database."""
+    return Path(settings.database_path).parent / "imgbot.heartbeat"
+
+
+def health(settings: Settings) -> int:
+    """Exit 0 when a running bot touched its heartbeat file recently (Docker HEALTHCHECK)."""
+    try:
+        age = time.time() - heartbeat_path(settings).stat().st_mtime
+    except OSError:
+        print("unhealthy: no heartbeat file (is `imgbot run` running?)", file=sys.stderr)
+        return 1
+    if age > HEARTBEAT_STALE:
+        print(f"unhealthy: last heartbeat {age:.0f}s ago", file=sys.stderr)
+        return 1
+    print(f"healthy: last heartbeat {age:.0f}s ago")
+    return 0
+
+
+async def _beat(path: Path) -> None:
+    while True:
+        await asyncio.to_thread(path.touch)
+        await asyncio.sleep(HEARTBEAT_EVERY)
+
+NO_TOKEN = """No bot token is set, so there is nothing to run.
+
+Fill in at least one of these in .env (copy .env.example to .env first):
+  TELEGRAM_BOT_TOKEN=123456:ABC…   from @BotFather in Telegram
+  DISCORD_BOT_TOKEN=…              from https://discord.com/developers/applications
+and the image API:
+  OPENAI_API_KEY=sk-…
+  OPENAI_BASE_URL=https://api.openai.com/v1   (or your OpenAI-compatible proxy)
+Then run `imgbot doctor` to check everything, and `imgbot run` again."""
+
+
+def run_bots(settings: Settings) -> int:
+    """Start the configured bots and block until SIGTERM/SIGINT; return the exit code."""
+    has_telegram = bool(settings.telegram_bot_token.get_secret_value())
+    has_discord = bool(settings.discord_bot_token.get_secret_value())
+    if not (has_telegram or has_discord):
+        print(NO_TOKEN, file=sys.stderr)
+        return 2
+    if not settings.openai_api_key.get_secret_value():
+        print("OPENAI_API_KEY is empty: set it in .env (see .env.example).", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run the bots until `stop` is set or a signal arrives; drain jobs; close cleanly."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread / not supported
+            pass
+    async with open_service(settings) as service:
+        runners = []
+        if settings.telegram_bot_token.get_secret_value():
+            from bots.telegram_bot import run_telegram
+
+            runners.append(("telegram", run_telegram(settings, service, stop)))
+        if settings.discord_bot_token.get_secret_value():
+            from bots.discord_bot import run_discord
+
+            runners.append(("discord", run_discord(settings, service, stop)))
+        tasks = {asyncio.create_task(coro, name=name): name for name, coro in runners}
+        log.info("imgbot running: %s", ", ".join(tasks.values()))
+        beat = asyncio.create_task(_beat(heartbeat_path(settings)))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.exception() is not None and not stop.is_set():
+                    log.error("%s bot stopped: %r", tasks[task], task.exception())
+        finally:
+            # One bot failing (or a signal) stops them all; each stops receiving first,
+            # then the service drains, then the bots close, then the service closes.
+            stop.set()
+            beat.cancel()
+            await service.shutdown(settings.shutdown_grace)
+            await asyncio.gather(*tasks, return_exceptions=True)
+        log.info("imgbot stopped; %d job(s) still in flight", service.jobs_in_flight)

@@ -1,0 +1,141 @@
+"""Admin actions, platform-free: limits, refunds, blocks, top spenders, unsettled jobs.
+
+Every bot and the terminal run the same words:
+    limit <user> [daily=N|default] [monthly=N|default]
+    chatlimit <chat> daily=N|default
+    refund <job id>
+    block <user or chat> / unblock <user or chat>
+    top [days]
+    chats [days]
+    unsettled
+A bare id means "on the admin's own platform"; `platform:id` names any.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from core.errors import ImgbotError, PromptError
+from core.messages import language_of, text
+from core.pricing import format_credits
+from core.reports import render_job_line
+from core.requester import Requester
+from core.service import ImageService
+
+ADMIN_COMMANDS = ("limit", "chatlimit", "refund", "block", "unblock", "top", "chats", "unsettled")
+
+
+def _key(word: str, platform: str) -> str:
+    return word if ":" in word else f"{platform}:{word}"
+
+
+def _amount_arg(value: str) -> float | None:
+    if value.lower() in ("default", "none", "-"):
+        return None
+    try:
+        amount = float(value)
+    except ValueError:
+        raise PromptError("admin.bad_amount", value=value) from None
+    if amount < 0:
+        raise PromptError("admin.bad_amount", value=value)
+    return amount
+
+
+def _keyword_args(args: Sequence[str], allowed: Sequence[str]) -> dict[str, float | None]:
+    found: dict[str, float | None] = {}
+    for arg in args:
+        name, sep, value = arg.partition("=")
+        if not sep or name.lower() not in allowed:
+            raise PromptError("admin.usage")
+        found[name.lower()] = _amount_arg(value)
+    if not found:
+        raise PromptError("admin.usage")
+    return found
+
+
+def _days(args: Sequence[str]) -> int:
+    if not args:
+        return 7
+    try:
+        days = int(args[0])
+    except ValueError:
+        raise PromptError("admin.usage") from None
+    if days < 1 or days > 3650:
+        raise PromptError("admin.usage")
+    return days
+
+
+async def run_admin(service: ImageService, requester: Requester, name: str, args: Sequence[str]) -> str:
+    """Run one admin command for an admin and return the reply text."""
+    service.require_admin(requester)
+    lang = language_of(requester.language)
+    ledger = service.ledger
+    name = name.lower()
+    platform = requester.platform
+    if name == "limit":
+        if not args:
+            raise PromptError("admin.usage")
+        user_key = _key(args[0], platform)
+        values = _keyword_args(args[1:], ("daily", "monthly"))
+        current = await ledger.get_user(user_key)
+        daily = values["daily"] if "daily" in values else (current.daily_limit if current else None)
+        monthly = (
+            values["monthly"] if "monthly" in values else (current.monthly_limit if current else None)
+        )
+        await ledger.set_user_limits(user_key, daily, monthly)
+        return text(lang, "admin.limit_set", who=user_key, daily=_limit(lang, daily), monthly=_limit(lang, monthly))
+    if name == "chatlimit":
+        if not args:
+            raise PromptError("admin.usage")
+        chat_key = _key(args[0], platform)
+        values = _keyword_args(args[1:], ("daily",))
+        await ledger.set_chat_limit(chat_key, values["daily"])
+        return text(lang, "admin.chatlimit_set", who=chat_key, daily=_limit(lang, values["daily"]))
+    if name == "refund":
+        if len(args) != 1 or not args[0].lstrip("#").isdigit():
+            raise PromptError("admin.usage")
+        job = await ledger.refund(int(args[0].lstrip("#")), by=requester.user_key)
+        return text(lang, "refund.done", job_id=job.id, credits=job.refunded_credits, user=job.user_key)
+    if name in ("block", "unblock"):
+        if len(args) != 1:
+            raise PromptError("admin.usage")
+        key = _key(args[0], platform)
+        await ledger.set_blocked(key, name == "block")
+        return text(lang, f"admin.{name}ed", who=key)
+    if name == "top":
+        since = datetime.now(UTC) - timedelta(days=_days(args))
+        rows = await ledger.top_spenders(since, 10)
+        if not rows:
+            return text(lang, "admin.nothing")
+        lines = [text(lang, "admin.top_header", days=_days(args))]
+        for i, (user_key, display, credits, jobs) in enumerate(rows, 1):
+            cost = format_credits(credits, service.prices, lang)
+            lines.append(f"{i}. {display or user_key} ({user_key}) — {cost}, {jobs} jobs")
+        return "\n".join(lines)
+    if name == "chats":
+        since = datetime.now(UTC) - timedelta(days=_days(args))
+        rows = await ledger.chat_totals(since)
+        if not rows:
+            return text(lang, "admin.nothing")
+        lines = [text(lang, "admin.chats_header", days=_days(args))]
+        for chat_key, credits, jobs in rows:
+            lines.append(f"{chat_key} — {format_credits(credits, service.prices, lang)}, {jobs} jobs")
+        return "\n".join(lines)
+    if name == "unsettled":
+        jobs = await ledger.list_unsettled()
+        if not jobs:
+            return text(lang, "admin.nothing")
+        lines = [text(lang, "admin.unsettled_header")]
+        lines += [f"{render_job_line(j, service.prices, lang)} — {j.user_key}" for j in jobs]
+        return "\n".join(lines)
+    raise PromptError("admin.usage")
+
+
+def _limit(lang: str, value: float | None) -> str:
+    if value is None:
+        return text(lang, "balance.default_limit")
+    return f"{value:,.0f}" if value else text(lang, "balance.unlimited")
+
+
+__all__ = ["ADMIN_COMMANDS", "ImgbotError", "run_admin"]

@@ -1,0 +1,43 @@
+"""Wiring: one `async with` that owns the HTTP client, the ledger and the service."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+
+from core.config import Settings
+from core.images import ImageClient
+from core.ledger import Ledger, Limits
+from core.messages import set_default_language
+from core.service import ImageService
+
+log = logging.getLogger(__name__)
+
+
+def make_http_client(settings: Settings) -> httpx.AsyncClient:
+    """Create the one HTTP client for the image API."""
+    timeout = httpx.Timeout(settings.request_timeout, connect=settings.connect_timeout)
+    limits = httpx.Limits(max_connections=max(16, settings.max_jobs_in_flight * 2))
+    return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False)
+
+
+@asynccontextmanager
+async def open_service(settings: Settings) -> AsyncIterator[ImageService]:
+    """Open the HTTP client and the ledger, resolve stale jobs, and yield the service."""
+    set_default_language(settings.default_language)
+    async with make_http_client(settings) as http:
+        ledger = await Ledger.open(settings.database_path, Limits.from_settings(settings))
+        try:
+            stale = await ledger.recover_stale(settings.job_timeout)
+            if stale:
+                log.warning(
+                    "%d job(s) were left running by a previous process and are now unsettled: %s",
+                    len(stale),
+                    ", ".join(map(str, stale)),
+                )
+            yield ImageService(settings, ledger, ImageClient(http, settings))
+        finally:
+            await ledger.close()

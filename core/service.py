@@ -1,0 +1,422 @@
+"""The pipeline both bots and the terminal call: one command goes one way through the house.
+
+parse → access check → rate limit → estimate → reserve → queue → draw → settle → result.
+
+`ImageService.draw` returns a `DrawOutcome` to render, or raises a `core.errors.ImgbotError`
+whose `user_message(lang)` is fit to show. It is platform-free: adapters hand it a
+`Requester`, the command text and the raw bytes of reference images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from core.config import Settings
+from core.errors import (
+    AccessDenied,
+    Cancelled,
+    ImgbotError,
+    JobNotFound,
+    LimitExceeded,
+    UpstreamError,
+)
+from core.images import GeneratedImage, ImageClient, prepare_references
+from core.jobqueue import FairQueue, RateLimiter, Ticket
+from core.ledger import JobRecord, JobSpec, Ledger, SpendReport
+from core.messages import language_of
+from core.pricing import PriceTable, estimate_credits
+from core.prompt import ImageRequest, PromptDefaults, parse_command
+from core.requester import Requester
+
+log = logging.getLogger(__name__)
+
+ProgressKind = Literal["queued", "started", "working", "done"]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress event of a job."""
+
+    kind: ProgressKind
+    position: int = 0
+    elapsed: float = 0.0
+
+
+ProgressCallback = Callable[[Progress], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class IncomingImage:
+    """A reference image as an adapter received it; `ref` is an opaque platform handle."""
+
+    data: bytes
+    filename: str | None = None
+    ref: str | None = None
+
+
+@dataclass(frozen=True)
+class DrawOutcome:
+    """Everything an adapter needs to render a finished job."""
+
+    job_id: int
+    request: ImageRequest
+    images: tuple[GeneratedImage, ...]
+    credits: float
+    estimated: float
+    spend: SpendReport
+    elapsed: float
+    lang: str
+    revised_prompt: str | None = None
+    reference_count: int = 0
+
+
+@dataclass
+class _Inflight:
+    task: asyncio.Task[object] | None
+    job_id: int
+    requester: Requester
+    drawing: bool = False
+    extras: dict[str, object] = field(default_factory=dict)
+
+
+ReplayAction = Literal["again", "4k", "vary"]
+
+
+class ImageService:
+    """The platform-free pipeline, with its queue, rate limiter and shutdown."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        client: ImageClient,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.client = client
+        self.prices = PriceTable.from_settings(settings)
+        self.defaults = PromptDefaults.from_settings(settings)
+        self.queue = FairQueue(
+            settings.max_jobs_in_flight, settings.max_jobs_per_user, settings.max_queued_per_user
+        )
+        self.rate = RateLimiter(settings.rate_limit_per_minute, clock=clock)
+        self._clock = clock
+        self._inflight: dict[int, _Inflight] = {}
+        self._closing = False
+        self._shutdown: asyncio.Future[None] | None = None
+
+    # --- access --------------------------------------------------------------------
+    def is_admin(self, requester: Requester) -> bool:
+        """Say whether the requester may use admin commands."""
+        return requester.is_admin or self.settings.is_admin(requester.platform, requester.user_id)
+
+    async def check_access(self, requester: Requester) -> None:
+        """Raise AccessDenied unless the requester may draw here."""
+        if self.is_admin(requester):
+            return
+        s = self.settings
+        silent = requester.is_group and s.silent_refusals_in_groups
+        if s.allowed_users and requester.user_key not in s.allowed_users:
+            chat_ok = requester.chat_key is not None and requester.chat_key in s.allowed_chats
+            if not chat_ok:
+                raise AccessDenied("access.not_allowed", silent=silent)
+        if s.allowed_chats and requester.chat_key is not None:
+            user_ok = requester.user_key in s.allowed_users
+            if requester.chat_key not in s.allowed_chats and not user_ok:
+                raise AccessDenied("access.chat_not_allowed", silent=silent)
+        if await self.ledger.is_blocked(requester.user_key, requester.chat_key):
+            raise AccessDenied("access.blocked", silent=silent)
+
+    def require_admin(self, requester: Requester) -> None:
+        """Raise AccessDenied unless the requester is an admin."""
+        if not self.is_admin(requester):
+            raise AccessDenied("access.admin_only")
+
+    # --- the pipeline --------------------------------------------------------------
+    def parse(
+        self,
+        text: str,
+        *,
+        reference_sizes: Sequence[tuple[int, int]] = (),
+        force_tier: str | None = None,
+    ) -> tuple[ImageRequest, float]:
+        """Parse a command and estimate its cost, calling nothing."""
+        request = parse_command(
+            text,
+            self.defaults,
+            reference_size=reference_sizes[0] if reference_sizes else None,
+            has_references=bool(reference_sizes),
+            force_tier=force_tier,
+        )
+        estimate = estimate_credits(request, self.prices, reference_sizes=reference_sizes)
+        return request, estimate
+
+    async def draw(
+        self,
+        requester: Requester,
+        text: str,
+        references: Sequence[IncomingImage] = (),
+        progress: ProgressCallback | None = None,
+        *,
+        force_tier: str | None = None,
+    ) -> DrawOutcome:
+        """Run one /img command end to end and return what to show."""
+        lang = language_of(requester.language)
+        if self._closing:
+            raise Cancelled("job.shutting_down")
+        await self.check_access(requester)
+        # Parse before counting the request, so a typo does not use up the user's minute.
+        refs = await prepare_references(
+            [(r.data, r.filename) for r in references],
+            max_bytes=self.settings.max_reference_bytes,
+        )
+        request, estimate = self.parse(
+            text, reference_sizes=[(r.width, r.height) for r in refs], force_tier=force_tier
+        )
+        self.rate.hit(requester.user_key)
+        self.queue.check_room(requester.user_key)
+        spec = JobSpec(
+            command_text=text,
+            model=request.model,
+            size=request.size,
+            quality=request.quality,
+            n=request.n,
+            reference_count=len(refs),
+            request_json=json.dumps(
+                {"request": _request_dict(request), "reference_refs": [r.ref for r in references]},
+                ensure_ascii=False,
+            ),
+        )
+        try:
+            job_id = await self.ledger.reserve(requester, spec, estimate)
+        except LimitExceeded as err:
+            raise self._with_suggestion(err, request, estimate, refs) from None
+
+        record = _Inflight(task=asyncio.current_task(), job_id=job_id, requester=requester)
+        self._inflight[job_id] = record
+        ticket = Ticket(user_key=requester.user_key, job_id=job_id)
+        started = self._clock()
+        try:
+            async def on_position(pos: int) -> None:
+                if progress is not None:
+                    await progress(Progress("queued", position=pos))
+
+            try:
+                await self.queue.acquire(ticket, on_position)
+            except Cancelled as err:
+                await self.ledger.fail(job_id, err.code)
+                raise
+            try:
+                record.drawing = True
+                await self.ledger.mark_started(job_id)
+                if progress is not None:
+                    await progress(Progress("started"))
+                result = await self._draw_with_ticker(request, refs, progress)
+            finally:
+                self.queue.release(ticket)
+        except UpstreamError as err:
+            credits = self.prices.credits(err.usage, request.model) if err.usage else 0.0
+            await self.ledger.fail(job_id, err.code, credits, err.usage)
+            self._log_job(requester, request, "failed", credits, self._clock() - started, err.code)
+            raise
+        except asyncio.CancelledError:
+            # Shut down mid-job: if the call was in flight the upstream may have billed,
+            # so the job stays counted at its estimate until an admin looks at it.
+            if record.drawing:
+                await asyncio.shield(self.ledger.mark_unsettled(job_id))
+            else:
+                await asyncio.shield(self.ledger.fail(job_id, "cancelled"))
+            raise
+        except ImgbotError as err:
+            await self.ledger.fail(job_id, err.code)
+            raise
+        except Exception:
+            await self.ledger.fail(job_id, "internal")
+            raise
+        finally:
+            self._inflight.pop(job_id, None)
+
+        if result.usage is not None:
+            credits = self.prices.credits(result.usage, request.model)
+        else:
+            # The upstream billed but did not say how much: charge what we reserved.
+            credits = estimate
+        await self.ledger.settle(job_id, credits, result.usage)
+        elapsed = self._clock() - started
+        self._log_job(requester, request, "succeeded", credits, elapsed, "")
+        if progress is not None:
+            await progress(Progress("done", elapsed=elapsed))
+        spend = await self.ledger.spend_report(requester.user_key)
+        return DrawOutcome(
+            job_id=job_id,
+            request=request,
+            images=result.images,
+            credits=credits,
+            estimated=estimate,
+            spend=spend,
+            elapsed=elapsed,
+            lang=lang,
+            revised_prompt=result.revised_prompt,
+            reference_count=len(refs),
+        )
+
+    async def _draw_with_ticker(
+        self, request: ImageRequest, refs: Sequence[object], progress: ProgressCallback | None
+    ) -> object:
+        start = self._clock()
+        call = asyncio.ensure_future(self.client.draw(request, refs))  # type: ignore[arg-type]
+        try:
+            while True:
+                done, _ = await asyncio.wait({call}, timeout=self.settings.progress_interval)
+                if done:
+                    return call.result()
+                if progress is not None:
+                    await progress(Progress("working", elapsed=self._clock() - start))
+        finally:
+            if not call.done():
+                call.cancel()
+                try:
+                    await call
+                except BaseException:  # noqa: BLE001 - the call's own outcome no longer matters
+                    pass
+
+    def _with_suggestion(
+        self, err: LimitExceeded, request: ImageRequest, estimate: float, refs: Sequence[object]
+    ) -> LimitExceeded:
+        remaining = float(err.params.get("remaining", 0))
+        suggestion = self.cheaper_option(request, remaining, refs)
+        params = {**err.params, "suggestion": suggestion or ""}
+        return LimitExceeded(err.key, detail=err.detail, **params)
+
+    def cheaper_option(
+        self, request: ImageRequest, budget: float, refs: Sequence[object] = ()
+    ) -> str | None:
+        """Return the option words of the nearest cheaper request that fits the budget."""
+        if budget <= 0:
+            return None
+        sizes = [(r.width, r.height) for r in refs]  # type: ignore[attr-defined]
+        tiers = ["4K", "2K", "1K"]
+        tier_now = request.tier or self.defaults.tier
+        tier_options = tiers[tiers.index(tier_now) :] if tier_now in tiers else ["1K"]
+        for n in range(request.n, 0, -1):
+            for tier in tier_options:
+                for quality in ("high", "medium", "low"):
+                    if request.quality != "auto" and (
+                        ("low", "medium", "high").index(quality)
+                        > ("low", "medium", "high").index(request.quality)
+                    ):
+                        continue
+                    ratio = request.ratio if request.ratio and request.ratio != "auto" else None
+                    words = [w for w in (ratio, tier, quality, f"x{n}" if n > 1 else None) if w]
+                    text = " ".join([*words, "--", request.prompt or "x"])
+                    try:
+                        candidate, cost = self.parse(text, reference_sizes=sizes)
+                    except ImgbotError:
+                        continue
+                    if cost <= budget and candidate.model == request.model:
+                        return " ".join(words)
+        return None
+
+    # --- cancellation and shutdown ---------------------------------------------------
+    def cancel(self, requester: Requester) -> list[int]:
+        """Cancel the requester's waiting jobs; return their ids."""
+        return self.queue.cancel(requester.user_key)
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop taking jobs, cancel waiting ones, let running ones finish up to `grace`.
+
+        Safe to call from several places (each bot, the entry point): all share one drain.
+        """
+        if self._shutdown is None:
+            self._shutdown = asyncio.ensure_future(self._drain(grace))
+        await asyncio.shield(self._shutdown)
+
+    async def _drain(self, grace: float) -> None:
+        self._closing = True
+        cancelled = self.queue.close()
+        if cancelled:
+            log.info("shutdown: cancelled %d waiting job(s)", len(cancelled))
+        running = [r.task for r in self._inflight.values() if r.task is not None]
+        if running:
+            log.info("shutdown: waiting up to %.0fs for %d job(s)", grace, len(running))
+            _, pending = await asyncio.wait(running, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=10)
+
+    @property
+    def jobs_in_flight(self) -> int:
+        """Return the number of jobs reserved and not yet finished."""
+        return len(self._inflight)
+
+    # --- buttons: replay a job after a restart -------------------------------------
+    async def replay(
+        self,
+        requester: Requester,
+        job_id: int,
+        action: ReplayAction,
+        fetch: Callable[[str], Awaitable[IncomingImage]],
+        progress: ProgressCallback | None = None,
+    ) -> DrawOutcome:
+        """Rerun a stored job ("again", "4k") or vary its result ("vary"); the presser pays."""
+        job = await self.ledger.get_job(job_id)
+        if job is None:
+            raise JobNotFound(job_id=job_id)
+        stored = json.loads(job.request_json or "{}")
+        if action == "vary":
+            if not job.result_refs:
+                raise JobNotFound("job.no_result", job_id=job_id)
+            refs = [await fetch(job.result_refs[0])]
+        else:
+            refs = [await fetch(ref) for ref in stored.get("reference_refs") or [] if ref]
+        return await self.draw(
+            requester,
+            job.command_text,
+            refs,
+            progress,
+            force_tier="4K" if action == "4k" else None,
+        )
+
+    async def job(self, job_id: int) -> JobRecord | None:
+        """Return a stored job."""
+        return await self.ledger.get_job(job_id)
+
+    # --- logging -----------------------------------------------------------------------
+    def _log_job(
+        self,
+        requester: Requester,
+        request: ImageRequest,
+        status: str,
+        credits: float,
+        seconds: float,
+        error: str,
+    ) -> None:
+        log.info(
+            "job platform=%s user=%s chat=%s size=%s quality=%s n=%d status=%s "
+            "credits=%.1f seconds=%.1f%s",
+            requester.platform,
+            requester.user_id,
+            requester.chat_id or "-",
+            request.size,
+            request.quality,
+            request.n,
+            status,
+            credits,
+            seconds,
+            f" error={error}" if error else "",
+        )
+
+
+def _request_dict(request: ImageRequest) -> dict[str, object]:
+    data = asdict(request)
+    data["notices"] = [n.key for n in request.notices]
+    return data

@@ -1,0 +1,368 @@
+"""The pipeline end to end: real fake API over HTTP, real SQLite ledger file."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from core.admin import run_admin
+from core.config import Settings
+from core.errors import (
+    AccessDenied,
+    Cancelled,
+    LimitExceeded,
+    PromptError,
+    RateLimited,
+    UpstreamMalformed,
+    UpstreamUnavailable,
+)
+from core.ledger import JobStatus
+from core.messages import text
+from core.reports import render_balance, render_caption, render_help, render_sizes
+from core.requester import Requester
+from core.runtime import open_service
+from core.service import ImageService, IncomingImage, Progress
+from tests.fake_api import FakeImageAPI
+
+ALICE = Requester("telegram", "1", "-100", "Alice", "en", is_group=True)
+BOB = Requester("telegram", "2", "-100", "Bob", "zh-hans", is_group=True)
+ADMIN = Requester("telegram", "99", None, "Root", "en")
+
+
+def _formula(usage: dict[str, Any]) -> float:
+    """The seed's formula, written out independently of core.pricing."""
+    details = usage.get("input_tokens_details") or {}
+    out = usage.get("output_tokens_details") or {}
+    image_out = out.get("image_tokens", usage["output_tokens"])
+    return (
+        (details.get("text_tokens", 0) * 5 + details.get("image_tokens", 0) * 10 + image_out * 40)
+        * 7.1
+        * 10000
+        / 1_000_000
+    )
+
+
+def _png(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def make_service(
+    settings: Callable[..., Settings], tmp_path: Path
+) -> Callable[..., Any]:
+    """Return an async context factory of services on one SQLite file."""
+
+    def make(**overrides: Any) -> Any:
+        values = {
+            "database_url": f"sqlite:///{tmp_path}/ledger.db",
+            "admins": ["telegram:99"],
+            "progress_interval": 0.05,
+            "rate_limit_per_minute": 0,
+            "max_queued_per_user": 10,
+        }
+        values.update(overrides)
+        return open_service(settings(**values))
+
+    return make
+
+
+@pytest.fixture
+async def service(make_service: Callable[..., Any]) -> AsyncIterator[ImageService]:
+    async with make_service() as svc:
+        yield svc
+
+
+async def test_success_charges_exactly_the_formula(
+    service: ImageService, fake_api: FakeImageAPI
+) -> None:
+    events: list[Progress] = []
+
+    async def progress(event: Progress) -> None:
+        events.append(event)
+
+    outcome = await service.draw(ALICE, "16:9 low a white siamese cat", (), progress)
+    assert [(i.width, i.height) for i in outcome.images] == [(1280, 720)]
+    sent = fake_api.api_requests[-1]
+    assert sent.path == "/v1/images/generations" and sent.json["size"] == "1280x720"
+    job = await service.ledger.get_job(outcome.job_id)
+    assert job is not None and job.status == JobStatus.SUCCEEDED
+    assert job.usage is not None
+    usage_dict = {
+        "input_tokens": job.usage.text_input_tokens + job.usage.image_input_tokens,
+        "input_tokens_details": {
+            "text_tokens": job.usage.text_input_tokens,
+            "image_tokens": job.usage.image_input_tokens,
+        },
+        "output_tokens": job.usage.image_output_tokens,
+    }
+    assert job.actual_credits == pytest.approx(_formula(usage_dict))
+    assert outcome.credits == pytest.approx(job.actual_credits)
+    assert outcome.spend.today == pytest.approx(job.actual_credits)
+    assert events[0].kind == "started" and events[-1].kind == "done"
+    caption = render_caption(outcome, service.prices)
+    assert "1280x720 · low · gpt-image-2" in caption and "credits ≈ ¥" in caption
+
+
+async def test_auto_quality_reserved_high_settles_real(service: ImageService) -> None:
+    request, estimate = service.parse("a fox")
+    assert request.quality == "auto"
+    _, high_estimate = service.parse("high a fox")
+    assert estimate == pytest.approx(high_estimate)
+    outcome = await service.draw(ALICE, "a fox")
+    job = await service.ledger.get_job(outcome.job_id)
+    assert job is not None and job.estimated_credits == pytest.approx(estimate)
+    assert job.actual_credits is not None and job.actual_credits < job.estimated_credits
+
+
+async def test_failure_without_usage_costs_nothing(
+    service: ImageService, fake_api: FakeImageAPI
+) -> None:
+    fake_api.inject("server_error")
+    with pytest.raises(UpstreamUnavailable) as info:
+        await service.draw(ALICE, "low a cat")
+    assert info.value.user_message("en") != info.value.user_message("zh")
+    report = await service.ledger.spend_report(ALICE.user_key)
+    assert report.today == 0
+    assert report.last_jobs[0].status == JobStatus.FAILED
+    assert report.last_jobs[0].error_code == info.value.code
+
+
+async def test_failure_with_usage_is_charged_exactly(
+    service: ImageService, fake_api: FakeImageAPI
+) -> None:
+    fake_api.inject("bad_base64")
+    with pytest.raises(UpstreamMalformed) as info:
+        await service.draw(ALICE, "low a cat")
+    assert info.value.usage is not None
+    report = await service.ledger.spend_report(ALICE.user_key)
+    assert report.today == pytest.approx(service.prices.credits(info.value.usage, "gpt-image-2"))
+    assert report.today > 0
+
+
+async def test_prompt_error_reserves_nothing(service: ImageService) -> None:
+    with pytest.raises(PromptError):
+        await service.draw(ALICE, "5:1 a very wide cat")
+    report = await service.ledger.spend_report(ALICE.user_key)
+    assert report.last_jobs == ()
+
+
+async def test_references_go_to_edits(service: ImageService, fake_api: FakeImageAPI) -> None:
+    refs = [IncomingImage(_png(600, 400), "a.png", "ref-a"), IncomingImage(_png(64, 64), "b.png")]
+    outcome = await service.draw(ALICE, "2K make it night", refs)
+    sent = fake_api.api_requests[-1]
+    assert sent.path == "/v1/images/edits"
+    assert [p.name for p in sent.files] == ["image[]", "image[]"]
+    assert outcome.request.size != "auto" and outcome.reference_count == 2
+    w, h = outcome.request.dimensions or (0, 0)
+    assert abs(w / h - 1.5) < 0.05  # the first reference's aspect at 2K
+    job = await service.ledger.get_job(outcome.job_id)
+    assert job is not None and job.reference_count == 2
+    assert json.loads(job.request_json)["reference_refs"] == ["ref-a", None]
+
+
+async def test_limit_refusal_says_what_fits(make_service: Callable[..., Any]) -> None:
+    async with make_service(user_daily_limit=1500) as service:
+        with pytest.raises(LimitExceeded) as info:
+            await service.draw(ALICE, "4K high a castle")
+        en, zh = info.value.user_message("en"), info.value.user_message("zh")
+        assert info.value.params["suggestion"]
+        assert info.value.params["suggestion"] in en and info.value.params["suggestion"] in zh
+        assert "1,500" in en or "1500" in en
+        # The suggestion really fits.
+        await service.draw(ALICE, info.value.params["suggestion"] + " a castle")
+
+
+async def test_rate_limit_message(make_service: Callable[..., Any]) -> None:
+    async with make_service(rate_limit_per_minute=2) as service:
+        await service.draw(ALICE, "low a")
+        await service.draw(ALICE, "low b")
+        with pytest.raises(RateLimited) as info:
+            await service.draw(ALICE, "low c")
+        assert "2" in info.value.user_message("en") and "每分钟" in info.value.user_message("zh")
+        await service.draw(BOB, "low d")  # others are not limited
+
+
+async def test_queue_position_and_cancel(
+    make_service: Callable[..., Any], fake_api: FakeImageAPI
+) -> None:
+    async with make_service(max_jobs_in_flight=1) as service:
+        fake_api.inject("slow", seconds=1.0)
+        first = asyncio.create_task(service.draw(ALICE, "low slow one"))
+        await asyncio.sleep(0.3)
+        positions: list[int] = []
+        queued = asyncio.Event()
+
+        async def progress(event: Progress) -> None:
+            if event.kind == "queued":
+                positions.append(event.position)
+                queued.set()
+
+        second = asyncio.create_task(service.draw(BOB, "low waiting", (), progress))
+        await asyncio.wait_for(queued.wait(), 2)
+        assert positions == [1]
+        assert service.cancel(BOB)
+        with pytest.raises(Cancelled) as info:
+            await second
+        assert "未扣费" in info.value.user_message("zh")
+        await first
+        report = await service.ledger.spend_report(BOB.user_key)
+        assert report.today == 0 and report.last_jobs[0].status == JobStatus.FAILED
+
+
+async def test_access_rules(make_service: Callable[..., Any]) -> None:
+    async with make_service(allowed_users=["telegram:1"]) as service:
+        await service.draw(ALICE, "low ok")
+        with pytest.raises(AccessDenied) as info:
+            await service.draw(BOB, "low nope")
+        assert info.value.params["silent"] is True  # a stranger in a group: say nothing
+        private = Requester("telegram", "2", None, "Bob", "en")
+        with pytest.raises(AccessDenied) as info:
+            await service.draw(private, "low nope")
+        assert info.value.params["silent"] is False
+        await run_admin(service, ADMIN, "block", ["1"])
+        with pytest.raises(AccessDenied) as info:
+            await service.draw(ALICE, "low blocked")
+        assert info.value.key == "access.blocked"
+        await run_admin(service, ADMIN, "unblock", ["1"])
+        await service.draw(ALICE, "low again ok")
+
+
+async def test_admin_commands(service: ImageService) -> None:
+    outcome = await service.draw(ALICE, "low a cat")
+    with pytest.raises(AccessDenied):
+        await run_admin(service, ALICE, "refund", [str(outcome.job_id)])
+    reply = await run_admin(service, ADMIN, "limit", ["1", "daily=5000", "monthly=90000"])
+    assert "5,000" in reply and "90,000" in reply
+    user = await service.ledger.get_user(ALICE.user_key)
+    assert user is not None and user.daily_limit == 5000 and user.monthly_limit == 90000
+    top = await run_admin(service, ADMIN, "top", [])
+    assert "Alice" in top
+    assert "-100" in await run_admin(service, ADMIN, "chats", ["1"])
+    reply = await run_admin(service, ADMIN, "refund", [str(outcome.job_id)])
+    assert f"#{outcome.job_id}" in reply
+    assert (await service.ledger.spend_report(ALICE.user_key)).today == 0
+    with pytest.raises(PromptError):
+        await run_admin(service, ADMIN, "limit", ["1", "daily=lots"])
+    assert await run_admin(service, ADMIN, "unsettled", []) == text("en", "admin.nothing")
+
+
+async def test_job_killed_mid_flight_becomes_unsettled(
+    make_service: Callable[..., Any], fake_api: FakeImageAPI
+) -> None:
+    async with make_service() as service:
+        fake_api.inject("hang", seconds=3)
+        started = asyncio.Event()
+
+        async def progress(event: Progress) -> None:
+            if event.kind == "started":
+                started.set()
+
+        task = asyncio.create_task(service.draw(ALICE, "low hanging", (), progress))
+        await asyncio.wait_for(started.wait(), 2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        jobs = await service.ledger.list_unsettled()
+        assert len(jobs) == 1 and jobs[0].status == JobStatus.UNSETTLED
+        report = await service.ledger.spend_report(ALICE.user_key)
+        assert report.today == pytest.approx(jobs[0].estimated_credits)
+        listing = await run_admin(service, ADMIN, "unsettled", [])
+        assert f"#{jobs[0].id}" in listing
+        await run_admin(service, ADMIN, "refund", [str(jobs[0].id)])
+        assert (await service.ledger.spend_report(ALICE.user_key)).today == 0
+
+
+async def test_shutdown_cancels_waiting_and_finishes_running(
+    make_service: Callable[..., Any], fake_api: FakeImageAPI
+) -> None:
+    async with make_service(max_jobs_in_flight=1) as service:
+        fake_api.inject("slow", seconds=0.6)
+        running = asyncio.create_task(service.draw(ALICE, "low running"))
+        await asyncio.sleep(0.2)
+        waiting = asyncio.create_task(service.draw(BOB, "low waiting"))
+        await asyncio.sleep(0.1)
+        await service.shutdown(grace=5)
+        outcome = await running
+        assert outcome.images
+        with pytest.raises(Cancelled) as info:
+            await waiting
+        assert info.value.key == "job.shutting_down"
+        with pytest.raises(Cancelled):
+            await service.draw(ALICE, "low after shutdown")
+        bob = await service.ledger.spend_report(BOB.user_key)
+        assert bob.today == 0
+
+
+async def test_replay_after_restart(make_service: Callable[..., Any]) -> None:
+    async with make_service() as service:
+        outcome = await service.draw(ALICE, "16:9 low a lighthouse")
+        result = outcome.images[0]
+        await service.ledger.set_result_refs(outcome.job_id, ["file-1"])
+    fetched: list[str] = []
+
+    async def fetch(ref: str) -> IncomingImage:
+        fetched.append(ref)
+        return IncomingImage(result.data, "result.png", ref)
+
+    async with make_service() as service:  # a new process on the same ledger file
+        again = await service.replay(BOB, outcome.job_id, "again", fetch)
+        assert again.request.size == "1280x720"
+        big = await service.replay(BOB, outcome.job_id, "4k", fetch)
+        assert big.request.size == "3840x2160"
+        vary = await service.replay(BOB, outcome.job_id, "vary", fetch)
+        assert vary.reference_count == 1 and fetched == ["file-1"]
+        bob = await service.ledger.spend_report(BOB.user_key)
+        assert len(bob.last_jobs) == 3  # the presser paid
+        alice = await service.ledger.spend_report(ALICE.user_key)
+        assert len(alice.last_jobs) == 1
+
+
+async def test_many_users_under_limits(make_service: Callable[..., Any]) -> None:
+    users = [Requester("discord", str(i), "guild", f"u{i}", "en", is_group=True) for i in range(12)]
+    async with make_service(
+        user_daily_limit=2500, chat_daily_limit=20000, global_daily_limit=25000
+    ) as service:
+        _, cost = service.parse("low x")
+
+        async def one(user: Requester, i: int) -> str:
+            try:
+                await service.draw(user, f"low job {i}")
+                return "ok"
+            except LimitExceeded as err:
+                return err.key
+
+        results = await asyncio.gather(*(one(users[i % 12], i) for i in range(60)))
+        assert "ok" in results and any(r.startswith("limit.") for r in results)
+        assert not any(r not in ("ok",) and not r.startswith("limit.") for r in results)
+        total = 0.0
+        for user in users:
+            report = await service.ledger.spend_report(user.user_key)
+            assert report.today <= 2500 + 1e-6
+            total += report.today
+        assert total <= 20000 + 1e-6
+        assert cost > 0
+
+
+def test_texts_in_both_languages() -> None:
+    assert "/img 16:9 2K high" in render_help("en")
+    assert "示例" in render_help("zh-hans")
+    sizes = render_sizes("en")
+    assert "2048x1152" in sizes and "3808x1632" in sizes
+
+
+async def test_balance_text(service: ImageService) -> None:
+    await service.draw(ALICE, "low a cat")
+    text_en = render_balance(await service.ledger.spend_report(ALICE.user_key), service.prices, "en")
+    assert "Today" in text_en and "#1" in text_en
+    text_zh = render_balance(await service.ledger.spend_report(ALICE.user_key), service.prices, "zh")
+    assert "今日" in text_zh
+
