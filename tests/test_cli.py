@@ -1,0 +1,213 @@
+"""The `imgbot` command, run as a user runs it: a subprocess against the fake API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import TEST_KEY
+from tests.fake_api import FakeImageAPI
+
+ROOT = Path(__file__).resolve().parent.parent
+TG_TOKEN = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw"
+
+
+def _env(tmp_path: Path, api: FakeImageAPI | None = None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_TOKEN")}
+    env.update(
+        {
+            "OPENAI_API_KEY": TEST_KEY,
+            "DATABASE_URL": f"sqlite:///{tmp_path}/ledger.db",
+            "LANG": "en_US.UTF-8",
+            "USER": "tester",
+        }
+    )
+    if api is not None:
+        env["OPENAI_BASE_URL"] = api.base_url
+    env.update(extra)
+    return env
+
+
+def imgbot(tmp_path: Path, *args: str, api: FakeImageAPI | None = None, **extra: str):
+    """Run `imgbot ARGS` in tmp_path (no .env there) and return the finished process."""
+    return subprocess.run(
+        [sys.executable, "-m", "bots.cli", *args],
+        cwd=tmp_path,
+        env={**_env(tmp_path, api, **extra), "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_parse_prints_the_request(tmp_path: Path) -> None:
+    proc = imgbot(tmp_path, "parse", "16:9 2K high a white siamese cat")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["size"] == "2048x1152" and out["quality"] == "high"
+    assert out["prompt"] == "a white siamese cat" and out["model"] == "gpt-image-2"
+    assert out["estimated_credits"] > 0
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("5:1 a banner", "3:1"),
+        ("4000x4000 a cat", "3840"),
+        ("1000x1000 a cat", "multiples of 16"),
+        ("16:9 2K", "nothing to draw"),
+    ],
+)
+def test_parse_refuses_with_a_clear_message(tmp_path: Path, text: str, says: str) -> None:
+    proc = imgbot(tmp_path, "parse", text)
+    assert proc.returncode == 2
+    assert says in proc.stderr and "Example" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_parse_with_model(tmp_path: Path) -> None:
+    proc = imgbot(tmp_path, "parse", "--model", "gpt-image-1.5", "16:9 4K a cat")
+    out = json.loads(proc.stdout)
+    assert out["size"] == "1536x1024" and out["notes"]
+
+
+@pytest.mark.parametrize("mode", ["b64", "b64_prefixed", "url", "official"])
+def test_gen_writes_images_in_every_mode(tmp_path: Path, mode: str) -> None:
+    fmt = {"b64": "b64_json", "b64_prefixed": "b64_json", "url": "url", "official": "none"}[mode]
+    with FakeImageAPI(key=TEST_KEY, mode=mode) as api:
+        proc = imgbot(
+            tmp_path, "gen", "3:2 low a red fox", "-o", "out", api=api, RESPONSE_FORMAT=fmt
+        )
+    assert proc.returncode == 0, proc.stderr
+    files = sorted((tmp_path / "out").iterdir())
+    assert len(files) == 1
+    with Image.open(files[0]) as image:
+        assert image.size == (1008, 672)
+    assert "1008x672" in proc.stdout and "credits ≈ ¥" in proc.stdout
+
+
+def test_gen_with_references_and_cost_recorded(tmp_path: Path) -> None:
+    ref = tmp_path / "ref.jpg"
+    Image.new("RGB", (900, 600), (10, 120, 200)).save(ref, "JPEG")
+    with FakeImageAPI(key=TEST_KEY) as api:
+        proc = imgbot(tmp_path, "gen", "x2 low make it snow", "-i", str(ref), "-o", "o", api=api)
+        sent = api.api_requests[-1]
+    assert proc.returncode == 0, proc.stderr
+    assert sent.path == "/v1/images/edits"
+    assert [p.content_type for p in sent.files] == ["image/jpeg"]
+    assert len(list((tmp_path / "o").iterdir())) == 2
+    usage = imgbot(tmp_path, "usage", "--user", "cli:tester")
+    assert usage.returncode == 0 and "All time" in usage.stdout
+    csv = imgbot(tmp_path, "usage", "--csv")
+    assert csv.stdout.count("\n") == 2 and "cli:tester" in csv.stdout
+
+
+def test_gen_upstream_error_exits_1(tmp_path: Path) -> None:
+    with FakeImageAPI(key=TEST_KEY) as api:
+        api.inject("moderation_blocked")
+        proc = imgbot(tmp_path, "gen", "low something", api=api)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and TEST_KEY not in proc.stderr + proc.stdout
+    assert proc.stderr.strip()
+
+
+def test_gen_unreachable_api(tmp_path: Path) -> None:
+    proc = imgbot(
+        tmp_path, "gen", "low a cat", OPENAI_BASE_URL="http://127.0.0.1:9", MAX_RETRIES="0"
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+
+
+def test_admin_from_terminal(tmp_path: Path) -> None:
+    with FakeImageAPI(key=TEST_KEY) as api:
+        assert imgbot(tmp_path, "gen", "low a cat", "-o", "o", api=api).returncode == 0
+        proc = imgbot(tmp_path, "admin", "limit", "telegram:5", "daily=100", api=api)
+        assert proc.returncode == 0 and "100" in proc.stdout
+        proc = imgbot(tmp_path, "admin", "refund", "1", api=api)
+        assert proc.returncode == 0 and "#1" in proc.stdout
+        proc = imgbot(tmp_path, "admin", "refund", "1", api=api)
+        assert proc.returncode == 2 and proc.stderr.strip()
+
+
+def test_run_without_tokens_explains_itself(tmp_path: Path) -> None:
+    proc = imgbot(tmp_path, "run")
+    assert proc.returncode == 2
+    assert "TELEGRAM_BOT_TOKEN" in proc.stderr and ".env" in proc.stderr
+
+
+def test_bad_setting_stops_start_up(tmp_path: Path) -> None:
+    proc = imgbot(tmp_path, "parse", "a cat", USER_DAILY_LIMIT="-1")
+    assert proc.returncode == 2 and "USER_DAILY_LIMIT" in proc.stderr
+
+
+@pytest.fixture
+def bot_apis() -> Iterator[str]:
+    """A tiny Bot API + Discord API stand-in on 127.0.0.1 that knows one token each."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path == f"/bot{TG_TOKEN}/getMe":
+                body = {"ok": True, "result": {"id": 1, "is_bot": True, "username": "ImgTestBot"}}
+                code = 200
+            elif self.path == "/api/users/@me" and self.headers["Authorization"] == "Bot dc-ok":
+                body, code = {"id": "2", "username": "imgbot-dc"}, 200
+            else:
+                body, code = {"ok": False, "description": "Unauthorized"}, 401
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+async def test_doctor_reports_each_check(tmp_path: Path, bot_apis: str) -> None:
+    from bots.doctor import doctor
+    from core.config import Settings
+
+    lines: list[str] = []
+    with FakeImageAPI(key=TEST_KEY) as api:
+        good = Settings(
+            _env_file=None,
+            openai_base_url=api.base_url,
+            openai_api_key=TEST_KEY,
+            telegram_bot_token=TG_TOKEN,
+            telegram_api_base_url=bot_apis,
+            discord_bot_token="dc-ok",
+            database_url=f"sqlite:///{tmp_path}/d/ledger.db",
+        )
+        assert await doctor(good, out=lines.append, discord_api=f"{bot_apis}/api") == 0
+        report = "\n".join(lines)
+        assert "image API: ok" in report and "@ImgTestBot" in report
+        assert "discord: ok" in report and "database: ok" in report and "schema v" in report
+        lines.clear()
+        bad = good.model_copy(
+            update={
+                "openai_api_key": type(good.openai_api_key)("sk-wrong"),
+                "telegram_bot_token": type(good.telegram_bot_token)("1:bad"),
+            }
+        )
+        assert await doctor(bad, out=lines.append, discord_api=f"{bot_apis}/api") == 1
+        report = "\n".join(lines)
+        assert "image API: FAIL" in report and "OPENAI_API_KEY" in report
+        assert "telegram: FAIL" in report and "TELEGRAM_BOT_TOKEN" in report
+        assert TG_TOKEN not in report and TEST_KEY not in report
