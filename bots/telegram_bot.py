@@ -1,0 +1,502 @@
+"""The Telegram bot (python-telegram-bot 22): wiring, command handlers and the run loop.
+
+    app = build_application(settings, service)          # a real PTB Application
+    await run_telegram(settings, service, stop_event)   # poll (or webhook) until stop is set
+
+The adapter turns updates into `core.service` calls and renders the answers; it holds no
+business rules. Receiving (commands in captions, albums, replies): `bots.telegram_refs`.
+Replying (status, chat action, photos / files / albums, buttons): `bots.telegram_reply`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+import re
+import secrets
+import traceback
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from urllib.parse import urlsplit
+
+from telegram import (
+    BotCommand,
+    BotCommandScopeChat,
+    Chat,
+    Message,
+    Update,
+    User,
+)
+from telegram.constants import ChatType, ParseMode
+from telegram.error import TelegramError
+from telegram.ext import (
+    Application,
+    CallbackQueryHandler,
+    CommandHandler,
+    ContextTypes,
+    MessageHandler,
+    filters,
+)
+from telegram.request import BaseRequest
+
+from bots.telegram_refs import (
+    BUTTON_DATA,
+    IMG_COMMAND,
+    AlbumCollector,
+    ReferenceFetcher,
+    collect_references,
+    command_text,
+)
+from bots.telegram_reply import (
+    ChatActionLoop,
+    StatusMessage,
+    Where,
+    deliver_result,
+    where_of,
+    with_flood_retry,
+)
+from core.admin import ADMIN_COMMANDS, run_admin
+from core.config import Settings, SettingsError
+from core.errors import AccessDenied, ImgbotError
+from core.messages import language_of, text
+from core.reports import render_balance, render_caption, render_help, render_sizes
+from core.requester import Requester
+from core.service import DrawOutcome, ImageService, Progress
+
+log = logging.getLogger(__name__)
+
+ADAPTER_KEY = "imgbot.telegram"
+PLATFORM = "telegram"
+USER_COMMANDS = ("img", "help", "sizes", "balance", "cancel", "start")
+ALLOWED_UPDATES = [Update.MESSAGE, Update.CALLBACK_QUERY]
+TEXT_LIMIT = 4096
+# Bot API URLs carry the token as /bot<token>/; mask that shape whatever the token.
+_BOT_URL = re.compile(r"(/(?:file/)?bot)\d+:[A-Za-z0-9_-]{20,}", re.IGNORECASE)
+
+DrawStart = Callable[[Callable[[Progress], Awaitable[None]]], Awaitable[DrawOutcome]]
+
+
+class _AlbumItem(filters.MessageFilter):
+    """An image (photo or image file) that belongs to an album."""
+
+    def filter(self, message: Message) -> bool:
+        if message.media_group_id is None:
+            return False
+        doc = message.document
+        return bool(message.photo) or (
+            doc is not None and (doc.mime_type or "").startswith("image/")
+        )
+
+
+class TelegramAdapter:
+    """The handlers of one Application, bound to the service."""
+
+    def __init__(self, settings: Settings, service: ImageService, app: Application) -> None:
+        self.settings = settings
+        self.service = service
+        self.app = app
+        self.fetcher = ReferenceFetcher(app.bot, settings)
+        self.albums = AlbumCollector(settings.album_debounce, self._spawn, self._album_ready)
+        self._jobs: set[asyncio.Task[object]] = set()
+        self._token = settings.telegram_bot_token.get_secret_value()
+
+    def register(self) -> None:
+        """Add every handler and the error handler to the Application."""
+        new_message = filters.UpdateType.MESSAGE
+        app = self.app
+        app.add_handler(CallbackQueryHandler(self.on_button, pattern=BUTTON_DATA))
+        app.add_handler(MessageHandler(new_message & _AlbumItem(), self.on_album_item))
+        app.add_handler(CommandHandler(IMG_COMMAND, self.cmd_img, filters=new_message))
+        # CommandHandler does not look at captions: "/img …" under a photo or file.
+        caption_img = filters.CaptionRegex(rf"^/{IMG_COMMAND}(@\w+)?(\s|$)")
+        app.add_handler(MessageHandler(new_message & caption_img, self.cmd_img))
+        app.add_handler(CommandHandler("start", self.cmd_start, filters=new_message))
+        app.add_handler(CommandHandler("help", self.cmd_help, filters=new_message))
+        app.add_handler(CommandHandler("sizes", self.cmd_sizes, filters=new_message))
+        app.add_handler(CommandHandler("balance", self.cmd_balance, filters=new_message))
+        app.add_handler(CommandHandler("cancel", self.cmd_cancel, filters=new_message))
+        app.add_handler(CommandHandler(list(ADMIN_COMMANDS), self.cmd_admin, filters=new_message))
+        app.add_error_handler(self.on_error)
+
+    # --- who asks --------------------------------------------------------------------
+    def requester_of(self, user: User, chat: Chat) -> Requester:
+        """Describe a Telegram user in a chat as a core Requester."""
+        is_group = chat.type in (ChatType.GROUP, ChatType.SUPERGROUP, ChatType.CHANNEL)
+        return Requester(
+            platform=PLATFORM,
+            user_id=str(user.id),
+            chat_id=str(chat.id) if chat.type != ChatType.PRIVATE else None,
+            display_name=user.full_name or user.username or str(user.id),
+            language=user.language_code,
+            is_group=is_group,
+        )
+
+    # --- /img -------------------------------------------------------------------------
+    async def cmd_img(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Draw: /img as a text message or as the caption of a photo or image file."""
+        message = update.effective_message
+        if message is None or message.from_user is None:
+            return
+        prompt = command_text(message, context.bot.username)
+        if prompt is None:  # /img@OtherBot
+            return
+        await self._img(message, prompt, ())
+
+    async def on_album_item(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Collect an album item; the album runs once complete if one item holds /img."""
+        message = update.effective_message
+        if message is None:
+            return
+        self.albums.add(message, command_text(message, context.bot.username))
+
+    async def _album_ready(self, message: Message, prompt: str, items: list[Message]) -> None:
+        # This runs in our own task, outside PTB's error handling: log failures here.
+        try:
+            await self._img(message, prompt, items)
+        except Exception as err:  # noqa: BLE001 - the user was told; this is for the log
+            self._log_failure(f"album {message.media_group_id}", err)
+
+    async def _img(self, message: Message, prompt: str, album: Sequence[Message]) -> None:
+        assert message.from_user is not None
+        requester = self.requester_of(message.from_user, message.chat)
+
+        async def start(progress: Callable[[Progress], Awaitable[None]]) -> DrawOutcome:
+            # Check access before downloading anything for a stranger.
+            await self.service.check_access(requester)
+            references = await collect_references(
+                message, album, bot_id=self.app.bot.id, service=self.service, fetcher=self.fetcher
+            )
+            return await self.service.draw(requester, prompt, references, progress)
+
+        await self._run_job(requester, where_of(message), start)
+
+    # --- buttons ----------------------------------------------------------------------
+    async def on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Replay a job from a result's button; whoever presses pays."""
+        query = update.callback_query
+        if query is None:
+            return
+        match = BUTTON_DATA.match(query.data or "")
+        try:
+            await query.answer()
+        except TelegramError as err:
+            log.debug("callback query not answered: %s", err)
+        if match is None or query.message is None:
+            return
+        job_id, action = int(match.group(1)), match.group(2)
+        message = query.message
+        requester = self.requester_of(query.from_user, message.chat)
+        where = where_of(message) if isinstance(message, Message) else Where(message.chat.id)
+
+        async def start(progress: Callable[[Progress], Awaitable[None]]) -> DrawOutcome:
+            return await self.service.replay(
+                requester,
+                job_id,
+                action,  # type: ignore[arg-type]
+                self.fetcher.fetch_ref,
+                progress,
+            )
+
+        await self._run_job(requester, where, start)
+
+    # --- one job, start to finish ------------------------------------------------------
+    async def _run_job(self, requester: Requester, where: Where, start: DrawStart) -> None:
+        lang = language_of(requester.language)
+        status = StatusMessage(self.app.bot, where, lang)
+        action = ChatActionLoop(self.app.bot, where)
+
+        async def progress(event: Progress) -> None:
+            if event.kind == "started":
+                action.start()
+            await status.show(event)
+
+        task = asyncio.current_task()
+        if task is not None:
+            self._jobs.add(task)
+        try:
+            try:
+                outcome = await start(progress)
+            finally:
+                await action.stop()
+            caption = render_caption(outcome, self.service.prices)
+            try:
+                refs = await deliver_result(
+                    self.app.bot,
+                    where,
+                    outcome,
+                    caption,
+                    send_original=self.settings.telegram_send_original,
+                )
+            except TelegramError as err:
+                log.warning(
+                    "job %d: result not delivered: %s", outcome.job_id, self._scrub(str(err))
+                )
+                await status.fail(text(lang, "tg.send_failed", job_id=outcome.job_id))
+                return
+            await status.close()
+            await self.service.ledger.set_result_refs(outcome.job_id, [r for r in refs if r])
+        except AccessDenied as err:
+            if err.params.get("silent"):
+                await status.discard()
+                return
+            await status.fail(err.user_message(lang))
+        except ImgbotError as err:
+            await status.fail(err.user_message(lang))
+        except Exception:
+            await self._say_internal_error(status, lang)
+            raise
+        finally:
+            if task is not None:
+                self._jobs.discard(task)
+
+    async def _say_internal_error(self, status: StatusMessage, lang: str) -> None:
+        try:
+            await status.fail(text(lang, "error.internal"))
+        except TelegramError as err:
+            log.debug("could not report an internal error: %s", err)
+
+    # --- other commands ---------------------------------------------------------------
+    async def cmd_start(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Greet and teach the command language."""
+        lang = self._lang(update)
+        await self._answer(update, text(lang, "tg.start") + "\n\n" + render_help(lang))
+
+    async def cmd_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Teach the command language, in the user's language."""
+        await self._answer(update, render_help(self._lang(update)))
+
+    async def cmd_sizes(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Show the ratio × tier size table in monospace."""
+        table = render_sizes(self._lang(update))
+        await self._answer(update, f"<pre>{html.escape(table)}</pre>", parse_mode=ParseMode.HTML)
+
+    async def cmd_balance(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Show the user's spend against their limits, and their last jobs."""
+        requester = self._requester(update)
+        if requester is None:
+            return
+        lang = language_of(requester.language)
+
+        async def reply() -> str:
+            report = await self.service.ledger.spend_report(requester.user_key)
+            return render_balance(report, self.service.prices, lang)
+
+        await self._guarded(update, lang, reply)
+
+    async def cmd_cancel(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Cancel the user's waiting jobs."""
+        requester = self._requester(update)
+        if requester is None:
+            return
+        lang = language_of(requester.language)
+        cancelled = self.service.cancel(requester)
+        if cancelled:
+            await self._answer(update, text(lang, "cancel.done", count=len(cancelled)))
+        else:
+            await self._answer(update, text(lang, "cancel.none"))
+
+    async def cmd_admin(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Run an admin command (limits, refunds, blocks, reports); others are refused."""
+        requester = self._requester(update)
+        message = update.effective_message
+        if requester is None or message is None or not message.text:
+            return
+        name = message.text.split(maxsplit=1)[0].lstrip("/").split("@", 1)[0].lower()
+        lang = language_of(requester.language)
+
+        async def reply() -> str:
+            return await run_admin(self.service, requester, name, list(context.args or []))
+
+        await self._guarded(update, lang, reply)
+
+    # --- helpers ---------------------------------------------------------------------
+    def _requester(self, update: Update) -> Requester | None:
+        user, chat = update.effective_user, update.effective_chat
+        if user is None or chat is None:
+            return None
+        return self.requester_of(user, chat)
+
+    def _lang(self, update: Update) -> str:
+        user = update.effective_user
+        return language_of(user.language_code if user else None)
+
+    async def _guarded(
+        self, update: Update, lang: str, reply: Callable[[], Awaitable[str]]
+    ) -> None:
+        try:
+            answer = await reply()
+        except ImgbotError as err:
+            answer = err.user_message(lang)
+        except Exception:
+            await self._answer(update, text(lang, "error.internal"))
+            raise
+        await self._answer(update, answer)
+
+    async def _answer(self, update: Update, answer: str, *, parse_mode: str | None = None) -> None:
+        message = update.effective_message
+        if message is None:
+            return
+        for start in range(0, max(len(answer), 1), TEXT_LIMIT):
+            chunk = answer[start : start + TEXT_LIMIT]
+            await with_flood_retry(
+                lambda chunk=chunk: message.reply_text(chunk, parse_mode=parse_mode, do_quote=True)
+            )
+
+    def _spawn(self, coroutine: Coroutine[object, object, None]) -> object:
+        # Our own task set rather than app.create_task: `drain` waits for these on shutdown.
+        task = asyncio.create_task(coroutine, name="imgbot:album")
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        return task
+
+    def _scrub(self, value: str) -> str:
+        # PTB rewrites the case of some error texts, so match the token in any case.
+        if self._token:
+            value = re.sub(re.escape(self._token), "***", value, flags=re.IGNORECASE)
+        return _BOT_URL.sub(r"\1***", value)
+
+    async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Log what no handler caught, without the bot token."""
+        err = context.error
+        update_id = update.update_id if isinstance(update, Update) else "-"
+        if isinstance(err, TelegramError):
+            log.warning("update %s: Telegram API error: %s", update_id, self._scrub(str(err)))
+            return
+        self._log_failure(f"update {update_id}", err)
+
+    def _log_failure(self, what: str, err: BaseException | None) -> None:
+        trace = "".join(traceback.format_exception(err)) if err is not None else "no exception"
+        log.error("%s failed:\n%s", what, self._scrub(trace))
+
+    async def drain(self, grace: float) -> None:
+        """Let running jobs finish for up to `grace` seconds, then cancel them."""
+        jobs = set(self._jobs)
+        if not jobs:
+            return
+        _, pending = await asyncio.wait(jobs, timeout=grace)
+        for job in pending:
+            job.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+
+
+# --- building and running ----------------------------------------------------------------
+def build_application(
+    settings: Settings,
+    service: ImageService,
+    *,
+    request: BaseRequest | None = None,
+    get_updates_request: BaseRequest | None = None,
+) -> Application:
+    """Build the Telegram Application with every handler, bound to the service."""
+    token = settings.telegram_bot_token.get_secret_value()
+    if not token:
+        raise SettingsError("TELEGRAM_BOT_TOKEN: empty; get a token from @BotFather")
+    base = settings.telegram_api_base_url.rstrip("/")
+    builder = (
+        Application.builder()
+        .token(token)
+        .base_url(f"{base}/bot")
+        .base_file_url(f"{base}/file/bot")
+        # Image jobs take tens of seconds: never let one hold up other users.
+        .concurrent_updates(True)
+    )
+    if request is not None:
+        builder = builder.request(request)
+    else:
+        pool = max(32, settings.max_jobs_in_flight * 4)
+        builder = builder.connection_pool_size(pool).read_timeout(30).media_write_timeout(120)
+    if get_updates_request is not None:
+        builder = builder.get_updates_request(get_updates_request)
+    app = builder.build()
+    adapter = TelegramAdapter(settings, service, app)
+    adapter.register()
+    app.bot_data[ADAPTER_KEY] = adapter
+    return app
+
+
+def _commands(lang: str, names: Sequence[str]) -> list[BotCommand]:
+    return [BotCommand(name, text(lang, f"tg.cmd.{name}")) for name in names]
+
+
+async def register_commands(app: Application, settings: Settings) -> None:
+    """Tell Telegram the command list, in English and Chinese (admins also see theirs)."""
+    bot = app.bot
+    try:
+        await bot.set_my_commands(_commands("en", USER_COMMANDS))
+        await bot.set_my_commands(_commands("zh", USER_COMMANDS), language_code="zh")
+    except TelegramError as err:
+        log.warning("could not register the command list: %s", err)
+    every = (*USER_COMMANDS, *ADMIN_COMMANDS)
+    for admin in settings.admins:
+        platform, _, user_id = admin.partition(":")
+        if platform != PLATFORM or not user_id.lstrip("-").isdigit():
+            continue
+        scope = BotCommandScopeChat(int(user_id))
+        try:
+            await bot.set_my_commands(_commands("en", every), scope=scope)
+            await bot.set_my_commands(_commands("zh", every), scope=scope, language_code="zh")
+        except TelegramError as err:
+            # An admin who never opened the bot has no chat with it yet.
+            log.info("admin command list not set for %s: %s", admin, err)
+
+
+def _log_polling_error(err: TelegramError) -> None:
+    log.warning("polling Telegram: %s", err)
+
+
+async def run_telegram(
+    settings: Settings,
+    service: ImageService,
+    stop: asyncio.Event,
+    *,
+    request: BaseRequest | None = None,
+    get_updates_request: BaseRequest | None = None,
+) -> None:
+    """Run the Telegram bot (polling, or a webhook when TELEGRAM_WEBHOOK_URL is set) until stop."""
+    app = build_application(
+        settings, service, request=request, get_updates_request=get_updates_request
+    )
+    adapter: TelegramAdapter = app.bot_data[ADAPTER_KEY]
+    async with app:
+        await register_commands(app, settings)
+        await app.start()
+        try:
+            if settings.telegram_webhook_url:
+                await _start_webhook(app, settings)
+            else:
+                await app.updater.start_polling(  # type: ignore[union-attr]
+                    allowed_updates=ALLOWED_UPDATES, error_callback=_log_polling_error
+                )
+            log.info(
+                "telegram bot @%s running (%s)",
+                app.bot.username,
+                "webhook" if settings.telegram_webhook_url else "polling",
+            )
+            await stop.wait()
+        finally:
+            if app.updater is not None and app.updater.running:
+                await app.updater.stop()
+            await adapter.drain(settings.shutdown_grace)
+            if app.running:
+                await app.stop()
+
+
+async def _start_webhook(app: Application, settings: Settings) -> None:
+    try:
+        import tornado  # noqa: F401 - PTB's webhook server needs it
+    except ImportError:
+        raise SettingsError(
+            "TELEGRAM_WEBHOOK_URL: webhook mode needs `pip install 'python-telegram-bot[webhooks]'`"
+        ) from None
+    # Telegram sends the secret back with every call; without a configured one, make one up.
+    secret = settings.telegram_webhook_secret.get_secret_value() or secrets.token_urlsafe(32)
+    path = urlsplit(settings.telegram_webhook_url).path.strip("/")
+    await app.updater.start_webhook(  # type: ignore[union-attr]
+        listen=settings.telegram_webhook_listen,
+        port=settings.telegram_webhook_port,
+        url_path=path,
+        webhook_url=settings.telegram_webhook_url,
+        secret_token=secret,
+        allowed_updates=ALLOWED_UPDATES,
+    )

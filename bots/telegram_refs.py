@@ -1,0 +1,235 @@
+"""Telegram receiving side: which messages are /img commands, and their reference images.
+
+References come, in this order, from the album the command belongs to (every item, in the
+order the user sent them) or else the command message's own photo / image file, then from
+the message it replies to. A reply to one of this bot's own results uses the job's stored
+original (not Telegram's recompressed photo), so a person can refine an image step by step.
+
+Album items arrive as separate updates that share a `media_group_id`, with no end marker and
+the caption on any one item: `AlbumCollector` gathers them until the chat has been quiet for
+`settings.album_debounce` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import posixpath
+import re
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+
+from telegram import Bot, Message
+from telegram.error import TelegramError
+
+from core.config import Settings
+from core.errors import BadReferenceError
+from core.service import ImageService, IncomingImage
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_API = "https://api.telegram.org"
+# Bots may download at most 20 MB through the official Bot API server (getFile).
+OFFICIAL_DOWNLOAD_LIMIT = 20 * 1024 * 1024
+IMG_COMMAND = "img"
+BUTTON_DATA = re.compile(r"^j:(\d+):(again|4k|vary)$")
+_COMMAND_WORD = re.compile(r"^/([A-Za-z0-9_]+)(?:@([A-Za-z0-9_]+))?(?=\s|$)")
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """One image file a message carries, before it is downloaded."""
+
+    file_id: str
+    file_size: int | None
+    filename: str | None
+
+
+def command_text(message: Message, bot_username: str, command: str = IMG_COMMAND) -> str | None:
+    """Return the text after `/command` when the message (text or caption) is one for this bot."""
+    body = message.text if message.text is not None else message.caption
+    if not body:
+        return None
+    match = _COMMAND_WORD.match(body)
+    if match is None or match.group(1).lower() != command:
+        return None
+    target = match.group(2)
+    if target and target.lower() != bot_username.lower():
+        return None
+    return body[match.end() :].strip()
+
+
+def attachment_of(message: Message) -> Attachment | None:
+    """Return the image a message carries: its largest photo size, or an image document."""
+    if message.photo:
+        largest = max(message.photo, key=lambda p: (p.width * p.height, p.file_size or 0))
+        return Attachment(largest.file_id, largest.file_size, f"{largest.file_unique_id}.jpg")
+    doc = message.document
+    if doc is not None and (doc.mime_type or "").startswith("image/"):
+        return Attachment(doc.file_id, doc.file_size, doc.file_name)
+    return None
+
+
+def result_job_id(message: Message, bot_id: int) -> int | None:
+    """Return the job id behind one of this bot's result messages (from its buttons)."""
+    if message.from_user is None or message.from_user.id != bot_id:
+        return None
+    markup = message.reply_markup
+    if markup is None:
+        return None
+    for row in markup.inline_keyboard:
+        for button in row:
+            match = BUTTON_DATA.match(str(button.callback_data or ""))
+            if match:
+                return int(match.group(1))
+    return None
+
+
+def download_limit(settings: Settings) -> int:
+    """Return the largest reference file the bot will try to download."""
+    if settings.telegram_api_base_url.rstrip("/") == OFFICIAL_API:
+        return min(OFFICIAL_DOWNLOAD_LIMIT, settings.max_reference_bytes)
+    # A self-hosted Bot API server lifts Telegram's limit; ours still applies.
+    return settings.max_reference_bytes
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f}".rstrip("0").rstrip(".")
+
+
+class ReferenceFetcher:
+    """Download reference images through the Bot API (getFile + the file URL)."""
+
+    def __init__(self, bot: Bot, settings: Settings) -> None:
+        self._bot = bot
+        self._limit = download_limit(settings)
+
+    def check_size(self, attachment: Attachment) -> None:
+        """Refuse a file Telegram says is too large, before downloading anything."""
+        if attachment.file_size is not None and attachment.file_size > self._limit:
+            raise BadReferenceError(
+                "tg.file_too_big",
+                detail=f"file_size={attachment.file_size}",
+                size_mb=_megabytes(attachment.file_size),
+                limit_mb=_megabytes(self._limit),
+            )
+
+    async def fetch(self, file_id: str, filename: str | None = None) -> IncomingImage:
+        """Download one file by its file_id."""
+        try:
+            tg_file = await self._bot.get_file(file_id)
+            if tg_file.file_size is not None and tg_file.file_size > self._limit:
+                self.check_size(Attachment(file_id, tg_file.file_size, filename))
+            data = bytes(await tg_file.download_as_bytearray())
+        except TelegramError as err:
+            raise BadReferenceError(
+                "tg.download_failed", detail=f"{type(err).__name__}: {err.message}"
+            ) from err
+        name = filename or (posixpath.basename(tg_file.file_path) if tg_file.file_path else None)
+        return IncomingImage(data=data, filename=name, ref=file_id)
+
+    async def fetch_ref(self, ref: str) -> IncomingImage:
+        """Download a stored reference (a file_id), for buttons after a restart."""
+        return await self.fetch(ref)
+
+
+async def collect_references(
+    message: Message,
+    album: Sequence[Message],
+    *,
+    bot_id: int,
+    service: ImageService,
+    fetcher: ReferenceFetcher,
+) -> list[IncomingImage]:
+    """Download the references of an /img command, in order, each file once."""
+    planned: list[Attachment] = []
+    own = sorted(album, key=lambda m: m.message_id) if album else [message]
+    for item in own:
+        attachment = attachment_of(item)
+        if attachment is not None:
+            planned.append(attachment)
+    replied = message.reply_to_message
+    if replied is not None:
+        planned += await _replied_attachments(replied, bot_id, service)
+    seen: set[str] = set()
+    unique = []
+    for attachment in planned:
+        if attachment.file_id not in seen:
+            seen.add(attachment.file_id)
+            unique.append(attachment)
+    # Check every size first, so one oversized file is reported before any download.
+    for attachment in unique:
+        fetcher.check_size(attachment)
+    return [await fetcher.fetch(a.file_id, a.filename) for a in unique]
+
+
+async def _replied_attachments(
+    replied: Message, bot_id: int, service: ImageService
+) -> list[Attachment]:
+    job_id = result_job_id(replied, bot_id)
+    if job_id is not None:
+        job = await service.job(job_id)
+        if job is not None and job.result_refs:
+            # The stored refs are the lossless originals; the photo may be a preview.
+            refs = job.result_refs if attachment_of(replied) is None else job.result_refs[:1]
+            return [Attachment(ref, None, None) for ref in refs]
+    attachment = attachment_of(replied)
+    return [attachment] if attachment is not None else []
+
+
+@dataclass
+class _Album:
+    items: list[Message] = field(default_factory=list)
+    command: Message | None = None
+    text: str = ""
+    last_seen: float = 0.0
+
+
+AlbumReady = Callable[[Message, str, list[Message]], Awaitable[None]]
+
+
+class AlbumCollector:
+    """Gather the items of an album; run `on_ready` once for an album that holds /img."""
+
+    def __init__(
+        self,
+        debounce: float,
+        spawn: Callable[[Coroutine[object, object, None]], object],
+        on_ready: AlbumReady,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._debounce = debounce
+        self._spawn = spawn
+        self._on_ready = on_ready
+        self._clock = clock
+        self._albums: dict[tuple[int, str], _Album] = {}
+
+    def add(self, message: Message, text: str | None) -> None:
+        """Take one album item; `text` is the /img text when this item carries the command."""
+        assert message.media_group_id is not None
+        key = (message.chat_id, message.media_group_id)
+        album = self._albums.get(key)
+        is_new = album is None
+        if album is None:
+            album = self._albums[key] = _Album()
+        album.items.append(message)
+        album.last_seen = self._clock()
+        if text is not None and album.command is None:
+            album.command, album.text = message, text
+        if is_new:
+            self._spawn(self._wait_quiet(key))
+
+    async def _wait_quiet(self, key: tuple[int, str]) -> None:
+        album = self._albums[key]
+        try:
+            while True:
+                quiet_for = self._clock() - album.last_seen
+                if quiet_for >= self._debounce:
+                    break
+                await asyncio.sleep(self._debounce - quiet_for)
+        finally:
+            self._albums.pop(key, None)
+        if album.command is not None:
+            await self._on_ready(album.command, album.text, album.items)

@@ -1,0 +1,544 @@
+"""Telegram replying side: the status message, the chat action, and results the Telegram way.
+
+A result goes out as a photo when it fits Telegram's photo rules, else (or when asked with
+`file`) as a document carrying the lossless original; several images go out as an album.
+Large results come as a JPEG preview photo plus the original file, per
+`settings.telegram_send_original`. Every result carries the buttons "again", "4K", "vary",
+whose callback data (`j:<job id>:<action>`) is all a later press needs, even after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import io
+import logging
+import time
+import warnings
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+from PIL import Image
+from telegram import (
+    Bot,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    InputFile,
+    InputMediaDocument,
+    InputMediaPhoto,
+    Message,
+    ReplyParameters,
+)
+from telegram.constants import ChatAction
+from telegram.error import BadRequest, RetryAfter, TelegramError
+from telegram.warnings import PTBDeprecationWarning
+
+from core.images import GeneratedImage
+from core.messages import text
+from core.service import DrawOutcome, Progress
+
+log = logging.getLogger(__name__)
+
+# Telegram's rules for sendPhoto (larger images must go as documents).
+PHOTO_MAX_BYTES = 10 * 1024 * 1024
+PHOTO_MAX_SIDE_SUM = 10000
+PHOTO_MAX_ASPECT = 20
+# Telegram recompresses photos to about 2560 px; above ~2.5 MP the original is worth sending.
+ORIGINAL_ABOVE_PIXELS = 2_500_000
+PREVIEW_MAX_SIDE = 2560
+PREVIEW_JPEG_QUALITY = 88
+# Flood limits: about one message a second per chat; status edits stay well below.
+STATUS_MIN_INTERVAL = 3.0
+# A chat action shows for 5 seconds; renew it a little sooner.
+CHAT_ACTION_EVERY = 4.5
+RETRY_AFTER_CAP = 60.0
+
+_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+
+SendOriginal = Literal["auto", "always", "never"]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where replies go: a chat, the message they answer, the forum topic."""
+
+    chat_id: int
+    reply_to: int | None = None
+    thread_id: int | None = None
+
+    def reply(self) -> ReplyParameters | None:
+        """Return the reply parameters (sent even if the message was deleted)."""
+        if self.reply_to is None:
+            return None
+        return ReplyParameters(message_id=self.reply_to, allow_sending_without_reply=True)
+
+
+def where_of(message: Message) -> Where:
+    """Return where to answer a message."""
+    thread = message.message_thread_id if message.is_topic_message else None
+    return Where(message.chat_id, message.message_id, thread)
+
+
+async def with_flood_retry(call: Callable[[], Awaitable[T]], attempts: int = 3) -> T:
+    """Run a Bot API call, waiting out 429 answers (retry_after) a few times."""
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except RetryAfter as err:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(min(_retry_seconds(err), RETRY_AFTER_CAP))
+    raise AssertionError("unreachable")
+
+
+def result_keyboard(job_id: int, lang: str) -> InlineKeyboardMarkup:
+    """Build the buttons under a result."""
+    return InlineKeyboardMarkup(
+        [
+            [
+                InlineKeyboardButton(
+                    text(lang, "tg.button.again"), callback_data=f"j:{job_id}:again"
+                ),
+                InlineKeyboardButton(text(lang, "tg.button.4k"), callback_data=f"j:{job_id}:4k"),
+                InlineKeyboardButton(
+                    text(lang, "tg.button.vary"), callback_data=f"j:{job_id}:vary"
+                ),
+            ]
+        ]
+    )
+
+
+class StatusMessage:
+    """One status message per job: queue position, then elapsed time; edited sparingly."""
+
+    def __init__(
+        self,
+        bot: Bot,
+        where: Where,
+        lang: str,
+        *,
+        min_interval: float = STATUS_MIN_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._bot = bot
+        self._where = where
+        self._lang = lang
+        self._min_interval = min_interval
+        self._clock = clock
+        self._message_id: int | None = None
+        self._shown = ""
+        self._wanted = ""
+        self._last_edit = 0.0
+        self._not_before = 0.0
+        self._flush: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    @property
+    def message_id(self) -> int | None:
+        """Return the id of the status message, once sent."""
+        return self._message_id
+
+    def text_for(self, event: Progress) -> str | None:
+        """Return the status text of a progress event (None: nothing to show)."""
+        if event.kind == "queued":
+            return text(self._lang, "progress.queued", position=event.position)
+        if event.kind == "started":
+            return text(self._lang, "progress.started")
+        if event.kind == "working":
+            return text(self._lang, "progress.working", seconds=f"{event.elapsed:.0f}")
+        return None
+
+    async def show(self, event: Progress) -> None:
+        """Show a progress event; never raises (status is best effort)."""
+        wanted = self.text_for(event)
+        if wanted is None or self._closed:
+            return
+        self._wanted = wanted
+        await self._render()
+
+    async def _render(self) -> None:
+        async with self._lock:
+            if self._closed or self._wanted == self._shown:
+                return
+            now = self._clock()
+            if self._message_id is None:
+                earliest = self._not_before
+            else:
+                earliest = max(self._last_edit + self._min_interval, self._not_before)
+            if earliest > now:
+                self._schedule_flush(earliest - now)
+                return
+            if self._message_id is None:
+                await self._send_first(now)
+            else:
+                await self._edit(self._wanted, now)
+
+    async def _send_first(self, now: float) -> None:
+        try:
+            sent = await self._bot.send_message(
+                self._where.chat_id,
+                self._wanted,
+                reply_parameters=self._where.reply(),
+                message_thread_id=self._where.thread_id,
+            )
+        except RetryAfter as err:
+            self._not_before = now + _retry_seconds(err)
+            self._schedule_flush(_retry_seconds(err))
+            return
+        except TelegramError as err:
+            # No status then (the result or the error still gets sent); do not retry each tick.
+            log.debug("status message not sent: %s", err)
+            self._closed = True
+            return
+        self._message_id = sent.message_id
+        self._shown = self._wanted
+        self._last_edit = now
+
+    async def _edit(self, wanted: str, now: float) -> None:
+        assert self._message_id is not None
+        try:
+            await self._bot.edit_message_text(wanted, self._where.chat_id, self._message_id)
+        except RetryAfter as err:
+            self._not_before = now + _retry_seconds(err)
+            self._schedule_flush(_retry_seconds(err))
+            return
+        except TelegramError as err:
+            log.debug("status message not edited: %s", err)
+        self._shown = wanted
+        self._last_edit = now
+
+    def _schedule_flush(self, delay: float) -> None:
+        if self._flush is None or self._flush.done():
+            self._flush = asyncio.create_task(self._flush_later(delay))
+
+    async def _flush_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await self._render()
+
+    async def close(self) -> None:
+        """Remove the status message (the result replaces it)."""
+        self._stop()
+        if self._message_id is None:
+            return
+        message_id, self._message_id = self._message_id, None
+        try:
+            await self._bot.delete_message(self._where.chat_id, message_id)
+        except TelegramError as err:
+            log.debug("status message not deleted: %s", err)
+
+    async def fail(self, message: str) -> None:
+        """Replace the status with an error, or send the error as a reply to the command."""
+        self._stop()
+        if self._message_id is not None:
+            try:
+                await self._bot.edit_message_text(message, self._where.chat_id, self._message_id)
+                return
+            except TelegramError as err:
+                log.debug("status message not turned into the error: %s", err)
+        await with_flood_retry(
+            lambda: self._bot.send_message(
+                self._where.chat_id,
+                message,
+                reply_parameters=self._where.reply(),
+                message_thread_id=self._where.thread_id,
+            )
+        )
+
+    async def discard(self) -> None:
+        """Stop updating, and remove the status message if one was sent."""
+        await self.close()
+
+    def _stop(self) -> None:
+        self._closed = True
+        if self._flush is not None and not self._flush.done():
+            self._flush.cancel()
+
+
+def _retry_seconds(err: RetryAfter) -> float:
+    # PTB 22 returns int seconds (with a deprecation warning) or a timedelta (PTB_TIMEDELTA=1).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PTBDeprecationWarning)
+        value = err.retry_after
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    return float(value)
+
+
+class ChatActionLoop:
+    """Keep "sending a photo…" visible in the chat while a job draws."""
+
+    def __init__(self, bot: Bot, where: Where) -> None:
+        self._bot = bot
+        self._where = where
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start renewing the chat action (idempotent)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._bot.send_chat_action(
+                    self._where.chat_id,
+                    ChatAction.UPLOAD_PHOTO,
+                    message_thread_id=self._where.thread_id,
+                )
+            except TelegramError as err:
+                log.debug("chat action not sent: %s", err)
+            await asyncio.sleep(CHAT_ACTION_EVERY)
+
+    async def stop(self) -> None:
+        """Stop renewing the chat action."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+
+# --- delivery ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """How one image goes out: a photo (original or preview), and/or the original file."""
+
+    photo: Literal["original", "preview"] | None
+    document: bool
+
+
+def fits_photo(image: GeneratedImage) -> bool:
+    """Say whether Telegram accepts the image as a photo as it is."""
+    w, h = image.width, image.height
+    if len(image.data) > PHOTO_MAX_BYTES or w + h > PHOTO_MAX_SIDE_SUM or not w or not h:
+        return False
+    return max(w, h) / min(w, h) <= PHOTO_MAX_ASPECT
+
+
+def plan_delivery(
+    image: GeneratedImage, *, as_file: bool, send_original: SendOriginal, transparent: bool
+) -> Plan:
+    """Decide how to send one image."""
+    if as_file:
+        return Plan(photo=None, document=True)
+    fits = fits_photo(image)
+    big = image.width * image.height > ORIGINAL_ABOVE_PIXELS
+    # Telegram flattens transparency in photos, so a transparent image also goes as a file.
+    document = (
+        transparent or not fits or send_original == "always" or (send_original == "auto" and big)
+    )
+    photo: Literal["original", "preview"] = (
+        "original" if fits and not (document and big) else "preview"
+    )
+    return Plan(photo=photo, document=document)
+
+
+def make_preview(data: bytes) -> bytes:
+    """Return a JPEG preview (≤ PREVIEW_MAX_SIDE px) that always fits the photo rules."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        if img.mode in ("RGBA", "LA", "P"):
+            rgba = img.convert("RGBA")
+            flat = Image.new("RGB", rgba.size, (255, 255, 255))
+            flat.paste(rgba, mask=rgba.getchannel("A"))
+            picture = flat
+        else:
+            picture = img.convert("RGB")
+    picture.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    picture.save(out, "JPEG", quality=PREVIEW_JPEG_QUALITY, optimize=True)
+    return out.getvalue()
+
+
+def _filename(job_id: int, index: int, mime: str) -> str:
+    return f"imgbot-{job_id}-{index}.{_EXTENSIONS.get(mime, 'png')}"
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    plan: Plan
+    photo: bytes | None
+    photo_name: str
+    original: GeneratedImage
+    original_name: str
+
+
+async def _prepare(outcome: DrawOutcome, send_original: SendOriginal) -> list[_Prepared]:
+    request = outcome.request
+    prepared = []
+    for i, image in enumerate(outcome.images, 1):
+        plan = plan_delivery(
+            image,
+            as_file=request.as_file,
+            send_original=send_original,
+            transparent=request.background == "transparent",
+        )
+        photo: bytes | None = None
+        photo_name = _filename(outcome.job_id, i, image.mime)
+        if plan.photo == "original":
+            photo = image.data
+        elif plan.photo == "preview":
+            photo = await asyncio.to_thread(make_preview, image.data)
+            photo_name = f"imgbot-{outcome.job_id}-{i}-preview.jpg"
+        prepared.append(
+            _Prepared(plan, photo, photo_name, image, _filename(outcome.job_id, i, image.mime))
+        )
+    return prepared
+
+
+async def deliver_result(
+    bot: Bot,
+    where: Where,
+    outcome: DrawOutcome,
+    caption: str,
+    *,
+    send_original: SendOriginal,
+) -> list[str]:
+    """Send a finished job; return one file_id per image (the original where one was sent)."""
+    prepared = await _prepare(outcome, send_original)
+    keyboard = result_keyboard(outcome.job_id, outcome.lang)
+    if len(prepared) == 1:
+        return await _deliver_one(bot, where, prepared[0], caption, keyboard)
+    return await _deliver_album(bot, where, prepared, caption, keyboard, outcome)
+
+
+async def _deliver_one(
+    bot: Bot, where: Where, item: _Prepared, caption: str, keyboard: InlineKeyboardMarkup
+) -> list[str]:
+    if item.photo is not None:
+        try:
+            sent = await with_flood_retry(
+                lambda: bot.send_photo(
+                    where.chat_id,
+                    InputFile(item.photo, filename=item.photo_name),
+                    caption=caption,
+                    reply_markup=keyboard,
+                    reply_parameters=where.reply(),
+                    message_thread_id=where.thread_id,
+                )
+            )
+        except BadRequest as err:
+            # Telegram has the last word on what a photo is; the file always gets through.
+            log.warning("photo refused (%s); sending the file instead", err.message)
+            item = _Prepared(Plan(None, True), None, "", item.original, item.original_name)
+        else:
+            ref = _largest_photo_id(sent)
+            if not item.plan.document:
+                return [ref]
+            doc = await _send_document(
+                bot, Where(where.chat_id, sent.message_id, where.thread_id), item
+            )
+            return [_document_id(doc) or ref]
+    doc = await _send_document(bot, where, item, caption=caption, keyboard=keyboard)
+    return [_document_id(doc) or ""]
+
+
+async def _send_document(
+    bot: Bot,
+    where: Where,
+    item: _Prepared,
+    *,
+    caption: str | None = None,
+    keyboard: InlineKeyboardMarkup | None = None,
+) -> Message:
+    return await with_flood_retry(
+        lambda: bot.send_document(
+            where.chat_id,
+            InputFile(item.original.data, filename=item.original_name),
+            caption=caption,
+            reply_markup=keyboard,
+            reply_parameters=where.reply(),
+            message_thread_id=where.thread_id,
+            # Keep the original a file: Telegram would otherwise turn a small image into a photo.
+            disable_content_type_detection=True,
+        )
+    )
+
+
+async def _deliver_album(
+    bot: Bot,
+    where: Where,
+    items: Sequence[_Prepared],
+    caption: str,
+    keyboard: InlineKeyboardMarkup,
+    outcome: DrawOutcome,
+) -> list[str]:
+    refs: list[str] = [""] * len(items)
+    anchor_id: int | None = None
+    caption_left: str | None = caption
+    if all(item.photo is not None for item in items):
+        # Raw bytes (not InputFile): each item then gets its own attach:// part.
+        media = [InputMediaPhoto(item.photo, filename=item.photo_name) for item in items]
+        sent = await with_flood_retry(
+            lambda: bot.send_media_group(
+                where.chat_id,
+                media,
+                caption=caption,
+                reply_parameters=where.reply(),
+                message_thread_id=where.thread_id,
+            )
+        )
+        anchor_id = sent[0].message_id
+        refs = [_largest_photo_id(m) for m in sent]
+        caption_left = None
+    documents = [i for i, item in enumerate(items) if item.plan.document or item.photo is None]
+    if documents:
+        target = Where(where.chat_id, anchor_id or where.reply_to, where.thread_id)
+        sent_docs = await _send_documents(bot, target, [items[i] for i in documents], caption_left)
+        for i, message in zip(documents, sent_docs, strict=True):
+            refs[i] = _document_id(message) or refs[i]
+        if anchor_id is None:
+            anchor_id = sent_docs[0].message_id
+    # An album cannot carry buttons; they go in a small message answering it.
+    anchor = Where(where.chat_id, anchor_id or where.reply_to, where.thread_id)
+    await with_flood_retry(
+        lambda: bot.send_message(
+            anchor.chat_id,
+            text(outcome.lang, "tg.buttons", job_id=outcome.job_id),
+            reply_markup=keyboard,
+            reply_parameters=anchor.reply(),
+            message_thread_id=anchor.thread_id,
+        )
+    )
+    return refs
+
+
+async def _send_documents(
+    bot: Bot, where: Where, items: Sequence[_Prepared], caption: str | None
+) -> list[Message]:
+    if len(items) == 1:
+        return [await _send_document(bot, where, items[0], caption=caption)]
+    media = [
+        InputMediaDocument(
+            item.original.data,
+            filename=item.original_name,
+            disable_content_type_detection=True,
+        )
+        for item in items
+    ]
+    return list(
+        await with_flood_retry(
+            lambda: bot.send_media_group(
+                where.chat_id,
+                media,
+                caption=caption,
+                reply_parameters=where.reply(),
+                message_thread_id=where.thread_id,
+            )
+        )
+    )
+
+
+def _largest_photo_id(message: Message) -> str:
+    if not message.photo:
+        return ""
+    return max(message.photo, key=lambda p: (p.width * p.height, p.file_size or 0)).file_id
+
+
+def _document_id(message: Message) -> str | None:
+    return message.document.file_id if message.document is not None else None

@@ -1,0 +1,681 @@
+"""End-to-end tests of the Telegram adapter: the real PTB Application over real update JSON.
+
+Fakes only at the network seams: `tests.telegram_fake.FakeBotApi` stands in for the Bot API
+(every call recorded, files downloadable through getFile), `tests.fake_api` for the image
+API (a real HTTP server on 127.0.0.1). The ledger is a real SQLite file in tmp_path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from telegram import Update
+from telegram.ext import Application
+
+from bots import telegram_reply
+from bots.telegram_bot import ADAPTER_KEY, build_application, run_telegram
+from bots.telegram_reply import Plan, StatusMessage, Where, plan_delivery
+from core.config import Settings
+from core.images import GeneratedImage
+from core.ledger import JobRecord
+from core.messages import MESSAGES, text
+from core.pricing import format_credits
+from core.reports import render_help
+from core.runtime import open_service
+from core.service import ImageService, Progress
+from tests.fake_api import FakeImageAPI
+from tests.telegram_fake import TOKEN, ApiCall, FakeBotApi, Updates, image_bytes
+
+ADMIN_ID = 42
+ANN = Updates.user(1001, "Ann", "en")
+BOB = Updates.user(1002, "Bob", "en")
+LI = Updates.user(1003, "Li", "zh-hans")
+
+
+@dataclass
+class Harness:
+    """A running adapter: the Application, the fake Bot API, the service, the image API."""
+
+    app: Application
+    api: FakeBotApi
+    service: ImageService
+    images: FakeImageAPI
+    updates: Updates
+
+    async def send(self, raw: dict[str, Any]) -> None:
+        """Feed one raw update through the real Application."""
+        await self.app.process_update(Update.de_json(raw, self.app.bot))
+
+    async def job(self, job_id: int) -> JobRecord:
+        """Return a ledger row."""
+        job = await self.service.ledger.get_job(job_id)
+        assert job is not None
+        return job
+
+    async def jobs(self) -> list[JobRecord]:
+        """Return every ledger row, oldest first."""
+        found = []
+        job_id = 1
+        while (job := await self.service.ledger.get_job(job_id)) is not None:
+            found.append(job)
+            job_id += 1
+        return found
+
+    def texts(self) -> list[str]:
+        """Return every text the bot sent or edited in, in order."""
+        return [str(c.params["text"]) for c in self.api.of("sendMessage", "editMessageText")]
+
+
+@pytest.fixture
+def make_settings(settings: Callable[..., Settings], tmp_path: Path) -> Callable[..., Settings]:
+    """Return a factory of settings for the Telegram tests (a real SQLite file)."""
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "database_url": f"sqlite:///{tmp_path}/imgbot.db",
+            "telegram_bot_token": TOKEN,
+            "album_debounce": 0.2,
+            "progress_interval": 0.05,
+            "admins": f"telegram:{ADMIN_ID}",
+            "rate_limit_per_minute": 0,
+        }
+        values.update(overrides)
+        return settings(**values)
+
+    return make
+
+
+@asynccontextmanager
+async def running(
+    settings: Settings, api: FakeBotApi, images: FakeImageAPI, updates: Updates
+) -> AsyncIterator[Harness]:
+    """Open the service and the Application the way the entry point does."""
+    async with open_service(settings) as service:
+        app = build_application(settings, service, request=api, get_updates_request=api)
+        async with app:
+            yield Harness(app, api, service, images, updates)
+            await app.bot_data[ADAPTER_KEY].drain(5)
+
+
+@pytest.fixture
+async def tg(
+    make_settings: Callable[..., Settings], fake_api: FakeImageAPI
+) -> AsyncIterator[Harness]:
+    """Yield a running adapter with default test settings."""
+    async with running(make_settings(), FakeBotApi(), fake_api, Updates()) as harness:
+        yield harness
+
+
+def msg(lang: str, key: str, **params: Any) -> str:
+    """Render a message, insisting the key exists (a missing key renders error.internal)."""
+    assert key in MESSAGES, f"message key {key!r} is missing from core.messages"
+    return text(lang, key, **params)
+
+
+def size_of(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size
+
+
+def format_of(data: bytes) -> str | None:
+    with Image.open(io.BytesIO(data)) as im:
+        return im.format
+
+
+def edit_images(images: FakeImageAPI) -> list[list[tuple[int, int]]]:
+    """Return, per /v1/images/edits call, the sizes of its image[] parts in order."""
+    return [
+        [size_of(p.data) for p in r.files if p.name == "image[]"]
+        for r in images.api_requests
+        if r.path == "/v1/images/edits"
+    ]
+
+
+def job_id_of(call: ApiCall) -> int:
+    keyboard = call.params["reply_markup"]["inline_keyboard"]
+    return int(keyboard[0][0]["callback_data"].split(":")[1])
+
+
+# --- receiving ---------------------------------------------------------------------------
+async def test_private_text_command_sends_photo_with_cost(tg: Harness) -> None:
+    u = tg.updates
+    await tg.send(u.update(u.message(ANN, u.private(ANN), text="/img 16:9 low a cat")))
+
+    [photo] = tg.api.of("sendPhoto")
+    assert size_of(photo.files["photo"].data) == (1280, 720)
+    assert photo.params["chat_id"] == ANN["id"]
+    assert tg.images.api_requests[-1].path == "/v1/images/generations"
+    assert tg.images.api_requests[-1].json["size"] == "1280x720"
+
+    [job] = await tg.jobs()
+    assert job.status == "succeeded"
+    assert job.user_key == f"telegram:{ANN['id']}"
+    assert job.chat_key is None
+    assert job.actual_credits and job.actual_credits > 0
+    cost = format_credits(job.actual_credits, tg.service.prices, "en")
+    assert cost in photo.params["caption"]
+    assert msg("en", "caption.cost", cost=cost) in photo.params["caption"]
+    assert len(photo.params["caption"]) <= 1024
+    assert job.result_refs == (photo.result["photo"][-1]["file_id"],)
+    keyboard = photo.params["reply_markup"]["inline_keyboard"]
+    assert [b["callback_data"] for b in keyboard[0]] == [
+        f"j:{job.id}:again",
+        f"j:{job.id}:4k",
+        f"j:{job.id}:vary",
+    ]
+    # Working: the chat action, one status message, removed when the result arrived.
+    assert {c.params["action"] for c in tg.api.of("sendChatAction")} == {"upload_photo"}
+    [status] = [c for c in tg.api.of("sendMessage")]
+    assert tg.api.of("deleteMessage")[-1].params["message_id"] == status.result["message_id"]
+
+
+async def test_supergroup_command_addressed_to_this_bot(tg: Harness) -> None:
+    u = tg.updates
+    group = u.supergroup()
+    command = u.message(ANN, group, text="/img@ThisBot low a red fox")
+    await tg.send(u.update(command))
+
+    [photo] = tg.api.of("sendPhoto")
+    assert photo.params["chat_id"] == group["id"]
+    assert photo.params["reply_parameters"]["message_id"] == command["message_id"]
+    [job] = await tg.jobs()
+    assert job.chat_key == f"telegram:{group['id']}"
+    assert "red fox" in job.command_text
+
+
+async def test_command_for_another_bot_is_ignored(tg: Harness) -> None:
+    u = tg.updates
+    group = u.supergroup()
+    await tg.send(u.update(u.message(ANN, group, text="/img@OtherBot a cat")))
+    photo = u.photo_sizes("p-other", 800, 600)
+    await tg.send(u.update(u.message(ANN, group, caption="/img@OtherBot a cat", photo=photo)))
+
+    assert [c.method for c in tg.api.calls if c.method != "getMe"] == []
+    assert tg.images.api_requests == []
+    assert await tg.jobs() == []
+
+
+async def test_photo_with_caption_is_the_reference(tg: Harness) -> None:
+    u = tg.updates
+    tg.api.store("p-cat", image_bytes(1280, 960))
+    tg.api.store("p-cat-thumb", image_bytes(90, 67))
+    photo = u.photo_sizes("p-cat", 1280, 960)
+    await tg.send(
+        u.update(u.message(ANN, u.private(ANN), caption="/img low make it night", photo=photo))
+    )
+
+    assert edit_images(tg.images) == [[(1280, 960)]]
+    assert tg.api.downloads == ["p-cat"]  # the largest size, not the thumbnail
+    [job] = await tg.jobs()
+    assert job.reference_count == 1 and job.status == "succeeded"
+    assert tg.api.of("sendPhoto")
+
+
+async def test_image_document_with_caption(tg: Harness) -> None:
+    u = tg.updates
+    tg.api.store("d-logo", image_bytes(1024, 1024, "PNG"))
+    doc = u.document("d-logo", "logo.png", "image/png")
+    await tg.send(
+        u.update(u.message(ANN, u.private(ANN), caption="/img low make it blue", document=doc))
+    )
+
+    [edit] = [r for r in tg.images.api_requests if r.path == "/v1/images/edits"]
+    [part] = [p for p in edit.files if p.name == "image[]"]
+    assert part.content_type == "image/png" and size_of(part.data) == (1024, 1024)
+    assert tg.api.of("sendPhoto")
+
+
+async def test_album_with_caption_on_second_item(tg: Harness) -> None:
+    u = tg.updates
+    chat = u.private(ANN)
+    sizes = [(800, 600), (1024, 768), (640, 640)]
+    for i, (w, h) in enumerate(sizes):
+        tg.api.store(f"alb-{i}", image_bytes(w, h))
+    for i, (w, h) in enumerate(sizes):
+        caption = "/img low put them in one picture" if i == 1 else None
+        item = u.message(
+            ANN,
+            chat,
+            caption=caption,
+            photo=u.photo_sizes(f"alb-{i}", w, h),
+            media_group_id="album-1",
+        )
+        await tg.send(u.update(item))
+
+    await tg.api.wait_for(lambda: tg.api.of("sendPhoto"))
+    assert edit_images(tg.images) == [sizes]
+    [job] = await tg.jobs()
+    assert job.reference_count == 3
+
+
+async def test_album_without_command_is_ignored(tg: Harness) -> None:
+    u = tg.updates
+    chat = u.private(ANN)
+    for i in range(2):
+        tg.api.store(f"quiet-{i}", image_bytes(300, 300))
+        item = u.message(
+            ANN, chat, photo=u.photo_sizes(f"quiet-{i}", 300, 300), media_group_id="album-quiet"
+        )
+        await tg.send(u.update(item))
+    await tg.app.bot_data[ADAPTER_KEY].drain(5)  # the album's quiet period is over
+    assert tg.api.downloads == [] and await tg.jobs() == []
+
+
+async def test_reply_to_a_photo(tg: Harness) -> None:
+    u = tg.updates
+    chat = u.supergroup()
+    tg.api.store("p-bob", image_bytes(1200, 800))
+    original = u.message(BOB, chat, photo=u.photo_sizes("p-bob", 1200, 800))
+    await tg.send(
+        u.update(u.message(ANN, chat, text="/img@ThisBot low add a hat", reply_to=original))
+    )
+
+    assert edit_images(tg.images) == [[(1200, 800)]]
+    [job] = await tg.jobs()
+    assert job.user_key == f"telegram:{ANN['id']}"
+
+
+async def test_reply_to_own_result_edits_that_result(tg: Harness) -> None:
+    u = tg.updates
+    chat = u.private(ANN)
+    await tg.send(u.update(u.message(ANN, chat, text="/img 16:9 low a lighthouse")))
+    [first] = tg.api.of("sendPhoto")
+
+    await tg.send(
+        u.update(u.message(ANN, chat, text="/img low make it night", reply_to=first.result))
+    )
+
+    assert edit_images(tg.images) == [[(1280, 720)]]
+    assert first.result["photo"][-1]["file_id"] in tg.api.downloads
+    jobs = await tg.jobs()
+    assert [j.status for j in jobs] == ["succeeded", "succeeded"]
+    assert jobs[1].reference_count == 1
+
+
+async def test_file_over_download_limit_gets_clear_message(tg: Harness) -> None:
+    u = tg.updates
+    doc = u.document("d-huge", "huge.png", "image/png", size=25 * 1024 * 1024)
+    await tg.send(
+        u.update(u.message(ANN, u.private(ANN), caption="/img make it blue", document=doc))
+    )
+
+    assert tg.api.of("getFile") == []
+    assert tg.texts()[-1] == msg("en", "tg.file_too_big", size_mb="25", limit_mb="20")
+    assert tg.images.api_requests == []
+
+
+async def test_self_hosted_api_server_lifts_the_download_limit(
+    make_settings: Callable[..., Settings], fake_api: FakeImageAPI
+) -> None:
+    settings = make_settings(telegram_api_base_url="http://127.0.0.1:8081")
+    api = FakeBotApi()
+    api.store("d-big", image_bytes(1024, 1024, "PNG"))
+    api.file_sizes["d-big"] = 25 * 1024 * 1024  # what Telegram reports; under our 50 MB cap
+    async with running(settings, api, fake_api, Updates()) as tg:
+        assert tg.app.bot.base_url == f"http://127.0.0.1:8081/bot{TOKEN}"
+        assert tg.app.bot.base_file_url == f"http://127.0.0.1:8081/file/bot{TOKEN}"
+        u = tg.updates
+        doc = u.document("d-big", "big.png", "image/png", size=25 * 1024 * 1024)
+        await tg.send(
+            u.update(u.message(ANN, u.private(ANN), caption="/img low sharpen", document=doc))
+        )
+        assert api.downloads == ["d-big"]
+        assert edit_images(fake_api) == [[(1024, 1024)]]
+
+
+async def test_strangers_are_refused_aloud_in_private_and_silently_in_groups(
+    make_settings: Callable[..., Settings], fake_api: FakeImageAPI
+) -> None:
+    settings = make_settings(allowed_users=f"telegram:{ANN['id']}")
+    async with running(settings, FakeBotApi(), fake_api, Updates()) as tg:
+        u = tg.updates
+        await tg.send(u.update(u.message(BOB, u.supergroup(), text="/img@ThisBot a cat")))
+        assert tg.api.of("sendMessage", "editMessageText", "sendPhoto") == []
+        await tg.send(u.update(u.message(BOB, u.private(BOB), text="/img a cat")))
+        assert tg.texts() == [msg("en", "access.not_allowed")]
+        assert fake_api.api_requests == [] and await tg.jobs() == []
+
+
+# --- replying ----------------------------------------------------------------------------
+async def test_two_images_go_as_an_album(tg: Harness) -> None:
+    u = tg.updates
+    await tg.send(u.update(u.message(ANN, u.private(ANN), text="/img low x2 two cats")))
+
+    [group] = tg.api.of("sendMediaGroup")
+    assert [m["type"] for m in group.params["media"]] == ["photo", "photo"]
+    assert group.params["media"][0].get("caption")
+    assert not group.params["media"][1].get("caption")
+    assert len(group.files) == 2
+    buttons = tg.api.of("sendMessage")[-1]
+    [job] = await tg.jobs()
+    assert job_id_of(buttons) == job.id
+    assert len(job.result_refs) == 2
+    assert tg.api.of("sendPhoto") == []
+
+
+async def test_4k_result_comes_as_preview_and_original(tg: Harness) -> None:
+    u = tg.updates
+    await tg.send(u.update(u.message(ANN, u.private(ANN), text="/img 16:9 4K low a wide valley")))
+
+    [photo] = tg.api.of("sendPhoto")
+    [doc] = tg.api.of("sendDocument")
+    preview, original = photo.files["photo"].data, doc.files["document"].data
+    assert format_of(preview) == "JPEG" and max(size_of(preview)) <= 2560
+    assert size_of(original) == (3840, 2160) and format_of(original) == "PNG"
+    assert photo.params["caption"] and "reply_markup" in photo.params
+    assert doc.params["reply_parameters"]["message_id"] == photo.result["message_id"]
+    [job] = await tg.jobs()
+    assert job.result_refs == (doc.result["document"]["file_id"],)
+
+
+async def test_file_option_sends_a_document(tg: Harness) -> None:
+    u = tg.updates
+    await tg.send(u.update(u.message(ANN, u.private(ANN), text="/img low file a cat")))
+
+    assert tg.api.of("sendPhoto") == []
+    [doc] = tg.api.of("sendDocument")
+    assert size_of(doc.files["document"].data) == (1024, 1024)
+    assert doc.params["caption"] and doc.params["disable_content_type_detection"] is True
+
+
+async def test_button_after_restart_charges_the_presser(
+    make_settings: Callable[..., Settings], fake_api: FakeImageAPI
+) -> None:
+    settings, api, updates = make_settings(), FakeBotApi(), Updates()
+    api.store("p-ref", image_bytes(1024, 1024))
+    async with running(settings, api, fake_api, updates) as tg:
+        u = tg.updates
+        photo = u.photo_sizes("p-ref", 1024, 1024)
+        await tg.send(
+            u.update(u.message(ANN, u.private(ANN), caption="/img low a cat in a hat", photo=photo))
+        )
+        [result] = api.of("sendPhoto")
+        job_id = job_id_of(result)
+
+    # A new process: new service, new Application, the same database and Telegram.
+    async with running(settings, api, fake_api, updates) as tg:
+        u = tg.updates
+        await tg.send(u.callback(BOB, result.result, f"j:{job_id}:again"))
+        await tg.send(u.callback(BOB, result.result, f"j:{job_id}:vary"))
+
+        assert len(api.of("answerCallbackQuery")) == 2
+        first, again, vary = await tg.jobs()
+        assert first.user_key == f"telegram:{ANN['id']}"
+        assert again.user_key == vary.user_key == f"telegram:{BOB['id']}"
+        assert again.status == vary.status == "succeeded"
+        assert again.actual_credits and vary.actual_credits
+        assert again.command_text == first.command_text
+        # again: the original reference, fetched by its file_id; vary: the first result.
+        assert edit_images(fake_api) == [[(1024, 1024)], [(1024, 1024)], [(1024, 1024)]]
+        assert api.downloads.count("p-ref") == 2
+        assert first.result_refs[0] in api.downloads
+        presses = api.of("sendPhoto")[1:]
+        assert [p.params["reply_parameters"]["message_id"] for p in presses] == [
+            result.result["message_id"]
+        ] * 2
+
+
+async def test_4k_button_redraws_at_4k(tg: Harness) -> None:
+    u = tg.updates
+    await tg.send(u.update(u.message(ANN, u.private(ANN), text="/img 16:9 low a harbour")))
+    [result] = tg.api.of("sendPhoto")
+    await tg.send(u.callback(ANN, result.result, f"j:{job_id_of(result)}:4k"))
+
+    assert tg.images.api_requests[-1].json["size"] == "3840x2160"
+    assert size_of(tg.api.of("sendDocument")[-1].files["document"].data) == (3840, 2160)
+
+
+async def test_upstream_error_is_a_clear_reply_and_charges_nothing(tg: Harness) -> None:
+    u = tg.updates
+    tg.images.inject("server_error")
+    await tg.send(u.update(u.message(ANN, u.private(ANN), text="/img low a cat")))
+
+    [job] = await tg.jobs()
+    assert job.status == "failed" and job.actual_credits == 0
+    assert job.error_code
+    said = tg.texts()[-1]
+    assert said == msg("en", f"upstream.{job.error_code}")
+    assert "Traceback" not in " ".join(tg.texts())
+    assert tg.api.of("sendPhoto") == []
+
+
+async def test_prompt_error_is_answered_in_private_chat(tg: Harness) -> None:
+    u = tg.updates
+    await tg.send(u.update(u.message(ANN, u.private(ANN), text="/img")))
+    assert tg.texts(), "a private chat never gets silence"
+    assert tg.images.api_requests == []
+
+
+async def test_help_and_balance_in_chinese(tg: Harness) -> None:
+    u = tg.updates
+    chat = u.private(LI)
+    await tg.send(u.update(u.message(LI, chat, text="/img low 一只猫")))
+    await tg.send(u.update(u.message(LI, chat, text="/help")))
+    await tg.send(u.update(u.message(LI, chat, text="/balance")))
+
+    caption = tg.api.of("sendPhoto")[0].params["caption"]
+    [job] = await tg.jobs()
+    assert (
+        msg(
+            "zh",
+            "caption.cost",
+            cost=format_credits(job.actual_credits or 0, tg.service.prices, "zh"),
+        )
+        in caption
+    )
+    *_, help_reply, balance_reply = tg.api.of("sendMessage")
+    assert "help.text" in MESSAGES
+    assert help_reply.params["text"] == render_help("zh")[:4096]
+    assert msg("zh", "balance.header") in balance_reply.params["text"]
+    assert f"#{job.id}" in balance_reply.params["text"]
+
+
+async def test_sizes_and_start(tg: Harness) -> None:
+    u = tg.updates
+    await tg.send(u.update(u.message(ANN, u.private(ANN), text="/sizes")))
+    await tg.send(u.update(u.message(ANN, u.private(ANN), text="/start")))
+    sizes, start = tg.api.of("sendMessage")
+    assert sizes.params["parse_mode"] == "HTML" and "3840x2160" in sizes.params["text"]
+    assert start.params["text"].startswith(msg("en", "tg.start"))
+
+
+async def test_admin_commands_are_refused_to_others(tg: Harness) -> None:
+    u = tg.updates
+    admin = Updates.user(ADMIN_ID, "Boss", "en")
+    await tg.send(u.update(u.message(ANN, u.private(ANN), text="/img low a cat")))
+    [job] = await tg.jobs()
+
+    await tg.send(u.update(u.message(ANN, u.private(ANN), text=f"/refund {job.id}")))
+    assert tg.texts()[-1] == msg("en", "access.admin_only")
+    assert (await tg.job(job.id)).status == "succeeded"
+
+    await tg.send(u.update(u.message(admin, u.private(admin), text=f"/refund {job.id}")))
+    assert (await tg.job(job.id)).status == "refunded"
+    assert f"#{job.id}" in tg.texts()[-1] and job.user_key in tg.texts()[-1]
+
+
+async def test_cancel_without_waiting_jobs(tg: Harness) -> None:
+    u = tg.updates
+    await tg.send(u.update(u.message(ANN, u.private(ANN), text="/cancel")))
+    assert tg.texts() == [msg("en", "cancel.none")]
+
+
+async def test_slow_job_does_not_block_another_user(tg: Harness) -> None:
+    u = tg.updates
+    tg.images.inject("slow", seconds=0.6)
+    await tg.app.start()
+    try:
+        await tg.app.update_queue.put(
+            Update.de_json(
+                u.update(u.message(ANN, u.private(ANN), text="/img low slow cat")), tg.app.bot
+            )
+        )
+        await tg.api.wait_for(lambda: tg.images.api_requests)  # Ann's call took the slow answer
+        await tg.app.update_queue.put(
+            Update.de_json(
+                u.update(u.message(BOB, u.private(BOB), text="/img low fast dog")), tg.app.bot
+            )
+        )
+        await tg.api.wait_for(lambda: len(tg.api.of("sendPhoto")) == 2)
+    finally:
+        await tg.app.stop()
+    first, second = tg.api.of("sendPhoto")
+    assert (first.params["chat_id"], second.params["chat_id"]) == (BOB["id"], ANN["id"])
+    jobs = await tg.jobs()
+    assert {j.user_key: j.status for j in jobs} == {
+        f"telegram:{ANN['id']}": "succeeded",
+        f"telegram:{BOB['id']}": "succeeded",
+    }
+
+
+async def test_waiting_job_shows_its_place_and_can_be_cancelled(
+    make_settings: Callable[..., Settings], fake_api: FakeImageAPI
+) -> None:
+    settings = make_settings(max_jobs_in_flight=1)
+    async with running(settings, FakeBotApi(), fake_api, Updates()) as tg:
+        u = tg.updates
+        fake_api.inject("slow", seconds=0.6)
+        await tg.app.start()
+        try:
+            put = tg.app.update_queue.put
+            await put(
+                Update.de_json(
+                    u.update(u.message(ANN, u.private(ANN), text="/img low a")), tg.app.bot
+                )
+            )
+            await tg.api.wait_for(lambda: fake_api.api_requests)
+            await put(
+                Update.de_json(
+                    u.update(u.message(BOB, u.private(BOB), text="/img low b")), tg.app.bot
+                )
+            )
+            queued = msg("en", "progress.queued", position=1)
+            await tg.api.wait_for(lambda: queued in tg.texts())
+            await put(
+                Update.de_json(u.update(u.message(BOB, u.private(BOB), text="/cancel")), tg.app.bot)
+            )
+            await tg.api.wait_for(lambda: len(tg.api.of("sendPhoto")) == 1)
+            await tg.api.wait_for(lambda: msg("en", "job.cancelled") in tg.texts())
+        finally:
+            await tg.app.stop()
+        bob_texts = [
+            c.params["text"]
+            for c in tg.api.of("sendMessage", "editMessageText")
+            if c.params["chat_id"] == BOB["id"]
+        ]
+        assert bob_texts[0] == queued  # one status message: Bob's place in the queue
+        assert msg("en", "cancel.done", count=1) in bob_texts
+        assert tg.api.of("sendPhoto")[0].params["chat_id"] == ANN["id"]
+        ann, bob = await tg.jobs()
+        assert ann.status == "succeeded"
+        assert bob.status == "failed" and bob.actual_credits == 0
+
+
+async def test_run_telegram_polls_registers_commands_and_stops(
+    make_settings: Callable[..., Settings], fake_api: FakeImageAPI
+) -> None:
+    settings, api, u = make_settings(), FakeBotApi(), Updates()
+    api.pending_updates.append(u.update(u.message(ANN, u.private(ANN), text="/img low a kite")))
+    stop = asyncio.Event()
+    async with open_service(settings) as service:
+        bot = asyncio.create_task(
+            run_telegram(settings, service, stop, request=api, get_updates_request=api)
+        )
+        await api.wait_for(lambda: api.of("sendPhoto") or bot.done())
+        stop.set()
+        await asyncio.wait_for(bot, 10)
+        assert bot.exception() is None
+        [job] = [j for j in [await service.ledger.get_job(1)] if j]
+        assert job.status == "succeeded"
+    commands = api.of("setMyCommands")
+    languages = [c.params.get("language_code") for c in commands if "scope" not in c.params]
+    assert languages == [None, "zh"]
+    zh = next(c for c in commands if c.params.get("language_code") == "zh")
+    assert [c["command"] for c in zh.params["commands"]][0] == "img"
+    assert zh.params["commands"][0]["description"] == msg("zh", "tg.cmd.img")
+    admin_scoped = [c for c in commands if "scope" in c.params]
+    assert {c.params["scope"]["chat_id"] for c in admin_scoped} == {ADMIN_ID}
+    assert any(c["command"] == "refund" for c in admin_scoped[0].params["commands"])
+
+
+@pytest.mark.filterwarnings("ignore::telegram.warnings.PTBDeprecationWarning")
+async def test_flood_limits_are_waited_out(tg: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    u = tg.updates
+    monkeypatch.setattr(telegram_reply, "RETRY_AFTER_CAP", 0.01)  # keep the test fast
+    flood = {"parameters": {"retry_after": 1}}
+    tg.api.fail_next("sendMessage", 429, "Too Many Requests: retry after 1", **flood)
+    tg.api.fail_next("sendPhoto", 429, "Too Many Requests: retry after 1", **flood)
+    await tg.send(u.update(u.message(ANN, u.private(ANN), text="/img low a cat")))
+
+    assert [c.result is not None for c in tg.api.of("sendPhoto")] == [False, True]
+    [job] = await tg.jobs()
+    assert job.status == "succeeded" and len(job.result_refs) == 1
+
+
+async def test_errors_are_logged_without_the_token(
+    tg: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    u = tg.updates
+    tg.api.fail_next(
+        "sendMessage", 400, f"Bad Request: chat not found (via /bot{TOKEN}/sendMessage)"
+    )
+    with caplog.at_level(logging.WARNING, logger="bots.telegram_bot"):
+        await tg.send(u.update(u.message(ANN, u.private(ANN), text="/help")))
+    assert "chat not found" in caplog.text.lower()
+    assert TOKEN not in caplog.text
+
+
+# --- pieces ------------------------------------------------------------------------------
+def _image(width: int, height: int, size: int = 1000) -> GeneratedImage:
+    return GeneratedImage(data=b"x" * size, mime="image/png", width=width, height=height)
+
+
+@pytest.mark.parametrize(
+    ("image", "as_file", "policy", "expected"),
+    [
+        (_image(1024, 1024), False, "auto", Plan("original", False)),
+        (_image(3840, 2160), False, "auto", Plan("preview", True)),
+        (_image(3840, 2160), False, "never", Plan("original", False)),
+        (_image(1024, 1024), False, "always", Plan("original", True)),
+        (_image(1024, 1024), True, "auto", Plan(None, True)),
+        (_image(1024, 1024, 11 * 1024 * 1024), False, "never", Plan("preview", True)),
+        (_image(3000, 140), False, "auto", Plan("preview", True)),  # aspect over 20
+    ],
+)
+def test_plan_delivery(image: GeneratedImage, as_file: bool, policy: Any, expected: Plan) -> None:
+    assert (
+        plan_delivery(image, as_file=as_file, send_original=policy, transparent=False) == expected
+    )
+
+
+async def test_status_message_edits_sparingly() -> None:
+    api = FakeBotApi()
+    now = [100.0]
+    async with (
+        Application.builder().token(TOKEN).request(api).get_updates_request(api).build() as app
+    ):
+        status = StatusMessage(app.bot, Where(ANN["id"], 7), "en", clock=lambda: now[0])
+        await status.show(Progress("queued", position=2))
+        now[0] += 1
+        await status.show(Progress("queued", position=1))  # too soon: held back
+        assert [c.method for c in api.of("sendMessage", "editMessageText")] == ["sendMessage"]
+        now[0] += 3
+        await status.show(Progress("started"))
+        await status.show(Progress("started"))  # unchanged: no edit
+        edits = api.of("editMessageText")
+        assert [c.params["text"] for c in edits] == [msg("en", "progress.started")]
+        await status.close()
+        assert api.of("deleteMessage")[-1].params["message_id"] == status_id(api)
+
+
+def status_id(api: FakeBotApi) -> int:
+    return int(api.of("sendMessage")[0].result["message_id"])
