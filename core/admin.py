@@ -9,6 +9,9 @@ Every bot and the terminal run the same words:
     chats [days]
     unsettled
 A bare id means "on the admin's own platform"; `platform:id` names any.
+
+Configured admins (`ADMINS`) may do everything. A chat admin (Discord: Manage Server) may
+only run `chatlimit` and `chats` for their own chat: their power ends at their server.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-from core.errors import ImgbotError, PromptError
+from core.errors import AccessDenied, ImgbotError, PromptError
 from core.messages import language_of, text
 from core.pricing import format_credits
 from core.reports import render_job_line
@@ -24,6 +27,7 @@ from core.requester import Requester
 from core.service import ImageService
 
 ADMIN_COMMANDS = ("limit", "chatlimit", "refund", "block", "unblock", "top", "chats", "unsettled")
+CHAT_ADMIN_COMMANDS = ("chatlimit", "chats")
 
 
 def _key(word: str, platform: str) -> str:
@@ -68,11 +72,19 @@ def _days(args: Sequence[str]) -> int:
 
 async def run_admin(service: ImageService, requester: Requester, name: str, args: Sequence[str]) -> str:
     """Run one admin command for an admin and return the reply text."""
-    service.require_admin(requester)
     lang = language_of(requester.language)
     ledger = service.ledger
     name = name.lower()
     platform = requester.platform
+    own_chat_only = not service.is_admin(requester)
+    if own_chat_only:
+        if not (requester.is_chat_admin and requester.chat_key and name in CHAT_ADMIN_COMMANDS):
+            service.require_admin(requester)  # raises access.admin_only
+        if name == "chatlimit":
+            if args and "=" not in args[0] and _key(args[0], platform) != requester.chat_key:
+                raise AccessDenied("access.own_chat_only")
+            if not args or "=" in args[0]:
+                args = [str(requester.chat_key), *args]
     if name == "limit":
         if not args:
             raise PromptError("admin.usage")
@@ -116,6 +128,8 @@ async def run_admin(service: ImageService, requester: Requester, name: str, args
     if name == "chats":
         since = datetime.now(UTC) - timedelta(days=_days(args))
         rows = await ledger.chat_totals(since)
+        if own_chat_only:
+            rows = [row for row in rows if row[0] == requester.chat_key]
         if not rows:
             return text(lang, "admin.nothing")
         lines = [text(lang, "admin.chats_header", days=_days(args))]

@@ -319,6 +319,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "You have been blocked from using this bot.",
         "zh": "你已被禁止使用本机器人。",
     },
+    "access.own_chat_only": {
+        "en": "As a server manager you can only change this server's own limit.",
+        "zh": "作为服务器管理者，你只能修改本服务器的限额。",
+    },
     "access.admin_only": {
         "en": "Only admins can use that command.",
         "zh": "只有管理员可以使用该命令。",
@@ -669,9 +673,9 @@ MESSAGES: dict[str, dict[str, str]] = {
     "discord.button.4k": {"en": "4K", "zh": "4K"},
     "discord.button.vary": {"en": "Vary", "zh": "变体"},
     "discord.fit.reencoded": {
-        "en": "Image {index} was {size_mb} MB, over this channel's {limit_mb} MB upload limit: "
-        "sent as a high-quality {format} ({new_mb} MB, {size}).",
-        "zh": "第 {index} 张原图 {size_mb} MB，超过此处 {limit_mb} MB 的上传上限，"
+        "en": "Uploads here are limited to {limit_mb} MB per message, so image {index} "
+        "({size_mb} MB as drawn) was sent as a high-quality {format} ({new_mb} MB, {size}).",
+        "zh": "此处每条消息的上传上限为 {limit_mb} MB，第 {index} 张图（原图 {size_mb} MB）"
         "已转为高质量 {format} 发送（{new_mb} MB，{size}）。",
     },
     "discord.fit.failed": {

@@ -14,8 +14,11 @@ class Requester:
     chat_id: str | None = None  # None for a private chat / DM / terminal
     display_name: str = ""
     language: str | None = None  # raw platform language code ("zh-hans", "en-US", …)
-    is_admin: bool = False
+    is_admin: bool = False  # a configured bot admin: every admin action, everywhere
     is_group: bool = False
+    # Administers this chat on its platform (Discord: Manage Server). May set this chat's
+    # limit and see its spend, nothing that reaches beyond it.
+    is_chat_admin: bool = False
 
     @property
     def user_key(self) -> str:

@@ -366,3 +366,19 @@ async def test_balance_text(service: ImageService) -> None:
     text_zh = render_balance(await service.ledger.spend_report(ALICE.user_key), service.prices, "zh")
     assert "今日" in text_zh
 
+
+
+async def test_chat_admin_power_ends_at_their_chat(service: ImageService) -> None:
+    manager = Requester("discord", "7", "guild-1", "Mod", "en", is_group=True, is_chat_admin=True)
+    for name, args in (("block", ["8"]), ("refund", ["1"]), ("top", []), ("limit", ["8", "daily=1"])):
+        with pytest.raises(AccessDenied) as info:
+            await run_admin(service, manager, name, args)
+        assert info.value.key == "access.admin_only"
+    await run_admin(service, manager, "chatlimit", ["daily=300"])
+    chat = await service.ledger.get_chat("discord:guild-1")
+    assert chat is not None and chat.daily_limit == 300
+    with pytest.raises(AccessDenied) as info:
+        await run_admin(service, manager, "chatlimit", ["guild-2", "daily=1"])
+    assert info.value.key == "access.own_chat_only"
+    # Allowlists are not bypassed by managing a server.
+    assert not service.is_admin(manager)

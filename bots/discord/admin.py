@@ -1,0 +1,149 @@
+"""The /admin command group: limits, refunds, blocks, top spenders, unsettled jobs.
+
+Each subcommand turns its options into the words `core.admin.run_admin` takes; the core
+checks that the caller is an admin (configured, or holding Manage Server here) and does
+the work. Discord hides the group from members without Manage Server by default; server
+owners can change that in the integration settings, and the core check stays either way.
+"""
+
+from __future__ import annotations
+
+import re
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bots.discord.replies import clip
+from bots.discord.requester import requester_of
+from bots.discord.texts import loc
+from core.admin import run_admin
+from core.config import Settings
+from core.service import ImageService
+
+_MENTION = re.compile(r"<@!?(\d+)>")
+
+
+def _who(value: str) -> str:
+    """Turn a mention into its id; keep plain ids and platform:id as they are."""
+    value = value.strip()
+    match = _MENTION.fullmatch(value)
+    return match.group(1) if match else value
+
+
+@app_commands.default_permissions(manage_guild=True)
+class AdminCommands(
+    commands.GroupCog,
+    group_name=loc("discord.cmd.admin"),
+    group_description=loc("discord.cmd.admin.desc"),
+):
+    """Admin subcommands; every one answers privately."""
+
+    def __init__(self, service: ImageService, settings: Settings) -> None:
+        self.service = service
+        self.settings = settings
+        super().__init__()
+
+    async def _run(self, interaction: discord.Interaction, name: str, args: list[str]) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        requester = requester_of(interaction, self.settings)
+        reply = await run_admin(self.service, requester, name, args)
+        await interaction.followup.send(clip(reply), ephemeral=True)
+
+    @app_commands.command(
+        name=loc("discord.cmd.admin.limit"), description=loc("discord.cmd.admin.limit.desc")
+    )
+    @app_commands.rename(
+        user=loc("discord.opt.user"),
+        daily=loc("discord.opt.daily"),
+        monthly=loc("discord.opt.monthly"),
+    )
+    @app_commands.describe(
+        user=loc("discord.opt.user.desc"),
+        daily=loc("discord.opt.amount.desc"),
+        monthly=loc("discord.opt.amount.desc"),
+    )
+    async def limit(
+        self,
+        interaction: discord.Interaction,
+        user: str,
+        daily: str | None = None,
+        monthly: str | None = None,
+    ) -> None:
+        """Set a user's daily and monthly limits."""
+        args = [_who(user)]
+        args += [f"daily={daily}"] if daily is not None else []
+        args += [f"monthly={monthly}"] if monthly is not None else []
+        await self._run(interaction, "limit", args)
+
+    @app_commands.command(
+        name=loc("discord.cmd.admin.chatlimit"), description=loc("discord.cmd.admin.chatlimit.desc")
+    )
+    @app_commands.rename(daily=loc("discord.opt.daily"), server=loc("discord.opt.server"))
+    @app_commands.describe(
+        daily=loc("discord.opt.amount.desc"), server=loc("discord.opt.server.desc")
+    )
+    async def chatlimit(
+        self, interaction: discord.Interaction, daily: str, server: str | None = None
+    ) -> None:
+        """Set a server's daily limit (this server by default)."""
+        where = _who(server) if server else str(interaction.guild_id or "")
+        await self._run(interaction, "chatlimit", [where, f"daily={daily}"] if where else [])
+
+    @app_commands.command(
+        name=loc("discord.cmd.admin.refund"), description=loc("discord.cmd.admin.refund.desc")
+    )
+    @app_commands.rename(job=loc("discord.opt.job"))
+    @app_commands.describe(job=loc("discord.opt.job.desc"))
+    async def refund(
+        self, interaction: discord.Interaction, job: app_commands.Range[int, 1]
+    ) -> None:
+        """Refund a job."""
+        await self._run(interaction, "refund", [str(job)])
+
+    @app_commands.command(
+        name=loc("discord.cmd.admin.block"), description=loc("discord.cmd.admin.block.desc")
+    )
+    @app_commands.rename(target=loc("discord.opt.target"))
+    @app_commands.describe(target=loc("discord.opt.target.desc"))
+    async def block(self, interaction: discord.Interaction, target: str) -> None:
+        """Block a user or a server."""
+        await self._run(interaction, "block", [_who(target)])
+
+    @app_commands.command(
+        name=loc("discord.cmd.admin.unblock"), description=loc("discord.cmd.admin.unblock.desc")
+    )
+    @app_commands.rename(target=loc("discord.opt.target"))
+    @app_commands.describe(target=loc("discord.opt.target.desc"))
+    async def unblock(self, interaction: discord.Interaction, target: str) -> None:
+        """Unblock a user or a server."""
+        await self._run(interaction, "unblock", [_who(target)])
+
+    @app_commands.command(
+        name=loc("discord.cmd.admin.top"), description=loc("discord.cmd.admin.top.desc")
+    )
+    @app_commands.rename(days=loc("discord.opt.days"))
+    @app_commands.describe(days=loc("discord.opt.days.desc"))
+    async def top(
+        self, interaction: discord.Interaction, days: app_commands.Range[int, 1, 3650] = 7
+    ) -> None:
+        """List the top spenders."""
+        await self._run(interaction, "top", [str(days)])
+
+    @app_commands.command(
+        name=loc("discord.cmd.admin.chats"), description=loc("discord.cmd.admin.chats.desc")
+    )
+    @app_commands.rename(days=loc("discord.opt.days"))
+    @app_commands.describe(days=loc("discord.opt.days.desc"))
+    async def chats(
+        self, interaction: discord.Interaction, days: app_commands.Range[int, 1, 3650] = 7
+    ) -> None:
+        """List spend per server and chat."""
+        await self._run(interaction, "chats", [str(days)])
+
+    @app_commands.command(
+        name=loc("discord.cmd.admin.unsettled"), description=loc("discord.cmd.admin.unsettled.desc")
+    )
+    async def unsettled(self, interaction: discord.Interaction) -> None:
+        """List jobs left unsettled by a crash."""
+        await self._run(interaction, "unsettled", [])

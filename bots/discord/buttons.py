@@ -1,0 +1,64 @@
+"""The "again", "4K" and "vary" buttons under a result, alive across restarts.
+
+Their custom ids (`imgbot:job:<id>:<action>`) carry everything needed: the job is looked
+up in the ledger when one is pressed, so a restarted bot answers buttons it never saw.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, cast
+
+import discord
+
+from core.messages import text
+
+if TYPE_CHECKING:
+    from bots.discord.drawing import DrawRunner
+
+ACTIONS = ("again", "4k", "vary")
+_STYLES = {
+    "again": discord.ButtonStyle.primary,
+    "4k": discord.ButtonStyle.secondary,
+    "vary": discord.ButtonStyle.secondary,
+}
+
+
+class JobButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
+    template=r"imgbot:job:(?P<job_id>[0-9]{1,18}):(?P<action>again|4k|vary)",
+):
+    """One replay button of a stored job; whoever presses it pays."""
+
+    def __init__(self, job_id: int, action: str, label: str | None = None) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label=label or action,
+                style=_STYLES[action],
+                custom_id=f"imgbot:job:{job_id}:{action}",
+            )
+        )
+        self.job_id = job_id
+        self.action = action
+
+    @classmethod
+    async def from_custom_id(
+        cls,
+        interaction: discord.Interaction,
+        item: discord.ui.Button[Any],
+        match: Any,
+    ) -> JobButton:
+        """Rebuild the button from its custom id (after a restart too)."""
+        return cls(int(match["job_id"]), match["action"], item.label)
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        """Replay the job for the person who pressed the button."""
+        runner = cast("DrawRunner", interaction.client.imgbot_runner)  # type: ignore[attr-defined]
+        await runner.replay(interaction, self.job_id, self.action)
+
+
+def result_view(job_id: int, lang: str) -> discord.ui.View:
+    """Return the buttons to put under a job's result, labelled in the user's language."""
+    view = discord.ui.View(timeout=None)
+    for action in ACTIONS:
+        view.add_item(JobButton(job_id, action, text(lang, f"discord.button.{action}")))
+    return view

@@ -1,0 +1,294 @@
+"""Running a draw for an interaction: defer, fetch references, draw, deliver the result.
+
+The slash command, the context-menu modal and the result buttons all come through
+`DrawRunner`: it defers at once, shows progress in the deferred answer, hands the core
+the command text and the reference bytes, and delivers the images (fitted to the
+upload limit), an embed with the cost, and the replay buttons.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import cast
+from urllib.parse import urlsplit
+
+import aiohttp
+import discord
+from discord.http import Route
+
+from bots.discord.buttons import result_view
+from bots.discord.fitting import FittedImage, fit_image, upload_share
+from bots.discord.replies import (
+    ProgressMessage,
+    clip,
+    defer_public,
+    mark_settled,
+    report_error,
+    token_alive,
+)
+from bots.discord.requester import requester_of
+from bots.discord.texts import lang_of
+from core.config import Settings
+from core.errors import BadReferenceError, ImgbotError
+from core.messages import text
+from core.reports import render_caption
+from core.service import (
+    DrawOutcome,
+    ImageService,
+    IncomingImage,
+    ProgressCallback,
+    ReplayAction,
+)
+
+log = logging.getLogger(__name__)
+
+DOWNLOAD_TIMEOUT = 60.0
+EMBED_TITLE_LIMIT = 256
+EMBED_TEXT_LIMIT = 4096
+_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+_ATTACHMENT_HOSTS = frozenset({"cdn.discordapp.com", "media.discordapp.net"})
+
+
+@dataclass(frozen=True)
+class RemoteImage:
+    """An image on Discord's CDN to use as a reference; size is known for attachments."""
+
+    url: str
+    filename: str | None = None
+    size: int | None = None
+
+
+def image_of_attachment(attachment: discord.Attachment) -> RemoteImage:
+    """Describe an attachment as a reference to download."""
+    return RemoteImage(attachment.url, attachment.filename, attachment.size)
+
+
+def images_of_message(message: discord.Message) -> list[RemoteImage]:
+    """Return the images of a message: its image attachments, then its embeds' images."""
+    found: list[RemoteImage] = []
+    for attachment in message.attachments:
+        content_type = attachment.content_type or ""
+        suffix = PurePosixPath(attachment.filename.lower()).suffix
+        if content_type.startswith("image/") or suffix in _IMAGE_SUFFIXES:
+            found.append(image_of_attachment(attachment))
+    for embed in message.embeds:
+        # A link to an image becomes an "image" embed whose picture is the thumbnail.
+        media = [embed.image, embed.thumbnail] if embed.type == "image" else [embed.image]
+        for item in media:
+            # Discord's media proxy, not the original host: we only ever fetch from Discord.
+            url = getattr(item, "proxy_url", None) or getattr(item, "url", None)
+            if url and urlsplit(url).hostname in _ATTACHMENT_HOSTS:
+                found.append(RemoteImage(url, _filename_of(url)))
+    unique: dict[str, RemoteImage] = {}
+    for image in found:
+        unique.setdefault(image.url, image)
+    return list(unique.values())
+
+
+def _filename_of(url: str) -> str | None:
+    name = PurePosixPath(urlsplit(url).path).name
+    return name or None
+
+
+def _mb(size: int) -> str:
+    # Decimal megabytes, as the core words its own reference limits.
+    return f"{size / 1_000_000:.1f}".rstrip("0").rstrip(".")
+
+
+def _mib(size: int) -> str:
+    # Discord's "10 MB" upload limit is 10 MiB; say it the way Discord does.
+    return f"{size / (1024 * 1024):.1f}".rstrip("0").rstrip(".")
+
+
+Job = Callable[[ProgressCallback], Awaitable[DrawOutcome]]
+
+
+class DrawRunner:
+    """Carry interactions through the core's draw pipeline and back."""
+
+    def __init__(
+        self, http: discord.http.HTTPClient, service: ImageService, settings: Settings
+    ) -> None:
+        self._http = http
+        self.service = service
+        self.settings = settings
+        self._running: set[asyncio.Task[object]] = set()
+
+    # --- entry points ------------------------------------------------------------------
+    async def draw(
+        self, interaction: discord.Interaction, command_text: str, images: Sequence[RemoteImage]
+    ) -> None:
+        """Run one /img command (or context-menu edit) and answer the interaction."""
+
+        async def job(progress: ProgressCallback) -> DrawOutcome:
+            requester = requester_of(interaction, self.settings)
+            # Refuse strangers before downloading anything on their behalf.
+            await self.service.check_access(requester)
+            refs = [await self.download(image, index) for index, image in enumerate(images, 1)]
+            return await self.service.draw(requester, command_text, refs, progress)
+
+        await self._run(interaction, job)
+
+    async def replay(self, interaction: discord.Interaction, job_id: int, action: str) -> None:
+        """Replay a stored job for whoever pressed its button; they pay."""
+
+        async def job(progress: ProgressCallback) -> DrawOutcome:
+            requester = requester_of(interaction, self.settings)
+            await self.service.check_access(requester)
+            replay_action = cast(ReplayAction, action)
+            return await self.service.replay(requester, job_id, replay_action, self.fetch, progress)
+
+        await self._run(interaction, job)
+
+    async def wait_idle(self, seconds: float) -> None:
+        """Wait up to `seconds` for the draws being answered to finish."""
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=seconds)
+
+    async def _run(self, interaction: discord.Interaction, job: Job) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
+        try:
+            await defer_public(interaction)
+            progress = ProgressMessage(interaction, lang_of(interaction))
+            try:
+                outcome = await job(progress)
+            finally:
+                await progress.close()
+            await self.deliver(interaction, outcome)
+        except Exception as err:  # noqa: BLE001 - every failure is answered in one place
+            await report_error(interaction, err)
+        finally:
+            if task is not None:
+                self._running.discard(task)
+
+    # --- references --------------------------------------------------------------------
+    async def download(self, image: RemoteImage, index: int) -> IncomingImage:
+        """Download one reference image from Discord's CDN."""
+        limit = self.settings.max_reference_bytes
+        if image.size is not None and image.size > limit:
+            # Refuse before downloading: attachments can be far larger than any reference.
+            raise BadReferenceError(
+                "ref.too_big", index=index, size_mb=_mb(image.size), limit_mb=_mb(limit)
+            )
+        data = await self._get(image.url, index)
+        return IncomingImage(data, image.filename or _filename_of(image.url), image.url)
+
+    async def fetch(self, ref: str) -> IncomingImage:
+        """Download a stored reference (an attachment URL) for a replay."""
+        return IncomingImage(await self._get(ref, 1), _filename_of(ref), ref)
+
+    async def _get(self, url: str, index: int) -> bytes:
+        try:
+            try:
+                async with asyncio.timeout(DOWNLOAD_TIMEOUT):
+                    return await self._http.get_from_cdn(url)
+            except (discord.NotFound, discord.Forbidden):
+                # Attachment URLs are signed and expire; Discord re-signs them on request.
+                fresh = await self._refresh(url)
+                if fresh is None:
+                    raise
+                async with asyncio.timeout(DOWNLOAD_TIMEOUT):
+                    return await self._http.get_from_cdn(fresh)
+        except (discord.HTTPException, aiohttp.ClientError, TimeoutError) as err:
+            raise BadReferenceError(
+                "ref.download_failed", index=index, detail=f"{type(err).__name__}"
+            ) from err
+
+    async def _refresh(self, url: str) -> str | None:
+        if urlsplit(url).hostname not in _ATTACHMENT_HOSTS:
+            return None
+        route = Route("POST", "/attachments/refresh-urls")
+        try:
+            data = await self._http.request(route, json={"attachment_urls": [url]})
+        except discord.HTTPException as err:
+            log.debug("could not refresh an attachment URL: %s", err.status)
+            return None
+        for item in (data or {}).get("refreshed_urls", []):
+            if item.get("original") == url and item.get("refreshed"):
+                return str(item["refreshed"])
+        return None
+
+    # --- the result ----------------------------------------------------------------------
+    async def deliver(self, interaction: discord.Interaction, outcome: DrawOutcome) -> None:
+        """Send the images, the cost embed and the buttons; remember the files for "vary"."""
+        lang = outcome.lang
+        limit = interaction.filesize_limit
+        share = upload_share(limit, [len(image.data) for image in outcome.images])
+        files: list[discord.File] = []
+        notes: list[str] = []
+        for index, image in enumerate(outcome.images, 1):
+            fitted = await asyncio.to_thread(
+                fit_image, image.data, image.mime, image.width, image.height, share
+            )
+            if fitted is None:
+                notes.append(text(lang, "discord.fit.failed", index=index, limit_mb=_mib(limit)))
+                continue
+            if fitted.reencoded:
+                notes.append(_fit_note(lang, index, fitted, limit))
+            name = f"imgbot-{outcome.job_id}-{index}.{fitted.extension}"
+            files.append(discord.File(io.BytesIO(fitted.data), filename=name))
+        embed = self._embed(outcome, notes)
+        view = result_view(outcome.job_id, lang)
+        try:
+            if token_alive(interaction):
+                message = await interaction.edit_original_response(
+                    content=None, embed=embed, attachments=files, view=view
+                )
+                mark_settled(interaction)
+            else:
+                message = await self._deliver_late(interaction, lang, embed, files, view)
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as err:
+            status = getattr(err, "status", None) or type(err).__name__
+            log.error("could not send the result of job %d: %s", outcome.job_id, status)
+            raise ImgbotError("discord.send_failed", job_id=outcome.job_id) from err
+        refs = [attachment.url for attachment in message.attachments]
+        if refs:
+            try:
+                await self.service.ledger.set_result_refs(outcome.job_id, refs)
+            except Exception:  # noqa: BLE001 - the user has the result; only "vary" loses out
+                log.exception("could not store the result files of job %d", outcome.job_id)
+
+    async def _deliver_late(
+        self,
+        interaction: discord.Interaction,
+        lang: str,
+        embed: discord.Embed,
+        files: list[discord.File],
+        view: discord.ui.View,
+    ) -> discord.Message:
+        # The 15-minute token is gone: post in the channel instead, naming the user.
+        channel = interaction.channel
+        if not isinstance(channel, discord.abc.Messageable):
+            raise discord.ClientException("no channel to deliver a late result to")
+        content = text(lang, "discord.late", mention=interaction.user.mention)
+        return await channel.send(content=content, embed=embed, files=files, view=view)
+
+    def _embed(self, outcome: DrawOutcome, notes: Sequence[str]) -> discord.Embed:
+        caption = render_caption(outcome, self.service.prices, limit=EMBED_TEXT_LIMIT)
+        description = "\n".join([caption, *notes]) if notes else caption
+        embed = discord.Embed(
+            title=clip(outcome.request.prompt, EMBED_TITLE_LIMIT) or None,
+            description=clip(description, EMBED_TEXT_LIMIT),
+            colour=discord.Colour.blurple(),
+        )
+        return embed
+
+
+def _fit_note(lang: str, index: int, fitted: FittedImage, limit: int) -> str:
+    return text(
+        lang,
+        "discord.fit.reencoded",
+        index=index,
+        size_mb=_mib(fitted.original_size),
+        limit_mb=_mib(limit),
+        format=fitted.format_name,
+        new_mb=_mib(len(fitted.data)),
+        size=f"{fitted.width}x{fitted.height}",
+    )

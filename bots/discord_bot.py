@@ -1,0 +1,123 @@
+"""The Discord adapter: slash commands, a message menu and buttons over `core.service`.
+
+`build_bot(settings, service)` wires a `commands.Bot` (no privileged intents; every command
+is an application command on its tree; one tree error handler). `run_discord` logs in,
+syncs the commands (to DISCORD_GUILD_IDS for fast testing, else globally), runs until
+`stop` is set, lets answers in flight finish, and closes. The caller owns the service.
+
+Pieces live in `bots.discord`: texts (localisation), requester, replies (progress, errors),
+drawing (the draw flow and delivery), fitting (upload limits), buttons, commands, admin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bots.discord.admin import AdminCommands
+from bots.discord.buttons import JobButton
+from bots.discord.commands import UserCommands
+from bots.discord.drawing import DrawRunner
+from bots.discord.replies import report_error
+from bots.discord.texts import CommandTranslator
+from core.config import Settings
+from core.service import ImageService
+
+log = logging.getLogger(__name__)
+
+# How long answers still in flight may take once we stop, beyond the service's own grace.
+_CLOSE_SLACK = 10.0
+
+
+class ImgBot(commands.Bot):
+    """The Discord client: commands on the tree, buttons as dynamic items."""
+
+    def __init__(self, settings: Settings, service: ImageService) -> None:
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            help_command=None,
+            intents=discord.Intents(guilds=True),
+            allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=True),
+        )
+        self.settings = settings
+        self.service = service
+        self.imgbot_runner = DrawRunner(self.http, service, settings)
+
+    async def setup_hook(self) -> None:
+        """Register commands, buttons and the translator; syncing is `run_discord`'s job."""
+        await self.tree.set_translator(CommandTranslator())
+        await self.add_cog(UserCommands(self, self.imgbot_runner, self.service))
+        await self.add_cog(AdminCommands(self.service, self.settings))
+        self.add_dynamic_items(JobButton)
+        self.tree.on_error = on_app_command_error
+
+
+async def on_app_command_error(
+    interaction: discord.Interaction, error: app_commands.AppCommandError
+) -> None:
+    """Answer every command failure privately in the user's language; log the unexpected."""
+    await report_error(interaction, error)
+
+
+def build_bot(settings: Settings, service: ImageService) -> commands.Bot:
+    """Build the Discord bot around a running service (commands register in setup_hook)."""
+    return ImgBot(settings, service)
+
+
+async def sync_commands(bot: commands.Bot, settings: Settings) -> None:
+    """Sync the commands to the configured guilds (instant), or globally (up to an hour)."""
+    targets: list[discord.Object | None] = []
+    for guild_id in settings.discord_guild_ids:
+        if guild_id.isdigit():
+            targets.append(discord.Object(id=int(guild_id)))
+        else:
+            log.error("DISCORD_GUILD_IDS: %r is not a server id (a number); skipped", guild_id)
+    if not settings.discord_guild_ids:
+        targets.append(None)
+    for guild in targets:
+        where = f"server {guild.id}" if guild else "all servers (global)"
+        try:
+            if guild is not None:
+                bot.tree.copy_global_to(guild=guild)
+            synced = await bot.tree.sync(guild=guild)
+        except discord.HTTPException as err:
+            # Commands synced earlier keep working; say what to check and keep running.
+            log.error(
+                "could not sync Discord commands to %s (HTTP %s): is the bot in that server, "
+                "invited with the applications.commands scope?",
+                where,
+                err.status,
+            )
+            continue
+        log.info("synced %d Discord commands to %s", len(synced), where)
+
+
+async def run_discord(settings: Settings, service: ImageService, stop: asyncio.Event) -> None:
+    """Run the Discord bot until `stop` is set; raise if it cannot log in or connect."""
+    bot = ImgBot(settings, service)
+    token = settings.discord_bot_token.get_secret_value()
+    async with bot:
+        await bot.login(token)
+        await sync_commands(bot, settings)
+        connection = asyncio.create_task(bot.connect(reconnect=True), name="discord-gateway")
+        stopping = asyncio.create_task(stop.wait(), name="discord-stop")
+        try:
+            await asyncio.wait({connection, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if connection.done():
+                connection.result()  # a login or gateway failure surfaces here
+                return
+            log.info("Discord bot stopping; waiting for answers in flight")
+            # The service drains its jobs meanwhile; their results still need this session.
+            await bot.imgbot_runner.wait_idle(settings.shutdown_grace + _CLOSE_SLACK)
+        finally:
+            stopping.cancel()
+            await bot.close()
+            connection.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await connection
+    log.info("Discord bot stopped")

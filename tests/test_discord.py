@@ -1,0 +1,623 @@
+"""The Discord adapter end to end: raw INTERACTION_CREATE payloads through the real bot.
+
+A real `commands.Bot` with its real command tree, a real service on a real SQLite file and
+the fake image API over real HTTP; fakes only where Discord's network is (the interaction
+webhook adapter and the CDN download).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import discord
+from discord.webhook.async_ import async_context
+from PIL import Image
+
+from bots.discord.fitting import fit_image, upload_share
+from bots.discord.texts import CommandTranslator
+from bots.discord_bot import build_bot, sync_commands
+from core.config import Settings
+from core.ledger import JobStatus
+from core.messages import text
+from core.pricing import format_credits
+from core.runtime import open_service
+from core.service import ImageService
+from tests import discord_payloads as p
+from tests.discord_fake import FakeCdn, FakeDiscord, FakeRest, SentCall, http_error
+from tests.fake_api import FakeImageAPI
+
+WAIT = 20.0
+
+
+@dataclass
+class Harness:
+    """One running bot: its service, the fake Discord, and a way to feed it payloads."""
+
+    bot: discord.ext.commands.Bot
+    service: ImageService
+    discord: FakeDiscord
+    cdn: FakeCdn
+    rest: FakeRest
+
+    async def feed(self, payload: dict[str, Any]) -> list[SentCall]:
+        """Deliver one interaction, wait until the bot is done with it, return its calls."""
+        self.bot._connection.parse_interaction_create(payload)  # type: ignore[arg-type]
+        await _settle()
+        return self.discord.of(payload["token"])
+
+
+async def _settle() -> None:
+    """Wait until every task the bot started has finished (a modal's own timer aside)."""
+    me = asyncio.current_task()
+    async with asyncio.timeout(WAIT):
+        while True:
+            others = [
+                t
+                for t in asyncio.all_tasks()
+                if t is not me and not t.done() and "timeout_task" not in repr(t.get_coro())
+            ]
+            if not others:
+                return
+            await asyncio.wait(others, timeout=0.05)
+
+
+@asynccontextmanager
+async def running_bot(settings: Settings, cdn: FakeCdn) -> AsyncIterator[Harness]:
+    """Open the service, build the bot, and put the fakes at Discord's seams."""
+    fake = FakeDiscord(cdn)
+    async with open_service(settings) as service:
+        bot = build_bot(settings, service)
+        await bot._async_setup_hook()
+        # What `login` learns from GET /users/@me and the application, without a network.
+        bot._connection.user = discord.ClientUser(
+            state=bot._connection, data={**p.user(p.APP_ID, "imgbot"), "bot": True}
+        )
+        bot._connection.application_id = p.APP_ID
+        await bot.setup_hook()
+        rest = FakeRest(cdn)
+        bot.http.get_from_cdn = cdn.get_from_cdn  # type: ignore[method-assign]
+        bot.http.request = rest.request  # type: ignore[method-assign]
+        token = async_context.set(fake)
+        try:
+            yield Harness(bot, service, fake, cdn, rest)
+        finally:
+            async_context.reset(token)
+            await bot.close()
+
+
+def png(width: int, height: int, colour: tuple[int, int, int] = (10, 120, 200)) -> bytes:
+    """Return a PNG of one colour."""
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """Return (width, height) of an image."""
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size
+
+
+def job_id_of(call: SentCall) -> int:
+    """Return the job id carried by the result's buttons."""
+    match = re.fullmatch(r"imgbot:job:(\d+):again", call.custom_ids[0])
+    assert match, call.custom_ids
+    return int(match.group(1))
+
+
+def result_of(calls: list[SentCall]) -> SentCall:
+    """Return the edit that delivered the images."""
+    results = [c for c in calls if c.kind == "edit_original" and c.files]
+    assert len(results) == 1, [(c.kind, c.json) for c in calls]
+    return results[0]
+
+
+def make_settings(settings: Callable[..., Settings], tmp_path: Path, **extra: Any) -> Settings:
+    """Return settings on a SQLite file in tmp_path, with quick progress ticks."""
+    return settings(database_url=f"sqlite:///{tmp_path}/imgbot.db", progress_interval=0.05, **extra)
+
+
+# --- /img -------------------------------------------------------------------------------
+
+
+async def test_img_with_two_attachments_edits_and_shows_the_cost(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    cdn = FakeCdn()
+    first, second = png(640, 480, (200, 0, 0)), png(480, 640, (0, 200, 0))
+    atts = [
+        p.attachment(901, cdn.add(first, "cat.png"), "cat.png", len(first), 640, 480),
+        p.attachment(902, cdn.add(second, "hat.png"), "hat.png", len(second), 480, 640),
+    ]
+    payload = p.slash(
+        "img",
+        [
+            p.option("prompt", "put the hat on the cat"),
+            p.option("image1", "901", 11),
+            p.option("image2", "902", 11),
+        ],
+        attachments=atts,
+    )
+    async with running_bot(make_settings(settings, tmp_path), cdn) as h:
+        calls = await h.feed(payload)
+
+        # Deferred at once, publicly, with "thinking".
+        assert calls[0].kind == "callback" and calls[0].json == {"type": 5}
+        # Both attachments were downloaded and reached /v1/images/edits as image[] parts.
+        assert cdn.fetched[:2] == [atts[0]["url"], atts[1]["url"]]
+        sent = fake_api.api_requests[-1]
+        assert sent.path == "/v1/images/edits"
+        assert [part.name for part in sent.files] == ["image[]", "image[]"]
+        assert [part.data for part in sent.files] == [first, second]
+        assert sent.fields["prompt"] == "put the hat on the cat"
+
+        result = result_of(calls)
+        job = await h.service.ledger.get_job(job_id_of(result))
+        assert job is not None and job.status is JobStatus.SUCCEEDED
+        assert job.user_key == f"discord:{501}" and job.chat_key == f"discord:{p.GUILD_ID}"
+        assert job.reference_count == 2 and job.actual_credits and job.actual_credits > 0
+        # The image as a file, the embed with the cost of this request, three buttons.
+        assert [f.filename for f in result.files] == [f"imgbot-{job.id}-1.png"]
+        description = result.embeds[0]["description"]
+        assert format_credits(job.actual_credits, h.service.prices, "en") in description
+        assert result.custom_ids == [f"imgbot:job:{job.id}:{a}" for a in ("again", "4k", "vary")]
+        # The attachment URLs Discord gave back are kept for "vary".
+        assert job.result_refs == tuple(a["url"] for a in result.answer["attachments"])  # type: ignore[index]
+        assert not [c for c in calls if c.ephemeral]
+
+
+async def test_command_language_in_the_prompt_and_options_build_the_size(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    cdn = FakeCdn()
+    async with running_bot(make_settings(settings, tmp_path), cdn) as h:
+        calls = await h.feed(p.slash("img", [p.option("prompt", "16:9 2K high a cat")]))
+        sent = fake_api.api_requests[-1]
+        assert sent.path == "/v1/images/generations"
+        assert (sent.json or {})["size"] == "2048x1152"
+        assert (sent.json or {})["quality"] == "high"
+        assert image_size(result_of(calls).files[0].data) == (2048, 1152)
+
+        options = [
+            p.option("prompt", "a tall tower"),
+            p.option("ratio", "9:16"),
+            p.option("resolution", "2K"),
+            p.option("quality", "auto"),
+            p.option("count", 2, 4),
+        ]
+        calls = await h.feed(p.slash("img", options, locale="zh-CN"))
+        sent = fake_api.api_requests[-1]
+        assert (sent.json or {})["size"] == "1152x2048"
+        assert (sent.json or {})["n"] == 2 and (sent.json or {})["quality"] == "auto"
+        assert (sent.json or {})["prompt"] == "a tall tower"
+        result = result_of(calls)
+        assert len(result.files) == 2
+        job = await h.service.ledger.get_job(job_id_of(result))
+        assert job is not None
+        # In the user's locale: the cost line is rendered in Chinese.
+        zh_cost = format_credits(job.actual_credits or 0, h.service.prices, "zh")
+        assert zh_cost in result.embeds[0]["description"]
+        assert text("zh", "discord.button.vary") in str(result.json)
+
+
+async def test_progress_shows_the_queue_position_then_drawing(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    fake_api.delay = 0.3
+    config = make_settings(settings, tmp_path, max_jobs_in_flight=1)
+    async with running_bot(config, FakeCdn()) as h:
+        first = p.slash("img", [p.option("prompt", "a bird")], user_id=601)
+        second = p.slash("img", [p.option("prompt", "a fish")], user_id=602)
+        # Two people at once with room for one job: one of them waits its turn.
+        h.bot._connection.parse_interaction_create(first)  # type: ignore[arg-type]
+        h.bot._connection.parse_interaction_create(second)  # type: ignore[arg-type]
+        await _settle()
+        shown = {
+            payload["token"]: [c.content for c in h.discord.of(payload["token"], "edit_original")]
+            for payload in (first, second)
+        }
+        queued = text("en", "progress.queued", position=1)
+        waited = [token for token, edits in shown.items() if queued in edits]
+        assert len(waited) == 1, shown
+        edits = shown[waited[0]]
+        drawing = text("en", "progress.started")
+        assert any(e and e.startswith(drawing) for e in edits[edits.index(queued) + 1 :])
+        for token in shown:
+            assert result_of(h.discord.of(token)).files
+
+
+# --- the message menu and its modal ---------------------------------------------------------
+
+
+def _text_input_ids(modal: dict[str, Any]) -> list[str]:
+    found: list[str] = []
+
+    def walk(component: dict[str, Any]) -> None:
+        if component.get("type") == 4:
+            found.append(component["custom_id"])
+        for child in component.get("components", []):
+            walk(child)
+        if "component" in component:
+            walk(component["component"])
+
+    for component in modal["components"]:
+        walk(component)
+    return found
+
+
+async def test_edit_with_imgbot_menu_opens_a_modal_and_edits_the_images(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    cdn = FakeCdn()
+    photo, linked = png(600, 400, (90, 90, 0)), png(300, 300, (0, 90, 90))
+    photo_url = cdn.add(photo, "photo.png")
+    linked_url = cdn.add(linked, "linked.png", host="https://media.discordapp.net")
+    target = p.message(
+        "look at this",
+        attachments=[p.attachment(911, photo_url, "photo.png", len(photo), 600, 400)],
+        embeds=[
+            {
+                "type": "image",
+                "url": "https://example.com/linked.png",
+                "thumbnail": {"url": "https://example.com/linked.png", "proxy_url": linked_url},
+            }
+        ],
+    )
+    async with running_bot(make_settings(settings, tmp_path), cdn) as h:
+        calls = await h.feed(p.message_menu("Edit with imgbot", target, locale="en-GB"))
+        assert [c.kind for c in calls] == ["callback"]
+        assert calls[0].json and calls[0].json["type"] == 9  # a modal
+        modal = calls[0].json["data"]
+        assert modal["title"] == text("en", "discord.modal.title")
+        prompt_id, options_id = _text_input_ids(modal)
+        # Nothing is drawn or downloaded until the form comes back.
+        assert fake_api.api_requests == [] and cdn.fetched == []
+
+        submit = p.modal_submit(modal, {prompt_id: "make it night", options_id: "16:9 low"})
+        calls = await h.feed(submit)
+        assert calls[0].json == {"type": 5}
+        sent = fake_api.api_requests[-1]
+        assert sent.path == "/v1/images/edits"
+        assert [part.data for part in sent.files] == [photo, linked]
+        assert sent.fields["prompt"] == "make it night"
+        assert sent.fields["size"] == "1280x720" and sent.fields["quality"] == "low"
+        job = await h.service.ledger.get_job(job_id_of(result_of(calls)))
+        assert job is not None and job.reference_count == 2
+        assert job.status is JobStatus.SUCCEEDED
+
+
+async def test_edit_menu_on_a_message_without_images_says_so_privately(
+    settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
+        calls = await h.feed(p.message_menu("Edit with imgbot", p.message("just words")))
+        assert len(calls) == 1 and calls[0].json
+        assert calls[0].json["type"] == 4
+        assert calls[0].json["data"]["content"] == text("en", "discord.no_images")
+        assert calls[0].json["data"]["flags"] & 64
+
+
+# --- buttons after a restart -------------------------------------------------------------------
+
+
+async def test_buttons_work_after_a_restart_and_the_presser_pays(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    cdn = FakeCdn()
+    config = make_settings(settings, tmp_path)
+    async with running_bot(config, cdn) as h:
+        result = result_of(await h.feed(p.slash("img", [p.option("prompt", "a red fox")])))
+        first_job = job_id_of(result)
+        alice_before = (await h.service.ledger.spend_report("discord:501")).all_time
+    drawn = result.files[0].data
+    shown = result.answer
+    assert shown is not None
+
+    # A new process: a new bot and a new service on the same database file.
+    async with running_bot(config, cdn) as h:
+        vary = f"imgbot:job:{first_job}:vary"
+        calls = await h.feed(p.button_press(vary, shown, user_id=502, username="bob"))
+        assert calls[0].json == {"type": 5}
+        sent = fake_api.api_requests[-1]
+        # "vary" uses the delivered image itself, fetched back from Discord's CDN.
+        assert sent.path == "/v1/images/edits" and [f.data for f in sent.files] == [drawn]
+        assert sent.fields["prompt"] == "a red fox"
+        vary_job = await h.service.ledger.get_job(job_id_of(result_of(calls)))
+        assert vary_job is not None and vary_job.user_key == "discord:502"
+        assert vary_job.status is JobStatus.SUCCEEDED and vary_job.reference_count == 1
+
+        calls = await h.feed(
+            p.button_press(f"imgbot:job:{first_job}:again", shown, user_id=502, username="bob")
+        )
+        assert fake_api.api_requests[-1].path == "/v1/images/generations"
+        again_job = await h.service.ledger.get_job(job_id_of(result_of(calls)))
+        assert again_job is not None and again_job.user_key == "discord:502"
+
+        bob = await h.service.ledger.spend_report("discord:502")
+        alice = await h.service.ledger.spend_report("discord:501")
+        assert bob.all_time == (vary_job.actual_credits or 0) + (again_job.actual_credits or 0)
+        assert bob.all_time > 0 and alice.all_time == alice_before
+
+
+async def test_vary_re_signs_an_expired_attachment_url(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    cdn = FakeCdn()
+    async with running_bot(make_settings(settings, tmp_path), cdn) as h:
+        result = result_of(await h.feed(p.slash("img", [p.option("prompt", "a boat")])))
+        assert result.answer is not None
+        (old_url,) = (a["url"] for a in result.answer["attachments"])
+        # A day later Discord no longer serves the stored URL, but re-signs it on request.
+        data = cdn.files.pop(old_url)
+        h.rest.refreshed[old_url] = cdn.add(data, "boat.png")
+        job = job_id_of(result)
+        calls = await h.feed(p.button_press(f"imgbot:job:{job}:vary", result.answer))
+        assert [c.path for c in h.rest.calls] == ["/attachments/refresh-urls"]
+        assert h.rest.calls[0].json == {"attachment_urls": [old_url]}
+        assert [f.data for f in fake_api.api_requests[-1].files] == [data]
+        assert result_of(calls).files
+
+
+async def test_a_button_of_an_unknown_job_answers_privately(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
+        shown = p.message("")
+        shown["components"] = [
+            {
+                "type": 1,
+                "components": [
+                    {"type": 2, "style": 1, "label": "Again", "custom_id": "imgbot:job:4242:again"}
+                ],
+            }
+        ]
+        calls = await h.feed(p.button_press("imgbot:job:4242:again", shown))
+        private = [c for c in calls if c.kind == "followup"]
+        assert len(private) == 1 and private[0].ephemeral
+        assert fake_api.api_requests == []
+
+
+# --- limits and errors -----------------------------------------------------------------------
+
+
+async def test_an_oversized_result_is_reencoded_to_fit_with_a_note(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
+        # Learn how big the originals are, then ask again where one upload holds only one.
+        originals = result_of(await h.feed(p.slash("img", [p.option("prompt", "x2 a lake")])))
+        limit = max(len(f.data) for f in originals.files)
+        assert sum(len(f.data) for f in originals.files) > limit
+        calls = await h.feed(p.slash("img", [p.option("prompt", "x2 a lake")], size_limit=limit))
+        result = result_of(calls)
+        assert [f.filename.rsplit(".", 1)[1] for f in result.files] == ["jpg", "jpg"]
+        assert sum(len(f.data) for f in result.files) <= limit
+        assert Image.open(io.BytesIO(result.files[0].data)).format == "JPEG"
+        note = result.embeds[0]["description"]
+        assert "JPEG" in note and text("en", "discord.fit.reencoded").split("{")[0] in note
+
+
+def test_fit_image_keeps_full_size_when_quality_alone_is_enough() -> None:
+    noise = Image.frombytes("RGB", (256, 256), os.urandom(256 * 256 * 3))
+    out = io.BytesIO()
+    noise.save(out, format="PNG")
+    data = out.getvalue()
+    fitted = fit_image(data, "image/png", 256, 256, len(data) - 1)
+    assert fitted is not None and fitted.reencoded and fitted.mime == "image/jpeg"
+    assert (fitted.width, fitted.height) == (256, 256) and len(fitted.data) < len(data)
+    untouched = fit_image(data, "image/png", 256, 256, len(data))
+    assert untouched is not None and not untouched.reencoded and untouched.data == data
+
+
+def test_images_of_one_message_share_the_upload_limit() -> None:
+    limit = 10 * 1024 * 1024
+    assert upload_share(limit, [3_000_000, 3_000_000]) == 3_000_000  # both fit: kept
+    share = upload_share(limit, [9_000_000, 9_000_000, 1_000_000])
+    assert 3 * share <= limit and share > limit // 3 - 100_000
+
+
+async def test_an_upstream_error_is_private_in_the_users_language_and_costs_nothing(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    fake_api.inject("server_error")
+    async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
+        calls = await h.feed(p.slash("img", [p.option("prompt", "a storm")], locale="zh-CN"))
+        followups = [c for c in calls if c.kind == "followup"]
+        assert len(followups) == 1 and followups[0].ephemeral
+        report = await h.service.ledger.spend_report("discord:501")
+        (job,) = report.last_jobs
+        assert job.status is JobStatus.FAILED and job.charged == 0
+        assert job.error_code
+        # The message is the core's, in Chinese; the public "thinking" answer is removed.
+        assert followups[0].content and followups[0].content != text("en", "error.internal")
+        assert re.search(r"[\u4e00-\u9fff]", followups[0].content)
+        assert calls[-1].kind == "delete_original"
+        assert not [c for c in calls if c.files]
+
+
+async def test_strangers_in_a_server_get_silence_and_nothing_is_downloaded(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    cdn = FakeCdn()
+    ref = png(300, 300)
+    att = p.attachment(921, cdn.add(ref, "ref.png"), "ref.png", len(ref), 300, 300)
+    config = make_settings(settings, tmp_path, allowed_users=["discord:1"])
+    async with running_bot(config, cdn) as h:
+        options = [p.option("prompt", "a cat"), p.option("image1", "921", 11)]
+        calls = await h.feed(p.slash("img", options, attachments=[att]))
+        # Acknowledged (Discord demands it), then the "thinking" answer is simply removed.
+        assert [c.kind for c in calls] == ["callback", "delete_original"]
+        assert cdn.fetched == [] and fake_api.api_requests == []
+
+
+async def test_a_prompt_error_is_answered_privately_without_a_job(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
+        options = [p.option("prompt", "16:9 a cat"), p.option("ratio", "1:1")]
+        calls = await h.feed(p.slash("img", options))
+        followups = [c for c in calls if c.kind == "followup"]
+        assert len(followups) == 1 and followups[0].ephemeral
+        assert fake_api.api_requests == []
+        assert (await h.service.ledger.spend_report("discord:501")).last_jobs == ()
+
+
+async def test_a_result_after_the_token_expired_is_posted_in_the_channel(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
+        # Created 14½ minutes ago: the 15-minute token is about to expire.
+        calls = await h.feed(p.slash("img", [p.option("prompt", "a late owl")], age=870))
+        assert [c.kind for c in calls] == ["callback"]  # no edits on a dying token
+        (post,) = h.rest.calls
+        assert post.method == "POST" and post.url.endswith(f"/channels/{p.CHANNEL_ID}/messages")
+        assert post.json["content"] == text("en", "discord.late", mention="<@501>")
+        assert len(post.files) == 1 and post.json["embeds"]
+        (job,) = (await h.service.ledger.spend_report("discord:501")).last_jobs
+        assert job.status is JobStatus.SUCCEEDED and len(job.result_refs) == 1
+
+
+async def test_a_refused_upload_tells_the_user_their_job_number(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
+        h.discord.fail_uploads = lambda route: http_error(
+            discord.HTTPException, 413, "Payload Too Large", "Request entity too large"
+        )
+        calls = await h.feed(p.slash("img", [p.option("prompt", "a hill")]))
+        (job,) = (await h.service.ledger.spend_report("discord:501")).last_jobs
+        # Drawn and paid for upstream, so it stays charged; the user learns the job to refund.
+        assert job.status is JobStatus.SUCCEEDED
+        (private,) = [c for c in calls if c.kind == "followup"]
+        assert private.ephemeral
+        assert private.content == text("en", "discord.send_failed", job_id=job.id)
+
+
+async def test_an_unexpected_failure_is_logged_without_the_interaction_token(
+    settings: Callable[..., Settings],
+    fake_api: FakeImageAPI,
+    tmp_path: Path,
+    caplog: Any,
+) -> None:
+    async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
+        h.discord.fail_uploads = lambda route: RuntimeError(f"lost connection to {route.url}")
+        payload = p.slash("img", [p.option("prompt", "a hill")])
+        with caplog.at_level(logging.ERROR, logger="bots.discord.replies"):
+            calls = await h.feed(payload)
+        (private,) = [c for c in calls if c.kind == "followup"]
+        assert private.ephemeral and private.content == text("en", "error.internal")
+        assert "lost connection" in caplog.text and "RuntimeError" in caplog.text
+        assert payload["token"] not in caplog.text
+
+
+# --- admin and the small commands -----------------------------------------------------------
+
+
+async def test_admin_commands_refuse_members_and_serve_server_managers(
+    settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    config = make_settings(settings, tmp_path, admins=["discord:900"])
+    async with running_bot(config, FakeCdn()) as h:
+        block = p.subcommand("block", [p.option("target", "<@503>")])
+        calls = await h.feed(p.slash("admin", [block], user_id=502, username="bob"))
+        (answer,) = [c for c in calls if c.kind == "followup"]
+        assert answer.ephemeral and answer.content == text("en", "access.admin_only")
+        assert not await h.service.ledger.is_blocked("discord:503", None)
+
+        # A server manager administers only their own server: no global block …
+        calls = await h.feed(
+            p.slash("admin", [block], user_id=504, username="mod", permissions=p.MANAGE_GUILD)
+        )
+        (answer,) = [c for c in calls if c.kind == "followup"]
+        assert answer.ephemeral and answer.content == text("en", "access.admin_only")
+        assert not await h.service.ledger.is_blocked("discord:503", None)
+        # … but this server's daily limit, yes; another server's, no.
+        own = p.subcommand("chatlimit", [p.option("daily", "5000")])
+        calls = await h.feed(
+            p.slash("admin", [own], user_id=504, username="mod", permissions=p.MANAGE_GUILD)
+        )
+        chat = await h.service.ledger.get_chat(f"discord:{p.GUILD_ID}")
+        assert chat is not None and chat.daily_limit == 5000
+        other = p.subcommand("chatlimit", [p.option("daily", "1"), p.option("server", "77")])
+        calls = await h.feed(
+            p.slash("admin", [other], user_id=504, username="mod", permissions=p.MANAGE_GUILD)
+        )
+        (answer,) = [c for c in calls if c.kind == "followup"]
+        assert answer.content == text("en", "access.own_chat_only")
+        assert await h.service.ledger.get_chat("discord:77") is None
+
+        # A configured admin, in a DM with the bot, may block anyone.
+        calls = await h.feed(p.slash("admin", [block], user_id=900, username="boss", guild=False))
+        assert await h.service.ledger.is_blocked("discord:503", None)
+        unblock = p.subcommand("unblock", [p.option("target", "503")])
+        calls = await h.feed(p.slash("admin", [unblock], user_id=900, username="boss", guild=False))
+        assert not await h.service.ledger.is_blocked("discord:503", None)
+
+
+async def test_help_sizes_and_balance_answer_privately(
+    settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
+        for name in ("help", "sizes", "balance"):
+            (call,) = await h.feed(p.slash(name, [], locale="zh-CN"))
+            assert call.kind == "callback" and call.json and call.json["type"] == 4
+            assert call.json["data"]["flags"] & 64 and call.json["data"]["content"]
+        sizes = h.discord.calls[-2].json["data"]["content"]  # type: ignore[index]
+        assert "2048x1152" in sizes
+
+
+async def test_commands_are_localised_in_chinese(
+    settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
+        translator = CommandTranslator()
+        img = h.bot.tree.get_command("img")
+        assert img is not None
+        data = await img.get_translated_payload(h.bot.tree, translator)
+        assert data["name_localizations"]["zh-CN"] == text("zh", "discord.cmd.img")
+        assert data["description_localizations"]["zh-CN"] == text("zh", "discord.cmd.img.desc")
+        assert [o["name"] for o in data["options"]][:2] == ["prompt", "ratio"]
+        attachment_options = [o for o in data["options"] if o["type"] == 11]
+        assert len(attachment_options) == 4
+        menu = h.bot.tree.get_command("Edit with imgbot", type=discord.AppCommandType.message)
+        assert menu is not None
+        menu_data = await menu.get_translated_payload(h.bot.tree, translator)
+        assert menu_data["name_localizations"]["zh-CN"] == text("zh", "discord.menu.edit")
+
+
+async def test_commands_sync_to_the_configured_guild(
+    settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    config = make_settings(settings, tmp_path, discord_guild_ids=str(p.GUILD_ID))
+    async with running_bot(config, FakeCdn()) as h:
+        await sync_commands(h.bot, config)
+        (call,) = h.rest.calls
+        assert call.method == "PUT"
+        assert call.url.endswith(f"/applications/{p.APP_ID}/guilds/{p.GUILD_ID}/commands")
+        names = {c["name"] for c in call.json}
+        assert {"img", "help", "sizes", "balance", "cancel", "admin", "Edit with imgbot"} <= names
+        img = next(c for c in call.json if c["name"] == "img")
+        assert img["name_localizations"]["zh-CN"] == text("zh", "discord.cmd.img")
+        admin = next(c for c in call.json if c["name"] == "admin")
+        assert int(admin["default_member_permissions"]) == p.MANAGE_GUILD
+
+
+async def test_a_failed_sync_is_logged_and_the_bot_carries_on(
+    settings: Callable[..., Settings], tmp_path: Path, caplog: Any
+) -> None:
+    config = make_settings(settings, tmp_path, discord_guild_ids="42,not-a-guild")
+    async with running_bot(config, FakeCdn()) as h:
+        h.rest.refuse_commands = 403
+        with caplog.at_level(logging.ERROR, logger="bots.discord_bot"):
+            await sync_commands(h.bot, config)
+        assert [c.url.rsplit("/", 3)[-3:] for c in h.rest.calls] == [["guilds", "42", "commands"]]
+        assert "not-a-guild" in caplog.text and "applications.commands" in caplog.text
