@@ -26,17 +26,19 @@ from core.errors import (
     LimitExceeded,
     UpstreamError,
 )
-from core.images import GeneratedImage, ImageClient, prepare_references
+from core.images import GeneratedImage, ImageClient, ImageResult, ReferenceImage, prepare_references
 from core.jobqueue import FairQueue, RateLimiter, Ticket
 from core.ledger import JobRecord, JobSpec, Ledger, SpendReport
 from core.messages import language_of
 from core.pricing import PriceTable, estimate_credits
 from core.prompt import ImageRequest, PromptDefaults, parse_command
 from core.requester import Requester
+from core.sizes import TIERS
 
 log = logging.getLogger(__name__)
 
 ProgressKind = Literal["queued", "started", "working", "done"]
+QUALITIES = ("low", "medium", "high")
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,7 @@ class ImageService:
         try:
             job_id = await self.ledger.reserve(requester, spec, estimate)
         except LimitExceeded as err:
-            raise self._with_suggestion(err, request, estimate, refs) from None
+            raise self._with_suggestion(err, request, refs) from None
 
         record = _Inflight(task=asyncio.current_task(), job_id=job_id, requester=requester)
         self._inflight[job_id] = record
@@ -269,10 +271,13 @@ class ImageService:
         )
 
     async def _draw_with_ticker(
-        self, request: ImageRequest, refs: Sequence[object], progress: ProgressCallback | None
-    ) -> object:
+        self,
+        request: ImageRequest,
+        refs: Sequence[ReferenceImage],
+        progress: ProgressCallback | None,
+    ) -> ImageResult:
         start = self._clock()
-        call = asyncio.ensure_future(self.client.draw(request, refs))  # type: ignore[arg-type]
+        call = asyncio.ensure_future(self.client.draw(request, refs))
         try:
             while True:
                 done, _ = await asyncio.wait({call}, timeout=self.settings.progress_interval)
@@ -289,7 +294,7 @@ class ImageService:
                     pass
 
     def _with_suggestion(
-        self, err: LimitExceeded, request: ImageRequest, estimate: float, refs: Sequence[object]
+        self, err: LimitExceeded, request: ImageRequest, refs: Sequence[ReferenceImage]
     ) -> LimitExceeded:
         remaining = float(err.params.get("remaining", 0))
         suggestion = self.cheaper_option(request, remaining, refs)
@@ -297,31 +302,32 @@ class ImageService:
         return LimitExceeded(err.key, detail=err.detail, **params)
 
     def cheaper_option(
-        self, request: ImageRequest, budget: float, refs: Sequence[object] = ()
+        self, request: ImageRequest, budget: float, refs: Sequence[ReferenceImage] = ()
     ) -> str | None:
-        """Return the option words of the nearest cheaper request that fits the budget."""
+        """Return the option words of the nearest cheaper request that fits the budget.
+
+        Nearest means: keep the count, then the tier, then the quality as long as possible.
+        """
         if budget <= 0:
             return None
-        sizes = [(r.width, r.height) for r in refs]  # type: ignore[attr-defined]
-        tiers = ["4K", "2K", "1K"]
-        tier_now = request.tier or self.defaults.tier
-        tier_options = tiers[tiers.index(tier_now) :] if tier_now in tiers else ["1K"]
+        sizes = [(r.width, r.height) for r in refs]
+        tier_now = request.tier if request.tier in TIERS else self.defaults.tier
+        tiers = TIERS[: TIERS.index(tier_now) + 1][::-1]
+        top = QUALITIES.index(request.quality) if request.quality in QUALITIES else 2
+        qualities = QUALITIES[: top + 1][::-1]
+        ratio = request.ratio if request.ratio and request.ratio != "auto" else None
         for n in range(request.n, 0, -1):
-            for tier in tier_options:
-                for quality in ("high", "medium", "low"):
-                    if request.quality != "auto" and (
-                        ("low", "medium", "high").index(quality)
-                        > ("low", "medium", "high").index(request.quality)
-                    ):
-                        continue
-                    ratio = request.ratio if request.ratio and request.ratio != "auto" else None
+            for tier in tiers:
+                for quality in qualities:
                     words = [w for w in (ratio, tier, quality, f"x{n}" if n > 1 else None) if w]
-                    text = " ".join([*words, "--", request.prompt or "x"])
                     try:
-                        candidate, cost = self.parse(text, reference_sizes=sizes)
+                        _, cost = self.parse(
+                            " ".join([*words, request.model, "--", request.prompt]),
+                            reference_sizes=sizes,
+                        )
                     except ImgbotError:
                         continue
-                    if cost <= budget and candidate.model == request.model:
+                    if cost <= budget:
                         return " ".join(words)
         return None
 
