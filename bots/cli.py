@@ -1,4 +1,4 @@
-"""The `imgbot` command: run, gen, parse, usage, admin, doctor."""
+"""The `imgbot` command: run, gen, parse, usage, admin, doctor, backup."""
 
 from __future__ import annotations
 
@@ -174,6 +174,19 @@ async def _admin(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
+    """Copy the ledger to a file with SQLite's online backup (safe while the bot runs)."""
+    from bots.backup import BackupError, backup_database
+
+    try:
+        report = backup_database(settings.database_path, args.path)
+    except BackupError as err:
+        print(str(err), file=sys.stderr)
+        return 1
+    print(f"backup written: {report.path} ({report.jobs} jobs, integrity ok)")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgbot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,6 +207,10 @@ def _build_parser() -> argparse.ArgumentParser:
     a.add_argument("args", nargs="*")
     sub.add_parser("doctor", help="check settings, API key, bot tokens and the database")
     sub.add_parser("health", help="exit 0 when a running bot is alive (for Docker)")
+    b = sub.add_parser(
+        "backup", help="copy the ledger to PATH safely, even while the bot runs (never cp the .db)"
+    )
+    b.add_argument("path", help="file (or folder) for the copy")
     return parser
 
 
@@ -224,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bots.run import health
 
         return health(settings)
+    if args.command == "backup":
+        return cmd_backup(settings, args)
     if args.command == "doctor":
         from bots.doctor import doctor
 

@@ -92,12 +92,16 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         tasks = {asyncio.create_task(coro, name=name): name for name, coro in runners}
         log.info("imgbot running: %s", ", ".join(tasks.values()))
         beat = asyncio.create_task(_beat(heartbeat_path(settings)))
+        # Wake on the signal itself, not when a bot has finished draining: the service must
+        # cancel waiting jobs at once, or they would start during the grace period.
+        stopping = asyncio.create_task(stop.wait())
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
+            done, _ = await asyncio.wait({*tasks, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {stopping}:
                 if task.exception() is not None and not stop.is_set():
                     log.error("%s bot stopped: %r", tasks[task], task.exception())
         finally:
+            stopping.cancel()
             # One bot failing (or a signal) stops them all; each stops receiving first,
             # then the service drains, then the bots close, then the service closes.
             stop.set()

@@ -6,6 +6,7 @@
 The adapter turns updates into `core.service` calls and renders the answers; it holds no
 business rules. Receiving (commands in captions, albums, replies): `bots.telegram_refs`.
 Replying (status, chat action, photos / files / albums, buttons): `bots.telegram_reply`.
+Flood limits (per chat, per group, overall; results before status): `bots.telegram_flood`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from telegram.constants import ChatType, ParseMode
 from telegram.error import TelegramError
 from telegram.ext import (
     Application,
+    BaseRateLimiter,
     CallbackQueryHandler,
     CommandHandler,
     ContextTypes,
@@ -39,6 +41,7 @@ from telegram.ext import (
 )
 from telegram.request import BaseRequest
 
+from bots.telegram_flood import FloodLimiter
 from bots.telegram_refs import (
     BUTTON_DATA,
     IMG_COMMAND,
@@ -69,6 +72,10 @@ ADAPTER_KEY = "imgbot.telegram"
 PLATFORM = "telegram"
 USER_COMMANDS = ("img", "help", "sizes", "balance", "cancel", "start")
 ALLOWED_UPDATES = [Update.MESSAGE, Update.CALLBACK_QUERY]
+# Updates handled at once. PTB's default (256) let one busy group stall every chat: a group
+# gets 20 messages a minute, so its waiting answers could hold all 256 slots for many minutes
+# (tests/test_load.py measures this). Waiting handlers are cheap coroutines.
+MAX_CONCURRENT_UPDATES = 4096
 TEXT_LIMIT = 4096
 # Bot API URLs carry the token as /bot<token>/; mask that shape whatever the token.
 _BOT_URL = re.compile(r"(/(?:file/)?bot)\d+:[A-Za-z0-9_-]{20,}", re.IGNORECASE)
@@ -104,7 +111,9 @@ class TelegramAdapter:
         """Add every handler and the error handler to the Application."""
         new_message = filters.UpdateType.MESSAGE
         app = self.app
-        app.add_handler(CallbackQueryHandler(self.on_button, pattern=BUTTON_DATA))
+        # Every press is answered (Telegram spins the button until then), even a stale or
+        # forged one; on_button ignores data it does not know.
+        app.add_handler(CallbackQueryHandler(self.on_button))
         app.add_handler(MessageHandler(new_message & _AlbumItem(), self.on_album_item))
         app.add_handler(CommandHandler(IMG_COMMAND, self.cmd_img, filters=new_message))
         # CommandHandler does not look at captions: "/img …" under a photo or file.
@@ -387,6 +396,7 @@ def build_application(
     *,
     request: BaseRequest | None = None,
     get_updates_request: BaseRequest | None = None,
+    rate_limiter: BaseRateLimiter[str] | None = None,
 ) -> Application:
     """Build the Telegram Application with every handler, bound to the service."""
     token = settings.telegram_bot_token.get_secret_value()
@@ -398,8 +408,11 @@ def build_application(
         .token(token)
         .base_url(f"{base}/bot")
         .base_file_url(f"{base}/file/bot")
-        # Image jobs take tens of seconds: never let one hold up other users.
-        .concurrent_updates(True)
+        # Image jobs take tens of seconds, and answers in a group over its flood budget
+        # wait their turn: never let them hold up other users or chats.
+        .concurrent_updates(MAX_CONCURRENT_UPDATES)
+        # Every call passes the flood limiter: Telegram's rates, results before status.
+        .rate_limiter(rate_limiter or FloodLimiter())
     )
     if request is not None:
         builder = builder.request(request)
@@ -452,10 +465,15 @@ async def run_telegram(
     *,
     request: BaseRequest | None = None,
     get_updates_request: BaseRequest | None = None,
+    rate_limiter: BaseRateLimiter[str] | None = None,
 ) -> None:
     """Run the Telegram bot (polling, or a webhook when TELEGRAM_WEBHOOK_URL is set) until stop."""
     app = build_application(
-        settings, service, request=request, get_updates_request=get_updates_request
+        settings,
+        service,
+        request=request,
+        get_updates_request=get_updates_request,
+        rate_limiter=rate_limiter,
     )
     adapter: TelegramAdapter = app.bot_data[ADAPTER_KEY]
     async with app:
@@ -475,8 +493,11 @@ async def run_telegram(
             )
             await stop.wait()
         finally:
+            # Stop receiving first; then the service cancels waiting jobs (their handlers
+            # tell the users) and lets running ones finish; then our replies go out.
             if app.updater is not None and app.updater.running:
                 await app.updater.stop()
+            await service.shutdown(settings.shutdown_grace)
             await adapter.drain(settings.shutdown_grace)
             if app.running:
                 await app.stop()

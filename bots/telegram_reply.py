@@ -10,11 +10,9 @@ whose callback data (`j:<job id>:<action>`) is all a later press needs, even aft
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import io
 import logging
 import time
-import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -32,8 +30,8 @@ from telegram import (
 )
 from telegram.constants import ChatAction
 from telegram.error import BadRequest, RetryAfter, TelegramError
-from telegram.warnings import PTBDeprecationWarning
 
+from bots.telegram_flood import STATUS, FloodSkipped, retry_seconds
 from core.images import GeneratedImage
 from core.messages import text
 from core.service import DrawOutcome, Progress
@@ -48,7 +46,8 @@ PHOTO_MAX_ASPECT = 20
 ORIGINAL_ABOVE_PIXELS = 2_500_000
 PREVIEW_MAX_SIDE = 2560
 PREVIEW_JPEG_QUALITY = 88
-# Flood limits: about one message a second per chat; status edits stay well below.
+# Flood limits: about one message a second per chat; status edits stay well below
+# (and `bots.telegram_flood` skips them when a chat's budget is tight).
 STATUS_MIN_INTERVAL = 3.0
 # A chat action shows for 5 seconds; renew it a little sooner.
 CHAT_ACTION_EVERY = 4.5
@@ -89,8 +88,14 @@ async def with_flood_retry(call: Callable[[], Awaitable[T]], attempts: int = 3) 
         except RetryAfter as err:
             if attempt == attempts - 1:
                 raise
-            await asyncio.sleep(min(_retry_seconds(err), RETRY_AFTER_CAP))
+            await asyncio.sleep(min(retry_seconds(err), RETRY_AFTER_CAP))
     raise AssertionError("unreachable")
+
+
+def best_effort(bot: Bot) -> dict[str, str]:
+    """Return the keyword that marks a call skippable by the flood limiter (if the bot has one)."""
+    # PTB refuses rate_limit_args on a bot without a rate limiter.
+    return {"rate_limit_args": STATUS} if getattr(bot, "rate_limiter", None) else {}
 
 
 def result_keyboard(job_id: int, lang: str) -> InlineKeyboardMarkup:
@@ -183,11 +188,14 @@ class StatusMessage:
                 self._wanted,
                 reply_parameters=self._where.reply(),
                 message_thread_id=self._where.thread_id,
+                **best_effort(self._bot),
             )
         except RetryAfter as err:
-            self._not_before = now + _retry_seconds(err)
-            self._schedule_flush(_retry_seconds(err))
+            self._not_before = now + retry_seconds(err)
+            self._schedule_flush(retry_seconds(err))
             return
+        except FloodSkipped:
+            return  # the chat is busy with results: try again at the next progress event
         except TelegramError as err:
             # No status then (the result or the error still gets sent); do not retry each tick.
             log.debug("status message not sent: %s", err)
@@ -200,10 +208,14 @@ class StatusMessage:
     async def _edit(self, wanted: str, now: float) -> None:
         assert self._message_id is not None
         try:
-            await self._bot.edit_message_text(wanted, self._where.chat_id, self._message_id)
+            await self._bot.edit_message_text(
+                wanted, self._where.chat_id, self._message_id, **best_effort(self._bot)
+            )
         except RetryAfter as err:
-            self._not_before = now + _retry_seconds(err)
-            self._schedule_flush(_retry_seconds(err))
+            self._not_before = now + retry_seconds(err)
+            self._schedule_flush(retry_seconds(err))
+            return
+        except FloodSkipped:
             return
         except TelegramError as err:
             log.debug("status message not edited: %s", err)
@@ -257,16 +269,6 @@ class StatusMessage:
             self._flush.cancel()
 
 
-def _retry_seconds(err: RetryAfter) -> float:
-    # PTB 22 returns int seconds (with a deprecation warning) or a timedelta (PTB_TIMEDELTA=1).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PTBDeprecationWarning)
-        value = err.retry_after
-    if isinstance(value, dt.timedelta):
-        return value.total_seconds()
-    return float(value)
-
-
 class ChatActionLoop:
     """Keep "sending a photo…" visible in the chat while a job draws."""
 
@@ -287,6 +289,7 @@ class ChatActionLoop:
                     self._where.chat_id,
                     ChatAction.UPLOAD_PHOTO,
                     message_thread_id=self._where.thread_id,
+                    **best_effort(self._bot),
                 )
             except TelegramError as err:
                 log.debug("chat action not sent: %s", err)

@@ -12,6 +12,24 @@ import pytest
 from core.config import Settings
 from tests.fake_api import FakeImageAPI
 
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Add --slow: also run the tests marked slow (load, crash)."""
+    parser.addoption(
+        "--slow", action="store_true", default=False, help="also run tests marked slow"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect (not skip) the slow tests unless --slow is given."""
+    if config.getoption("--slow"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item.get_closest_marker("slow") is None]
+
+
 # Built once: loading the CA bundle for every client would dominate the suite's time.
 TLS = ssl.create_default_context()
 

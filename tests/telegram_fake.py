@@ -256,6 +256,7 @@ class FakeBotApi(BaseRequest):
             "answerCallbackQuery",
             "setMyCommands",
             "deleteWebhook",
+            "setWebhook",
         ):
             return True
         if method == "sendMessage":

@@ -23,6 +23,7 @@ from telegram.ext import Application
 
 from bots import telegram_reply
 from bots.telegram_bot import ADAPTER_KEY, build_application, run_telegram
+from bots.telegram_flood import FloodLimiter, Timebase
 from bots.telegram_reply import Plan, StatusMessage, Where, plan_delivery
 from core.config import Settings
 from core.images import GeneratedImage
@@ -39,6 +40,8 @@ ADMIN_ID = 42
 ANN = Updates.user(1001, "Ann", "en")
 BOB = Updates.user(1002, "Bob", "en")
 LI = Updates.user(1003, "Li", "zh-hans")
+# The flood limiter runs 1000 times faster here (its own tests: tests/test_flood.py).
+FAST = Timebase(scale=1000)
 
 
 @dataclass
@@ -100,7 +103,13 @@ async def running(
 ) -> AsyncIterator[Harness]:
     """Open the service and the Application the way the entry point does."""
     async with open_service(settings) as service:
-        app = build_application(settings, service, request=api, get_updates_request=api)
+        app = build_application(
+            settings,
+            service,
+            request=api,
+            get_updates_request=api,
+            rate_limiter=FloodLimiter(timebase=FAST),
+        )
         async with app:
             yield Harness(app, api, service, images, updates)
             await app.bot_data[ADAPTER_KEY].drain(5)
@@ -588,7 +597,14 @@ async def test_run_telegram_polls_registers_commands_and_stops(
     stop = asyncio.Event()
     async with open_service(settings) as service:
         bot = asyncio.create_task(
-            run_telegram(settings, service, stop, request=api, get_updates_request=api)
+            run_telegram(
+                settings,
+                service,
+                stop,
+                request=api,
+                get_updates_request=api,
+                rate_limiter=FloodLimiter(timebase=FAST),
+            )
         )
         await api.wait_for(lambda: api.of("sendPhoto") or bot.done())
         stop.set()

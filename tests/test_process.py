@@ -1,0 +1,440 @@
+"""`imgbot run` as an operator runs it: a real process, signals, crashes, restarts, backups.
+
+`python -m bots.cli run` starts in tmp_path (no `.env` there) with a fake token, the fake
+Bot API server (`tests.fake_botapi`, real HTTP) as TELEGRAM_API_BASE_URL and the fake image
+API as OPENAI_BASE_URL; the ledger is a SQLite file the test reads directly.
+
+- SIGTERM with a job drawing and one waiting: the result is still delivered, the waiting
+  user is told, the process exits 0 within the grace, the ledger is settled and whole.
+- SIGKILL with a job drawing and two waiting, then a restart (slow group, `--slow`): every accepted command still
+  has its row, none ran twice, the reservations are resolved by the documented rule (older
+  than JOB_TIMEOUT at start-up: a job that was drawing → unsettled, counted at its estimate,
+  listed for admins; a job that was still queued → released at 0), and a button on a result
+  from before the kill still works.
+- Backups: `imgbot backup` (SQLite online backup) taken while the ledger is written is whole
+  and consistent; copying the raw files is not (shown step by step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.config import Settings
+from core.ledger import JobSpec, Ledger, Limits
+from core.messages import text
+from core.pricing import PriceTable, Usage
+from core.requester import Requester
+from tests.conftest import TEST_KEY
+from tests.fake_api import FakeImageAPI
+from tests.fake_botapi import FakeBotApiServer
+from tests.telegram_fake import TOKEN, Updates
+
+ROOT = Path(__file__).resolve().parent.parent
+ANN = Updates.user(2001, "Ann", "en")
+BOB = Updates.user(2002, "Bob", "en")
+CAT = Updates.user(2003, "Cat", "en")
+DAN = Updates.user(2004, "Dan", "en")
+EVE = Updates.user(2005, "Eve", "en")
+GROUP = Updates.supergroup(-1005550001111, "Studio")
+SETTING_NAMES = {name.upper() for name in Settings.model_fields}
+
+
+@dataclass
+class BotProcess:
+    """A running `imgbot run`, its output going to a file."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        """Return everything the process wrote so far."""
+        return self.log.read_text("utf-8", "replace")
+
+    def stop(self, sig: signal.Signals, within: float) -> int:
+        """Send a signal and return the exit code (fail if it takes longer than `within`)."""
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=within)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"no exit {within}s after {sig.name}:\n{self.output()}") from None
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[FakeBotApiServer, FakeImageAPI]]:
+    """Yield the fake Bot API server and the fake image API, both on 127.0.0.1."""
+    with FakeBotApiServer(TOKEN) as tg, FakeImageAPI(key=TEST_KEY) as images:
+        yield tg, images
+
+
+@pytest.fixture
+def start(tmp_path: Path, servers: tuple[FakeBotApiServer, FakeImageAPI]) -> Iterator[Any]:
+    """Return a starter of `imgbot run` processes; any left running are killed at the end."""
+    tg, images = servers
+    started: list[BotProcess] = []
+
+    def run(**settings: str) -> BotProcess:
+        # Nothing of the developer's environment may configure the bot under test.
+        env = {k: v for k, v in os.environ.items() if k.upper() not in SETTING_NAMES}
+        env.update(
+            {
+                "PYTHONPATH": str(ROOT),
+                "TELEGRAM_BOT_TOKEN": TOKEN,
+                "TELEGRAM_API_BASE_URL": tg.base_url,
+                "OPENAI_BASE_URL": images.base_url,
+                "OPENAI_API_KEY": TEST_KEY,
+                "DATABASE_URL": f"sqlite:///{tmp_path}/data/imgbot.db",
+                "RATE_LIMIT_PER_MINUTE": "0",
+                "PROGRESS_INTERVAL": "0.5",
+                "REQUEST_TIMEOUT": "60",
+                "LOG_LEVEL": "INFO",
+                **settings,
+            }
+        )
+        log = tmp_path / f"bot-{len(started) + 1}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bots.cli", "run"],
+                cwd=tmp_path,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        bot = BotProcess(proc, log)
+        started.append(bot)
+        polls = len(tg.of("deleteWebhook"))
+        tg.wait_for(lambda: len(tg.of("deleteWebhook")) > polls or proc.poll() is not None, 20)
+        assert proc.poll() is None, bot.output()
+        return bot
+
+    assert not (tmp_path / ".env").exists()
+    yield run
+    for bot in started:
+        if bot.proc.poll() is None:
+            bot.proc.kill()
+            bot.proc.wait()
+
+
+def rows(tmp_path: Path) -> dict[str, sqlite3.Row]:
+    """Return the jobs by their command text (the bot may be running: WAL readers are fine)."""
+    with sqlite3.connect(tmp_path / "data" / "imgbot.db", timeout=10) as db:
+        db.row_factory = sqlite3.Row
+        found = db.execute(
+            "SELECT j.*, c.charged FROM jobs j JOIN job_charges c ON c.id = j.id ORDER BY j.id"
+        ).fetchall()
+    return {row["command_text"]: row for row in found}
+
+
+def exact_credits(row: sqlite3.Row) -> float:
+    """Return what a job's recorded usage costs by the price table."""
+    usage = Usage(**json.loads(row["usage_json"]))
+    return PriceTable.from_settings(Settings(_env_file=None)).credits(usage, row["model"])
+
+
+def assert_no_secrets(*outputs: str) -> None:
+    for output in outputs:
+        assert TOKEN not in output and TEST_KEY not in output
+
+
+def test_sigterm_delivers_the_running_job_and_tells_the_waiting_one(
+    tmp_path: Path, servers: tuple[FakeBotApiServer, FakeImageAPI], start: Any
+) -> None:
+    tg, images = servers
+    u = Updates()
+    bot = start(MAX_JOBS_IN_FLIGHT="1", SHUTDOWN_GRACE="20")
+    images.inject("slow", seconds=1.5)
+    tg.push(u.update(u.message(ANN, u.private(ANN), text="/img low a slow cat")))
+    tg.wait_for(lambda: images.api_requests)  # Ann's job is drawing
+    tg.push(u.update(u.message(BOB, u.private(BOB), text="/img low a dog")))
+    queued = text("en", "progress.queued", position=1)
+    tg.wait_for(lambda: queued in tg.texts(BOB["id"]))
+
+    assert bot.stop(signal.SIGTERM, within=20) == 0
+
+    [photo] = tg.of("sendPhoto", ok=True)
+    assert photo.chat_id == ANN["id"]
+    assert tg.texts(BOB["id"])[-1] == text("en", "job.shutting_down")
+    assert len(images.api_requests) == 1  # Bob's job never reached the upstream
+    jobs = rows(tmp_path)
+    ann, bob = jobs["low a slow cat"], jobs["low a dog"]
+    assert ann["status"] == "succeeded"
+    assert ann["actual_credits"] == pytest.approx(exact_credits(ann))
+    assert json.loads(ann["result_refs"]) == [photo.result["photo"][-1]["file_id"]]
+    assert (bob["status"], bob["actual_credits"], bob["charged"]) == ("failed", 0, 0)
+    assert bob["error_code"]
+    assert not [r for r in jobs.values() if r["status"] == "reserved"]
+    # A clean stop checkpoints the WAL: the .db file alone now holds everything.
+    wal = tmp_path / "data" / "imgbot.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+    output = bot.output()
+    assert "imgbot stopped; 0 job(s) still in flight" in output
+    assert_no_secrets(output)
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_loses_nothing_and_old_buttons_work(
+    tmp_path: Path, servers: tuple[FakeBotApiServer, FakeImageAPI], start: Any
+) -> None:
+    tg, images = servers
+    u = Updates()
+    settings = {"MAX_JOBS_IN_FLIGHT": "1", "JOB_TIMEOUT": "1"}
+    first = start(**settings)
+    # A result from before the crash, in a group.
+    dan_command = u.message(DAN, GROUP, text="/img@ThisBot low a red kite")
+    tg.push(u.update(dan_command))
+    [dan_photo] = tg.wait_for(lambda: tg.of("sendPhoto", ok=True))
+    # Ann's job hangs upstream; Bob's and Cat's wait in the queue.
+    images.inject("hang", seconds=60)
+    tg.push(u.update(u.message(ANN, u.private(ANN), text="/img low a hanging lamp")))
+    tg.wait_for(lambda: len(images.api_requests) == 2)
+    tg.push(u.update(u.message(BOB, u.private(BOB), text="/img low a bell")))
+    last = u.update(u.message(CAT, u.private(CAT), text="/img low a cat"))
+    tg.push(last)
+    tg.wait_for(lambda: tg.texts(BOB["id"]) and tg.texts(CAT["id"]))
+    # Telegram hands an update out again until a later getUpdates confirms it; wait for that,
+    # so the kill tests the bot and not Telegram's at-least-once delivery.
+    tg.wait_for(lambda: tg.confirmed > last["update_id"])
+    accepted = ["low a red kite", "low a hanging lamp", "low a bell", "low a cat"]
+    tg.wait_for(lambda: sorted(rows(tmp_path)) == sorted(accepted))
+
+    assert first.stop(signal.SIGKILL, within=10) == -signal.SIGKILL
+    before = rows(tmp_path)
+    assert [r["status"] for r in before.values()] == ["succeeded", *["reserved"] * 3]
+    assert before["low a hanging lamp"]["started_at"] is not None  # it was drawing
+    assert before["low a bell"]["started_at"] is None  # these were waiting
+    time.sleep(1.1)  # all three reservations are now older than JOB_TIMEOUT
+
+    second = start(**settings)
+    after = rows(tmp_path)
+    assert list(after) == accepted  # nothing lost, nothing added
+    dan = after["low a red kite"]
+    assert dict(dan) == dict(before["low a red kite"])
+    # The documented rule: the job that was drawing may have been billed upstream, so it is
+    # unsettled, counted at its estimate, until an admin refunds; the queued ones never
+    # reached the upstream and are released at 0.
+    lamp = after["low a hanging lamp"]
+    assert lamp["status"] == "unsettled"
+    assert lamp["charged"] == lamp["estimated_credits"] > 0
+    assert lamp["actual_credits"] is None
+    for command in accepted[2:]:
+        job = after[command]
+        assert job["status"] == "failed" and job["error_code"] == "interrupted"
+        assert job["charged"] == job["actual_credits"] == 0
+    assert "now unsettled: 2" in second.output()
+
+    # Eve presses "vary" under Dan's result from before the crash: it still works.
+    tg.push(u.callback(EVE, dan_photo.result, f"j:{dan['id']}:vary"))
+    [vary] = tg.wait_for(lambda: tg.of("sendPhoto", ok=True)[1:])
+    assert tg.of("answerCallbackQuery", ok=True)
+    assert vary.chat_id == GROUP["id"]
+    assert vary.params["reply_parameters"]["message_id"] == dan_photo.result["message_id"]
+    assert json.loads(dan["result_refs"])[0] in tg.downloads  # refetched by its file_id
+    assert second.stop(signal.SIGTERM, within=20) == 0
+
+    final = sqlite3.connect(tmp_path / "data" / "imgbot.db")
+    final.row_factory = sqlite3.Row
+    jobs = final.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+    assert [(j["id"], j["status"]) for j in jobs] == [
+        (1, "succeeded"),
+        (2, "unsettled"),
+        (3, "failed"),
+        (4, "failed"),
+        (5, "succeeded"),
+    ]
+    eve = jobs[4]
+    assert eve["user_key"] == f"telegram:{EVE['id']}" and eve["command_text"] == "low a red kite"
+    assert eve["actual_credits"] == pytest.approx(exact_credits(eve))
+    # Only three calls ever went upstream: Dan's, Ann's (cut off), Eve's. No job ran twice.
+    assert len(images.api_requests) == 3
+    assert_no_secrets(first.output(), second.output())
+
+
+# --- backups ------------------------------------------------------------------------------
+def problems(path: Path) -> list[str]:
+    """Return what is wrong with a copy of the ledger (empty: whole and consistent)."""
+    found: list[str] = []
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        check = [r[0] for r in db.execute("PRAGMA integrity_check")]
+        if check != ["ok"]:
+            return [f"integrity: {check[:3]}"]
+        found += [f"foreign key: {tuple(r)}" for r in db.execute("PRAGMA foreign_key_check")]
+        seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()
+        top = db.execute("SELECT MAX(id) FROM jobs").fetchone()[0]
+        if (seq[0] if seq else None) != top:
+            found.append(f"sqlite_sequence {seq[0] if seq else None} != max(id) {top}")
+        for job in db.execute("SELECT * FROM jobs"):
+            if job["status"] == "succeeded" and (
+                job["actual_credits"] is None or not job["usage_json"] or not job["finished_at"]
+            ):
+                found.append(f"job {job['id']} succeeded without its charge")
+            if job["status"] not in ("reserved", "succeeded"):
+                found.append(f"job {job['id']} is {job['status']}")
+        spent = db.execute(
+            "SELECT user_key, SUM(charged) AS total FROM job_charges GROUP BY user_key"
+        ).fetchall()
+        found += [f"{r['user_key']} over its limit" for r in spent if r["total"] > LIMIT]
+    except sqlite3.DatabaseError as err:
+        found.append(f"unreadable: {err}")
+    finally:
+        db.close()
+    return found
+
+
+LIMIT = 50_000.0
+SPEC = JobSpec("low a cat", "gpt-image-2", "1024x1024", "low", 1, 0, "{}")
+USAGE = Usage(text_input_tokens=12, image_output_tokens=196)
+
+
+async def open_ledger(path: Path) -> Ledger:
+    return await Ledger.open(path, Limits(user_daily=LIMIT))
+
+
+async def write_jobs(ledger: Ledger, count: int, *, first_user: int = 0, users: int = 7) -> None:
+    """Reserve and settle `count` jobs (two transactions each) across several users."""
+    for i in range(count):
+        who = Requester("telegram", str(first_user + i % users), "-42", f"User {i % users}")
+        job_id = await ledger.reserve(who, SPEC, 560.0)
+        await ledger.settle(job_id, 557.0 + i % 3, USAGE)
+
+
+def checkpoint(path: Path) -> None:
+    """Move everything from the -wal into the .db and empty the -wal (what SQLite does now
+    and then on its own while the bot runs)."""
+    with sqlite3.connect(path) as db:
+        busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        assert busy == 0
+
+
+async def test_backup_while_the_ledger_is_written_is_whole_and_consistent(
+    tmp_path: Path,
+) -> None:
+    live = tmp_path / "data" / "imgbot.db"
+    ledger = await open_ledger(live)
+    stop = asyncio.Event()
+
+    async def writer() -> int:
+        written = 0
+        while not stop.is_set():
+            await write_jobs(ledger, 5, first_user=written)
+            written += 5
+        return written
+
+    task = asyncio.create_task(writer())
+    try:
+        counts = []
+        for n in range(4):
+            await asyncio.sleep(0.05)
+            if n == 0:  # the command an operator runs, while the bot writes
+                command = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "bots.cli",
+                    "backup",
+                    str(tmp_path / "b" / "0.db"),
+                    cwd=tmp_path,
+                    env={
+                        **os.environ,
+                        "PYTHONPATH": str(ROOT),
+                        "DATABASE_URL": f"sqlite:///{live}",
+                    },
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                out, err = await command.communicate()
+                assert command.returncode == 0, err.decode()
+                assert "backup written" in out.decode()
+            else:
+                from bots.backup import backup_database
+
+                await asyncio.to_thread(backup_database, live, tmp_path / "b" / f"{n}.db")
+            copy = tmp_path / "b" / f"{n}.db"
+            assert problems(copy) == []
+            with sqlite3.connect(copy) as db:
+                assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+                counts.append(db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+            assert not await asyncio.to_thread(Path(f"{copy}-wal").exists)  # one file, no -wal
+    finally:
+        stop.set()
+        written = await task
+        await ledger.close()
+    assert counts == sorted(counts) and counts[-1] > 0  # snapshots of a growing ledger
+    assert counts[-1] < written  # the writer really went on during the backups
+    assert not list((tmp_path / "b").glob("*.part"))
+
+
+async def test_copying_the_raw_files_of_a_running_ledger_is_not_a_backup(tmp_path: Path) -> None:
+    live = tmp_path / "data" / "imgbot.db"
+    wal = Path(f"{live}-wal")
+    ledger = await open_ledger(live)
+    try:
+        await write_jobs(ledger, 10)
+        checkpoint(live)
+
+        # 1. The .db file alone misses every commit still in the -wal.
+        await write_jobs(ledger, 10)
+        shutil.copy(live, tmp_path / "db-only.db")
+        assert problems(tmp_path / "db-only.db") == []
+        with sqlite3.connect(tmp_path / "db-only.db") as db:
+            assert db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 10  # not 20
+
+        # 2. The .db and the -wal copied together, with nothing written in between: whole.
+        shutil.copy(live, tmp_path / "pair.db")
+        shutil.copy(wal, tmp_path / "pair.db-wal")
+        assert problems(tmp_path / "pair.db") == []
+
+        # 3. The .db copied, then SQLite checkpoints and the bot writes on, then the -wal is
+        #    copied: a torn pair. SQLite opens it without a word, but the rows disagree.
+        checkpoint(live)
+        shutil.copy(live, tmp_path / "torn.db")
+        newcomer = Requester("telegram", "999", "-42", "Newcomer")
+        job_id = await ledger.reserve(newcomer, SPEC, 560.0)  # a new user and a new job
+        checkpoint(live)  # ...moved into the .db after the copy was taken
+        await ledger.settle(job_id, 557.0, USAGE)  # ...and the job's page changes again
+        shutil.copy(wal, tmp_path / "torn.db-wal")
+        torn = problems(tmp_path / "torn.db")
+        assert torn, "the torn copy looked consistent"
+
+        # The online backup of the same moment is whole.
+        from bots.backup import backup_database
+
+        backup_database(live, tmp_path / "backup.db")
+        assert problems(tmp_path / "backup.db") == []
+    finally:
+        await ledger.close()
+
+
+def test_backup_refuses_to_overwrite_the_live_database(tmp_path: Path) -> None:
+    from bots.backup import BackupError, backup_database
+
+    live = tmp_path / "imgbot.db"
+    asyncio.run(_touch_ledger(live))
+    with pytest.raises(BackupError, match="live database"):
+        backup_database(live, live)
+    with pytest.raises(BackupError, match="no database"):
+        backup_database(tmp_path / "missing.db", tmp_path / "copy.db")
+    assert not (tmp_path / "missing.db").exists()
+    (tmp_path / "folder").mkdir()
+    report = backup_database(live, tmp_path / "folder")
+    assert report.path == tmp_path / "folder" / "imgbot.db" and problems(report.path) == []
+
+
+async def _touch_ledger(path: Path) -> None:
+    ledger = await open_ledger(path)
+    await ledger.close()
