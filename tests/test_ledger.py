@@ -130,12 +130,12 @@ def build_v1_database(path: Path) -> None:
         job = (
             "INSERT INTO jobs (user_key, chat_key, platform, display_name, command_text,"
             " request_json, model, size, quality, n, reference_count, status,"
-            " estimated_credits, actual_credits, usage_json, created_at)"
+            " estimated_credits, actual_credits, usage_json, created_at, started_at)"
             " VALUES ('telegram:1', 'telegram:-9', 'telegram', 'Old Ann', '/img a', '{}',"
-            " 'gpt-image-1', '1024x1024', 'low', 1, 0, ?, ?, ?, ?, ?)"
+            " 'gpt-image-1', '1024x1024', 'low', 1, 0, ?, ?, ?, ?, ?, ?)"
         )
-        raw.execute(job, ("succeeded", 300.0, 120.0, '{"image_output_tokens": 272}', t))
-        raw.execute(job, ("reserved", 250.0, None, None, t))
+        raw.execute(job, ("succeeded", 300.0, 120.0, '{"image_output_tokens": 272}', t, t))
+        raw.execute(job, ("reserved", 250.0, None, None, t, t))
     raw.close()
 
 
@@ -747,3 +747,18 @@ async def test_cancelled_calls_leave_the_ledger_usable(db_path: Path, clock: Clo
             job_id = await ledger.reserve(who("2"), SPEC, 10)
             assert await ledger.settle(job_id, 5, None)
         assert (await ledger.spend_report("telegram:2")).today == 12 * 5
+
+
+async def test_recovery_releases_jobs_that_never_started(db_path: Path, clock: Clock) -> None:
+    async with await open_ledger(db_path, clock, user_daily=10000) as ledger:
+        drawing = await ledger.reserve(who("1"), SPEC, 700)
+        await ledger.mark_started(drawing)
+        queued = await ledger.reserve(who("1"), SPEC, 900)
+    clock.advance(seconds=1000)
+    async with await open_ledger(db_path, clock, user_daily=10000) as ledger:
+        # Only the job that reached the upstream may have been billed.
+        assert await ledger.recover_stale(900) == [drawing]
+        released = await ledger.get_job(queued)
+        assert released is not None and released.status is JobStatus.FAILED
+        assert released.actual_credits == 0 and released.error_code == "interrupted"
+        assert (await ledger.spend_report("telegram:1")).today == pytest.approx(700)
