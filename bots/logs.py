@@ -83,5 +83,7 @@ def setup_logging(settings: Settings, *, level: str | None = None, stream=None) 
     # httpx logs every URL at INFO, and Telegram's URLs contain the bot token.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
-    logging.getLogger("discord").setLevel(max(logging.INFO, root.level))
+    # At DEBUG these log the bot URL (token inside) and every SQL statement with its values.
+    for noisy in ("discord", "telegram", "aiosqlite"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))
     return handler

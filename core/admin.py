@@ -16,6 +16,8 @@ only run `chatlimit` and `chats` for their own chat: their power ends at their s
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -28,10 +30,15 @@ from core.service import ImageService
 
 ADMIN_COMMANDS = ("limit", "chatlimit", "refund", "block", "unblock", "top", "chats", "unsettled")
 CHAT_ADMIN_COMMANDS = ("chatlimit", "chats")
+_JOB_ID = re.compile(r"#?[0-9]{1,19}")
 
 
 def _key(word: str, platform: str) -> str:
-    return word if ":" in word else f"{platform}:{word}"
+    key = word if ":" in word else f"{platform}:{word}"
+    name, _, ident = key.partition(":")
+    if not name or not ident:
+        raise PromptError("admin.usage")
+    return key
 
 
 def _amount_arg(value: str) -> float | None:
@@ -41,7 +48,8 @@ def _amount_arg(value: str) -> float | None:
         amount = float(value)
     except ValueError:
         raise PromptError("admin.bad_amount", value=value) from None
-    if amount < 0:
+    # float() also reads "nan", "inf" and "1e999"; none of them is a limit.
+    if not math.isfinite(amount) or amount < 0:
         raise PromptError("admin.bad_amount", value=value)
     return amount
 
@@ -105,7 +113,8 @@ async def run_admin(service: ImageService, requester: Requester, name: str, args
         await ledger.set_chat_limit(chat_key, values["daily"])
         return text(lang, "admin.chatlimit_set", who=chat_key, daily=_limit(lang, values["daily"]))
     if name == "refund":
-        if len(args) != 1 or not args[0].lstrip("#").isdigit():
+        # ASCII digits only, and few: "²".isdigit() is true, and int() of 5,000 digits raises.
+        if len(args) != 1 or not _JOB_ID.fullmatch(args[0]):
             raise PromptError("admin.usage")
         job = await ledger.refund(int(args[0].lstrip("#")), by=requester.user_key)
         return text(lang, "refund.done", job_id=job.id, credits=job.refunded_credits, user=job.user_key)

@@ -34,6 +34,17 @@ if TYPE_CHECKING:
     from core.pricing import Usage
 
 
+# A message quotes what the user typed; a 4,000-character "word" must not make it longer
+# than a chat message may be.
+SHOWN_MAX = 200
+
+
+def _clip(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > SHOWN_MAX:
+        return value[: SHOWN_MAX - 1] + "…"
+    return value
+
+
 class ImgbotError(Exception):
     """Base of every error imgbot raises on purpose."""
 
@@ -50,7 +61,7 @@ class ImgbotError(Exception):
         """Render the message fit to show the user, in their language."""
         from core.messages import text
 
-        return text(lang, self.key, **self.params)
+        return text(lang, self.key, **{k: _clip(v) for k, v in self.params.items()})
 
     @property
     def code(self) -> str:

@@ -29,6 +29,14 @@ than drawn into the picture. A bare `auto` is the ratio; quality auto is `--q au
 Anything malformed — or contradictory (two ratios, a size and a ratio, a size and a tier) —
 raises `PromptError(key, **params)`; every such message says what was wrong and shows a
 correct example.
+
+Hostile or broken text (`clean_text`, applied first): line breaks become `\n`; other
+whitespace control characters become spaces; every other control character (NUL, ESC, DEL,
+C1) and any lone surrogate is dropped, so what reaches the API and the ledger is valid UTF-8
+without terminal escapes. Invisible format characters (zero-width spaces and joiners, bidi
+marks, BOM) are ignored inside option words (`16:9\u200b` is 16:9) and trimmed from the ends
+of the prompt, but kept inside it (emoji ZWJ sequences, right-to-left text). A prompt with
+nothing visible is empty. Combining marks are text: `16:9\u0301` starts the prompt.
 """
 
 from __future__ import annotations
@@ -157,10 +165,30 @@ _FLAG = re.compile(r"--([a-z][a-z0-9_-]*)(?:=(.*))?", re.DOTALL)
 _KEY_VALUE = re.compile(r"([a-z]+)=(.+)", re.DOTALL)
 _MODEL_LIKE = re.compile(r"(gpt-image|dall-e)[-.\w]*")
 _SATURATED = 10**9  # numbers longer than 9 digits are all "too big" (and int() stays cheap)
+# Far beyond any prompt; refused before tokenising, so a pasted novel costs no CPU.
+MAX_COMMAND_CHARS = 4 * MAX_PROMPT_CHARS
+_LINE_BREAKS = re.compile(r"\r\n?")
+_SPACE_CONTROLS = re.compile(r"[\x0b\x0c\x1c-\x1f\x85]")
+# C0 except tab and newline, DEL, C1, and lone surrogates (unencodable as UTF-8).
+_DROPPED = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ud800-\udfff]")
+# Invisible format characters: soft hyphen, Mongolian vowel separator, zero-width space /
+# joiners, bidi marks, embeddings and isolates, word joiner and friends, BOM.
+_INVISIBLE = "\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff"
+_INVISIBLE_CHARS = re.compile(f"[{_INVISIBLE}]")
+_EDGES = re.compile(f"^[\\s{_INVISIBLE}]+|[\\s{_INVISIBLE}]+$")
+_VISIBLE = re.compile(f"[^\\s{_INVISIBLE}\\u0300-\\u036f\\ufe00-\\ufe0f]")
+
+
+def clean_text(text: str) -> str:
+    """Return command text safe to parse, send and store (see the module docstring)."""
+    text = _LINE_BREAKS.sub("\n", text)
+    text = _SPACE_CONTROLS.sub(" ", text)
+    return _DROPPED.sub("", text)
 
 
 def _fold(token: str) -> str:
     """Fold an option token: NFKC (full-width → ASCII), lower case, ratio sign → colon."""
+    token = _INVISIBLE_CHARS.sub("", token)
     folded = unicodedata.normalize("NFKC", token).lower().replace("∶", ":")
     # Phones "smarten" -- into an em or en dash; undo that for the flags we know.
     if folded[:1] in ("—", "–") and folded[1:].split("=", 1)[0] in FLAG_NAMES:
@@ -171,6 +199,18 @@ def _fold(token: str) -> str:
 def _number(digits: str) -> int:
     digits = digits.lstrip("0") or "0"
     return int(digits) if len(digits) <= 9 else _SATURATED
+
+
+def _ratio_numbers(first: str, second: str) -> tuple[int, int]:
+    # Saturating each side alone would read 20000000000:10000000000 as 1:1; scale both
+    # down together instead, which keeps the shape (and int() cheap).
+    first, second = first.lstrip("0") or "0", second.lstrip("0") or "0"
+    cut = max(len(first), len(second)) - 9
+    if cut <= 0:
+        return int(first), int(second)
+    p, q = int(first[:-cut] or "0"), int(second[:-cut] or "0")
+    # A side that vanished is tiny next to the other, not zero: still refused as too wide.
+    return p or int(first != "0"), q or int(second != "0")
 
 
 @dataclass
@@ -211,7 +251,7 @@ class _Reader:
     def bare(self, folded: str, shown: str, asked: _Asked) -> bool:
         """Apply one bare option token; False when it is not an option (the prompt starts)."""
         if m := _RATIO.fullmatch(folded):
-            p, q = _number(m[1]), _number(m[2])
+            p, q = _ratio_numbers(m[1], m[2])
             check_ratio(p, q, shown)
             asked.set("ratio", (p, q), f"{m[1]}:{m[2]}")
         elif folded == "auto":
@@ -343,6 +383,9 @@ def parse_command(
         force_tier = force_tier.strip().upper()
         if force_tier not in TIERS:
             raise ValueError(f"force_tier must be one of {', '.join(TIERS)}, not {force_tier!r}")
+    text = clean_text(text)
+    if len(text) > MAX_COMMAND_CHARS:
+        raise PromptError("prompt.too_long", length=f"{len(text):,}", limit=f"{MAX_PROMPT_CHARS:,}")
     reader = _Reader(defaults)
     asked = _Asked()
     tokens = [(m[0], _fold(m[0]), m.start(), m.end()) for m in re.finditer(r"\S+", text)]
@@ -383,8 +426,8 @@ def parse_command(
         for name, value, shown, given in pairs:
             reader.flag(name, value, shown, asked, given)
 
-    prompt = text[tokens[start][2] : tokens[end - 1][3]].strip() if start < end else ""
-    if not prompt:
+    prompt = _EDGES.sub("", text[tokens[start][2] : tokens[end - 1][3]]) if start < end else ""
+    if not _VISIBLE.search(prompt):
         raise PromptError("prompt.empty")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise PromptError(
@@ -418,15 +461,21 @@ def _build(
         if output_format == "jpeg":
             raise PromptError("prompt.transparent_jpeg", format=asked.shown["format"])
         output_format = output_format or "png"
-    choice = resolve_size(
-        model,
-        ratio=ratio,
-        tier=tier,
-        default_tier=defaults.tier,
-        size=size,
-        reference_size=reference_size,
-        has_references=has_references,
-    )
+    try:
+        choice = resolve_size(
+            model,
+            ratio=ratio,
+            tier=tier,
+            default_tier=defaults.tier,
+            size=size,
+            reference_size=reference_size,
+            has_references=has_references,
+        )
+    except PromptError as err:
+        if size is not None and _SATURATED in size and "size" in err.params:
+            # A huge number was read as "too big"; quote the size as typed, not as read.
+            err.params["size"] = asked.shown["size"]
+        raise
     shown_ratio = None
     if ratio == "auto":
         shown_ratio = "auto"

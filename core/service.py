@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from core.config import Settings
@@ -31,7 +31,7 @@ from core.jobqueue import FairQueue, RateLimiter, Ticket
 from core.ledger import JobRecord, JobSpec, Ledger, SpendReport
 from core.messages import language_of
 from core.pricing import PriceTable, estimate_credits
-from core.prompt import ImageRequest, PromptDefaults, parse_command
+from core.prompt import ImageRequest, PromptDefaults, clean_text, parse_command
 from core.requester import Requester
 from core.sizes import TIERS
 
@@ -130,9 +130,11 @@ class ImageService:
             chat_ok = requester.chat_key is not None and requester.chat_key in s.allowed_chats
             if not chat_ok:
                 raise AccessDenied("access.not_allowed", silent=silent)
-        if s.allowed_chats and requester.chat_key is not None:
-            user_ok = requester.user_key in s.allowed_users
-            if requester.chat_key not in s.allowed_chats and not user_ok:
+        if s.allowed_chats and requester.user_key not in s.allowed_users:
+            # A private chat is not on the chat list either: only listed users draw there.
+            if requester.chat_key is None:
+                raise AccessDenied("access.not_allowed", silent=silent)
+            if requester.chat_key not in s.allowed_chats:
                 raise AccessDenied("access.chat_not_allowed", silent=silent)
         if await self.ledger.is_blocked(requester.user_key, requester.chat_key):
             raise AccessDenied("access.blocked", silent=silent)
@@ -174,6 +176,10 @@ class ImageService:
         lang = language_of(requester.language)
         if self._closing:
             raise Cancelled("job.shutting_down")
+        # Platform JSON may carry lone surrogates or control characters; SQLite and the API
+        # take neither, so the ledger stores (and a replay parses) the cleaned text.
+        text = clean_text(text)
+        requester = replace(requester, display_name=clean_text(requester.display_name))
         await self.check_access(requester)
         # Parse before counting the request, so a typo does not use up the user's minute.
         refs = await prepare_references(
@@ -374,6 +380,8 @@ class ImageService:
         progress: ProgressCallback | None = None,
     ) -> DrawOutcome:
         """Rerun a stored job ("again", "4k") or vary its result ("vary"); the presser pays."""
+        # Before any lookup or download: a stranger learns nothing and costs nothing.
+        await self.check_access(requester)
         job = await self.ledger.get_job(job_id)
         if job is None:
             raise JobNotFound(job_id=job_id)
