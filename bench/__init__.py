@@ -1,0 +1,1 @@
+"""The imgbot benchmark: what the bot adds on top of the image API, and how it scales."""
