@@ -22,7 +22,6 @@ actions do not). Its clock is a `Timebase`, so a test can run it scaled with the
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import math
 import threading
@@ -35,9 +34,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-from PIL import Image
-
 from bots.telegram_flood import Timebase
+from tests.telegram_objects import BotObjects
 
 BOT_ID = 123456789
 BOT_USERNAME = "ThisBot"
@@ -139,7 +137,7 @@ class _Flood:
         return 0.0
 
 
-class FakeBotApiServer:
+class FakeBotApiServer(BotObjects):
     """A Bot API server on 127.0.0.1 that records every call and answers like Telegram."""
 
     def __init__(
@@ -339,86 +337,11 @@ class FakeBotApiServer:
         return 200, json.dumps({"ok": True, "result": batch}).encode(), "application/json"
 
     # --- answers (called with the lock held) -----------------------------------------
-    def bot_user(self) -> dict[str, Any]:
-        """Return the bot's User object."""
-        return {
-            "id": self.bot_id,
-            "is_bot": True,
-            "first_name": "Img Bot",
-            "username": self.username,
-            "can_join_groups": True,
-            "can_read_all_group_messages": False,
-            "supports_inline_queries": False,
-        }
-
-    def _next_id(self) -> int:
-        self._ids += 1
-        return self._ids
-
-    def _message(self, params: dict[str, Any], **content: Any) -> dict[str, Any]:
+    def _chat_id(self, params: dict[str, Any]) -> int:
         chat_id = params.get("chat_id")
         if not isinstance(chat_id, int):
             raise _BadRequest("chat not found")
-        chat: dict[str, Any] = (
-            {"id": chat_id, "type": "private", "first_name": "User"}
-            if chat_id > 0
-            else {"id": chat_id, "type": "supergroup", "title": "Group"}
-        )
-        message: dict[str, Any] = {
-            "message_id": self._next_id(),
-            "date": int(time.time()),
-            "chat": chat,
-            "from": self.bot_user(),
-            **content,
-        }
-        if params.get("message_thread_id"):
-            message["message_thread_id"] = params["message_thread_id"]
-        if params.get("reply_markup"):
-            message["reply_markup"] = params["reply_markup"]
-        reply = params.get("reply_parameters")
-        if isinstance(reply, dict) and reply.get("message_id"):
-            message["reply_to_message"] = {
-                "message_id": reply["message_id"],
-                "date": int(time.time()),
-                "chat": chat,
-            }
-        return message
-
-    def _photo(self, upload: Upload) -> list[dict[str, Any]]:
-        n = self._next_id()
-        file_id = f"sent-photo-{n}"
-        self.files[file_id] = upload.data
-        with Image.open(io.BytesIO(upload.data)) as im:
-            width, height = im.size
-        scale = 90 / max(width, height)
-        return [
-            {
-                "file_id": f"{file_id}-thumb",
-                "file_unique_id": f"u-thumb-{n}",
-                "width": max(1, int(width * scale)),
-                "height": max(1, int(height * scale)),
-                "file_size": 1000,
-            },
-            {
-                "file_id": file_id,
-                "file_unique_id": f"u-photo-{n}",
-                "width": width,
-                "height": height,
-                "file_size": len(upload.data),
-            },
-        ]
-
-    def _document(self, upload: Upload) -> dict[str, Any]:
-        n = self._next_id()
-        file_id = f"sent-doc-{n}"
-        self.files[file_id] = upload.data
-        return {
-            "file_id": file_id,
-            "file_unique_id": f"u-doc-{n}",
-            "file_name": upload.filename,
-            "mime_type": upload.mime,
-            "file_size": len(upload.data),
-        }
+        return chat_id
 
     def _upload(self, files: dict[str, Upload], value: Any) -> Upload:
         name = str(value).removeprefix("attach://")

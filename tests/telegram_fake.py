@@ -24,6 +24,8 @@ from typing import Any
 from PIL import Image
 from telegram.request import BaseRequest, RequestData
 
+from tests.telegram_objects import BotObjects
+
 TOKEN = "123456789:AAFakeTokenForTests_DoNotLeak_0123456789"
 BOT_ID = 123456789
 BOT_USERNAME = "ThisBot"
@@ -70,7 +72,7 @@ def image_bytes(
     return out.getvalue()
 
 
-class FakeBotApi(BaseRequest):
+class FakeBotApi(BotObjects, BaseRequest):
     """Records every Bot API call and answers it like Telegram would."""
 
     def __init__(self, *, bot_id: int = BOT_ID, username: str = BOT_USERNAME) -> None:
@@ -170,83 +172,6 @@ class FakeBotApi(BaseRequest):
         return file_id
 
     # --- answers ----------------------------------------------------------------------
-    def bot_user(self) -> dict[str, Any]:
-        """Return the bot's User object."""
-        return {
-            "id": self.bot_id,
-            "is_bot": True,
-            "first_name": "Img Bot",
-            "username": self.username,
-            "can_join_groups": True,
-            "can_read_all_group_messages": False,
-            "supports_inline_queries": False,
-        }
-
-    def _next_id(self) -> int:
-        self._ids += 1
-        return self._ids
-
-    def _message(self, params: dict[str, Any], **content: Any) -> dict[str, Any]:
-        chat_id = int(params["chat_id"])
-        chat: dict[str, Any] = (
-            {"id": chat_id, "type": "private", "first_name": "User"}
-            if chat_id > 0
-            else {"id": chat_id, "type": "supergroup", "title": "Group"}
-        )
-        message = {
-            "message_id": self._next_id(),
-            "date": int(time.time()),
-            "chat": chat,
-            "from": self.bot_user(),
-            **content,
-        }
-        if params.get("reply_markup"):
-            message["reply_markup"] = params["reply_markup"]
-        reply = params.get("reply_parameters")
-        if isinstance(reply, dict) and reply.get("message_id"):
-            message["reply_to_message"] = {
-                "message_id": reply["message_id"],
-                "date": int(time.time()),
-                "chat": chat,
-            }
-        return message
-
-    def _photo(self, upload: UploadedFile) -> list[dict[str, Any]]:
-        n = self._next_id()
-        file_id = f"sent-photo-{n}"
-        self.files[file_id] = upload.data
-        width, height = upload.size
-        scale = 90 / max(width, height)
-        thumb = {
-            "file_id": f"sent-photo-{n}-thumb",
-            "file_unique_id": f"u-thumb-{n}",
-            "width": max(1, int(width * scale)),
-            "height": max(1, int(height * scale)),
-            "file_size": 1000,
-        }
-        return [
-            thumb,
-            {
-                "file_id": file_id,
-                "file_unique_id": f"u-photo-{n}",
-                "width": width,
-                "height": height,
-                "file_size": len(upload.data),
-            },
-        ]
-
-    def _document(self, upload: UploadedFile) -> dict[str, Any]:
-        n = self._next_id()
-        file_id = f"sent-doc-{n}"
-        self.files[file_id] = upload.data
-        return {
-            "file_id": file_id,
-            "file_unique_id": f"u-doc-{n}",
-            "file_name": upload.filename,
-            "mime_type": upload.mime,
-            "file_size": len(upload.data),
-        }
-
     def _answer(self, method: str, params: dict[str, Any], files: dict[str, UploadedFile]) -> Any:
         if method == "getMe":
             return self.bot_user()

@@ -1,0 +1,112 @@
+"""The Bot API objects both Telegram fakes answer with (messages, photos, documents).
+
+`tests.telegram_fake` (in-process, at PTB's request seam) and `tests.fake_botapi` (a real
+HTTP server) mix this in; each keeps `bot_id`, `username`, `files` and `_ids`.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any, Protocol
+
+from PIL import Image
+
+
+class SentFile(Protocol):
+    """What a fake received as an upload."""
+
+    data: bytes
+    filename: str
+    mime: str
+
+
+class BotObjects:
+    """Build the objects the Bot API returns for what the bot sent."""
+
+    bot_id: int
+    username: str
+    files: dict[str, bytes]
+    _ids: int
+
+    def bot_user(self) -> dict[str, Any]:
+        """Return the bot's User object."""
+        return {
+            "id": self.bot_id,
+            "is_bot": True,
+            "first_name": "Img Bot",
+            "username": self.username,
+            "can_join_groups": True,
+            "can_read_all_group_messages": False,
+            "supports_inline_queries": False,
+        }
+
+    def _next_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    def _chat_id(self, params: dict[str, Any]) -> int:
+        return int(params["chat_id"])
+
+    def _message(self, params: dict[str, Any], **content: Any) -> dict[str, Any]:
+        chat_id = self._chat_id(params)
+        chat: dict[str, Any] = (
+            {"id": chat_id, "type": "private", "first_name": "User"}
+            if chat_id > 0
+            else {"id": chat_id, "type": "supergroup", "title": "Group"}
+        )
+        message: dict[str, Any] = {
+            "message_id": self._next_id(),
+            "date": int(time.time()),
+            "chat": chat,
+            "from": self.bot_user(),
+            **content,
+        }
+        if params.get("message_thread_id"):
+            message["message_thread_id"] = params["message_thread_id"]
+        if params.get("reply_markup"):
+            message["reply_markup"] = params["reply_markup"]
+        reply = params.get("reply_parameters")
+        if isinstance(reply, dict) and reply.get("message_id"):
+            message["reply_to_message"] = {
+                "message_id": reply["message_id"],
+                "date": int(time.time()),
+                "chat": chat,
+            }
+        return message
+
+    def _photo(self, upload: SentFile) -> list[dict[str, Any]]:
+        n = self._next_id()
+        file_id = f"sent-photo-{n}"
+        self.files[file_id] = upload.data
+        with Image.open(io.BytesIO(upload.data)) as image:
+            width, height = image.size
+        scale = 90 / max(width, height)
+        return [
+            {
+                "file_id": f"{file_id}-thumb",
+                "file_unique_id": f"u-thumb-{n}",
+                "width": max(1, int(width * scale)),
+                "height": max(1, int(height * scale)),
+                "file_size": 1000,
+            },
+            {
+                "file_id": file_id,
+                "file_unique_id": f"u-photo-{n}",
+                "width": width,
+                "height": height,
+                "file_size": len(upload.data),
+            },
+        ]
+
+    def _document(self, upload: SentFile) -> dict[str, Any]:
+        n = self._next_id()
+        file_id = f"sent-doc-{n}"
+        self.files[file_id] = upload.data
+        return {
+            "file_id": file_id,
+            "file_unique_id": f"u-doc-{n}",
+            "file_name": upload.filename,
+            "mime_type": upload.mime,
+            "file_size": len(upload.data),
+        }
