@@ -12,11 +12,12 @@ COPY core ./core
 COPY bots ./bots
 # Installed the same way the README does: pip install of the project.
 RUN pip install --no-cache-dir . \
-    && useradd --create-home --uid 10001 imgbot \
+    && groupadd --gid 10001 imgbot \
+    && useradd --create-home --uid 10001 --gid 10001 imgbot \
     && mkdir -p /data \
     && chown imgbot:imgbot /data
 
-USER imgbot
+USER 10001:10001
 VOLUME ["/data"]
 HEALTHCHECK --interval=60s --timeout=10s --start-period=20s --retries=3 \
     CMD ["imgbot", "health"]
