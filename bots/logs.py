@@ -83,7 +83,7 @@ def setup_logging(settings: Settings, *, level: str | None = None, stream=None) 
     # httpx logs every URL at INFO, and Telegram's URLs contain the bot token.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
-    # At DEBUG these log the bot URL (token inside) and every SQL statement with its values.
-    for noisy in ("discord", "telegram", "aiosqlite"):
+    # At DEBUG the Telegram library logs the bot URL (token inside) and call parameters.
+    for noisy in ("discord", "telegram"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))
     return handler

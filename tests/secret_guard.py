@@ -3,9 +3,9 @@
 For every test, from its first fixture to its last teardown, it watches:
 
 - every log record of every logger — a handler on the root logger, and the root at DEBUG
-  for the test, so `httpx`, `telegram`, `discord`, `aiosqlite` and our own modules all
+  for the test, so `httpx`, `telegram`, `discord` and our own modules all
   speak. The per-library levels are the ones `bots.logs.setup_logging` gives them at
-  LOG_LEVEL=DEBUG (httpx and httpcore at WARNING; discord, telegram, aiosqlite at INFO), so
+  LOG_LEVEL=DEBUG (httpx and httpcore at WARNING; discord and telegram at INFO), so
   the guard sees what
   the most talkative production configuration could print. A record is checked as the
   production handler would print it, but WITHOUT its list of configured secrets: only the
@@ -70,7 +70,6 @@ PRODUCTION_LEVELS = {
     "httpcore": logging.WARNING,
     "discord": logging.INFO,
     "telegram": logging.INFO,
-    "aiosqlite": logging.INFO,
 }
 
 # The production scrubber with no configured secrets: its shape rules only.

@@ -21,12 +21,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
 import pytest
 
 from core.admin import ADMIN_COMMANDS, run_admin
 from core.config import Settings
 from core.errors import UpstreamError
+from core.ledger import LedgerConnection
 from core.messages import text
 from core.requester import Requester
 from core.runtime import open_service
@@ -484,14 +484,14 @@ async def test_no_value_ever_reaches_the_sql_text(
 ) -> None:
     # The dynamic half of the proof: every statement the ledger runs, with hostile values.
     statements: list[str] = []
-    for name in ("execute", "execute_fetchall", "execute_insert", "executemany"):
-        original = getattr(aiosqlite.Connection, name)
+    for name in ("execute", "executemany", "executescript"):
+        original = getattr(LedgerConnection, name)
 
         def recording(self: Any, sql: str, *args: Any, _original: Any = original, **kw: Any) -> Any:
             statements.append(sql)
             return _original(self, sql, *args, **kw)
 
-        monkeypatch.setattr(aiosqlite.Connection, name, recording)
+        monkeypatch.setattr(LedgerConnection, name, recording)
     config = settings(
         database_url=f"sqlite:///{tmp_path}/imgbot.db",
         admins=["cli:root"],
@@ -522,4 +522,5 @@ async def test_no_value_ever_reaches_the_sql_text(
         await service.ledger.export_csv(user_key=eve.user_key)
         assert (await service.ledger.get_user(eve.user_key)).display_name == MARK  # type: ignore[union-attr]
     assert len(statements) > 30
-    assert not [sql for sql in statements if MARK in sql or "DROP" in sql]
+    # (The ledger's own migration 3 drops and recreates a view; the payload drops a table.)
+    assert not [sql for sql in statements if MARK in sql or "DROP TABLE" in sql]

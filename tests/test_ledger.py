@@ -10,12 +10,16 @@ import random
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from contextlib import closing, suppress
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
+import core.ledger as ledger_module
 from core.errors import JobNotFound, LimitExceeded, UserError
 from core.ledger import (
     CSV_COLUMNS,
@@ -82,6 +86,39 @@ def db_path(tmp_path: Path) -> Path:
 
 async def open_ledger(path: Path, clock: Clock, **limits: float) -> Ledger:
     return await Ledger.open(path, Limits(**limits), clock=clock)
+
+
+def assert_totals_match_jobs(path: Path) -> None:
+    """Check the running totals against the jobs, worked out here from the raw rows."""
+    with closing(sqlite3.connect(path)) as raw:
+        totals = {
+            (scope, key, period): micro
+            for scope, key, period, micro in raw.execute(
+                "SELECT scope, key, period, micro_credits FROM spend_totals"
+            )
+        }
+        rows = raw.execute(
+            "SELECT user_key, chat_key, status, estimated_credits, actual_credits, created_at"
+            " FROM jobs"
+        ).fetchall()
+    micro: dict[tuple[str, str, str], int] = defaultdict(int)
+    credits: dict[tuple[str, str, str], float] = defaultdict(float)
+    jobs: dict[tuple[str, str, str], int] = defaultdict(int)
+    for user_key, chat_key, status, estimated, actual, created in rows:
+        cost = charged(status, estimated, actual)
+        day, month = created[:10], created[:7]
+        keys = [("user_daily", user_key, day), ("user_monthly", user_key, month)]
+        keys += [("global_daily", "", day)] + ([("chat_daily", chat_key, day)] if chat_key else [])
+        for key in keys:
+            # Whole micro-credits per job, rounded half up as SQLite's ROUND does.
+            micro[key] += int(cost * 1_000_000 + 0.5)
+            credits[key] += cost
+            jobs[key] += 1
+    for key in set(totals) | set(micro):
+        assert totals.get(key, 0) == micro[key], key
+        # ...and so within half a micro-credit per job of the float sum of what they cost.
+        slack = 0.5e-6 * jobs[key] + 1e-9
+        assert totals.get(key, 0) / 1e6 == pytest.approx(credits[key], abs=slack), key
 
 
 # --- opening and migrations ---------------------------------------------------------------
@@ -166,6 +203,74 @@ async def test_upgrade_from_v1_keeps_rows(db_path: Path, clock: Clock) -> None:
     with sqlite3.connect(db_path) as raw:
         assert raw.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 3
         assert raw.execute("SELECT COUNT(*) FROM users").fetchone()[0] == 1
+    assert_totals_match_jobs(db_path)
+
+
+def build_v2_database(path: Path) -> None:
+    """Make a database as the release before running totals left it, with jobs of every kind."""
+    build_v1_database(path)
+    raw = sqlite3.connect(path)
+    with raw:
+        for statement in MIGRATIONS[1].statements:
+            raw.execute(statement)
+        raw.execute(
+            "INSERT INTO schema_version VALUES (2, ?, ?)",
+            (MIGRATIONS[1].description, START.isoformat()),
+        )
+        t = (START - timedelta(hours=1)).isoformat(timespec="microseconds")
+        raw.execute(
+            "INSERT INTO users VALUES ('telegram:2', 'telegram', '2', 'Bo', NULL, NULL, NULL,"
+            " 0, ?, ?)",
+            (t, t),
+        )
+        job = (
+            "INSERT INTO jobs (user_key, chat_key, platform, display_name, command_text,"
+            " request_json, model, size, quality, n, reference_count, status,"
+            " estimated_credits, actual_credits, created_at, refunded_by)"
+            " VALUES (?, ?, 'telegram', '', '/img b', '{}', 'gpt-image-2', '1024x1024',"
+            " 'high', 1, 0, ?, ?, ?, ?, ?)"
+        )
+        yesterday, last_month = START - timedelta(days=1), datetime(2025, 2, 20, tzinfo=UTC)
+        for user, chat, status, estimated, actual, when, by in [
+            ("telegram:2", "telegram:-9", "succeeded", 500.0, 400.0, yesterday, None),
+            ("telegram:2", "telegram:-9", "unsettled", 700.0, None, START, None),
+            ("telegram:2", "telegram:-9", "refunded", 300.0, 300.0, START, "telegram:admin"),
+            ("telegram:2", None, "failed", 90.0, None, START, None),
+            ("telegram:2", None, "failed", 90.0, 33.333333, START, None),
+            ("telegram:1", None, "succeeded", 1000.0, 999.5, last_month, None),
+        ]:
+            created = when.isoformat(timespec="microseconds")
+            raw.execute(job, (user, chat, status, estimated, actual, created, by))
+    raw.close()
+
+
+async def test_upgrade_from_v2_backfills_the_running_totals(db_path: Path, clock: Clock) -> None:
+    build_v2_database(db_path)
+    async with await open_ledger(db_path, clock, chat_daily=1100, global_daily=10_000) as ledger:
+        assert await ledger.schema_version() == LATEST_VERSION == 3
+        assert_totals_match_jobs(db_path)
+        # Today: Ann 120 + 250 in chat -9; Bo 700 (unsettled) in -9, 33.333333 outside it.
+        assert await ledger.global_spent_today() == pytest.approx(370 + 700 + 33.333333)
+        report = await ledger.spend_report("telegram:2")
+        assert (report.today, report.month) == pytest.approx((733.333333, 1133.333333))
+        # The backfilled totals are what the limits now check.
+        with pytest.raises(LimitExceeded) as info:
+            await ledger.reserve(who("3", "-9"), SPEC, 31)
+        assert info.value.params["scope"] == "chat_daily"
+        assert info.value.params["remaining"] == pytest.approx(1100 - 1070)
+        with pytest.raises(LimitExceeded) as info:
+            await ledger.reserve(who("1"), SPEC, 131)  # Ann's own override: 500 a day
+        assert (info.value.params["scope"], info.value.params["remaining"]) == (
+            "user_daily",
+            pytest.approx(130),
+        )
+        await ledger.refund(4, by="telegram:admin")  # Bo's unsettled 700
+        await ledger.reserve(who("3", "-9"), SPEC, 31)
+    assert_totals_match_jobs(db_path)
+    with sqlite3.connect(db_path) as raw:
+        view = dict(raw.execute("SELECT id, charged FROM job_charges").fetchall())
+        rows = raw.execute("SELECT id, status, estimated_credits, actual_credits FROM jobs")
+        assert view == {i: charged(status, est, act) for i, status, est, act in rows}
 
 
 async def test_refuses_a_newer_schema(db_path: Path, clock: Clock) -> None:
@@ -431,6 +536,10 @@ async def test_a_chosen_language_sticks(db_path: Path, clock: Clock) -> None:
         assert (await ledger.get_user("telegram:1")).language == "zh"  # type: ignore[union-attr]
         await ledger.set_language("telegram:3", "en")
         assert (await ledger.get_user("telegram:3")).language == "en"  # type: ignore[union-attr]
+        # A language the platform tells us later fills one we did not know.
+        await ledger.reserve(who("4"), SPEC, 1)
+        await ledger.reserve(who("4", lang="de"), SPEC, 1)
+        assert (await ledger.get_user("telegram:4")).language == "de"  # type: ignore[union-attr]
 
 
 # --- a process killed mid-job ---------------------------------------------------------------
@@ -737,6 +846,7 @@ async def test_concurrent_reservations_never_overspend(db_path: Path, clock: Clo
 
 
 async def test_cancelled_calls_leave_the_ledger_usable(db_path: Path, clock: Clock) -> None:
+    tasks = []
     async with await open_ledger(db_path, clock) as ledger:
         for steps in range(12):
             task = asyncio.create_task(ledger.reserve(who("1"), SPEC, 10))
@@ -744,9 +854,51 @@ async def test_cancelled_calls_leave_the_ledger_usable(db_path: Path, clock: Clo
                 await asyncio.sleep(0)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            tasks.append(task)
             job_id = await ledger.reserve(who("2"), SPEC, 10)
             assert await ledger.settle(job_id, 5, None)
         assert (await ledger.spend_report("telegram:2")).today == 12 * 5
+    # A reservation whose caller was cancelled mid-call is released, not left counted until
+    # the next start-up; one whose caller got its id stays reserved.
+    kept = {task.result() for task in tasks if not task.cancelled()}
+    with sqlite3.connect(db_path) as raw:
+        rows = raw.execute(
+            "SELECT id, status, error_code, charged FROM jobs WHERE user_key = 'telegram:1'"
+        ).fetchall()
+    assert {job_id for job_id, status, _, _ in rows if status == "reserved"} == kept
+    released = [row[1:] for row in rows if row[0] not in kept]
+    assert released and set(released) == {("failed", "cancelled", 0)}
+    assert_totals_match_jobs(db_path)
+
+
+async def test_a_call_that_fails_after_writing_is_undone_alone(db_path: Path, clock: Clock) -> None:
+    def rename(name: str, fail: bool) -> Callable[[sqlite3.Connection], None]:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE users SET display_name = ? WHERE user_key = ?", (name, name))
+            if fail:
+                raise ValueError(name)
+
+        return write
+
+    async with await open_ledger(db_path, clock) as ledger:
+        for uid in ("a", "b", "c"):
+            await ledger.set_language(f"telegram:{uid}", "en")
+        # Keep the connection's thread busy while three calls queue up behind it: they then
+        # run as one batch, in one transaction (through the ledger's internal call path).
+        busy = threading.Event()
+        blocker = asyncio.ensure_future(ledger._write(lambda conn: busy.wait(10)))
+        calls = [
+            asyncio.ensure_future(ledger._write(rename(f"telegram:{uid}", uid == "b")))
+            for uid in ("a", "b", "c")
+        ]
+        await asyncio.sleep(0.05)
+        busy.set()
+        await blocker
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert outcomes[0] is None and outcomes[2] is None
+        assert isinstance(outcomes[1], ValueError)
+        names = [(await ledger.get_user(f"telegram:{u}")).display_name for u in "abc"]  # type: ignore[union-attr]
+        assert names == ["telegram:a", "", "telegram:c"]
 
 
 async def test_recovery_releases_jobs_that_never_started(db_path: Path, clock: Clock) -> None:
@@ -762,3 +914,199 @@ async def test_recovery_releases_jobs_that_never_started(db_path: Path, clock: C
         assert released is not None and released.status is JobStatus.FAILED
         assert released.actual_credits == 0 and released.error_code == "interrupted"
         assert (await ledger.spend_report("telegram:1")).today == pytest.approx(700)
+
+
+# --- running totals and the connection's thread ----------------------------------------------
+
+TOTALS_LIMITS = {
+    "user_daily": 1200.0,
+    "user_monthly": 6000.0,
+    "chat_daily": 1500.0,
+    "global_daily": 3000.0,
+}
+
+
+def assert_totals_within_limits(path: Path) -> None:
+    with closing(sqlite3.connect(path)) as raw:
+        for scope, key, micro in raw.execute("SELECT scope, key, micro_credits FROM spend_totals"):
+            assert micro / 1e6 <= TOTALS_LIMITS[scope] + 1e-6, (scope, key)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_running_totals_always_equal_the_sum_of_jobs(db_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    # Over the end of January, then of February: days and months roll over under the walk.
+    clock = Clock(datetime(2025, 1, 30, 21, 0, tzinfo=UTC))
+    users = [str(i) for i in range(5)]
+    chats = ["-1", "-2", None]
+    ids: list[int] = []
+    refusals: set[str] = set()
+    kinds = ["reserve", "settle", "fail", "fail_paid", "start", "unsettle", "refund", "recover"]
+    weights = [6, 3, 2, 1, 1, 1, 1, 0.3]
+
+    async with await open_ledger(db_path, clock, **TOTALS_LIMITS) as ledger:
+
+        def plan(kind: str) -> Callable[[], Awaitable[None]]:
+            """Draw one operation's random choices now, so a burst stays reproducible."""
+            user, chat = rng.choice(users), rng.choice(chats)
+            estimate = round(rng.uniform(0.5, 900), rng.choice([0, 2, 7]))
+            job_id = rng.choice(ids) if ids else 0
+            share = rng.random()  # of the estimate, for what an answer costs
+
+            async def run() -> None:
+                if kind == "reserve":
+                    try:
+                        ids.append(await ledger.reserve(who(user, chat), SPEC, estimate))
+                    except LimitExceeded as err:
+                        refusals.add(err.params["scope"])
+                        assert err.params["remaining"] < estimate
+                elif kind in ("settle", "fail_paid"):
+                    job = await ledger.get_job(job_id)
+                    if job is not None and kind == "settle":
+                        await ledger.settle(job_id, job.estimated_credits * share, None)
+                    elif job is not None:
+                        await ledger.fail(job_id, "moderation", job.estimated_credits * share)
+                elif kind == "fail":
+                    await ledger.fail(job_id, "unavailable")
+                elif kind == "start":
+                    await ledger.mark_started(job_id)
+                elif kind == "unsettle":
+                    await ledger.mark_unsettled(job_id)
+                elif kind == "refund":
+                    with suppress(UserError):
+                        await ledger.refund(job_id, by="telegram:admin")
+                else:
+                    await ledger.recover_stale(3600)
+
+            return run
+
+        for step in range(300):
+            if step == 150:
+                clock.now = datetime(2025, 2, 27, 20, 0, tzinfo=UTC)
+            clock.advance(minutes=rng.choice([1, 5, 30, 90, 240]))
+            if rng.random() < 0.1:
+                # Several at once: they share the connection thread's batches.
+                burst = [plan(rng.choices(kinds, weights)[0]) for _ in range(8)]
+                await asyncio.gather(*(run() for run in burst))
+            else:
+                await plan(rng.choices(kinds, weights)[0])()
+            if step % 25 == 0:
+                assert_totals_match_jobs(db_path)
+                assert_totals_within_limits(db_path)
+        assert_totals_match_jobs(db_path)
+        assert_totals_within_limits(db_path)
+        # The ledger's own answers agree with the totals too.
+        today = clock.now.date().isoformat()
+        with closing(sqlite3.connect(db_path)) as raw:
+            row = raw.execute(
+                "SELECT micro_credits FROM spend_totals"
+                " WHERE scope = 'global_daily' AND period = ?",
+                (today,),
+            ).fetchone()
+            statuses = {status for (status,) in raw.execute("SELECT DISTINCT status FROM jobs")}
+            periods = {period for (period,) in raw.execute("SELECT period FROM spend_totals")}
+        assert await ledger.global_spent_today() == (row[0] / 1e6 if row else 0)
+    # The walk went everywhere: every status, refusals by three limits, both month ends.
+    assert statuses == {status.value for status in JobStatus}
+    assert {"2025-01", "2025-02", "2025-03", "2025-01-31", "2025-02-01"} <= periods
+    assert refusals >= {"user_daily", "chat_daily", "global_daily"}
+
+
+async def test_a_jobs_owner_and_day_never_change(db_path: Path, clock: Clock) -> None:
+    async with await open_ledger(db_path, clock) as ledger:
+        job_id = await ledger.reserve(who("1", "-5"), SPEC, 100)
+        await ledger.reserve(who("1", "-5"), SPEC, 50)
+    with closing(sqlite3.connect(db_path)) as raw:
+        for column, value in [("created_at", "2020-01-01"), ("user_key", "telegram:2")]:
+            with pytest.raises(sqlite3.IntegrityError, match="never change"):
+                with raw:
+                    raw.execute(f"UPDATE jobs SET {column} = ? WHERE id = ?", (value, job_id))  # noqa: S608
+        # Other changes are fine, and deleting a job (by hand) takes it out of the totals.
+        with raw:
+            raw.execute("UPDATE jobs SET command_text = 'x' WHERE id = ?", (job_id,))
+            raw.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+    assert_totals_match_jobs(db_path)
+    async with await open_ledger(db_path, clock) as ledger:
+        assert (await ledger.spend_report("telegram:1")).today == 50
+        assert await ledger.global_spent_today() == 50
+
+
+async def test_refusals_and_grants_in_one_batch(db_path: Path, clock: Clock) -> None:
+    async with await open_ledger(db_path, clock, user_daily=1000) as ledger:
+        # 40 at once: the connection's thread runs them in a few batches; each refusal is
+        # rolled back alone, and every grant still counts for the next check in the batch.
+        outcomes = await asyncio.gather(
+            *(ledger.reserve(who("1", "-1"), SPEC, 100) for _ in range(40)),
+            ledger.refund(999, by="cli:root"),
+            ledger.reserve(who("2", "-1"), SPEC, 100),
+            return_exceptions=True,
+        )
+        granted = [o for o in outcomes[:40] if isinstance(o, int)]
+        refused = [o for o in outcomes[:40] if isinstance(o, LimitExceeded)]
+        assert (len(granted), len(refused)) == (10, 30)
+        assert all(err.params["remaining"] == 0 for err in refused)
+        assert isinstance(outcomes[40], JobNotFound)
+        assert isinstance(outcomes[41], int)
+        assert (await ledger.spend_report("telegram:1")).today == 1000
+        # The refusals wrote nothing: no job, and no row for a chat seen only in a refusal.
+        with pytest.raises(LimitExceeded):
+            await ledger.reserve(who("1", "-404"), SPEC, 1)
+        assert await ledger.get_chat("telegram:-404") is None
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 11
+    assert_totals_match_jobs(db_path)
+
+
+async def test_a_failed_transaction_fails_every_call_of_its_batch(
+    db_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ledger_module, "BUSY_TIMEOUT_MS", 200)
+    async with await open_ledger(db_path, clock) as ledger:
+        kept = await ledger.reserve(who("1"), SPEC, 10)
+        other = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another process holds the write lock too long
+            outcomes = await asyncio.gather(
+                *(ledger.reserve(who("2"), SPEC, 10) for _ in range(5)),
+                ledger.settle(kept, 5, None),
+                return_exceptions=True,
+            )
+            assert all(isinstance(o, sqlite3.OperationalError) for o in outcomes), outcomes
+            assert all("locked" in str(o) for o in outcomes)
+            # Readers are never blocked by a writer (WAL).
+            assert (await ledger.get_job(kept)).status is JobStatus.RESERVED  # type: ignore[union-attr]
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        # Nothing of the failed batch was written, and the ledger goes on.
+        assert await ledger.settle(kept, 5, None)
+        assert (await ledger.spend_report("telegram:2")).all_time == 0
+        await ledger.reserve(who("2"), SPEC, 10)
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 2
+
+
+async def test_a_writer_elsewhere_is_waited_for(db_path: Path, clock: Clock) -> None:
+    async with await open_ledger(db_path, clock) as ledger:
+        other = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        release = asyncio.get_running_loop().call_later(0.3, other.execute, "COMMIT")
+        try:
+            # Waits under the busy timeout: no "database is locked".
+            ids = await asyncio.gather(*(ledger.reserve(who("1"), SPEC, 10) for _ in range(5)))
+        finally:
+            release.cancel()
+            if other.in_transaction:
+                other.execute("ROLLBACK")
+            other.close()
+        assert sorted(ids) == list(range(1, 6))
+
+
+async def test_close_waits_for_calls_already_made(db_path: Path, clock: Clock) -> None:
+    ledger = await open_ledger(db_path, clock)
+    tasks = [asyncio.create_task(ledger.reserve(who("1"), SPEC, 10)) for _ in range(20)]
+    await asyncio.sleep(0)  # every call is queued on the connection's thread
+    await ledger.close()
+    assert sorted(await asyncio.gather(*tasks)) == list(range(1, 21))
+    with pytest.raises(RuntimeError, match="closed"):
+        await ledger.reserve(who("1"), SPEC, 10)
