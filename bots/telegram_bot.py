@@ -60,7 +60,7 @@ from bots.telegram_reply import (
 )
 from core.admin import ADMIN_COMMANDS, run_admin
 from core.config import Settings, SettingsError
-from core.errors import AccessDenied, ImgbotError
+from core.errors import ImgbotError
 from core.messages import language_of, text
 from core.reports import render_balance, render_caption, render_help, render_sizes
 from core.requester import Requester
@@ -175,7 +175,12 @@ class TelegramAdapter:
             references = await collect_references(
                 message, album, bot_id=self.app.bot.id, service=self.service, fetcher=self.fetcher
             )
-            return await self.service.draw(requester, prompt, references, progress)
+            # The message names the job: a redelivered update (Telegram sends again what a
+            # killed process fetched but never confirmed) must not draw and charge twice.
+            source = f"telegram:{message.chat.id}:{message.message_id}"
+            return await self.service.draw(
+                requester, prompt, references, progress, source_ref=source
+            )
 
         await self._run_job(requester, where_of(message), start)
 
@@ -204,6 +209,7 @@ class TelegramAdapter:
                 action,  # type: ignore[arg-type]
                 self.fetcher.fetch_ref,
                 progress,
+                source_ref=f"telegram:button:{query.id}",
             )
 
         await self._run_job(requester, where, start)
@@ -244,12 +250,11 @@ class TelegramAdapter:
                 return
             await status.close()
             await self.service.ledger.set_result_refs(outcome.job_id, [r for r in refs if r])
-        except AccessDenied as err:
+        except ImgbotError as err:
+            # A stranger in a group, or a message already handled: say nothing.
             if err.params.get("silent"):
                 await status.discard()
                 return
-            await status.fail(err.user_message(lang))
-        except ImgbotError as err:
             await status.fail(err.user_message(lang))
         except Exception:
             await self._say_internal_error(status, lang)

@@ -9,6 +9,7 @@
     │   ├── RateLimited              too many requests from this user
     │   ├── QueueFull                too many jobs waiting for this user
     │   ├── JobNotFound              a job id (button, refund) that is not there
+    │   ├── DuplicateJob             the same platform message was already turned into a job
     │   └── Cancelled                the job was cancelled before it ran
     └── UpstreamError                the image API failed; `detail` keeps the raw answer
         ├── ContentPolicyError       moderation_blocked
@@ -108,6 +109,10 @@ class QueueFull(UserError):
 
 class JobNotFound(UserError):
     key = "job.not_found"
+
+
+class DuplicateJob(UserError):
+    key = "job.duplicate"
 
 
 class Cancelled(UserError):

@@ -71,7 +71,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from core.errors import JobNotFound, LimitExceeded, UserError
+from core.errors import DuplicateJob, JobNotFound, LimitExceeded, UserError
 from core.pricing import Usage
 
 if TYPE_CHECKING:
@@ -292,6 +292,17 @@ MIGRATIONS: tuple[Migration, ...] = (
                END""",
         ),
     ),
+    Migration(
+        4,
+        "jobs.source_ref: the platform message a job came from, unique",
+        (
+            # Telegram hands an update out again when the process died before confirming it;
+            # the message it came from must not start (and charge) a second job.
+            "ALTER TABLE jobs ADD COLUMN source_ref TEXT",
+            "CREATE UNIQUE INDEX jobs_source_ref ON jobs (source_ref)"
+            " WHERE source_ref IS NOT NULL",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
@@ -331,6 +342,7 @@ class JobSpec:
     n: int
     reference_count: int
     request_json: str  # the serialised ImageRequest, so a button can rebuild it after a restart
+    source_ref: str | None = None  # the platform message or button press it came from
 
 
 @dataclass(frozen=True)
@@ -525,8 +537,8 @@ _INSERT_CHAT = (
 _INSERT_JOB = (
     "INSERT INTO jobs (user_key, chat_key, platform, display_name, command_text,"
     " request_json, model, size, quality, n, reference_count, status,"
-    " estimated_credits, created_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?, ?)"
+    " estimated_credits, created_at, source_ref)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?, ?, ?)"
 )
 # The status guard in the WHERE makes a second settle or fail a no-op.
 _FINISH_JOB = (
@@ -1000,6 +1012,12 @@ class Ledger:
         defaults = self._limits
 
         def reserve_on(conn: sqlite3.Connection) -> int:
+            if spec.source_ref is not None:
+                seen = _fetchone(
+                    conn, "SELECT id FROM jobs WHERE source_ref = ?", (spec.source_ref,)
+                )
+                if seen is not None:
+                    raise DuplicateJob(job_id=int(seen["id"]), silent=True)
             row = _fetchone(
                 conn,
                 _SELECT_FOR_RESERVE,
@@ -1077,6 +1095,7 @@ class Ledger:
                     spec.reference_count,
                     float(estimate),
                     now_iso,
+                    spec.source_ref,
                 ),
             ).lastrowid
             assert job_id is not None

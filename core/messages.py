@@ -343,6 +343,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "The bot is restarting; your job was not run and nothing was charged. Please send it again in a minute.",
         "zh": "机器人正在重启，任务未执行、未扣费。请稍后重新发送。",
     },
+    "job.duplicate": {
+        "en": "That message was already handled (job #{job_id}).",
+        "zh": "该消息已处理过（任务 #{job_id}）。",
+    },
     "job.no_result": {
         "en": "Job #{job_id} has no image to vary.",
         "zh": "任务 #{job_id} 没有可用于变体的图片。",

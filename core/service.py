@@ -171,8 +171,13 @@ class ImageService:
         progress: ProgressCallback | None = None,
         *,
         force_tier: str | None = None,
+        source_ref: str | None = None,
     ) -> DrawOutcome:
-        """Run one /img command end to end and return what to show."""
+        """Run one /img command end to end and return what to show.
+
+        `source_ref` names the platform message (or button press) the command came from;
+        the ledger refuses a second job from the same one (`DuplicateJob`, silent).
+        """
         lang = language_of(requester.language)
         if self._closing:
             raise Cancelled("job.shutting_down")
@@ -202,6 +207,7 @@ class ImageService:
                 {"request": _request_dict(request), "reference_refs": [r.ref for r in references]},
                 ensure_ascii=False,
             ),
+            source_ref=source_ref,
         )
         try:
             job_id = await self.ledger.reserve(requester, spec, estimate)
@@ -378,6 +384,8 @@ class ImageService:
         action: ReplayAction,
         fetch: Callable[[str], Awaitable[IncomingImage]],
         progress: ProgressCallback | None = None,
+        *,
+        source_ref: str | None = None,
     ) -> DrawOutcome:
         """Rerun a stored job ("again", "4k") or vary its result ("vary"); the presser pays."""
         # Before any lookup or download: a stranger learns nothing and costs nothing.
@@ -398,6 +406,7 @@ class ImageService:
             refs,
             progress,
             force_tier="4K" if action == "4k" else None,
+            source_ref=source_ref,
         )
 
     async def job(self, job_id: int) -> JobRecord | None:

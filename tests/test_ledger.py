@@ -247,7 +247,7 @@ def build_v2_database(path: Path) -> None:
 async def test_upgrade_from_v2_backfills_the_running_totals(db_path: Path, clock: Clock) -> None:
     build_v2_database(db_path)
     async with await open_ledger(db_path, clock, chat_daily=1100, global_daily=10_000) as ledger:
-        assert await ledger.schema_version() == LATEST_VERSION == 3
+        assert await ledger.schema_version() == LATEST_VERSION == 4
         assert_totals_match_jobs(db_path)
         # Today: Ann 120 + 250 in chat -9; Bo 700 (unsettled) in -9, 33.333333 outside it.
         assert await ledger.global_spent_today() == pytest.approx(370 + 700 + 33.333333)
@@ -1110,3 +1110,21 @@ async def test_close_waits_for_calls_already_made(db_path: Path, clock: Clock) -
     assert sorted(await asyncio.gather(*tasks)) == list(range(1, 21))
     with pytest.raises(RuntimeError, match="closed"):
         await ledger.reserve(who("1"), SPEC, 10)
+
+
+async def test_one_source_message_makes_one_job(db_path: Path, clock: Clock) -> None:
+    from dataclasses import replace
+
+    from core.errors import DuplicateJob
+
+    spec = replace(SPEC, source_ref="telegram:-100:42")
+    async with await open_ledger(db_path, clock, user_daily=10000) as ledger:
+        first = await ledger.reserve(who("1"), spec, 100)
+        with pytest.raises(DuplicateJob) as info:
+            await ledger.reserve(who("1"), spec, 100)
+        assert info.value.params["job_id"] == first and info.value.params["silent"]
+        other = await ledger.reserve(who("1"), replace(SPEC, source_ref="telegram:-100:43"), 100)
+        assert other == first + 1
+        await ledger.reserve(who("1"), SPEC, 100)  # no source: never a duplicate
+        await ledger.reserve(who("1"), SPEC, 100)
+        assert (await ledger.spend_report("telegram:1")).today == pytest.approx(400)

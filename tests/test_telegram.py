@@ -695,3 +695,21 @@ async def test_status_message_edits_sparingly() -> None:
 
 def status_id(api: FakeBotApi) -> int:
     return int(api.of("sendMessage")[0].result["message_id"])
+
+
+async def test_a_redelivered_update_draws_and_charges_once(
+    make_settings: Callable[..., Settings], fake_api: FakeImageAPI
+) -> None:
+    # Telegram sends an update again when the process that fetched it died before
+    # confirming it; the restarted bot must recognise the message it already handled.
+    u = Updates()
+    update = u.update(u.message(ANN, u.private(ANN), text="/img low a lantern"))
+    async with running(make_settings(), FakeBotApi(), fake_api, u) as first:
+        await first.send(update)
+        assert len(first.api.of("sendPhoto")) == 1
+    async with running(make_settings(), FakeBotApi(), fake_api, u) as second:
+        await second.send(update)
+        assert second.api.of("sendPhoto") == [] and second.api.of("sendMessage") == []
+        [job] = await second.jobs()
+        assert job.status == "succeeded"
+    assert len(fake_api.api_requests) == 1  # one upstream call, one charge
