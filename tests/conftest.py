@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from core.config import Settings
+from core.runtime import open_service
 from tests.fake_api import FakeImageAPI
 
 
@@ -70,3 +72,18 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
     """Yield an HTTP client for the test, closed afterwards."""
     async with httpx.AsyncClient(verify=TLS) as client:
         yield client
+
+
+@pytest.fixture
+def make_service(settings: Callable[..., Settings], tmp_path: Path) -> Callable[..., Any]:
+    """Return a factory of `open_service` contexts on one SQLite file in tmp_path."""
+
+    def make(**overrides: Any) -> Any:
+        values: dict[str, Any] = {
+            "database_url": f"sqlite:///{tmp_path}/ledger.db",
+            "progress_interval": 0.05,
+        }
+        values.update(overrides)
+        return open_service(settings(**values))
+
+    return make

@@ -59,7 +59,6 @@ from core.prompt import (
     parse_command,
 )
 from core.requester import Requester
-from core.runtime import open_service
 from core.service import ImageService, IncomingImage
 from tests import discord_payloads as p
 from tests.discord_fake import FakeCdn
@@ -274,18 +273,11 @@ def test_fuzz_invisible_characters_never_change_what_options_mean(base: str, dat
 
 
 @pytest.fixture
-def make_service(settings: Callable[..., Settings], tmp_path: Path) -> Callable[..., Any]:
-    """Return an async context factory of services on one SQLite file, one request a minute."""
+def make_service(make_service: Callable[..., Any]) -> Callable[..., Any]:
+    """Services allowing one request a minute: a refusal that counted would fail the next draw."""
 
     def make(**overrides: Any) -> Any:
-        values: dict[str, Any] = {
-            "database_url": f"sqlite:///{tmp_path}/ledger.db",
-            "progress_interval": 0.05,
-            # One a minute: a refusal that counted would make the next good draw fail.
-            "rate_limit_per_minute": 1,
-        }
-        values.update(overrides)
-        return open_service(settings(**values))
+        return make_service(**{"rate_limit_per_minute": 1, **overrides})
 
     return make
 

@@ -6,14 +6,12 @@ import asyncio
 import io
 import json
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
 from core.admin import run_admin
-from core.config import Settings
 from core.errors import (
     AccessDenied,
     Cancelled,
@@ -27,7 +25,6 @@ from core.ledger import JobStatus
 from core.messages import text
 from core.reports import render_balance, render_caption, render_help, render_sizes
 from core.requester import Requester
-from core.runtime import open_service
 from core.service import ImageService, IncomingImage, Progress
 from tests.fake_api import FakeImageAPI
 
@@ -56,21 +53,11 @@ def _png(w: int, h: int) -> bytes:
 
 
 @pytest.fixture
-def make_service(
-    settings: Callable[..., Settings], tmp_path: Path
-) -> Callable[..., Any]:
-    """Return an async context factory of services on one SQLite file."""
+def make_service(make_service: Callable[..., Any]) -> Callable[..., Any]:
+    """Services on one SQLite file, with an admin and no rate limit."""
 
     def make(**overrides: Any) -> Any:
-        values = {
-            "database_url": f"sqlite:///{tmp_path}/ledger.db",
-            "admins": ["telegram:99"],
-            "progress_interval": 0.05,
-            "rate_limit_per_minute": 0,
-            "max_queued_per_user": 10,
-        }
-        values.update(overrides)
-        return open_service(settings(**values))
+        return make_service(**{"admins": ["telegram:99"], "rate_limit_per_minute": 0, "max_queued_per_user": 10, **overrides})
 
     return make
 
