@@ -383,18 +383,8 @@ class FakeBotApiServer(BotObjects):
             document = self._document(self._upload(files, params.get("document", "document")))
             return self._message(params, document=document, **caption)
         if method == "sendMediaGroup":
-            group = f"mg-{self._next_id()}"
-            sent = []
-            for item in params.get("media") or []:
-                upload = self._upload(files, item["media"])
-                content: dict[str, Any] = {"media_group_id": group}
-                if item.get("caption"):
-                    content["caption"] = item["caption"]
-                if item["type"] == "photo":
-                    content["photo"] = self._photo(upload)
-                else:
-                    content["document"] = self._document(upload)
-                sent.append(self._message(params, **content))
+            media = params.get("media") or []
+            sent = self._media_group(params, [(i, self._upload(files, i["media"])) for i in media])
             if not 2 <= len(sent) <= 10:
                 raise _BadRequest("media group must have 2-10 items")
             return sent

@@ -208,19 +208,10 @@ class FakeBotApi(BotObjects, BaseRequest):
             caption = {"caption": params["caption"]} if params.get("caption") else {}
             return self._message(params, document=self._document(files["document"]), **caption)
         if method == "sendMediaGroup":
-            group = f"mg-{self._next_id()}"
-            sent = []
-            for item in params["media"]:
-                upload = files[str(item["media"]).removeprefix("attach://")]
-                content: dict[str, Any] = {"media_group_id": group}
-                if item.get("caption"):
-                    content["caption"] = item["caption"]
-                if item["type"] == "photo":
-                    content["photo"] = self._photo(upload)
-                else:
-                    content["document"] = self._document(upload)
-                sent.append(self._message(params, **content))
-            return sent
+            return self._media_group(
+                params,
+                [(i, files[str(i["media"]).removeprefix("attach://")]) for i in params["media"]],
+            )
         raise _NotFound(f"method {method} not faked")
 
 

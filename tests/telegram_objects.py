@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from PIL import Image
@@ -110,3 +111,19 @@ class BotObjects:
             "mime_type": upload.mime,
             "file_size": len(upload.data),
         }
+
+    def _media_group(
+        self, params: dict[str, Any], items: Iterable[tuple[dict[str, Any], SentFile]]
+    ) -> list[dict[str, Any]]:
+        group = f"mg-{self._next_id()}"
+        sent = []
+        for item, upload in items:
+            content: dict[str, Any] = {"media_group_id": group}
+            if item.get("caption"):
+                content["caption"] = item["caption"]
+            if item["type"] == "photo":
+                content["photo"] = self._photo(upload)
+            else:
+                content["document"] = self._document(upload)
+            sent.append(self._message(params, **content))
+        return sent
