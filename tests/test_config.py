@@ -66,3 +66,9 @@ def test_env_example_loads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     s = load_settings()
     assert s.openai_base_url == "https://api.openai.com/v1"
     assert s.admins == [] and s.model_aliases == {}
+
+
+def test_readme_lists_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    shown = set(re.findall(r"^\| `([A-Z_][A-Z0-9_]*)` \|", readme, re.MULTILINE))
+    assert shown == {name.upper() for name in Settings.model_fields}
