@@ -61,6 +61,7 @@ from bots.telegram_reply import (
 from core.admin import ADMIN_COMMANDS, run_admin
 from core.config import Settings, SettingsError
 from core.errors import ImgbotError
+from core.ledger import JobRecord
 from core.messages import language_of, text
 from core.reports import render_balance, render_caption, render_help, render_sizes
 from core.requester import Requester
@@ -356,6 +357,22 @@ class TelegramAdapter:
                 lambda chunk=chunk: message.reply_text(chunk, parse_mode=parse_mode, do_quote=True)
             )
 
+    def tell_interrupted(self) -> None:
+        """Tell, in the background, each user whose job a dead process left what became of it."""
+        jobs = [job for job in self.service.interrupted if job.platform == PLATFORM]
+        if jobs:
+            self._spawn(self._tell_interrupted(jobs))
+
+    async def _tell_interrupted(self, jobs: Sequence[JobRecord]) -> None:
+        for job in jobs:
+            user = await self.service.ledger.get_user(job.user_key)
+            notice = self.service.interrupted_notice(job, user.language if user else None)
+            try:
+                chat_id = int(job.chat_id or job.user_id)
+                await with_flood_retry(lambda c=chat_id, t=notice: self.app.bot.send_message(c, t))
+            except (TelegramError, ValueError) as err:
+                log.info("job %d: restart notice not sent: %s", job.id, self._scrub(str(err)))
+
     def _spawn(self, coroutine: Coroutine[object, object, None]) -> object:
         # Our own task set rather than app.create_task: `drain` waits for these on shutdown.
         task = asyncio.create_task(coroutine, name="imgbot:album")
@@ -484,6 +501,7 @@ async def run_telegram(
     async with app:
         await register_commands(app, settings)
         await app.start()
+        adapter.tell_interrupted()
         try:
             if settings.telegram_webhook_url:
                 await _start_webhook(app, settings)

@@ -1177,6 +1177,20 @@ class Ledger:
 
         return await self._write(mark_on)
 
+    async def list_stale(self, older_than_seconds: float) -> list[JobRecord]:
+        """List the reserved jobs older than that: what `recover_stale` would resolve."""
+        cutoff = _iso(self._now() - timedelta(seconds=older_than_seconds))
+
+        def read(conn: sqlite3.Connection) -> list[JobRecord]:
+            rows = _fetchall(
+                conn,
+                "SELECT * FROM jobs WHERE status = 'reserved' AND created_at < ? ORDER BY id",
+                (cutoff,),
+            )
+            return [_job_from_row(row) for row in rows]
+
+        return await self._read(read)
+
     async def recover_stale(self, older_than_seconds: float) -> list[int]:
         """Resolve reserved jobs older than that, left behind by a dead process.
 

@@ -343,6 +343,21 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "The bot is restarting; your job was not run and nothing was charged. Please send it again in a minute.",
         "zh": "机器人正在重启，任务未执行、未扣费。请稍后重新发送。",
     },
+    "job.interrupted_unsettled": {
+        "en": (
+            "The bot restarted while drawing your job #{job_id}. It may have been billed "
+            "upstream, so it counts at its estimate ({cost}) until an admin checks it; "
+            "if no image came, send it again and ask an admin for a refund."
+        ),
+        "zh": (
+            "机器人在绘制你的任务 #{job_id} 时重启了。上游可能已计费，暂按预估 ({cost}) 计入，"
+            "待管理员核实；若未收到图片，请重新发送并联系管理员退款。"
+        ),
+    },
+    "job.interrupted_released": {
+        "en": "The bot restarted before your job #{job_id} started. Nothing was charged; please send it again.",
+        "zh": "机器人在你的任务 #{job_id} 开始前重启了，未扣费，请重新发送。",
+    },
     "job.duplicate": {
         "en": "That message was already handled (job #{job_id}).",
         "zh": "该消息已处理过（任务 #{job_id}）。",

@@ -31,13 +31,21 @@ async def open_service(settings: Settings) -> AsyncIterator[ImageService]:
     async with make_http_client(settings) as http:
         ledger = await Ledger.open(settings.database_path, Limits.from_settings(settings))
         try:
-            stale = await ledger.recover_stale(settings.job_timeout)
-            if stale:
+            stale = await ledger.list_stale(settings.job_timeout)
+            unsettled = await ledger.recover_stale(settings.job_timeout)
+            if unsettled:
                 log.warning(
                     "%d job(s) were left running by a previous process and are now unsettled: %s",
-                    len(stale),
-                    ", ".join(map(str, stale)),
+                    len(unsettled),
+                    ", ".join(map(str, unsettled)),
                 )
-            yield ImageService(settings, ledger, ImageClient(http, settings))
+            if len(stale) > len(unsettled):
+                log.info("%d queued job(s) of a previous process released", len(stale) - len(unsettled))
+            service = ImageService(settings, ledger, ImageClient(http, settings))
+            # The bots tell these users what became of their job once they are connected.
+            service.interrupted = tuple(
+                [job for j in stale if (job := await ledger.get_job(j.id)) is not None]
+            )
+            yield service
         finally:
             await ledger.close()

@@ -29,8 +29,8 @@ from core.errors import (
 from core.images import GeneratedImage, ImageClient, ImageResult, ReferenceImage, prepare_references
 from core.jobqueue import FairQueue, RateLimiter, Ticket
 from core.ledger import JobRecord, JobSpec, Ledger, SpendReport
-from core.messages import language_of
-from core.pricing import PriceTable, estimate_credits
+from core.messages import language_of, text
+from core.pricing import PriceTable, estimate_credits, format_credits
 from core.prompt import ImageRequest, PromptDefaults, clean_text, parse_command
 from core.requester import Requester
 from core.sizes import TIERS
@@ -114,6 +114,8 @@ class ImageService:
         self._inflight: dict[int, _Inflight] = {}
         self._closing = False
         self._shutdown: asyncio.Future[None] | None = None
+        # Jobs a dead process left behind, as resolved at start-up (see core.runtime).
+        self.interrupted: tuple[JobRecord, ...] = ()
 
     # --- access --------------------------------------------------------------------
     def is_admin(self, requester: Requester) -> bool:
@@ -408,6 +410,14 @@ class ImageService:
             force_tier="4K" if action == "4k" else None,
             source_ref=source_ref,
         )
+
+    def interrupted_notice(self, job: JobRecord, lang: str | None) -> str:
+        """Tell a user what became of their job when the bot died under it."""
+        lang = language_of(lang)
+        if job.status == "unsettled":
+            cost = format_credits(job.estimated_credits, self.prices, lang)
+            return text(lang, "job.interrupted_unsettled", job_id=job.id, cost=cost)
+        return text(lang, "job.interrupted_released", job_id=job.id)
 
     async def job(self, job_id: int) -> JobRecord | None:
         """Return a stored job."""

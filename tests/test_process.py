@@ -236,6 +236,13 @@ def test_sigkill_then_restart_loses_nothing_and_old_buttons_work(
         assert job["status"] == "failed" and job["error_code"] == "interrupted"
         assert job["charged"] == job["actual_credits"] == 0
     assert "now unsettled: 2" in second.output()
+    # Each of them hears what became of their job, in their chat.
+    tg.wait_for(lambda: all(
+        any(f"#{after[c]['id']}" in t for t in tg.texts(who["id"]))
+        for c, who in zip(accepted[1:], (ANN, BOB, CAT), strict=True)
+    ))
+    assert any("may have been billed" in t for t in tg.texts(ANN["id"]))
+    assert any("Nothing was charged" in t for t in tg.texts(BOB["id"]))
 
     # Eve presses "vary" under Dan's result from before the crash: it still works.
     tg.push(u.callback(EVE, dan_photo.result, f"j:{dan['id']}:vary"))

@@ -713,3 +713,40 @@ async def test_a_redelivered_update_draws_and_charges_once(
         [job] = await second.jobs()
         assert job.status == "succeeded"
     assert len(fake_api.api_requests) == 1  # one upstream call, one charge
+
+
+async def test_users_hear_what_became_of_jobs_a_crash_cut_off(
+    make_settings: Callable[..., Settings], fake_api: FakeImageAPI
+) -> None:
+    from core.ledger import JobSpec, Ledger, Limits
+    from core.requester import Requester
+
+    settings = make_settings(job_timeout=0.01)
+    group = -1001234567890
+    # What a killed process left: Ann's job was drawing, Li's still waited in a group.
+    ledger = await Ledger.open(settings.database_path, Limits())
+    spec = JobSpec("low a kite", "gpt-image-2", "1024x1024", "low", 1, 0, "{}")
+    ann = Requester("telegram", str(ANN["id"]), None, "Ann", "en")
+    li = Requester("telegram", str(LI["id"]), str(group), "Li", "zh-hans", is_group=True)
+    drawing = await ledger.reserve(ann, spec, 300)
+    await ledger.mark_started(drawing)
+    waiting = await ledger.reserve(li, spec, 300)
+    await ledger.close()
+    await asyncio.sleep(0.05)
+
+    api, stop = FakeBotApi(), asyncio.Event()
+    async with open_service(settings) as service:
+        bot = asyncio.create_task(
+            run_telegram(
+                settings, service, stop, request=api, get_updates_request=api,
+                rate_limiter=FloodLimiter(timebase=FAST),
+            )
+        )
+        await api.wait_for(lambda: len(api.of("sendMessage")) >= 2 or bot.done())
+        stop.set()
+        await asyncio.wait_for(bot, 10)
+        prices = service.prices
+    sent = {c.params["chat_id"]: c.params["text"] for c in api.of("sendMessage")}
+    cost = format_credits(300, prices, "en")
+    assert sent[ANN["id"]] == msg("en", "job.interrupted_unsettled", job_id=drawing, cost=cost)
+    assert sent[group] == msg("zh", "job.interrupted_released", job_id=waiting)
