@@ -10,6 +10,7 @@ from core.errors import PromptError
 from core.messages import MESSAGES
 from core.prompt import ImageRequest, PromptDefaults, parse_command
 from core.sizes import FIXED_SIZES, SEED_TABLE, TIERS
+from tests.size_rules import obeys_every_rule
 
 D = PromptDefaults()
 
@@ -25,15 +26,6 @@ def refused(text: str, defaults: PromptDefaults = D, **kw: object) -> PromptErro
     assert err.key in MESSAGES, err.key
     return err
 
-
-def _obeys_every_rule(w: int, h: int) -> bool:
-    return (
-        w % 16 == 0
-        and h % 16 == 0
-        and max(w, h) <= 3840
-        and max(w, h) <= 3 * min(w, h)
-        and 655_360 <= w * h <= 8_294_400
-    )
 
 
 # --- the examples of the issue --------------------------------------------------------------
@@ -431,6 +423,6 @@ def test_fuzz_any_text_gives_a_request_or_a_prompt_error(
     if r.size != "auto":
         w, h = r.dimensions or (0, 0)
         if r.model == "gpt-image-2":
-            assert _obeys_every_rule(w, h)
+            assert obeys_every_rule(w, h)
         else:
             assert (w, h) in FIXED_SIZES

@@ -21,6 +21,7 @@ from core.sizes import (
     suggest_size,
     table_size,
 )
+from tests.size_rules import obeys_every_rule
 
 # The seed's table, copied by hand from docs/image-api.md (the spec the module must meet).
 EXPECTED_TABLE = {
@@ -47,16 +48,6 @@ def _wh(size: str) -> tuple[int, int]:
     return int(w), int(h)
 
 
-def _obeys_every_rule(w: int, h: int) -> bool:
-    """The rules, written out independently of the module."""
-    return (
-        w % 16 == 0
-        and h % 16 == 0
-        and max(w, h) <= 3840
-        and max(w, h) <= 3 * min(w, h)
-        and 655_360 <= w * h <= 8_294_400
-    )
-
 
 def test_seed_table_is_exactly_the_facts() -> None:
     assert set(SEED_TABLE) == set(EXPECTED_TABLE)
@@ -71,7 +62,7 @@ def test_every_table_entry_obeys_the_rules_and_the_rule_reproduces_it(
     ratio: str, tier: str, size: str
 ) -> None:
     w, h = _wh(size)
-    assert _obeys_every_rule(w, h)
+    assert obeys_every_rule(w, h)
     assert size_rules_ok(w, h)
     p, q = (int(x) for x in ratio.split(":"))
     # The general rule for other ratios gives the table's own answer for the named ones.
@@ -97,7 +88,7 @@ def test_every_table_entry_obeys_the_rules_and_the_rule_reproduces_it(
 )
 def test_size_rules_boundaries(w: int, h: int, ok: bool) -> None:
     assert size_rules_ok(w, h) is ok
-    assert _obeys_every_rule(w, h) is ok
+    assert obeys_every_rule(w, h) is ok
 
 
 @pytest.mark.parametrize(
@@ -121,7 +112,7 @@ def test_check_size_names_the_broken_rule_and_a_good_size(
     assert en_word in en and zh_word in zh
     assert f"{w}x{h}" in en and f"{w}x{h}" in zh
     good = _wh(err.params["good"])
-    assert _obeys_every_rule(*good)
+    assert obeys_every_rule(*good)
     assert f"/img {err.params['good']}" in en  # a correct example
 
 
@@ -164,7 +155,7 @@ def test_resolve_named_ratio_default_and_asked_tier() -> None:
 def test_resolve_approximate_ratio_says_so() -> None:
     choice = resolve_size("gpt-image-2", ratio=(100, 37), tier="2K")
     w, h = _wh(choice.size)
-    assert _obeys_every_rule(w, h)
+    assert obeys_every_rule(w, h)
     assert abs(w / h - 100 / 37) / (100 / 37) < 0.01
     assert [key for key, _ in choice.notes] == ["size.approximate"]
     assert resolve_size("gpt-image-2", ratio=(7, 5), tier="2K").notes == ()
@@ -199,7 +190,7 @@ def test_references_with_a_tier_use_the_first_reference_aspect() -> None:
     assert choice.notes == ()
     odd = resolve_size("gpt-image-2", tier="1K", has_references=True, reference_size=(1170, 2532))
     w, h = _wh(odd.size)
-    assert _obeys_every_rule(w, h) and h > w
+    assert obeys_every_rule(w, h) and h > w
     assert odd.notes == ()  # the user asked for no ratio: nothing to apologise for
 
 
@@ -276,7 +267,7 @@ def test_every_ratio_size_obeys_every_rule_and_is_near_the_aspect(
     p, q = pq
     choice = resolve_size("gpt-image-2", ratio=(p, q), tier=tier)
     w, h = _wh(choice.size)
-    assert _obeys_every_rule(w, h)
+    assert obeys_every_rule(w, h)
     assert abs((w * q) / (h * p) - 1) < 0.02
 
 
@@ -286,7 +277,7 @@ def test_every_ratio_size_obeys_every_rule_and_is_near_the_aspect(
     st.sampled_from(TIERS),
     st.sampled_from([None, (16, 9), "auto"]),
 )
-def test_every_size_for_any_reference_obeys_every_rule(
+def test_every_size_for_any_referenceobeys_every_rule(
     reference: tuple[int, int], tier: str, ratio: tuple[int, int] | str | None
 ) -> None:
     for model in ("gpt-image-2", "gpt-image-1.5"):
@@ -296,7 +287,7 @@ def test_every_size_for_any_reference_obeys_every_rule(
         assert choice.size != "auto"
         w, h = _wh(choice.size)
         if model == "gpt-image-2":
-            assert _obeys_every_rule(w, h)
+            assert obeys_every_rule(w, h)
         else:
             assert (w, h) in FIXED_SIZES
 
@@ -304,4 +295,4 @@ def test_every_size_for_any_reference_obeys_every_rule(
 @settings(max_examples=300, deadline=None)
 @given(st.integers(-10, 20_000), st.integers(-10, 20_000))
 def test_suggested_sizes_obey_every_rule(w: int, h: int) -> None:
-    assert _obeys_every_rule(*suggest_size(w, h))
+    assert obeys_every_rule(*suggest_size(w, h))
