@@ -1,0 +1,253 @@
+"""The store: everything imgbot keeps about money, as one interface with two backends.
+
+The service, the admin actions, the reports and the front ends see only `Store` and the
+records of `core.store.records`; no driver type (sqlite3, aiosqlite, asyncpg) leaves this
+package. Each backend keeps the same promises, tested by one contract suite against both
+(tests/test_store.py):
+
+- `reserve` checks an estimate against every limit that applies (the user's daily and
+  monthly, the chat's daily, the global daily) and records the job in one atomic step, so
+  concurrent reservations, from one process or many, can never overspend.
+- `settle` / `fail` / `mark_unsettled` act only on a `reserved` job: a second call is a no-op
+  that returns False, so nothing is charged twice.
+- Running totals per limit scope and period are kept in whole micro-credits in the same
+  statement that changes a job, so a total always equals the sum over its jobs.
+- Times come from the store's clock (injectable for tests) and are stored as fixed-width
+  UTC ISO-8601 text on both backends, so periods are text prefixes and a ledger copies from
+  one backend to the other without conversion.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+
+from core.pricing import Usage
+from core.requester import Requester
+from core.store.records import (
+    ChatRecord,
+    ChatTotal,
+    JobRecord,
+    JobSpec,
+    Limits,
+    Spender,
+    SpendReport,
+    UserRecord,
+)
+
+# The tables a ledger copy moves, in the order that keeps references valid, with the
+# column each is paged by. `spend_totals` is not copied: the target rebuilds it.
+COPY_TABLES: tuple[tuple[str, str], ...] = (
+    ("users", "user_key"),
+    ("chats", "chat_key"),
+    ("jobs", "id"),
+)
+
+
+class StoreError(Exception):
+    """The store cannot be reached or used; the message says why, never with a password."""
+
+
+class SnapshotReader(abc.ABC):
+    """Reads whole tables from one consistent snapshot of a store (for copies and backups)."""
+
+    @abc.abstractmethod
+    async def rows(
+        self, table: str, *, after: Any = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        """Return up to `limit` raw rows of `table` whose key (see COPY_TABLES) is > `after`."""
+
+    @abc.abstractmethod
+    async def counts(self) -> dict[str, int]:
+        """Return the number of rows of each copied table."""
+
+    @abc.abstractmethod
+    async def user_totals(self) -> dict[str, float]:
+        """Return what each user's jobs count in all (the sum of their charges)."""
+
+
+class Store(abc.ABC):
+    """Spend, reservations, limits and reports; one instance per process, safe to share."""
+
+    kind: str = ""  # "sqlite" or "postgresql"
+
+    # --- life -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close once the calls already made have finished; safe twice."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    @abc.abstractmethod
+    def limits(self) -> Limits:
+        """Return the default limits this store enforces."""
+
+    @abc.abstractmethod
+    async def schema_version(self) -> int:
+        """Return the schema version of the open database."""
+
+    @abc.abstractmethod
+    async def check_writable(self) -> None:
+        """Prove the database accepts writes (takes the write lock and lets it go)."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """Return where the store is, for messages: never with a password."""
+
+    # --- jobs -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def reserve(self, requester: Requester, spec: JobSpec, estimate: float) -> int:
+        """Check `estimate` against every limit and reserve it as a new job; return its id.
+
+        Raises LimitExceeded (naming the tightest limit and what is left) or DuplicateJob
+        (`spec.source_ref` already made a job). A caller cancelled while the job was being
+        written does not leave it behind: the reservation is released at once.
+        """
+
+    @abc.abstractmethod
+    async def mark_started(self, job_id: int) -> bool:
+        """Record that a reserved job started drawing; False if it is not reserved."""
+
+    @abc.abstractmethod
+    async def settle(self, job_id: int, credits: float, usage: Usage | None) -> bool:
+        """Replace a reservation with its exact cost; False (no-op) if it is not reserved."""
+
+    @abc.abstractmethod
+    async def fail(
+        self, job_id: int, error_code: str, credits: float = 0.0, usage: Usage | None = None
+    ) -> bool:
+        """Mark a reserved job failed at `credits` (0 releases it); False if not reserved."""
+
+    @abc.abstractmethod
+    async def mark_unsettled(self, job_id: int) -> bool:
+        """Mark a reserved job whose cost is unknown `unsettled`; False if not reserved."""
+
+    @abc.abstractmethod
+    async def list_stale(self, older_than_seconds: float) -> list[JobRecord]:
+        """List the reserved jobs older than that: what `recover_stale` would resolve."""
+
+    @abc.abstractmethod
+    async def recover_stale(self, older_than_seconds: float) -> list[int]:
+        """Resolve reserved jobs older than that, left behind by a dead process.
+
+        A job that had started may have been billed upstream: it becomes `unsettled`, counted
+        at its estimate until an admin refunds it; its id is returned. A job that never
+        started cannot have been billed: it is released as `failed` / `interrupted`.
+        """
+
+    @abc.abstractmethod
+    async def list_unsettled(self) -> list[JobRecord]:
+        """List the jobs whose cost is unknown, oldest first, for admins."""
+
+    @abc.abstractmethod
+    async def refund(self, job_id: int, by: str) -> JobRecord:
+        """Refund a succeeded, unsettled or charged failed job; return the refunded record."""
+
+    @abc.abstractmethod
+    async def get_job(self, job_id: int) -> JobRecord | None:
+        """Return one job, or None (also for ids no job can have)."""
+
+    @abc.abstractmethod
+    async def set_result_refs(self, job_id: int, refs: Sequence[str]) -> None:
+        """Remember the platform file refs of a job's images (for "vary" buttons)."""
+
+    # --- users and chats --------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def get_user(self, user_key: str) -> UserRecord | None:
+        """Return one user, or None."""
+
+    @abc.abstractmethod
+    async def get_chat(self, chat_key: str) -> ChatRecord | None:
+        """Return one chat, or None."""
+
+    @abc.abstractmethod
+    async def set_user_limits(
+        self, user_key: str, daily: float | None, monthly: float | None
+    ) -> None:
+        """Override a user's daily and monthly limits (None = back to the default)."""
+
+    @abc.abstractmethod
+    async def set_chat_limit(self, chat_key: str, daily: float | None) -> None:
+        """Override a chat's daily limit (None = back to the default)."""
+
+    @abc.abstractmethod
+    async def set_blocked(self, key: str, blocked: bool) -> None:
+        """Block or unblock a user key or a chat key (an unknown key: both)."""
+
+    @abc.abstractmethod
+    async def is_blocked(self, user_key: str, chat_key: str | None) -> bool:
+        """Say whether the user or the chat is blocked."""
+
+    @abc.abstractmethod
+    async def set_language(self, user_key: str, lang: str | None) -> None:
+        """Set the language a user chose (None = follow the platform again)."""
+
+    # --- reports ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def spend_report(self, user_key: str, *, last: int = 5) -> SpendReport:
+        """Report a user's spend today, this month and all time against their limits."""
+
+    @abc.abstractmethod
+    async def top_spenders(
+        self, since: datetime, limit: int = 10, *, until: datetime | None = None
+    ) -> list[Spender]:
+        """List the users who spent most since `since` (and before `until`, if given)."""
+
+    @abc.abstractmethod
+    async def chat_totals(
+        self, since: datetime, *, until: datetime | None = None
+    ) -> list[ChatTotal]:
+        """List spend per chat since `since` (and before `until`), largest first."""
+
+    @abc.abstractmethod
+    async def export_csv(self, since: datetime | None = None, user_key: str | None = None) -> str:
+        """Return the jobs (since a time, of one user) as CSV: a header, then one row each."""
+
+    @abc.abstractmethod
+    async def global_spent_today(self) -> float:
+        """Return what the whole bot has spent (and reserved) today, UTC."""
+
+    # --- copies -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def snapshot(self) -> AbstractAsyncContextManager[SnapshotReader]:
+        """Open one consistent read snapshot of the whole store (writers go on meanwhile)."""
+
+    @abc.abstractmethod
+    async def is_empty(self) -> bool:
+        """Say whether the store holds no users, chats or jobs (a copy's target must be)."""
+
+    @abc.abstractmethod
+    async def load_rows(self, table: str, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert raw rows read by a SnapshotReader, keeping ids; totals follow by themselves."""
+
+
+async def iterate_rows(
+    reader: SnapshotReader, table: str, key: str, *, batch: int = 1000
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """Yield a table's rows in pages, in key order."""
+    after: Any = None
+    while True:
+        page = await reader.rows(table, after=after, limit=batch)
+        if not page:
+            return
+        yield page
+        after = page[-1][key]

@@ -1,0 +1,357 @@
+"""The store's records: what a job, a user, a chat and a report look like to the rest of imgbot.
+
+These are plain frozen values with no database types in them; both backends build them
+from their rows, and the service, the admin actions and the front ends read only these.
+
+What a job counts against a limit, by status (the one definition, `JobRecord.charged`;
+each backend computes the same in its schema):
+
+    reserved, unsettled     estimated_credits   (the upstream may have billed)
+    succeeded, failed       actual_credits      (0 when NULL)
+    refunded                0
+
+Days and months are UTC: "today" starts at 00:00 UTC and "this month" on the 1st at
+00:00 UTC; a job belongs to the day it was reserved (`created_at`). A limit of 0 means
+unlimited, for the defaults and for per-user / per-chat overrides alike; None = the default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from core.pricing import Usage
+
+if TYPE_CHECKING:
+    from core.config import Settings
+
+# Float sums of credits drift in the last bits; a request that fits exactly must not be refused.
+EPSILON = 1e-6
+# Running totals count whole micro-credits: integer sums are exact in any order.
+MICRO = 1_000_000
+
+
+class JobStatus(StrEnum):
+    """Where a job is in its life."""
+
+    RESERVED = "reserved"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    UNSETTLED = "unsettled"
+    REFUNDED = "refunded"
+
+
+# --- schema ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Default spend limits in credits; 0 = unlimited."""
+
+    user_daily: float = 0
+    user_monthly: float = 0
+    chat_daily: float = 0
+    global_daily: float = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        """Take the default limits from the settings."""
+        return cls(
+            user_daily=settings.user_daily_limit,
+            user_monthly=settings.user_monthly_limit,
+            chat_daily=settings.chat_daily_limit,
+            global_daily=settings.global_daily_limit,
+        )
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a job asks for, as recorded in the ledger."""
+
+    command_text: str
+    model: str
+    size: str
+    quality: str
+    n: int
+    reference_count: int
+    request_json: str  # the serialised ImageRequest, so a button can rebuild it after a restart
+    source_ref: str | None = None  # the platform message or button press it came from
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One row of the jobs table."""
+
+    id: int
+    user_key: str
+    chat_key: str | None
+    platform: str
+    display_name: str
+    command_text: str
+    request_json: str
+    model: str
+    size: str
+    quality: str
+    n: int
+    reference_count: int
+    status: JobStatus
+    estimated_credits: float
+    actual_credits: float | None
+    usage: Usage | None
+    error_code: str | None
+    result_refs: tuple[str, ...]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    refunded_by: str | None
+    refunded_at: datetime | None
+    source_ref: str | None = None  # the platform message or button press it came from
+
+    @property
+    def user_id(self) -> str:
+        """Return the platform user id (the part of user_key after the platform)."""
+        return self.user_key.split(":", 1)[1]
+
+    @property
+    def chat_id(self) -> str | None:
+        """Return the platform chat id, or None for a private chat."""
+        return self.chat_key.split(":", 1)[1] if self.chat_key else None
+
+    @property
+    def charged(self) -> float:
+        """Return what this job counts against limits now."""
+        if self.status in (JobStatus.RESERVED, JobStatus.UNSETTLED):
+            return self.estimated_credits
+        if self.status is JobStatus.REFUNDED:
+            return 0.0
+        return self.actual_credits or 0.0
+
+    @property
+    def refunded_credits(self) -> float:
+        """Return what a refund gave back (0 unless refunded)."""
+        if self.status is not JobStatus.REFUNDED:
+            return 0.0
+        # An unsettled job never got an actual cost; it was counted at its estimate.
+        return self.actual_credits if self.actual_credits is not None else self.estimated_credits
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """One row of the users table; limits None = the default."""
+
+    user_key: str
+    platform: str
+    user_id: str
+    display_name: str
+    language: str | None
+    daily_limit: float | None
+    monthly_limit: float | None
+    blocked: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class ChatRecord:
+    """One row of the chats table; limit None = the default."""
+
+    chat_key: str
+    platform: str
+    chat_id: str
+    title: str
+    daily_limit: float | None
+    blocked: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class SpendReport:
+    """A user's spend against their limits (limits 0 = unlimited, remaining None then)."""
+
+    user_key: str
+    display_name: str
+    today: float
+    month: float
+    all_time: float
+    daily_limit: float
+    monthly_limit: float
+    daily_remaining: float | None
+    monthly_remaining: float | None
+    last_jobs: tuple[JobRecord, ...]
+
+
+class Spender(NamedTuple):
+    """One line of the top-spenders report."""
+
+    user_key: str
+    display_name: str
+    credits: float
+    jobs: int
+
+
+class ChatTotal(NamedTuple):
+    """One line of the per-chat totals report."""
+
+    chat_key: str
+    credits: float
+    jobs: int
+
+
+# --- helpers both backends share ----------------------------------------------------------
+
+
+def utc_now() -> datetime:
+    """Return the current time, UTC."""
+    return datetime.now(UTC)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """Return `moment` in UTC; a naive datetime is taken as UTC, never as local time."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def iso(moment: datetime) -> str:
+    """Return the fixed-width UTC ISO-8601 text times are stored as (they compare as text)."""
+    return as_utc(moment).isoformat(timespec="microseconds")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """Read a stored time; None stays None."""
+    return datetime.fromisoformat(value) if value else None
+
+
+def day_start(now: datetime) -> datetime:
+    """Return 00:00 UTC of `now`'s day."""
+    return now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def month_start(now: datetime) -> datetime:
+    """Return 00:00 UTC of the 1st of `now`'s month."""
+    return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """Split `platform:id`; a malformed key raises ValueError."""
+    platform, sep, ident = key.partition(":")
+    if not sep or not platform or not ident:
+        raise ValueError(f"expected a key of the form platform:id, got {key!r}")
+    return platform, ident
+
+
+def check_credits(name: str, value: float | None, *, allow_none: bool = False) -> None:
+    """Refuse a credit amount that is not a finite number >= 0."""
+    if value is None:
+        if allow_none:
+            return
+        raise ValueError(f"{name} must be a number")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def usage_json(usage: Usage | None) -> str | None:
+    """Return usage as the JSON text both backends store."""
+    return json.dumps(usage.to_dict()) if usage is not None else None
+
+
+def parse_usage(value: str | None) -> Usage | None:
+    """Read stored usage; anything unreadable is None."""
+    if not value:
+        return None
+    try:
+        data = json.loads(value)
+        return Usage(**{k: int(v) for k, v in data.items() if k in Usage.__dataclass_fields__})
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def parse_refs(value: str | None) -> tuple[str, ...]:
+    """Read stored result refs (a JSON list)."""
+    if not value:
+        return ()
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return ()
+    return tuple(str(ref) for ref in data) if isinstance(data, list) else ()
+
+
+def is_row_id(job_id: int) -> bool:
+    """Say whether `job_id` can be a job id (ids come from buttons and admin commands)."""
+    return 0 < job_id < 2**63
+
+
+def effective_limit(default: float, override: float | None) -> float:
+    """Return the override when set, else the default."""
+    return default if override is None else override
+
+
+def remaining(limit: float, spent: float) -> float | None:
+    """Return what is left under a limit; None when the limit is 0 (unlimited)."""
+    return None if limit <= 0 else max(0.0, limit - spent)
+
+
+def job_from_mapping(row: Any) -> JobRecord:
+    """Build a JobRecord from a row that reads like a mapping of the jobs table's columns."""
+    return JobRecord(
+        id=int(row["id"]),
+        user_key=row["user_key"],
+        chat_key=row["chat_key"],
+        platform=row["platform"],
+        display_name=row["display_name"],
+        command_text=row["command_text"],
+        request_json=row["request_json"],
+        model=row["model"],
+        size=row["size"],
+        quality=row["quality"],
+        n=row["n"],
+        reference_count=row["reference_count"],
+        status=JobStatus(row["status"]),
+        estimated_credits=row["estimated_credits"],
+        actual_credits=row["actual_credits"],
+        usage=parse_usage(row["usage_json"]),
+        error_code=row["error_code"],
+        result_refs=parse_refs(row["result_refs"]),
+        created_at=datetime.fromisoformat(row["created_at"]),
+        started_at=parse_time(row["started_at"]),
+        finished_at=parse_time(row["finished_at"]),
+        refunded_by=row["refunded_by"],
+        refunded_at=parse_time(row["refunded_at"]),
+        source_ref=row["source_ref"],
+    )
+
+
+def user_from_mapping(row: Any) -> UserRecord:
+    """Build a UserRecord from a users row."""
+    return UserRecord(
+        user_key=row["user_key"],
+        platform=row["platform"],
+        user_id=row["user_id"],
+        display_name=row["display_name"],
+        language=row["language"],
+        daily_limit=row["daily_limit"],
+        monthly_limit=row["monthly_limit"],
+        blocked=bool(row["blocked"]),
+        created_at=datetime.fromisoformat(row["created_at"]),
+        updated_at=datetime.fromisoformat(row["updated_at"]),
+    )
+
+
+def chat_from_mapping(row: Any) -> ChatRecord:
+    """Build a ChatRecord from a chats row."""
+    return ChatRecord(
+        chat_key=row["chat_key"],
+        platform=row["platform"],
+        chat_id=row["chat_id"],
+        title=row["title"],
+        daily_limit=row["daily_limit"],
+        blocked=bool(row["blocked"]),
+        created_at=datetime.fromisoformat(row["created_at"]),
+        updated_at=datetime.fromisoformat(row["updated_at"]),
+    )
