@@ -57,12 +57,12 @@ import httpx  # noqa: E402
 from bench.upstream import KEY, UpstreamProcess  # noqa: E402
 from core.config import Settings  # noqa: E402
 from core.images import ImageClient, api_root  # noqa: E402
-from core.ledger import JobSpec, Ledger, Limits  # noqa: E402
 from core.pricing import Usage  # noqa: E402
 from core.prompt import ImageRequest, PromptDefaults, parse_command  # noqa: E402
 from core.requester import Requester  # noqa: E402
 from core.runtime import make_http_client, open_service  # noqa: E402
 from core.service import ImageService  # noqa: E402
+from core.store import JobSpec, Limits, Store, open_store  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, photorealistic, warm light"
 TEXTS = {
@@ -404,7 +404,7 @@ async def burst_child(base_url: str, jobs: int) -> dict[str, Any]:
         # core.runtime.open_service's wiring, with a hook that notes when answers arrive.
         async with make_http_client(settings) as http, httpx.AsyncClient(timeout=60) as bare:
             http.event_hooks = {"request": [], "response": [on_response]}
-            ledger = await Ledger.open(settings.database_path, Limits.from_settings(settings))
+            ledger = await open_store(settings.store_url, Limits.from_settings(settings))
             try:
                 service = ImageService(settings, ledger, ImageClient(http, settings))
                 request, _ = service.parse(text)
@@ -495,7 +495,7 @@ LEDGER_USAGE = Usage(text_input_tokens=12, image_output_tokens=1372, total_token
 
 
 async def ledger_worker(
-    ledger: Ledger, people: list[Requester], work: Iterator[int], done: list[float]
+    ledger: Store, people: list[Requester], work: Iterator[int], done: list[float]
 ) -> None:
     """Reserve and settle until the shared work runs out; note when each pair ended."""
     for k in work:
@@ -536,10 +536,10 @@ async def ledger_pairs(tmp: Path, plan: Plan, tasks: int = 100) -> dict[str, Any
     runs.append((100, plan.ledger_prefill, plan.ledger_pairs // 3))
     for users, prefill, pairs in runs:
         path = tmp / f"ledger-{users}-{prefill}.db"
-        await (await Ledger.open(path, limits)).close()
+        await (await open_store(f"sqlite:///{path}", limits)).close()
         if prefill:
             prefill_jobs(path, users, prefill)
-        ledger = await Ledger.open(path, limits)
+        ledger = await open_store(f"sqlite:///{path}", limits)
         try:
             people = [Requester("bench", f"u{i}", display_name=f"User {i}") for i in range(users)]
             warm: list[float] = []

@@ -126,9 +126,9 @@ async def _gen(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _usage(settings: Settings, args: argparse.Namespace) -> int:
-    from core.ledger import Ledger, Limits
     from core.pricing import PriceTable
     from core.reports import render_balance
+    from core.store import Limits, open_store
 
     lang = language_of(os.environ.get("LANG"))
     since = None
@@ -138,7 +138,7 @@ async def _usage(settings: Settings, args: argparse.Namespace) -> int:
         except ValueError:
             print("--since: expected a date like 2026-11-01", file=sys.stderr)
             return 2
-    ledger = await Ledger.open(settings.database_path, Limits.from_settings(settings))
+    ledger = await open_store(settings.store_url, Limits.from_settings(settings), pool_size=2)
     try:
         if args.csv:
             sys.stdout.write(await ledger.export_csv(since=since, user_key=args.user))

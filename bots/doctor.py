@@ -13,7 +13,7 @@ import httpx
 
 from core.config import Settings
 from core.images import api_root
-from core.ledger import Ledger, Limits
+from core.store import Limits, open_store
 
 DISCORD_API = "https://discord.com/api/v10"
 
@@ -94,7 +94,7 @@ async def check_discord(
 async def check_database(settings: Settings) -> Check:
     """Check that the ledger opens, migrates and accepts a write."""
     try:
-        ledger = await Ledger.open(settings.database_path, Limits.from_settings(settings))
+        ledger = await open_store(settings.store_url, Limits.from_settings(settings), pool_size=2)
     except Exception as err:  # noqa: BLE001 - any failure here is the finding
         return Check("database", False, f"cannot open {settings.database_url}: {err}")
     try:

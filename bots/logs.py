@@ -83,6 +83,8 @@ def setup_logging(settings: Settings, *, level: str | None = None, stream=None) 
     # httpx logs every URL at INFO, and Telegram's URLs contain the bot token.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # aiosqlite logs every statement with its values at DEBUG: prompts and names.
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
     # At DEBUG the Telegram library logs the bot URL (token inside) and call parameters.
     for noisy in ("discord", "telegram"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))

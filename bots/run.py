@@ -19,8 +19,8 @@ HEARTBEAT_STALE = 120.0
 
 
 def heartbeat_path(settings: Settings) -> Path:
-    """Return the file the running bot touches, beside the database."""
-    return Path(settings.database_path).parent / "imgbot.heartbeat"
+    """Return the file the running bot touches, in the data folder."""
+    return settings.data_path / "imgbot.heartbeat"
 
 
 def health(settings: Settings) -> int:

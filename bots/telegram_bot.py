@@ -61,11 +61,11 @@ from bots.telegram_reply import (
 from core.admin import ADMIN_COMMANDS, run_admin
 from core.config import Settings, SettingsError
 from core.errors import ImgbotError
-from core.ledger import JobRecord
 from core.messages import language_of, text
 from core.reports import render_balance, render_caption, render_help, render_sizes
 from core.requester import Requester
 from core.service import DrawOutcome, ImageService, Progress
+from core.store import JobRecord
 
 log = logging.getLogger(__name__)
 

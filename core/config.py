@@ -7,10 +7,14 @@ Every setting has a type, a default where one makes sense and a one-line descrip
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from core.store.interface import StoreError
+from core.store.url import StoreURL, parse_database_url
 
 KNOWN_MODELS = ("gpt-image-2", "gpt-image-1.5", "gpt-image-1")
 
@@ -86,7 +90,14 @@ class Settings(BaseSettings):
 
     # --- the ledger and limits (credits; 0 = unlimited) ------------------------------
     database_url: str = Field(
-        "sqlite:///./data/imgbot.db", description="Where the ledger lives (sqlite:///path)"
+        "sqlite:///./data/imgbot.db",
+        description="Where the ledger lives: sqlite:///path or postgresql://user:pass@host/db",
+    )
+    database_pool_size: int = Field(
+        10, ge=1, le=200, description="PostgreSQL connections per process"
+    )
+    data_dir: str = Field(
+        "", description="Folder for the heartbeat (empty = beside the SQLite file, or ./data)"
     )
     user_daily_limit: float = Field(0, ge=0, description="Credits one user may spend per day")
     user_monthly_limit: float = Field(0, ge=0, description="Credits one user may spend per month")
@@ -158,6 +169,16 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL such as https://api.openai.com/v1")
         return value.rstrip("/")
 
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        try:
+            parse_database_url(value)
+        except StoreError as err:
+            # The message never holds the URL itself: it may carry a password.
+            raise ValueError(str(err).removeprefix("DATABASE_URL: ")) from None
+        return value.strip()
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
@@ -196,12 +217,30 @@ class Settings(BaseSettings):
         return f"{platform}:{user_id}" in self.admins
 
     @property
+    def store_url(self) -> StoreURL:
+        """Return DATABASE_URL parsed: which backend, and where."""
+        try:
+            return parse_database_url(self.database_url)
+        except StoreError as err:
+            raise SettingsError(str(err)) from None
+
+    @property
     def database_path(self) -> str:
-        """Return the SQLite file path from DATABASE_URL."""
-        prefix = "sqlite:///"
-        if not self.database_url.startswith(prefix):
-            raise SettingsError("DATABASE_URL: expected sqlite:///path/to/file.db")
-        return self.database_url[len(prefix) :]
+        """Return the SQLite file path from DATABASE_URL (SettingsError for PostgreSQL)."""
+        where = self.store_url
+        if where.kind != "sqlite":
+            raise SettingsError("DATABASE_URL: this needs a SQLite ledger (sqlite:///path)")
+        return where.path
+
+    @property
+    def data_path(self) -> Path:
+        """Return the folder for the process's own files (heartbeat, kept results)."""
+        if self.data_dir:
+            return Path(self.data_dir)
+        where = self.store_url
+        if where.kind == "sqlite" and where.path != ":memory:":
+            return Path(where.path).parent
+        return Path("./data")
 
 
 def load_settings(**overrides: object) -> Settings:

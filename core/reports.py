@@ -5,11 +5,11 @@ Adapters render these strings as they are; all wording lives in `core.messages`.
 
 from __future__ import annotations
 
-from core.ledger import JobRecord, SpendReport
 from core.messages import language_of, text
 from core.pricing import PriceTable, format_credits
 from core.service import DrawOutcome
 from core.sizes import size_table_rows
+from core.store import JobRecord, SpendReport
 
 CAPTION_LIMIT = 1024
 

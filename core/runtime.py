@@ -10,9 +10,9 @@ import httpx
 
 from core.config import Settings
 from core.images import ImageClient
-from core.ledger import Ledger, Limits
 from core.messages import set_default_language
 from core.service import ImageService
+from core.store import Limits, open_store
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,11 @@ async def open_service(settings: Settings) -> AsyncIterator[ImageService]:
     """Open the HTTP client and the ledger, resolve stale jobs, and yield the service."""
     set_default_language(settings.default_language)
     async with make_http_client(settings) as http:
-        ledger = await Ledger.open(settings.database_path, Limits.from_settings(settings))
+        ledger = await open_store(
+            settings.store_url,
+            Limits.from_settings(settings),
+            pool_size=settings.database_pool_size,
+        )
         try:
             stale = await ledger.list_stale(settings.job_timeout)
             unsettled = await ledger.recover_stale(settings.job_timeout)

@@ -28,12 +28,12 @@ from core.errors import (
 )
 from core.images import GeneratedImage, ImageClient, ImageResult, ReferenceImage, prepare_references
 from core.jobqueue import FairQueue, RateLimiter, Ticket
-from core.ledger import JobRecord, JobSpec, Ledger, SpendReport
 from core.messages import language_of, text
 from core.pricing import PriceTable, estimate_credits, format_credits
 from core.prompt import ImageRequest, PromptDefaults, clean_text, parse_command
 from core.requester import Requester
 from core.sizes import TIERS
+from core.store import JobRecord, JobSpec, SpendReport, Store
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class ImageService:
     def __init__(
         self,
         settings: Settings,
-        ledger: Ledger,
+        ledger: Store,
         client: ImageClient,
         *,
         clock: Callable[[], float] = time.monotonic,

@@ -26,7 +26,6 @@ import pytest
 from core.admin import ADMIN_COMMANDS, run_admin
 from core.config import Settings
 from core.errors import UpstreamError
-from core.ledger import LedgerConnection
 from core.messages import text
 from core.requester import Requester
 from core.runtime import open_service
@@ -371,9 +370,22 @@ async def test_discord_a_refused_presser_of_a_button_costs_nothing(
 
 # --- SQL only with parameters -------------------------------------------------------------------
 
-_SQL_CALLS = {"execute", "executemany", "executescript", "execute_fetchall", "execute_insert"}
-# The module's own helpers that take SQL, and the index of that argument.
-_SQL_HELPERS = {"_fetchone": 1, "_fetchall": 1, "_sum_charged": 1, "_transaction": 0}
+_SQL_CALLS = {
+    "execute",
+    "executemany",
+    "executescript",
+    "execute_fetchall",
+    "execute_insert",
+    "fetch",
+    "fetchrow",
+    "fetchval",
+    "single",
+    "_single",
+    "_read_all",
+    "_read_one",
+}
+# The modules' own helpers that take SQL, and the index of that argument.
+_SQL_HELPERS = {"_fetchone": 1, "_fetchall": 1, "_sum_charged": 1}
 # Names that hold SQL inside the module: the helpers' own parameters (`sql`, `begin`: their
 # callers are checked) and the loop over the migrations (`statement`: checked as literals).
 _CARRIERS = {"sql", "begin", "statement"}
@@ -424,10 +436,13 @@ def _formatting(node: ast.AST) -> list[ast.AST]:
     ]
 
 
-def sql_built_from_values(source: str) -> list[str]:
-    """Return 'line: code' for each SQL statement in `source` not made of literals only."""
+def sql_built_from_values(source: str, known: dict[str, ast.expr] | None = None) -> list[str]:
+    """Return 'line: code' for each SQL statement in `source` not made of literals only.
+
+    `known`: constants of sibling modules (checked there) that this one imports.
+    """
     tree = ast.parse(source)
-    constants: dict[str, ast.expr] = {}
+    constants: dict[str, ast.expr] = dict(known or {})
     bad = []
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
@@ -449,9 +464,18 @@ def sql_built_from_values(source: str) -> list[str]:
     return bad
 
 
-def test_the_ledger_builds_no_sql_from_values() -> None:
-    source = (ROOT / "core" / "ledger.py").read_text(encoding="utf-8")
-    assert sql_built_from_values(source) == []
+def test_the_store_builds_no_sql_from_values() -> None:
+    modules = sorted((ROOT / "core" / "store").glob("*.py"))
+    assert len(modules) >= 6
+    schema = (ROOT / "core" / "store" / "sqlite_schema.py").read_text(encoding="utf-8")
+    known = {
+        node.targets[0].id: node.value
+        for node in ast.parse(schema).body
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+    }
+    for module in modules:
+        found = sql_built_from_values(module.read_text(encoding="utf-8"), known)
+        assert found == [], module.name
     # The check is not blind: it finds each way a value gets into SQL.
     leaky = """
 async def f(conn, name, job_id):
@@ -483,15 +507,17 @@ async def test_no_value_ever_reaches_the_sql_text(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The dynamic half of the proof: every statement the ledger runs, with hostile values.
+    import aiosqlite
+
     statements: list[str] = []
-    for name in ("execute", "executemany", "executescript"):
-        original = getattr(LedgerConnection, name)
+    for name in ("execute", "executemany", "executescript", "execute_fetchall"):
+        original = getattr(aiosqlite.Connection, name)
 
         def recording(self: Any, sql: str, *args: Any, _original: Any = original, **kw: Any) -> Any:
             statements.append(sql)
             return _original(self, sql, *args, **kw)
 
-        monkeypatch.setattr(LedgerConnection, name, recording)
+        monkeypatch.setattr(aiosqlite.Connection, name, recording)
     config = settings(
         database_url=f"sqlite:///{tmp_path}/imgbot.db",
         admins=["cli:root"],

@@ -26,11 +26,12 @@ from bots.discord.fitting import fit_image, upload_share
 from bots.discord.texts import CommandTranslator
 from bots.discord_bot import build_bot, sync_commands
 from core.config import Settings
-from core.ledger import JobStatus
 from core.messages import text
 from core.pricing import format_credits
 from core.runtime import open_service
 from core.service import ImageService
+from core.store import JobStatus
+from core.store.sqlite import WRITER_TASK_NAME
 from tests import discord_payloads as p
 from tests.discord_fake import FakeCdn, FakeDiscord, FakeRest, SentCall, http_error
 from tests.fake_api import FakeImageAPI
@@ -63,7 +64,10 @@ async def _settle() -> None:
             others = [
                 t
                 for t in asyncio.all_tasks()
-                if t is not me and not t.done() and "timeout_task" not in repr(t.get_coro())
+                if t is not me
+                and not t.done()
+                and "timeout_task" not in repr(t.get_coro())
+                and t.get_name() != WRITER_TASK_NAME  # the store's idle writer
             ]
             if not others:
                 return

@@ -15,9 +15,9 @@ import pytest
 
 from core.config import Settings
 from core.errors import UpstreamError
-from core.ledger import JobStatus
 from core.requester import Requester
 from core.runtime import open_service
+from core.store import JobStatus
 from tests.fake_api import FakeImageAPI
 
 VICTIM = Requester("telegram", "1", "-100", "Victim", "en", is_group=True)

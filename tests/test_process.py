@@ -34,10 +34,10 @@ from typing import Any
 import pytest
 
 from core.config import Settings
-from core.ledger import JobSpec, Ledger, Limits
 from core.messages import text
 from core.pricing import PriceTable, Usage
 from core.requester import Requester
+from core.store import JobSpec, Limits, Store, open_store
 from tests.conftest import TEST_KEY
 from tests.fake_api import FakeImageAPI
 from tests.fake_botapi import FakeBotApiServer
@@ -309,11 +309,11 @@ SPEC = JobSpec("low a cat", "gpt-image-2", "1024x1024", "low", 1, 0, "{}")
 USAGE = Usage(text_input_tokens=12, image_output_tokens=196)
 
 
-async def open_ledger(path: Path) -> Ledger:
-    return await Ledger.open(path, Limits(user_daily=LIMIT))
+async def open_ledger(path: Path) -> Store:
+    return await open_store(f"sqlite:///{path}", Limits(user_daily=LIMIT))
 
 
-async def write_jobs(ledger: Ledger, count: int, *, first_user: int = 0, users: int = 7) -> None:
+async def write_jobs(ledger: Store, count: int, *, first_user: int = 0, users: int = 7) -> None:
     """Reserve and settle `count` jobs (two transactions each) across several users."""
     for i in range(count):
         who = Requester("telegram", str(first_user + i % users), "-42", f"User {i % users}")

@@ -21,11 +21,11 @@ from core.errors import (
     UpstreamMalformed,
     UpstreamUnavailable,
 )
-from core.ledger import JobStatus
 from core.messages import text
 from core.reports import render_balance, render_caption, render_help, render_sizes
 from core.requester import Requester
 from core.service import ImageService, IncomingImage, Progress
+from core.store import JobStatus
 from tests.fake_api import FakeImageAPI
 
 ALICE = Requester("telegram", "1", "-100", "Alice", "en", is_group=True)

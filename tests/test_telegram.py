@@ -27,12 +27,12 @@ from bots.telegram_flood import FloodLimiter, Timebase
 from bots.telegram_reply import Plan, StatusMessage, Where, plan_delivery
 from core.config import Settings
 from core.images import GeneratedImage
-from core.ledger import JobRecord
 from core.messages import MESSAGES, text
 from core.pricing import format_credits
 from core.reports import render_help
 from core.runtime import open_service
 from core.service import ImageService, Progress
+from core.store import JobRecord
 from tests.fake_api import FakeImageAPI
 from tests.telegram_fake import TOKEN, ApiCall, FakeBotApi, Updates, image_bytes
 
@@ -718,13 +718,13 @@ async def test_a_redelivered_update_draws_and_charges_once(
 async def test_users_hear_what_became_of_jobs_a_crash_cut_off(
     make_settings: Callable[..., Settings], fake_api: FakeImageAPI
 ) -> None:
-    from core.ledger import JobSpec, Ledger, Limits
     from core.requester import Requester
+    from core.store import JobSpec, Limits, open_store
 
     settings = make_settings(job_timeout=0.01)
     group = -1001234567890
     # What a killed process left: Ann's job was drawing, Li's still waited in a group.
-    ledger = await Ledger.open(settings.database_path, Limits())
+    ledger = await open_store(settings.store_url, Limits())
     spec = JobSpec("low a kite", "gpt-image-2", "1024x1024", "low", 1, 0, "{}")
     ann = Requester("telegram", str(ANN["id"]), None, "Ann", "en")
     li = Requester("telegram", str(LI["id"]), str(group), "Li", "zh-hans", is_group=True)

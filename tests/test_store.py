@@ -10,32 +10,24 @@ import random
 import sqlite3
 import subprocess
 import sys
-import threading
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from contextlib import closing, suppress
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-import core.ledger as ledger_module
+import core.store.sqlite as ledger_module
 from core.errors import JobNotFound, LimitExceeded, UserError
-from core.ledger import (
-    CSV_COLUMNS,
-    LATEST_VERSION,
-    MIGRATIONS,
-    SCHEMA_VERSION_DDL,
-    ChatTotal,
-    JobSpec,
-    JobStatus,
-    Ledger,
-    Limits,
-    Spender,
-)
 from core.messages import text
 from core.pricing import Usage
 from core.requester import Requester
+from core.store import ChatTotal, JobSpec, JobStatus, Limits, Spender, StoreError
+from core.store.export import CSV_COLUMNS
+from core.store.sqlite import SqliteStore as Ledger
+from core.store.sqlite_schema import LATEST_VERSION, MIGRATIONS, SCHEMA_VERSION_DDL
 
 ROOT = Path(__file__).resolve().parents[1]
 START = datetime(2025, 3, 15, 12, 0, tzinfo=UTC)
@@ -278,7 +270,7 @@ async def test_refuses_a_newer_schema(db_path: Path, clock: Clock) -> None:
         pass
     with sqlite3.connect(db_path) as raw:
         raw.execute("INSERT INTO schema_version VALUES (999, 'future', '')")
-    with pytest.raises(RuntimeError, match="newer"):
+    with pytest.raises(StoreError, match="newer"):
         await open_ledger(db_path, clock)
 
 
@@ -547,7 +539,8 @@ async def test_a_chosen_language_sticks(db_path: Path, clock: Clock) -> None:
 KILLED_CHILD = """
 import asyncio, os, signal, sys
 from datetime import datetime
-from core.ledger import JobSpec, Ledger, Limits
+from core.store import JobSpec, Limits
+from core.store.sqlite import SqliteStore as Ledger
 from core.requester import Requester
 
 async def main():
@@ -871,34 +864,40 @@ async def test_cancelled_calls_leave_the_ledger_usable(db_path: Path, clock: Clo
     assert_totals_match_jobs(db_path)
 
 
-async def test_a_call_that_fails_after_writing_is_undone_alone(db_path: Path, clock: Clock) -> None:
-    def rename(name: str, fail: bool) -> Callable[[sqlite3.Connection], None]:
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE users SET display_name = ? WHERE user_key = ?", (name, name))
-            if fail:
-                raise ValueError(name)
-
-        return write
-
+async def test_a_failed_transaction_is_undone_whole_and_swallows_no_other_write(
+    db_path: Path, clock: Clock
+) -> None:
     async with await open_ledger(db_path, clock) as ledger:
-        for uid in ("a", "b", "c"):
-            await ledger.set_language(f"telegram:{uid}", "en")
-        # Keep the connection's thread busy while three calls queue up behind it: they then
-        # run as one batch, in one transaction (through the ledger's internal call path).
-        busy = threading.Event()
-        blocker = asyncio.ensure_future(ledger._write(lambda conn: busy.wait(10)))
-        calls = [
-            asyncio.ensure_future(ledger._write(rename(f"telegram:{uid}", uid == "b")))
-            for uid in ("a", "b", "c")
-        ]
+        job = await ledger.reserve(who("1"), SPEC, 10)
+        await ledger.set_language("telegram:a", "en")
+        entered = asyncio.Event()
+        go_on = asyncio.Event()
+
+        async def rename_then_fail(conn: Any) -> None:
+            await conn.execute(
+                "UPDATE users SET display_name = 'x' WHERE user_key = 'telegram:a'"
+            )
+            entered.set()
+            await go_on.wait()
+            raise ValueError("undo me")
+
+        # A multi-statement write is open; single writes made meanwhile must not land in
+        # its transaction (its rollback would silently lose them).
+        failing = asyncio.ensure_future(ledger._transaction(rename_then_fail))
+        await entered.wait()
+        settle = asyncio.ensure_future(ledger.settle(job, 7, None))
+        other = asyncio.ensure_future(ledger.reserve(who("2"), SPEC, 20))
         await asyncio.sleep(0.05)
-        busy.set()
-        await blocker
-        outcomes = await asyncio.gather(*calls, return_exceptions=True)
-        assert outcomes[0] is None and outcomes[2] is None
-        assert isinstance(outcomes[1], ValueError)
-        names = [(await ledger.get_user(f"telegram:{u}")).display_name for u in "abc"]  # type: ignore[union-attr]
-        assert names == ["telegram:a", "", "telegram:c"]
+        assert not settle.done()  # waits at the gate
+        go_on.set()
+        with pytest.raises(ValueError, match="undo me"):
+            await failing
+        assert await settle is True
+        second = await other
+        assert (await ledger.get_user("telegram:a")).display_name == ""  # type: ignore[union-attr]
+        assert (await ledger.get_job(job)).actual_credits == 7  # type: ignore[union-attr]
+        assert (await ledger.get_job(second)).estimated_credits == 20  # type: ignore[union-attr]
+    assert_totals_match_jobs(db_path)
 
 
 async def test_recovery_releases_jobs_that_never_started(db_path: Path, clock: Clock) -> None:
@@ -993,6 +992,9 @@ async def test_running_totals_always_equal_the_sum_of_jobs(db_path: Path, seed: 
             if step % 25 == 0:
                 assert_totals_match_jobs(db_path)
                 assert_totals_within_limits(db_path)
+        # One job left waiting, whatever the walk's order resolved (a fresh day has room).
+        clock.advance(days=1)
+        await ledger.reserve(who("late", "-1"), SPEC, 1.5)
         assert_totals_match_jobs(db_path)
         assert_totals_within_limits(db_path)
         # The ledger's own answers agree with the totals too.
@@ -1057,10 +1059,10 @@ async def test_refusals_and_grants_in_one_batch(db_path: Path, clock: Clock) -> 
     assert_totals_match_jobs(db_path)
 
 
-async def test_a_failed_transaction_fails_every_call_of_its_batch(
+async def test_a_write_lock_held_too_long_elsewhere_fails_cleanly(
     db_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ledger_module, "BUSY_TIMEOUT_MS", 200)
+    monkeypatch.setattr(ledger_module, "BUSY_TIMEOUT_S", 0.2)
     async with await open_ledger(db_path, clock) as ledger:
         kept = await ledger.reserve(who("1"), SPEC, 10)
         other = sqlite3.connect(db_path, isolation_level=None)
@@ -1078,7 +1080,7 @@ async def test_a_failed_transaction_fails_every_call_of_its_batch(
         finally:
             other.execute("ROLLBACK")
             other.close()
-        # Nothing of the failed batch was written, and the ledger goes on.
+        # Nothing of the failed writes was written, and the ledger goes on.
         assert await ledger.settle(kept, 5, None)
         assert (await ledger.spend_report("telegram:2")).all_time == 0
         await ledger.reserve(who("2"), SPEC, 10)

@@ -1,0 +1,1100 @@
+"""The embedded store: one SQLite file, through aiosqlite.
+
+Connections: one for writes, one for reads (WAL lets readers run beside the writer and
+see only committed data). aiosqlite runs each statement on the connection's own thread, a
+round trip ("hop") of its own, so the statements are designed to need as few as possible:
+
+- `reserve` is one `INSERT … SELECT … WHERE <every limit fits> RETURNING id`: the limit
+  check and the write are a single statement, hence atomic, and a single hop. Only the
+  first job of a user this process has not written yet (or whose name changed) takes a
+  short transaction that also writes the user and chat rows.
+- `settle`, `fail`, `mark_started`, limits and languages are single statements too.
+
+Single statements run in autocommit mode and are pipelined: many callers' statements queue
+on the connection's thread and run back to back. A write statement takes SQLite's write
+lock before it reads anything (like BEGIN IMMEDIATE), so no reader is ever upgraded into
+"database is locked", and other connections or processes wait under the busy timeout.
+The few multi-statement writes (refund, block, recovery, migrations) run as
+`BEGIN IMMEDIATE … COMMIT` while new single statements wait at a gate, so nothing else
+ever lands inside their transaction. Every write runs to its end even if its caller is
+cancelled (a reservation whose caller is gone is released at once).
+
+Durability: WAL with `synchronous = NORMAL` — a commit is safe against a crash or kill of
+the process (the WAL is in the OS's hands) and the file is never corrupted; a power loss or
+OS crash may lose the last transactions before the next checkpoint, the right trade for
+spend records (FULL would fsync on every commit, ~1–10 ms each on real disks).
+
+Files: the folder is created 0700 and the database 0600 (SQLite gives its -wal and -shm the
+database's mode): a ledger holds every prompt, user id and name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sqlite3
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from core.errors import DuplicateJob, JobNotFound, LimitExceeded, UserError
+from core.pricing import Usage
+from core.requester import Requester
+from core.store.export import jobs_csv
+from core.store.interface import COPY_TABLES, SnapshotReader, Store, StoreError
+from core.store.records import (
+    EPSILON,
+    MICRO,
+    ChatRecord,
+    ChatTotal,
+    JobRecord,
+    JobSpec,
+    JobStatus,
+    Limits,
+    Spender,
+    SpendReport,
+    UserRecord,
+    as_utc,
+    chat_from_mapping,
+    check_credits,
+    day_start,
+    effective_limit,
+    is_row_id,
+    iso,
+    job_from_mapping,
+    month_start,
+    remaining,
+    split_key,
+    usage_json,
+    user_from_mapping,
+    utc_now,
+)
+from core.store.sqlite_schema import LATEST_VERSION, MIGRATIONS, SCHEMA_VERSION_DDL
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_S = 30.0
+_T = TypeVar("_T")
+# Users and chats this process has written, so a reservation can skip rewriting them.
+_KNOWN_CAP = 50_000
+
+# Whole statements as constants: values always go in as parameters, never into the text.
+_SELECT_JOB = "SELECT * FROM jobs WHERE id = ?"
+_SELECT_UNSETTLED = "SELECT * FROM jobs WHERE status = 'unsettled' ORDER BY created_at, id"
+_SELECT_LAST_JOBS = "SELECT * FROM jobs WHERE user_key = ? ORDER BY id DESC LIMIT ?"
+_SELECT_EXPORT = (
+    "SELECT * FROM jobs"
+    " WHERE (? IS NULL OR created_at >= ?) AND (? IS NULL OR user_key = ?) ORDER BY id"
+)
+# What a reservation is checked against: the limits in force and the four running totals.
+_LIMITS_CTE = (
+    "WITH v AS (SELECT"
+    " COALESCE((SELECT daily_limit FROM users WHERE user_key = :user_key), :d_user_daily)"
+    "   AS ud_limit,"
+    " COALESCE((SELECT monthly_limit FROM users WHERE user_key = :user_key), :d_user_monthly)"
+    "   AS um_limit,"
+    " CASE WHEN :chat_key IS NULL THEN 0 ELSE"
+    "  COALESCE((SELECT daily_limit FROM chats WHERE chat_key = :chat_key), :d_chat_daily)"
+    " END AS cd_limit,"
+    " :d_global_daily AS gd_limit,"
+    " COALESCE((SELECT micro_credits FROM spend_totals"
+    "   WHERE scope = 'user_daily' AND key = :user_key AND period = :day), 0) AS ud,"
+    " COALESCE((SELECT micro_credits FROM spend_totals"
+    "   WHERE scope = 'user_monthly' AND key = :user_key AND period = :month), 0) AS um,"
+    " COALESCE((SELECT micro_credits FROM spend_totals"
+    "   WHERE scope = 'chat_daily' AND key = :chat_key AND period = :day), 0) AS cd,"
+    " COALESCE((SELECT micro_credits FROM spend_totals"
+    "   WHERE scope = 'global_daily' AND key = '' AND period = :day), 0) AS gd)"
+)
+_SELECT_LIMITS = _LIMITS_CTE + " SELECT * FROM v"  # noqa: S608 - constant text
+# The check and the write in one statement: the job is inserted only if every limit fits.
+_RESERVE = (
+    _LIMITS_CTE  # noqa: S608 - constant text
+    + " INSERT INTO jobs (user_key, chat_key, platform, display_name, command_text,"
+    " request_json, model, size, quality, n, reference_count, status,"
+    " estimated_credits, created_at, source_ref)"
+    " SELECT :user_key, :chat_key, :platform, :display_name, :command_text, :request_json,"
+    " :model, :size, :quality, :n, :reference_count, 'reserved', :estimate, :now, :source_ref"
+    " FROM v WHERE"
+    " (ud_limit <= 0 OR :estimate <= MAX(0.0, ud_limit - ud / 1000000.0) + :eps)"
+    " AND (um_limit <= 0 OR :estimate <= MAX(0.0, um_limit - um / 1000000.0) + :eps)"
+    " AND (cd_limit <= 0 OR :estimate <= MAX(0.0, cd_limit - cd / 1000000.0) + :eps)"
+    " AND (gd_limit <= 0 OR :estimate <= MAX(0.0, gd_limit - gd / 1000000.0) + :eps)"
+    " RETURNING id"
+)
+_UPSERT_USER = (
+    "INSERT INTO users (user_key, platform, user_id, display_name, language,"
+    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (user_key) DO UPDATE SET"
+    # An empty name from the platform keeps the one we know; a language the user chose
+    # (set_language) is not overwritten by the platform's.
+    "  display_name = CASE WHEN excluded.display_name = '' THEN display_name"
+    "                      ELSE excluded.display_name END,"
+    "  language = COALESCE(language, excluded.language),"
+    "  updated_at = excluded.updated_at"
+)
+_INSERT_CHAT = (
+    "INSERT INTO chats (chat_key, platform, chat_id, created_at, updated_at)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (chat_key) DO NOTHING"
+)
+_ENSURE_USER = (
+    "INSERT INTO users (user_key, platform, user_id, created_at, updated_at)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_key) DO NOTHING"
+)
+# The status guard in the WHERE makes a second settle or fail a no-op.
+_FINISH_JOB = (
+    "UPDATE jobs SET status = ?, actual_credits = ?, usage_json = ?,"
+    " error_code = ?, finished_at = ? WHERE id = ? AND status = 'reserved' RETURNING id"
+)
+_REFUND = (
+    "UPDATE jobs SET status = 'refunded', refunded_by = ?, refunded_at = ?"
+    " WHERE id = ? AND (status IN ('succeeded', 'unsettled')"
+    "                   OR (status = 'failed' AND COALESCE(actual_credits, 0) > 0))"
+    " RETURNING *"
+)
+# Generated columns are computed, never copied.
+_GENERATED = frozenset({"charged", "charged_micro"})
+
+
+def _is_locked(err: sqlite3.OperationalError) -> bool:
+    text = str(err).lower()
+    return "locked" in text or "busy" in text
+
+
+def _prepare_files(target: str) -> None:
+    """Create the folder (0700) and the file (0600) before SQLite does, or tighten them."""
+    path = Path(target)
+    folder = path.parent
+    if not folder.exists():
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    except OSError as err:
+        raise StoreError(f"DATABASE_URL: cannot create {target}: {err.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_IMODE(mode) & 0o077 and stat.S_ISREG(mode):
+            with suppress(OSError):  # not ours to change: leave it
+                os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+async def _connect(target: str, *, read_only: bool = False) -> aiosqlite.Connection:
+    uri = target != ":memory:" and read_only
+    where = f"file:{Path(target).as_posix()}?mode=ro" if uri else target
+    conn = await aiosqlite.connect(where, timeout=BUSY_TIMEOUT_S, isolation_level=None, uri=uri)
+    try:
+        conn.row_factory = sqlite3.Row
+        if not read_only:
+            await _enable_wal(conn)
+            await conn.execute("PRAGMA synchronous = NORMAL")
+            await conn.execute("PRAGMA foreign_keys = ON")
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
+async def _enable_wal(conn: aiosqlite.Connection) -> None:
+    # Switching a fresh file to WAL needs a moment of exclusive access, and SQLite reports
+    # "database is locked" at once (no busy handler) while another process does the same.
+    delay = 0.01
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            rows = await conn.execute_fetchall("PRAGMA journal_mode")
+            if rows and str(rows[0][0]).lower() == "wal":
+                return
+            await conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if not _is_locked(err) or loop.time() > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+
+WRITER_TASK_NAME = "imgbot-store-writer"
+# Single statements that share one transaction at most: bounds how long a batch holds
+# SQLite's write lock.
+_MAX_BATCH = 128
+
+
+class _Call:
+    """One write waiting for the writer: a single statement, or a function of the connection."""
+
+    __slots__ = ("fn", "future", "params", "sql")
+
+    def __init__(
+        self,
+        future: asyncio.Future[Any],
+        sql: str = "",
+        params: Any = (),
+        fn: Callable[[aiosqlite.Connection], Awaitable[Any]] | None = None,
+    ) -> None:
+        self.future = future
+        self.sql = sql
+        self.params = params
+        self.fn = fn
+
+
+def _settle_future(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+class _Writer:
+    """The write connection and the one task that writes on it (group commit).
+
+    Callers queue their writes; the writer takes every single statement waiting (up to
+    _MAX_BATCH), runs them back to back inside one `BEGIN IMMEDIATE … COMMIT`, and only
+    then tells each caller its outcome. A statement that fails (a constraint) fails alone:
+    SQLite undoes just that statement. If the transaction itself fails (the write lock not
+    had within the busy timeout, a failed COMMIT, an I/O error that rolled everything
+    back), every call of the batch gets that error, since none of them was committed.
+    A multi-statement write (a function of the connection) runs in a transaction of its
+    own, rolled back whole if it raises. Once queued, a write runs to its end even if its
+    caller is cancelled. One commit, one WAL append and one wake-up per batch rather than
+    per statement is what lets aiosqlite's one-hop-per-statement design keep up.
+    """
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+        self._queue: list[_Call] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        # Named, so a test that waits for "every task" can tell this idle worker apart.
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=WRITER_TASK_NAME)
+
+    def _submit(self, call: _Call) -> asyncio.Future[Any]:
+        if self._closing:
+            raise RuntimeError("the ledger is closed")
+        self._queue.append(call)
+        self._wake.set()
+        return call.future
+
+    def single(self, sql: str, params: Any = ()) -> asyncio.Future[list[sqlite3.Row]]:
+        """Queue one write statement; its future holds the rows it returned."""
+        future: asyncio.Future[list[sqlite3.Row]] = asyncio.get_running_loop().create_future()
+        return self._submit(_Call(future, sql, params))
+
+    def transaction(
+        self, fn: Callable[[aiosqlite.Connection], Awaitable[_T]]
+    ) -> asyncio.Future[_T]:
+        """Queue `fn(conn)` to run inside BEGIN IMMEDIATE … COMMIT, rolled back if it raises."""
+        future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+        return self._submit(_Call(future, fn=fn))
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            first = self._queue[0]
+            if first.fn is not None:
+                self._queue.pop(0)
+                await self._run_function(first)
+                continue
+            batch: list[_Call] = []
+            while self._queue and self._queue[0].fn is None and len(batch) < _MAX_BATCH:
+                batch.append(self._queue.pop(0))
+            await self._run_batch(batch)
+
+    async def _rollback(self) -> None:
+        with suppress(sqlite3.Error, ValueError):
+            if self.conn.in_transaction:
+                await self.conn.execute("ROLLBACK")
+
+    async def _run_batch(self, batch: list[_Call]) -> None:
+        try:
+            await self.conn.execute("BEGIN IMMEDIATE")
+            # Pipelined: every statement is queued on the connection's thread at once.
+            outcomes = await asyncio.gather(
+                *(self.conn.execute_fetchall(call.sql, call.params) for call in batch),
+                return_exceptions=True,
+            )
+            if not self.conn.in_transaction:
+                raise sqlite3.OperationalError("the transaction was rolled back by SQLite")
+            await self.conn.execute("COMMIT")
+        except Exception as err:  # noqa: BLE001 - handed to every caller of the batch
+            await self._rollback()
+            for call in batch:
+                _settle_future(call.future, False, err)
+            return
+        for call, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                _settle_future(call.future, False, outcome)
+            else:
+                _settle_future(call.future, True, list(outcome))
+
+    async def _run_function(self, call: _Call) -> None:
+        assert call.fn is not None
+        try:
+            await self.conn.execute("BEGIN IMMEDIATE")
+            result = await call.fn(self.conn)
+            await self.conn.execute("COMMIT")
+        except Exception as err:  # noqa: BLE001 - handed to the caller
+            await self._rollback()
+            _settle_future(call.future, False, err)
+            return
+        _settle_future(call.future, True, result)
+
+    async def close(self) -> None:
+        """Finish every write already queued, then stop the writer."""
+        self._closing = True
+        self._wake.set()
+        await asyncio.shield(self._task)
+
+
+async def _fetchone(conn: aiosqlite.Connection, sql: str, params: Any = ()) -> sqlite3.Row | None:
+    rows = await conn.execute_fetchall(sql, params)
+    return next(iter(rows), None)
+
+
+async def _migrate(conn: aiosqlite.Connection, applied_at: str) -> None:
+    """Apply every migration newer than the database, each recorded in schema_version."""
+    await conn.execute(SCHEMA_VERSION_DDL)
+    row = await _fetchone(conn, "SELECT MAX(version) FROM schema_version")
+    current = int(row[0]) if row is not None and row[0] is not None else 0
+    if current > LATEST_VERSION:
+        raise StoreError(
+            f"ledger schema version {current} is newer than this imgbot "
+            f"({LATEST_VERSION}); upgrade imgbot"
+        )
+    for migration in MIGRATIONS:
+        if migration.version <= current:
+            continue
+        for statement in migration.statements:
+            await conn.execute(statement)
+        await conn.execute(
+            "INSERT INTO schema_version (version, description, applied_at) VALUES (?, ?, ?)",
+            (migration.version, migration.description, applied_at),
+        )
+
+
+class _SqliteSnapshot(SnapshotReader):
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    async def rows(
+        self, table: str, *, after: Any = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        key = dict(COPY_TABLES)[table]  # KeyError for anything but a copied table
+        sql = (
+            f"SELECT * FROM {table} WHERE (? IS NULL OR {key} > ?)"  # noqa: S608 - fixed names
+            f" ORDER BY {key} LIMIT ?"
+        )
+        rows = await self._conn.execute_fetchall(sql, (after, after, limit))
+        return [{k: row[k] for k in row.keys() if k not in _GENERATED} for row in rows]
+
+    async def counts(self) -> dict[str, int]:
+        counts = {}
+        for table, _ in COPY_TABLES:
+            sql = f"SELECT COUNT(*) FROM {table}"  # noqa: S608 - a name from COPY_TABLES
+            row = await _fetchone(self._conn, sql)
+            counts[table] = int(row[0]) if row is not None else 0
+        return counts
+
+    async def user_totals(self) -> dict[str, float]:
+        rows = await self._conn.execute_fetchall(
+            "SELECT user_key, SUM(charged) FROM jobs GROUP BY user_key"
+        )
+        return {row[0]: float(row[1] or 0.0) for row in rows}
+
+
+class SqliteStore(Store):
+    """Spend, reservations, limits and reports over one SQLite file."""
+
+    kind = "sqlite"
+
+    def __init__(
+        self,
+        target: str,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        limits: Limits,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._target = target
+        self._writer: _Writer | None = _Writer(writer)
+        self._reader = reader
+        self._read_lock = asyncio.Lock()  # multi-statement reads share one snapshot
+        self._limits = limits
+        self._clock = clock
+        # user_key -> (display name, language) as last written; chat keys written.
+        self._known_users: dict[str, tuple[str, str | None]] = {}
+        self._known_chats: set[str] = set()
+
+    # --- life ---------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        limits: Limits,
+        *,
+        clock: Callable[[], datetime] | None = None,
+    ) -> SqliteStore:
+        """Open (creating the folder and file if needed) and migrate the ledger at `path`."""
+        target = os.fspath(path)
+        memory = target == ":memory:"
+        try:
+            if not memory:
+                _prepare_files(target)
+            writer = await _connect(target)
+        except sqlite3.Error as err:
+            raise StoreError(f"DATABASE_URL: cannot open sqlite:///{target}: {err}") from None
+        reader = writer
+        store: SqliteStore | None = None
+        try:
+            store = cls(target, writer, reader, limits, clock or utc_now)
+            applied_at = store._now_iso()
+            await store._transaction(lambda conn: _migrate(conn, applied_at))
+            if not memory:
+                store._reader = await _connect(target, read_only=True)
+        except BaseException as err:
+            if store is not None:
+                await store.close()
+            else:
+                await writer.close()
+            if isinstance(err, sqlite3.Error):
+                raise StoreError(f"DATABASE_URL: cannot use sqlite:///{target}: {err}") from None
+            raise
+        return store
+
+    async def close(self) -> None:
+        """Close the connections once the calls already made have finished; safe twice."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        await writer.close()
+        if self._reader is not writer.conn:
+            await self._reader.close()
+        await writer.conn.close()
+
+    @property
+    def limits(self) -> Limits:
+        """Return the default limits this store enforces."""
+        return self._limits
+
+    def describe(self) -> str:
+        """Return where the store is."""
+        return f"sqlite:///{self._target}"
+
+    @property
+    def path(self) -> str:
+        """Return the database file's path."""
+        return self._target
+
+    async def schema_version(self) -> int:
+        """Return the schema version of the open database."""
+        row = await self._read_one("SELECT MAX(version) FROM schema_version")
+        return int(row[0]) if row is not None and row[0] is not None else 0
+
+    async def check_writable(self) -> None:
+        """Take the write lock and let it go, proving the file accepts writes."""
+
+        async def touch(conn: aiosqlite.Connection) -> None:
+            await conn.execute("UPDATE schema_version SET version = version WHERE 0")
+
+        await self._transaction(touch)
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def _require(self) -> _Writer:
+        if self._writer is None:
+            raise RuntimeError("the ledger is closed")
+        return self._writer
+
+    async def _single(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        # shield: once queued, a write runs to its end even if the caller is cancelled.
+        return await asyncio.shield(self._require().single(sql, params))
+
+    async def _transaction(self, fn: Callable[[aiosqlite.Connection], Awaitable[_T]]) -> _T:
+        return await asyncio.shield(self._require().transaction(fn))
+
+    async def _read_all(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        self._require()
+        return list(await self._reader.execute_fetchall(sql, params))
+
+    async def _read_one(self, sql: str, params: Any = ()) -> sqlite3.Row | None:
+        rows = await self._read_all(sql, params)
+        return rows[0] if rows else None
+
+    def _now(self) -> datetime:
+        return as_utc(self._clock())
+
+    def _now_iso(self) -> str:
+        return iso(self._now())
+
+    # --- reservations -------------------------------------------------------------------
+
+    async def reserve(self, requester: Requester, spec: JobSpec, estimate: float) -> int:
+        """Check `estimate` against every limit and reserve it as a new job; return its id."""
+        check_credits("estimate", estimate)
+        if spec.n < 1 or spec.reference_count < 0:
+            raise ValueError("n must be >= 1 and reference_count >= 0")
+        now_iso = self._now_iso()
+        params = self._reserve_params(requester, spec, float(estimate), now_iso)
+        writer = self._require()
+        for _ in range(3):
+            if self._rows_known(requester):
+                task = writer.single(_RESERVE, params)
+            else:
+                task = writer.transaction(self._reserve_with_rows(requester, params, now_iso))
+            try:
+                rows = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                task.add_done_callback(self._release_orphan)
+                raise
+            except sqlite3.IntegrityError as err:
+                await self._raise_duplicate(spec, err)
+                raise
+            if rows:
+                self._remember_rows(requester)
+                return int(rows[0][0])
+            # A message seen before is a duplicate, whatever the limits say now.
+            await self._raise_duplicate(spec, None)
+            # Refused: say which limit, from the same figures the statement checked.
+            refusal = await self._refusal(params)
+            if refusal is not None:
+                raise refusal
+            # Room was freed between the statement and the look: try again.
+        raise await self._refusal(params, force=True) or RuntimeError("reservation refused")
+
+    def _reserve_params(
+        self, requester: Requester, spec: JobSpec, estimate: float, now_iso: str
+    ) -> dict[str, Any]:
+        defaults = self._limits
+        return {
+            "user_key": requester.user_key,
+            "chat_key": requester.chat_key,
+            "platform": requester.platform,
+            "display_name": requester.display_name,
+            "command_text": spec.command_text,
+            "request_json": spec.request_json,
+            "model": spec.model,
+            "size": spec.size,
+            "quality": spec.quality,
+            "n": spec.n,
+            "reference_count": spec.reference_count,
+            "estimate": estimate,
+            "now": now_iso,
+            "source_ref": spec.source_ref,
+            "day": now_iso[:10],
+            "month": now_iso[:7],
+            "d_user_daily": float(defaults.user_daily),
+            "d_user_monthly": float(defaults.user_monthly),
+            "d_chat_daily": float(defaults.chat_daily),
+            "d_global_daily": float(defaults.global_daily),
+            "eps": EPSILON,
+        }
+
+    def _rows_known(self, requester: Requester) -> bool:
+        # True when this process already wrote the user (with this name and language) and
+        # the chat, so the reservation needs no upsert of either.
+        known = self._known_users.get(requester.user_key)
+        if known is None:
+            return False
+        name, lang = known
+        if requester.display_name and requester.display_name != name:
+            return False
+        if lang is None and requester.language is not None:
+            return False
+        return requester.chat_key is None or requester.chat_key in self._known_chats
+
+    def _remember_rows(self, requester: Requester) -> None:
+        if len(self._known_users) > _KNOWN_CAP:
+            self._known_users.clear()
+            self._known_chats.clear()
+        name = requester.display_name
+        known = self._known_users.get(requester.user_key)
+        if not name and known is not None:
+            name = known[0]
+        self._known_users[requester.user_key] = (name, requester.language)
+        if requester.chat_key is not None:
+            self._known_chats.add(requester.chat_key)
+
+    def _reserve_with_rows(
+        self, requester: Requester, params: dict[str, Any], now_iso: str
+    ) -> Callable[[aiosqlite.Connection], Awaitable[list[sqlite3.Row]]]:
+        async def run(conn: aiosqlite.Connection) -> list[sqlite3.Row]:
+            # The reservation first: a refusal writes nothing at all.
+            fits = await conn.execute_fetchall(_SELECT_LIMITS, params)
+            has_chat = params["chat_key"] is not None
+            if not fits or not self._fits(next(iter(fits)), params["estimate"], has_chat):
+                return []
+            await conn.execute(
+                _UPSERT_USER,
+                (
+                    requester.user_key,
+                    requester.platform,
+                    requester.user_id,
+                    requester.display_name,
+                    requester.language,
+                    now_iso,
+                    now_iso,
+                ),
+            )
+            if requester.chat_key is not None:
+                await conn.execute(
+                    _INSERT_CHAT,
+                    (requester.chat_key, requester.platform, requester.chat_id, now_iso, now_iso),
+                )
+            return list(await conn.execute_fetchall(_RESERVE, params))
+
+        return run
+
+    @staticmethod
+    def _checks(row: sqlite3.Row, has_chat: bool) -> list[tuple[str, float, float]]:
+        checks = [
+            ("user_daily", float(row["ud_limit"]), row["ud"]),
+            ("user_monthly", float(row["um_limit"]), row["um"]),
+        ]
+        if has_chat:
+            checks.append(("chat_daily", float(row["cd_limit"]), row["cd"]))
+        checks.append(("global_daily", float(row["gd_limit"]), row["gd"]))
+        return [(scope, limit, max(0.0, limit - micro / MICRO)) for scope, limit, micro in checks]
+
+    def _fits(self, row: sqlite3.Row, estimate: float, has_chat: bool) -> bool:
+        return all(
+            limit <= 0 or estimate <= left + EPSILON
+            for _, limit, left in self._checks(row, has_chat)
+        )
+
+    async def _refusal(
+        self, params: dict[str, Any], *, force: bool = False
+    ) -> LimitExceeded | None:
+        row = await self._read_one(_SELECT_LIMITS, params)
+        if row is None:
+            return None
+        estimate = params["estimate"]
+        # Refuse on the tightest limit, so "what is left" is what would really fit.
+        tightest: tuple[str, float, float] | None = None
+        for scope, limit, left in self._checks(row, params["chat_key"] is not None):
+            if limit > 0 and (tightest is None or left < tightest[2]):
+                tightest = (scope, limit, left)
+        if tightest is None or (estimate <= tightest[2] + EPSILON and not force):
+            return None
+        scope, limit, left = tightest
+        return LimitExceeded(
+            f"limit.{scope}",
+            scope=scope,
+            asked=estimate,
+            remaining=left,
+            limit=limit,
+            detail=f"{params['user_key']} asked {estimate} with {left} of {limit} left",
+        )
+
+    async def _raise_duplicate(self, spec: JobSpec, err: sqlite3.IntegrityError | None) -> None:
+        if spec.source_ref is None:
+            return
+        row = await self._read_one("SELECT id FROM jobs WHERE source_ref = ?", (spec.source_ref,))
+        if row is not None:
+            raise DuplicateJob(job_id=int(row[0]), silent=True) from err
+
+    def _release_orphan(self, task: asyncio.Future[list[sqlite3.Row]]) -> None:
+        # The caller of `reserve` was cancelled while its job was being written: no one will
+        # draw or settle it, so give the room back now rather than at the next start-up.
+        if task.cancelled() or task.exception() is not None or self._writer is None:
+            return
+        rows = task.result()
+        if not rows:
+            return
+        release = self._writer.single(
+            _FINISH_JOB, ("failed", 0.0, None, "cancelled", self._now_iso(), int(rows[0][0]))
+        )
+        release.add_done_callback(_log_release_failure)
+
+    async def mark_started(self, job_id: int) -> bool:
+        """Record that a reserved job started drawing; False if it is not reserved."""
+        rows = await self._single(
+            "UPDATE jobs SET started_at = ? WHERE id = ? AND status = 'reserved' RETURNING id",
+            (self._now_iso(), job_id),
+        )
+        return bool(rows)
+
+    async def settle(self, job_id: int, credits: float, usage: Usage | None) -> bool:
+        """Replace a reservation with its exact cost; False (no-op) if it is not reserved."""
+        check_credits("credits", credits)
+        return await self._finish(job_id, JobStatus.SUCCEEDED, credits, usage, None)
+
+    async def fail(
+        self, job_id: int, error_code: str, credits: float = 0.0, usage: Usage | None = None
+    ) -> bool:
+        """Mark a reserved job failed at `credits` (0 releases it); False if not reserved."""
+        check_credits("credits", credits)
+        return await self._finish(job_id, JobStatus.FAILED, credits, usage, error_code)
+
+    async def _finish(
+        self,
+        job_id: int,
+        status: JobStatus,
+        credits: float,
+        usage: Usage | None,
+        error_code: str | None,
+    ) -> bool:
+        if not is_row_id(job_id):
+            return False
+        params = (
+            status.value,
+            float(credits),
+            usage_json(usage),
+            error_code,
+            self._now_iso(),
+            job_id,
+        )
+        return bool(await self._single(_FINISH_JOB, params))
+
+    async def mark_unsettled(self, job_id: int) -> bool:
+        """Mark a reserved job whose cost is unknown `unsettled`; False if not reserved."""
+        rows = await self._single(
+            "UPDATE jobs SET status = 'unsettled' WHERE id = ? AND status = 'reserved'"
+            " RETURNING id",
+            (job_id,),
+        )
+        return bool(rows)
+
+    async def list_stale(self, older_than_seconds: float) -> list[JobRecord]:
+        """List the reserved jobs older than that: what `recover_stale` would resolve."""
+        cutoff = iso(self._now() - timedelta(seconds=older_than_seconds))
+        rows = await self._read_all(
+            "SELECT * FROM jobs WHERE status = 'reserved' AND created_at < ? ORDER BY id",
+            (cutoff,),
+        )
+        return [job_from_mapping(row) for row in rows]
+
+    async def recover_stale(self, older_than_seconds: float) -> list[int]:
+        """Resolve reserved jobs older than that, left behind by a dead process."""
+        now = self._now()
+        cutoff = iso(now - timedelta(seconds=older_than_seconds))
+        now_iso = iso(now)
+
+        async def recover_on(conn: aiosqlite.Connection) -> list[int]:
+            rows = await conn.execute_fetchall(
+                "UPDATE jobs SET status = 'unsettled' WHERE status = 'reserved'"
+                " AND created_at < ? AND started_at IS NOT NULL RETURNING id",
+                (cutoff,),
+            )
+            await conn.execute(
+                "UPDATE jobs SET status = 'failed', actual_credits = 0,"
+                " error_code = 'interrupted', finished_at = ?"
+                " WHERE status = 'reserved' AND created_at < ? AND started_at IS NULL",
+                (now_iso, cutoff),
+            )
+            return sorted(int(row[0]) for row in rows)
+
+        return await self._transaction(recover_on)
+
+    async def list_unsettled(self) -> list[JobRecord]:
+        """List the jobs whose cost is unknown, oldest first, for admins."""
+        return [job_from_mapping(row) for row in await self._read_all(_SELECT_UNSETTLED)]
+
+    async def refund(self, job_id: int, by: str) -> JobRecord:
+        """Refund a succeeded, unsettled or charged failed job; return the refunded record."""
+        if is_row_id(job_id):
+            rows = await self._single(_REFUND, (by, self._now_iso(), job_id))
+            if rows:
+                return job_from_mapping(rows[0])
+        job = await self.get_job(job_id)
+        if job is None:
+            raise JobNotFound(job_id=job_id, detail=f"refund of missing job {job_id}")
+        raise UserError(
+            "refund.not_refundable",
+            job_id=job_id,
+            status=job.status.value,
+            detail=f"job {job_id} is {job.status.value}",
+        )
+
+    async def get_job(self, job_id: int) -> JobRecord | None:
+        """Return one job, or None."""
+        self._require()
+        if not is_row_id(job_id):
+            return None
+        row = await self._read_one(_SELECT_JOB, (job_id,))
+        return job_from_mapping(row) if row is not None else None
+
+    async def set_result_refs(self, job_id: int, refs: Sequence[str]) -> None:
+        """Remember the platform file refs of a job's images (for "vary" buttons)."""
+        refs_json = json.dumps([str(ref) for ref in refs])
+        rows = []
+        if is_row_id(job_id):
+            rows = await self._single(
+                "UPDATE jobs SET result_refs = ? WHERE id = ? RETURNING id", (refs_json, job_id)
+            )
+        if not rows:
+            raise JobNotFound(job_id=job_id, detail=f"result refs for missing job {job_id}")
+
+    # --- users and chats ----------------------------------------------------------------
+
+    async def get_user(self, user_key: str) -> UserRecord | None:
+        """Return one user, or None."""
+        row = await self._read_one("SELECT * FROM users WHERE user_key = ?", (user_key,))
+        return user_from_mapping(row) if row is not None else None
+
+    async def get_chat(self, chat_key: str) -> ChatRecord | None:
+        """Return one chat, or None."""
+        row = await self._read_one("SELECT * FROM chats WHERE chat_key = ?", (chat_key,))
+        return chat_from_mapping(row) if row is not None else None
+
+    async def set_user_limits(
+        self, user_key: str, daily: float | None, monthly: float | None
+    ) -> None:
+        """Override a user's daily and monthly limits (None = back to the default)."""
+        check_credits("daily", daily, allow_none=True)
+        check_credits("monthly", monthly, allow_none=True)
+        platform, user_id = split_key(user_key)
+        now = self._now_iso()
+        await self._single(
+            "INSERT INTO users (user_key, platform, user_id, daily_limit, monthly_limit,"
+            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (user_key) DO UPDATE SET daily_limit = excluded.daily_limit,"
+            " monthly_limit = excluded.monthly_limit, updated_at = excluded.updated_at",
+            (user_key, platform, user_id, daily, monthly, now, now),
+        )
+
+    async def set_chat_limit(self, chat_key: str, daily: float | None) -> None:
+        """Override a chat's daily limit (None = back to the default)."""
+        check_credits("daily", daily, allow_none=True)
+        platform, chat_id = split_key(chat_key)
+        now = self._now_iso()
+        await self._single(
+            "INSERT INTO chats (chat_key, platform, chat_id, daily_limit, created_at,"
+            " updated_at) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (chat_key) DO UPDATE SET daily_limit = excluded.daily_limit,"
+            " updated_at = excluded.updated_at",
+            (chat_key, platform, chat_id, daily, now, now),
+        )
+
+    async def set_blocked(self, key: str, blocked: bool) -> None:
+        """Block or unblock a user key or a chat key.
+
+        A key already known as a user and/or a chat is updated where it is known. A key not
+        seen yet is blocked as both, since a bare `platform:id` does not say which it is.
+        """
+        platform, ident = split_key(key)
+        now = self._now_iso()
+
+        async def write_on(conn: aiosqlite.Connection) -> None:
+            users = await conn.execute_fetchall(
+                "UPDATE users SET blocked = ?, updated_at = ? WHERE user_key = ? RETURNING 1",
+                (int(blocked), now, key),
+            )
+            chats = await conn.execute_fetchall(
+                "UPDATE chats SET blocked = ?, updated_at = ? WHERE chat_key = ? RETURNING 1",
+                (int(blocked), now, key),
+            )
+            if not users and not chats and blocked:
+                await conn.execute(
+                    "INSERT INTO users (user_key, platform, user_id, blocked, created_at,"
+                    " updated_at) VALUES (?, ?, ?, 1, ?, ?)",
+                    (key, platform, ident, now, now),
+                )
+                await conn.execute(
+                    "INSERT INTO chats (chat_key, platform, chat_id, blocked, created_at,"
+                    " updated_at) VALUES (?, ?, ?, 1, ?, ?)",
+                    (key, platform, ident, now, now),
+                )
+
+        await self._transaction(write_on)
+        self._known_users.pop(key, None)
+
+    async def is_blocked(self, user_key: str, chat_key: str | None) -> bool:
+        """Say whether the user or the chat is blocked."""
+        row = await self._read_one(
+            "SELECT EXISTS (SELECT 1 FROM users WHERE user_key = ? AND blocked)"
+            " OR EXISTS (SELECT 1 FROM chats WHERE chat_key = ? AND blocked)",
+            (user_key, chat_key),
+        )
+        return bool(row[0]) if row is not None else False
+
+    async def set_language(self, user_key: str, lang: str | None) -> None:
+        """Set the language a user chose (None = follow the platform again)."""
+        platform, user_id = split_key(user_key)
+        now = self._now_iso()
+        await self._single(
+            "INSERT INTO users (user_key, platform, user_id, language, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (user_key) DO UPDATE SET"
+            " language = excluded.language, updated_at = excluded.updated_at",
+            (user_key, platform, user_id, lang, now, now),
+        )
+        # The next reservation writes the user again, so the platform's language returns.
+        self._known_users.pop(user_key, None)
+
+    # --- reports ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _read_snapshot(self) -> AsyncIterator[aiosqlite.Connection]:
+        # Several SELECTs that must agree: one read transaction on the reader connection.
+        self._require()
+        async with self._read_lock:
+            if self._reader is self._require().conn:  # :memory: has one connection
+                yield self._reader
+                return
+            await self._reader.execute("BEGIN")
+            try:
+                yield self._reader
+            finally:
+                with suppress(sqlite3.Error):
+                    await self._reader.execute("COMMIT")
+
+    async def spend_report(self, user_key: str, *, last: int = 5) -> SpendReport:
+        """Report a user's spend today, this month and all time against their limits."""
+        now = self._now()
+        today_from, month_from = iso(day_start(now)), iso(month_start(now))
+        async with self._read_snapshot() as conn:
+            user = await _fetchone(
+                conn,
+                "SELECT display_name, daily_limit, monthly_limit FROM users WHERE user_key = ?",
+                (user_key,),
+            )
+            # Exact sums over the jobs themselves: a report shows what was charged to the
+            # last bit, where the running totals (for limits) count micro-credits.
+            sums = await _fetchone(
+                conn,
+                "SELECT"
+                " (SELECT SUM(charged) FROM jobs WHERE user_key = ? AND created_at >= ?),"
+                " (SELECT SUM(charged) FROM jobs WHERE user_key = ? AND created_at >= ?),"
+                " (SELECT SUM(charged) FROM jobs WHERE user_key = ?)",
+                (user_key, today_from, user_key, month_from, user_key),
+            )
+            rows = await conn.execute_fetchall(_SELECT_LAST_JOBS, (user_key, last))
+        today, month, total = (
+            float(value) if value is not None else 0.0 for value in (sums or (None,) * 3)
+        )
+        daily = self._limits.user_daily
+        monthly = self._limits.user_monthly
+        name = ""
+        if user is not None:
+            name = user["display_name"]
+            daily = effective_limit(daily, user["daily_limit"])
+            monthly = effective_limit(monthly, user["monthly_limit"])
+        return SpendReport(
+            user_key=user_key,
+            display_name=name,
+            today=today,
+            month=month,
+            all_time=total,
+            daily_limit=daily,
+            monthly_limit=monthly,
+            daily_remaining=remaining(daily, today),
+            monthly_remaining=remaining(monthly, month),
+            last_jobs=tuple(job_from_mapping(row) for row in rows),
+        )
+
+    async def top_spenders(
+        self, since: datetime, limit: int = 10, *, until: datetime | None = None
+    ) -> list[Spender]:
+        """List the users who spent most since `since` (and before `until`, if given)."""
+        since_iso = iso(since)
+        until_iso = iso(until) if until is not None else None
+        rows = await self._read_all(
+            "SELECT j.user_key, COALESCE(u.display_name, '') AS name,"
+            " SUM(j.charged) AS credits, COUNT(*) AS jobs"
+            " FROM jobs AS j LEFT JOIN users AS u ON u.user_key = j.user_key"
+            " WHERE j.created_at >= ? AND (? IS NULL OR j.created_at < ?)"
+            " GROUP BY j.user_key ORDER BY credits DESC, jobs DESC, j.user_key LIMIT ?",
+            (since_iso, until_iso, until_iso, limit),
+        )
+        return [Spender(r["user_key"], r["name"], float(r["credits"]), r["jobs"]) for r in rows]
+
+    async def chat_totals(
+        self, since: datetime, *, until: datetime | None = None
+    ) -> list[ChatTotal]:
+        """List spend per chat since `since` (and before `until`), largest first."""
+        since_iso = iso(since)
+        until_iso = iso(until) if until is not None else None
+        rows = await self._read_all(
+            "SELECT chat_key, SUM(charged) AS credits, COUNT(*) AS jobs FROM jobs"
+            " WHERE chat_key IS NOT NULL AND created_at >= ? AND (? IS NULL OR created_at < ?)"
+            " GROUP BY chat_key ORDER BY credits DESC, jobs DESC, chat_key",
+            (since_iso, until_iso, until_iso),
+        )
+        return [ChatTotal(r["chat_key"], float(r["credits"]), r["jobs"]) for r in rows]
+
+    async def export_csv(self, since: datetime | None = None, user_key: str | None = None) -> str:
+        """Return the jobs (since a time, of one user) as CSV: a header, then one row each."""
+        since_iso = iso(since) if since is not None else None
+        rows = await self._read_all(_SELECT_EXPORT, (since_iso, since_iso, user_key, user_key))
+        # Building a large export is CPU work: keep it off the event loop.
+        return await asyncio.to_thread(lambda: jobs_csv(job_from_mapping(row) for row in rows))
+
+    async def global_spent_today(self) -> float:
+        """Return what the whole bot has spent (and reserved) today, UTC."""
+        row = await self._read_one(
+            "SELECT micro_credits FROM spend_totals"
+            " WHERE scope = 'global_daily' AND key = '' AND period = ?",
+            (self._now_iso()[:10],),
+        )
+        return row[0] / MICRO if row is not None else 0.0
+
+    # --- copies -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[SnapshotReader]:
+        """One read transaction on a connection of its own: writers go on meanwhile."""
+        self._require()
+        if self._target == ":memory:":
+            async with self._read_snapshot() as conn:
+                yield _SqliteSnapshot(conn)
+            return
+        conn = await _connect(self._target, read_only=True)
+        try:
+            await conn.execute("BEGIN")
+            # The snapshot starts at the first read, not at BEGIN: take it now.
+            await conn.execute_fetchall("SELECT COUNT(*) FROM schema_version")
+            yield _SqliteSnapshot(conn)
+        finally:
+            with suppress(sqlite3.Error):
+                await conn.execute("COMMIT")
+            await conn.close()
+
+    async def is_empty(self) -> bool:
+        """Say whether the store holds no users, chats or jobs."""
+        row = await self._read_one(
+            "SELECT NOT EXISTS (SELECT 1 FROM users) AND NOT EXISTS (SELECT 1 FROM chats)"
+            " AND NOT EXISTS (SELECT 1 FROM jobs)"
+        )
+        return bool(row[0]) if row is not None else True
+
+    async def load_rows(self, table: str, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert raw rows read by a SnapshotReader, keeping ids; totals follow by themselves."""
+        if table not in dict(COPY_TABLES):
+            raise ValueError(f"not a copied table: {table}")
+        if not rows:
+            return
+        columns = [name for name in rows[0] if name not in _GENERATED]
+        for name in columns:
+            if not name.isidentifier():
+                raise ValueError(f"not a column name: {name!r}")
+        sql = (
+            f"INSERT INTO {table} ({', '.join(columns)})"  # noqa: S608 - checked names
+            f" VALUES ({', '.join('?' for _ in columns)})"
+        )
+        values = [tuple(row[name] for name in columns) for row in rows]
+
+        async def load(conn: aiosqlite.Connection) -> None:
+            await conn.executemany(sql, values)
+
+        await self._transaction(load)
+
+
+def _log_release_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("could not release a cancelled reservation: %r", task.exception())

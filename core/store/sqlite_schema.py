@@ -1,0 +1,214 @@
+"""The SQLite schema: numbered migrations, applied at open and recorded in `schema_version`.
+
+A database made by an older release is upgraded in place; one made by a newer release is
+refused. Migration 3 adds `jobs.charged` (the one definition of what a job counts against a
+limit) and `spend_totals`, the running totals per limit scope and period in whole
+micro-credits, kept by triggers in the very statement that changes a job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One numbered schema step; its statements run in a single transaction."""
+
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+SCHEMA_VERSION_DDL = (
+    "CREATE TABLE IF NOT EXISTS schema_version ("
+    " version INTEGER PRIMARY KEY,"
+    " description TEXT NOT NULL,"
+    " applied_at TEXT NOT NULL)"
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "users, chats and jobs",
+        (
+            """CREATE TABLE users (
+                user_key TEXT PRIMARY KEY,
+                platform TEXT NOT NULL,
+                user_id TEXT NOT NULL,
+                display_name TEXT NOT NULL DEFAULT '',
+                language TEXT,
+                daily_limit REAL,
+                monthly_limit REAL,
+                blocked INTEGER NOT NULL DEFAULT 0,
+                created_at TEXT NOT NULL,
+                updated_at TEXT NOT NULL
+            )""",
+            """CREATE TABLE chats (
+                chat_key TEXT PRIMARY KEY,
+                platform TEXT NOT NULL,
+                chat_id TEXT NOT NULL,
+                title TEXT NOT NULL DEFAULT '',
+                daily_limit REAL,
+                blocked INTEGER NOT NULL DEFAULT 0,
+                created_at TEXT NOT NULL,
+                updated_at TEXT NOT NULL
+            )""",
+            # AUTOINCREMENT: job ids live on in buttons and admin commands, never reuse one.
+            """CREATE TABLE jobs (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                user_key TEXT NOT NULL REFERENCES users(user_key),
+                chat_key TEXT REFERENCES chats(chat_key),
+                platform TEXT NOT NULL,
+                display_name TEXT NOT NULL DEFAULT '',
+                command_text TEXT NOT NULL,
+                request_json TEXT NOT NULL DEFAULT '{}',
+                model TEXT NOT NULL,
+                size TEXT NOT NULL,
+                quality TEXT NOT NULL,
+                n INTEGER NOT NULL,
+                reference_count INTEGER NOT NULL DEFAULT 0,
+                status TEXT NOT NULL CHECK (status IN
+                    ('reserved', 'succeeded', 'failed', 'unsettled', 'refunded')),
+                estimated_credits REAL NOT NULL,
+                actual_credits REAL,
+                usage_json TEXT,
+                error_code TEXT,
+                created_at TEXT NOT NULL,
+                started_at TEXT,
+                finished_at TEXT
+            )""",
+            "CREATE INDEX jobs_user_created ON jobs (user_key, created_at)",
+            "CREATE INDEX jobs_chat_created ON jobs (chat_key, created_at)",
+            "CREATE INDEX jobs_created ON jobs (created_at)",
+        ),
+    ),
+    Migration(
+        2,
+        "result refs, refunds, status index, the job_charges view",
+        (
+            "ALTER TABLE jobs ADD COLUMN result_refs TEXT NOT NULL DEFAULT '[]'",
+            "ALTER TABLE jobs ADD COLUMN refunded_by TEXT",
+            "ALTER TABLE jobs ADD COLUMN refunded_at TEXT",
+            "CREATE INDEX jobs_status_created ON jobs (status, created_at)",
+            # What a job counts, until migration 3 made it the column jobs.charged.
+            """CREATE VIEW job_charges AS
+               SELECT id, user_key, chat_key, created_at, status,
+                      CASE status
+                          WHEN 'reserved' THEN estimated_credits
+                          WHEN 'unsettled' THEN estimated_credits
+                          WHEN 'refunded' THEN 0.0
+                          ELSE COALESCE(actual_credits, 0.0)
+                      END AS charged
+               FROM jobs""",
+        ),
+    ),
+    Migration(
+        3,
+        "jobs.charged, and running spend totals per limit scope and period",
+        (
+            # The one definition of what a job counts against a limit (see the docstring);
+            # the view, the totals and the reports all read it from here.
+            """ALTER TABLE jobs ADD COLUMN charged REAL GENERATED ALWAYS AS (
+                   CASE status
+                       WHEN 'reserved' THEN estimated_credits
+                       WHEN 'unsettled' THEN estimated_credits
+                       WHEN 'refunded' THEN 0.0
+                       ELSE COALESCE(actual_credits, 0.0)
+                   END) VIRTUAL""",
+            # Totals are kept in whole micro-credits: integer sums are exact whatever the
+            # order of the additions, so a total never drifts from the sum of its jobs.
+            "ALTER TABLE jobs ADD COLUMN charged_micro INTEGER GENERATED ALWAYS AS"
+            " (CAST(ROUND(charged * 1000000) AS INTEGER)) VIRTUAL",
+            "DROP VIEW job_charges",
+            "CREATE VIEW job_charges AS"
+            " SELECT id, user_key, chat_key, created_at, status, charged FROM jobs",
+            # scope: the limit it serves; key: user_key, chat_key or '' (global); period:
+            # the UTC day (YYYY-MM-DD) or month (YYYY-MM) of the jobs' created_at.
+            """CREATE TABLE spend_totals (
+                scope TEXT NOT NULL CHECK (scope IN
+                    ('user_daily', 'user_monthly', 'chat_daily', 'global_daily')),
+                key TEXT NOT NULL,
+                period TEXT NOT NULL,
+                micro_credits INTEGER NOT NULL,
+                PRIMARY KEY (scope, key, period)
+            ) WITHOUT ROWID""",
+            "INSERT INTO spend_totals (scope, key, period, micro_credits)"
+            " SELECT 'user_daily', user_key, substr(created_at, 1, 10), SUM(charged_micro)"
+            " FROM jobs GROUP BY 2, 3",
+            "INSERT INTO spend_totals (scope, key, period, micro_credits)"
+            " SELECT 'user_monthly', user_key, substr(created_at, 1, 7), SUM(charged_micro)"
+            " FROM jobs GROUP BY 2, 3",
+            "INSERT INTO spend_totals (scope, key, period, micro_credits)"
+            " SELECT 'chat_daily', chat_key, substr(created_at, 1, 10), SUM(charged_micro)"
+            " FROM jobs WHERE chat_key IS NOT NULL GROUP BY 2, 3",
+            "INSERT INTO spend_totals (scope, key, period, micro_credits)"
+            " SELECT 'global_daily', '', substr(created_at, 1, 10), SUM(charged_micro)"
+            " FROM jobs GROUP BY 3",
+            # Triggers keep the totals in the very statement that changes a job, so no code
+            # path (nor a hand-written INSERT) can forget them. A job's owner and day never
+            # change, so an update only moves its charge within the same rows.
+            """CREATE TRIGGER jobs_keys_fixed
+               BEFORE UPDATE OF user_key, chat_key, created_at ON jobs
+               WHEN NEW.user_key IS NOT OLD.user_key OR NEW.chat_key IS NOT OLD.chat_key
+                    OR NEW.created_at IS NOT OLD.created_at
+               BEGIN
+                   SELECT RAISE(ABORT, 'the user, chat and time of a job never change');
+               END""",
+            """CREATE TRIGGER jobs_totals_insert AFTER INSERT ON jobs
+               BEGIN
+                   INSERT INTO spend_totals (scope, key, period, micro_credits) VALUES
+                       ('user_daily', NEW.user_key, substr(NEW.created_at, 1, 10),
+                        NEW.charged_micro),
+                       ('user_monthly', NEW.user_key, substr(NEW.created_at, 1, 7),
+                        NEW.charged_micro),
+                       ('global_daily', '', substr(NEW.created_at, 1, 10), NEW.charged_micro)
+                   ON CONFLICT DO UPDATE SET micro_credits = micro_credits + excluded.micro_credits;
+                   INSERT INTO spend_totals (scope, key, period, micro_credits)
+                   SELECT 'chat_daily', NEW.chat_key, substr(NEW.created_at, 1, 10),
+                          NEW.charged_micro
+                   WHERE NEW.chat_key IS NOT NULL
+                   ON CONFLICT DO UPDATE SET micro_credits = micro_credits + excluded.micro_credits;
+               END""",
+            """CREATE TRIGGER jobs_totals_update
+               AFTER UPDATE OF status, estimated_credits, actual_credits ON jobs
+               WHEN NEW.charged_micro IS NOT OLD.charged_micro
+               BEGIN
+                   UPDATE spend_totals
+                   SET micro_credits = micro_credits + NEW.charged_micro - OLD.charged_micro
+                   WHERE (scope = 'user_daily' AND key = NEW.user_key
+                          AND period = substr(NEW.created_at, 1, 10))
+                      OR (scope = 'user_monthly' AND key = NEW.user_key
+                          AND period = substr(NEW.created_at, 1, 7))
+                      OR (scope = 'chat_daily' AND key = NEW.chat_key
+                          AND period = substr(NEW.created_at, 1, 10))
+                      OR (scope = 'global_daily' AND key = ''
+                          AND period = substr(NEW.created_at, 1, 10));
+               END""",
+            """CREATE TRIGGER jobs_totals_delete AFTER DELETE ON jobs
+               BEGIN
+                   UPDATE spend_totals SET micro_credits = micro_credits - OLD.charged_micro
+                   WHERE (scope = 'user_daily' AND key = OLD.user_key
+                          AND period = substr(OLD.created_at, 1, 10))
+                      OR (scope = 'user_monthly' AND key = OLD.user_key
+                          AND period = substr(OLD.created_at, 1, 7))
+                      OR (scope = 'chat_daily' AND key = OLD.chat_key
+                          AND period = substr(OLD.created_at, 1, 10))
+                      OR (scope = 'global_daily' AND key = ''
+                          AND period = substr(OLD.created_at, 1, 10));
+               END""",
+        ),
+    ),
+    Migration(
+        4,
+        "jobs.source_ref: the platform message a job came from, unique",
+        (
+            # Telegram hands an update out again when the process died before confirming it;
+            # the message it came from must not start (and charge) a second job.
+            "ALTER TABLE jobs ADD COLUMN source_ref TEXT",
+            "CREATE UNIQUE INDEX jobs_source_ref ON jobs (source_ref) WHERE source_ref IS NOT NULL",
+        ),
+    ),
+)
+
+LATEST_VERSION = MIGRATIONS[-1].version
