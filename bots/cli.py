@@ -1,4 +1,4 @@
-"""The `imgbot` command: run, gen, parse, usage, admin, doctor, backup."""
+"""The `imgbot` command: run, gen, parse, usage, admin, doctor, backup, db."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from core.messages import language_of
 from core.pricing import PriceTable, estimate_credits, format_credits
 from core.prompt import PromptDefaults, parse_command
 from core.requester import Requester
+from core.store import StoreError
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
@@ -175,16 +176,40 @@ async def _admin(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
-    """Copy the ledger to a file with SQLite's online backup (safe while the bot runs)."""
-    from bots.backup import BackupError, backup_database
+    """Copy the ledger to a file, consistently, even while the bot runs (both backends)."""
+    from bots.backup import BackupError, backup_store
 
     try:
-        report = backup_database(settings.database_path, args.path)
+        report = asyncio.run(backup_store(settings.store_url, args.path))
     except BackupError as err:
         print(str(err), file=sys.stderr)
         return 1
     print(f"backup written: {report.path} ({report.jobs} jobs, integrity ok)")
     return 0
+
+
+async def _db(settings: Settings, args: argparse.Namespace) -> int:
+    from core.store import Limits, open_store
+    from core.store.copy import copy_store
+
+    if args.action == "upgrade":
+        store = await open_store(settings.store_url, Limits(), pool_size=2)
+        try:
+            print(f"{store.describe()}: schema v{await store.schema_version()}, up to date")
+        finally:
+            await store.close()
+        return 0
+    source = await open_store(args.source, Limits(), pool_size=2)
+    try:
+        target = await open_store(args.target, Limits(), pool_size=4)
+        try:
+            report = await copy_store(source, target)
+        finally:
+            await target.close()
+    finally:
+        await source.close()
+    print(f"{source.describe()} -> {target.describe()}: {report.summary()}")
+    return 0 if report.ok else 1
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -211,6 +236,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "backup", help="copy the ledger to PATH safely, even while the bot runs (never cp the .db)"
     )
     b.add_argument("path", help="file (or folder) for the copy")
+    d = sub.add_parser("db", help="the ledger's store: upgrade | copy SRC_URL DST_URL")
+    dsub = d.add_subparsers(dest="action", required=True)
+    dsub.add_parser("upgrade", help="apply the schema migrations to DATABASE_URL")
+    c = dsub.add_parser(
+        "copy", help="copy a whole ledger into an empty one (SQLite <-> PostgreSQL), then verify"
+    )
+    c.add_argument("source", help="sqlite:///path or postgresql://… to copy from")
+    c.add_argument("target", help="an empty ledger to copy into")
     return parser
 
 
@@ -225,6 +258,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Only the bots log job lines by default; terminal commands print their own results.
     quiet = args.command != "run" and "LOG_LEVEL" not in os.environ
     setup_logging(settings, level="WARNING" if quiet else None)
+    try:
+        return _dispatch(settings, args)
+    except (StoreError, SettingsError) as err:
+        # One clear line (naming the setting, never a password), not a traceback.
+        print(str(err), file=sys.stderr)
+        return 2
+
+
+def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "parse":
         return cmd_parse(settings, args)
     if args.command == "gen":
@@ -243,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return health(settings)
     if args.command == "backup":
         return cmd_backup(settings, args)
+    if args.command == "db":
+        return asyncio.run(_db(settings, args))
     if args.command == "doctor":
         from bots.doctor import doctor
 

@@ -13,7 +13,7 @@ import httpx
 
 from core.config import Settings
 from core.images import api_root
-from core.store import Limits, open_store
+from core.store import Limits, StoreError, open_store
 
 DISCORD_API = "https://discord.com/api/v10"
 
@@ -92,19 +92,23 @@ async def check_discord(
 
 
 async def check_database(settings: Settings) -> Check:
-    """Check that the ledger opens, migrates and accepts a write."""
+    """Check that the configured store (SQLite or PostgreSQL) opens, migrates and takes a write."""
+    where = settings.store_url
+    name = where.redacted()  # never the password
     try:
-        ledger = await open_store(settings.store_url, Limits.from_settings(settings), pool_size=2)
+        ledger = await open_store(where, Limits.from_settings(settings), pool_size=2)
+    except StoreError as err:
+        return Check("database", False, str(err))
     except Exception as err:  # noqa: BLE001 - any failure here is the finding
-        return Check("database", False, f"cannot open {settings.database_url}: {err}")
+        return Check("database", False, f"cannot open {name}: {type(err).__name__}")
     try:
         version = await ledger.schema_version()
         await ledger.check_writable()
     except Exception as err:  # noqa: BLE001
-        return Check("database", False, f"{settings.database_url} is not writable: {err}")
+        return Check("database", False, f"{name} is not writable: {type(err).__name__}: {err}")
     finally:
         await ledger.close()
-    return Check("database", True, f"{settings.database_url} writable, schema v{version}")
+    return Check("database", True, f"{name} ({where.kind}) writable, schema v{version}")
 
 
 async def doctor(

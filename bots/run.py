@@ -38,6 +38,8 @@ def health(settings: Settings) -> int:
 
 
 async def _beat(path: Path) -> None:
+    # Beside a SQLite ledger the folder exists; with PostgreSQL it may not yet.
+    await asyncio.to_thread(path.parent.mkdir, mode=0o700, parents=True, exist_ok=True)
     while True:
         await asyncio.to_thread(path.touch)
         await asyncio.sleep(HEARTBEAT_EVERY)
