@@ -47,6 +47,7 @@ from bots.telegram_refs import (
     IMG_COMMAND,
     AlbumCollector,
     ReferenceFetcher,
+    check_no_other_files,
     collect_references,
     command_text,
 )
@@ -173,6 +174,7 @@ class TelegramAdapter:
         async def start(progress: Callable[[Progress], Awaitable[None]]) -> DrawOutcome:
             # Check access before downloading anything for a stranger.
             await self.service.check_access(requester)
+            check_no_other_files(message)
             references = await collect_references(
                 message, album, bot_id=self.app.bot.id, service=self.service, fetcher=self.fetcher
             )

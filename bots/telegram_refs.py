@@ -71,6 +71,33 @@ def attachment_of(message: Message) -> Attachment | None:
     return None
 
 
+def other_file_of(message: Message) -> str | None:
+    """Name the file a message carries that is not an image (a PDF, a video…), else None."""
+    if attachment_of(message) is not None:
+        return None
+    doc = message.document
+    if doc is not None:
+        return doc.file_name or doc.mime_type or "?"
+    for kind in ("video", "animation", "audio", "voice", "video_note"):
+        media = getattr(message, kind, None)
+        if media is not None:
+            return getattr(media, "file_name", None) or kind
+    return None
+
+
+def check_no_other_files(message: Message) -> None:
+    """Refuse a command whose message (or the one it answers) carries a file that is no image.
+
+    Drawing from the text alone would silently charge for a job the user did not ask for.
+    """
+    for carrier in (message, message.reply_to_message):
+        if carrier is None:
+            continue
+        name = other_file_of(carrier)
+        if name is not None:
+            raise BadReferenceError("tg.not_image", detail=f"file={name!r}", name=name)
+
+
 def result_job_id(message: Message, bot_id: int) -> int | None:
     """Return the job id behind one of this bot's result messages (from its buttons)."""
     if message.from_user is None or message.from_user.id != bot_id:

@@ -540,6 +540,13 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "That file is {size_mb} MB; I can download at most {limit_mb} MB. Send it as a photo or a smaller file.",
         "zh": "该文件大小为 {size_mb} MB，机器人最多只能下载 {limit_mb} MB。请以图片方式发送，或换一个更小的文件。",
     },
+    "tg.not_image": {
+        "en": "“{name}” is not an image, so I cannot draw from it. Nothing was drawn or charged. "
+        "Send a photo or an image file (PNG, JPEG, WebP) with /img, or /img alone for a picture "
+        "from words.",
+        "zh": "“{name}”不是图片，无法用来画图。未绘制、未扣费。请发送图片或图片文件"
+        "（PNG、JPEG、WebP）并附上 /img，或只发 /img 加描述文字来画图。",
+    },
     "tg.download_failed": {
         "en": "I could not download that image from Telegram. Please send it again.",
         "zh": "无法从 Telegram 下载这张图片，请重新发送。",

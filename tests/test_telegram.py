@@ -310,6 +310,30 @@ async def test_reply_to_own_result_edits_that_result(tg: Harness) -> None:
     assert jobs[1].reference_count == 1
 
 
+async def test_a_file_that_is_no_image_is_refused_not_drawn_from_words(tg: Harness) -> None:
+    u = tg.updates
+    tg.api.store("d-pdf", b"%PDF-1.4 not an image")
+    pdf = u.document("d-pdf", "report.pdf", "application/pdf")
+    await tg.send(
+        u.update(u.message(ANN, u.private(ANN), caption="/img low make it blue", document=pdf))
+    )
+    await tg.send(
+        u.update(u.message(LI, u.private(LI), caption="/img low 改成蓝色", document=pdf))
+    )
+    original = u.message(BOB, u.supergroup(), document=pdf)
+    await tg.send(
+        u.update(u.message(BOB, u.supergroup(), text="/img@ThisBot low blue", reply_to=original))
+    )
+
+    assert tg.texts() == [
+        msg("en", "tg.not_image", name="report.pdf"),
+        msg("zh", "tg.not_image", name="report.pdf"),
+        msg("en", "tg.not_image", name="report.pdf"),
+    ]
+    assert tg.images.api_requests == [] and await tg.jobs() == []
+    assert tg.api.downloads == []
+
+
 async def test_file_over_download_limit_gets_clear_message(tg: Harness) -> None:
     u = tg.updates
     doc = u.document("d-huge", "huge.png", "image/png", size=25 * 1024 * 1024)
