@@ -130,23 +130,46 @@ class TelegramAdapter:
         app.add_error_handler(self.on_error)
 
     # --- who asks --------------------------------------------------------------------
-    def requester_of(self, user: User, chat: Chat) -> Requester:
-        """Describe a Telegram user in a chat as a core Requester."""
+    def requester_of(self, user: User, chat: Chat, sender_chat: Chat | None = None) -> Requester:
+        """Describe who sent a message in a chat as a core Requester.
+
+        A message sent "as a channel" or by an anonymous group admin comes from one of
+        Telegram's shared placeholder users (Channel_Bot, GroupAnonymousBot); the real
+        sender is `sender_chat`, so that chat is the identity: its own budget and blocks.
+        """
         is_group = chat.type in (ChatType.GROUP, ChatType.SUPERGROUP, ChatType.CHANNEL)
+        if sender_chat is not None:
+            user_id = str(sender_chat.id)
+            display_name = sender_chat.title or sender_chat.username or user_id
+            language = None  # a chat has no language; the default applies
+        else:
+            user_id = str(user.id)
+            display_name = user.full_name or user.username or user_id
+            language = user.language_code
         return Requester(
             platform=PLATFORM,
-            user_id=str(user.id),
+            user_id=user_id,
             chat_id=str(chat.id) if chat.type != ChatType.PRIVATE else None,
-            display_name=user.full_name or user.username or str(user.id),
-            language=user.language_code,
+            display_name=display_name,
+            language=language,
             is_group=is_group,
         )
+
+    def requester_of_message(self, message: Message) -> Requester | None:
+        """Describe the sender of a message (None: a message with no sender at all)."""
+        if message.from_user is None and message.sender_chat is None:
+            return None
+        user = message.from_user
+        if user is None:  # only sender_chat: take the chat as the user as well
+            assert message.sender_chat is not None
+            user = User(message.sender_chat.id, message.sender_chat.title or "", False)
+        return self.requester_of(user, message.chat, message.sender_chat)
 
     # --- /img -------------------------------------------------------------------------
     async def cmd_img(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Draw: /img as a text message or as the caption of a photo or image file."""
         message = update.effective_message
-        if message is None or message.from_user is None:
+        if message is None:
             return
         prompt = command_text(message, context.bot.username)
         if prompt is None:  # /img@OtherBot
@@ -168,8 +191,9 @@ class TelegramAdapter:
             self._log_failure(f"album {message.media_group_id}", err)
 
     async def _img(self, message: Message, prompt: str, album: Sequence[Message]) -> None:
-        assert message.from_user is not None
-        requester = self.requester_of(message.from_user, message.chat)
+        requester = self.requester_of_message(message)
+        if requester is None:
+            return
 
         async def start(progress: Callable[[Progress], Awaitable[None]]) -> DrawOutcome:
             # Check access before downloading anything for a stranger.
@@ -328,6 +352,9 @@ class TelegramAdapter:
 
     # --- helpers ---------------------------------------------------------------------
     def _requester(self, update: Update) -> Requester | None:
+        message = update.effective_message
+        if message is not None and update.callback_query is None:
+            return self.requester_of_message(message)
         user, chat = update.effective_user, update.effective_chat
         if user is None or chat is None:
             return None

@@ -34,7 +34,15 @@ from core.reports import render_help
 from core.runtime import open_service
 from core.service import ImageService, Progress
 from tests.fake_api import FakeImageAPI
-from tests.telegram_fake import TOKEN, ApiCall, FakeBotApi, Updates, image_bytes
+from tests.telegram_fake import (
+    CHANNEL_BOT,
+    GROUP_ANONYMOUS_BOT,
+    TOKEN,
+    ApiCall,
+    FakeBotApi,
+    Updates,
+    image_bytes,
+)
 
 ADMIN_ID = 42
 ANN = Updates.user(1001, "Ann", "en")
@@ -376,6 +384,33 @@ async def test_strangers_are_refused_aloud_in_private_and_silently_in_groups(
         await tg.send(u.update(u.message(BOB, u.private(BOB), text="/img a cat")))
         assert tg.texts() == [msg("en", "access.not_allowed")]
         assert fake_api.api_requests == [] and await tg.jobs() == []
+
+
+async def test_channels_and_anonymous_admins_are_their_own_users(tg: Harness) -> None:
+    # Telegram shows every channel and every anonymous admin as the same placeholder user;
+    # the sender_chat is who actually spoke.
+    u = tg.updates
+    admin = Updates.user(ADMIN_ID, "Boss", "en")
+    group, other_group = u.supergroup(), u.supergroup(-1005550000001, "Other")
+    channel = u.channel()
+    await tg.send(u.update(u.message(admin, u.private(admin), text=f"/block {channel['id']}")))
+    await tg.send(
+        u.update(u.message(CHANNEL_BOT, group, text="/img@ThisBot low a cat", sender_chat=channel))
+    )
+    for chat in (group, other_group):
+        await tg.send(
+            u.update(
+                u.message(GROUP_ANONYMOUS_BOT, chat, text="/img@ThisBot low a dog", sender_chat=chat)
+            )
+        )
+    await tg.send(u.update(u.message(CHANNEL_BOT, group, text="/balance", sender_chat=channel)))
+
+    jobs = await tg.jobs()
+    assert [j.user_key for j in jobs] == [f"telegram:{group['id']}", f"telegram:{other_group['id']}"]
+    assert [j.display_name for j in jobs] == ["Artists", "Other"]
+    assert len(tg.api.of("sendPhoto")) == 2  # the blocked channel drew nothing
+    report = await tg.service.ledger.spend_report(f"telegram:{group['id']}")
+    assert len(report.last_jobs) == 1  # each group's anonymous admins have their own budget
 
 
 # --- replying ----------------------------------------------------------------------------
