@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from telegram import (
     BotCommand,
     BotCommandScopeChat,
+    CallbackQuery,
     Chat,
     Message,
     Update,
@@ -64,9 +65,10 @@ from core.config import Settings, SettingsError
 from core.errors import ImgbotError
 from core.ledger import JobRecord
 from core.messages import language_of, text
+from core.presses import PressWindow
 from core.reports import render_balance, render_caption, render_help, render_sizes
 from core.requester import Requester
-from core.service import DrawOutcome, ImageService, Progress
+from core.service import DrawOutcome, ImageService, Progress, job_visible_to
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,7 @@ class TelegramAdapter:
         self.fetcher = ReferenceFetcher(app.bot, settings)
         self.albums = AlbumCollector(settings.album_debounce, self._spawn, self._album_ready)
         self._jobs: set[asyncio.Task[object]] = set()
+        self.presses = PressWindow()
         self._token = settings.telegram_bot_token.get_secret_value()
 
     def register(self) -> None:
@@ -218,15 +221,23 @@ class TelegramAdapter:
         if query is None:
             return
         match = BUTTON_DATA.match(query.data or "")
-        try:
-            await query.answer()
-        except TelegramError as err:
-            log.debug("callback query not answered: %s", err)
         if match is None or query.message is None:
+            await self._answer_query(query)
             return
         job_id, action = int(match.group(1)), match.group(2)
         message = query.message
         requester = self.requester_of(query.from_user, message.chat)
+        lang = language_of(requester.language)
+        # A burst of taps on one button is one job (checked and recorded without a pause).
+        if not self.presses.first((requester.user_key, message.chat.id, job_id, action)):
+            await self._answer_query(query, text(lang, "tg.press_repeated"))
+            return
+        # Callback data comes back as the client sends it: check the job belongs here.
+        job = await self.service.job(job_id)
+        if job is not None and not job_visible_to(job, requester):
+            await self._answer_query(query, text(lang, "tg.not_here"))
+            return
+        await self._answer_query(query)
         where = where_of(message) if isinstance(message, Message) else Where(message.chat.id)
 
         async def start(progress: Callable[[Progress], Awaitable[None]]) -> DrawOutcome:
@@ -240,6 +251,13 @@ class TelegramAdapter:
             )
 
         await self._run_job(requester, where, start)
+
+    async def _answer_query(self, query: CallbackQuery, notice: str | None = None) -> None:
+        # Every press is answered (Telegram spins the button until then).
+        try:
+            await query.answer(notice)
+        except TelegramError as err:
+            log.debug("callback query not answered: %s", err)
 
     # --- one job, start to finish ------------------------------------------------------
     async def _run_job(self, requester: Requester, where: Where, start: DrawStart) -> None:

@@ -555,6 +555,14 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "The image of job #{job_id} was drawn but Telegram refused to deliver it. An admin can refund it.",
         "zh": "任务 #{job_id} 的图片已生成，但 Telegram 拒绝发送。管理员可为其退款。",
     },
+    "tg.not_here": {
+        "en": "This button is not available here.",
+        "zh": "此按钮在这里不可用。",
+    },
+    "tg.press_repeated": {
+        "en": "Already on it: one press is enough.",
+        "zh": "已在处理，按一次就够了。",
+    },
     "tg.buttons": {
         "en": "Job #{job_id}: more like this?",
         "zh": "任务 #{job_id}：再来一些？",

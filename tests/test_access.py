@@ -181,8 +181,10 @@ async def test_telegram_a_refused_presser_of_a_button_costs_nothing(
         await tg.send(u.callback(BOB, result.result, job_id))
         # The query is answered (no spinner), then silence: Bob is a stranger in a group.
         assert sent_since(tg, mark) == ["answerCallbackQuery"]
+        # The same data from Bob's private chat is forged: the job is not his chat's.
         await tg.send(u.callback(BOB, {**result.result, "chat": Updates.private(BOB)}, job_id))
-        assert tg.texts()[-1] == text("en", "access.not_allowed")
+        answer = tg.api.of("answerCallbackQuery")[-1]
+        assert answer.params["text"] == text("en", "tg.not_here")
         assert len(tg.api.downloads) == downloads and len(tg.images.api_requests) == calls
         assert len(await tg.jobs()) == 1
 

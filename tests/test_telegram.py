@@ -463,9 +463,8 @@ async def test_button_after_restart_charges_the_presser(
     async with running(settings, api, fake_api, updates) as tg:
         u = tg.updates
         photo = u.photo_sizes("p-ref", 1024, 1024)
-        await tg.send(
-            u.update(u.message(ANN, u.private(ANN), caption="/img low a cat in a hat", photo=photo))
-        )
+        caption = "/img@ThisBot low a cat in a hat"
+        await tg.send(u.update(u.message(ANN, u.supergroup(), caption=caption, photo=photo)))
         [result] = api.of("sendPhoto")
         job_id = job_id_of(result)
 
@@ -490,6 +489,46 @@ async def test_button_after_restart_charges_the_presser(
         assert [p.params["reply_parameters"]["message_id"] for p in presses] == [
             result.result["message_id"]
         ] * 2
+
+
+async def test_forged_button_data_serves_no_other_chat(tg: Harness) -> None:
+    # A modified client can send any callback data from any message of the bot's.
+    u = tg.updates
+    tg.api.store("p-secret", image_bytes(1024, 1024))
+    photo = u.photo_sizes("p-secret", 1024, 1024)
+    await tg.send(
+        u.update(u.message(ANN, u.private(ANN), caption="/img low my secret", photo=photo))
+    )
+    [result] = tg.api.of("sendPhoto")
+    job_id = job_id_of(result)
+    await tg.send(u.update(u.message(BOB, u.private(BOB), text="/help")))
+    bobs_message = tg.api.of("sendMessage")[-1].result
+    await tg.send(u.update(u.message(BOB, u.supergroup(), text="/img@ThisBot low a dog")))
+    group_result = tg.api.of("sendPhoto")[-1].result
+    downloads = list(tg.api.downloads)
+
+    await tg.send(u.callback(BOB, bobs_message, f"j:{job_id}:vary"))
+    await tg.send(u.callback(BOB, group_result, f"j:{job_id}:again"))
+
+    answers = tg.api.of("answerCallbackQuery")
+    assert [a.params.get("text") for a in answers] == [msg("en", "tg.not_here")] * 2
+    assert len(await tg.jobs()) == 2 and len(tg.images.api_requests) == 2
+    assert tg.api.downloads == downloads
+    assert "secret" not in " ".join(tg.texts())
+
+
+async def test_a_burst_of_presses_makes_one_job(tg: Harness) -> None:
+    u = tg.updates
+    await tg.send(u.update(u.message(ANN, u.private(ANN), text="/img low a kite")))
+    [result] = tg.api.of("sendPhoto")
+    press = f"j:{job_id_of(result)}:again"
+    await asyncio.gather(*(tg.send(u.callback(ANN, result.result, press)) for _ in range(3)))
+
+    assert len(await tg.jobs()) == 2 and len(tg.api.of("sendPhoto")) == 2
+    answers = [a.params.get("text") for a in tg.api.of("answerCallbackQuery")]
+    assert sorted(answers, key=str) == [msg("en", "tg.press_repeated")] * 2 + [None]
+    await tg.send(u.callback(ANN, result.result, f"j:{job_id_of(result)}:vary"))
+    assert len(await tg.jobs()) == 3  # another button is another job
 
 
 async def test_4k_button_redraws_at_4k(tg: Harness) -> None:
