@@ -278,7 +278,10 @@ class TelegramAdapter:
                 outcome = await start(progress)
             finally:
                 await action.stop()
-            caption = render_caption(outcome, self.service.prices)
+            # A group sees the caption: only this job's cost there, spend in private.
+            caption = render_caption(
+                outcome, self.service.prices, show_spend=not requester.is_group
+            )
             try:
                 refs = await deliver_result(
                     self.app.bot,

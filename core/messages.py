@@ -155,6 +155,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Sizes gpt-image-2 draws for each ratio and tier:",
         "zh": "gpt-image-2 在各比例和档位下的尺寸：",
     },
+    "sizes.ratio": {"en": "ratio", "zh": "比例"},
     "sizes.footer": {
         "en": "Example: /img 16:9 2K a white siamese cat. Other ratios from 1:3 to 3:1 work too, or an exact size like 1536x864. gpt-image-1 and gpt-image-1.5 draw only 1024x1024, 1536x1024 and 1024x1536.",
         "zh": "示例：/img 16:9 2K 一只白色暹罗猫。也支持 1:3 到 3:1 之间的其他比例，或直接写尺寸如 1536x864。gpt-image-1 和 gpt-image-1.5 只能画 1024x1024、1536x1024 和 1024x1536。",
@@ -522,6 +523,14 @@ MESSAGES: dict[str, dict[str, str]] = {
     "admin.top_header": {
         "en": "Top spenders, last {days} days:",
         "zh": "最近 {days} 天消费排行：",
+    },
+    "admin.top_line": {
+        "en": "{rank}. {who} ({user}) — {cost}, {jobs:,} jobs",
+        "zh": "{rank}. {who}（{user}）— {cost}，{jobs:,} 个任务",
+    },
+    "admin.chats_line": {
+        "en": "{chat} — {cost}, {jobs:,} jobs",
+        "zh": "{chat} — {cost}，{jobs:,} 个任务",
     },
     "admin.chats_header": {
         "en": "Spend per chat, last {days} days:",

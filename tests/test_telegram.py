@@ -586,6 +586,37 @@ async def test_help_and_balance_in_chinese(tg: Harness) -> None:
     assert f"#{job.id}" in balance_reply.params["text"]
 
 
+async def test_group_captions_show_the_cost_only_and_numbers_share_one_style(
+    tg: Harness,
+) -> None:
+    u = tg.updates
+    await tg.send(u.update(u.message(ANN, u.supergroup(), text="/img@ThisBot medium a cat")))
+    await tg.send(u.update(u.message(ANN, u.private(ANN), text="/img medium a dog")))
+    group_caption, private_caption = (c.params["caption"] for c in tg.api.of("sendPhoto"))
+    first, second = await tg.jobs()
+
+    today = msg("en", "spend.today", spent="X").split("X")[0]
+    assert today not in group_caption  # the group does not see Ann's own spend
+    assert today in private_caption
+    assert first.actual_credits and first.actual_credits >= 1000
+    cost = f"{round(first.actual_credits):,}"
+    assert "," in cost and msg("en", "price.credits", credits=cost, yuan="")[:-1] in group_caption
+    spent = f"{round(first.actual_credits + (second.actual_credits or 0)):,}"
+    assert msg("en", "spend.today", spent=spent) in private_caption
+
+
+async def test_chinese_reports_have_no_english_left(tg: Harness) -> None:
+    u = tg.updates
+    li_admin = Updates.user(ADMIN_ID, "老板", "zh-hans")
+    await tg.send(u.update(u.message(LI, u.supergroup(), text="/img@ThisBot low 一只猫")))
+    for command in ("/top", "/chats", "/sizes"):
+        await tg.send(u.update(u.message(li_admin, u.private(li_admin), text=command)))
+    top, chats, sizes = tg.texts()[-3:]
+    assert "jobs" not in top and "个任务" in top
+    assert "jobs" not in chats and "个任务" in chats
+    assert "ratio" not in sizes and "比例" in sizes
+
+
 async def test_sizes_and_start(tg: Harness) -> None:
     u = tg.updates
     await tg.send(u.update(u.message(ANN, u.private(ANN), text="/sizes")))
