@@ -51,6 +51,8 @@ from bots.telegram_refs import (
     check_no_other_files,
     collect_references,
     command_text,
+    refined_job,
+    refinement_text,
 )
 from bots.telegram_reply import (
     ChatActionLoop,
@@ -205,11 +207,16 @@ class TelegramAdapter:
             references = await collect_references(
                 message, album, bot_id=self.app.bot.id, service=self.service, fetcher=self.fetcher
             )
+            command = prompt
+            refined = await refined_job(message, self.app.bot.id, self.service)
+            if refined is not None and job_visible_to(refined, requester):
+                # A reply to one of our results refines it: keep its options (low, 16:9…).
+                command = refinement_text(prompt, refined, self.service)
             # The message names the job: a redelivered update (Telegram sends again what a
             # killed process fetched but never confirmed) must not draw and charge twice.
             source = f"telegram:{message.chat.id}:{message.message_id}"
             return await self.service.draw(
-                requester, prompt, references, progress, source_ref=source
+                requester, command, references, progress, source_ref=source
             )
 
         await self._run_job(requester, where_of(message), start)

@@ -13,6 +13,7 @@ the caption on any one item: `AlbumCollector` gathers them until the chat has be
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import posixpath
 import re
@@ -25,6 +26,8 @@ from telegram.error import TelegramError
 
 from core.config import Settings
 from core.errors import BadReferenceError
+from core.ledger import JobRecord
+from core.prompt import refine_command
 from core.service import ImageService, IncomingImage
 
 log = logging.getLogger(__name__)
@@ -111,6 +114,26 @@ def result_job_id(message: Message, bot_id: int) -> int | None:
             if match:
                 return int(match.group(1))
     return None
+
+
+async def refined_job(message: Message, bot_id: int, service: ImageService) -> JobRecord | None:
+    """Return the job whose result an /img command answers (a refinement), if it is known."""
+    replied = message.reply_to_message
+    if replied is None:
+        return None
+    job_id = result_job_id(replied, bot_id)
+    return await service.job(job_id) if job_id is not None else None
+
+
+def refinement_text(prompt: str, job: JobRecord, service: ImageService) -> str:
+    """Return the command of a refinement of `job`: its options kept unless named anew."""
+    try:
+        stored = json.loads(job.request_json or "{}").get("request")
+    except (ValueError, AttributeError):
+        stored = None
+    if not isinstance(stored, dict):
+        return prompt
+    return refine_command(prompt, stored, service.defaults)
 
 
 def download_limit(settings: Settings) -> int:

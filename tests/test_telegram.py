@@ -342,6 +342,29 @@ async def test_a_file_that_is_no_image_is_refused_not_drawn_from_words(tg: Harne
     assert tg.api.downloads == []
 
 
+async def test_a_refinement_keeps_the_options_of_the_result_it_answers(tg: Harness) -> None:
+    u = tg.updates
+    chat = u.private(ANN)
+    await tg.send(u.update(u.message(ANN, chat, text="/img 16:9 low webp a lighthouse")))
+    [first] = tg.api.of("sendPhoto")
+    await tg.send(u.update(u.message(ANN, chat, text="/img make it night", reply_to=first.result)))
+    await tg.send(
+        u.update(u.message(ANN, chat, text="/img medium 2K make it snow", reply_to=first.result))
+    )
+
+    source, night, snow = await tg.jobs()
+    assert (night.quality, night.size) == ("low", "1280x720")  # not auto quality and size
+    assert night.estimated_credits < 2000  # auto would be priced as high: about 12,000
+    assert '"output_format": "webp"' in night.request_json
+    assert (snow.quality, snow.size) == ("medium", "2048x1152")  # the new words win; 16:9 kept
+    assert night.command_text.endswith("make it night")
+    # "again" on the refinement replays what it drew, from its stored command.
+    night_result = tg.api.of("sendPhoto")[1]
+    await tg.send(u.callback(ANN, night_result.result, f"j:{night.id}:again"))
+    again = (await tg.jobs())[-1]
+    assert (again.quality, again.size) == ("low", "1280x720")
+
+
 async def test_file_over_download_limit_gets_clear_message(tg: Harness) -> None:
     u = tg.updates
     doc = u.document("d-huge", "huge.png", "image/png", size=25 * 1024 * 1024)
