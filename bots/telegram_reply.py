@@ -98,15 +98,20 @@ def best_effort(bot: Bot) -> dict[str, str]:
     return {"rate_limit_args": STATUS} if getattr(bot, "rate_limiter", None) else {}
 
 
-def result_keyboard(job_id: int, lang: str) -> InlineKeyboardMarkup:
-    """Build the buttons under a result."""
+def result_keyboard(job_id: int, lang: str, four_k_cost: str | None = None) -> InlineKeyboardMarkup:
+    """Build the buttons under a result; the 4K one says what it costs when known."""
+    four_k = (
+        text(lang, "tg.button.4k_cost", cost=four_k_cost)
+        if four_k_cost
+        else text(lang, "tg.button.4k")
+    )
     return InlineKeyboardMarkup(
         [
             [
                 InlineKeyboardButton(
                     text(lang, "tg.button.again"), callback_data=f"j:{job_id}:again"
                 ),
-                InlineKeyboardButton(text(lang, "tg.button.4k"), callback_data=f"j:{job_id}:4k"),
+                InlineKeyboardButton(four_k, callback_data=f"j:{job_id}:4k"),
                 InlineKeyboardButton(
                     text(lang, "tg.button.vary"), callback_data=f"j:{job_id}:vary"
                 ),
@@ -401,10 +406,11 @@ async def deliver_result(
     caption: str,
     *,
     send_original: SendOriginal,
+    four_k_cost: str | None = None,
 ) -> list[str]:
     """Send a finished job; return one file_id per image (the original where one was sent)."""
     prepared = await _prepare(outcome, send_original)
-    keyboard = result_keyboard(outcome.job_id, outcome.lang)
+    keyboard = result_keyboard(outcome.job_id, outcome.lang, four_k_cost)
     if len(prepared) == 1:
         return await _deliver_one(bot, where, prepared[0], caption, keyboard)
     return await _deliver_album(bot, where, prepared, caption, keyboard, outcome)

@@ -564,6 +564,25 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "The image of job #{job_id} was drawn but Telegram refused to deliver it. An admin can refund it.",
         "zh": "任务 #{job_id} 的图片已生成，但 Telegram 拒绝发送。管理员可为其退款。",
     },
+    "tg.confirm": {
+        "en": "This will cost about {cost}. Draw it? (The question stays open {minutes} minutes.)",
+        "zh": "这次大约花费 {cost}。确定要画吗？（{minutes} 分钟内有效）",
+    },
+    "tg.confirm.draw": {"en": "✅ Draw", "zh": "✅ 画"},
+    "tg.confirm.cancel": {"en": "✖ Cancel", "zh": "✖ 取消"},
+    "tg.confirm.cancelled": {
+        "en": "Cancelled. Nothing was drawn or charged.",
+        "zh": "已取消，未绘制、未扣费。",
+    },
+    "tg.confirm.expired": {
+        "en": "This question has expired (or the bot restarted). Send the command again.",
+        "zh": "此确认已过期（或机器人已重启），请重新发送命令。",
+    },
+    "tg.confirm.not_yours": {
+        "en": "Only the person who asked can answer this.",
+        "zh": "只有发出请求的人才能确认。",
+    },
+    "tg.button.4k_cost": {"en": "🔍 4K · ≈{cost}", "zh": "🔍 4K · 约{cost}"},
     "tg.not_here": {
         "en": "This button is not available here.",
         "zh": "此按钮在这里不可用。",

@@ -165,6 +165,16 @@ class ImageService:
         estimate = estimate_credits(request, self.prices, reference_sizes=reference_sizes)
         return request, estimate
 
+    async def estimate(
+        self, text: str, references: Sequence[IncomingImage] = ()
+    ) -> tuple[ImageRequest, float]:
+        """Parse a command with its references and estimate its cost, calling nothing."""
+        refs = await prepare_references(
+            [(r.data, r.filename) for r in references],
+            max_bytes=self.settings.max_reference_bytes,
+        )
+        return self.parse(clean_text(text), reference_sizes=[(r.width, r.height) for r in refs])
+
     async def draw(
         self,
         requester: Requester,

@@ -554,6 +554,57 @@ async def test_a_burst_of_presses_makes_one_job(tg: Harness) -> None:
     assert len(await tg.jobs()) == 3  # another button is another job
 
 
+def confirm_data(call: ApiCall) -> tuple[str, str]:
+    """Return the Draw and Cancel callback data of a confirmation question."""
+    draw, cancel = call.params["reply_markup"]["inline_keyboard"][0]
+    return draw["callback_data"], cancel["callback_data"]
+
+
+async def test_an_expensive_job_waits_for_its_requesters_draw(
+    make_settings: Callable[..., Settings], fake_api: FakeImageAPI
+) -> None:
+    settings, api, updates = make_settings(), FakeBotApi(), Updates()
+    async with running(settings, api, fake_api, updates) as tg:
+        u = tg.updates
+        group = u.supergroup()
+        # auto quality is priced as high: about 20,000 credits, over CONFIRM_ABOVE (10,000).
+        await tg.send(u.update(u.message(ANN, group, text="/img@ThisBot a cat")))
+        [question] = api.of("sendMessage")
+        assert await tg.jobs() == [] and fake_api.api_requests == []
+        _, estimate = tg.service.parse("a cat")
+        cost = format_credits(estimate, tg.service.prices, "en")
+        assert question.params["text"] == msg("en", "tg.confirm", cost=cost, minutes=10)
+        draw, cancel = confirm_data(question)
+
+        await tg.send(u.callback(BOB, question.result, draw))  # not Bob's to answer
+        await tg.send(u.callback(ANN, question.result, cancel))
+        answers = [a.params.get("text") for a in api.of("answerCallbackQuery")]
+        assert answers == [msg("en", "tg.confirm.not_yours"), None]
+        assert api.of("editMessageText")[-1].params["text"] == msg("en", "tg.confirm.cancelled")
+        await tg.send(u.callback(ANN, question.result, draw))  # answered already
+        assert api.of("answerCallbackQuery")[-1].params["text"] == msg("en", "tg.confirm.expired")
+        assert await tg.jobs() == []
+
+        await tg.send(u.update(u.message(ANN, group, text="/img@ThisBot a dog")))
+        second = api.of("sendMessage")[-1]
+        await tg.send(u.callback(ANN, second.result, confirm_data(second)[0]))
+        [job] = await tg.jobs()
+        assert job.user_key == "telegram:1001" and job.status == "succeeded"
+        [photo] = api.of("sendPhoto")
+        assert photo.params["reply_parameters"]["message_id"] != second.result["message_id"]
+        four_k = photo.params["reply_markup"]["inline_keyboard"][0][1]["text"]
+        _, four_k_estimate = tg.service.parse("a dog", force_tier="4K")
+        assert four_k == msg("en", "tg.button.4k_cost", cost=f"{round(four_k_estimate):,}")
+
+        await tg.send(u.update(u.message(ANN, group, text="/img@ThisBot a bird")))
+        third = api.of("sendMessage")[-1]
+
+    async with running(settings, api, fake_api, updates) as tg:  # a restart forgets questions
+        await tg.send(tg.updates.callback(ANN, third.result, confirm_data(third)[0]))
+        assert api.of("answerCallbackQuery")[-1].params["text"] == msg("en", "tg.confirm.expired")
+        assert len(await tg.jobs()) == 1
+
+
 async def test_4k_button_redraws_at_4k(tg: Harness) -> None:
     u = tg.updates
     await tg.send(u.update(u.message(ANN, u.private(ANN), text="/img 16:9 low a harbour")))
