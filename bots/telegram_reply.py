@@ -49,6 +49,8 @@ PREVIEW_JPEG_QUALITY = 88
 # Flood limits: about one message a second per chat; status edits stay well below
 # (and `bots.telegram_flood` skips them when a chat's budget is tight).
 STATUS_MIN_INTERVAL = 3.0
+# A status the flood limiter skipped is tried again this soon (a local check, no call).
+STATUS_RETRY = 0.2
 # A chat action shows for 5 seconds; renew it a little sooner.
 CHAT_ACTION_EVERY = 4.5
 RETRY_AFTER_CAP = 60.0
@@ -200,7 +202,10 @@ class StatusMessage:
             self._schedule_flush(retry_seconds(err))
             return
         except FloodSkipped:
-            return  # the chat is busy with results: try again at the next progress event
+            # The chat is busy with results. Try again soon: a waiting job may see no other
+            # progress event for a long time, and every job must show its place.
+            self._schedule_flush(STATUS_RETRY)
+            return
         except TelegramError as err:
             # No status then (the result or the error still gets sent); do not retry each tick.
             log.debug("status message not sent: %s", err)
@@ -221,6 +226,7 @@ class StatusMessage:
             self._schedule_flush(retry_seconds(err))
             return
         except FloodSkipped:
+            self._schedule_flush(STATUS_RETRY)  # the queue place must not stay stale
             return
         except TelegramError as err:
             log.debug("status message not edited: %s", err)

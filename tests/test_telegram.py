@@ -792,6 +792,35 @@ async def test_waiting_job_shows_its_place_and_can_be_cancelled(
         assert bob.status == "failed" and bob.actual_credits == 0
 
 
+async def test_every_waiting_job_gets_its_own_status_with_its_place(tg: Harness) -> None:
+    u = tg.updates
+    tg.images.inject("slow", seconds=0.4)
+    chat = u.private(ANN)
+    commands = [u.message(ANN, chat, text=f"/img low job {i}") for i in range(3)]
+    await tg.app.start()
+    try:
+        for command in commands:
+            await tg.app.update_queue.put(Update.de_json(u.update(command), tg.app.bot))
+        await tg.api.wait_for(lambda: len(tg.api.of("sendPhoto")) == 3, within=15)
+    finally:
+        await tg.app.stop()
+
+    def first_status(command: dict[str, Any]) -> str:
+        replies = [
+            c
+            for c in tg.api.of("sendMessage")
+            if (c.params.get("reply_parameters") or {}).get("message_id") == command["message_id"]
+        ]
+        assert replies, f"no status message for {command['text']}"
+        return str(replies[0].params["text"])
+
+    shown = [first_status(c) for c in commands]
+    queued = [msg("en", "progress.queued", position=p) for p in (1, 2)]
+    # One job draws at a time per user: the first draws, the others show their places.
+    drawing = [t for t in shown if t.startswith(msg("en", "progress.started"))]
+    assert len(drawing) == 1 and sorted(t for t in shown if t not in drawing) == queued
+
+
 async def test_run_telegram_polls_registers_commands_and_stops(
     make_settings: Callable[..., Settings], fake_api: FakeImageAPI
 ) -> None:
