@@ -16,19 +16,24 @@ import html
 import logging
 import re
 import secrets
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from telegram import (
     BotCommand,
     BotCommandScopeChat,
+    CallbackQuery,
     Chat,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
     Message,
     Update,
     User,
 )
-from telegram.constants import ChatType, ParseMode
+from telegram.constants import ChatMemberStatus, ChatType, ParseMode
 from telegram.error import TelegramError
 from telegram.ext import (
     Application,
@@ -47,8 +52,11 @@ from bots.telegram_refs import (
     IMG_COMMAND,
     AlbumCollector,
     ReferenceFetcher,
+    check_no_other_files,
     collect_references,
     command_text,
+    refined_job,
+    refinement_text,
 )
 from bots.telegram_reply import (
     ChatActionLoop,
@@ -62,9 +70,11 @@ from core.admin import ADMIN_COMMANDS, run_admin
 from core.config import Settings, SettingsError
 from core.errors import ImgbotError
 from core.messages import language_of, text
+from core.presses import PressWindow
+from core.pricing import format_credits, whole_credits
 from core.reports import render_balance, render_caption, render_help, render_sizes
 from core.requester import Requester
-from core.service import DrawOutcome, ImageService, Progress
+from core.service import DrawOutcome, ImageService, IncomingImage, Progress, job_visible_to
 from core.store import JobRecord
 
 log = logging.getLogger(__name__)
@@ -81,7 +91,23 @@ TEXT_LIMIT = 4096
 # Bot API URLs carry the token as /bot<token>/; mask that shape whatever the token.
 _BOT_URL = re.compile(r"(/(?:file/)?bot)\d+:[A-Za-z0-9_-]{20,}", re.IGNORECASE)
 
-DrawStart = Callable[[Callable[[Progress], Awaitable[None]]], Awaitable[DrawOutcome]]
+DrawStart = Callable[[Callable[[Progress], Awaitable[None]]], Awaitable[DrawOutcome | None]]
+# How long a Draw / Cancel question stays answerable (it lives in memory only).
+CONFIRM_TTL = 600.0
+CONFIRM_DATA = re.compile(r"^c:([A-Za-z0-9_-]{1,32}):(draw|cancel)$")
+
+
+@dataclass(frozen=True)
+class PendingJob:
+    """An expensive /img waiting for its requester's Draw or Cancel."""
+
+    requester: Requester
+    command: str
+    references: tuple[IncomingImage, ...]
+    where: Where
+    source: str
+    created: float
+    anonymous: bool = False
 
 
 class _AlbumItem(filters.MessageFilter):
@@ -106,6 +132,8 @@ class TelegramAdapter:
         self.fetcher = ReferenceFetcher(app.bot, settings)
         self.albums = AlbumCollector(settings.album_debounce, self._spawn, self._album_ready)
         self._jobs: set[asyncio.Task[object]] = set()
+        self.presses = PressWindow()
+        self.pending: dict[str, PendingJob] = {}
         self._token = settings.telegram_bot_token.get_secret_value()
 
     def register(self) -> None:
@@ -114,6 +142,7 @@ class TelegramAdapter:
         app = self.app
         # Every press is answered (Telegram spins the button until then), even a stale or
         # forged one; on_button ignores data it does not know.
+        app.add_handler(CallbackQueryHandler(self.on_confirm, pattern=r"^c:"))
         app.add_handler(CallbackQueryHandler(self.on_button))
         app.add_handler(MessageHandler(new_message & _AlbumItem(), self.on_album_item))
         app.add_handler(CommandHandler(IMG_COMMAND, self.cmd_img, filters=new_message))
@@ -129,23 +158,46 @@ class TelegramAdapter:
         app.add_error_handler(self.on_error)
 
     # --- who asks --------------------------------------------------------------------
-    def requester_of(self, user: User, chat: Chat) -> Requester:
-        """Describe a Telegram user in a chat as a core Requester."""
+    def requester_of(self, user: User, chat: Chat, sender_chat: Chat | None = None) -> Requester:
+        """Describe who sent a message in a chat as a core Requester.
+
+        A message sent "as a channel" or by an anonymous group admin comes from one of
+        Telegram's shared placeholder users (Channel_Bot, GroupAnonymousBot); the real
+        sender is `sender_chat`, so that chat is the identity: its own budget and blocks.
+        """
         is_group = chat.type in (ChatType.GROUP, ChatType.SUPERGROUP, ChatType.CHANNEL)
+        if sender_chat is not None:
+            user_id = str(sender_chat.id)
+            display_name = sender_chat.title or sender_chat.username or user_id
+            language = None  # a chat has no language; the default applies
+        else:
+            user_id = str(user.id)
+            display_name = user.full_name or user.username or user_id
+            language = user.language_code
         return Requester(
             platform=PLATFORM,
-            user_id=str(user.id),
+            user_id=user_id,
             chat_id=str(chat.id) if chat.type != ChatType.PRIVATE else None,
-            display_name=user.full_name or user.username or str(user.id),
-            language=user.language_code,
+            display_name=display_name,
+            language=language,
             is_group=is_group,
         )
+
+    def requester_of_message(self, message: Message) -> Requester | None:
+        """Describe the sender of a message (None: a message with no sender at all)."""
+        if message.from_user is None and message.sender_chat is None:
+            return None
+        user = message.from_user
+        if user is None:  # only sender_chat: take the chat as the user as well
+            assert message.sender_chat is not None
+            user = User(message.sender_chat.id, message.sender_chat.title or "", False)
+        return self.requester_of(user, message.chat, message.sender_chat)
 
     # --- /img -------------------------------------------------------------------------
     async def cmd_img(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Draw: /img as a text message or as the caption of a photo or image file."""
         message = update.effective_message
-        if message is None or message.from_user is None:
+        if message is None:
             return
         prompt = command_text(message, context.bot.username)
         if prompt is None:  # /img@OtherBot
@@ -167,23 +219,144 @@ class TelegramAdapter:
             self._log_failure(f"album {message.media_group_id}", err)
 
     async def _img(self, message: Message, prompt: str, album: Sequence[Message]) -> None:
-        assert message.from_user is not None
-        requester = self.requester_of(message.from_user, message.chat)
+        requester = self.requester_of_message(message)
+        if requester is None:
+            return
+        where = where_of(message)
 
-        async def start(progress: Callable[[Progress], Awaitable[None]]) -> DrawOutcome:
+        async def start(progress: Callable[[Progress], Awaitable[None]]) -> DrawOutcome | None:
             # Check access before downloading anything for a stranger.
             await self.service.check_access(requester)
+            check_no_other_files(message)
             references = await collect_references(
                 message, album, bot_id=self.app.bot.id, service=self.service, fetcher=self.fetcher
             )
+            command = prompt
+            refined = await refined_job(message, self.app.bot.id, self.service)
+            if refined is not None and job_visible_to(refined, requester):
+                # A reply to one of our results refines it: keep its options (low, 16:9…).
+                command = refinement_text(prompt, refined, self.service)
             # The message names the job: a redelivered update (Telegram sends again what a
             # killed process fetched but never confirmed) must not draw and charge twice.
             source = f"telegram:{message.chat.id}:{message.message_id}"
+            threshold = self.settings.confirm_above
+            if threshold > 0:
+                _, estimate = await self.service.estimate(command, references)
+                if estimate > threshold:
+                    pending = PendingJob(
+                        requester, command, tuple(references), where, source, time.monotonic(),
+                        anonymous=message.sender_chat is not None,
+                    )
+                    await self._ask_to_confirm(pending, estimate)
+                    return None
             return await self.service.draw(
-                requester, prompt, references, progress, source_ref=source
+                requester, command, references, progress, source_ref=source
             )
 
-        await self._run_job(requester, where_of(message), start)
+        await self._run_job(requester, where, start)
+
+    # --- confirming an expensive job ---------------------------------------------------
+    async def _ask_to_confirm(self, pending: PendingJob, estimate: float) -> None:
+        lang = language_of(pending.requester.language)
+        now = pending.created
+        for token, other in list(self.pending.items()):  # one question per user, none stale
+            expired = now - other.created > CONFIRM_TTL
+            if expired or other.requester.user_key == pending.requester.user_key:
+                del self.pending[token]
+        token = secrets.token_urlsafe(8)
+        self.pending[token] = pending
+        cost = format_credits(estimate, self.service.prices, lang)
+        keyboard = InlineKeyboardMarkup(
+            [
+                [
+                    InlineKeyboardButton(
+                        text(lang, "tg.confirm.draw"), callback_data=f"c:{token}:draw"
+                    ),
+                    InlineKeyboardButton(
+                        text(lang, "tg.confirm.cancel"), callback_data=f"c:{token}:cancel"
+                    ),
+                ]
+            ]
+        )
+        where = pending.where
+        question = text(lang, "tg.confirm", cost=cost, minutes=int(CONFIRM_TTL // 60))
+        await with_flood_retry(
+            lambda: self.app.bot.send_message(
+                where.chat_id,
+                question,
+                reply_markup=keyboard,
+                reply_parameters=where.reply(),
+                message_thread_id=where.thread_id,
+            )
+        )
+
+    async def on_confirm(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Draw (or drop) a job that waited for its requester's Draw / Cancel."""
+        query = update.callback_query
+        if query is None:
+            return
+        match = CONFIRM_DATA.match(query.data or "")
+        if match is None or query.message is None:
+            await self._answer_query(query)
+            return
+        token, action = match.group(1), match.group(2)
+        chat = query.message.chat
+        presser = self.requester_of(query.from_user, chat)
+        lang = language_of(presser.language)
+        pending = self.pending.get(token)
+        if pending is None or time.monotonic() - pending.created > CONFIRM_TTL:
+            # Gone with a restart, answered already, or too old.
+            self.pending.pop(token, None)
+            await self._answer_query(query, text(lang, "tg.confirm.expired"))
+            await self._edit_quietly(query, text(lang, "tg.confirm.expired"))
+            return
+        if not await self._may_confirm(pending, presser, chat.id):
+            await self._answer_query(query, text(lang, "tg.confirm.not_yours"))
+            return
+        del self.pending[token]  # before any pause: a second press finds nothing
+        await self._answer_query(query)
+        lang = language_of(pending.requester.language)
+        if action == "cancel":
+            await self._edit_quietly(query, text(lang, "tg.confirm.cancelled"))
+            return
+        await self._delete_quietly(query)
+
+        async def start(progress: Callable[[Progress], Awaitable[None]]) -> DrawOutcome:
+            return await self.service.draw(
+                pending.requester,
+                pending.command,
+                pending.references,
+                progress,
+                source_ref=pending.source,
+            )
+
+        await self._run_job(pending.requester, pending.where, start)
+
+    async def _may_confirm(self, pending: PendingJob, presser: Requester, chat_id: int) -> bool:
+        if presser.user_key == pending.requester.user_key:
+            return True
+        if not pending.anonymous:
+            return False
+        # Sent as a channel or by an anonymous admin: nobody presses as that chat, so an
+        # admin of this chat may answer for it.
+        try:
+            member = await self.app.bot.get_chat_member(chat_id, int(presser.user_id))
+        except TelegramError as err:
+            log.debug("chat member not checked: %s", err)
+            return False
+        return member.status in (ChatMemberStatus.OWNER, ChatMemberStatus.ADMINISTRATOR)
+
+    async def _edit_quietly(self, query: CallbackQuery, new_text: str) -> None:
+        try:
+            await query.edit_message_text(new_text, reply_markup=None)
+        except TelegramError as err:
+            log.debug("confirmation not edited: %s", err)
+
+    async def _delete_quietly(self, query: CallbackQuery) -> None:
+        try:
+            await query.delete_message()
+        except TelegramError as err:
+            log.debug("confirmation not deleted: %s", err)
 
     # --- buttons ----------------------------------------------------------------------
     async def on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -192,15 +365,23 @@ class TelegramAdapter:
         if query is None:
             return
         match = BUTTON_DATA.match(query.data or "")
-        try:
-            await query.answer()
-        except TelegramError as err:
-            log.debug("callback query not answered: %s", err)
         if match is None or query.message is None:
+            await self._answer_query(query)
             return
         job_id, action = int(match.group(1)), match.group(2)
         message = query.message
         requester = self.requester_of(query.from_user, message.chat)
+        lang = language_of(requester.language)
+        # A burst of taps on one button is one job (checked and recorded without a pause).
+        if not self.presses.first((requester.user_key, message.chat.id, job_id, action)):
+            await self._answer_query(query, text(lang, "tg.press_repeated"))
+            return
+        # Callback data comes back as the client sends it: check the job belongs here.
+        job = await self.service.job(job_id)
+        if job is not None and not job_visible_to(job, requester):
+            await self._answer_query(query, text(lang, "tg.not_here"))
+            return
+        await self._answer_query(query)
         where = where_of(message) if isinstance(message, Message) else Where(message.chat.id)
 
         async def start(progress: Callable[[Progress], Awaitable[None]]) -> DrawOutcome:
@@ -214,6 +395,13 @@ class TelegramAdapter:
             )
 
         await self._run_job(requester, where, start)
+
+    async def _answer_query(self, query: CallbackQuery, notice: str | None = None) -> None:
+        # Every press is answered (Telegram spins the button until then).
+        try:
+            await query.answer(notice)
+        except TelegramError as err:
+            log.debug("callback query not answered: %s", err)
 
     # --- one job, start to finish ------------------------------------------------------
     async def _run_job(self, requester: Requester, where: Where, start: DrawStart) -> None:
@@ -234,7 +422,13 @@ class TelegramAdapter:
                 outcome = await start(progress)
             finally:
                 await action.stop()
-            caption = render_caption(outcome, self.service.prices)
+            if outcome is None:  # waiting for a confirmation
+                await status.discard()
+                return
+            # A group sees the caption: only this job's cost there, spend in private.
+            caption = render_caption(
+                outcome, self.service.prices, show_spend=not requester.is_group
+            )
             try:
                 refs = await deliver_result(
                     self.app.bot,
@@ -242,6 +436,7 @@ class TelegramAdapter:
                     outcome,
                     caption,
                     send_original=self.settings.telegram_send_original,
+                    four_k_cost=await self._four_k_cost(outcome),
                 )
             except TelegramError as err:
                 log.warning(
@@ -263,6 +458,22 @@ class TelegramAdapter:
         finally:
             if task is not None:
                 self._jobs.discard(task)
+
+    async def _four_k_cost(self, outcome: DrawOutcome) -> str | None:
+        """Estimate what the 4K button would cost, for its label (None: cannot say)."""
+        job = await self.service.job(outcome.job_id)
+        if job is None:
+            return None
+        first = outcome.images[0] if outcome.images else None
+        # The references are not at hand; their aspect is what the result followed.
+        sizes = [(first.width, first.height)] * outcome.reference_count if first else []
+        try:
+            _, estimate = self.service.parse(
+                job.command_text, reference_sizes=sizes, force_tier="4K"
+            )
+        except ImgbotError:
+            return None
+        return f"{whole_credits(estimate):,}"
 
     async def _say_internal_error(self, status: StatusMessage, lang: str) -> None:
         try:
@@ -326,6 +537,9 @@ class TelegramAdapter:
 
     # --- helpers ---------------------------------------------------------------------
     def _requester(self, update: Update) -> Requester | None:
+        message = update.effective_message
+        if message is not None and update.callback_query is None:
+            return self.requester_of_message(message)
         user, chat = update.effective_user, update.effective_chat
         if user is None or chat is None:
             return None

@@ -13,6 +13,7 @@ the caption on any one item: `AlbumCollector` gathers them until the chat has be
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import posixpath
 import re
@@ -25,7 +26,9 @@ from telegram.error import TelegramError
 
 from core.config import Settings
 from core.errors import BadReferenceError
+from core.prompt import refine_command
 from core.service import ImageService, IncomingImage
+from core.store import JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,33 @@ def attachment_of(message: Message) -> Attachment | None:
     return None
 
 
+def other_file_of(message: Message) -> str | None:
+    """Name the file a message carries that is not an image (a PDF, a video…), else None."""
+    if attachment_of(message) is not None:
+        return None
+    doc = message.document
+    if doc is not None:
+        return doc.file_name or doc.mime_type or "?"
+    for kind in ("video", "animation", "audio", "voice", "video_note"):
+        media = getattr(message, kind, None)
+        if media is not None:
+            return getattr(media, "file_name", None) or kind
+    return None
+
+
+def check_no_other_files(message: Message) -> None:
+    """Refuse a command whose message (or the one it answers) carries a file that is no image.
+
+    Drawing from the text alone would silently charge for a job the user did not ask for.
+    """
+    for carrier in (message, message.reply_to_message):
+        if carrier is None:
+            continue
+        name = other_file_of(carrier)
+        if name is not None:
+            raise BadReferenceError("tg.not_image", detail=f"file={name!r}", name=name)
+
+
 def result_job_id(message: Message, bot_id: int) -> int | None:
     """Return the job id behind one of this bot's result messages (from its buttons)."""
     if message.from_user is None or message.from_user.id != bot_id:
@@ -84,6 +114,26 @@ def result_job_id(message: Message, bot_id: int) -> int | None:
             if match:
                 return int(match.group(1))
     return None
+
+
+async def refined_job(message: Message, bot_id: int, service: ImageService) -> JobRecord | None:
+    """Return the job whose result an /img command answers (a refinement), if it is known."""
+    replied = message.reply_to_message
+    if replied is None:
+        return None
+    job_id = result_job_id(replied, bot_id)
+    return await service.job(job_id) if job_id is not None else None
+
+
+def refinement_text(prompt: str, job: JobRecord, service: ImageService) -> str:
+    """Return the command of a refinement of `job`: its options kept unless named anew."""
+    try:
+        stored = json.loads(job.request_json or "{}").get("request")
+    except (ValueError, AttributeError):
+        stored = None
+    if not isinstance(stored, dict):
+        return prompt
+    return refine_command(prompt, stored, service.defaults)
 
 
 def download_limit(settings: Settings) -> int:

@@ -49,6 +49,8 @@ PREVIEW_JPEG_QUALITY = 88
 # Flood limits: about one message a second per chat; status edits stay well below
 # (and `bots.telegram_flood` skips them when a chat's budget is tight).
 STATUS_MIN_INTERVAL = 3.0
+# A status the flood limiter skipped is tried again this soon (a local check, no call).
+STATUS_RETRY = 0.2
 # A chat action shows for 5 seconds; renew it a little sooner.
 CHAT_ACTION_EVERY = 4.5
 RETRY_AFTER_CAP = 60.0
@@ -98,15 +100,20 @@ def best_effort(bot: Bot) -> dict[str, str]:
     return {"rate_limit_args": STATUS} if getattr(bot, "rate_limiter", None) else {}
 
 
-def result_keyboard(job_id: int, lang: str) -> InlineKeyboardMarkup:
-    """Build the buttons under a result."""
+def result_keyboard(job_id: int, lang: str, four_k_cost: str | None = None) -> InlineKeyboardMarkup:
+    """Build the buttons under a result; the 4K one says what it costs when known."""
+    four_k = (
+        text(lang, "tg.button.4k_cost", cost=four_k_cost)
+        if four_k_cost
+        else text(lang, "tg.button.4k")
+    )
     return InlineKeyboardMarkup(
         [
             [
                 InlineKeyboardButton(
                     text(lang, "tg.button.again"), callback_data=f"j:{job_id}:again"
                 ),
-                InlineKeyboardButton(text(lang, "tg.button.4k"), callback_data=f"j:{job_id}:4k"),
+                InlineKeyboardButton(four_k, callback_data=f"j:{job_id}:4k"),
                 InlineKeyboardButton(
                     text(lang, "tg.button.vary"), callback_data=f"j:{job_id}:vary"
                 ),
@@ -195,7 +202,10 @@ class StatusMessage:
             self._schedule_flush(retry_seconds(err))
             return
         except FloodSkipped:
-            return  # the chat is busy with results: try again at the next progress event
+            # The chat is busy with results. Try again soon: a waiting job may see no other
+            # progress event for a long time, and every job must show its place.
+            self._schedule_flush(STATUS_RETRY)
+            return
         except TelegramError as err:
             # No status then (the result or the error still gets sent); do not retry each tick.
             log.debug("status message not sent: %s", err)
@@ -216,6 +226,7 @@ class StatusMessage:
             self._schedule_flush(retry_seconds(err))
             return
         except FloodSkipped:
+            self._schedule_flush(STATUS_RETRY)  # the queue place must not stay stale
             return
         except TelegramError as err:
             log.debug("status message not edited: %s", err)
@@ -401,10 +412,11 @@ async def deliver_result(
     caption: str,
     *,
     send_original: SendOriginal,
+    four_k_cost: str | None = None,
 ) -> list[str]:
     """Send a finished job; return one file_id per image (the original where one was sent)."""
     prepared = await _prepare(outcome, send_original)
-    keyboard = result_keyboard(outcome.job_id, outcome.lang)
+    keyboard = result_keyboard(outcome.job_id, outcome.lang, four_k_cost)
     if len(prepared) == 1:
         return await _deliver_one(bot, where, prepared[0], caption, keyboard)
     return await _deliver_album(bot, where, prepared, caption, keyboard, outcome)

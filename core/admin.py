@@ -132,7 +132,9 @@ async def run_admin(service: ImageService, requester: Requester, name: str, args
         lines = [text(lang, "admin.top_header", days=_days(args))]
         for i, (user_key, display, credits, jobs) in enumerate(rows, 1):
             cost = format_credits(credits, service.prices, lang)
-            lines.append(f"{i}. {display or user_key} ({user_key}) — {cost}, {jobs} jobs")
+            who = display or user_key
+            line = text(lang, "admin.top_line", rank=i, who=who, user=user_key, cost=cost, jobs=jobs)
+            lines.append(line)
         return "\n".join(lines)
     if name == "chats":
         since = datetime.now(UTC) - timedelta(days=_days(args))
@@ -143,7 +145,8 @@ async def run_admin(service: ImageService, requester: Requester, name: str, args
             return text(lang, "admin.nothing")
         lines = [text(lang, "admin.chats_header", days=_days(args))]
         for chat_key, credits, jobs in rows:
-            lines.append(f"{chat_key} — {format_credits(credits, service.prices, lang)}, {jobs} jobs")
+            cost = format_credits(credits, service.prices, lang)
+            lines.append(text(lang, "admin.chats_line", chat=chat_key, cost=cost, jobs=jobs))
         return "\n".join(lines)
     if name == "unsettled":
         jobs = await ledger.list_unsettled()

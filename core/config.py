@@ -144,6 +144,11 @@ class Settings(BaseSettings):
         "auto", description="Also send the lossless file: auto (2K/4K), always, never"
     )
     album_debounce: float = Field(1.0, gt=0, description="Seconds to wait for album items")
+    confirm_above: float = Field(
+        10000,
+        ge=0,
+        description="Ask (Draw / Cancel) before a job estimated above this many credits (0 = never)",
+    )
 
     # --- Discord ----------------------------------------------------------------------
     discord_bot_token: SecretStr = Field(SecretStr(""), description="Bot token from the portal")

@@ -155,6 +155,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Sizes gpt-image-2 draws for each ratio and tier:",
         "zh": "gpt-image-2 在各比例和档位下的尺寸：",
     },
+    "sizes.ratio": {"en": "ratio", "zh": "比例"},
     "sizes.footer": {
         "en": "Example: /img 16:9 2K a white siamese cat. Other ratios from 1:3 to 3:1 work too, or an exact size like 1536x864. gpt-image-1 and gpt-image-1.5 draw only 1024x1024, 1536x1024 and 1024x1536.",
         "zh": "示例：/img 16:9 2K 一只白色暹罗猫。也支持 1:3 到 3:1 之间的其他比例，或直接写尺寸如 1536x864。gpt-image-1 和 gpt-image-1.5 只能画 1024x1024、1536x1024 和 1024x1536。",
@@ -523,6 +524,14 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Top spenders, last {days} days:",
         "zh": "最近 {days} 天消费排行：",
     },
+    "admin.top_line": {
+        "en": "{rank}. {who} ({user}) — {cost}, {jobs:,} jobs",
+        "zh": "{rank}. {who}（{user}）— {cost}，{jobs:,} 个任务",
+    },
+    "admin.chats_line": {
+        "en": "{chat} — {cost}, {jobs:,} jobs",
+        "zh": "{chat} — {cost}，{jobs:,} 个任务",
+    },
     "admin.chats_header": {
         "en": "Spend per chat, last {days} days:",
         "zh": "最近 {days} 天各群消费：",
@@ -540,6 +549,13 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "That file is {size_mb} MB; I can download at most {limit_mb} MB. Send it as a photo or a smaller file.",
         "zh": "该文件大小为 {size_mb} MB，机器人最多只能下载 {limit_mb} MB。请以图片方式发送，或换一个更小的文件。",
     },
+    "tg.not_image": {
+        "en": "“{name}” is not an image, so I cannot draw from it. Nothing was drawn or charged. "
+        "Send a photo or an image file (PNG, JPEG, WebP) with /img, or /img alone for a picture "
+        "from words.",
+        "zh": "“{name}”不是图片，无法用来画图。未绘制、未扣费。请发送图片或图片文件"
+        "（PNG、JPEG、WebP）并附上 /img，或只发 /img 加描述文字来画图。",
+    },
     "tg.download_failed": {
         "en": "I could not download that image from Telegram. Please send it again.",
         "zh": "无法从 Telegram 下载这张图片，请重新发送。",
@@ -547,6 +563,33 @@ MESSAGES: dict[str, dict[str, str]] = {
     "tg.send_failed": {
         "en": "The image of job #{job_id} was drawn but Telegram refused to deliver it. An admin can refund it.",
         "zh": "任务 #{job_id} 的图片已生成，但 Telegram 拒绝发送。管理员可为其退款。",
+    },
+    "tg.confirm": {
+        "en": "This will cost about {cost}. Draw it? (The question stays open {minutes} minutes.)",
+        "zh": "这次大约花费 {cost}。确定要画吗？（{minutes} 分钟内有效）",
+    },
+    "tg.confirm.draw": {"en": "✅ Draw", "zh": "✅ 画"},
+    "tg.confirm.cancel": {"en": "✖ Cancel", "zh": "✖ 取消"},
+    "tg.confirm.cancelled": {
+        "en": "Cancelled. Nothing was drawn or charged.",
+        "zh": "已取消，未绘制、未扣费。",
+    },
+    "tg.confirm.expired": {
+        "en": "This question has expired (or the bot restarted). Send the command again.",
+        "zh": "此确认已过期（或机器人已重启），请重新发送命令。",
+    },
+    "tg.confirm.not_yours": {
+        "en": "Only the person who asked can answer this.",
+        "zh": "只有发出请求的人才能确认。",
+    },
+    "tg.button.4k_cost": {"en": "🔍 4K · ≈{cost}", "zh": "🔍 4K · 约{cost}"},
+    "tg.not_here": {
+        "en": "This button is not available here.",
+        "zh": "此按钮在这里不可用。",
+    },
+    "tg.press_repeated": {
+        "en": "Already on it: one press is enough.",
+        "zh": "已在处理，按一次就够了。",
     },
     "tg.buttons": {
         "en": "Job #{job_id}: more like this?",

@@ -221,10 +221,11 @@ def whole_credits(credits: float) -> int:
 
 
 def format_credits(credits: float, table: PriceTable, lang: str | None) -> str:
-    """Render credits with their worth in yuan, e.g. "773 credits ≈ ¥0.077"."""
+    """Render credits with their worth in yuan, e.g. "25,440 credits ≈ ¥2.544"."""
     return text(
         lang,
         "price.credits",
-        credits=whole_credits(credits),
+        # One style for every amount shown (spend lines and limits use separators too).
+        credits=f"{whole_credits(credits):,}",
         yuan=f"{table.yuan(credits):.3f}",
     )

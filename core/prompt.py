@@ -383,6 +383,12 @@ def parse_command(
         force_tier = force_tier.strip().upper()
         if force_tier not in TIERS:
             raise ValueError(f"force_tier must be one of {', '.join(TIERS)}, not {force_tier!r}")
+    prompt, asked = _read(text, defaults)
+    return _build(prompt, asked, defaults, reference_size, has_references, force_tier)
+
+
+def _read(text: str, defaults: PromptDefaults) -> tuple[str, _Asked]:
+    """Split a command into its prompt and the options it asked for."""
     text = clean_text(text)
     if len(text) > MAX_COMMAND_CHARS:
         raise PromptError("prompt.too_long", length=f"{len(text):,}", limit=f"{MAX_PROMPT_CHARS:,}")
@@ -433,7 +439,48 @@ def parse_command(
         raise PromptError(
             "prompt.too_long", length=f"{len(prompt):,}", limit=f"{MAX_PROMPT_CHARS:,}"
         )
-    return _build(prompt, asked, defaults, reference_size, has_references, force_tier)
+    return prompt, asked
+
+
+def refine_command(text: str, source: dict[str, Any], defaults: PromptDefaults) -> str:
+    """Return a refinement's command: `text` plus the source job's options it does not name.
+
+    `source` is the source job's stored request (`ImageRequest` fields). A refinement keeps
+    the source's quality, model, format and background, and `file`; its ratio and tier (or
+    its exact size) unless the text names a ratio, tier or size — a new ratio keeps the
+    source's tier and a new tier its ratio. The count is not kept: a refinement draws one
+    image unless it asks for more. Inherited words go first, so the stored command replays
+    the same request. A malformed text is returned as it is, to be refused as usual.
+    """
+    try:
+        _, asked = _read(text, defaults)
+    except PromptError:
+        return text
+    named = set(asked.values)
+    words: list[str] = []
+    model = source.get("model")
+    if "model" not in named and isinstance(model, str) and model in KNOWN_MODELS:
+        words.append(model)
+    quality = source.get("quality")
+    if "quality" not in named and quality in ("low", "medium", "high"):
+        words.append(str(quality))
+    ratio, tier, size = source.get("ratio"), source.get("tier"), source.get("size")
+    if "size" not in named:
+        if "ratio" not in named and isinstance(ratio, str) and ratio:
+            words.append(ratio)
+        if "tier" not in named and isinstance(tier, str) and tier in TIERS:
+            words.append(tier)
+        same_model = "model" not in named or asked.get("model") == model
+        exact = isinstance(size, str) and _SIZE.fullmatch(size) is not None
+        if not ({"ratio", "tier"} & named) and not ratio and not tier and exact and same_model:
+            words.append(str(size))  # asked as an exact size: keep it
+    if "format" not in named and source.get("output_format") in FORMAT_WORDS:
+        words.append(str(source["output_format"]))
+    if "background" not in named and source.get("background") in ("transparent", "opaque"):
+        words.append(str(source["background"]))
+    if "as_file" not in named and source.get("as_file") is True:
+        words.append("file")
+    return " ".join([*words, text]) if words else text
 
 
 def _build(

@@ -5,6 +5,8 @@ Adapters render these strings as they are; all wording lives in `core.messages`.
 
 from __future__ import annotations
 
+from unicodedata import east_asian_width
+
 from core.messages import language_of, text
 from core.pricing import PriceTable, format_credits
 from core.service import DrawOutcome
@@ -34,8 +36,13 @@ def render_spend_line(spend: SpendReport, lang: str) -> str:
     return " · ".join(parts)
 
 
-def render_caption(outcome: DrawOutcome, prices: PriceTable, *, limit: int = CAPTION_LIMIT) -> str:
-    """Build the caption under a result: size, quality, model, cost, spend, notices."""
+def render_caption(
+    outcome: DrawOutcome, prices: PriceTable, *, limit: int = CAPTION_LIMIT, show_spend: bool = True
+) -> str:
+    """Build the caption under a result: size, quality, model, cost, spend, notices.
+
+    `show_spend=False` (a group sees the caption) leaves out the user's own spend.
+    """
     lang = outcome.lang
     req = outcome.request
     first = outcome.images[0] if outcome.images else None
@@ -46,7 +53,7 @@ def render_caption(outcome: DrawOutcome, prices: PriceTable, *, limit: int = CAP
     lines = [
         head,
         text(lang, "caption.cost", cost=format_credits(outcome.credits, prices, lang)),
-        render_spend_line(outcome.spend, lang),
+        render_spend_line(outcome.spend, lang) if show_spend else "",
     ]
     lines += [n.render(lang) for n in req.notices]
     lines.append(text(lang, "caption.job", job_id=outcome.job_id, seconds=f"{outcome.elapsed:.0f}"))
@@ -63,7 +70,10 @@ def render_sizes(lang: str | None) -> str:
     """Return the ratio × tier table as monospace-friendly text."""
     lang = language_of(lang)
     rows = size_table_rows()
-    lines = [text(lang, "sizes.header"), "ratio   1K          2K          4K"]
+    head = text(lang, "sizes.ratio")
+    # Pad by display width: a CJK character takes two columns in monospace.
+    pad = " " * max(1, 8 - sum(2 if east_asian_width(c) in "WF" else 1 for c in head))
+    lines = [text(lang, "sizes.header"), f"{head}{pad}1K          2K          4K"]
     for ratio, sizes in rows:
         lines.append(f"{ratio:<7} " + " ".join(f"{s:<11}" for s in sizes).rstrip())
     lines.append(text(lang, "sizes.footer"))

@@ -165,6 +165,16 @@ class ImageService:
         estimate = estimate_credits(request, self.prices, reference_sizes=reference_sizes)
         return request, estimate
 
+    async def estimate(
+        self, text: str, references: Sequence[IncomingImage] = ()
+    ) -> tuple[ImageRequest, float]:
+        """Parse a command with its references and estimate its cost, calling nothing."""
+        refs = await prepare_references(
+            [(r.data, r.filename) for r in references],
+            max_bytes=self.settings.max_reference_bytes,
+        )
+        return self.parse(clean_text(text), reference_sizes=[(r.width, r.height) for r in refs])
+
     async def draw(
         self,
         requester: Requester,
@@ -393,7 +403,9 @@ class ImageService:
         # Before any lookup or download: a stranger learns nothing and costs nothing.
         await self.check_access(requester)
         job = await self.ledger.get_job(job_id)
-        if job is None:
+        if job is None or not job_visible_to(job, requester):
+            # Callback data can be forged: a job's prompt and private references are
+            # served only in the chat it was drawn in.
             raise JobNotFound(job_id=job_id)
         stored = json.loads(job.request_json or "{}")
         if action == "vary":
@@ -447,6 +459,13 @@ class ImageService:
             seconds,
             f" error={error}" if error else "",
         )
+
+
+def job_visible_to(job: JobRecord, requester: Requester) -> bool:
+    """Say whether a job may be shown or replayed for a requester: same chat, or own DM."""
+    if job.chat_key is None:
+        return requester.chat_key is None and job.user_key == requester.user_key
+    return job.chat_key == requester.chat_key
 
 
 def _request_dict(request: ImageRequest) -> dict[str, object]:

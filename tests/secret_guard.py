@@ -68,6 +68,7 @@ NOT_SECRETS: frozenset[str] = frozenset()
 PRODUCTION_LEVELS = {
     "httpx": logging.WARNING,
     "httpcore": logging.WARNING,
+    "aiosqlite": logging.WARNING,
     "discord": logging.INFO,
     "telegram": logging.INFO,
 }

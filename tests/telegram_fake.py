@@ -29,6 +29,14 @@ from tests.telegram_objects import BotObjects
 TOKEN = "123456789:AAFakeTokenForTests_DoNotLeak_0123456789"
 BOT_ID = 123456789
 BOT_USERNAME = "ThisBot"
+# Telegram's shared placeholder senders (docs/platforms.md).
+CHANNEL_BOT = {"id": 136817688, "is_bot": True, "first_name": "Channel", "username": "Channel_Bot"}
+GROUP_ANONYMOUS_BOT = {
+    "id": 1087968824,
+    "is_bot": True,
+    "first_name": "Group",
+    "username": "GroupAnonymousBot",
+}
 
 
 @dataclass
@@ -249,6 +257,11 @@ class Updates:
         return {"id": user["id"], "type": "private", "first_name": user["first_name"]}
 
     @staticmethod
+    def channel(chat_id: int = -1009876543210, title: str = "Ann's channel") -> dict[str, Any]:
+        """Return a channel Chat (as a message's sender_chat)."""
+        return {"id": chat_id, "type": "channel", "title": title}
+
+    @staticmethod
     def supergroup(chat_id: int = -1001234567890, title: str = "Artists") -> dict[str, Any]:
         """Return a supergroup Chat."""
         return {"id": chat_id, "type": "supergroup", "title": title}
@@ -264,8 +277,13 @@ class Updates:
         document: dict[str, Any] | None = None,
         media_group_id: str | None = None,
         reply_to: dict[str, Any] | None = None,
+        sender_chat: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Return a Message; a leading /command gets its bot_command entity."""
+        """Return a Message; a leading /command gets its bot_command entity.
+
+        `sender_chat`: sent "as a channel" or by an anonymous admin; `user` is then
+        Telegram's placeholder (`CHANNEL_BOT`, `GROUP_ANONYMOUS_BOT`).
+        """
         message: dict[str, Any] = {
             "message_id": self._next_message(),
             "date": int(time.time()),
@@ -288,6 +306,8 @@ class Updates:
             message["media_group_id"] = media_group_id
         if reply_to is not None:
             message["reply_to_message"] = reply_to
+        if sender_chat is not None:
+            message["sender_chat"] = sender_chat
         return message
 
     @staticmethod

@@ -9,7 +9,7 @@ for a refused person, not even through a result's button. Admin commands from an
 a configured admin (or, for `chatlimit`/`chats` of their own server, a Discord server
 manager) are refused and leave the ledger exactly as it was.
 
-The last test proves that core/ledger.py builds no SQL from values (ruff's S608 too).
+The last test proves that core/store/ builds no SQL from values (ruff's S608 too).
 """
 
 from __future__ import annotations
@@ -180,8 +180,10 @@ async def test_telegram_a_refused_presser_of_a_button_costs_nothing(
         await tg.send(u.callback(BOB, result.result, job_id))
         # The query is answered (no spinner), then silence: Bob is a stranger in a group.
         assert sent_since(tg, mark) == ["answerCallbackQuery"]
+        # The same data from Bob's private chat is forged: the job is not his chat's.
         await tg.send(u.callback(BOB, {**result.result, "chat": Updates.private(BOB)}, job_id))
-        assert tg.texts()[-1] == text("en", "access.not_allowed")
+        answer = tg.api.of("answerCallbackQuery")[-1]
+        assert answer.params["text"] == text("en", "tg.not_here")
         assert len(tg.api.downloads) == downloads and len(tg.images.api_requests) == calls
         assert len(await tg.jobs()) == 1
 

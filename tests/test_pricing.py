@@ -217,7 +217,7 @@ def test_reference_estimate_for_gpt_image_2_is_not_below_gpt_image_1() -> None:
 def test_format_credits_in_both_languages() -> None:
     assert format_credits(773.19, TABLE, "en") == "773 credits ≈ ¥0.077"
     assert format_credits(773.19, TABLE, "zh-hans") == "773 积分 ≈ ¥0.077"
-    assert format_credits(2999.75, TABLE, "en") == "3000 credits ≈ ¥0.300"
+    assert format_credits(2999.75, TABLE, "en") == "3,000 credits ≈ ¥0.300"
     assert format_credits(0.5, TABLE, "en") == "1 credits ≈ ¥0.000"
     assert whole_credits(772.5) == 773
     assert whole_credits(772.49) == 772

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from core.errors import PromptError
 from core.messages import MESSAGES
-from core.prompt import ImageRequest, PromptDefaults, parse_command
+from core.prompt import ImageRequest, PromptDefaults, parse_command, refine_command
 from core.sizes import FIXED_SIZES, SEED_TABLE, TIERS
 from tests.size_rules import obeys_every_rule
 
@@ -426,3 +426,33 @@ def test_fuzz_any_text_gives_a_request_or_a_prompt_error(
             assert obeys_every_rule(w, h)
         else:
             assert (w, h) in FIXED_SIZES
+
+
+SOURCE = {
+    "model": "gpt-image-1.5",
+    "quality": "low",
+    "ratio": "16:9",
+    "tier": "2K",
+    "size": "1536x1024",
+    "n": 2,
+    "output_format": "png",
+    "background": "transparent",
+    "as_file": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("make it night", "gpt-image-1.5 low 16:9 2K png transparent make it night"),
+        ("high 1:1 at dusk", "gpt-image-1.5 2K png transparent high 1:1 at dusk"),
+        ("1024x1024 gpt-image-1 a cat", "low png transparent 1024x1024 gpt-image-1 a cat"),
+        ("x3 a cat", "gpt-image-1.5 low 16:9 2K png transparent x3 a cat"),
+        ("16:9 3:2 a cat", "16:9 3:2 a cat"),  # malformed: refused as usual later
+    ],
+)
+def test_a_refinement_keeps_the_options_it_does_not_name(text: str, expected: str) -> None:
+    assert refine_command(text, SOURCE, PromptDefaults()) == expected
+    if expected != text:
+        request = parse_command(expected, PromptDefaults())
+        assert request.n == (3 if "x3" in text else 1)  # the count is never inherited

@@ -34,7 +34,15 @@ from core.runtime import open_service
 from core.service import ImageService, Progress
 from core.store import JobRecord
 from tests.fake_api import FakeImageAPI
-from tests.telegram_fake import TOKEN, ApiCall, FakeBotApi, Updates, image_bytes
+from tests.telegram_fake import (
+    CHANNEL_BOT,
+    GROUP_ANONYMOUS_BOT,
+    TOKEN,
+    ApiCall,
+    FakeBotApi,
+    Updates,
+    image_bytes,
+)
 
 ADMIN_ID = 42
 ANN = Updates.user(1001, "Ann", "en")
@@ -310,6 +318,53 @@ async def test_reply_to_own_result_edits_that_result(tg: Harness) -> None:
     assert jobs[1].reference_count == 1
 
 
+async def test_a_file_that_is_no_image_is_refused_not_drawn_from_words(tg: Harness) -> None:
+    u = tg.updates
+    tg.api.store("d-pdf", b"%PDF-1.4 not an image")
+    pdf = u.document("d-pdf", "report.pdf", "application/pdf")
+    await tg.send(
+        u.update(u.message(ANN, u.private(ANN), caption="/img low make it blue", document=pdf))
+    )
+    await tg.send(
+        u.update(u.message(LI, u.private(LI), caption="/img low 改成蓝色", document=pdf))
+    )
+    original = u.message(BOB, u.supergroup(), document=pdf)
+    await tg.send(
+        u.update(u.message(BOB, u.supergroup(), text="/img@ThisBot low blue", reply_to=original))
+    )
+
+    assert tg.texts() == [
+        msg("en", "tg.not_image", name="report.pdf"),
+        msg("zh", "tg.not_image", name="report.pdf"),
+        msg("en", "tg.not_image", name="report.pdf"),
+    ]
+    assert tg.images.api_requests == [] and await tg.jobs() == []
+    assert tg.api.downloads == []
+
+
+async def test_a_refinement_keeps_the_options_of_the_result_it_answers(tg: Harness) -> None:
+    u = tg.updates
+    chat = u.private(ANN)
+    await tg.send(u.update(u.message(ANN, chat, text="/img 16:9 low webp a lighthouse")))
+    [first] = tg.api.of("sendPhoto")
+    await tg.send(u.update(u.message(ANN, chat, text="/img make it night", reply_to=first.result)))
+    await tg.send(
+        u.update(u.message(ANN, chat, text="/img medium 2K make it snow", reply_to=first.result))
+    )
+
+    source, night, snow = await tg.jobs()
+    assert (night.quality, night.size) == ("low", "1280x720")  # not auto quality and size
+    assert night.estimated_credits < 2000  # auto would be priced as high: about 12,000
+    assert '"output_format": "webp"' in night.request_json
+    assert (snow.quality, snow.size) == ("medium", "2048x1152")  # the new words win; 16:9 kept
+    assert night.command_text.endswith("make it night")
+    # "again" on the refinement replays what it drew, from its stored command.
+    night_result = tg.api.of("sendPhoto")[1]
+    await tg.send(u.callback(ANN, night_result.result, f"j:{night.id}:again"))
+    again = (await tg.jobs())[-1]
+    assert (again.quality, again.size) == ("low", "1280x720")
+
+
 async def test_file_over_download_limit_gets_clear_message(tg: Harness) -> None:
     u = tg.updates
     doc = u.document("d-huge", "huge.png", "image/png", size=25 * 1024 * 1024)
@@ -352,6 +407,33 @@ async def test_strangers_are_refused_aloud_in_private_and_silently_in_groups(
         await tg.send(u.update(u.message(BOB, u.private(BOB), text="/img a cat")))
         assert tg.texts() == [msg("en", "access.not_allowed")]
         assert fake_api.api_requests == [] and await tg.jobs() == []
+
+
+async def test_channels_and_anonymous_admins_are_their_own_users(tg: Harness) -> None:
+    # Telegram shows every channel and every anonymous admin as the same placeholder user;
+    # the sender_chat is who actually spoke.
+    u = tg.updates
+    admin = Updates.user(ADMIN_ID, "Boss", "en")
+    group, other_group = u.supergroup(), u.supergroup(-1005550000001, "Other")
+    channel = u.channel()
+    await tg.send(u.update(u.message(admin, u.private(admin), text=f"/block {channel['id']}")))
+    await tg.send(
+        u.update(u.message(CHANNEL_BOT, group, text="/img@ThisBot low a cat", sender_chat=channel))
+    )
+    for chat in (group, other_group):
+        await tg.send(
+            u.update(
+                u.message(GROUP_ANONYMOUS_BOT, chat, text="/img@ThisBot low a dog", sender_chat=chat)
+            )
+        )
+    await tg.send(u.update(u.message(CHANNEL_BOT, group, text="/balance", sender_chat=channel)))
+
+    jobs = await tg.jobs()
+    assert [j.user_key for j in jobs] == [f"telegram:{group['id']}", f"telegram:{other_group['id']}"]
+    assert [j.display_name for j in jobs] == ["Artists", "Other"]
+    assert len(tg.api.of("sendPhoto")) == 2  # the blocked channel drew nothing
+    report = await tg.service.ledger.spend_report(f"telegram:{group['id']}")
+    assert len(report.last_jobs) == 1  # each group's anonymous admins have their own budget
 
 
 # --- replying ----------------------------------------------------------------------------
@@ -404,9 +486,8 @@ async def test_button_after_restart_charges_the_presser(
     async with running(settings, api, fake_api, updates) as tg:
         u = tg.updates
         photo = u.photo_sizes("p-ref", 1024, 1024)
-        await tg.send(
-            u.update(u.message(ANN, u.private(ANN), caption="/img low a cat in a hat", photo=photo))
-        )
+        caption = "/img@ThisBot low a cat in a hat"
+        await tg.send(u.update(u.message(ANN, u.supergroup(), caption=caption, photo=photo)))
         [result] = api.of("sendPhoto")
         job_id = job_id_of(result)
 
@@ -431,6 +512,97 @@ async def test_button_after_restart_charges_the_presser(
         assert [p.params["reply_parameters"]["message_id"] for p in presses] == [
             result.result["message_id"]
         ] * 2
+
+
+async def test_forged_button_data_serves_no_other_chat(tg: Harness) -> None:
+    # A modified client can send any callback data from any message of the bot's.
+    u = tg.updates
+    tg.api.store("p-secret", image_bytes(1024, 1024))
+    photo = u.photo_sizes("p-secret", 1024, 1024)
+    await tg.send(
+        u.update(u.message(ANN, u.private(ANN), caption="/img low my secret", photo=photo))
+    )
+    [result] = tg.api.of("sendPhoto")
+    job_id = job_id_of(result)
+    await tg.send(u.update(u.message(BOB, u.private(BOB), text="/help")))
+    bobs_message = tg.api.of("sendMessage")[-1].result
+    await tg.send(u.update(u.message(BOB, u.supergroup(), text="/img@ThisBot low a dog")))
+    group_result = tg.api.of("sendPhoto")[-1].result
+    downloads = list(tg.api.downloads)
+
+    await tg.send(u.callback(BOB, bobs_message, f"j:{job_id}:vary"))
+    await tg.send(u.callback(BOB, group_result, f"j:{job_id}:again"))
+
+    answers = tg.api.of("answerCallbackQuery")
+    assert [a.params.get("text") for a in answers] == [msg("en", "tg.not_here")] * 2
+    assert len(await tg.jobs()) == 2 and len(tg.images.api_requests) == 2
+    assert tg.api.downloads == downloads
+    assert "secret" not in " ".join(tg.texts())
+
+
+async def test_a_burst_of_presses_makes_one_job(tg: Harness) -> None:
+    u = tg.updates
+    await tg.send(u.update(u.message(ANN, u.private(ANN), text="/img low a kite")))
+    [result] = tg.api.of("sendPhoto")
+    press = f"j:{job_id_of(result)}:again"
+    await asyncio.gather(*(tg.send(u.callback(ANN, result.result, press)) for _ in range(3)))
+
+    assert len(await tg.jobs()) == 2 and len(tg.api.of("sendPhoto")) == 2
+    answers = [a.params.get("text") for a in tg.api.of("answerCallbackQuery")]
+    assert sorted(answers, key=str) == [msg("en", "tg.press_repeated")] * 2 + [None]
+    await tg.send(u.callback(ANN, result.result, f"j:{job_id_of(result)}:vary"))
+    assert len(await tg.jobs()) == 3  # another button is another job
+
+
+def confirm_data(call: ApiCall) -> tuple[str, str]:
+    """Return the Draw and Cancel callback data of a confirmation question."""
+    draw, cancel = call.params["reply_markup"]["inline_keyboard"][0]
+    return draw["callback_data"], cancel["callback_data"]
+
+
+async def test_an_expensive_job_waits_for_its_requesters_draw(
+    make_settings: Callable[..., Settings], fake_api: FakeImageAPI
+) -> None:
+    settings, api, updates = make_settings(), FakeBotApi(), Updates()
+    async with running(settings, api, fake_api, updates) as tg:
+        u = tg.updates
+        group = u.supergroup()
+        # auto quality is priced as high: about 20,000 credits, over CONFIRM_ABOVE (10,000).
+        await tg.send(u.update(u.message(ANN, group, text="/img@ThisBot a cat")))
+        [question] = api.of("sendMessage")
+        assert await tg.jobs() == [] and fake_api.api_requests == []
+        _, estimate = tg.service.parse("a cat")
+        cost = format_credits(estimate, tg.service.prices, "en")
+        assert question.params["text"] == msg("en", "tg.confirm", cost=cost, minutes=10)
+        draw, cancel = confirm_data(question)
+
+        await tg.send(u.callback(BOB, question.result, draw))  # not Bob's to answer
+        await tg.send(u.callback(ANN, question.result, cancel))
+        answers = [a.params.get("text") for a in api.of("answerCallbackQuery")]
+        assert answers == [msg("en", "tg.confirm.not_yours"), None]
+        assert api.of("editMessageText")[-1].params["text"] == msg("en", "tg.confirm.cancelled")
+        await tg.send(u.callback(ANN, question.result, draw))  # answered already
+        assert api.of("answerCallbackQuery")[-1].params["text"] == msg("en", "tg.confirm.expired")
+        assert await tg.jobs() == []
+
+        await tg.send(u.update(u.message(ANN, group, text="/img@ThisBot a dog")))
+        second = api.of("sendMessage")[-1]
+        await tg.send(u.callback(ANN, second.result, confirm_data(second)[0]))
+        [job] = await tg.jobs()
+        assert job.user_key == "telegram:1001" and job.status == "succeeded"
+        [photo] = api.of("sendPhoto")
+        assert photo.params["reply_parameters"]["message_id"] != second.result["message_id"]
+        four_k = photo.params["reply_markup"]["inline_keyboard"][0][1]["text"]
+        _, four_k_estimate = tg.service.parse("a dog", force_tier="4K")
+        assert four_k == msg("en", "tg.button.4k_cost", cost=f"{round(four_k_estimate):,}")
+
+        await tg.send(u.update(u.message(ANN, group, text="/img@ThisBot a bird")))
+        third = api.of("sendMessage")[-1]
+
+    async with running(settings, api, fake_api, updates) as tg:  # a restart forgets questions
+        await tg.send(tg.updates.callback(ANN, third.result, confirm_data(third)[0]))
+        assert api.of("answerCallbackQuery")[-1].params["text"] == msg("en", "tg.confirm.expired")
+        assert len(await tg.jobs()) == 1
 
 
 async def test_4k_button_redraws_at_4k(tg: Harness) -> None:
@@ -486,6 +658,37 @@ async def test_help_and_balance_in_chinese(tg: Harness) -> None:
     assert help_reply.params["text"] == render_help("zh")[:4096]
     assert msg("zh", "balance.header") in balance_reply.params["text"]
     assert f"#{job.id}" in balance_reply.params["text"]
+
+
+async def test_group_captions_show_the_cost_only_and_numbers_share_one_style(
+    tg: Harness,
+) -> None:
+    u = tg.updates
+    await tg.send(u.update(u.message(ANN, u.supergroup(), text="/img@ThisBot medium a cat")))
+    await tg.send(u.update(u.message(ANN, u.private(ANN), text="/img medium a dog")))
+    group_caption, private_caption = (c.params["caption"] for c in tg.api.of("sendPhoto"))
+    first, second = await tg.jobs()
+
+    today = msg("en", "spend.today", spent="X").split("X")[0]
+    assert today not in group_caption  # the group does not see Ann's own spend
+    assert today in private_caption
+    assert first.actual_credits and first.actual_credits >= 1000
+    cost = f"{round(first.actual_credits):,}"
+    assert "," in cost and msg("en", "price.credits", credits=cost, yuan="")[:-1] in group_caption
+    spent = f"{round(first.actual_credits + (second.actual_credits or 0)):,}"
+    assert msg("en", "spend.today", spent=spent) in private_caption
+
+
+async def test_chinese_reports_have_no_english_left(tg: Harness) -> None:
+    u = tg.updates
+    li_admin = Updates.user(ADMIN_ID, "老板", "zh-hans")
+    await tg.send(u.update(u.message(LI, u.supergroup(), text="/img@ThisBot low 一只猫")))
+    for command in ("/top", "/chats", "/sizes"):
+        await tg.send(u.update(u.message(li_admin, u.private(li_admin), text=command)))
+    top, chats, sizes = tg.texts()[-3:]
+    assert "jobs" not in top and "个任务" in top
+    assert "jobs" not in chats and "个任务" in chats
+    assert "ratio" not in sizes and "比例" in sizes
 
 
 async def test_sizes_and_start(tg: Harness) -> None:
@@ -587,6 +790,35 @@ async def test_waiting_job_shows_its_place_and_can_be_cancelled(
         ann, bob = await tg.jobs()
         assert ann.status == "succeeded"
         assert bob.status == "failed" and bob.actual_credits == 0
+
+
+async def test_every_waiting_job_gets_its_own_status_with_its_place(tg: Harness) -> None:
+    u = tg.updates
+    tg.images.inject("slow", seconds=0.4)
+    chat = u.private(ANN)
+    commands = [u.message(ANN, chat, text=f"/img low job {i}") for i in range(3)]
+    await tg.app.start()
+    try:
+        for command in commands:
+            await tg.app.update_queue.put(Update.de_json(u.update(command), tg.app.bot))
+        await tg.api.wait_for(lambda: len(tg.api.of("sendPhoto")) == 3, within=15)
+    finally:
+        await tg.app.stop()
+
+    def first_status(command: dict[str, Any]) -> str:
+        replies = [
+            c
+            for c in tg.api.of("sendMessage")
+            if (c.params.get("reply_parameters") or {}).get("message_id") == command["message_id"]
+        ]
+        assert replies, f"no status message for {command['text']}"
+        return str(replies[0].params["text"])
+
+    shown = [first_status(c) for c in commands]
+    queued = [msg("en", "progress.queued", position=p) for p in (1, 2)]
+    # One job draws at a time per user: the first draws, the others show their places.
+    drawing = [t for t in shown if t.startswith(msg("en", "progress.started"))]
+    assert len(drawing) == 1 and sorted(t for t in shown if t not in drawing) == queued
 
 
 async def test_run_telegram_polls_registers_commands_and_stops(
