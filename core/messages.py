@@ -245,8 +245,9 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "绘图服务未在时限内（{seconds} 秒）返回结果。请重试，或换较小尺寸、较低画质。",
     },
     "upstream.rejected": {
-        "en": "The image service refused the request: {reason}",
-        "zh": "绘图服务拒绝了这个请求：{reason}",
+        "en": "The image service refused the request ({ref}). Nothing was charged. "
+        "Please change the options or the prompt and try again.",
+        "zh": "绘图服务拒绝了这个请求（{ref}），未扣费。请修改选项或提示词后重试。",
     },
     "upstream.malformed": {
         "en": "The image service sent an answer that could not be read.",

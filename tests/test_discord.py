@@ -32,6 +32,7 @@ from core.pricing import format_credits
 from core.runtime import open_service
 from core.service import ImageService
 from tests import discord_payloads as p
+from tests.conftest import TEST_KEY
 from tests.discord_fake import FakeCdn, FakeDiscord, FakeRest, SentCall, http_error
 from tests.fake_api import FakeImageAPI
 
@@ -621,3 +622,21 @@ async def test_a_failed_sync_is_logged_and_the_bot_carries_on(
             await sync_commands(h.bot, config)
         assert [c.url.rsplit("/", 3)[-3:] for c in h.rest.calls] == [["guilds", "42", "commands"]]
         assert "not-a-guild" in caplog.text and "applications.commands" in caplog.text
+
+
+async def test_an_upstream_refusal_shows_our_words_and_no_key(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    # A proxy that quotes keys in its refusals: ours reversed, and someone's without a prefix.
+    bare_key = "Xq7TmR2vLp9WzN4bKc6YhJ8sDf3GaE5uQo1iVn0MtZrPyBxC"
+    reversed_key = TEST_KEY[::-1]
+    fake_api.inject(
+        "status", status=400, code="invalid_value", message=f"bad key {reversed_key} {bare_key}"
+    )
+    async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
+        calls = await h.feed(p.slash("img", [p.option("prompt", "a storm")]))
+    shown = [str(c.json) for c in calls]
+    assert not any(reversed_key in s or bare_key in s or "bad key" in s for s in shown)
+    private = [c for c in calls if c.ephemeral]
+    expected = text("en", "upstream.rejected", ref="HTTP 400, invalid_value")
+    assert private and expected in str(private[-1].json)
