@@ -70,7 +70,12 @@ def build_bot(settings: Settings, service: ImageService) -> commands.Bot:
 
 
 async def sync_commands(bot: commands.Bot, settings: Settings) -> None:
-    """Sync the commands to the configured guilds (instant), or globally (up to an hour)."""
+    """Sync the commands to the configured guilds (instant), or globally (up to an hour).
+
+    Discord shows a server both its guild commands and the global ones, so after a
+    successful guild sync the global set is emptied: each command shows once. (Going back
+    from guilds to global cannot be cleaned up from here; the README says how.)
+    """
     targets: list[discord.Object | None] = []
     for guild_id in settings.discord_guild_ids:
         if guild_id.isdigit():
@@ -79,6 +84,7 @@ async def sync_commands(bot: commands.Bot, settings: Settings) -> None:
             log.error("DISCORD_GUILD_IDS: %r is not a server id (a number); skipped", guild_id)
     if not settings.discord_guild_ids:
         targets.append(None)
+    synced_to_guild = False
     for guild in targets:
         where = f"server {guild.id}" if guild else "all servers (global)"
         try:
@@ -94,7 +100,15 @@ async def sync_commands(bot: commands.Bot, settings: Settings) -> None:
                 err.status,
             )
             continue
+        synced_to_guild = synced_to_guild or guild is not None
         log.info("synced %d Discord commands to %s", len(synced), where)
+    if synced_to_guild and bot.application_id is not None:
+        try:
+            await bot.http.bulk_upsert_global_commands(bot.application_id, payload=[])
+        except discord.HTTPException as err:
+            log.error("could not remove the global Discord commands (HTTP %s)", err.status)
+        else:
+            log.info("removed the global Discord commands (DISCORD_GUILD_IDS is set)")
 
 
 async def run_discord(settings: Settings, service: ImageService, stop: asyncio.Event) -> None:

@@ -601,9 +601,12 @@ async def test_commands_sync_to_the_configured_guild(
     config = make_settings(settings, tmp_path, discord_guild_ids=str(p.GUILD_ID))
     async with running_bot(config, FakeCdn()) as h:
         await sync_commands(h.bot, config)
-        (call,) = h.rest.calls
+        call, global_call = h.rest.calls
         assert call.method == "PUT"
         assert call.url.endswith(f"/applications/{p.APP_ID}/guilds/{p.GUILD_ID}/commands")
+        # The global set is emptied, or a server would list every command twice.
+        assert global_call.method == "PUT" and global_call.json == []
+        assert global_call.url.endswith(f"/applications/{p.APP_ID}/commands")
         names = {c["name"] for c in call.json}
         assert {"img", "help", "sizes", "balance", "cancel", "admin", "Edit with imgbot"} <= names
         img = next(c for c in call.json if c["name"] == "img")
@@ -640,3 +643,16 @@ async def test_an_upstream_refusal_shows_our_words_and_no_key(
     private = [c for c in calls if c.ephemeral]
     expected = text("en", "upstream.rejected", ref="HTTP 400, invalid_value")
     assert private and expected in str(private[-1].json)
+
+
+async def test_the_count_option_offers_one_to_max_n(
+    settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    for max_n in (4, 2):
+        config = make_settings(settings, tmp_path, max_n=max_n, default_n=1)
+        async with running_bot(config, FakeCdn()) as h:
+            await sync_commands(h.bot, config)
+            (call,) = h.rest.calls
+            img = next(c for c in call.json if c["name"] == "img")
+            count = next(o for o in img["options"] if o["name"] == "count")
+            assert (count["min_value"], count["max_value"]) == (1, max_n)

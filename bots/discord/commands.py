@@ -8,6 +8,8 @@ the same; no size or price logic lives here.
 
 from __future__ import annotations
 
+import dataclasses
+
 import discord
 from discord import app_commands
 from discord.ext import commands
@@ -86,6 +88,11 @@ class UserCommands(commands.Cog):
         self.edit_menu = app_commands.ContextMenu(
             name=loc("discord.menu.edit"), callback=self.edit_with_imgbot
         )
+        # Offer exactly the counts this bot draws (1..MAX_N, a setting): the decorator's
+        # range is fixed when the class is made, so this instance's copy of /img gets its own.
+        # discord.py has no public setter; each cog instance holds its own copy of _params.
+        params = self.img._params  # noqa: SLF001
+        params["count"] = dataclasses.replace(params["count"], max_value=runner.settings.max_n)
 
     async def cog_load(self) -> None:
         """Register the message menu, which cannot live on a cog by itself."""
@@ -130,7 +137,7 @@ class UserCommands(commands.Cog):
         ratio: str | None = None,
         resolution: str | None = None,
         quality: str | None = None,
-        count: app_commands.Range[int, 1, 10] | None = None,
+        count: app_commands.Range[int, 1, 10] | None = None,  # capped at MAX_N in __init__
         model: str | None = None,
         image1: discord.Attachment | None = None,
         image2: discord.Attachment | None = None,
