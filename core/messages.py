@@ -708,4 +708,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "图片已生成（任务 #{job_id}），但 Discord 拒绝了上传。管理员可以为此退款。",
     },
     "discord.late": {"en": "{mention}, your image is ready:", "zh": "{mention}，你的图片好了："},
+    "discord.answered_privately": {
+        "en": "The answer was sent to you privately.",
+        "zh": "结果已私下发送给你。",
+    },
 }

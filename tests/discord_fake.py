@@ -46,8 +46,11 @@ class SentCall:
 
     @property
     def content(self) -> str | None:
-        """Return the message text sent, if any."""
-        return (self.json or {}).get("content")
+        """Return the message text sent, if any (an interaction response's too)."""
+        body = self.json or {}
+        if self.kind == "callback":
+            body = body.get("data") or {}
+        return body.get("content")
 
     @property
     def ephemeral(self) -> bool:

@@ -382,8 +382,11 @@ async def test_a_button_of_an_unknown_job_answers_privately(
             }
         ]
         calls = await h.feed(p.button_press("imgbot:job:4242:again", shown))
-        private = [c for c in calls if c.kind == "followup"]
-        assert len(private) == 1 and private[0].ephemeral
+        # The first and only answer, private: nothing public was posted first.
+        (private,) = calls
+        assert private.kind == "callback" and private.json and private.json["type"] == 4
+        assert private.ephemeral
+        assert private.json["data"]["content"] == text("en", "job.not_found", job_id=4242)
         assert fake_api.api_requests == []
 
 
@@ -455,8 +458,9 @@ async def test_strangers_in_a_server_get_silence_and_nothing_is_downloaded(
     async with running_bot(config, cdn) as h:
         options = [p.option("prompt", "a cat"), p.option("image1", "921", 11)]
         calls = await h.feed(p.slash("img", options, attachments=[att]))
-        # Acknowledged (Discord demands it), then the "thinking" answer is simply removed.
+        # Acknowledged privately (Discord demands an answer), then removed: nobody saw a thing.
         assert [c.kind for c in calls] == ["callback", "delete_original"]
+        assert calls[0].ephemeral
         assert cdn.fetched == [] and fake_api.api_requests == []
 
 
@@ -466,10 +470,46 @@ async def test_a_prompt_error_is_answered_privately_without_a_job(
     async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
         options = [p.option("prompt", "16:9 a cat"), p.option("ratio", "1:1")]
         calls = await h.feed(p.slash("img", options))
-        followups = [c for c in calls if c.kind == "followup"]
-        assert len(followups) == 1 and followups[0].ephemeral
+        # The refusal is the first and only answer, private; nothing public came before it.
+        (only,) = calls
+        assert only.kind == "callback" and only.json and only.json["type"] == 4
+        assert only.ephemeral and "(1:1 and 16:9)" in only.json["data"]["content"]
         assert fake_api.api_requests == []
         assert (await h.service.ledger.spend_report("discord:501")).last_jobs == ()
+
+
+def _only_private_answer(calls: list[SentCall]) -> str:
+    """Return the text of an interaction answered once, privately, before anything else."""
+    (only,) = calls
+    assert only.kind == "callback" and only.json and only.json["type"] == 4, only.json
+    assert only.ephemeral
+    return str(only.json["data"]["content"])
+
+
+async def test_a_limit_refusal_is_the_private_first_answer(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    cdn = FakeCdn()
+    ref = png(300, 300)
+    att = p.attachment(931, cdn.add(ref, "ref.png"), "ref.png", len(ref), 300, 300)
+    config = make_settings(settings, tmp_path, user_daily_limit=100)
+    async with running_bot(config, cdn) as h:
+        options = [p.option("prompt", "high a cat"), p.option("image1", "931", 11)]
+        answer = _only_private_answer(await h.feed(p.slash("img", options, attachments=[att])))
+        assert answer.startswith(text("en", "limit.user_daily").split("{")[0])
+        assert fake_api.api_requests == []
+        assert (await h.service.ledger.spend_report("discord:501")).last_jobs == ()
+
+
+async def test_a_blocked_user_is_refused_privately_before_anything_public(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    config = make_settings(settings, tmp_path, silent_refusals_in_groups=False)
+    async with running_bot(config, FakeCdn()) as h:
+        await h.service.ledger.set_blocked("discord:501", True)
+        answer = _only_private_answer(await h.feed(p.slash("img", [p.option("prompt", "a cat")])))
+        assert answer == text("en", "access.blocked")
+        assert fake_api.api_requests == []
 
 
 async def test_a_result_after_the_token_expired_is_posted_in_the_channel(

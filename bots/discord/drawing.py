@@ -36,11 +36,13 @@ from bots.discord.texts import lang_of
 from core.config import Settings
 from core.errors import BadReferenceError, ImgbotError
 from core.messages import text
+from core.prompt import clean_text
 from core.reports import render_caption
 from core.service import (
     DrawOutcome,
     ImageService,
     IncomingImage,
+    Progress,
     ProgressCallback,
     ReplayAction,
 )
@@ -48,6 +50,10 @@ from core.service import (
 log = logging.getLogger(__name__)
 
 DOWNLOAD_TIMEOUT = 60.0
+# Discord wants the first answer within 3 s of sending the interaction: a job gets this
+# long to pass its checks (or be refused privately) before the public "thinking" answer.
+ADMIT_WINDOW = 2.0
+ACK_DEADLINE = 2.5
 EMBED_TITLE_LIMIT = 256
 EMBED_TEXT_LIMIT = 4096
 _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -124,11 +130,13 @@ class DrawRunner:
         self, interaction: discord.Interaction, command_text: str, images: Sequence[RemoteImage]
     ) -> None:
         """Run one /img command (or context-menu edit) and answer the interaction."""
+        requester = requester_of(interaction, self.settings)
 
         async def job(progress: ProgressCallback) -> DrawOutcome:
-            requester = requester_of(interaction, self.settings)
-            # Refuse strangers before downloading anything on their behalf.
+            # Refuse strangers and typos before downloading anything on their behalf. The
+            # sizes only steer the aspect, never whether the command parses.
             await self.service.check_access(requester)
+            self.service.parse(clean_text(command_text), reference_sizes=[(1, 1)] * len(images))
             refs = [await self.download(image, index) for index, image in enumerate(images, 1)]
             return await self.service.draw(requester, command_text, refs, progress)
 
@@ -136,9 +144,9 @@ class DrawRunner:
 
     async def replay(self, interaction: discord.Interaction, job_id: int, action: str) -> None:
         """Replay a stored job for whoever pressed its button; they pay."""
+        requester = requester_of(interaction, self.settings)
 
         async def job(progress: ProgressCallback) -> DrawOutcome:
-            requester = requester_of(interaction, self.settings)
             await self.service.check_access(requester)
             replay_action = cast(ReplayAction, action)
             return await self.service.replay(requester, job_id, replay_action, self.fetch, progress)
@@ -154,17 +162,29 @@ class DrawRunner:
         task = asyncio.current_task()
         if task is not None:
             self._running.add(task)
+        gate = _ProgressGate()
+        work = asyncio.create_task(job(gate), name=f"imgbot:discord:{interaction.id}")
         try:
+            # The job is checked (access, prompt, limits, queue) before anything public is
+            # shown: a refusal within Discord's 3 s is the private first answer, nothing else.
+            await _first_of(work, gate.admitted, _ack_budget(interaction))
+            if work.done() and not work.cancelled() and work.exception() is not None:
+                await report_error(interaction, work.exception())  # type: ignore[arg-type]
+                return
             await defer_public(interaction)
             progress = ProgressMessage(interaction, lang_of(interaction))
             try:
-                outcome = await job(progress)
+                if not work.done():
+                    await gate.open(progress)
+                outcome = await work
             finally:
                 await progress.close()
             await self.deliver(interaction, outcome)
         except Exception as err:  # noqa: BLE001 - every failure is answered in one place
             await report_error(interaction, err)
         finally:
+            if not work.done():
+                work.cancel()
             if task is not None:
                 self._running.discard(task)
 
@@ -279,6 +299,49 @@ class DrawRunner:
             colour=discord.Colour.blurple(),
         )
         return embed
+
+
+def _ack_budget(interaction: discord.Interaction) -> float:
+    """Return how long the first answer may wait: Discord allows 3 s from sending it."""
+    age = (discord.utils.utcnow() - interaction.created_at).total_seconds()
+    # A clock behind Discord's makes the age negative: then the window from now counts.
+    return max(0.0, min(ADMIT_WINDOW, ACK_DEADLINE - age))
+
+
+async def _first_of(work: asyncio.Task[DrawOutcome], event: asyncio.Event, seconds: float) -> None:
+    """Wait until the job is admitted or over, or `seconds` pass."""
+    waiter = asyncio.create_task(event.wait())
+    try:
+        await asyncio.wait({work, waiter}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+
+
+class _ProgressGate:
+    """Hold a job's progress until the interaction is acknowledged, then pass it on.
+
+    The first event means the job passed every check and holds its reservation.
+    """
+
+    def __init__(self) -> None:
+        self.admitted = asyncio.Event()
+        self._target: ProgressCallback | None = None
+        self._held: Progress | None = None
+
+    async def __call__(self, event: Progress) -> None:
+        """Take one progress event from the service."""
+        self.admitted.set()
+        if self._target is None:
+            self._held = event
+            return
+        await self._target(event)
+
+    async def open(self, target: ProgressCallback) -> None:
+        """Pass on the latest held event and every later one to `target`."""
+        self._target = target
+        held, self._held = self._held, None
+        if held is not None:
+            await target(held)
 
 
 def _fit_note(lang: str, index: int, fitted: FittedImage, limit: int) -> str:

@@ -1,9 +1,11 @@
 """Answering interactions: progress edits, private answers, and the one error path.
 
-Discord quirk this module exists for: after a public `defer(thinking=True)`, the first
-followup replaces the "thinking" message and ignores `ephemeral`. So a private error after
-a public defer first settles the deferred message (an edit), then sends the ephemeral
-followup, then deletes the public message.
+Refusals are checked before anything is shown (see `DrawRunner._run`), so most private
+answers are the interaction's first, ephemeral response. Discord quirk for the rest: after
+a public `defer(thinking=True)`, the first followup replaces the "thinking" message and
+ignores `ephemeral`. So a private error after a public defer first settles the deferred
+message with a neutral line (never the error itself), then sends the ephemeral followup,
+then deletes the public message.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ async def answer_private(interaction: discord.Interaction, message: str) -> None
         await interaction.followup.send(message, ephemeral=True)
         return
     if not interaction.extras.get(_SETTLED):
-        await interaction.edit_original_response(content=message)
+        neutral = text(lang_of(interaction), "discord.answered_privately")
+        await interaction.edit_original_response(content=neutral)
         mark_settled(interaction)
     await interaction.followup.send(message, ephemeral=True)
     await _delete_original(interaction)
@@ -82,8 +85,10 @@ async def report_error(interaction: discord.Interaction, error: BaseException) -
         error = error.original
     lang = lang_of(interaction)
     if isinstance(error, AccessDenied) and error.params.get("silent"):
-        if interaction.response.is_done():
-            await _delete_original(interaction)
+        try:
+            await _acknowledge_silently(interaction)
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as err:
+            log.debug("could not acknowledge a silent refusal: %s", type(err).__name__)
         return
     if isinstance(error, UpstreamError):
         log.warning("upstream error %s (status %s): %s", error.code, error.status, error.detail)
@@ -108,6 +113,16 @@ async def report_error(interaction: discord.Interaction, error: BaseException) -
     except (discord.HTTPException, aiohttp.ClientError, OSError) as err:
         # Most often the 15-minute token ran out; nothing else can reach the user privately.
         log.warning("could not tell user %s about an error: %s", interaction.user.id, err)
+
+
+async def _acknowledge_silently(interaction: discord.Interaction) -> None:
+    # Discord wants every interaction answered; a silent refusal shows nobody anything.
+    if not interaction.response.is_done():
+        if interaction.type is discord.InteractionType.component:
+            await interaction.response.defer()  # "update the message": nothing changes
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+    await _delete_original(interaction)
 
 
 def _what(interaction: discord.Interaction) -> str:
