@@ -708,6 +708,14 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "图片已生成（任务 #{job_id}），但 Discord 拒绝了上传。管理员可以为此退款。",
     },
     "discord.late": {"en": "{mention}, your image is ready:", "zh": "{mention}，你的图片好了："},
+    "discord.late_pending": {
+        "en": "Still drawing: the result will be posted in this channel when it is ready.",
+        "zh": "仍在绘制中：完成后会发到这个频道。",
+    },
+    "discord.late_failed": {
+        "en": "{mention}, your image could not be finished:",
+        "zh": "{mention}，你的图片没能完成：",
+    },
     "discord.answered_privately": {
         "en": "The answer was sent to you privately.",
         "zh": "结果已私下发送给你。",

@@ -518,13 +518,32 @@ async def test_a_result_after_the_token_expired_is_posted_in_the_channel(
     async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
         # Created 14½ minutes ago: the 15-minute token is about to expire.
         calls = await h.feed(p.slash("img", [p.option("prompt", "a late owl")], age=870))
-        assert [c.kind for c in calls] == ["callback"]  # no edits on a dying token
+        # No progress edits on a dying token; its last edit says where the result will go,
+        # so "thinking…" is not left behind.
+        assert [c.kind for c in calls] == ["callback", "edit_original"]
+        assert calls[1].content == text("en", "discord.late_pending")
         (post,) = h.rest.calls
         assert post.method == "POST" and post.url.endswith(f"/channels/{p.CHANNEL_ID}/messages")
         assert post.json["content"] == text("en", "discord.late", mention="<@501>")
         assert len(post.files) == 1 and post.json["embeds"]
         (job,) = (await h.service.ledger.spend_report("discord:501")).last_jobs
         assert job.status is JobStatus.SUCCEEDED and len(job.result_refs) == 1
+
+
+async def test_a_failure_after_the_token_expired_is_told_in_the_channel(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    fake_api.inject("invalid_value")
+    async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
+        # Three seconds of token left: nothing private can reach the user any more.
+        calls = await h.feed(p.slash("img", [p.option("prompt", "a late owl")], age=897))
+        assert [c.kind for c in calls] == ["callback", "edit_original"]
+        assert calls[1].content == text("en", "discord.late_pending")
+        (post,) = h.rest.calls
+        assert post.url.endswith(f"/channels/{p.CHANNEL_ID}/messages")
+        refusal = text("en", "upstream.rejected", ref="HTTP 400, invalid_value")
+        mention = text("en", "discord.late_failed", mention="<@501>")
+        assert post.json["content"] == f"{mention}\n{refusal}"
 
 
 async def test_a_refused_upload_tells_the_user_their_job_number(

@@ -24,12 +24,16 @@ from discord.http import Route
 from bots.discord.buttons import result_view
 from bots.discord.fitting import FittedImage, fit_image, upload_share
 from bots.discord.replies import (
+    TOKEN_MARGIN,
     ProgressMessage,
     clip,
     defer_public,
+    error_message,
     mark_settled,
     report_error,
     token_alive,
+    token_left,
+    token_usable,
 )
 from bots.discord.requester import requester_of
 from bots.discord.texts import lang_of
@@ -173,20 +177,40 @@ class DrawRunner:
                 return
             await defer_public(interaction)
             progress = ProgressMessage(interaction, lang_of(interaction))
+            handover = asyncio.create_task(_hand_over(interaction, progress))
             try:
                 if not work.done():
                     await gate.open(progress)
                 outcome = await work
             finally:
+                if token_alive(interaction):
+                    handover.cancel()
                 await progress.close()
             await self.deliver(interaction, outcome)
         except Exception as err:  # noqa: BLE001 - every failure is answered in one place
-            await report_error(interaction, err)
+            if interaction.response.is_done() and not token_usable(interaction):
+                await self._fail_late(interaction, err)
+            else:
+                await report_error(interaction, err)
         finally:
             if not work.done():
                 work.cancel()
             if task is not None:
                 self._running.discard(task)
+
+    async def _fail_late(self, interaction: discord.Interaction, error: BaseException) -> None:
+        # The token is gone, and with it every private way back: say it in the channel.
+        message = error_message(interaction, error)
+        channel = interaction.channel
+        if message is None or not isinstance(channel, discord.abc.Messageable):
+            return
+        content = text(
+            lang_of(interaction), "discord.late_failed", mention=interaction.user.mention
+        )
+        try:
+            await channel.send(content=clip(f"{content}\n{message}"))
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as err:
+            log.warning("could not tell user %s about a late failure: %s", interaction.user.id, err)
 
     # --- references --------------------------------------------------------------------
     async def download(self, image: RemoteImage, index: int) -> IncomingImage:
@@ -299,6 +323,19 @@ class DrawRunner:
             colour=discord.Colour.blurple(),
         )
         return embed
+
+
+async def _hand_over(interaction: discord.Interaction, progress: ProgressMessage) -> None:
+    """Before the token runs out, leave the public answer saying where the result will be."""
+    await asyncio.sleep(max(0.0, token_left(interaction) - TOKEN_MARGIN))
+    await progress.close()
+    try:
+        content = text(lang_of(interaction), "discord.late_pending")
+        await interaction.edit_original_response(content=content)
+    except (discord.HTTPException, aiohttp.ClientError, OSError) as err:
+        log.debug("could not hand the answer over to the channel: %s", type(err).__name__)
+        return
+    mark_settled(interaction)
 
 
 def _ack_budget(interaction: discord.Interaction) -> float:
