@@ -296,6 +296,45 @@ async def test_edit_with_imgbot_menu_opens_a_modal_and_edits_the_images(
         assert job.status is JobStatus.SUCCEEDED
 
 
+async def test_edit_menu_takes_linked_and_forwarded_images_from_discord_only(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    cdn = FakeCdn()
+    linked, forwarded, forwarded_link = png(320, 240), png(200, 300), png(256, 256)
+    linked_url = cdn.add(linked, "a.png", host="https://images-ext-1.discordapp.net/external/x")
+    snap_url = cdn.add(forwarded, "fwd.png")
+    snap_link = cdn.add(forwarded_link, "b.png", host="https://images-ext-2.discordapp.net/e/y")
+    evil = cdn.add(png(64, 64), "evil.png", host="https://images-ext-1.discordapp.net.evil.example")
+
+    def image_embed(original: str, proxy: str) -> dict[str, Any]:
+        return {"type": "image", "url": original, "thumbnail": {"url": original, "proxy_url": proxy}}
+
+    # A link to an image, as Discord shows it: an image embed with its own proxied copy.
+    linking = p.message(
+        "https://example.com/a.png",
+        embeds=[
+            image_embed("https://example.com/a.png", linked_url),
+            image_embed("https://example.com/evil.png", evil),
+        ],
+    )
+    # A forwarded message: the images are in the snapshot, not on the message itself.
+    forward = p.forwarded(
+        attachments=[p.attachment(941, snap_url, "fwd.png", len(forwarded), 200, 300)],
+        embeds=[image_embed("https://example.com/b.png", snap_link)],
+    )
+    async with running_bot(make_settings(settings, tmp_path), cdn) as h:
+        for target, expected in ((linking, [linked]), (forward, [forwarded, forwarded_link])):
+            (opened,) = await h.feed(p.message_menu("Edit with imgbot", target))
+            assert opened.json and opened.json["type"] == 9, opened.json
+            modal = opened.json["data"]
+            prompt_id, _ = _text_input_ids(modal)
+            calls = await h.feed(p.modal_submit(modal, {prompt_id: "make it night"}))
+            assert result_of(calls).files
+            assert [part.data for part in fake_api.api_requests[-1].files] == expected
+        # The look-alike host was never asked for anything.
+        assert evil not in cdn.fetched
+
+
 async def test_edit_menu_on_a_message_without_images_says_so_privately(
     settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
@@ -715,3 +754,22 @@ async def test_the_count_option_offers_one_to_max_n(
             img = next(c for c in call.json if c["name"] == "img")
             count = next(o for o in img["options"] if o["name"] == "count")
             assert (count["min_value"], count["max_value"]) == (1, max_n)
+
+
+def test_only_discord_cdn_and_media_proxy_urls_are_fetched() -> None:
+    from bots.discord.drawing import is_discord_media
+
+    assert is_discord_media("https://cdn.discordapp.com/attachments/1/2/a.png?ex=1")
+    assert is_discord_media("https://media.discordapp.net/attachments/1/2/a.png")
+    assert is_discord_media("https://images-ext-1.discordapp.net/external/abc/https/x.png")
+    for url in (
+        "http://cdn.discordapp.com/attachments/1/2/a.png",  # not https
+        "https://cdn.discordapp.com:8443/a.png",
+        "https://cdn.discordapp.com@evil.example/a.png",  # the host is evil.example
+        "https://user@cdn.discordapp.com/a.png",
+        "https://images-ext-1.discordapp.net.evil.example/a.png",
+        "https://images-ext-x.discordapp.net/a.png",
+        "https://example.com/a.png",
+        "file:///etc/passwd",
+    ):
+        assert not is_discord_media(url), url

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -62,6 +63,17 @@ EMBED_TITLE_LIMIT = 256
 EMBED_TEXT_LIMIT = 4096
 _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 _ATTACHMENT_HOSTS = frozenset({"cdn.discordapp.com", "media.discordapp.net"})
+# Discord's proxy for images linked from elsewhere (embeds' proxy_url): images-ext-1, -2, …
+_MEDIA_PROXY = re.compile(r"images-ext-[0-9]{1,3}\.discordapp\.net")
+
+
+def is_discord_media(url: str) -> bool:
+    """Say whether a URL is on Discord's CDN or media proxy, the only places we fetch from."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme != "https" or parts.port not in (None, 443) or parts.username:
+        return False
+    return host in _ATTACHMENT_HOSTS or bool(_MEDIA_PROXY.fullmatch(host))
 
 
 @dataclass(frozen=True)
@@ -79,21 +91,28 @@ def image_of_attachment(attachment: discord.Attachment) -> RemoteImage:
 
 
 def images_of_message(message: discord.Message) -> list[RemoteImage]:
-    """Return the images of a message: its image attachments, then its embeds' images."""
+    """Return the images of a message and of the messages it forwards, in order.
+
+    Each contributes its image attachments, then its embeds' images: a linked image
+    comes as an "image" embed whose picture is the thumbnail, proxied by Discord.
+    """
     found: list[RemoteImage] = []
-    for attachment in message.attachments:
-        content_type = attachment.content_type or ""
-        suffix = PurePosixPath(attachment.filename.lower()).suffix
-        if content_type.startswith("image/") or suffix in _IMAGE_SUFFIXES:
-            found.append(image_of_attachment(attachment))
-    for embed in message.embeds:
-        # A link to an image becomes an "image" embed whose picture is the thumbnail.
-        media = [embed.image, embed.thumbnail] if embed.type == "image" else [embed.image]
-        for item in media:
-            # Discord's media proxy, not the original host: we only ever fetch from Discord.
-            url = getattr(item, "proxy_url", None) or getattr(item, "url", None)
-            if url and urlsplit(url).hostname in _ATTACHMENT_HOSTS:
-                found.append(RemoteImage(url, _filename_of(url)))
+    sources: list[discord.Message | discord.MessageSnapshot] = [message]
+    sources += message.message_snapshots
+    for source in sources:
+        for attachment in source.attachments:
+            content_type = attachment.content_type or ""
+            suffix = PurePosixPath(attachment.filename.lower()).suffix
+            if content_type.startswith("image/") or suffix in _IMAGE_SUFFIXES:
+                found.append(image_of_attachment(attachment))
+        for embed in source.embeds:
+            media = [embed.image, embed.thumbnail] if embed.type == "image" else [embed.image]
+            for item in media:
+                # Discord's copy, never the original host: we only ever fetch from Discord.
+                for url in (getattr(item, "proxy_url", None), getattr(item, "url", None)):
+                    if url and is_discord_media(url):
+                        found.append(RemoteImage(url, _filename_of(url)))
+                        break
     unique: dict[str, RemoteImage] = {}
     for image in found:
         unique.setdefault(image.url, image)
@@ -229,6 +248,9 @@ class DrawRunner:
         return IncomingImage(await self._get(ref, 1), _filename_of(ref), ref)
 
     async def _get(self, url: str, index: int) -> bytes:
+        if not is_discord_media(url):
+            # Stored references come from our own ledger, but nothing else is fetched anyway.
+            raise BadReferenceError("ref.download_failed", index=index, detail="not Discord's")
         try:
             try:
                 async with asyncio.timeout(DOWNLOAD_TIMEOUT):
