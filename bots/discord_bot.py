@@ -19,7 +19,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bots.discord.admin import AdminCommands
+from bots.discord.admin import AdminCommands, ServerCommands
 from bots.discord.buttons import JobButton
 from bots.discord.commands import UserCommands
 from bots.discord.drawing import DrawRunner
@@ -53,6 +53,7 @@ class ImgBot(commands.Bot):
         await self.tree.set_translator(CommandTranslator())
         await self.add_cog(UserCommands(self, self.imgbot_runner, self.service))
         await self.add_cog(AdminCommands(self.service, self.settings))
+        await self.add_cog(ServerCommands(self.service, self.settings))
         self.add_dynamic_items(JobButton)
         self.tree.on_error = on_app_command_error
 

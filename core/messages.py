@@ -324,6 +324,13 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "As a server manager you can only change this server's own limit.",
         "zh": "作为服务器管理者，你只能修改本服务器的限额。",
     },
+    "access.chatlimit_ceiling": {
+        "en": "A server's admins can only lower its daily limit: the bot's operator allows "
+        "at most {limit:,.0f} credits a day. Choose a number from 1 to {limit:,.0f}, or "
+        "`default` for the operator's limit.",
+        "zh": "服务器管理者只能调低本服务器的每日额度：机器人运营者允许的上限是每天 "
+        "{limit:,.0f} 积分。请填 1 到 {limit:,.0f} 之间的数，或填 default 恢复运营者的额度。",
+    },
     "access.admin_only": {
         "en": "Only admins can use that command.",
         "zh": "只有管理员可以使用该命令。",
@@ -636,8 +643,22 @@ MESSAGES: dict[str, dict[str, str]] = {
     "discord.cmd.cancel.desc": {"en": "Cancel your waiting jobs", "zh": "取消你排队中的任务"},
     "discord.cmd.admin": {"en": "admin", "zh": "管理"},
     "discord.cmd.admin.desc": {
-        "en": "Admin: limits, refunds, blocks, reports",
-        "zh": "管理：额度、退款、封禁、报表",
+        "en": "Bot operators only (ADMINS): limits, refunds, blocks, reports",
+        "zh": "仅限机器人运营者（ADMINS）：额度、退款、封禁、报表",
+    },
+    "discord.cmd.server": {"en": "server", "zh": "本服务器"},
+    "discord.cmd.server.desc": {
+        "en": "Server managers: this server's daily limit and spend",
+        "zh": "服务器管理者：本服务器的每日额度与消费",
+    },
+    "discord.cmd.server.chatlimit.desc": {
+        "en": "Lower this server's daily limit (up to the bot operator's)",
+        "zh": "调低本服务器的每日额度（不超过运营者的上限）",
+    },
+    "discord.cmd.server.chats.desc": {"en": "This server's spend", "zh": "本服务器的消费"},
+    "discord.opt.server_amount.desc": {
+        "en": "Credits a day, at most the operator's limit (default = the operator's limit)",
+        "zh": "每日积分，不超过运营者的上限（default = 运营者的额度）",
     },
     "discord.cmd.admin.limit": {"en": "limit", "zh": "额度"},
     "discord.cmd.admin.limit.desc": {

@@ -662,6 +662,52 @@ async def test_admin_commands_refuse_members_and_serve_server_managers(
         assert not await h.service.ledger.is_blocked("discord:503", None)
 
 
+def _private_reply(calls: list[SentCall]) -> str | None:
+    (answer,) = [c for c in calls if c.kind == "followup"]
+    assert answer.ephemeral
+    return answer.content
+
+
+async def test_operators_and_server_managers_get_what_discord_shows_them(
+    settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    config = make_settings(settings, tmp_path, admins=["discord:900"], chat_daily_limit=10000)
+    chat_key = f"discord:{p.GUILD_ID}"
+    manager = {"user_id": 504, "username": "mod", "permissions": p.MANAGE_GUILD}
+    async with running_bot(config, FakeCdn()) as h:
+        # An operator sees /admin in any server, without any server permission, and it works.
+        block = p.subcommand("block", [p.option("target", "<@503>")])
+        await h.feed(p.slash("admin", [block], user_id=900, username="boss"))
+        assert await h.service.ledger.is_blocked("discord:503", None)
+
+        # A server manager: /server sets this server's limit below the operator's …
+        def server(name: str, *options: dict[str, Any]) -> dict[str, Any]:
+            return p.slash("server", [p.subcommand(name, list(options))], **manager)
+
+        await h.feed(server("chatlimit", p.option("daily", "5000")))
+        chat = await h.service.ledger.get_chat(chat_key)
+        assert chat is not None and chat.daily_limit == 5000
+        # … but can never lift it: not unlimited, not above CHAT_DAILY_LIMIT.
+        ceiling = text("en", "access.chatlimit_ceiling", limit=10000)
+        for lifted in ("0", "20000"):
+            reply = _private_reply(await h.feed(server("chatlimit", p.option("daily", lifted))))
+            assert reply == ceiling, lifted
+        chat = await h.service.ledger.get_chat(chat_key)
+        assert chat is not None and chat.daily_limit == 5000
+        await h.feed(server("chatlimit", p.option("daily", "default")))
+        chat = await h.service.ledger.get_chat(chat_key)
+        assert chat is not None and chat.daily_limit is None
+        reply = _private_reply(await h.feed(server("chats")))
+        assert reply == text("en", "admin.nothing") or chat_key in (reply or "")
+
+        # The operator may give the server anything, unlimited included.
+        options = [p.option("daily", "0"), p.option("server", str(p.GUILD_ID))]
+        unlimited = p.subcommand("chatlimit", options)
+        await h.feed(p.slash("admin", [unlimited], user_id=900, username="boss"))
+        chat = await h.service.ledger.get_chat(chat_key)
+        assert chat is not None and chat.daily_limit == 0
+
+
 async def test_help_sizes_and_balance_answer_privately(
     settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
@@ -709,8 +755,15 @@ async def test_commands_sync_to_the_configured_guild(
         assert {"img", "help", "sizes", "balance", "cancel", "admin", "Edit with imgbot"} <= names
         img = next(c for c in call.json if c["name"] == "img")
         assert img["name_localizations"]["zh-CN"] == text("zh", "discord.cmd.img")
+        # /admin is for the operators (ADMINS), whom Discord cannot single out: shown to all;
+        # /server only to members with Manage Server, and only in servers.
         admin = next(c for c in call.json if c["name"] == "admin")
-        assert int(admin["default_member_permissions"]) == p.MANAGE_GUILD
+        assert admin["default_member_permissions"] is None
+        assert len(admin["options"]) == 8
+        server = next(c for c in call.json if c["name"] == "server")
+        assert int(server["default_member_permissions"]) == p.MANAGE_GUILD
+        assert server["contexts"] == [0]
+        assert {o["name"] for o in server["options"]} == {"chatlimit", "chats"}
 
 
 async def test_a_failed_sync_is_logged_and_the_bot_carries_on(
