@@ -21,7 +21,7 @@ from discord.ext import commands
 
 from bots.discord.admin import AdminCommands, ServerCommands
 from bots.discord.buttons import JobButton
-from bots.discord.commands import UserCommands
+from bots.discord.commands import EDIT_FORM_PREFIX, UserCommands
 from bots.discord.drawing import DrawRunner
 from bots.discord.replies import report_error
 from bots.discord.texts import CommandTranslator
@@ -51,11 +51,25 @@ class ImgBot(commands.Bot):
     async def setup_hook(self) -> None:
         """Register commands, buttons and the translator; syncing is `run_discord`'s job."""
         await self.tree.set_translator(CommandTranslator())
-        await self.add_cog(UserCommands(self, self.imgbot_runner, self.service))
+        self.imgbot_commands = UserCommands(self, self.imgbot_runner, self.service)
+        await self.add_cog(self.imgbot_commands)
         await self.add_cog(AdminCommands(self.service, self.settings))
         await self.add_cog(ServerCommands(self.service, self.settings))
         self.add_dynamic_items(JobButton)
         self.tree.on_error = on_app_command_error
+
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        """Answer edit forms by their custom id; everything else has its own handler."""
+        if interaction.type is not discord.InteractionType.modal_submit:
+            return
+        custom_id = str((interaction.data or {}).get("custom_id", ""))
+        if not custom_id.startswith(EDIT_FORM_PREFIX):
+            return
+        try:
+            await self.imgbot_commands.submit_edit(interaction)
+        except Exception as err:  # noqa: BLE001 - answered like any other failure
+            await report_error(interaction, err)
 
 
 async def on_app_command_error(

@@ -627,6 +627,13 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "That message has no images to edit.",
         "zh": "这条消息里没有可以编辑的图片。",
     },
+    "discord.edit_gone": {
+        "en": "This form can no longer find the message's images (deleted, or not readable "
+        "by the bot since it restarted). Open Edit with imgbot on the message again. "
+        "What you typed:\n{prompt}",
+        "zh": "这个表单已找不到那条消息的图片（消息已删除，或机器人重启后无法读取）。"
+        "请在消息上重新打开“用 imgbot 编辑”。你输入的内容：\n{prompt}",
+    },
     "discord.cmd.help": {"en": "help", "zh": "帮助"},
     "discord.cmd.help.desc": {"en": "How to use imgbot", "zh": "imgbot 使用说明"},
     "discord.cmd.sizes": {"en": "sizes", "zh": "尺寸"},

@@ -265,6 +265,8 @@ class FakeRest:
         self.calls: list[RestCall] = []
         self.refreshed: dict[str, str] = {}  # expired URL → its re-signed URL
         self.refuse_commands: int | None = None  # an HTTP status to answer command syncs with
+        # Messages the bot may fetch, by (channel id, message id): what GET returns for them.
+        self.messages: dict[tuple[str, str], dict[str, Any]] = {}
 
     async def request(self, route: Route, **kwargs: Any) -> Any:
         """Answer one REST call."""
@@ -276,6 +278,10 @@ class FakeRest:
             message.update({k: body[k] for k in ("embeds", "components") if k in body})
             message["attachments"] = [attachment_payload(self.cdn, f) for f in sent]
             return message
+        if route.method == "GET" and route.path == "/channels/{channel_id}/messages/{message_id}":
+            *_, channel_id, _, message_id = route.url.split("/")
+            if (channel_id, message_id) in self.messages:
+                return json.loads(json.dumps(self.messages[(channel_id, message_id)]))
         if route.path == "/attachments/refresh-urls":
             urls = (kwargs.get("json") or {}).get("attachment_urls", [])
             return {

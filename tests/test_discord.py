@@ -296,6 +296,72 @@ async def test_edit_with_imgbot_menu_opens_a_modal_and_edits_the_images(
         assert job.status is JobStatus.SUCCEEDED
 
 
+async def test_an_edit_form_is_answered_after_a_restart(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    cdn = FakeCdn()
+    photo = png(400, 300, (120, 30, 30))
+    att = p.attachment(951, cdn.add(photo, "photo.png"), "photo.png", len(photo), 400, 300)
+    target = p.message("", attachments=[att])
+    config = make_settings(settings, tmp_path)
+    async with running_bot(config, cdn) as h:
+        (opened,) = await h.feed(p.message_menu("Edit with imgbot", target))
+    assert opened.json is not None
+    modal = opened.json["data"]
+    assert modal["custom_id"] == f"imgbot:edit:{p.CHANNEL_ID}:{target['id']}"
+    prompt_id, options_id = _text_input_ids(modal)
+    typed = {prompt_id: "make it snow", options_id: "low"}
+
+    # A new process: nothing of the form was kept, the message is fetched again.
+    async with running_bot(config, cdn) as h:
+        h.rest.messages[(str(p.CHANNEL_ID), target["id"])] = target
+        calls = await h.feed(p.modal_submit(modal, typed))
+        assert [c.method for c in h.rest.calls] == ["GET"]
+        assert result_of(calls).files
+        sent = fake_api.api_requests[-1]
+        assert [part.data for part in sent.files] == [photo]
+        assert sent.fields["prompt"] == "make it snow" and sent.fields["quality"] == "low"
+
+    # Without the Message Content intent Discord returns a user's message without its
+    # attachments: the user is told privately, and gets back what they typed.
+    async with running_bot(config, cdn) as h:
+        h.rest.messages[(str(p.CHANNEL_ID), target["id"])] = {**target, "attachments": []}
+        calls = await h.feed(p.modal_submit(modal, typed))
+        (only,) = calls
+        assert only.kind == "callback" and only.ephemeral
+        assert only.content == text("en", "discord.edit_gone", prompt="low make it snow")
+    assert len(fake_api.api_requests) == 1
+
+
+async def test_a_forged_edit_form_reaches_no_other_channel(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    cdn = FakeCdn()
+    photo = png(64, 64)
+    other_channel = str(p.CHANNEL_ID + 1)
+    secret = p.message("", attachments=[p.attachment(961, cdn.add(photo, "s.png"), "s.png", 99, 64, 64)])
+    forged_ids = [
+        f"imgbot:edit:{other_channel}:{secret['id']}",  # a message of another channel
+        f"imgbot:edit:{p.CHANNEL_ID}:{secret['id']}:x",
+        "imgbot:edit:../../users/@me:1",
+    ]
+    async with running_bot(make_settings(settings, tmp_path), cdn) as h:
+        h.rest.messages[(other_channel, secret["id"])] = {**secret, "channel_id": other_channel}
+        for custom_id in forged_ids:
+            modal = {
+                "custom_id": custom_id,
+                "components": [
+                    {"type": 1, "components": [{"type": 4, "custom_id": "prompt"}]}
+                ],
+            }
+            calls = await h.feed(p.modal_submit(modal, {"prompt": "show me"}))
+            (only,) = calls
+            assert only.ephemeral and only.content == text(
+                "en", "discord.edit_gone", prompt="show me"
+            )
+        assert h.rest.calls == [] and cdn.fetched == [] and fake_api.api_requests == []
+
+
 async def test_edit_menu_takes_linked_and_forwarded_images_from_discord_only(
     settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
 ) -> None:
