@@ -14,7 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands
@@ -22,11 +25,15 @@ from discord.ext import commands
 from bots.discord.admin import AdminCommands, ServerCommands
 from bots.discord.buttons import JobButton
 from bots.discord.commands import EDIT_FORM_PREFIX, UserCommands
-from bots.discord.drawing import DrawRunner
+from bots.discord.drawing import DrawRunner, channel_of
 from bots.discord.replies import report_error
+from bots.discord.requester import PLATFORM
 from bots.discord.texts import CommandTranslator
 from core.config import Settings
 from core.service import ImageService
+
+if TYPE_CHECKING:
+    from core.ledger import JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,7 @@ class ImgBot(commands.Bot):
         self.settings = settings
         self.service = service
         self.imgbot_runner = DrawRunner(self.http, service, settings)
+        self._notices: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
         """Register commands, buttons and the translator; syncing is `run_discord`'s job."""
@@ -58,6 +66,37 @@ class ImgBot(commands.Bot):
         self.add_dynamic_items(JobButton)
         self.tree.on_error = on_app_command_error
 
+
+    def tell_interrupted(self) -> asyncio.Task[None] | None:
+        """Tell, in the background, each user whose job a dead process left what became of it."""
+        jobs = [job for job in self.service.interrupted if job.platform == PLATFORM]
+        if not jobs:
+            return None
+        task = asyncio.create_task(self._tell_interrupted(jobs), name="imgbot:discord-notices")
+        self._notices = task  # keep a reference: the loop holds tasks only weakly
+        return task
+
+    async def _tell_interrupted(self, jobs: Sequence[JobRecord]) -> None:
+        for job in jobs:
+            user = await self.service.ledger.get_user(job.user_key)
+            notice = self.service.interrupted_notice(job, user.language if user else None)
+            try:
+                user_id = int(job.user_id)
+                # In the channel the job came from, naming the user; jobs of versions
+                # that did not record the channel get a direct message instead.
+                channel_id = channel_of(job)
+                if channel_id is not None:
+                    channel: discord.abc.Messageable = self.get_partial_messageable(channel_id)
+                else:
+                    channel = await self.create_dm(discord.Object(id=user_id))
+                await channel.send(
+                    content=f"<@{user_id}> {notice}",
+                    allowed_mentions=discord.AllowedMentions(
+                        everyone=False, roles=False, users=[discord.Object(id=user_id)]
+                    ),
+                )
+            except (discord.HTTPException, aiohttp.ClientError, OSError, ValueError) as err:
+                log.info("job %d: restart notice not sent: %s", job.id, type(err).__name__)
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
         """Answer edit forms by their custom id; everything else has its own handler."""
@@ -133,6 +172,7 @@ async def run_discord(settings: Settings, service: ImageService, stop: asyncio.E
     async with bot:
         await bot.login(token)
         await sync_commands(bot, settings)
+        notices = bot.tell_interrupted()
         connection = asyncio.create_task(bot.connect(reconnect=True), name="discord-gateway")
         stopping = asyncio.create_task(stop.wait(), name="discord-stop")
         try:
@@ -145,6 +185,8 @@ async def run_discord(settings: Settings, service: ImageService, stop: asyncio.E
             await bot.imgbot_runner.wait_idle(settings.shutdown_grace + _CLOSE_SLACK)
         finally:
             stopping.cancel()
+            if notices is not None:
+                notices.cancel()
             await bot.close()
             connection.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -282,6 +282,10 @@ class FakeRest:
             *_, channel_id, _, message_id = route.url.split("/")
             if (channel_id, message_id) in self.messages:
                 return json.loads(json.dumps(self.messages[(channel_id, message_id)]))
+        if route.method == "POST" and route.path == "/users/@me/channels":
+            recipient = str((kwargs.get("json") or {}).get("recipient_id"))
+            recipients = [{"id": recipient, "username": "someone", "discriminator": "0", "avatar": None}]
+            return {"id": str(new_snowflake()), "type": 1, "recipients": recipients}
         if route.path == "/attachments/refresh-urls":
             urls = (kwargs.get("json") or {}).get("attachment_urls", [])
             return {

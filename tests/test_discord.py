@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import os
 import re
@@ -892,3 +893,49 @@ def test_only_discord_cdn_and_media_proxy_urls_are_fetched() -> None:
         "file:///etc/passwd",
     ):
         assert not is_discord_media(url), url
+
+
+async def test_users_hear_what_became_of_jobs_a_crash_cut_off(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    from core.ledger import JobSpec, Ledger, Limits
+    from core.requester import Requester
+
+    config = make_settings(settings, tmp_path, job_timeout=0.01)
+    # A job drawn through the bot records the channel it came from.
+    async with running_bot(config, FakeCdn()) as h:
+        result = result_of(await h.feed(p.slash("img", [p.option("prompt", "low a kite")])))
+        job = await h.service.ledger.get_job(job_id_of(result))
+        assert job is not None
+        assert json.loads(job.request_json)["origin"] == {"channel": str(p.CHANNEL_ID)}
+        request_json = job.request_json
+
+    # What a killed process left: Ann's job was drawing in a server channel; Li's waited,
+    # from a version that did not record the channel yet.
+    ledger = await Ledger.open(config.database_path, Limits())
+    ann = Requester("discord", "501", str(p.GUILD_ID), "Ann", "en-US", is_group=True)
+    li = Requester("discord", "502", None, "Li", "zh-CN")
+    spec = JobSpec("low a kite", "gpt-image-2", "1024x1024", "low", 1, 0, request_json)
+    drawing = await ledger.reserve(ann, spec, 300)
+    await ledger.mark_started(drawing)
+    old_spec = JobSpec("low a kite", "gpt-image-2", "1024x1024", "low", 1, 0, "{}")
+    waiting = await ledger.reserve(li, old_spec, 300)
+    await ledger.close()
+    await asyncio.sleep(0.05)
+
+    async with running_bot(config, FakeCdn()) as h:
+        task = h.bot.tell_interrupted()  # type: ignore[attr-defined]
+        assert task is not None
+        await asyncio.wait_for(task, WAIT)
+        prices = h.service.prices
+        posts = [c for c in h.rest.calls if c.path == "/channels/{channel_id}/messages"]
+        in_channel, in_dm = posts
+        cost = format_credits(300, prices, "en")
+        notice = text("en", "job.interrupted_unsettled", job_id=drawing, cost=cost)
+        assert in_channel.url.endswith(f"/channels/{p.CHANNEL_ID}/messages")
+        assert in_channel.json["content"] == f"<@501> {notice}"
+        assert in_channel.json["allowed_mentions"]["users"] == [501]
+        opened = [c for c in h.rest.calls if c.path == "/users/@me/channels"]
+        assert [c.json for c in opened] == [{"recipient_id": 502}]
+        released = text("zh", "job.interrupted_released", job_id=waiting)
+        assert in_dm.json["content"] == f"<@502> {released}"

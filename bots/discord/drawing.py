@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import cast
+from typing import TYPE_CHECKING, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -51,6 +52,9 @@ from core.service import (
     ProgressCallback,
     ReplayAction,
 )
+
+if TYPE_CHECKING:
+    from core.ledger import JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +165,9 @@ class DrawRunner:
             await self.service.check_access(requester)
             self.service.parse(clean_text(command_text), reference_sizes=[(1, 1)] * len(images))
             refs = [await self.download(image, index) for index, image in enumerate(images, 1)]
-            return await self.service.draw(requester, command_text, refs, progress)
+            return await self.service.draw(
+                requester, command_text, refs, progress, origin=origin_of(interaction)
+            )
 
         await self._run(interaction, job)
 
@@ -172,7 +178,14 @@ class DrawRunner:
         async def job(progress: ProgressCallback) -> DrawOutcome:
             await self.service.check_access(requester)
             replay_action = cast(ReplayAction, action)
-            return await self.service.replay(requester, job_id, replay_action, self.fetch, progress)
+            return await self.service.replay(
+                requester,
+                job_id,
+                replay_action,
+                self.fetch,
+                progress,
+                origin=origin_of(interaction),
+            )
 
         await self._run(interaction, job)
 
@@ -358,6 +371,20 @@ async def _hand_over(interaction: discord.Interaction, progress: ProgressMessage
         log.debug("could not hand the answer over to the channel: %s", type(err).__name__)
         return
     mark_settled(interaction)
+
+
+def origin_of(interaction: discord.Interaction) -> dict[str, str]:
+    """Return where a job came from, kept with it to reach the user after a crash."""
+    return {"channel": str(interaction.channel_id)} if interaction.channel_id else {}
+
+
+def channel_of(job: JobRecord) -> int | None:
+    """Return the channel a stored job came from, when it was recorded."""
+    try:
+        channel = json.loads(job.request_json or "{}").get("origin", {}).get("channel")
+    except (ValueError, AttributeError):
+        return None
+    return int(channel) if isinstance(channel, str) and channel.isdigit() else None
 
 
 def _ack_budget(interaction: discord.Interaction) -> float:
