@@ -1,9 +1,11 @@
 """The Discord adapter: slash commands, a message menu and buttons over `core.service`.
 
 `build_bot(settings, service)` wires a `commands.Bot` (no privileged intents; every command
-is an application command on its tree; one tree error handler). `run_discord` logs in,
-syncs the commands (to DISCORD_GUILD_IDS for fast testing, else globally), runs until
-`stop` is set, lets answers in flight finish, and closes. The caller owns the service.
+is an application command on its tree; one tree error handler; edit forms answered by
+custom id in `on_interaction`). `run_discord` logs in, syncs the commands (to
+DISCORD_GUILD_IDS for fast testing, else globally), tells users about jobs a crash cut
+off, runs until `stop` is set, lets answers in flight finish, and closes. The caller owns
+the service.
 
 Pieces live in `bots.discord`: texts (localisation), requester, replies (progress, errors),
 drawing (the draw flow and delivery), fitting (upload limits), buttons, commands, admin.

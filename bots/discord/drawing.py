@@ -1,9 +1,11 @@
-"""Running a draw for an interaction: defer, fetch references, draw, deliver the result.
+"""Running a draw for an interaction: check, defer, fetch references, draw, deliver.
 
-The slash command, the context-menu modal and the result buttons all come through
-`DrawRunner`: it defers at once, shows progress in the deferred answer, hands the core
-the command text and the reference bytes, and delivers the images (fitted to the
-upload limit), an embed with the cost, and the replay buttons.
+The slash command, the context-menu form and the result buttons all come through
+`DrawRunner`. It lets the job pass its checks (access, prompt, limits, queue) for up to
+2 s, so a refusal is the interaction's private first answer; once the job is admitted it
+defers publicly, shows progress in the deferred answer, and delivers the images (fitted
+to the upload limit), an embed with the cost, and the replay buttons. A job outliving
+the 15-minute token ends in the channel, mentioning the user.
 """
 
 from __future__ import annotations
