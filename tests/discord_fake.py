@@ -168,6 +168,8 @@ class FakeDiscord(AsyncWebhookAdapter):
         self._originals: dict[str, dict[str, Any]] = {}
         # When set, a request carrying files raises what this returns (for the failure tests).
         self.fail_uploads: Callable[[Route], BaseException] | None = None
+        # When set, an interaction response of this type fails (e.g. 5: a defer came too late).
+        self.fail_callback_type: int | None = None
 
     def of(self, token: str, kind: str | None = None) -> list[SentCall]:
         """Return the calls made for one interaction token (of one kind)."""
@@ -191,6 +193,8 @@ class FakeDiscord(AsyncWebhookAdapter):
         self.calls.append(call)
         if sent and self.fail_uploads is not None:
             raise self.fail_uploads(route)
+        if kind == "callback" and (body or {}).get("type") == self.fail_callback_type:
+            raise http_error(discord.NotFound, 404, "Not Found", "Unknown interaction")
         if kind == "callback":
             return self._callback(route, body or {})
         if kind == "delete_original":

@@ -652,6 +652,21 @@ async def test_a_failure_after_the_token_expired_is_told_in_the_channel(
         assert post.json["content"] == f"{mention}\n{refusal}"
 
 
+async def test_a_job_whose_acknowledgement_came_too_late_ends_in_the_channel(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
+        # Admitted (reserved, perhaps drawing) but Discord no longer takes the defer.
+        h.discord.fail_callback_type = 5
+        calls = await h.feed(p.slash("img", [p.option("prompt", "a slow owl")]))
+        assert [c.kind for c in calls] == ["callback"]
+        (post,) = h.rest.calls
+        assert post.json["content"] == text("en", "discord.late", mention="<@501>")
+        assert len(post.files) == 1
+        (job,) = (await h.service.ledger.spend_report("discord:501")).last_jobs
+        assert job.status is JobStatus.SUCCEEDED
+
+
 async def test_a_refused_upload_tells_the_user_their_job_number(
     settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
 ) -> None:

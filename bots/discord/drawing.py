@@ -209,7 +209,14 @@ class DrawRunner:
             if work.done() and not work.cancelled() and work.exception() is not None:
                 await report_error(interaction, work.exception())  # type: ignore[arg-type]
                 return
-            await defer_public(interaction)
+            try:
+                await defer_public(interaction)
+            except (discord.HTTPException, aiohttp.ClientError, OSError) as err:
+                # Too late to acknowledge (a stalled loop, a slow network). The job holds its
+                # reservation and may be drawing: finish it and answer in the channel.
+                log.warning("interaction %s not acknowledged: %s", interaction.id, err)
+                await self._finish_in_channel(interaction, work)
+                return
             progress = ProgressMessage(interaction, lang_of(interaction))
             handover = asyncio.create_task(_hand_over(interaction, progress))
             try:
@@ -231,6 +238,14 @@ class DrawRunner:
                 work.cancel()
             if task is not None:
                 self._running.discard(task)
+
+    async def _finish_in_channel(
+        self, interaction: discord.Interaction, work: asyncio.Task[DrawOutcome]
+    ) -> None:
+        try:
+            await self.deliver(interaction, await work, in_channel=True)
+        except Exception as err:  # noqa: BLE001 - every failure is answered in one place
+            await self._fail_late(interaction, err)
 
     async def _fail_late(self, interaction: discord.Interaction, error: BaseException) -> None:
         # The token is gone, and with it every private way back: say it in the channel.
@@ -297,7 +312,9 @@ class DrawRunner:
         return None
 
     # --- the result ----------------------------------------------------------------------
-    async def deliver(self, interaction: discord.Interaction, outcome: DrawOutcome) -> None:
+    async def deliver(
+        self, interaction: discord.Interaction, outcome: DrawOutcome, *, in_channel: bool = False
+    ) -> None:
         """Send the images, the cost embed and the buttons; remember the files for "vary"."""
         lang = outcome.lang
         limit = interaction.filesize_limit
@@ -318,7 +335,7 @@ class DrawRunner:
         embed = self._embed(outcome, notes)
         view = result_view(outcome.job_id, lang)
         try:
-            if token_alive(interaction):
+            if token_alive(interaction) and not in_channel:
                 message = await interaction.edit_original_response(
                     content=None, embed=embed, attachments=files, view=view
                 )
