@@ -1,9 +1,11 @@
 """The Discord adapter: slash commands, a message menu and buttons over `core.service`.
 
 `build_bot(settings, service)` wires a `commands.Bot` (no privileged intents; every command
-is an application command on its tree; one tree error handler). `run_discord` logs in,
-syncs the commands (to DISCORD_GUILD_IDS for fast testing, else globally), runs until
-`stop` is set, lets answers in flight finish, and closes. The caller owns the service.
+is an application command on its tree; one tree error handler; edit forms answered by
+custom id in `on_interaction`). `run_discord` logs in, syncs the commands (to
+DISCORD_GUILD_IDS for fast testing, else globally), tells users about jobs a crash cut
+off, runs until `stop` is set, lets answers in flight finish, and closes. The caller owns
+the service.
 
 Pieces live in `bots.discord`: texts (localisation), requester, replies (progress, errors),
 drawing (the draw flow and delivery), fitting (upload limits), buttons, commands, admin.
@@ -14,19 +16,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bots.discord.admin import AdminCommands
+from bots.discord.admin import AdminCommands, ServerCommands
 from bots.discord.buttons import JobButton
-from bots.discord.commands import UserCommands
-from bots.discord.drawing import DrawRunner
+from bots.discord.commands import EDIT_FORM_PREFIX, UserCommands
+from bots.discord.drawing import DrawRunner, channel_of
 from bots.discord.replies import report_error
+from bots.discord.requester import PLATFORM
 from bots.discord.texts import CommandTranslator
 from core.config import Settings
 from core.service import ImageService
+
+if TYPE_CHECKING:
+    from core.ledger import JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +56,61 @@ class ImgBot(commands.Bot):
         self.settings = settings
         self.service = service
         self.imgbot_runner = DrawRunner(self.http, service, settings)
+        self._notices: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
         """Register commands, buttons and the translator; syncing is `run_discord`'s job."""
         await self.tree.set_translator(CommandTranslator())
-        await self.add_cog(UserCommands(self, self.imgbot_runner, self.service))
+        self.imgbot_commands = UserCommands(self, self.imgbot_runner, self.service)
+        await self.add_cog(self.imgbot_commands)
         await self.add_cog(AdminCommands(self.service, self.settings))
+        await self.add_cog(ServerCommands(self.service, self.settings))
         self.add_dynamic_items(JobButton)
         self.tree.on_error = on_app_command_error
+
+
+    def tell_interrupted(self) -> asyncio.Task[None] | None:
+        """Tell, in the background, each user whose job a dead process left what became of it."""
+        jobs = [job for job in self.service.interrupted if job.platform == PLATFORM]
+        if not jobs:
+            return None
+        task = asyncio.create_task(self._tell_interrupted(jobs), name="imgbot:discord-notices")
+        self._notices = task  # keep a reference: the loop holds tasks only weakly
+        return task
+
+    async def _tell_interrupted(self, jobs: Sequence[JobRecord]) -> None:
+        for job in jobs:
+            user = await self.service.ledger.get_user(job.user_key)
+            notice = self.service.interrupted_notice(job, user.language if user else None)
+            try:
+                user_id = int(job.user_id)
+                # In the channel the job came from, naming the user; jobs of versions
+                # that did not record the channel get a direct message instead.
+                channel_id = channel_of(job)
+                if channel_id is not None:
+                    channel: discord.abc.Messageable = self.get_partial_messageable(channel_id)
+                else:
+                    channel = await self.create_dm(discord.Object(id=user_id))
+                await channel.send(
+                    content=f"<@{user_id}> {notice}",
+                    allowed_mentions=discord.AllowedMentions(
+                        everyone=False, roles=False, users=[discord.Object(id=user_id)]
+                    ),
+                )
+            except (discord.HTTPException, aiohttp.ClientError, OSError, ValueError) as err:
+                log.info("job %d: restart notice not sent: %s", job.id, type(err).__name__)
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        """Answer edit forms by their custom id; everything else has its own handler."""
+        if interaction.type is not discord.InteractionType.modal_submit:
+            return
+        custom_id = str((interaction.data or {}).get("custom_id", ""))
+        if not custom_id.startswith(EDIT_FORM_PREFIX):
+            return
+        try:
+            await self.imgbot_commands.submit_edit(interaction)
+        except Exception as err:  # noqa: BLE001 - answered like any other failure
+            await report_error(interaction, err)
 
 
 async def on_app_command_error(
@@ -70,7 +126,12 @@ def build_bot(settings: Settings, service: ImageService) -> commands.Bot:
 
 
 async def sync_commands(bot: commands.Bot, settings: Settings) -> None:
-    """Sync the commands to the configured guilds (instant), or globally (up to an hour)."""
+    """Sync the commands to the configured guilds (instant), or globally (up to an hour).
+
+    Discord shows a server both its guild commands and the global ones, so after a
+    successful guild sync the global set is emptied: each command shows once. (Going back
+    from guilds to global cannot be cleaned up from here; the README says how.)
+    """
     targets: list[discord.Object | None] = []
     for guild_id in settings.discord_guild_ids:
         if guild_id.isdigit():
@@ -79,6 +140,7 @@ async def sync_commands(bot: commands.Bot, settings: Settings) -> None:
             log.error("DISCORD_GUILD_IDS: %r is not a server id (a number); skipped", guild_id)
     if not settings.discord_guild_ids:
         targets.append(None)
+    synced_to_guild = False
     for guild in targets:
         where = f"server {guild.id}" if guild else "all servers (global)"
         try:
@@ -94,7 +156,15 @@ async def sync_commands(bot: commands.Bot, settings: Settings) -> None:
                 err.status,
             )
             continue
+        synced_to_guild = synced_to_guild or guild is not None
         log.info("synced %d Discord commands to %s", len(synced), where)
+    if synced_to_guild and bot.application_id is not None:
+        try:
+            await bot.http.bulk_upsert_global_commands(bot.application_id, payload=[])
+        except discord.HTTPException as err:
+            log.error("could not remove the global Discord commands (HTTP %s)", err.status)
+        else:
+            log.info("removed the global Discord commands (DISCORD_GUILD_IDS is set)")
 
 
 async def run_discord(settings: Settings, service: ImageService, stop: asyncio.Event) -> None:
@@ -104,6 +174,7 @@ async def run_discord(settings: Settings, service: ImageService, stop: asyncio.E
     async with bot:
         await bot.login(token)
         await sync_commands(bot, settings)
+        notices = bot.tell_interrupted()
         connection = asyncio.create_task(bot.connect(reconnect=True), name="discord-gateway")
         stopping = asyncio.create_task(stop.wait(), name="discord-stop")
         try:
@@ -116,6 +187,8 @@ async def run_discord(settings: Settings, service: ImageService, stop: asyncio.E
             await bot.imgbot_runner.wait_idle(settings.shutdown_grace + _CLOSE_SLACK)
         finally:
             stopping.cancel()
+            if notices is not None:
+                notices.cancel()
             await bot.close()
             connection.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

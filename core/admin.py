@@ -11,7 +11,8 @@ Every bot and the terminal run the same words:
 A bare id means "on the admin's own platform"; `platform:id` names any.
 
 Configured admins (`ADMINS`) may do everything. A chat admin (Discord: Manage Server) may
-only run `chatlimit` and `chats` for their own chat: their power ends at their server.
+only run `chatlimit` and `chats` for their own chat: their power ends at their server, and
+under the operator's `CHAT_DAILY_LIMIT`, which they may lower but never lift.
 """
 
 from __future__ import annotations
@@ -66,6 +67,15 @@ def _keyword_args(args: Sequence[str], allowed: Sequence[str]) -> dict[str, floa
     return found
 
 
+def _check_below_operator(service: ImageService, args: Sequence[str]) -> None:
+    """Refuse a chat admin a daily limit above the operator's CHAT_DAILY_LIMIT (or none)."""
+    ceiling = service.settings.chat_daily_limit
+    daily = _keyword_args(args, ("daily",))["daily"]
+    # None = back to the operator's setting; 0 = unlimited, which only an operator may give.
+    if ceiling > 0 and daily is not None and (daily == 0 or daily > ceiling):
+        raise AccessDenied("access.chatlimit_ceiling", limit=ceiling)
+
+
 def _days(args: Sequence[str]) -> int:
     if not args:
         return 7
@@ -93,6 +103,7 @@ async def run_admin(service: ImageService, requester: Requester, name: str, args
                 raise AccessDenied("access.own_chat_only")
             if not args or "=" in args[0]:
                 args = [str(requester.chat_key), *args]
+            _check_below_operator(service, args[1:])
     if name == "limit":
         if not args:
             raise PromptError("admin.usage")

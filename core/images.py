@@ -118,6 +118,13 @@ _BALANCE_CODES = frozenset(
 )
 _BALANCE_WORDS = re.compile(r"insufficient|\bbalance\b|quota|余额|额度|欠费", re.IGNORECASE)
 _KEY_LIKE = re.compile(r"\b(sk|hk)-[A-Za-z0-9_\-]{8,}")
+# What of an upstream error a user may see: its HTTP status and an error code shaped like
+# OpenAI's (`invalid_value`, `moderation_blocked`), never the free text around them.
+_SAFE_CODE = re.compile(r"[a-z0-9_.-]{1,64}")
+# A code is words joined by `_`, `.` or `-`; one longer run of letters and digits is more
+# likely a key or a token than a word.
+_CODE_WORD = re.compile(r"[a-z0-9]+")
+_CODE_WORD_MAX = 24
 
 Sleep = Callable[[float], Awaitable[Any]]
 
@@ -509,7 +516,7 @@ class ImageClient:
     def _classify(
         self, status: int, code: str, message: str, param: str, detail: str
     ) -> UpstreamError:
-        reason = self._redact(message)[:200] or f"HTTP {status}"
+        ref = self._error_ref(status, code)
         if code == "moderation_blocked" or "safety system" in message.lower():
             return ContentPolicyError(detail=detail, status=status)
         if _is_balance(status, code, message):
@@ -518,7 +525,10 @@ class ImageClient:
             return UpstreamAuthError(detail=detail, status=status)
         if code == "unknown_parameter":
             return UpstreamAuthError(
-                "upstream.unknown_parameter", detail=detail, status=status, param=param or "?"
+                "upstream.unknown_parameter",
+                detail=detail,
+                status=status,
+                param=self._safe_code(param) or "?",
             )
         if status == 404 or 300 <= status < 400 or status == 405:
             return UpstreamAuthError("upstream.misconfigured", detail=detail, status=status)
@@ -528,12 +538,34 @@ class ImageClient:
             )
         if status >= 500:
             return UpstreamUnavailable(detail=detail, status=status)
-        return UpstreamRejected(detail=detail, status=status, reason=reason)
+        return UpstreamRejected(detail=detail, status=status, ref=ref)
+
+    def _error_ref(self, status: int, code: str) -> str:
+        """Return what a user may see of an upstream error: `HTTP 400, invalid_value`."""
+        safe = self._safe_code(code)
+        return f"HTTP {status}, {safe}" if safe else f"HTTP {status}"
+
+    def _safe_code(self, code: str) -> str:
+        """Return an upstream error code fit to show, or "" when it might be anything else."""
+        if not _SAFE_CODE.fullmatch(code):
+            return ""
+        key = self._settings.openai_api_key.get_secret_value().strip().lower()
+        for word in _CODE_WORD.findall(code):
+            if len(word) > _CODE_WORD_MAX:
+                return ""
+            # Never a piece of our own key, read either way.
+            if len(word) >= 8 and key and (word in key or word in key[::-1]):
+                return ""
+        return code
 
     def _redact(self, text: str) -> str:
         key = self._settings.openai_api_key.get_secret_value().strip()
         if key:
-            text = text.replace(key, "***")
+            # Some proxies echo the key reversed or without its `sk-` prefix.
+            bare = key.split("-", 1)[1] if key.startswith(("sk-", "hk-")) else key
+            for form in (key, key[::-1], bare, bare[::-1]):
+                if len(form) >= 8:
+                    text = re.sub(re.escape(form), "***", text, flags=re.IGNORECASE)
         return _KEY_LIKE.sub(lambda m: m.group(1) + "-***", text)
 
     # --- the answer -------------------------------------------------------------------

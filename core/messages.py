@@ -246,8 +246,9 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "绘图服务未在时限内（{seconds} 秒）返回结果。请重试，或换较小尺寸、较低画质。",
     },
     "upstream.rejected": {
-        "en": "The image service refused the request: {reason}",
-        "zh": "绘图服务拒绝了这个请求：{reason}",
+        "en": "The image service refused the request ({ref}). Nothing was charged. "
+        "Please change the options or the prompt and try again.",
+        "zh": "绘图服务拒绝了这个请求（{ref}），未扣费。请修改选项或提示词后重试。",
     },
     "upstream.malformed": {
         "en": "The image service sent an answer that could not be read.",
@@ -323,6 +324,13 @@ MESSAGES: dict[str, dict[str, str]] = {
     "access.own_chat_only": {
         "en": "As a server manager you can only change this server's own limit.",
         "zh": "作为服务器管理者，你只能修改本服务器的限额。",
+    },
+    "access.chatlimit_ceiling": {
+        "en": "A server's admins can only lower its daily limit: the bot's operator allows "
+        "at most {limit:,.0f} credits a day. Choose a number from 1 to {limit:,.0f}, or "
+        "`default` for the operator's limit.",
+        "zh": "服务器管理者只能调低本服务器的每日额度：机器人运营者允许的上限是每天 "
+        "{limit:,.0f} 积分。请填 1 到 {limit:,.0f} 之间的数，或填 default 恢复运营者的额度。",
     },
     "access.admin_only": {
         "en": "Only admins can use that command.",
@@ -662,6 +670,13 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "That message has no images to edit.",
         "zh": "这条消息里没有可以编辑的图片。",
     },
+    "discord.edit_gone": {
+        "en": "This form can no longer find the message's images (deleted, or not readable "
+        "by the bot since it restarted). Open Edit with imgbot on the message again. "
+        "What you typed:\n{prompt}",
+        "zh": "这个表单已找不到那条消息的图片（消息已删除，或机器人重启后无法读取）。"
+        "请在消息上重新打开“用 imgbot 编辑”。你输入的内容：\n{prompt}",
+    },
     "discord.cmd.help": {"en": "help", "zh": "帮助"},
     "discord.cmd.help.desc": {"en": "How to use imgbot", "zh": "imgbot 使用说明"},
     "discord.cmd.sizes": {"en": "sizes", "zh": "尺寸"},
@@ -678,8 +693,22 @@ MESSAGES: dict[str, dict[str, str]] = {
     "discord.cmd.cancel.desc": {"en": "Cancel your waiting jobs", "zh": "取消你排队中的任务"},
     "discord.cmd.admin": {"en": "admin", "zh": "管理"},
     "discord.cmd.admin.desc": {
-        "en": "Admin: limits, refunds, blocks, reports",
-        "zh": "管理：额度、退款、封禁、报表",
+        "en": "Bot operators only (ADMINS): limits, refunds, blocks, reports",
+        "zh": "仅限机器人运营者（ADMINS）：额度、退款、封禁、报表",
+    },
+    "discord.cmd.server": {"en": "server", "zh": "本服务器"},
+    "discord.cmd.server.desc": {
+        "en": "Server managers: this server's daily limit and spend",
+        "zh": "服务器管理者：本服务器的每日额度与消费",
+    },
+    "discord.cmd.server.chatlimit.desc": {
+        "en": "Lower this server's daily limit (up to the bot operator's)",
+        "zh": "调低本服务器的每日额度（不超过运营者的上限）",
+    },
+    "discord.cmd.server.chats.desc": {"en": "This server's spend", "zh": "本服务器的消费"},
+    "discord.opt.server_amount.desc": {
+        "en": "Credits a day, at most the operator's limit (default = the operator's limit)",
+        "zh": "每日积分，不超过运营者的上限（default = 运营者的额度）",
     },
     "discord.cmd.admin.limit": {"en": "limit", "zh": "额度"},
     "discord.cmd.admin.limit.desc": {
@@ -750,4 +779,16 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "图片已生成（任务 #{job_id}），但 Discord 拒绝了上传。管理员可以为此退款。",
     },
     "discord.late": {"en": "{mention}, your image is ready:", "zh": "{mention}，你的图片好了："},
+    "discord.late_pending": {
+        "en": "Still drawing: the result will be posted in this channel when it is ready.",
+        "zh": "仍在绘制中：完成后会发到这个频道。",
+    },
+    "discord.late_failed": {
+        "en": "{mention}, your image could not be finished:",
+        "zh": "{mention}，你的图片没能完成：",
+    },
+    "discord.answered_privately": {
+        "en": "The answer was sent to you privately.",
+        "zh": "结果已私下发送给你。",
+    },
 }

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
@@ -184,11 +184,14 @@ class ImageService:
         *,
         force_tier: str | None = None,
         source_ref: str | None = None,
+        origin: Mapping[str, str] | None = None,
     ) -> DrawOutcome:
         """Run one /img command end to end and return what to show.
 
         `source_ref` names the platform message (or button press) the command came from;
         the ledger refuses a second job from the same one (`DuplicateJob`, silent).
+        `origin` is what the adapter needs to reach the user later (a Discord channel id),
+        kept in the job's request for the notice after a crash.
         """
         lang = language_of(requester.language)
         if self._closing:
@@ -216,7 +219,11 @@ class ImageService:
             n=request.n,
             reference_count=len(refs),
             request_json=json.dumps(
-                {"request": _request_dict(request), "reference_refs": [r.ref for r in references]},
+                {
+                    "request": _request_dict(request),
+                    "reference_refs": [r.ref for r in references],
+                    **({"origin": dict(origin)} if origin else {}),
+                },
                 ensure_ascii=False,
             ),
             source_ref=source_ref,
@@ -398,6 +405,7 @@ class ImageService:
         progress: ProgressCallback | None = None,
         *,
         source_ref: str | None = None,
+        origin: Mapping[str, str] | None = None,
     ) -> DrawOutcome:
         """Rerun a stored job ("again", "4k") or vary its result ("vary"); the presser pays."""
         # Before any lookup or download: a stranger learns nothing and costs nothing.
@@ -421,6 +429,7 @@ class ImageService:
             progress,
             force_tier="4K" if action == "4k" else None,
             source_ref=source_ref,
+            origin=origin,
         )
 
     def interrupted_notice(self, job: JobRecord, lang: str | None) -> str:

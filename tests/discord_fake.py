@@ -46,8 +46,11 @@ class SentCall:
 
     @property
     def content(self) -> str | None:
-        """Return the message text sent, if any."""
-        return (self.json or {}).get("content")
+        """Return the message text sent, if any (an interaction response's too)."""
+        body = self.json or {}
+        if self.kind == "callback":
+            body = body.get("data") or {}
+        return body.get("content")
 
     @property
     def ephemeral(self) -> bool:
@@ -165,6 +168,8 @@ class FakeDiscord(AsyncWebhookAdapter):
         self._originals: dict[str, dict[str, Any]] = {}
         # When set, a request carrying files raises what this returns (for the failure tests).
         self.fail_uploads: Callable[[Route], BaseException] | None = None
+        # When set, an interaction response of this type fails (e.g. 5: a defer came too late).
+        self.fail_callback_type: int | None = None
 
     def of(self, token: str, kind: str | None = None) -> list[SentCall]:
         """Return the calls made for one interaction token (of one kind)."""
@@ -188,6 +193,8 @@ class FakeDiscord(AsyncWebhookAdapter):
         self.calls.append(call)
         if sent and self.fail_uploads is not None:
             raise self.fail_uploads(route)
+        if kind == "callback" and (body or {}).get("type") == self.fail_callback_type:
+            raise http_error(discord.NotFound, 404, "Not Found", "Unknown interaction")
         if kind == "callback":
             return self._callback(route, body or {})
         if kind == "delete_original":
@@ -262,6 +269,8 @@ class FakeRest:
         self.calls: list[RestCall] = []
         self.refreshed: dict[str, str] = {}  # expired URL → its re-signed URL
         self.refuse_commands: int | None = None  # an HTTP status to answer command syncs with
+        # Messages the bot may fetch, by (channel id, message id): what GET returns for them.
+        self.messages: dict[tuple[str, str], dict[str, Any]] = {}
 
     async def request(self, route: Route, **kwargs: Any) -> Any:
         """Answer one REST call."""
@@ -273,6 +282,14 @@ class FakeRest:
             message.update({k: body[k] for k in ("embeds", "components") if k in body})
             message["attachments"] = [attachment_payload(self.cdn, f) for f in sent]
             return message
+        if route.method == "GET" and route.path == "/channels/{channel_id}/messages/{message_id}":
+            *_, channel_id, _, message_id = route.url.split("/")
+            if (channel_id, message_id) in self.messages:
+                return json.loads(json.dumps(self.messages[(channel_id, message_id)]))
+        if route.method == "POST" and route.path == "/users/@me/channels":
+            recipient = str((kwargs.get("json") or {}).get("recipient_id"))
+            recipients = [{"id": recipient, "username": "someone", "discriminator": "0", "avatar": None}]
+            return {"id": str(new_snowflake()), "type": 1, "recipients": recipients}
         if route.path == "/attachments/refresh-urls":
             urls = (kwargs.get("json") or {}).get("attachment_urls", [])
             return {

@@ -169,6 +169,32 @@ def message(
     }
 
 
+def forwarded(
+    *,
+    attachments: list[dict[str, Any]] = (),  # type: ignore[assignment]
+    embeds: list[dict[str, Any]] = (),  # type: ignore[assignment]
+) -> dict[str, Any]:
+    """Return a forwarded message: empty itself, its content in `message_snapshots`."""
+    outer = message("")
+    outer["message_reference"] = {"type": 1, "channel_id": str(CHANNEL_ID), "message_id": "1"}
+    outer["message_snapshots"] = [
+        {
+            "message": {
+                "type": 0,
+                "content": "",
+                "embeds": list(embeds),
+                "attachments": list(attachments),
+                "timestamp": "2025-01-01T00:00:00+00:00",
+                "edited_timestamp": None,
+                "flags": 0,
+                "mentions": [],
+                "mention_roles": [],
+            }
+        }
+    ]
+    return outer
+
+
 def message_menu(name: str, target: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
     """Return a message context-menu interaction on `target`."""
     data = {

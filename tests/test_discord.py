@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import os
 import re
@@ -33,6 +34,7 @@ from core.service import ImageService
 from core.store import JobStatus
 from core.store.sqlite import WRITER_TASK_NAME
 from tests import discord_payloads as p
+from tests.conftest import TEST_KEY
 from tests.discord_fake import FakeCdn, FakeDiscord, FakeRest, SentCall, http_error
 from tests.fake_api import FakeImageAPI
 
@@ -299,6 +301,111 @@ async def test_edit_with_imgbot_menu_opens_a_modal_and_edits_the_images(
         assert job.status is JobStatus.SUCCEEDED
 
 
+async def test_an_edit_form_is_answered_after_a_restart(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    cdn = FakeCdn()
+    photo = png(400, 300, (120, 30, 30))
+    att = p.attachment(951, cdn.add(photo, "photo.png"), "photo.png", len(photo), 400, 300)
+    target = p.message("", attachments=[att])
+    config = make_settings(settings, tmp_path)
+    async with running_bot(config, cdn) as h:
+        (opened,) = await h.feed(p.message_menu("Edit with imgbot", target))
+    assert opened.json is not None
+    modal = opened.json["data"]
+    assert modal["custom_id"] == f"imgbot:edit:{p.CHANNEL_ID}:{target['id']}"
+    prompt_id, options_id = _text_input_ids(modal)
+    typed = {prompt_id: "make it snow", options_id: "low"}
+
+    # A new process: nothing of the form was kept, the message is fetched again.
+    async with running_bot(config, cdn) as h:
+        h.rest.messages[(str(p.CHANNEL_ID), target["id"])] = target
+        calls = await h.feed(p.modal_submit(modal, typed))
+        assert [c.method for c in h.rest.calls] == ["GET"]
+        assert result_of(calls).files
+        sent = fake_api.api_requests[-1]
+        assert [part.data for part in sent.files] == [photo]
+        assert sent.fields["prompt"] == "make it snow" and sent.fields["quality"] == "low"
+
+    # Without the Message Content intent Discord returns a user's message without its
+    # attachments: the user is told privately, and gets back what they typed.
+    async with running_bot(config, cdn) as h:
+        h.rest.messages[(str(p.CHANNEL_ID), target["id"])] = {**target, "attachments": []}
+        calls = await h.feed(p.modal_submit(modal, typed))
+        (only,) = calls
+        assert only.kind == "callback" and only.ephemeral
+        assert only.content == text("en", "discord.edit_gone", prompt="low make it snow")
+    assert len(fake_api.api_requests) == 1
+
+
+async def test_a_forged_edit_form_reaches_no_other_channel(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    cdn = FakeCdn()
+    photo = png(64, 64)
+    other_channel = str(p.CHANNEL_ID + 1)
+    secret = p.message("", attachments=[p.attachment(961, cdn.add(photo, "s.png"), "s.png", 99, 64, 64)])
+    forged_ids = [
+        f"imgbot:edit:{other_channel}:{secret['id']}",  # a message of another channel
+        f"imgbot:edit:{p.CHANNEL_ID}:{secret['id']}:x",
+        "imgbot:edit:../../users/@me:1",
+    ]
+    async with running_bot(make_settings(settings, tmp_path), cdn) as h:
+        h.rest.messages[(other_channel, secret["id"])] = {**secret, "channel_id": other_channel}
+        for custom_id in forged_ids:
+            modal = {
+                "custom_id": custom_id,
+                "components": [
+                    {"type": 1, "components": [{"type": 4, "custom_id": "prompt"}]}
+                ],
+            }
+            calls = await h.feed(p.modal_submit(modal, {"prompt": "show me"}))
+            (only,) = calls
+            assert only.ephemeral and only.content == text(
+                "en", "discord.edit_gone", prompt="show me"
+            )
+        assert h.rest.calls == [] and cdn.fetched == [] and fake_api.api_requests == []
+
+
+async def test_edit_menu_takes_linked_and_forwarded_images_from_discord_only(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    cdn = FakeCdn()
+    linked, forwarded, forwarded_link = png(320, 240), png(200, 300), png(256, 256)
+    linked_url = cdn.add(linked, "a.png", host="https://images-ext-1.discordapp.net/external/x")
+    snap_url = cdn.add(forwarded, "fwd.png")
+    snap_link = cdn.add(forwarded_link, "b.png", host="https://images-ext-2.discordapp.net/e/y")
+    evil = cdn.add(png(64, 64), "evil.png", host="https://images-ext-1.discordapp.net.evil.example")
+
+    def image_embed(original: str, proxy: str) -> dict[str, Any]:
+        return {"type": "image", "url": original, "thumbnail": {"url": original, "proxy_url": proxy}}
+
+    # A link to an image, as Discord shows it: an image embed with its own proxied copy.
+    linking = p.message(
+        "https://example.com/a.png",
+        embeds=[
+            image_embed("https://example.com/a.png", linked_url),
+            image_embed("https://example.com/evil.png", evil),
+        ],
+    )
+    # A forwarded message: the images are in the snapshot, not on the message itself.
+    forward = p.forwarded(
+        attachments=[p.attachment(941, snap_url, "fwd.png", len(forwarded), 200, 300)],
+        embeds=[image_embed("https://example.com/b.png", snap_link)],
+    )
+    async with running_bot(make_settings(settings, tmp_path), cdn) as h:
+        for target, expected in ((linking, [linked]), (forward, [forwarded, forwarded_link])):
+            (opened,) = await h.feed(p.message_menu("Edit with imgbot", target))
+            assert opened.json and opened.json["type"] == 9, opened.json
+            modal = opened.json["data"]
+            prompt_id, _ = _text_input_ids(modal)
+            calls = await h.feed(p.modal_submit(modal, {prompt_id: "make it night"}))
+            assert result_of(calls).files
+            assert [part.data for part in fake_api.api_requests[-1].files] == expected
+        # The look-alike host was never asked for anything.
+        assert evil not in cdn.fetched
+
+
 async def test_edit_menu_on_a_message_without_images_says_so_privately(
     settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
@@ -385,8 +492,11 @@ async def test_a_button_of_an_unknown_job_answers_privately(
             }
         ]
         calls = await h.feed(p.button_press("imgbot:job:4242:again", shown))
-        private = [c for c in calls if c.kind == "followup"]
-        assert len(private) == 1 and private[0].ephemeral
+        # The first and only answer, private: nothing public was posted first.
+        (private,) = calls
+        assert private.kind == "callback" and private.json and private.json["type"] == 4
+        assert private.ephemeral
+        assert private.json["data"]["content"] == text("en", "job.not_found", job_id=4242)
         assert fake_api.api_requests == []
 
 
@@ -458,8 +568,9 @@ async def test_strangers_in_a_server_get_silence_and_nothing_is_downloaded(
     async with running_bot(config, cdn) as h:
         options = [p.option("prompt", "a cat"), p.option("image1", "921", 11)]
         calls = await h.feed(p.slash("img", options, attachments=[att]))
-        # Acknowledged (Discord demands it), then the "thinking" answer is simply removed.
+        # Acknowledged privately (Discord demands an answer), then removed: nobody saw a thing.
         assert [c.kind for c in calls] == ["callback", "delete_original"]
+        assert calls[0].ephemeral
         assert cdn.fetched == [] and fake_api.api_requests == []
 
 
@@ -469,10 +580,46 @@ async def test_a_prompt_error_is_answered_privately_without_a_job(
     async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
         options = [p.option("prompt", "16:9 a cat"), p.option("ratio", "1:1")]
         calls = await h.feed(p.slash("img", options))
-        followups = [c for c in calls if c.kind == "followup"]
-        assert len(followups) == 1 and followups[0].ephemeral
+        # The refusal is the first and only answer, private; nothing public came before it.
+        (only,) = calls
+        assert only.kind == "callback" and only.json and only.json["type"] == 4
+        assert only.ephemeral and "(1:1 and 16:9)" in only.json["data"]["content"]
         assert fake_api.api_requests == []
         assert (await h.service.ledger.spend_report("discord:501")).last_jobs == ()
+
+
+def _only_private_answer(calls: list[SentCall]) -> str:
+    """Return the text of an interaction answered once, privately, before anything else."""
+    (only,) = calls
+    assert only.kind == "callback" and only.json and only.json["type"] == 4, only.json
+    assert only.ephemeral
+    return str(only.json["data"]["content"])
+
+
+async def test_a_limit_refusal_is_the_private_first_answer(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    cdn = FakeCdn()
+    ref = png(300, 300)
+    att = p.attachment(931, cdn.add(ref, "ref.png"), "ref.png", len(ref), 300, 300)
+    config = make_settings(settings, tmp_path, user_daily_limit=100)
+    async with running_bot(config, cdn) as h:
+        options = [p.option("prompt", "high a cat"), p.option("image1", "931", 11)]
+        answer = _only_private_answer(await h.feed(p.slash("img", options, attachments=[att])))
+        assert answer.startswith(text("en", "limit.user_daily").split("{")[0])
+        assert fake_api.api_requests == []
+        assert (await h.service.ledger.spend_report("discord:501")).last_jobs == ()
+
+
+async def test_a_blocked_user_is_refused_privately_before_anything_public(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    config = make_settings(settings, tmp_path, silent_refusals_in_groups=False)
+    async with running_bot(config, FakeCdn()) as h:
+        await h.service.ledger.set_blocked("discord:501", True)
+        answer = _only_private_answer(await h.feed(p.slash("img", [p.option("prompt", "a cat")])))
+        assert answer == text("en", "access.blocked")
+        assert fake_api.api_requests == []
 
 
 async def test_a_result_after_the_token_expired_is_posted_in_the_channel(
@@ -481,13 +628,47 @@ async def test_a_result_after_the_token_expired_is_posted_in_the_channel(
     async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
         # Created 14½ minutes ago: the 15-minute token is about to expire.
         calls = await h.feed(p.slash("img", [p.option("prompt", "a late owl")], age=870))
-        assert [c.kind for c in calls] == ["callback"]  # no edits on a dying token
+        # No progress edits on a dying token; its last edit says where the result will go,
+        # so "thinking…" is not left behind.
+        assert [c.kind for c in calls] == ["callback", "edit_original"]
+        assert calls[1].content == text("en", "discord.late_pending")
         (post,) = h.rest.calls
         assert post.method == "POST" and post.url.endswith(f"/channels/{p.CHANNEL_ID}/messages")
         assert post.json["content"] == text("en", "discord.late", mention="<@501>")
         assert len(post.files) == 1 and post.json["embeds"]
         (job,) = (await h.service.ledger.spend_report("discord:501")).last_jobs
         assert job.status is JobStatus.SUCCEEDED and len(job.result_refs) == 1
+
+
+async def test_a_failure_after_the_token_expired_is_told_in_the_channel(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    fake_api.inject("invalid_value")
+    async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
+        # Three seconds of token left: nothing private can reach the user any more.
+        calls = await h.feed(p.slash("img", [p.option("prompt", "a late owl")], age=897))
+        assert [c.kind for c in calls] == ["callback", "edit_original"]
+        assert calls[1].content == text("en", "discord.late_pending")
+        (post,) = h.rest.calls
+        assert post.url.endswith(f"/channels/{p.CHANNEL_ID}/messages")
+        refusal = text("en", "upstream.rejected", ref="HTTP 400, invalid_value")
+        mention = text("en", "discord.late_failed", mention="<@501>")
+        assert post.json["content"] == f"{mention}\n{refusal}"
+
+
+async def test_a_job_whose_acknowledgement_came_too_late_ends_in_the_channel(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
+        # Admitted (reserved, perhaps drawing) but Discord no longer takes the defer.
+        h.discord.fail_callback_type = 5
+        calls = await h.feed(p.slash("img", [p.option("prompt", "a slow owl")]))
+        assert [c.kind for c in calls] == ["callback"]
+        (post,) = h.rest.calls
+        assert post.json["content"] == text("en", "discord.late", mention="<@501>")
+        assert len(post.files) == 1
+        (job,) = (await h.service.ledger.spend_report("discord:501")).last_jobs
+        assert job.status is JobStatus.SUCCEEDED
 
 
 async def test_a_refused_upload_tells_the_user_their_job_number(
@@ -567,6 +748,52 @@ async def test_admin_commands_refuse_members_and_serve_server_managers(
         assert not await h.service.ledger.is_blocked("discord:503", None)
 
 
+def _private_reply(calls: list[SentCall]) -> str | None:
+    (answer,) = [c for c in calls if c.kind == "followup"]
+    assert answer.ephemeral
+    return answer.content
+
+
+async def test_operators_and_server_managers_get_what_discord_shows_them(
+    settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    config = make_settings(settings, tmp_path, admins=["discord:900"], chat_daily_limit=10000)
+    chat_key = f"discord:{p.GUILD_ID}"
+    manager = {"user_id": 504, "username": "mod", "permissions": p.MANAGE_GUILD}
+    async with running_bot(config, FakeCdn()) as h:
+        # An operator sees /admin in any server, without any server permission, and it works.
+        block = p.subcommand("block", [p.option("target", "<@503>")])
+        await h.feed(p.slash("admin", [block], user_id=900, username="boss"))
+        assert await h.service.ledger.is_blocked("discord:503", None)
+
+        # A server manager: /server sets this server's limit below the operator's …
+        def server(name: str, *options: dict[str, Any]) -> dict[str, Any]:
+            return p.slash("server", [p.subcommand(name, list(options))], **manager)
+
+        await h.feed(server("chatlimit", p.option("daily", "5000")))
+        chat = await h.service.ledger.get_chat(chat_key)
+        assert chat is not None and chat.daily_limit == 5000
+        # … but can never lift it: not unlimited, not above CHAT_DAILY_LIMIT.
+        ceiling = text("en", "access.chatlimit_ceiling", limit=10000)
+        for lifted in ("0", "20000"):
+            reply = _private_reply(await h.feed(server("chatlimit", p.option("daily", lifted))))
+            assert reply == ceiling, lifted
+        chat = await h.service.ledger.get_chat(chat_key)
+        assert chat is not None and chat.daily_limit == 5000
+        await h.feed(server("chatlimit", p.option("daily", "default")))
+        chat = await h.service.ledger.get_chat(chat_key)
+        assert chat is not None and chat.daily_limit is None
+        reply = _private_reply(await h.feed(server("chats")))
+        assert reply == text("en", "admin.nothing") or chat_key in (reply or "")
+
+        # The operator may give the server anything, unlimited included.
+        options = [p.option("daily", "0"), p.option("server", str(p.GUILD_ID))]
+        unlimited = p.subcommand("chatlimit", options)
+        await h.feed(p.slash("admin", [unlimited], user_id=900, username="boss"))
+        chat = await h.service.ledger.get_chat(chat_key)
+        assert chat is not None and chat.daily_limit == 0
+
+
 async def test_help_sizes_and_balance_answer_privately(
     settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
@@ -604,15 +831,25 @@ async def test_commands_sync_to_the_configured_guild(
     config = make_settings(settings, tmp_path, discord_guild_ids=str(p.GUILD_ID))
     async with running_bot(config, FakeCdn()) as h:
         await sync_commands(h.bot, config)
-        (call,) = h.rest.calls
+        call, global_call = h.rest.calls
         assert call.method == "PUT"
         assert call.url.endswith(f"/applications/{p.APP_ID}/guilds/{p.GUILD_ID}/commands")
+        # The global set is emptied, or a server would list every command twice.
+        assert global_call.method == "PUT" and global_call.json == []
+        assert global_call.url.endswith(f"/applications/{p.APP_ID}/commands")
         names = {c["name"] for c in call.json}
         assert {"img", "help", "sizes", "balance", "cancel", "admin", "Edit with imgbot"} <= names
         img = next(c for c in call.json if c["name"] == "img")
         assert img["name_localizations"]["zh-CN"] == text("zh", "discord.cmd.img")
+        # /admin is for the operators (ADMINS), whom Discord cannot single out: shown to all;
+        # /server only to members with Manage Server, and only in servers.
         admin = next(c for c in call.json if c["name"] == "admin")
-        assert int(admin["default_member_permissions"]) == p.MANAGE_GUILD
+        assert admin["default_member_permissions"] is None
+        assert len(admin["options"]) == 8
+        server = next(c for c in call.json if c["name"] == "server")
+        assert int(server["default_member_permissions"]) == p.MANAGE_GUILD
+        assert server["contexts"] == [0]
+        assert {o["name"] for o in server["options"]} == {"chatlimit", "chats"}
 
 
 async def test_a_failed_sync_is_logged_and_the_bot_carries_on(
@@ -625,3 +862,99 @@ async def test_a_failed_sync_is_logged_and_the_bot_carries_on(
             await sync_commands(h.bot, config)
         assert [c.url.rsplit("/", 3)[-3:] for c in h.rest.calls] == [["guilds", "42", "commands"]]
         assert "not-a-guild" in caplog.text and "applications.commands" in caplog.text
+
+
+async def test_an_upstream_refusal_shows_our_words_and_no_key(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    # A proxy that quotes keys in its refusals: ours reversed, and someone's without a prefix.
+    bare_key = "Xq7TmR2vLp9WzN4bKc6YhJ8sDf3GaE5uQo1iVn0MtZrPyBxC"
+    reversed_key = TEST_KEY[::-1]
+    fake_api.inject(
+        "status", status=400, code="invalid_value", message=f"bad key {reversed_key} {bare_key}"
+    )
+    async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
+        calls = await h.feed(p.slash("img", [p.option("prompt", "a storm")]))
+    shown = [str(c.json) for c in calls]
+    assert not any(reversed_key in s or bare_key in s or "bad key" in s for s in shown)
+    private = [c for c in calls if c.ephemeral]
+    expected = text("en", "upstream.rejected", ref="HTTP 400, invalid_value")
+    assert private and expected in str(private[-1].json)
+
+
+async def test_the_count_option_offers_one_to_max_n(
+    settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    for max_n in (4, 2):
+        config = make_settings(settings, tmp_path, max_n=max_n, default_n=1)
+        async with running_bot(config, FakeCdn()) as h:
+            await sync_commands(h.bot, config)
+            (call,) = h.rest.calls
+            img = next(c for c in call.json if c["name"] == "img")
+            count = next(o for o in img["options"] if o["name"] == "count")
+            assert (count["min_value"], count["max_value"]) == (1, max_n)
+
+
+def test_only_discord_cdn_and_media_proxy_urls_are_fetched() -> None:
+    from bots.discord.drawing import is_discord_media
+
+    assert is_discord_media("https://cdn.discordapp.com/attachments/1/2/a.png?ex=1")
+    assert is_discord_media("https://media.discordapp.net/attachments/1/2/a.png")
+    assert is_discord_media("https://images-ext-1.discordapp.net/external/abc/https/x.png")
+    for url in (
+        "http://cdn.discordapp.com/attachments/1/2/a.png",  # not https
+        "https://cdn.discordapp.com:8443/a.png",
+        "https://cdn.discordapp.com@evil.example/a.png",  # the host is evil.example
+        "https://user@cdn.discordapp.com/a.png",
+        "https://images-ext-1.discordapp.net.evil.example/a.png",
+        "https://images-ext-x.discordapp.net/a.png",
+        "https://example.com/a.png",
+        "file:///etc/passwd",
+    ):
+        assert not is_discord_media(url), url
+
+
+async def test_users_hear_what_became_of_jobs_a_crash_cut_off(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    from core.ledger import JobSpec, Ledger, Limits
+    from core.requester import Requester
+
+    config = make_settings(settings, tmp_path, job_timeout=0.01)
+    # A job drawn through the bot records the channel it came from.
+    async with running_bot(config, FakeCdn()) as h:
+        result = result_of(await h.feed(p.slash("img", [p.option("prompt", "low a kite")])))
+        job = await h.service.ledger.get_job(job_id_of(result))
+        assert job is not None
+        assert json.loads(job.request_json)["origin"] == {"channel": str(p.CHANNEL_ID)}
+        request_json = job.request_json
+
+    # What a killed process left: Ann's job was drawing in a server channel; Li's waited,
+    # from a version that did not record the channel yet.
+    ledger = await Ledger.open(config.database_path, Limits())
+    ann = Requester("discord", "501", str(p.GUILD_ID), "Ann", "en-US", is_group=True)
+    li = Requester("discord", "502", None, "Li", "zh-CN")
+    spec = JobSpec("low a kite", "gpt-image-2", "1024x1024", "low", 1, 0, request_json)
+    drawing = await ledger.reserve(ann, spec, 300)
+    await ledger.mark_started(drawing)
+    old_spec = JobSpec("low a kite", "gpt-image-2", "1024x1024", "low", 1, 0, "{}")
+    waiting = await ledger.reserve(li, old_spec, 300)
+    await ledger.close()
+    await asyncio.sleep(0.05)
+
+    async with running_bot(config, FakeCdn()) as h:
+        task = h.bot.tell_interrupted()  # type: ignore[attr-defined]
+        assert task is not None
+        await asyncio.wait_for(task, WAIT)
+        prices = h.service.prices
+        posts = [c for c in h.rest.calls if c.path == "/channels/{channel_id}/messages"]
+        in_channel, in_dm = posts
+        cost = format_credits(300, prices, "en")
+        notice = text("en", "job.interrupted_unsettled", job_id=drawing, cost=cost)
+        assert in_channel.url.endswith(f"/channels/{p.CHANNEL_ID}/messages")
+        assert in_channel.json["content"] == f"<@501> {notice}"
+        assert in_channel.json["allowed_mentions"]["users"] == [501]
+        opened = [c for c in h.rest.calls if c.path == "/users/@me/channels"]
+        assert [c.json for c in opened] == [{"recipient_id": 502}]
+        released = text("zh", "job.interrupted_released", job_id=waiting)
+        assert in_dm.json["content"] == f"<@502> {released}"

@@ -687,3 +687,54 @@ def test_the_fake_refuses_a_wrong_key_and_records_no_secret(fake_api: FakeImageA
 )
 def test_api_root_ends_in_v1_once(base: str) -> None:
     assert api_root(base) == "https://api.openai.com/v1"
+
+
+# A key the way some proxies echo it: another account's key without its prefix (48
+# characters, as OpenAI's were), and ours reversed.
+BARE_KEY = "Xq7TmR2vLp9WzN4bKc6YhJ8sDf3GaE5uQo1iVn0MtZrPyBxC"
+REVERSED_KEY = TEST_KEY[::-1]
+
+
+@pytest.mark.parametrize(
+    ("code", "shown"),
+    [
+        ("invalid_value", "HTTP 400, invalid_value"),
+        (BARE_KEY.lower(), "HTTP 400"),  # shaped like a code, but one 48-letter "word"
+        ("Invalid Value!", "HTTP 400"),
+        (REVERSED_KEY[:20].lower().replace("-", "_"), "HTTP 400"),  # a piece of our key
+    ],
+)
+async def test_a_refusal_shows_our_words_and_a_safe_code_never_the_upstream_text(
+    fake_api: FakeImageAPI,
+    settings: SettingsFactory,
+    http: httpx.AsyncClient,
+    code: str,
+    shown: str,
+) -> None:
+    message = f"Bad request from key {REVERSED_KEY} / {BARE_KEY}: try sk-other-0123456789abcdef"
+    fake_api.inject("status", status=400, code=code, message=message)
+    client = ImageClient(http, settings())
+    with pytest.raises(UpstreamRejected) as caught:
+        await client.draw(request())
+    for lang in ("en", "zh"):
+        user_text = caught.value.user_message(lang)
+        assert user_text == text(lang, "upstream.rejected", ref=shown)
+    assert "Bad request" not in user_text and BARE_KEY not in user_text
+    # The log keeps the upstream's story, without our key in any direction.
+    detail = caught.value.detail
+    assert "Bad request" in detail
+    assert REVERSED_KEY not in detail and TEST_KEY not in detail and "sk-other" not in detail
+
+
+async def test_an_unknown_parameter_is_named_only_when_it_looks_like_one(
+    fake_api: FakeImageAPI, settings: SettingsFactory, http: httpx.AsyncClient
+) -> None:
+    client = ImageClient(http, settings())
+    fake_api.inject("unknown_parameter", param="response_format")
+    with pytest.raises(UpstreamAuthError) as caught:
+        await client.draw(request())
+    assert "'response_format'" in caught.value.user_message("en")
+    fake_api.inject("unknown_parameter", param=f"{REVERSED_KEY} is not a parameter")
+    with pytest.raises(UpstreamAuthError) as caught:
+        await client.draw(request())
+    assert caught.value.user_message("en") == text("en", "upstream.unknown_parameter", param="?")

@@ -31,6 +31,7 @@ from bots.discord_bot import build_bot, sync_commands
 from bots.logs import secrets_of, setup_logging
 from core.config import Settings, SettingsError, load_settings
 from core.errors import UpstreamError
+from core.messages import text as message_text
 from core.requester import Requester
 from core.runtime import open_service
 from tests import secret_guard as guard
@@ -490,6 +491,8 @@ async def test_the_telegram_replies_to_an_echoing_proxy_show_no_key(
             fake_api.inject(fault, echo_key=True)
             await tg.send(u.update(u.message(ann, u.private(ann), text="/img low a cat")))
         failures = [t for t in tg.texts() if not t.startswith("🎨")]
-        assert len(failures) == 4 and "***" in " ".join(failures)
+        # Only our own words reach the chat: not even the redacted echo of the key.
+        assert len(failures) == 4 and "key:" not in " ".join(failures)
+        assert message_text("en", "upstream.rejected", ref="HTTP 400, invalid_value") in failures
         for call in tg.api.calls:
             assert find_secrets(json.dumps(call.params, default=str)) == []

@@ -1,9 +1,16 @@
-"""The /admin command group: limits, refunds, blocks, top spenders, unsettled jobs.
+"""The /admin and /server command groups.
+
+What Discord shows matches what works:
+- `/admin` is for the bot's operators (`ADMINS`): all eight subcommands. Discord cannot
+  show a command to a list of users, so it carries no default permission and everyone
+  sees it (server owners may hide it under Server Settings → Integrations); the core
+  refuses anyone but an operator, except a server manager's own-server commands.
+- `/server` is for members with Manage Server (Discord shows it only to them, in servers):
+  this server's daily limit (`chatlimit`, only lower than the operator's) and its spend
+  (`chats`).
 
 Each subcommand turns its options into the words `core.admin.run_admin` takes; the core
-checks that the caller is an admin (configured, or holding Manage Server here) and does
-the work. Discord hides the group from members without Manage Server by default; server
-owners can change that in the integration settings, and the core check stays either way.
+checks who may do what, whatever Discord showed.
 """
 
 from __future__ import annotations
@@ -24,6 +31,20 @@ from core.service import ImageService
 _MENTION = re.compile(r"<@!?(\d+)>")
 
 
+async def run_privately(
+    interaction: discord.Interaction,
+    service: ImageService,
+    settings: Settings,
+    name: str,
+    args: list[str],
+) -> None:
+    """Run one admin command and answer only the caller."""
+    await interaction.response.defer(ephemeral=True, thinking=True)
+    requester = requester_of(interaction, settings)
+    reply = await run_admin(service, requester, name, args)
+    await interaction.followup.send(clip(reply), ephemeral=True)
+
+
 def _who(value: str) -> str:
     """Turn a mention into its id; keep plain ids and platform:id as they are."""
     value = value.strip()
@@ -31,13 +52,12 @@ def _who(value: str) -> str:
     return match.group(1) if match else value
 
 
-@app_commands.default_permissions(manage_guild=True)
 class AdminCommands(
     commands.GroupCog,
     group_name=loc("discord.cmd.admin"),
     group_description=loc("discord.cmd.admin.desc"),
 ):
-    """Admin subcommands; every one answers privately."""
+    """The operators' subcommands; every one answers privately."""
 
     def __init__(self, service: ImageService, settings: Settings) -> None:
         self.service = service
@@ -45,10 +65,7 @@ class AdminCommands(
         super().__init__()
 
     async def _run(self, interaction: discord.Interaction, name: str, args: list[str]) -> None:
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        requester = requester_of(interaction, self.settings)
-        reply = await run_admin(self.service, requester, name, args)
-        await interaction.followup.send(clip(reply), ephemeral=True)
+        await run_privately(interaction, self.service, self.settings, name, args)
 
     @app_commands.command(
         name=loc("discord.cmd.admin.limit"), description=loc("discord.cmd.admin.limit.desc")
@@ -147,3 +164,41 @@ class AdminCommands(
     async def unsettled(self, interaction: discord.Interaction) -> None:
         """List jobs left unsettled by a crash."""
         await self._run(interaction, "unsettled", [])
+
+
+@app_commands.default_permissions(manage_guild=True)
+@app_commands.guild_only()
+class ServerCommands(
+    commands.GroupCog,
+    group_name=loc("discord.cmd.server"),
+    group_description=loc("discord.cmd.server.desc"),
+):
+    """What a server's managers may do about their own server; answers are private."""
+
+    def __init__(self, service: ImageService, settings: Settings) -> None:
+        self.service = service
+        self.settings = settings
+        super().__init__()
+
+    @app_commands.command(
+        name=loc("discord.cmd.admin.chatlimit"),
+        description=loc("discord.cmd.server.chatlimit.desc"),
+    )
+    @app_commands.rename(daily=loc("discord.opt.daily"))
+    @app_commands.describe(daily=loc("discord.opt.server_amount.desc"))
+    async def chatlimit(self, interaction: discord.Interaction, daily: str) -> None:
+        """Set this server's daily limit, up to the operator's."""
+        where = str(interaction.guild_id or "")
+        args = [where, f"daily={daily}"] if where else []
+        await run_privately(interaction, self.service, self.settings, "chatlimit", args)
+
+    @app_commands.command(
+        name=loc("discord.cmd.admin.chats"), description=loc("discord.cmd.server.chats.desc")
+    )
+    @app_commands.rename(days=loc("discord.opt.days"))
+    @app_commands.describe(days=loc("discord.opt.days.desc"))
+    async def chats(
+        self, interaction: discord.Interaction, days: app_commands.Range[int, 1, 3650] = 7
+    ) -> None:
+        """Show this server's spend."""
+        await run_privately(interaction, self.service, self.settings, "chats", [str(days)])

@@ -8,12 +8,19 @@ the same; no size or price logic lives here.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import re
+import time
+from collections import OrderedDict
+
+import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from bots.discord.drawing import DrawRunner, RemoteImage, image_of_attachment, images_of_message
-from bots.discord.replies import clip, report_error
+from bots.discord.replies import clip
 from bots.discord.requester import requester_of
 from bots.discord.texts import lang_of, loc
 from core.config import KNOWN_MODELS
@@ -35,45 +42,98 @@ QUALITY_CHOICES = [
 ]
 MODEL_CHOICES = [app_commands.Choice(name=m, value=m) for m in KNOWN_MODELS]
 
+log = logging.getLogger(__name__)
+
 
 def command_text(prompt: str, *options: str | None) -> str:
     """Join chosen options and the prompt into one line of the command language."""
     return " ".join([*(o.strip() for o in options if o and o.strip()), prompt.strip()]).strip()
 
 
-class EditModal(discord.ui.Modal):
-    """Ask for the prompt (and option words) to edit a message's images with."""
+EDIT_FORM_PREFIX = "imgbot:edit:"
+EDIT_FORM_ID = re.compile(r"imgbot:edit:(?P<channel>[0-9]{1,20}):(?P<message>[0-9]{1,20})")
+_PROMPT_FIELD = "prompt"
+_OPTIONS_FIELD = "options"
+# The images of messages whose form is open, as the menu saw them: without the Message
+# Content intent a refetched message may come back without its attachments.
+_RECENT_FORMS = 1000
+_FORM_MEMORY = 24 * 3600.0
 
-    def __init__(self, runner: DrawRunner, images: list[RemoteImage], lang: str) -> None:
-        super().__init__(title=clip(text(lang, "discord.modal.title"), 45), timeout=600)
-        self._runner = runner
-        self._images = images
-        self.prompt: discord.ui.TextInput[EditModal] = discord.ui.TextInput(
+
+def edit_form(channel_id: int, message_id: int, lang: str) -> discord.ui.Modal:
+    """Build the form asking how to edit a message's images.
+
+    Everything needed to answer it is in its custom id, so a submit is handled by
+    `UserCommands.submit_edit` however late it comes, restarts included; the form object
+    itself is never kept (it is stopped before sending).
+    """
+    form = discord.ui.Modal(
+        title=clip(text(lang, "discord.modal.title"), 45),
+        timeout=None,
+        custom_id=f"imgbot:edit:{channel_id}:{message_id}",
+    )
+    form.add_item(
+        discord.ui.TextInput(
             label=clip(text(lang, "discord.modal.prompt"), 45),
+            custom_id=_PROMPT_FIELD,
             style=discord.TextStyle.paragraph,
             placeholder=clip(text(lang, "discord.modal.prompt_hint"), 100),
             max_length=PROMPT_LIMIT,
         )
-        self.options: discord.ui.TextInput[EditModal] = discord.ui.TextInput(
+    )
+    form.add_item(
+        discord.ui.TextInput(
             label=clip(text(lang, "discord.modal.options"), 45),
+            custom_id=_OPTIONS_FIELD,
             placeholder=clip(text(lang, "discord.modal.options_hint"), 100),
             required=False,
             max_length=OPTIONS_LIMIT,
         )
-        self.add_item(self.prompt)
-        self.add_item(self.options)
+    )
+    form.stop()
+    return form
 
-    async def on_submit(self, interaction: discord.Interaction) -> None:  # type: ignore[override]
-        """Draw with the message's images as references."""
-        await self._runner.draw(
-            interaction, command_text(self.prompt.value, self.options.value), self._images
+
+def form_values(data: object) -> dict[str, str]:
+    """Return the text fields of a modal submission by custom id (untrusted input)."""
+    found: dict[str, str] = {}
+
+    def walk(node: object) -> None:
+        if isinstance(node, list):
+            for child in node:
+                walk(child)
+        elif isinstance(node, dict):
+            if node.get("type") == 4 and isinstance(node.get("custom_id"), str):
+                value = node.get("value")
+                found[node["custom_id"]] = value if isinstance(value, str) else ""
+            walk(node.get("components"))
+            walk(node.get("component"))
+
+    walk(data.get("components") if isinstance(data, dict) else None)
+    return found
+
+
+class _RecentForms:
+    """The images behind recently opened forms: a bounded cache, never the only source."""
+
+    def __init__(self) -> None:
+        self._images: OrderedDict[tuple[int, int], tuple[float, list[RemoteImage]]] = (
+            OrderedDict()
         )
 
-    async def on_error(  # type: ignore[override]
-        self, interaction: discord.Interaction, error: Exception
-    ) -> None:
-        """Answer a failure like any other."""
-        await report_error(interaction, error)
+    def remember(self, channel_id: int, message_id: int, images: list[RemoteImage]) -> None:
+        """Keep the images of a message whose form was just opened."""
+        self._images[(channel_id, message_id)] = (time.monotonic() + _FORM_MEMORY, images)
+        self._images.move_to_end((channel_id, message_id))
+        while len(self._images) > _RECENT_FORMS:
+            self._images.popitem(last=False)
+
+    def recall(self, channel_id: int, message_id: int) -> list[RemoteImage] | None:
+        """Return the images kept for a message, if still fresh."""
+        kept = self._images.get((channel_id, message_id))
+        if kept is None or kept[0] < time.monotonic():
+            return None
+        return kept[1]
 
 
 class UserCommands(commands.Cog):
@@ -86,6 +146,12 @@ class UserCommands(commands.Cog):
         self.edit_menu = app_commands.ContextMenu(
             name=loc("discord.menu.edit"), callback=self.edit_with_imgbot
         )
+        self.forms = _RecentForms()
+        # Offer exactly the counts this bot draws (1..MAX_N, a setting): the decorator's
+        # range is fixed when the class is made, so this instance's copy of /img gets its own.
+        # discord.py has no public setter; each cog instance holds its own copy of _params.
+        params = self.img._params  # noqa: SLF001
+        params["count"] = dataclasses.replace(params["count"], max_value=runner.settings.max_n)
 
     async def cog_load(self) -> None:
         """Register the message menu, which cannot live on a cog by itself."""
@@ -130,7 +196,7 @@ class UserCommands(commands.Cog):
         ratio: str | None = None,
         resolution: str | None = None,
         quality: str | None = None,
-        count: app_commands.Range[int, 1, 10] | None = None,
+        count: app_commands.Range[int, 1, 10] | None = None,  # capped at MAX_N in __init__
         model: str | None = None,
         image1: discord.Attachment | None = None,
         image2: discord.Attachment | None = None,
@@ -159,7 +225,40 @@ class UserCommands(commands.Cog):
         if not images:
             await interaction.response.send_message(text(lang, "discord.no_images"), ephemeral=True)
             return
-        await interaction.response.send_modal(EditModal(self.runner, images, lang))
+        self.forms.remember(message.channel.id, message.id, images)
+        await interaction.response.send_modal(edit_form(message.channel.id, message.id, lang))
+
+    async def submit_edit(self, interaction: discord.Interaction) -> None:
+        """Answer an edit form, from its custom id alone: late, or after a restart, too."""
+        lang = lang_of(interaction)
+        data = interaction.data or {}
+        match = EDIT_FORM_ID.fullmatch(str(data.get("custom_id", "")))
+        values = form_values(data)
+        prompt = values.get(_PROMPT_FIELD, "")[:PROMPT_LIMIT]
+        options = values.get(_OPTIONS_FIELD, "")[:OPTIONS_LIMIT]
+        channel_id = int(match["channel"]) if match else None
+        images: list[RemoteImage] | None = None
+        # The id is the client's to forge: only a message of the channel it is sent from.
+        if match and channel_id == interaction.channel_id:
+            message_id = int(match["message"])
+            images = self.forms.recall(channel_id, message_id)
+            if images is None:
+                images = await self._images_of(channel_id, message_id)
+        if not images:
+            gone = text(lang, "discord.edit_gone", prompt=clip(command_text(prompt, options), 1500))
+            await interaction.response.send_message(clip(gone), ephemeral=True)
+            return
+        await self.runner.draw(interaction, command_text(prompt, options), images)
+
+    async def _images_of(self, channel_id: int, message_id: int) -> list[RemoteImage]:
+        try:
+            message = await self.bot.get_partial_messageable(channel_id).fetch_message(message_id)
+        except (discord.HTTPException, aiohttp.ClientError) as err:
+            log.info("edit form: message %s not fetched: %s", message_id, type(err).__name__)
+            return []
+        if message.channel.id != channel_id:
+            return []
+        return images_of_message(message)
 
     @app_commands.command(name=loc("discord.cmd.help"), description=loc("discord.cmd.help.desc"))
     async def help(self, interaction: discord.Interaction) -> None:

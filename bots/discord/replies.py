@@ -1,9 +1,11 @@
 """Answering interactions: progress edits, private answers, and the one error path.
 
-Discord quirk this module exists for: after a public `defer(thinking=True)`, the first
-followup replaces the "thinking" message and ignores `ephemeral`. So a private error after
-a public defer first settles the deferred message (an edit), then sends the ephemeral
-followup, then deletes the public message.
+Refusals are checked before anything is shown (see `DrawRunner._run`), so most private
+answers are the interaction's first, ephemeral response. Discord quirk for the rest: after
+a public `defer(thinking=True)`, the first followup replaces the "thinking" message and
+ignores `ephemeral`. So a private error after a public defer first settles the deferred
+message with a neutral line (never the error itself), then sends the ephemeral followup,
+then deletes the public message.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 CONTENT_LIMIT = 2000
 # Stop editing a little before Discord's 15-minute interaction token runs out.
 TOKEN_MARGIN = 60.0
+# Below this, a call made with the token may arrive after it expired.
+TOKEN_GONE = 5.0
 _PUBLIC_DEFER = "imgbot_public_defer"
 _SETTLED = "imgbot_settled"
 _FLUSH_WAIT = 10.0
@@ -38,10 +42,19 @@ def clip(message: str, limit: int = CONTENT_LIMIT) -> str:
     return message if len(message) <= limit else message[: limit - 1] + "…"
 
 
+def token_left(interaction: discord.Interaction) -> float:
+    """Return the seconds the interaction token has left."""
+    return (interaction.expires_at - discord.utils.utcnow()).total_seconds()
+
+
 def token_alive(interaction: discord.Interaction) -> bool:
     """Say whether the interaction token can still edit and follow up (with a margin)."""
-    left = (interaction.expires_at - discord.utils.utcnow()).total_seconds()
-    return left > TOKEN_MARGIN
+    return token_left(interaction) > TOKEN_MARGIN
+
+
+def token_usable(interaction: discord.Interaction) -> bool:
+    """Say whether one more quick call can still go through the interaction token."""
+    return token_left(interaction) > TOKEN_GONE
 
 
 async def defer_public(interaction: discord.Interaction) -> None:
@@ -65,7 +78,8 @@ async def answer_private(interaction: discord.Interaction, message: str) -> None
         await interaction.followup.send(message, ephemeral=True)
         return
     if not interaction.extras.get(_SETTLED):
-        await interaction.edit_original_response(content=message)
+        neutral = text(lang_of(interaction), "discord.answered_privately")
+        await interaction.edit_original_response(content=neutral)
         mark_settled(interaction)
     await interaction.followup.send(message, ephemeral=True)
     await _delete_original(interaction)
@@ -78,36 +92,54 @@ async def _delete_original(interaction: discord.Interaction) -> None:
 
 async def report_error(interaction: discord.Interaction, error: BaseException) -> None:
     """Tell the user about an error in their language (silent refusals: nothing); log the rest."""
-    if isinstance(error, app_commands.CommandInvokeError):
-        error = error.original
-    lang = lang_of(interaction)
-    if isinstance(error, AccessDenied) and error.params.get("silent"):
-        if interaction.response.is_done():
-            await _delete_original(interaction)
+    message = error_message(interaction, error)
+    if message is None:
+        try:
+            await _acknowledge_silently(interaction)
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as err:
+            log.debug("could not acknowledge a silent refusal: %s", type(err).__name__)
         return
-    if isinstance(error, UpstreamError):
-        log.warning("upstream error %s (status %s): %s", error.code, error.status, error.detail)
-        message = error.user_message(lang)
-    elif isinstance(error, ImgbotError):
-        message = error.user_message(lang)
-    elif isinstance(error, app_commands.CheckFailure):
-        message = text(lang, "access.denied")
-    else:
-        # The interaction token is a credential for 15 minutes; it may sit in a URL in the trace.
-        trace = "".join(traceback.format_exception(error)).replace(interaction.token, "***")
-        log.error(
-            "unexpected error in interaction %s (%s) from user %s\n%s",
-            interaction.id,
-            _what(interaction),
-            interaction.user.id if interaction.user else "-",
-            trace,
-        )
-        message = text(lang, "error.internal")
     try:
         await answer_private(interaction, message)
     except (discord.HTTPException, aiohttp.ClientError, OSError) as err:
         # Most often the 15-minute token ran out; nothing else can reach the user privately.
         log.warning("could not tell user %s about an error: %s", interaction.user.id, err)
+
+
+def error_message(interaction: discord.Interaction, error: BaseException) -> str | None:
+    """Return what to tell the user about an error (None: a silent refusal); log the rest."""
+    if isinstance(error, app_commands.CommandInvokeError):
+        error = error.original
+    lang = lang_of(interaction)
+    if isinstance(error, AccessDenied) and error.params.get("silent"):
+        return None
+    if isinstance(error, UpstreamError):
+        log.warning("upstream error %s (status %s): %s", error.code, error.status, error.detail)
+        return error.user_message(lang)
+    if isinstance(error, ImgbotError):
+        return error.user_message(lang)
+    if isinstance(error, app_commands.CheckFailure):
+        return text(lang, "access.denied")
+    # The interaction token is a credential for 15 minutes; it may sit in a URL in the trace.
+    trace = "".join(traceback.format_exception(error)).replace(interaction.token, "***")
+    log.error(
+        "unexpected error in interaction %s (%s) from user %s\n%s",
+        interaction.id,
+        _what(interaction),
+        interaction.user.id if interaction.user else "-",
+        trace,
+    )
+    return text(lang, "error.internal")
+
+
+async def _acknowledge_silently(interaction: discord.Interaction) -> None:
+    # Discord wants every interaction answered; a silent refusal shows nobody anything.
+    if not interaction.response.is_done():
+        if interaction.type is discord.InteractionType.component:
+            await interaction.response.defer()  # "update the message": nothing changes
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+    await _delete_original(interaction)
 
 
 def _what(interaction: discord.Interaction) -> str:
