@@ -35,7 +35,7 @@ from core.config import Settings
 from core.service import ImageService
 
 if TYPE_CHECKING:
-    from core.ledger import JobRecord
+    from core.store import JobRecord
 
 log = logging.getLogger(__name__)
 

@@ -917,8 +917,8 @@ def test_only_discord_cdn_and_media_proxy_urls_are_fetched() -> None:
 async def test_users_hear_what_became_of_jobs_a_crash_cut_off(
     settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
 ) -> None:
-    from core.ledger import JobSpec, Ledger, Limits
     from core.requester import Requester
+    from core.store import JobSpec, Limits, open_store
 
     config = make_settings(settings, tmp_path, job_timeout=0.01)
     # A job drawn through the bot records the channel it came from.
@@ -931,7 +931,7 @@ async def test_users_hear_what_became_of_jobs_a_crash_cut_off(
 
     # What a killed process left: Ann's job was drawing in a server channel; Li's waited,
     # from a version that did not record the channel yet.
-    ledger = await Ledger.open(config.database_path, Limits())
+    ledger = await open_store(config.store_url, Limits())
     ann = Requester("discord", "501", str(p.GUILD_ID), "Ann", "en-US", is_group=True)
     li = Requester("discord", "502", None, "Li", "zh-CN")
     spec = JobSpec("low a kite", "gpt-image-2", "1024x1024", "low", 1, 0, request_json)

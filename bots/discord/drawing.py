@@ -56,7 +56,7 @@ from core.service import (
 )
 
 if TYPE_CHECKING:
-    from core.ledger import JobRecord
+    from core.store import JobRecord
 
 log = logging.getLogger(__name__)
 
