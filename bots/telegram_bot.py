@@ -72,7 +72,13 @@ from core.errors import ImgbotError
 from core.messages import language_of, text
 from core.presses import PressWindow
 from core.pricing import format_credits, whole_credits
-from core.reports import render_balance, render_caption, render_help, render_sizes
+from core.reports import (
+    render_balance,
+    render_cancelled,
+    render_caption,
+    render_help,
+    render_sizes,
+)
 from core.requester import Requester
 from core.service import DrawOutcome, ImageService, IncomingImage, Progress, job_visible_to
 from core.store import JobRecord
@@ -510,16 +516,12 @@ class TelegramAdapter:
         await self._guarded(update, lang, reply)
 
     async def cmd_cancel(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """Cancel the user's waiting jobs."""
+        """Cancel the user's waiting and running jobs, naming them."""
         requester = self._requester(update)
         if requester is None:
             return
         lang = language_of(requester.language)
-        cancelled = self.service.cancel(requester)
-        if cancelled:
-            await self._answer(update, text(lang, "cancel.done", count=len(cancelled)))
-        else:
-            await self._answer(update, text(lang, "cancel.none"))
+        await self._answer(update, render_cancelled(self.service.cancel(requester), lang))
 
     async def cmd_admin(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Run an admin command (limits, refunds, blocks, reports); others are refused."""

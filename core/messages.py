@@ -348,6 +348,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Your waiting job was cancelled. Nothing was charged.",
         "zh": "你排队中的任务已取消，未扣费。",
     },
+    "job.cancelled_running": {
+        "en": "Your job #{job_id} was cancelled while drawing. It is charged only what the image service bills for it, if anything.",
+        "zh": "你正在绘制的任务 #{job_id} 已取消，只按图片服务实际计费的部分扣费（如有）。",
+    },
     "job.shutting_down": {
         "en": "The bot is restarting; your job was not run and nothing was charged. Please send it again in a minute.",
         "zh": "机器人正在重启，任务未执行、未扣费。请稍后重新发送。",
@@ -384,12 +388,20 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "可以试试：{suggestion}",
     },
     "cancel.done": {
-        "en": "Cancelled {count} waiting job(s).",
-        "zh": "已取消 {count} 个排队任务。",
+        "en": "Cancelled {count} job(s):\n{jobs}",
+        "zh": "已取消 {count} 个任务：\n{jobs}",
+    },
+    "cancel.line_waiting": {
+        "en": "#{job_id} “{prompt}” — was waiting, nothing charged",
+        "zh": "#{job_id}「{prompt}」— 排队中，未扣费",
+    },
+    "cancel.line_running": {
+        "en": "#{job_id} “{prompt}” — was drawing; charged only what the image service bills for it, if anything",
+        "zh": "#{job_id}「{prompt}」— 正在绘制；只按图片服务实际计费的部分扣费（如有）",
     },
     "cancel.none": {
-        "en": "You have no waiting jobs.",
-        "zh": "你没有排队中的任务。",
+        "en": "You have no waiting or running jobs.",
+        "zh": "你没有排队中或正在绘制的任务。",
     },
     "progress.queued": {
         "en": "⏳ In the queue: #{position}",
@@ -610,7 +622,7 @@ MESSAGES: dict[str, dict[str, str]] = {
     "tg.cmd.help": {"en": "How to write /img", "zh": "/img 的写法"},
     "tg.cmd.sizes": {"en": "Ratios and sizes", "zh": "比例与尺寸表"},
     "tg.cmd.balance": {"en": "Your spend and limits", "zh": "你的消费与限额"},
-    "tg.cmd.cancel": {"en": "Cancel your waiting jobs", "zh": "取消排队中的任务"},
+    "tg.cmd.cancel": {"en": "Cancel your waiting and running jobs", "zh": "取消排队中和正在绘制的任务"},
     "tg.cmd.start": {"en": "Start", "zh": "开始"},
     "tg.cmd.limit": {"en": "Admin: set a user's limits", "zh": "管理：设置用户限额"},
     "tg.cmd.chatlimit": {"en": "Admin: set a chat's daily limit", "zh": "管理：设置群每日限额"},
@@ -690,7 +702,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "你的消费、额度和最近的任务",
     },
     "discord.cmd.cancel": {"en": "cancel", "zh": "取消"},
-    "discord.cmd.cancel.desc": {"en": "Cancel your waiting jobs", "zh": "取消你排队中的任务"},
+    "discord.cmd.cancel.desc": {"en": "Cancel your waiting and running jobs", "zh": "取消你排队中和正在绘制的任务"},
     "discord.cmd.admin": {"en": "admin", "zh": "管理"},
     "discord.cmd.admin.desc": {
         "en": "Bot operators only (ADMINS): limits, refunds, blocks, reports",

@@ -785,11 +785,48 @@ async def test_waiting_job_shows_its_place_and_can_be_cancelled(
             if c.params["chat_id"] == BOB["id"]
         ]
         assert bob_texts[0] == queued  # one status message: Bob's place in the queue
-        assert msg("en", "cancel.done", count=1) in bob_texts
+        line = msg("en", "cancel.line_waiting", job_id=2, prompt="b")
+        assert msg("en", "cancel.done", count=1, jobs=line) in bob_texts
         assert tg.api.of("sendPhoto")[0].params["chat_id"] == ANN["id"]
         ann, bob = await tg.jobs()
         assert ann.status == "succeeded"
         assert bob.status == "failed" and bob.actual_credits == 0
+
+
+async def test_cancel_stops_the_running_job_and_charges_what_the_upstream_reports(
+    tg: Harness,
+) -> None:
+    u = tg.updates
+    tg.images.inject("slow", seconds=1.5)
+    put = tg.app.update_queue.put
+    await tg.app.start()
+    try:
+        await put(Update.de_json(u.update(u.message(ANN, u.private(ANN), text="/img low a slow cat")), tg.app.bot))
+        await tg.api.wait_for(lambda: tg.images.api_requests)  # the upstream call is on its way
+        await put(Update.de_json(u.update(u.message(ANN, u.private(ANN), text="/cancel")), tg.app.bot))
+        told = msg("en", "job.cancelled_running", job_id=1)
+        await tg.api.wait_for(lambda: told in tg.texts())
+        # Told at once, while the upstream call still runs: the job is not settled yet.
+        assert (await tg.job(1)).status == "reserved"
+        line = msg("en", "cancel.line_running", job_id=1, prompt="a slow cat")
+        assert msg("en", "cancel.done", count=1, jobs=line) in tg.texts()
+        job = None
+        for _ in range(400):  # the call ends in the background, then the job is settled
+            job = await tg.job(1)
+            if job.status != "reserved":
+                break
+            await asyncio.sleep(0.01)
+        assert job is not None and job.status == "failed" and job.error_code == "cancelled"
+        assert job.usage is not None
+        assert job.actual_credits == pytest.approx(tg.service.prices.credits(job.usage, job.model))
+        assert job.actual_credits > 0
+        # The queue slot is free again: the next job draws.
+        await put(Update.de_json(u.update(u.message(ANN, u.private(ANN), text="/img low a dog")), tg.app.bot))
+        await tg.api.wait_for(lambda: tg.api.of("sendPhoto"))
+    finally:
+        await tg.app.stop()
+    [photo] = tg.api.of("sendPhoto")
+    assert job_id_of(photo) == 2  # the cancelled job delivered nothing
 
 
 async def test_every_waiting_job_gets_its_own_status_with_its_place(tg: Harness) -> None:
