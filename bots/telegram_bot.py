@@ -136,7 +136,9 @@ class TelegramAdapter:
         self.service = service
         self.app = app
         self.fetcher = ReferenceFetcher(app.bot, settings)
-        self.albums = AlbumCollector(settings.album_debounce, self._spawn, self._album_ready)
+        self.albums = AlbumCollector(
+            settings.album_debounce, self._spawn, self._album_ready, self._album_item_late
+        )
         self._jobs: set[asyncio.Task[object]] = set()
         self.presses = PressWindow()
         self.pending: dict[str, PendingJob] = {}
@@ -223,6 +225,17 @@ class TelegramAdapter:
             await self._img(message, prompt, items)
         except Exception as err:  # noqa: BLE001 - the user was told; this is for the log
             self._log_failure(f"album {message.media_group_id}", err)
+
+    async def _album_item_late(self, message: Message) -> None:
+        # Telegram delivered this item after its album had been drawn: say it was not used.
+        requester = self.requester_of_message(message)
+        lang = language_of(requester.language if requester else None)
+        try:
+            await with_flood_retry(
+                lambda: message.reply_text(text(lang, "tg.album_late"), do_quote=True)
+            )
+        except TelegramError as err:
+            log.info("late album item not answered: %s", self._scrub(str(err)))
 
     async def _img(self, message: Message, prompt: str, album: Sequence[Message]) -> None:
         requester = self.requester_of_message(message)

@@ -228,6 +228,13 @@ async def _replied_attachments(
     return [attachment] if attachment is not None else []
 
 
+# A finished album is remembered this long, so an item Telegram delivers after the quiet
+# period is answered instead of vanishing.
+ALBUM_MEMORY = 300.0
+# Finished albums remembered at most, so memory stays bounded.
+KEEP_ALBUMS = 10000
+
+
 @dataclass
 class _Album:
     items: list[Message] = field(default_factory=list)
@@ -236,30 +243,50 @@ class _Album:
     last_seen: float = 0.0
 
 
+@dataclass
+class _Finished:
+    """An album whose quiet period is over: whether it ran a job, and its items."""
+
+    items: list[Message]
+    ran: bool
+    at: float
+
+
 AlbumReady = Callable[[Message, str, list[Message]], Awaitable[None]]
+AlbumLate = Callable[[Message], Awaitable[None]]
 
 
 class AlbumCollector:
-    """Gather the items of an album; run `on_ready` once for an album that holds /img."""
+    """Gather the items of an album; run `on_ready` once for an album that holds /img.
+
+    An item arriving after its album's quiet period is not silently dropped: if the album
+    ran a job, `on_late` answers it (it was not used); if the album had no command and this
+    item carries it, the album runs with every item remembered.
+    """
 
     def __init__(
         self,
         debounce: float,
         spawn: Callable[[Coroutine[object, object, None]], object],
         on_ready: AlbumReady,
+        on_late: AlbumLate | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._debounce = debounce
         self._spawn = spawn
         self._on_ready = on_ready
+        self._on_late = on_late
         self._clock = clock
         self._albums: dict[tuple[int, str], _Album] = {}
+        self._finished: dict[tuple[int, str], _Finished] = {}
 
     def add(self, message: Message, text: str | None) -> None:
         """Take one album item; `text` is the /img text when this item carries the command."""
         assert message.media_group_id is not None
         key = (message.chat_id, message.media_group_id)
+        if key not in self._albums and self._late(key, message, text):
+            return
         album = self._albums.get(key)
         is_new = album is None
         if album is None:
@@ -281,5 +308,31 @@ class AlbumCollector:
                 await asyncio.sleep(self._debounce - quiet_for)
         finally:
             self._albums.pop(key, None)
+            self._remember(key, _Finished(album.items, album.command is not None, self._clock()))
         if album.command is not None:
             await self._on_ready(album.command, album.text, album.items)
+
+    def _remember(self, key: tuple[int, str], finished: _Finished) -> None:
+        now = self._clock()
+        if len(self._finished) >= KEEP_ALBUMS:
+            self._finished = {
+                k: f for k, f in self._finished.items() if now - f.at < ALBUM_MEMORY
+            }
+        self._finished[key] = finished
+
+    def _late(self, key: tuple[int, str], message: Message, text: str | None) -> bool:
+        """Handle an item of an album already finished; say whether it was one."""
+        finished = self._finished.get(key)
+        if finished is None or self._clock() - finished.at >= ALBUM_MEMORY:
+            self._finished.pop(key, None)
+            return False
+        finished.items.append(message)
+        if finished.ran:
+            if self._on_late is not None:
+                self._spawn(self._on_late(message))
+            return True
+        if text is not None:
+            # The command came last: the album runs now, with every item it had.
+            finished.ran = True
+            self._spawn(self._on_ready(message, text, list(finished.items)))
+        return True

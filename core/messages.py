@@ -419,6 +419,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Cost: {cost}",
         "zh": "本次消耗：{cost}",
     },
+    "caption.references": {
+        "en": "References used: {count}",
+        "zh": "使用的参考图：{count} 张",
+    },
     "caption.job": {
         "en": "Job #{job_id} · {seconds} s",
         "zh": "任务 #{job_id} · {seconds} 秒",
@@ -589,6 +593,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "这次大约花费 {cost}。确定要画吗？（{minutes} 分钟内有效）",
     },
     "tg.confirm.draw": {"en": "✅ Draw", "zh": "✅ 画"},
+    "tg.album_late": {
+        "en": "This photo arrived too late for its album and was not used. Send the album again to use every photo.",
+        "zh": "这张图片到达太晚，未用于该相册的任务。请重新发送整个相册以使用全部图片。",
+    },
     "tg.confirm.cancel": {"en": "✖ Cancel", "zh": "✖ 取消"},
     "tg.confirm.cancelled": {
         "en": "Cancelled. Nothing was drawn or charged.",

@@ -57,6 +57,8 @@ def render_caption(
         text(lang, "caption.cost", cost=format_credits(outcome.credits, prices, lang)),
         render_spend_line(outcome.spend, lang) if show_spend else "",
     ]
+    if outcome.reference_count:
+        lines.append(text(lang, "caption.references", count=outcome.reference_count))
     lines += [n.render(lang) for n in req.notices]
     lines.append(text(lang, "caption.job", job_id=outcome.job_id, seconds=f"{outcome.elapsed:.0f}"))
     caption = "\n".join(line for line in lines if line)

@@ -274,6 +274,54 @@ async def test_album_with_caption_on_second_item(tg: Harness) -> None:
     assert job.reference_count == 3
 
 
+async def test_an_album_item_after_the_quiet_period_is_answered_not_dropped(
+    tg: Harness,
+) -> None:
+    u = tg.updates
+    chat = u.private(LI)
+    for i in range(3):
+        tg.api.store(f"late-{i}", image_bytes(400, 300))
+    for i in range(2):
+        caption = "/img low 把它们放在一起" if i == 0 else None
+        item = u.message(
+            LI, chat, caption=caption, photo=u.photo_sizes(f"late-{i}", 400, 300),
+            media_group_id="album-late",
+        )
+        await tg.send(u.update(item))
+    [photo] = await tg.api.wait_for(lambda: tg.api.of("sendPhoto"))
+    # The caption says how many references the job used.
+    assert msg("zh", "caption.references", count=2) in photo.params["caption"]
+
+    late = u.message(
+        LI, chat, photo=u.photo_sizes("late-2", 400, 300), media_group_id="album-late"
+    )
+    await tg.send(u.update(late))
+    await tg.api.wait_for(lambda: msg("zh", "tg.album_late") in tg.texts())
+    answer = [c for c in tg.api.of("sendMessage") if c.params["text"] == msg("zh", "tg.album_late")]
+    assert answer[0].params["reply_parameters"]["message_id"] == late["message_id"]
+    assert "late-2" not in tg.api.downloads
+    [job] = await tg.jobs()
+    assert job.reference_count == 2
+
+
+async def test_an_album_whose_command_item_comes_late_uses_every_item(tg: Harness) -> None:
+    u = tg.updates
+    chat = u.private(ANN)
+    for i in range(2):
+        tg.api.store(f"tail-{i}", image_bytes(500, 500))
+    first = u.message(ANN, chat, photo=u.photo_sizes("tail-0", 500, 500), media_group_id="tail")
+    await tg.send(u.update(first))
+    await tg.app.bot_data[ADAPTER_KEY].drain(5)  # the quiet period passes without a command
+    second = u.message(
+        ANN, chat, caption="/img low both", photo=u.photo_sizes("tail-1", 500, 500),
+        media_group_id="tail",
+    )
+    await tg.send(u.update(second))
+    await tg.api.wait_for(lambda: tg.api.of("sendPhoto"))
+    [job] = await tg.jobs()
+    assert job.reference_count == 2
+
+
 async def test_album_without_command_is_ignored(tg: Harness) -> None:
     u = tg.updates
     chat = u.private(ANN)
