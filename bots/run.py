@@ -81,6 +81,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread / not supported
             pass
+    for warning in settings.id_warnings():
+        log.warning("settings: %s (this entry matches nobody)", warning)
     async with open_service(settings) as service:
         runners = []
         if settings.telegram_bot_token.get_secret_value():

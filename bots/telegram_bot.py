@@ -42,6 +42,7 @@ from telegram.ext import (
     CommandHandler,
     ContextTypes,
     MessageHandler,
+    TypeHandler,
     filters,
 )
 from telegram.request import BaseRequest
@@ -148,6 +149,8 @@ class TelegramAdapter:
         """Add every handler and the error handler to the Application."""
         new_message = filters.UpdateType.MESSAGE
         app = self.app
+        # Before every other handler, in its own group: learn who is @who for admins.
+        app.add_handler(TypeHandler(Update, self.note_usernames), group=-1)
         # Every press is answered (Telegram spins the button until then), even a stale or
         # forged one; on_button ignores data it does not know.
         app.add_handler(CallbackQueryHandler(self.on_confirm, pattern=r"^c:"))
@@ -200,6 +203,19 @@ class TelegramAdapter:
             assert message.sender_chat is not None
             user = User(message.sender_chat.id, message.sender_chat.title or "", False)
         return self.requester_of(user, message.chat, message.sender_chat)
+
+    async def note_usernames(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Remember the @username of whoever wrote, so admins may name them."""
+        message = update.effective_message
+        if message is None or update.callback_query is not None:
+            return
+        for carrier in (message, message.reply_to_message):
+            if carrier is None:
+                continue
+            requester = self.requester_of_message(carrier)
+            sender = carrier.sender_chat or carrier.from_user
+            if requester is not None and sender is not None:
+                self.service.directory.note(PLATFORM, sender.username, requester.user_key)
 
     # --- /img -------------------------------------------------------------------------
     async def cmd_img(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -545,8 +561,17 @@ class TelegramAdapter:
         name = message.text.split(maxsplit=1)[0].lstrip("/").split("@", 1)[0].lower()
         lang = language_of(requester.language)
 
+        # A reply to someone's message aims the command at them: /limit daily=5000.
+        replied = message.reply_to_message
+        target = None
+        if replied is not None and (replied.from_user is None or replied.from_user.id != self.app.bot.id):
+            sender = self.requester_of_message(replied)
+            target = sender.user_key if sender is not None else None
+
         async def reply() -> str:
-            return await run_admin(self.service, requester, name, list(context.args or []))
+            return await run_admin(
+                self.service, requester, name, list(context.args or []), target=target
+            )
 
         await self._guarded(update, lang, reply)
 

@@ -529,6 +529,26 @@ MESSAGES: dict[str, dict[str, str]] = {
             "只写 id 表示当前平台；platform:id 可指定任意平台。"
         ),
     },
+    "admin.id_no_platform": {
+        "en": "“{word}” names no platform. Write it as telegram:{word} or discord:{word}, as @username, or reply to the person's message.",
+        "zh": "“{word}”没有写平台。请写成 telegram:{word} 或 discord:{word}、@用户名，或回复该用户的消息。",
+    },
+    "admin.id_unknown_platform": {
+        "en": "“{word}” names an unknown platform; known: {known}.",
+        "zh": "“{word}”的平台未知；可用：{known}。",
+    },
+    "admin.id_not_number": {
+        "en": "“{word}” is not a {platform} id: {platform} ids are numbers (telegram:123456). Name a user by @username or reply to their message.",
+        "zh": "“{word}”不是有效的 {platform} ID：{platform} 的 ID 是数字（如 telegram:123456）。也可用 @用户名，或回复其消息。",
+    },
+    "admin.id_not_name": {
+        "en": "“{word}” is not a terminal user name (letters, digits, _ . -).",
+        "zh": "“{word}”不是有效的终端用户名（字母、数字、_ . -）。",
+    },
+    "admin.unknown_username": {
+        "en": "I have not seen {name} yet, so I cannot tell who that is. Use their id (telegram:123456) or reply to one of their messages.",
+        "zh": "还没见过 {name}，无法确定是谁。请使用其 ID（如 telegram:123456），或回复其消息。",
+    },
     "admin.bad_amount": {
         "en": "'{value}' is not an amount of credits (a number ≥ 0, or default).",
         "zh": "“{value}” 不是有效的积分数（应为 ≥ 0 的数字或 default）。",

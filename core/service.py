@@ -26,6 +26,7 @@ from core.errors import (
     LimitExceeded,
     UpstreamError,
 )
+from core.ids import UserDirectory
 from core.images import GeneratedImage, ImageClient, ImageResult, ReferenceImage, prepare_references
 from core.jobqueue import FairQueue, RateLimiter, Ticket
 from core.messages import language_of, text
@@ -131,6 +132,9 @@ class ImageService:
         self._settling: set[asyncio.Task[None]] = set()
         self._closing = False
         self._shutdown: asyncio.Future[None] | None = None
+        # Usernames seen in chats, for admin commands naming `@user`. In memory for now;
+        # it belongs in the store (a restart forgets who was seen).
+        self.directory = UserDirectory()
         # Jobs a dead process left behind, as resolved at start-up (see core.runtime).
         self.interrupted: tuple[JobRecord, ...] = ()
 

@@ -763,6 +763,41 @@ async def test_admin_commands_are_refused_to_others(tg: Harness) -> None:
     assert f"#{job.id}" in tg.texts()[-1] and job.user_key in tg.texts()[-1]
 
 
+async def test_admin_ids_are_checked_and_usernames_resolve_once_seen(tg: Harness) -> None:
+    u = tg.updates
+    admin = Updates.user(ADMIN_ID, "Boss", "en")
+    chat = u.private(admin)
+
+    async def admin_says(command: str) -> str:
+        await tg.send(u.update(u.message(admin, chat, text=command)))
+        return tg.texts()[-1]
+
+    # Unknown or malformed ids are an error, never a new key in the ledger.
+    said = await admin_says("/limit @user501 daily=5000")
+    assert said == msg("en", "admin.unknown_username", name="@user501")
+    assert await tg.service.ledger.get_user("telegram:@user501") is None
+    said = await admin_says("/block telegram:@user501")
+    assert said == msg("en", "admin.id_not_number", word="telegram:@user501", platform="telegram")
+    said = await admin_says("/limit twitter:5 daily=1")
+    assert said == msg(
+        "en", "admin.id_unknown_platform", word="twitter:5", known="telegram, discord, cli"
+    )
+    # Once the bot has seen @user501, the name resolves to their id.
+    user501 = {**Updates.user(501, "Five", "en"), "username": "User501"}
+    await tg.send(u.update(u.message(user501, u.private(user501), text="/help")))
+    said = await admin_says("/limit @user501 daily=5000")
+    assert "telegram:501" in said
+    assert (await tg.service.ledger.get_user("telegram:501")).daily_limit == 5000
+    # Replying to someone's message aims the command at them.
+    group = u.supergroup()
+    bobs = u.message(BOB, group, text="hello")
+    await tg.send(u.update(bobs))
+    await tg.send(u.update(u.message(admin, group, text="/limit daily=700", reply_to=bobs)))
+    said = tg.texts()[-1]
+    assert f"telegram:{BOB['id']}" in said
+    assert (await tg.service.ledger.get_user(f"telegram:{BOB['id']}")).daily_limit == 700
+
+
 async def test_cancel_without_waiting_jobs(tg: Harness) -> None:
     u = tg.updates
     await tg.send(u.update(u.message(ANN, u.private(ANN), text="/cancel")))
