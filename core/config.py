@@ -16,8 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from core.ids import describe_key_problem
 from core.store.interface import StoreError
 from core.store.url import StoreURL, parse_database_url
-
-KNOWN_MODELS = ("gpt-image-2", "gpt-image-1.5", "gpt-image-1")
+from core.types import KNOWN_MODELS as KNOWN_MODELS
 
 CsvList = Annotated[list[str], NoDecode]
 

@@ -27,40 +27,27 @@ from core.errors import (
     UpstreamError,
 )
 from core.ids import UserDirectory
-from core.images import GeneratedImage, ImageClient, ImageResult, ReferenceImage, prepare_references
+from core.images import ImageClient, prepare_references
 from core.jobqueue import FairQueue, RateLimiter, Ticket
 from core.messages import language_of, text
 from core.pricing import PriceTable, estimate_credits, format_credits
-from core.prompt import ImageRequest, PromptDefaults, clean_text, parse_command
-from core.requester import Requester
+from core.prompt import PromptDefaults, clean_text, parse_command
 from core.sizes import TIERS
 from core.store import JobRecord, JobSpec, SpendReport, Store
+from core.types import (
+    GeneratedImage,
+    ImageRequest,
+    ImageResult,
+    IncomingImage,
+    Progress,
+    ProgressCallback,
+    ReferenceImage,
+    Requester,
+)
 
 log = logging.getLogger(__name__)
 
-ProgressKind = Literal["queued", "started", "working", "done"]
 QUALITIES = ("low", "medium", "high")
-
-
-@dataclass(frozen=True)
-class Progress:
-    """One progress event of a job."""
-
-    kind: ProgressKind
-    position: int = 0
-    elapsed: float = 0.0
-
-
-ProgressCallback = Callable[[Progress], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class IncomingImage:
-    """A reference image as an adapter received it; `ref` is an opaque platform handle."""
-
-    data: bytes
-    filename: str | None = None
-    ref: str | None = None
 
 
 @dataclass(frozen=True)

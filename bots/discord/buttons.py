@@ -6,14 +6,18 @@ up in the ledger when one is pressed, so a restarted bot answers buttons it neve
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 import discord
 
 from core.messages import text
 
-if TYPE_CHECKING:
-    from bots.discord.drawing import DrawRunner
+
+class Replayer(Protocol):
+    """What a pressed button needs: something that replays a job (the bot's draw runner)."""
+
+    async def replay(self, interaction: discord.Interaction, job_id: int, action: str) -> None:
+        """Replay a stored job for whoever pressed its button."""
 
 ACTIONS = ("again", "4k", "vary")
 _STYLES = {
@@ -52,7 +56,7 @@ class JobButton(
 
     async def callback(self, interaction: discord.Interaction) -> None:
         """Replay the job for the person who pressed the button."""
-        runner = cast("DrawRunner", interaction.client.imgbot_runner)  # type: ignore[attr-defined]
+        runner = cast(Replayer, interaction.client.imgbot_runner)  # type: ignore[attr-defined]
         await runner.replay(interaction, self.job_id, self.action)
 
 
