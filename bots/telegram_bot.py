@@ -49,21 +49,18 @@ from telegram.request import BaseRequest
 
 from bots.telegram_flood import FloodLimiter
 from bots.telegram_refs import (
-    BUTTON_DATA,
     IMG_COMMAND,
     AlbumCollector,
     ReferenceFetcher,
     check_no_other_files,
     collect_references,
     command_text,
-    refined_job,
-    refinement_text,
+    result_job_id,
 )
 from bots.telegram_reply import (
-    ChatActionLoop,
-    StatusMessage,
+    BUTTONS,
+    TelegramReply,
     Where,
-    deliver_result,
     where_of,
     with_flood_retry,
 )
@@ -72,17 +69,18 @@ from core.config import Settings, SettingsError
 from core.errors import ImgbotError
 from core.messages import language_of, text
 from core.presses import PressWindow
-from core.pricing import format_credits, whole_credits
+from core.pricing import format_credits
 from core.reports import (
     render_balance,
     render_cancelled,
-    render_caption,
     render_help,
     render_sizes,
 )
 from core.requester import Requester
-from core.service import DrawOutcome, ImageService, IncomingImage, Progress, job_visible_to
+from core.runner import JobRunner
+from core.service import ImageService, job_visible_to
 from core.store import JobRecord
+from core.types import IncomingImage
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +96,9 @@ TEXT_LIMIT = 4096
 # Bot API URLs carry the token as /bot<token>/; mask that shape whatever the token.
 _BOT_URL = re.compile(r"(/(?:file/)?bot)\d+:[A-Za-z0-9_-]{20,}", re.IGNORECASE)
 
-DrawStart = Callable[[Callable[[Progress], Awaitable[None]]], Awaitable[DrawOutcome | None]]
 # How long a Draw / Cancel question stays answerable (it lives in memory only).
 CONFIRM_TTL = 600.0
+Resume = Callable[[TelegramReply], Awaitable[None]]
 CONFIRM_DATA = re.compile(r"^c:([A-Za-z0-9_-]{1,32}):(draw|cancel)$")
 
 
@@ -109,10 +107,8 @@ class PendingJob:
     """An expensive /img waiting for its requester's Draw or Cancel."""
 
     requester: Requester
-    command: str
-    references: tuple[IncomingImage, ...]
+    resume: Resume  # starts the job with a Reply (from core.runner)
     where: Where
-    source: str
     created: float
     anonymous: bool = False
 
@@ -140,6 +136,7 @@ class TelegramAdapter:
         self.albums = AlbumCollector(
             settings.album_debounce, self._spawn, self._album_ready, self._album_item_late
         )
+        self.runner = JobRunner(service)
         self._jobs: set[asyncio.Task[object]] = set()
         self.presses = PressWindow()
         self.pending: dict[str, PendingJob] = {}
@@ -259,36 +256,44 @@ class TelegramAdapter:
             return
         where = where_of(message)
 
-        async def start(progress: Callable[[Progress], Awaitable[None]]) -> DrawOutcome | None:
-            # Check access before downloading anything for a stranger.
-            await self.service.check_access(requester)
+        async def references() -> list[IncomingImage]:
             check_no_other_files(message)
-            references = await collect_references(
+            return await collect_references(
                 message, album, bot_id=self.app.bot.id, service=self.service, fetcher=self.fetcher
             )
-            command = prompt
-            refined = await refined_job(message, self.app.bot.id, self.service)
-            if refined is not None and job_visible_to(refined, requester):
-                # A reply to one of our results refines it: keep its options (low, 16:9…).
-                command = refinement_text(prompt, refined, self.service)
+
+        async def confirm(estimate: float, resume: Resume) -> None:
+            pending = PendingJob(
+                requester, resume, where, time.monotonic(), anonymous=message.sender_chat is not None
+            )
+            await self._ask_to_confirm(pending, estimate)
+
+        await self.runner.run(
+            requester,
+            prompt,
+            references,
+            self.reply_for(requester, where),
+            # A reply to one of our results refines it: keep its options (low, 16:9…).
+            refines=result_job_id(message.reply_to_message, self.app.bot.id)
+            if message.reply_to_message is not None
+            else None,
+            confirm=confirm,
             # The message names the job: a redelivered update (Telegram sends again what a
             # killed process fetched but never confirmed) must not draw and charge twice.
-            source = f"telegram:{message.chat.id}:{message.message_id}"
-            threshold = self.settings.confirm_above
-            if threshold > 0:
-                _, estimate = await self.service.estimate(command, references)
-                if estimate > threshold:
-                    pending = PendingJob(
-                        requester, command, tuple(references), where, source, time.monotonic(),
-                        anonymous=message.sender_chat is not None,
-                    )
-                    await self._ask_to_confirm(pending, estimate)
-                    return None
-            return await self.service.draw(
-                requester, command, references, progress, source_ref=source
-            )
+            source_ref=f"telegram:{message.chat.id}:{message.message_id}",
+        )
 
-        await self._run_job(requester, where, start)
+    def reply_for(self, requester: Requester, where: Where) -> TelegramReply:
+        """Return the Reply that shows one job of a requester in a chat."""
+        return TelegramReply(
+            self.app.bot,
+            where,
+            language_of(requester.language),
+            prices=self.service.prices,
+            is_group=requester.is_group,
+            send_original=self.settings.telegram_send_original,
+            scrub=self._scrub,
+        )
 
     # --- confirming an expensive job ---------------------------------------------------
     async def _ask_to_confirm(self, pending: PendingJob, estimate: float) -> None:
@@ -355,17 +360,7 @@ class TelegramAdapter:
             await self._edit_quietly(query, text(lang, "tg.confirm.cancelled"))
             return
         await self._delete_quietly(query)
-
-        async def start(progress: Callable[[Progress], Awaitable[None]]) -> DrawOutcome:
-            return await self.service.draw(
-                pending.requester,
-                pending.command,
-                pending.references,
-                progress,
-                source_ref=pending.source,
-            )
-
-        await self._run_job(pending.requester, pending.where, start)
+        await pending.resume(self.reply_for(pending.requester, pending.where))
 
     async def _may_confirm(self, pending: PendingJob, presser: Requester, chat_id: int) -> bool:
         if presser.user_key == pending.requester.user_key:
@@ -399,11 +394,11 @@ class TelegramAdapter:
         query = update.callback_query
         if query is None:
             return
-        match = BUTTON_DATA.match(query.data or "")
-        if match is None or query.message is None:
+        pressed = BUTTONS.decode(query.data)
+        if pressed is None or query.message is None:
             await self._answer_query(query)
             return
-        job_id, action = int(match.group(1)), match.group(2)
+        job_id, action = pressed
         message = query.message
         requester = self.requester_of(query.from_user, message.chat)
         lang = language_of(requester.language)
@@ -418,18 +413,14 @@ class TelegramAdapter:
             return
         await self._answer_query(query)
         where = where_of(message) if isinstance(message, Message) else Where(message.chat.id)
-
-        async def start(progress: Callable[[Progress], Awaitable[None]]) -> DrawOutcome:
-            return await self.service.replay(
-                requester,
-                job_id,
-                action,  # type: ignore[arg-type]
-                self.fetcher.fetch_ref,
-                progress,
-                source_ref=f"telegram:button:{query.id}",
-            )
-
-        await self._run_job(requester, where, start)
+        await self.runner.replay(
+            requester,
+            job_id,
+            action,
+            self.fetcher.fetch_ref,
+            self.reply_for(requester, where),
+            source_ref=f"telegram:button:{query.id}",
+        )
 
     async def _answer_query(self, query: CallbackQuery, notice: str | None = None) -> None:
         # Every press is answered (Telegram spins the button until then).
@@ -437,84 +428,6 @@ class TelegramAdapter:
             await query.answer(notice)
         except TelegramError as err:
             log.debug("callback query not answered: %s", err)
-
-    # --- one job, start to finish ------------------------------------------------------
-    async def _run_job(self, requester: Requester, where: Where, start: DrawStart) -> None:
-        lang = language_of(requester.language)
-        status = StatusMessage(self.app.bot, where, lang)
-        action = ChatActionLoop(self.app.bot, where)
-
-        async def progress(event: Progress) -> None:
-            if event.kind == "started":
-                action.start()
-            await status.show(event)
-
-        task = asyncio.current_task()
-        if task is not None:
-            self._jobs.add(task)
-        try:
-            try:
-                outcome = await start(progress)
-            finally:
-                await action.stop()
-            if outcome is None:  # waiting for a confirmation
-                await status.discard()
-                return
-            # A group sees the caption: only this job's cost there, spend in private.
-            caption = render_caption(
-                outcome, self.service.prices, show_spend=not requester.is_group
-            )
-            try:
-                refs = await deliver_result(
-                    self.app.bot,
-                    where,
-                    outcome,
-                    caption,
-                    send_original=self.settings.telegram_send_original,
-                    four_k_cost=await self._four_k_cost(outcome),
-                )
-            except TelegramError as err:
-                log.warning(
-                    "job %d: result not delivered: %s", outcome.job_id, self._scrub(str(err))
-                )
-                await status.fail(text(lang, "tg.send_failed", job_id=outcome.job_id))
-                return
-            await status.close()
-            await self.service.ledger.set_result_refs(outcome.job_id, [r for r in refs if r])
-        except ImgbotError as err:
-            # A stranger in a group, or a message already handled: say nothing.
-            if err.params.get("silent"):
-                await status.discard()
-                return
-            await status.fail(err.user_message(lang))
-        except Exception:
-            await self._say_internal_error(status, lang)
-            raise
-        finally:
-            if task is not None:
-                self._jobs.discard(task)
-
-    async def _four_k_cost(self, outcome: DrawOutcome) -> str | None:
-        """Estimate what the 4K button would cost, for its label (None: cannot say)."""
-        job = await self.service.job(outcome.job_id)
-        if job is None:
-            return None
-        first = outcome.images[0] if outcome.images else None
-        # The references are not at hand; their aspect is what the result followed.
-        sizes = [(first.width, first.height)] * outcome.reference_count if first else []
-        try:
-            _, estimate = self.service.parse(
-                job.command_text, reference_sizes=sizes, force_tier="4K"
-            )
-        except ImgbotError:
-            return None
-        return f"{whole_credits(estimate):,}"
-
-    async def _say_internal_error(self, status: StatusMessage, lang: str) -> None:
-        try:
-            await status.fail(text(lang, "error.internal"))
-        except TelegramError as err:
-            log.debug("could not report an internal error: %s", err)
 
     # --- other commands ---------------------------------------------------------------
     async def cmd_start(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -539,7 +452,7 @@ class TelegramAdapter:
         lang = language_of(requester.language)
 
         async def reply() -> str:
-            report = await self.service.ledger.spend_report(requester.user_key)
+            report = await self.service.spend_report(requester)
             return render_balance(report, self.service.prices, lang)
 
         await self._guarded(update, lang, reply)
@@ -619,8 +532,7 @@ class TelegramAdapter:
 
     async def _tell_interrupted(self, jobs: Sequence[JobRecord]) -> None:
         for job in jobs:
-            user = await self.service.ledger.get_user(job.user_key)
-            notice = self.service.interrupted_notice(job, user.language if user else None)
+            notice = await self.service.notice_for_interrupted(job)
             try:
                 chat_id = int(job.chat_id or job.user_id)
                 await with_flood_retry(lambda c=chat_id, t=notice: self.app.bot.send_message(c, t))
@@ -654,7 +566,8 @@ class TelegramAdapter:
         log.error("%s failed:\n%s", what, self._scrub(trace))
 
     async def drain(self, grace: float) -> None:
-        """Let running jobs finish for up to `grace` seconds, then cancel them."""
+        """Let running jobs (and albums still gathering) finish for up to `grace` seconds."""
+        await self.runner.drain(grace)
         jobs = set(self._jobs)
         if not jobs:
             return

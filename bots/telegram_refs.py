@@ -13,7 +13,6 @@ the caption on any one item: `AlbumCollector` gathers them until the chat has be
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import posixpath
 import re
@@ -24,11 +23,11 @@ from dataclasses import dataclass, field
 from telegram import Bot, Message
 from telegram.error import TelegramError
 
+from bots.telegram_reply import BUTTONS
 from core.config import Settings
 from core.errors import BadReferenceError
-from core.prompt import refine_command
-from core.service import ImageService, IncomingImage
-from core.store import JobRecord
+from core.service import ImageService
+from core.types import IncomingImage
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,6 @@ OFFICIAL_API = "https://api.telegram.org"
 # Bots may download at most 20 MB through the official Bot API server (getFile).
 OFFICIAL_DOWNLOAD_LIMIT = 20 * 1024 * 1024
 IMG_COMMAND = "img"
-BUTTON_DATA = re.compile(r"^j:(\d+):(again|4k|vary)$")
 _COMMAND_WORD = re.compile(r"^/([A-Za-z0-9_]+)(?:@([A-Za-z0-9_]+))?(?=\s|$)")
 
 
@@ -101,39 +99,19 @@ def check_no_other_files(message: Message) -> None:
             raise BadReferenceError("tg.not_image", detail=f"file={name!r}", name=name)
 
 
-def result_job_id(message: Message, bot_id: int) -> int | None:
+def result_job_id(message: Message | None, bot_id: int) -> int | None:
     """Return the job id behind one of this bot's result messages (from its buttons)."""
-    if message.from_user is None or message.from_user.id != bot_id:
+    if message is None or message.from_user is None or message.from_user.id != bot_id:
         return None
     markup = message.reply_markup
     if markup is None:
         return None
     for row in markup.inline_keyboard:
         for button in row:
-            match = BUTTON_DATA.match(str(button.callback_data or ""))
-            if match:
-                return int(match.group(1))
+            pressed = BUTTONS.decode(str(button.callback_data or ""))
+            if pressed is not None:
+                return pressed[0]
     return None
-
-
-async def refined_job(message: Message, bot_id: int, service: ImageService) -> JobRecord | None:
-    """Return the job whose result an /img command answers (a refinement), if it is known."""
-    replied = message.reply_to_message
-    if replied is None:
-        return None
-    job_id = result_job_id(replied, bot_id)
-    return await service.job(job_id) if job_id is not None else None
-
-
-def refinement_text(prompt: str, job: JobRecord, service: ImageService) -> str:
-    """Return the command of a refinement of `job`: its options kept unless named anew."""
-    try:
-        stored = json.loads(job.request_json or "{}").get("request")
-    except (ValueError, AttributeError):
-        stored = None
-    if not isinstance(stored, dict):
-        return prompt
-    return refine_command(prompt, stored, service.defaults)
 
 
 def download_limit(settings: Settings) -> int:

@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
 
 from core.config import Settings
 from core.errors import (
@@ -32,6 +31,7 @@ from core.jobqueue import FairQueue, RateLimiter, Ticket
 from core.messages import language_of, text
 from core.pricing import PriceTable, estimate_credits, format_credits
 from core.prompt import PromptDefaults, clean_text, parse_command
+from core.replay import ReplayAction as ReplayAction
 from core.sizes import TIERS
 from core.store import JobRecord, JobSpec, SpendReport, Store
 from core.types import (
@@ -90,7 +90,6 @@ class _Inflight:
     extras: dict[str, object] = field(default_factory=dict)
 
 
-ReplayAction = Literal["again", "4k", "vary"]
 
 
 class ImageService:
@@ -534,6 +533,19 @@ class ImageService:
     async def job(self, job_id: int) -> JobRecord | None:
         """Return a stored job."""
         return await self.ledger.get_job(job_id)
+
+    async def record_result_refs(self, job_id: int, refs: Sequence[str]) -> None:
+        """Remember where a job's delivered files are on its platform (for "vary")."""
+        await self.ledger.set_result_refs(job_id, [r for r in refs if r])
+
+    async def spend_report(self, requester: Requester) -> SpendReport:
+        """Return the requester's spend against their limits, and their last jobs."""
+        return await self.ledger.spend_report(requester.user_key)
+
+    async def notice_for_interrupted(self, job: JobRecord) -> str:
+        """Word the notice about a job a dead process left, in its user's language."""
+        user = await self.ledger.get_user(job.user_key)
+        return self.interrupted_notice(job, user.language if user else None)
 
     # --- logging -----------------------------------------------------------------------
     def _log_job(
