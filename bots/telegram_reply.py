@@ -32,6 +32,7 @@ from telegram.constants import ChatAction
 from telegram.error import BadRequest, RetryAfter, TelegramError
 
 from bots.telegram_flood import STATUS, FloodSkipped, retry_seconds
+from core.errors import ImgbotError
 from core.messages import text
 from core.pricing import PriceTable, whole_credits
 from core.replay import ACTIONS, ReplayCodec
@@ -103,8 +104,9 @@ def best_effort(bot: Bot) -> dict[str, str]:
     return {"rate_limit_args": STATUS} if getattr(bot, "rate_limiter", None) else {}
 
 
-# The replay buttons' data on Telegram: `j:<job id>:<action>` (≤ 64 bytes).
-BUTTONS = ReplayCodec("j:")
+# The replay buttons' data on Telegram: `j:<job id>:<action>` (≤ 64 bytes). A forged id of
+# any length is answered "not found" rather than ignored.
+BUTTONS = ReplayCodec("j:", id_digits=58)
 
 
 def result_keyboard(job_id: int, lang: str, four_k_cost: str | None = None) -> InlineKeyboardMarkup:
@@ -615,7 +617,7 @@ class TelegramReply:
         await self.status.close()
         return refs
 
-    async def refusal(self, message: str | None) -> None:
+    async def refusal(self, message: str | None, error: ImgbotError | None = None) -> None:
         """Turn the status into the refusal, or remove it quietly."""
         await self.action.stop()
         if message is None:

@@ -14,8 +14,6 @@ from typing import Literal, cast
 
 ReplayAction = Literal["again", "4k", "vary"]
 ACTIONS: tuple[ReplayAction, ...] = ("again", "4k", "vary")
-# Data fits Discord's and Telegram's limits (custom_id 100 chars, callback_data 64 bytes).
-_JOB_ID = r"[0-9]{1,32}"  # longer than any id: a forged one is "not found"
 
 
 @dataclass(frozen=True)
@@ -23,12 +21,15 @@ class ReplayCodec:
     """Encode and decode the data of replay buttons for one platform's prefix."""
 
     prefix: str
+    # The most digits a job id may have here: what is longer is not our data at all.
+    id_digits: int = 18
 
     @property
     def pattern(self) -> str:
         """Return the regular expression of the data, with groups `job_id` and `action`."""
         actions = "|".join(ACTIONS)
-        return rf"{re.escape(self.prefix)}(?P<job_id>{_JOB_ID}):(?P<action>{actions})"
+        job_id = rf"[0-9]{{1,{self.id_digits}}}"
+        return rf"{re.escape(self.prefix)}(?P<job_id>{job_id}):(?P<action>{actions})"
 
     def encode(self, job_id: int, action: ReplayAction) -> str:
         """Return the data of one button."""

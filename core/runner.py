@@ -48,8 +48,12 @@ class Reply(Protocol):
         `four_k_credits` is what the 4K replay would cost, for its button (None: unknown).
         """
 
-    async def refusal(self, message: str | None) -> None:
-        """Say why the job did not run (a core error's message), or end quietly (None)."""
+    async def refusal(self, message: str | None, error: ImgbotError | None = None) -> None:
+        """Say why the job did not run (a core error's message), or end quietly (None).
+
+        `error` is the core error itself, for a front end's own bookkeeping (an exit code);
+        its wording is `message`.
+        """
 
     async def failure(self, message: str) -> None:
         """Say that something went wrong on our side (the details are in the log)."""
@@ -199,7 +203,8 @@ class JobRunner:
             await work
         except ImgbotError as err:
             # A stranger in a group, or a message already handled: say nothing.
-            await reply.refusal(None if err.params.get("silent") else err.user_message(lang))
+            message = None if err.params.get("silent") else err.user_message(lang)
+            await reply.refusal(message, err)
         except Exception:
             log.exception("job of %s failed", requester.user_key)
             await reply.failure(text(lang, "error.internal"))

@@ -279,7 +279,7 @@ class UserCommands(commands.Cog):
     async def balance(self, interaction: discord.Interaction) -> None:
         """Show what the user spent, their limits and last jobs."""
         requester = requester_of(interaction, self.runner.settings)
-        report = await self.service.ledger.spend_report(requester.user_key)
+        report = await self.service.spend_report(requester)
         reply = render_balance(report, self.service.prices, lang_of(interaction))
         await interaction.response.send_message(clip(reply), ephemeral=True)
 
