@@ -45,7 +45,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bots.telegram_bot import ADAPTER_KEY
+from bots.telegram.app import ADAPTER_KEY
 from core.admin import run_admin
 from core.config import Settings
 from core.errors import BadReferenceError, ImgbotError, PromptError

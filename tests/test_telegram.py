@@ -21,10 +21,10 @@ from PIL import Image
 from telegram import Update
 from telegram.ext import Application
 
-from bots import telegram_reply
-from bots.telegram_bot import ADAPTER_KEY, build_application, run_telegram
-from bots.telegram_flood import FloodLimiter, Timebase
-from bots.telegram_reply import Plan, StatusMessage, Where, plan_delivery
+from bots.telegram import reply as telegram_reply
+from bots.telegram.app import ADAPTER_KEY, build_application, run_telegram
+from bots.telegram.flood import FloodLimiter, Timebase
+from bots.telegram.reply import Plan, StatusMessage, Where, plan_delivery
 from core.config import Settings
 from core.images import GeneratedImage
 from core.messages import MESSAGES, text
@@ -996,7 +996,7 @@ async def test_errors_are_logged_without_the_token(
     tg.api.fail_next(
         "sendMessage", 400, f"Bad Request: chat not found (via /bot{TOKEN}/sendMessage)"
     )
-    with caplog.at_level(logging.WARNING, logger="bots.telegram_bot"):
+    with caplog.at_level(logging.WARNING, logger="bots.telegram.handlers"):
         await tg.send(u.update(u.message(ANN, u.private(ANN), text="/help")))
     assert "chat not found" in caplog.text.lower()
     assert TOKEN not in caplog.text

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from telegram import Bot, Message
 from telegram.error import TelegramError
 
-from bots.telegram_reply import BUTTONS
+from bots.telegram.reply import BUTTONS
 from core.config import Settings
 from core.errors import BadReferenceError
 from core.service import ImageService

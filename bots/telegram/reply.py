@@ -31,7 +31,7 @@ from telegram import (
 from telegram.constants import ChatAction
 from telegram.error import BadRequest, RetryAfter, TelegramError
 
-from bots.telegram_flood import STATUS, FloodSkipped, retry_seconds
+from bots.telegram.flood import STATUS, FloodSkipped, retry_seconds
 from core.errors import ImgbotError
 from core.messages import text
 from core.pricing import PriceTable, whole_credits
@@ -51,7 +51,7 @@ ORIGINAL_ABOVE_PIXELS = 2_500_000
 PREVIEW_MAX_SIDE = 2560
 PREVIEW_JPEG_QUALITY = 88
 # Flood limits: about one message a second per chat; status edits stay well below
-# (and `bots.telegram_flood` skips them when a chat's budget is tight).
+# (and `bots.telegram.flood` skips them when a chat's budget is tight).
 STATUS_MIN_INTERVAL = 3.0
 # A status the flood limiter skipped is tried again this soon (a local check, no call).
 STATUS_RETRY = 0.2
