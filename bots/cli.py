@@ -20,7 +20,10 @@ from core.messages import language_of
 from core.pricing import PriceTable, estimate_credits, format_credits
 from core.prompt import PromptDefaults, parse_command
 from core.requester import Requester
+from core.runner import JobRunner
+from core.service import DrawOutcome
 from core.store import StoreError
+from core.types import IncomingImage, Progress
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
@@ -67,7 +70,6 @@ def cmd_parse(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _gen(settings: Settings, args: argparse.Namespace) -> int:
     from core.runtime import open_service
-    from core.service import IncomingImage, Progress
 
     requester = _cli_requester(settings)
     lang = language_of(requester.language)
@@ -79,51 +81,80 @@ async def _gen(settings: Settings, args: argparse.Namespace) -> int:
         except OSError as err:
             print(f"{p}: {err.strerror}", file=sys.stderr)
             return 2
-    out_dir = Path(args.output)
-    tty = sys.stderr.isatty()
-    started = time.monotonic()
+    reply = TerminalReply(Path(args.output), lang, sys.stderr.isatty())
+    async with open_service(settings) as service:
+        reply.prices = service.prices
+        ticker = asyncio.create_task(reply.tick()) if reply.tty else None
 
-    async def progress(event: Progress) -> None:
-        if not tty:
+        async def references() -> list[IncomingImage]:
+            return refs
+
+        try:
+            await JobRunner(service).run(requester, " ".join(args.text), references, reply)
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+    return reply.exit_code
+
+
+class TerminalReply:
+    """The runner's Reply in a terminal: progress on stderr, images saved, paths printed."""
+
+    def __init__(self, out_dir: Path, lang: str, tty: bool) -> None:
+        self.out_dir = out_dir
+        self.lang = lang
+        self.tty = tty
+        self.prices: PriceTable | None = None
+        self.exit_code = 0
+        self._started = time.monotonic()
+
+    async def tick(self) -> None:
+        """Show the elapsed time every second while the job runs."""
+        while True:
+            await asyncio.sleep(1)
+            await self.progress(Progress("working"))
+
+    async def progress(self, event: Progress) -> None:
+        """Show where the job is, on one terminal line."""
+        if not self.tty:
             return
         if event.kind == "queued":
             sys.stderr.write(f"\rqueued #{event.position}   ")
         elif event.kind in ("started", "working"):
-            sys.stderr.write(f"\rdrawing… {time.monotonic() - started:.0f}s   ")
+            sys.stderr.write(f"\rdrawing… {time.monotonic() - self._started:.0f}s   ")
         elif event.kind == "done":
             sys.stderr.write("\r" + " " * 30 + "\r")
         sys.stderr.flush()
 
-    async with open_service(settings) as service:
-        ticker = None
-        if tty:
-            async def tick() -> None:
-                while True:
-                    await asyncio.sleep(1)
-                    await progress(Progress("working"))
-
-            ticker = asyncio.create_task(tick())
-        try:
-            outcome = await service.draw(requester, " ".join(args.text), refs, progress)
-        except ImgbotError as err:
-            if tty:
-                sys.stderr.write("\r")
-            print(err.user_message(lang), file=sys.stderr)
-            return 2 if not err.key.startswith("upstream") else 1
-        finally:
-            if ticker is not None:
-                ticker.cancel()
-        await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
+    async def result(self, outcome: DrawOutcome, four_k_credits: float | None) -> list[str]:
+        """Save the images and print their paths, the notices, the cost and the time."""
+        await asyncio.to_thread(self.out_dir.mkdir, parents=True, exist_ok=True)
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         for i, image in enumerate(outcome.images, 1):
-            path = out_dir / f"imgbot-{stamp}-{outcome.job_id}-{i}.{EXTENSIONS.get(image.mime, 'png')}"
+            ext = EXTENSIONS.get(image.mime, "png")
+            path = self.out_dir / f"imgbot-{stamp}-{outcome.job_id}-{i}.{ext}"
             await asyncio.to_thread(path.write_bytes, image.data)
             print(f"{path}  {image.width}x{image.height}")
         for notice in outcome.request.notices:
-            print(notice.render(lang))
-        print(f"cost: {format_credits(outcome.credits, service.prices, lang)}  "
+            print(notice.render(self.lang))
+        assert self.prices is not None
+        print(f"cost: {format_credits(outcome.credits, self.prices, self.lang)}  "
               f"time: {outcome.elapsed:.1f}s  job: #{outcome.job_id}")
-    return 0
+        return []  # files on disk are no handle a later "vary" could fetch
+
+    async def refusal(self, message: str | None, error: ImgbotError | None = None) -> None:
+        """Print why nothing was drawn; exit 1 for an upstream failure, else 2."""
+        if self.tty:
+            sys.stderr.write("\r")
+        if message:
+            print(message, file=sys.stderr)
+        if error is not None:
+            self.exit_code = 1 if error.key.startswith("upstream") else 2
+
+    async def failure(self, message: str) -> None:
+        """Print that something went wrong on our side."""
+        print(message, file=sys.stderr)
+        self.exit_code = 1
 
 
 async def _usage(settings: Settings, args: argparse.Namespace) -> int:

@@ -120,6 +120,8 @@ async def doctor(
 ) -> int:
     """Run every check and print one line each; return 0 when all passed."""
     out("settings: ok (loaded; secrets masked)")
+    for warning in settings.id_warnings():
+        out(f"settings: WARN - {warning}")
     async with httpx.AsyncClient(timeout=15, transport=transport) as http:
         checks = [
             await check_api(settings, http),

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from core.config import Settings
 from core.runtime import open_service
+from core.service import ImageService
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +60,43 @@ and the image API:
 Then run `imgbot doctor` to check everything, and `imgbot run` again."""
 
 
+RunFrontEnd = Callable[[Settings, ImageService, asyncio.Event], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class FrontEnd:
+    """One front end: its name, when it is on, and where its `run(settings, service, stop)` is."""
+
+    name: str
+    enabled: Callable[[Settings], bool]
+    module: str  # imported only when enabled: a front end's library loads only if used
+    run: str
+
+    def load(self) -> RunFrontEnd:
+        """Import the front end and return its run function."""
+        return cast(RunFrontEnd, getattr(importlib.import_module(self.module), self.run))
+
+
+# Every front end `imgbot run` can start, each a package under bots/ of the same shape.
+FRONT_ENDS = (
+    FrontEnd(
+        "telegram",
+        lambda s: bool(s.telegram_bot_token.get_secret_value()),
+        "bots.telegram.app",
+        "run_telegram",
+    ),
+    FrontEnd(
+        "discord",
+        lambda s: bool(s.discord_bot_token.get_secret_value()),
+        "bots.discord.app",
+        "run_discord",
+    ),
+)
+
+
 def run_bots(settings: Settings) -> int:
     """Start the configured bots and block until SIGTERM/SIGINT; return the exit code."""
-    has_telegram = bool(settings.telegram_bot_token.get_secret_value())
-    has_discord = bool(settings.discord_bot_token.get_secret_value())
-    if not (has_telegram or has_discord):
+    if not any(front.enabled(settings) for front in FRONT_ENDS):
         print(NO_TOKEN, file=sys.stderr)
         return 2
     if not settings.openai_api_key.get_secret_value():
@@ -81,16 +118,14 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread / not supported
             pass
+    for warning in settings.id_warnings():
+        log.warning("settings: %s (this entry matches nobody)", warning)
     async with open_service(settings) as service:
-        runners = []
-        if settings.telegram_bot_token.get_secret_value():
-            from bots.telegram_bot import run_telegram
-
-            runners.append(("telegram", run_telegram(settings, service, stop)))
-        if settings.discord_bot_token.get_secret_value():
-            from bots.discord_bot import run_discord
-
-            runners.append(("discord", run_discord(settings, service, stop)))
+        runners = [
+            (front.name, front.load()(settings, service, stop))
+            for front in FRONT_ENDS
+            if front.enabled(settings)
+        ]
         tasks = {asyncio.create_task(coro, name=name): name for name, coro in runners}
         log.info("imgbot running: %s", ", ".join(tasks.values()))
         beat = asyncio.create_task(_beat(heartbeat_path(settings)))

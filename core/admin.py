@@ -8,7 +8,9 @@ Every bot and the terminal run the same words:
     top [days]
     chats [days]
     unsettled
-A bare id means "on the admin's own platform"; `platform:id` names any.
+A bare id means "on the admin's own platform" (the terminal has none: it names
+`platform:id`); `platform:id` names any; `@username` names a user the bot has seen. Ids are
+checked per platform (`core.ids`): a malformed or unknown one is an error, never a new key.
 
 Configured admins (`ADMINS`) may do everything. A chat admin (Discord: Manage Server) may
 only run `chatlimit` and `chats` for their own chat: their power ends at their server, and
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from core.errors import AccessDenied, ImgbotError, PromptError
+from core.ids import parse_key
 from core.messages import language_of, text
 from core.pricing import format_credits
 from core.reports import render_job_line
@@ -31,15 +34,21 @@ from core.service import ImageService
 
 ADMIN_COMMANDS = ("limit", "chatlimit", "refund", "block", "unblock", "top", "chats", "unsettled")
 CHAT_ADMIN_COMMANDS = ("chatlimit", "chats")
+# Commands about one user, which a reply to that user's message may aim.
+TARGETED_COMMANDS = ("limit", "block", "unblock")
 _JOB_ID = re.compile(r"#?[0-9]{1,19}")
 
 
-def _key(word: str, platform: str) -> str:
-    key = word if ":" in word else f"{platform}:{word}"
-    name, _, ident = key.partition(":")
-    if not name or not ident:
-        raise PromptError("admin.usage")
-    return key
+def _key(service: ImageService, word: str, requester: Requester) -> str:
+    # The requester's own chat (the default of a server manager's chatlimit) came from the
+    # platform itself; anything an admin typed is checked.
+    if word in (requester.chat_key, requester.user_key):
+        return word
+    return parse_key(word, requester.platform, service.directory)
+
+
+def _own_word(word: str, platform: str) -> str:
+    return word if ":" in word else f"{platform}:{word}"
 
 
 def _amount_arg(value: str) -> float | None:
@@ -88,18 +97,32 @@ def _days(args: Sequence[str]) -> int:
     return days
 
 
-async def run_admin(service: ImageService, requester: Requester, name: str, args: Sequence[str]) -> str:
-    """Run one admin command for an admin and return the reply text."""
+async def run_admin(
+    service: ImageService,
+    requester: Requester,
+    name: str,
+    args: Sequence[str],
+    *,
+    target: str | None = None,
+) -> str:
+    """Run one admin command for an admin and return the reply text.
+
+    `target` is the user key of the person whose message the command answers (a reply):
+    `limit`, `block` and `unblock` then act on them when no user is named.
+    """
     lang = language_of(requester.language)
     ledger = service.ledger
     name = name.lower()
     platform = requester.platform
+    if target is not None and name in TARGETED_COMMANDS and (not args or "=" in args[0]):
+        args = [target, *args]
     own_chat_only = not service.is_admin(requester)
     if own_chat_only:
         if not (requester.is_chat_admin and requester.chat_key and name in CHAT_ADMIN_COMMANDS):
             service.require_admin(requester)  # raises access.admin_only
         if name == "chatlimit":
-            if args and "=" not in args[0] and _key(args[0], platform) != requester.chat_key:
+            # Any other chat, well-formed or not, is beyond a manager's reach.
+            if args and "=" not in args[0] and _own_word(args[0], platform) != requester.chat_key:
                 raise AccessDenied("access.own_chat_only")
             if not args or "=" in args[0]:
                 args = [str(requester.chat_key), *args]
@@ -107,7 +130,7 @@ async def run_admin(service: ImageService, requester: Requester, name: str, args
     if name == "limit":
         if not args:
             raise PromptError("admin.usage")
-        user_key = _key(args[0], platform)
+        user_key = _key(service, args[0], requester)
         values = _keyword_args(args[1:], ("daily", "monthly"))
         current = await ledger.get_user(user_key)
         daily = values["daily"] if "daily" in values else (current.daily_limit if current else None)
@@ -119,7 +142,7 @@ async def run_admin(service: ImageService, requester: Requester, name: str, args
     if name == "chatlimit":
         if not args:
             raise PromptError("admin.usage")
-        chat_key = _key(args[0], platform)
+        chat_key = _key(service, args[0], requester)
         values = _keyword_args(args[1:], ("daily",))
         await ledger.set_chat_limit(chat_key, values["daily"])
         return text(lang, "admin.chatlimit_set", who=chat_key, daily=_limit(lang, values["daily"]))
@@ -132,7 +155,7 @@ async def run_admin(service: ImageService, requester: Requester, name: str, args
     if name in ("block", "unblock"):
         if len(args) != 1:
             raise PromptError("admin.usage")
-        key = _key(args[0], platform)
+        key = _key(service, args[0], requester)
         await ledger.set_blocked(key, name == "block")
         return text(lang, f"admin.{name}ed", who=key)
     if name == "top":

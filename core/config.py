@@ -13,10 +13,10 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from core.ids import describe_key_problem
 from core.store.interface import StoreError
 from core.store.url import StoreURL, parse_database_url
-
-KNOWN_MODELS = ("gpt-image-2", "gpt-image-1.5", "gpt-image-1")
+from core.types import KNOWN_MODELS as KNOWN_MODELS
 
 CsvList = Annotated[list[str], NoDecode]
 
@@ -167,6 +167,16 @@ class Settings(BaseSettings):
         "admins", "allowed_users", "allowed_chats", "discord_guild_ids", mode="before"
     )(_split_csv)
 
+    @field_validator("admins")
+    @classmethod
+    def _check_admins(cls, value: list[str]) -> list[str]:
+        # An admin entry that matches nobody would leave the operator locked out unawares.
+        for entry in value:
+            problem = describe_key_problem(entry)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
     @field_validator("openai_base_url", "telegram_api_base_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
@@ -216,6 +226,20 @@ class Settings(BaseSettings):
             return low
         aliases = {k.lower(): v for k, v in self.model_aliases.items()}
         return aliases.get(low)
+
+    def id_warnings(self) -> list[str]:
+        """Name each malformed entry of ADMINS, ALLOWED_USERS and ALLOWED_CHATS.
+
+        A malformed allow-list entry matches nobody: it only shuts someone out, so it is
+        a warning (logged at start-up, shown by `imgbot doctor`), not a refusal to start.
+        """
+        found = []
+        for name in ("admins", "allowed_users", "allowed_chats"):
+            for entry in getattr(self, name):
+                problem = describe_key_problem(entry)
+                if problem is not None:
+                    found.append(f"{name.upper()}: {problem}")
+        return found
 
     def is_admin(self, platform: str, user_id: str) -> bool:
         """Say whether platform:user_id is a configured admin."""

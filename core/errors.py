@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from core.pricing import Usage
+    from core.types import Usage
 
 
 # A message quotes what the user typed; a 4,000-character "word" must not make it longer

@@ -51,8 +51,8 @@ from core.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from core.pricing import Usage
-from core.prompt import ImageRequest
+from core.types import GeneratedImage as GeneratedImage
+from core.types import ImageRequest, ImageResult, ReferenceImage, Usage
 
 try:
     # SIMD base64: a 4K answer's 17 MB decodes in ~3 ms instead of binascii's ~75 ms here,
@@ -127,37 +127,6 @@ _CODE_WORD = re.compile(r"[a-z0-9]+")
 _CODE_WORD_MAX = 24
 
 Sleep = Callable[[float], Awaitable[Any]]
-
-
-@dataclass(frozen=True)
-class ReferenceImage:
-    """One checked reference image, ready to upload as an `image[]` part."""
-
-    data: bytes
-    filename: str
-    mime: str  # image/png | image/jpeg | image/webp
-    width: int
-    height: int
-
-
-@dataclass(frozen=True)
-class GeneratedImage:
-    """One image the API drew."""
-
-    data: bytes
-    mime: str
-    width: int
-    height: int
-
-
-@dataclass(frozen=True)
-class ImageResult:
-    """What one call returned."""
-
-    images: tuple[GeneratedImage, ...]
-    usage: Usage | None
-    elapsed: float
-    revised_prompt: str | None = None
 
 
 # --- references -------------------------------------------------------------------------

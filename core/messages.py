@@ -348,6 +348,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Your waiting job was cancelled. Nothing was charged.",
         "zh": "你排队中的任务已取消，未扣费。",
     },
+    "job.cancelled_running": {
+        "en": "Your job #{job_id} was cancelled while drawing. It is charged only what the image service bills for it, if anything.",
+        "zh": "你正在绘制的任务 #{job_id} 已取消，只按图片服务实际计费的部分扣费（如有）。",
+    },
     "job.shutting_down": {
         "en": "The bot is restarting; your job was not run and nothing was charged. Please send it again in a minute.",
         "zh": "机器人正在重启，任务未执行、未扣费。请稍后重新发送。",
@@ -384,12 +388,20 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "可以试试：{suggestion}",
     },
     "cancel.done": {
-        "en": "Cancelled {count} waiting job(s).",
-        "zh": "已取消 {count} 个排队任务。",
+        "en": "Cancelled {count} job(s):\n{jobs}",
+        "zh": "已取消 {count} 个任务：\n{jobs}",
+    },
+    "cancel.line_waiting": {
+        "en": "#{job_id} “{prompt}” — was waiting, nothing charged",
+        "zh": "#{job_id}「{prompt}」— 排队中，未扣费",
+    },
+    "cancel.line_running": {
+        "en": "#{job_id} “{prompt}” — was drawing; charged only what the image service bills for it, if anything",
+        "zh": "#{job_id}「{prompt}」— 正在绘制；只按图片服务实际计费的部分扣费（如有）",
     },
     "cancel.none": {
-        "en": "You have no waiting jobs.",
-        "zh": "你没有排队中的任务。",
+        "en": "You have no waiting or running jobs.",
+        "zh": "你没有排队中或正在绘制的任务。",
     },
     "progress.queued": {
         "en": "⏳ In the queue: #{position}",
@@ -406,6 +418,10 @@ MESSAGES: dict[str, dict[str, str]] = {
     "caption.cost": {
         "en": "Cost: {cost}",
         "zh": "本次消耗：{cost}",
+    },
+    "caption.references": {
+        "en": "References used: {count}",
+        "zh": "使用的参考图：{count} 张",
     },
     "caption.job": {
         "en": "Job #{job_id} · {seconds} s",
@@ -513,6 +529,26 @@ MESSAGES: dict[str, dict[str, str]] = {
             "只写 id 表示当前平台；platform:id 可指定任意平台。"
         ),
     },
+    "admin.id_no_platform": {
+        "en": "“{word}” names no platform. Write it as telegram:{word} or discord:{word}, as @username, or reply to the person's message.",
+        "zh": "“{word}”没有写平台。请写成 telegram:{word} 或 discord:{word}、@用户名，或回复该用户的消息。",
+    },
+    "admin.id_unknown_platform": {
+        "en": "“{word}” names an unknown platform; known: {known}.",
+        "zh": "“{word}”的平台未知；可用：{known}。",
+    },
+    "admin.id_not_number": {
+        "en": "“{word}” is not a {platform} id: {platform} ids are numbers (telegram:123456). Name a user by @username or reply to their message.",
+        "zh": "“{word}”不是有效的 {platform} ID：{platform} 的 ID 是数字（如 telegram:123456）。也可用 @用户名，或回复其消息。",
+    },
+    "admin.id_not_name": {
+        "en": "“{word}” is not a terminal user name (letters, digits, _ . -).",
+        "zh": "“{word}”不是有效的终端用户名（字母、数字、_ . -）。",
+    },
+    "admin.unknown_username": {
+        "en": "I have not seen {name} yet, so I cannot tell who that is. Use their id (telegram:123456) or reply to one of their messages.",
+        "zh": "还没见过 {name}，无法确定是谁。请使用其 ID（如 telegram:123456），或回复其消息。",
+    },
     "admin.bad_amount": {
         "en": "'{value}' is not an amount of credits (a number ≥ 0, or default).",
         "zh": "“{value}” 不是有效的积分数（应为 ≥ 0 的数字或 default）。",
@@ -577,6 +613,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "这次大约花费 {cost}。确定要画吗？（{minutes} 分钟内有效）",
     },
     "tg.confirm.draw": {"en": "✅ Draw", "zh": "✅ 画"},
+    "tg.album_late": {
+        "en": "This photo arrived too late for its album and was not used. Send the album again to use every photo.",
+        "zh": "这张图片到达太晚，未用于该相册的任务。请重新发送整个相册以使用全部图片。",
+    },
     "tg.confirm.cancel": {"en": "✖ Cancel", "zh": "✖ 取消"},
     "tg.confirm.cancelled": {
         "en": "Cancelled. Nothing was drawn or charged.",
@@ -610,7 +650,7 @@ MESSAGES: dict[str, dict[str, str]] = {
     "tg.cmd.help": {"en": "How to write /img", "zh": "/img 的写法"},
     "tg.cmd.sizes": {"en": "Ratios and sizes", "zh": "比例与尺寸表"},
     "tg.cmd.balance": {"en": "Your spend and limits", "zh": "你的消费与限额"},
-    "tg.cmd.cancel": {"en": "Cancel your waiting jobs", "zh": "取消排队中的任务"},
+    "tg.cmd.cancel": {"en": "Cancel your waiting and running jobs", "zh": "取消排队中和正在绘制的任务"},
     "tg.cmd.start": {"en": "Start", "zh": "开始"},
     "tg.cmd.limit": {"en": "Admin: set a user's limits", "zh": "管理：设置用户限额"},
     "tg.cmd.chatlimit": {"en": "Admin: set a chat's daily limit", "zh": "管理：设置群每日限额"},
@@ -690,7 +730,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "你的消费、额度和最近的任务",
     },
     "discord.cmd.cancel": {"en": "cancel", "zh": "取消"},
-    "discord.cmd.cancel.desc": {"en": "Cancel your waiting jobs", "zh": "取消你排队中的任务"},
+    "discord.cmd.cancel.desc": {"en": "Cancel your waiting and running jobs", "zh": "取消你排队中和正在绘制的任务"},
     "discord.cmd.admin": {"en": "admin", "zh": "管理"},
     "discord.cmd.admin.desc": {
         "en": "Bot operators only (ADMINS): limits, refunds, blocks, reports",

@@ -43,57 +43,15 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-from core.config import KNOWN_MODELS
 from core.errors import PromptError
-from core.messages import text as render_text
 from core.sizes import TIERS, check_ratio, resolve_size
+from core.types import KNOWN_MODELS, ImageRequest, Notice
 
 MAX_PROMPT_CHARS = 32000
 MAX_N = 10  # the API's own limit; settings may cap lower
-
-
-@dataclass(frozen=True)
-class Notice:
-    """Something the user should know about how their request was read (a message key)."""
-
-    key: str
-    params: tuple[tuple[str, Any], ...] = ()
-
-    def render(self, lang: str | None) -> str:
-        """Render the notice in the user's language."""
-        return render_text(lang, self.key, **dict(self.params))
-
-
-@dataclass(frozen=True)
-class ImageRequest:
-    """One parsed /img command, ready to price and send."""
-
-    prompt: str
-    model: str
-    size: str  # "WxH" or "auto"
-    quality: str  # low | medium | high | auto
-    n: int = 1
-    output_format: str | None = None  # png | jpeg | webp; None = the API's default (png)
-    background: str | None = None  # transparent | opaque | None
-    ratio: str | None = None  # the ratio as asked ("16:9", "auto"), None if not given
-    tier: str | None = None  # "1K" | "2K" | "4K" if asked, else None
-    as_file: bool = False  # deliver the lossless original as a file
-    notices: tuple[Notice, ...] = field(default=())
-
-    @property
-    def dimensions(self) -> tuple[int, int] | None:
-        """Return (width, height), or None when the size is auto."""
-        if self.size == "auto":
-            return None
-        w, h = self.size.split("x")
-        return int(w), int(h)
-
-    def with_changes(self, **changes: Any) -> ImageRequest:
-        """Return a copy with some fields changed."""
-        return replace(self, **changes)
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,13 @@ from unicodedata import east_asian_width
 
 from core.messages import language_of, text
 from core.pricing import PriceTable, format_credits
-from core.service import DrawOutcome
+from core.service import CancelledJob, DrawOutcome
 from core.sizes import size_table_rows
 from core.store import JobRecord, SpendReport
 
 CAPTION_LIMIT = 1024
+# A cancelled job is named by its id and the start of its prompt.
+SHORT_PROMPT = 40
 
 
 def _amount(credits: float) -> str:
@@ -55,6 +57,8 @@ def render_caption(
         text(lang, "caption.cost", cost=format_credits(outcome.credits, prices, lang)),
         render_spend_line(outcome.spend, lang) if show_spend else "",
     ]
+    if outcome.reference_count:
+        lines.append(text(lang, "caption.references", count=outcome.reference_count))
     lines += [n.render(lang) for n in req.notices]
     lines.append(text(lang, "caption.job", job_id=outcome.job_id, seconds=f"{outcome.elapsed:.0f}"))
     caption = "\n".join(line for line in lines if line)
@@ -114,3 +118,26 @@ def render_balance(spend: SpendReport, prices: PriceTable, lang: str | None) -> 
         lines.append(text(lang, "balance.last_jobs"))
         lines += [render_job_line(job, prices, lang) for job in spend.last_jobs]
     return "\n".join(lines)
+
+
+def short_prompt(prompt: str, limit: int = SHORT_PROMPT) -> str:
+    """Return the start of a prompt, to name a job in a line."""
+    prompt = " ".join(prompt.split())
+    return prompt if len(prompt) <= limit else prompt[: limit - 1] + "…"
+
+
+def render_cancelled(jobs: list[CancelledJob], lang: str | None) -> str:
+    """Say which jobs /cancel stopped (ids and short prompts), or that there were none."""
+    lang = language_of(lang)
+    if not jobs:
+        return text(lang, "cancel.none")
+    lines = [
+        text(
+            lang,
+            "cancel.line_running" if job.running else "cancel.line_waiting",
+            job_id=job.job_id,
+            prompt=short_prompt(job.prompt),
+        )
+        for job in jobs
+    ]
+    return text(lang, "cancel.done", count=len(jobs), jobs="\n".join(lines))

@@ -50,6 +50,11 @@ async def open_service(settings: Settings) -> AsyncIterator[ImageService]:
             service.interrupted = tuple(
                 [job for j in stale if (job := await ledger.get_job(j.id)) is not None]
             )
-            yield service
+            try:
+                yield service
+            finally:
+                # Never close the ledger under a job: cancelled ones still settle in the
+                # background (the entry point has normally drained already; this is a no-op).
+                await service.shutdown(settings.shutdown_grace)
         finally:
             await ledger.close()

@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
 
 from core.config import Settings
 from core.errors import (
@@ -26,40 +25,29 @@ from core.errors import (
     LimitExceeded,
     UpstreamError,
 )
-from core.images import GeneratedImage, ImageClient, ImageResult, ReferenceImage, prepare_references
+from core.ids import UserDirectory
+from core.images import ImageClient, prepare_references
 from core.jobqueue import FairQueue, RateLimiter, Ticket
 from core.messages import language_of, text
 from core.pricing import PriceTable, estimate_credits, format_credits
-from core.prompt import ImageRequest, PromptDefaults, clean_text, parse_command
-from core.requester import Requester
+from core.prompt import PromptDefaults, clean_text, parse_command
+from core.replay import ReplayAction as ReplayAction
 from core.sizes import TIERS
 from core.store import JobRecord, JobSpec, SpendReport, Store
+from core.types import (
+    GeneratedImage,
+    ImageRequest,
+    ImageResult,
+    IncomingImage,
+    Progress,
+    ProgressCallback,
+    ReferenceImage,
+    Requester,
+)
 
 log = logging.getLogger(__name__)
 
-ProgressKind = Literal["queued", "started", "working", "done"]
 QUALITIES = ("low", "medium", "high")
-
-
-@dataclass(frozen=True)
-class Progress:
-    """One progress event of a job."""
-
-    kind: ProgressKind
-    position: int = 0
-    elapsed: float = 0.0
-
-
-ProgressCallback = Callable[[Progress], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class IncomingImage:
-    """A reference image as an adapter received it; `ref` is an opaque platform handle."""
-
-    data: bytes
-    filename: str | None = None
-    ref: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,16 +66,30 @@ class DrawOutcome:
     reference_count: int = 0
 
 
+@dataclass(frozen=True)
+class CancelledJob:
+    """A job /cancel stopped: waiting ones never ran; a running one is settled later."""
+
+    job_id: int
+    prompt: str
+    running: bool = False
+
+
 @dataclass
 class _Inflight:
     task: asyncio.Task[object] | None
     job_id: int
     requester: Requester
+    prompt: str = ""
     drawing: bool = False
+    # Set by /cancel while drawing: the job stops waiting for the upstream call, which
+    # finishes in the background and is settled at what the upstream reports.
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    # Settled already, or its settlement handed to a background task: leave it alone.
+    settled: bool = False
     extras: dict[str, object] = field(default_factory=dict)
 
 
-ReplayAction = Literal["again", "4k", "vary"]
 
 
 class ImageService:
@@ -112,8 +114,13 @@ class ImageService:
         self.rate = RateLimiter(settings.rate_limit_per_minute, clock=clock)
         self._clock = clock
         self._inflight: dict[int, _Inflight] = {}
+        # Upstream calls of cancelled running jobs, finishing so they can be settled.
+        self._settling: set[asyncio.Task[None]] = set()
         self._closing = False
         self._shutdown: asyncio.Future[None] | None = None
+        # Usernames seen in chats, for admin commands naming `@user`. In memory for now;
+        # it belongs in the store (a restart forgets who was seen).
+        self.directory = UserDirectory()
         # Jobs a dead process left behind, as resolved at start-up (see core.runtime).
         self.interrupted: tuple[JobRecord, ...] = ()
 
@@ -233,7 +240,9 @@ class ImageService:
         except LimitExceeded as err:
             raise self._with_suggestion(err, request, refs) from None
 
-        record = _Inflight(task=asyncio.current_task(), job_id=job_id, requester=requester)
+        record = _Inflight(
+            task=asyncio.current_task(), job_id=job_id, requester=requester, prompt=request.prompt
+        )
         self._inflight[job_id] = record
         ticket = Ticket(user_key=requester.user_key, job_id=job_id)
         started = self._clock()
@@ -246,15 +255,23 @@ class ImageService:
                 await self.queue.acquire(ticket, on_position)
             except Cancelled as err:
                 await self.ledger.fail(job_id, err.code)
+                record.settled = True  # the handlers below must not settle it again
                 raise
             try:
+                if record.cancel.is_set():  # cancelled between its slot and its call
+                    raise Cancelled("job.cancelled")
                 record.drawing = True
                 await self.ledger.mark_started(job_id)
                 if progress is not None:
                     await progress(Progress("started"))
-                result = await self._draw_with_ticker(request, refs, progress)
+                result = await self._draw_with_ticker(request, refs, progress, record, ticket)
             finally:
-                self.queue.release(ticket)
+                if not record.settled:
+                    self.queue.release(ticket)
+        except Cancelled:
+            if not record.settled:  # else the background settlement owns the job
+                await self.ledger.fail(job_id, "cancelled")
+            raise
         except UpstreamError as err:
             credits = self.prices.credits(err.usage, request.model) if err.usage else 0.0
             await self.ledger.fail(job_id, err.code, credits, err.usage)
@@ -263,7 +280,9 @@ class ImageService:
         except asyncio.CancelledError:
             # Shut down mid-job: if the call was in flight the upstream may have billed,
             # so the job stays counted at its estimate until an admin looks at it.
-            if record.drawing:
+            if record.settled:
+                pass  # a cancelled running job: its background settlement decides
+            elif record.drawing:
                 await asyncio.shield(self.ledger.mark_unsettled(job_id))
             else:
                 await asyncio.shield(self.ledger.fail(job_id, "cancelled"))
@@ -306,23 +325,65 @@ class ImageService:
         request: ImageRequest,
         refs: Sequence[ReferenceImage],
         progress: ProgressCallback | None,
+        record: _Inflight,
+        ticket: Ticket,
     ) -> ImageResult:
         start = self._clock()
         call = asyncio.ensure_future(self.client.draw(request, refs))
+        cancelled = asyncio.ensure_future(record.cancel.wait())
         try:
             while True:
-                done, _ = await asyncio.wait({call}, timeout=self.settings.progress_interval)
-                if done:
+                done, _ = await asyncio.wait(
+                    {call, cancelled},
+                    timeout=self.settings.progress_interval,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if call in done:
                     return call.result()
+                if cancelled in done:
+                    # The call may already have been billed: let it finish, settle it at what
+                    # the upstream reports, and tell the user now.
+                    self._settle_cancelled_later(record, request, call, ticket)
+                    raise Cancelled("job.cancelled_running", job_id=record.job_id)
                 if progress is not None:
                     await progress(Progress("working", elapsed=self._clock() - start))
         finally:
-            if not call.done():
+            cancelled.cancel()
+            if not call.done() and not record.settled:
                 call.cancel()
                 try:
                     await call
                 except BaseException:  # noqa: BLE001 - the call's own outcome no longer matters
                     pass
+
+    def _settle_cancelled_later(
+        self, record: _Inflight, request: ImageRequest, call: asyncio.Future[ImageResult],
+        ticket: Ticket,
+    ) -> None:
+        record.settled = True
+
+        async def settle() -> None:
+            try:
+                try:
+                    result = await call
+                    usage = result.usage
+                except UpstreamError as err:
+                    usage = err.usage
+                except asyncio.CancelledError:
+                    # Shut down before the call ended: it may have billed, an admin decides.
+                    await asyncio.shield(self.ledger.mark_unsettled(record.job_id))
+                    raise
+                except Exception:  # noqa: BLE001 - any other end is an unbilled failure
+                    usage = None
+                credits = self.prices.credits(usage, request.model) if usage else 0.0
+                await self.ledger.fail(record.job_id, "cancelled", credits, usage)
+                self._log_job(record.requester, request, "cancelled", credits, 0.0, "cancelled")
+            finally:
+                self.queue.release(ticket)
+
+        task = asyncio.ensure_future(settle())
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     def _with_suggestion(
         self, err: LimitExceeded, request: ImageRequest, refs: Sequence[ReferenceImage]
@@ -363,9 +424,26 @@ class ImageService:
         return None
 
     # --- cancellation and shutdown ---------------------------------------------------
-    def cancel(self, requester: Requester) -> list[int]:
-        """Cancel the requester's waiting jobs; return their ids."""
-        return self.queue.cancel(requester.user_key)
+    def cancel(self, requester: Requester) -> list[CancelledJob]:
+        """Cancel the requester's waiting jobs and stop their running ones; say which.
+
+        A running job stops being waited for at once; its upstream call finishes in the
+        background and the job is charged only what the upstream reports for it, if anything.
+        """
+        mine = {
+            job_id: record
+            for job_id, record in self._inflight.items()
+            if record.requester.user_key == requester.user_key
+        }
+        found = [
+            CancelledJob(job_id, mine[job_id].prompt if job_id in mine else "")
+            for job_id in self.queue.cancel(requester.user_key)
+        ]
+        for job_id, record in sorted(mine.items()):
+            if record.drawing and not record.cancel.is_set() and not record.settled:
+                record.cancel.set()
+                found.append(CancelledJob(job_id, record.prompt, running=True))
+        return found
 
     async def shutdown(self, grace: float) -> None:
         """Stop taking jobs, cancel waiting ones, let running ones finish up to `grace`.
@@ -389,6 +467,18 @@ class ImageService:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=10)
+        await self._wait_settling(grace)
+
+    async def _wait_settling(self, grace: float) -> None:
+        # Cancelled running jobs still wait for their upstream call, to be settled from it.
+        if not self._settling:
+            return
+        log.info("shutdown: settling %d cancelled job(s)", len(self._settling))
+        _, pending = await asyncio.wait(set(self._settling), timeout=grace)
+        for task in pending:
+            task.cancel()  # left unsettled: the call may have billed
+        if pending:
+            await asyncio.wait(pending, timeout=10)
 
     @property
     def jobs_in_flight(self) -> int:
@@ -443,6 +533,19 @@ class ImageService:
     async def job(self, job_id: int) -> JobRecord | None:
         """Return a stored job."""
         return await self.ledger.get_job(job_id)
+
+    async def record_result_refs(self, job_id: int, refs: Sequence[str]) -> None:
+        """Remember where a job's delivered files are on its platform (for "vary")."""
+        await self.ledger.set_result_refs(job_id, [r for r in refs if r])
+
+    async def spend_report(self, requester: Requester) -> SpendReport:
+        """Return the requester's spend against their limits, and their last jobs."""
+        return await self.ledger.spend_report(requester.user_key)
+
+    async def notice_for_interrupted(self, job: JobRecord) -> str:
+        """Word the notice about a job a dead process left, in its user's language."""
+        user = await self.ledger.get_user(job.user_key)
+        return self.interrupted_notice(job, user.language if user else None)
 
     # --- logging -----------------------------------------------------------------------
     def _log_job(

@@ -34,7 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-from bots.telegram_flood import Timebase
+from bots.telegram.flood import Timebase
 from tests.telegram_objects import BotObjects
 
 BOT_ID = 123456789

@@ -25,7 +25,7 @@ import pytest
 
 from core.admin import ADMIN_COMMANDS, run_admin
 from core.config import Settings
-from core.errors import UpstreamError
+from core.errors import PromptError, UpstreamError
 from core.messages import text
 from core.requester import Requester
 from core.runtime import open_service
@@ -538,12 +538,16 @@ async def test_no_value_ever_reaches_the_sql_text(
         fake_api.inject("server_error")
         with pytest.raises(UpstreamError):
             await service.draw(eve, f"low a dog {MARK}")
+        # A hostile id is refused before the ledger (core.ids); a well-formed one runs.
+        for who in (MARK, f"telegram:{MARK}"):
+            with pytest.raises(PromptError):
+                await run_admin(service, root, "block", [who])
         for name, args in [
             ("refund", [str(outcome.job_id)]),
-            ("limit", [f"telegram:{MARK}", "daily=5", "monthly=default"]),
-            ("chatlimit", [f"telegram:{MARK}", "daily=7"]),
-            ("block", [f"telegram:{MARK}"]),
-            ("unblock", [f"telegram:{MARK}"]),
+            ("limit", ["telegram:5", "daily=5", "monthly=default"]),
+            ("chatlimit", ["telegram:-7", "daily=7"]),
+            ("block", ["telegram:5"]),
+            ("unblock", ["telegram:5"]),
             ("top", ["1"]),
             ("chats", ["1"]),
             ("unsettled", []),

@@ -138,6 +138,19 @@ def test_admin_from_terminal(tmp_path: Path) -> None:
         assert proc.returncode == 2 and proc.stderr.strip()
 
 
+def test_terminal_admin_ids_name_their_platform(tmp_path: Path) -> None:
+    # In the terminal a bare id means no platform at all: it is refused, not made cli:12345.
+    proc = imgbot(tmp_path, "admin", "limit", "12345", "daily=100")
+    assert proc.returncode == 2 and "telegram:12345" in proc.stderr
+    proc = imgbot(tmp_path, "admin", "block", "discord:abc")
+    assert proc.returncode == 2 and "discord" in proc.stderr and "numbers" in proc.stderr
+
+
+def test_admins_without_a_platform_stop_start_up(tmp_path: Path) -> None:
+    proc = imgbot(tmp_path, "parse", "a cat", ADMINS="12345")
+    assert proc.returncode == 2 and "ADMINS" in proc.stderr and "telegram:12345" in proc.stderr
+
+
 def test_run_without_tokens_explains_itself(tmp_path: Path) -> None:
     proc = imgbot(tmp_path, "run")
     assert proc.returncode == 2
@@ -211,3 +224,10 @@ async def test_doctor_reports_each_check(tmp_path: Path, bot_apis: str) -> None:
         assert "image API: FAIL" in report and "OPENAI_API_KEY" in report
         assert "telegram: FAIL" in report and "TELEGRAM_BOT_TOKEN" in report
         assert TG_TOKEN not in report and TEST_KEY not in report
+        lines.clear()
+        # Allow-list entries that can match nobody are warned about.
+        odd = good.model_copy(update={"allowed_users": ["12345", "telegram:@ann", "cli:tester"]})
+        await doctor(odd, out=lines.append, discord_api=f"{bot_apis}/api")
+        warnings = [line for line in lines if line.startswith("settings: WARN")]
+        assert len(warnings) == 2 and all("ALLOWED_USERS" in w for w in warnings)
+        assert "telegram:12345" in warnings[0] and "telegram:@ann" in warnings[1]

@@ -23,9 +23,9 @@ import discord
 from discord.webhook.async_ import async_context
 from PIL import Image
 
+from bots.discord.app import build_bot, sync_commands
 from bots.discord.fitting import fit_image, upload_share
 from bots.discord.texts import CommandTranslator
-from bots.discord_bot import build_bot, sync_commands
 from core.config import Settings
 from core.messages import text
 from core.pricing import format_credits
@@ -858,7 +858,7 @@ async def test_a_failed_sync_is_logged_and_the_bot_carries_on(
     config = make_settings(settings, tmp_path, discord_guild_ids="42,not-a-guild")
     async with running_bot(config, FakeCdn()) as h:
         h.rest.refuse_commands = 403
-        with caplog.at_level(logging.ERROR, logger="bots.discord_bot"):
+        with caplog.at_level(logging.ERROR, logger="bots.discord.app"):
             await sync_commands(h.bot, config)
         assert [c.url.rsplit("/", 3)[-3:] for c in h.rest.calls] == [["guilds", "42", "commands"]]
         assert "not-a-guild" in caplog.text and "applications.commands" in caplog.text

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from telegram.error import RetryAfter
 
-from bots import telegram_flood
-from bots.telegram_flood import STATUS, FloodLimiter, FloodSkipped, Timebase, is_group
+from bots.telegram import flood as telegram_flood
+from bots.telegram.flood import STATUS, FloodLimiter, FloodSkipped, Timebase, is_group
 from tests.fake_botapi import FakeBotApiServer
 from tests.telegram_fake import TOKEN
 

@@ -45,7 +45,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bots.telegram_bot import ADAPTER_KEY
+from bots.telegram.app import ADAPTER_KEY
 from core.admin import run_admin
 from core.config import Settings
 from core.errors import BadReferenceError, ImgbotError, PromptError
@@ -422,9 +422,11 @@ ROOT = Requester("cli", "root", None, "root", "en", is_admin=True)
         ("limit", ["telegram:1", "daily=1e999"], "admin.bad_amount"),
         ("limit", ["telegram:1", "daily=-0.5"], "admin.bad_amount"),
         ("chatlimit", ["telegram:-1", "daily=NaN"], "admin.bad_amount"),
-        ("block", [":"], "admin.usage"),
-        ("block", ["telegram:"], "admin.usage"),
-        ("unblock", [":42"], "admin.usage"),
+        ("block", [":"], "admin.id_unknown_platform"),
+        ("block", ["telegram:"], "admin.id_not_number"),
+        ("unblock", [":42"], "admin.id_unknown_platform"),
+        ("block", ["telegram:@eve"], "admin.id_not_number"),
+        ("block", ["@eve"], "admin.unknown_username"),
         ("top", ["9" * 5000], "admin.usage"),
         ("chats", ["-1"], "admin.usage"),
         ("limit", [], "admin.usage"),

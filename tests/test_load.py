@@ -35,8 +35,8 @@ from typing import Any
 
 import pytest
 
-from bots.telegram_bot import run_telegram
-from bots.telegram_flood import FloodLimiter, Timebase
+from bots.telegram.app import run_telegram
+from bots.telegram.flood import FloodLimiter, Timebase
 from core.config import Settings
 from core.messages import MESSAGES, text
 from core.runtime import open_service

@@ -27,7 +27,7 @@ from typing import Any
 import discord
 import pytest
 
-from bots.discord_bot import build_bot, sync_commands
+from bots.discord.app import build_bot, sync_commands
 from bots.logs import secrets_of, setup_logging
 from core.config import Settings, SettingsError, load_settings
 from core.errors import UpstreamError

@@ -21,10 +21,10 @@ from PIL import Image
 from telegram import Update
 from telegram.ext import Application
 
-from bots import telegram_reply
-from bots.telegram_bot import ADAPTER_KEY, build_application, run_telegram
-from bots.telegram_flood import FloodLimiter, Timebase
-from bots.telegram_reply import Plan, StatusMessage, Where, plan_delivery
+from bots.telegram import reply as telegram_reply
+from bots.telegram.app import ADAPTER_KEY, build_application, run_telegram
+from bots.telegram.flood import FloodLimiter, Timebase
+from bots.telegram.reply import Plan, StatusMessage, Where, plan_delivery
 from core.config import Settings
 from core.images import GeneratedImage
 from core.messages import MESSAGES, text
@@ -272,6 +272,54 @@ async def test_album_with_caption_on_second_item(tg: Harness) -> None:
     assert edit_images(tg.images) == [sizes]
     [job] = await tg.jobs()
     assert job.reference_count == 3
+
+
+async def test_an_album_item_after_the_quiet_period_is_answered_not_dropped(
+    tg: Harness,
+) -> None:
+    u = tg.updates
+    chat = u.private(LI)
+    for i in range(3):
+        tg.api.store(f"late-{i}", image_bytes(400, 300))
+    for i in range(2):
+        caption = "/img low 把它们放在一起" if i == 0 else None
+        item = u.message(
+            LI, chat, caption=caption, photo=u.photo_sizes(f"late-{i}", 400, 300),
+            media_group_id="album-late",
+        )
+        await tg.send(u.update(item))
+    [photo] = await tg.api.wait_for(lambda: tg.api.of("sendPhoto"))
+    # The caption says how many references the job used.
+    assert msg("zh", "caption.references", count=2) in photo.params["caption"]
+
+    late = u.message(
+        LI, chat, photo=u.photo_sizes("late-2", 400, 300), media_group_id="album-late"
+    )
+    await tg.send(u.update(late))
+    await tg.api.wait_for(lambda: msg("zh", "tg.album_late") in tg.texts())
+    answer = [c for c in tg.api.of("sendMessage") if c.params["text"] == msg("zh", "tg.album_late")]
+    assert answer[0].params["reply_parameters"]["message_id"] == late["message_id"]
+    assert "late-2" not in tg.api.downloads
+    [job] = await tg.jobs()
+    assert job.reference_count == 2
+
+
+async def test_an_album_whose_command_item_comes_late_uses_every_item(tg: Harness) -> None:
+    u = tg.updates
+    chat = u.private(ANN)
+    for i in range(2):
+        tg.api.store(f"tail-{i}", image_bytes(500, 500))
+    first = u.message(ANN, chat, photo=u.photo_sizes("tail-0", 500, 500), media_group_id="tail")
+    await tg.send(u.update(first))
+    await tg.app.bot_data[ADAPTER_KEY].drain(5)  # the quiet period passes without a command
+    second = u.message(
+        ANN, chat, caption="/img low both", photo=u.photo_sizes("tail-1", 500, 500),
+        media_group_id="tail",
+    )
+    await tg.send(u.update(second))
+    await tg.api.wait_for(lambda: tg.api.of("sendPhoto"))
+    [job] = await tg.jobs()
+    assert job.reference_count == 2
 
 
 async def test_album_without_command_is_ignored(tg: Harness) -> None:
@@ -715,6 +763,41 @@ async def test_admin_commands_are_refused_to_others(tg: Harness) -> None:
     assert f"#{job.id}" in tg.texts()[-1] and job.user_key in tg.texts()[-1]
 
 
+async def test_admin_ids_are_checked_and_usernames_resolve_once_seen(tg: Harness) -> None:
+    u = tg.updates
+    admin = Updates.user(ADMIN_ID, "Boss", "en")
+    chat = u.private(admin)
+
+    async def admin_says(command: str) -> str:
+        await tg.send(u.update(u.message(admin, chat, text=command)))
+        return tg.texts()[-1]
+
+    # Unknown or malformed ids are an error, never a new key in the ledger.
+    said = await admin_says("/limit @user501 daily=5000")
+    assert said == msg("en", "admin.unknown_username", name="@user501")
+    assert await tg.service.ledger.get_user("telegram:@user501") is None
+    said = await admin_says("/block telegram:@user501")
+    assert said == msg("en", "admin.id_not_number", word="telegram:@user501", platform="telegram")
+    said = await admin_says("/limit twitter:5 daily=1")
+    assert said == msg(
+        "en", "admin.id_unknown_platform", word="twitter:5", known="telegram, discord, cli"
+    )
+    # Once the bot has seen @user501, the name resolves to their id.
+    user501 = {**Updates.user(501, "Five", "en"), "username": "User501"}
+    await tg.send(u.update(u.message(user501, u.private(user501), text="/help")))
+    said = await admin_says("/limit @user501 daily=5000")
+    assert "telegram:501" in said
+    assert (await tg.service.ledger.get_user("telegram:501")).daily_limit == 5000
+    # Replying to someone's message aims the command at them.
+    group = u.supergroup()
+    bobs = u.message(BOB, group, text="hello")
+    await tg.send(u.update(bobs))
+    await tg.send(u.update(u.message(admin, group, text="/limit daily=700", reply_to=bobs)))
+    said = tg.texts()[-1]
+    assert f"telegram:{BOB['id']}" in said
+    assert (await tg.service.ledger.get_user(f"telegram:{BOB['id']}")).daily_limit == 700
+
+
 async def test_cancel_without_waiting_jobs(tg: Harness) -> None:
     u = tg.updates
     await tg.send(u.update(u.message(ANN, u.private(ANN), text="/cancel")))
@@ -785,11 +868,48 @@ async def test_waiting_job_shows_its_place_and_can_be_cancelled(
             if c.params["chat_id"] == BOB["id"]
         ]
         assert bob_texts[0] == queued  # one status message: Bob's place in the queue
-        assert msg("en", "cancel.done", count=1) in bob_texts
+        line = msg("en", "cancel.line_waiting", job_id=2, prompt="b")
+        assert msg("en", "cancel.done", count=1, jobs=line) in bob_texts
         assert tg.api.of("sendPhoto")[0].params["chat_id"] == ANN["id"]
         ann, bob = await tg.jobs()
         assert ann.status == "succeeded"
         assert bob.status == "failed" and bob.actual_credits == 0
+
+
+async def test_cancel_stops_the_running_job_and_charges_what_the_upstream_reports(
+    tg: Harness,
+) -> None:
+    u = tg.updates
+    tg.images.inject("slow", seconds=1.5)
+    put = tg.app.update_queue.put
+    await tg.app.start()
+    try:
+        await put(Update.de_json(u.update(u.message(ANN, u.private(ANN), text="/img low a slow cat")), tg.app.bot))
+        await tg.api.wait_for(lambda: tg.images.api_requests)  # the upstream call is on its way
+        await put(Update.de_json(u.update(u.message(ANN, u.private(ANN), text="/cancel")), tg.app.bot))
+        told = msg("en", "job.cancelled_running", job_id=1)
+        await tg.api.wait_for(lambda: told in tg.texts())
+        # Told at once, while the upstream call still runs: the job is not settled yet.
+        assert (await tg.job(1)).status == "reserved"
+        line = msg("en", "cancel.line_running", job_id=1, prompt="a slow cat")
+        assert msg("en", "cancel.done", count=1, jobs=line) in tg.texts()
+        job = None
+        for _ in range(400):  # the call ends in the background, then the job is settled
+            job = await tg.job(1)
+            if job.status != "reserved":
+                break
+            await asyncio.sleep(0.01)
+        assert job is not None and job.status == "failed" and job.error_code == "cancelled"
+        assert job.usage is not None
+        assert job.actual_credits == pytest.approx(tg.service.prices.credits(job.usage, job.model))
+        assert job.actual_credits > 0
+        # The queue slot is free again: the next job draws.
+        await put(Update.de_json(u.update(u.message(ANN, u.private(ANN), text="/img low a dog")), tg.app.bot))
+        await tg.api.wait_for(lambda: tg.api.of("sendPhoto"))
+    finally:
+        await tg.app.stop()
+    [photo] = tg.api.of("sendPhoto")
+    assert job_id_of(photo) == 2  # the cancelled job delivered nothing
 
 
 async def test_every_waiting_job_gets_its_own_status_with_its_place(tg: Harness) -> None:
@@ -876,7 +996,7 @@ async def test_errors_are_logged_without_the_token(
     tg.api.fail_next(
         "sendMessage", 400, f"Bad Request: chat not found (via /bot{TOKEN}/sendMessage)"
     )
-    with caplog.at_level(logging.WARNING, logger="bots.telegram_bot"):
+    with caplog.at_level(logging.WARNING, logger="bots.telegram.handlers"):
         await tg.send(u.update(u.message(ANN, u.private(ANN), text="/help")))
     assert "chat not found" in caplog.text.lower()
     assert TOKEN not in caplog.text

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 
-from bots.telegram_bot import run_telegram
-from bots.telegram_flood import FloodLimiter, Timebase
+from bots.telegram.app import run_telegram
+from bots.telegram.flood import FloodLimiter, Timebase
 from core.config import Settings
 from core.runtime import open_service
 from tests.fake_api import FakeImageAPI

@@ -1,1 +1,1 @@
-"""The pieces of the Discord adapter; `bots.discord_bot` wires them into one bot."""
+"""The pieces of the Discord adapter; `bots.discord.app` wires them into one bot."""

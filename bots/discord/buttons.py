@@ -6,16 +6,25 @@ up in the ledger when one is pressed, so a restarted bot answers buttons it neve
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 import discord
 
 from core.messages import text
+from core.replay import ACTIONS, ReplayAction, ReplayCodec
 
-if TYPE_CHECKING:
-    from bots.discord.drawing import DrawRunner
+# The replay buttons' custom ids on Discord: `imgbot:job:<job id>:<action>`.
+BUTTONS = ReplayCodec("imgbot:job:")
 
-ACTIONS = ("again", "4k", "vary")
+
+class Replayer(Protocol):
+    """What a pressed button needs: something that replays a job (the bot's draw runner)."""
+
+    async def replay(
+        self, interaction: discord.Interaction, job_id: int, action: ReplayAction
+    ) -> None:
+        """Replay a stored job for whoever pressed its button."""
+
 _STYLES = {
     "again": discord.ButtonStyle.primary,
     "4k": discord.ButtonStyle.secondary,
@@ -25,16 +34,16 @@ _STYLES = {
 
 class JobButton(
     discord.ui.DynamicItem[discord.ui.Button[Any]],
-    template=r"imgbot:job:(?P<job_id>[0-9]{1,18}):(?P<action>again|4k|vary)",
+    template=BUTTONS.pattern,
 ):
     """One replay button of a stored job; whoever presses it pays."""
 
-    def __init__(self, job_id: int, action: str, label: str | None = None) -> None:
+    def __init__(self, job_id: int, action: ReplayAction, label: str | None = None) -> None:
         super().__init__(
             discord.ui.Button(
                 label=label or action,
                 style=_STYLES[action],
-                custom_id=f"imgbot:job:{job_id}:{action}",
+                custom_id=BUTTONS.encode(job_id, action),
             )
         )
         self.job_id = job_id
@@ -48,11 +57,13 @@ class JobButton(
         match: Any,
     ) -> JobButton:
         """Rebuild the button from its custom id (after a restart too)."""
-        return cls(int(match["job_id"]), match["action"], item.label)
+        pressed = BUTTONS.decode(item.custom_id)
+        assert pressed is not None  # discord.py matched the same pattern
+        return cls(*pressed, item.label)
 
     async def callback(self, interaction: discord.Interaction) -> None:
         """Replay the job for the person who pressed the button."""
-        runner = cast("DrawRunner", interaction.client.imgbot_runner)  # type: ignore[attr-defined]
+        runner = cast(Replayer, interaction.client.imgbot_runner)  # type: ignore[attr-defined]
         await runner.replay(interaction, self.job_id, self.action)
 
 

@@ -25,7 +25,7 @@ from bots.discord.requester import requester_of
 from bots.discord.texts import lang_of, loc
 from core.config import KNOWN_MODELS
 from core.messages import text
-from core.reports import render_balance, render_help, render_sizes
+from core.reports import render_balance, render_cancelled, render_help, render_sizes
 from core.service import ImageService
 from core.sizes import NAMED_RATIOS, TIERS
 
@@ -279,7 +279,7 @@ class UserCommands(commands.Cog):
     async def balance(self, interaction: discord.Interaction) -> None:
         """Show what the user spent, their limits and last jobs."""
         requester = requester_of(interaction, self.runner.settings)
-        report = await self.service.ledger.spend_report(requester.user_key)
+        report = await self.service.spend_report(requester)
         reply = render_balance(report, self.service.prices, lang_of(interaction))
         await interaction.response.send_message(clip(reply), ephemeral=True)
 
@@ -287,13 +287,7 @@ class UserCommands(commands.Cog):
         name=loc("discord.cmd.cancel"), description=loc("discord.cmd.cancel.desc")
     )
     async def cancel(self, interaction: discord.Interaction) -> None:
-        """Cancel the user's waiting jobs."""
+        """Cancel the user's waiting and running jobs, naming them."""
         requester = requester_of(interaction, self.runner.settings)
-        cancelled = self.service.cancel(requester)
-        lang = lang_of(interaction)
-        if cancelled:
-            ids = ", ".join(f"#{job_id}" for job_id in cancelled)
-            reply = text(lang, "cancel.done", count=len(cancelled), jobs=ids)
-        else:
-            reply = text(lang, "cancel.none")
+        reply = clip(render_cancelled(self.service.cancel(requester), lang_of(interaction)))
         await interaction.response.send_message(reply, ephemeral=True)

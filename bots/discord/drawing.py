@@ -18,7 +18,7 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -45,15 +45,10 @@ from core.config import Settings
 from core.errors import BadReferenceError, ImgbotError
 from core.messages import text
 from core.prompt import clean_text
+from core.replay import ReplayAction
 from core.reports import render_caption
-from core.service import (
-    DrawOutcome,
-    ImageService,
-    IncomingImage,
-    Progress,
-    ProgressCallback,
-    ReplayAction,
-)
+from core.service import DrawOutcome, ImageService
+from core.types import IncomingImage, Progress, ProgressCallback
 
 if TYPE_CHECKING:
     from core.store import JobRecord
@@ -173,17 +168,18 @@ class DrawRunner:
 
         await self._run(interaction, job)
 
-    async def replay(self, interaction: discord.Interaction, job_id: int, action: str) -> None:
+    async def replay(
+        self, interaction: discord.Interaction, job_id: int, action: ReplayAction
+    ) -> None:
         """Replay a stored job for whoever pressed its button; they pay."""
         requester = requester_of(interaction, self.settings)
 
         async def job(progress: ProgressCallback) -> DrawOutcome:
             await self.service.check_access(requester)
-            replay_action = cast(ReplayAction, action)
             return await self.service.replay(
                 requester,
                 job_id,
-                replay_action,
+                action,
                 self.fetch,
                 progress,
                 origin=origin_of(interaction),
@@ -349,7 +345,7 @@ class DrawRunner:
         refs = [attachment.url for attachment in message.attachments]
         if refs:
             try:
-                await self.service.ledger.set_result_refs(outcome.job_id, refs)
+                await self.service.record_result_refs(outcome.job_id, refs)
             except Exception:  # noqa: BLE001 - the user has the result; only "vary" loses out
                 log.exception("could not store the result files of job %d", outcome.job_id)
 

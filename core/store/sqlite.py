@@ -324,9 +324,11 @@ class _Writer:
     async def _run_batch(self, batch: list[_Call]) -> None:
         try:
             await self.conn.execute("BEGIN IMMEDIATE")
-            # Pipelined: every statement is queued on the connection's thread at once.
+            # Pipelined: every statement is queued on the connection's thread at once. (Each
+            # `sql` came through `single`, whose callers pass constant statements only.)
+            statements = [(call.sql, call.params) for call in batch]
             outcomes = await asyncio.gather(
-                *(self.conn.execute_fetchall(call.sql, call.params) for call in batch),
+                *(self.conn.execute_fetchall(sql, params) for sql, params in statements),
                 return_exceptions=True,
             )
             if not self.conn.in_transaction:

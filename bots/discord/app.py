@@ -80,8 +80,7 @@ class ImgBot(commands.Bot):
 
     async def _tell_interrupted(self, jobs: Sequence[JobRecord]) -> None:
         for job in jobs:
-            user = await self.service.ledger.get_user(job.user_key)
-            notice = self.service.interrupted_notice(job, user.language if user else None)
+            notice = await self.service.notice_for_interrupted(job)
             try:
                 user_id = int(job.user_id)
                 # In the channel the job came from, naming the user; jobs of versions

@@ -13,7 +13,6 @@ the caption on any one item: `AlbumCollector` gathers them until the chat has be
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import posixpath
 import re
@@ -24,11 +23,11 @@ from dataclasses import dataclass, field
 from telegram import Bot, Message
 from telegram.error import TelegramError
 
+from bots.telegram.reply import BUTTONS
 from core.config import Settings
 from core.errors import BadReferenceError
-from core.prompt import refine_command
-from core.service import ImageService, IncomingImage
-from core.store import JobRecord
+from core.service import ImageService
+from core.types import IncomingImage
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,6 @@ OFFICIAL_API = "https://api.telegram.org"
 # Bots may download at most 20 MB through the official Bot API server (getFile).
 OFFICIAL_DOWNLOAD_LIMIT = 20 * 1024 * 1024
 IMG_COMMAND = "img"
-BUTTON_DATA = re.compile(r"^j:(\d+):(again|4k|vary)$")
 _COMMAND_WORD = re.compile(r"^/([A-Za-z0-9_]+)(?:@([A-Za-z0-9_]+))?(?=\s|$)")
 
 
@@ -101,39 +99,19 @@ def check_no_other_files(message: Message) -> None:
             raise BadReferenceError("tg.not_image", detail=f"file={name!r}", name=name)
 
 
-def result_job_id(message: Message, bot_id: int) -> int | None:
+def result_job_id(message: Message | None, bot_id: int) -> int | None:
     """Return the job id behind one of this bot's result messages (from its buttons)."""
-    if message.from_user is None or message.from_user.id != bot_id:
+    if message is None or message.from_user is None or message.from_user.id != bot_id:
         return None
     markup = message.reply_markup
     if markup is None:
         return None
     for row in markup.inline_keyboard:
         for button in row:
-            match = BUTTON_DATA.match(str(button.callback_data or ""))
-            if match:
-                return int(match.group(1))
+            pressed = BUTTONS.decode(str(button.callback_data or ""))
+            if pressed is not None:
+                return pressed[0]
     return None
-
-
-async def refined_job(message: Message, bot_id: int, service: ImageService) -> JobRecord | None:
-    """Return the job whose result an /img command answers (a refinement), if it is known."""
-    replied = message.reply_to_message
-    if replied is None:
-        return None
-    job_id = result_job_id(replied, bot_id)
-    return await service.job(job_id) if job_id is not None else None
-
-
-def refinement_text(prompt: str, job: JobRecord, service: ImageService) -> str:
-    """Return the command of a refinement of `job`: its options kept unless named anew."""
-    try:
-        stored = json.loads(job.request_json or "{}").get("request")
-    except (ValueError, AttributeError):
-        stored = None
-    if not isinstance(stored, dict):
-        return prompt
-    return refine_command(prompt, stored, service.defaults)
 
 
 def download_limit(settings: Settings) -> int:
@@ -228,6 +206,13 @@ async def _replied_attachments(
     return [attachment] if attachment is not None else []
 
 
+# A finished album is remembered this long, so an item Telegram delivers after the quiet
+# period is answered instead of vanishing.
+ALBUM_MEMORY = 300.0
+# Finished albums remembered at most, so memory stays bounded.
+KEEP_ALBUMS = 10000
+
+
 @dataclass
 class _Album:
     items: list[Message] = field(default_factory=list)
@@ -236,30 +221,50 @@ class _Album:
     last_seen: float = 0.0
 
 
+@dataclass
+class _Finished:
+    """An album whose quiet period is over: whether it ran a job, and its items."""
+
+    items: list[Message]
+    ran: bool
+    at: float
+
+
 AlbumReady = Callable[[Message, str, list[Message]], Awaitable[None]]
+AlbumLate = Callable[[Message], Awaitable[None]]
 
 
 class AlbumCollector:
-    """Gather the items of an album; run `on_ready` once for an album that holds /img."""
+    """Gather the items of an album; run `on_ready` once for an album that holds /img.
+
+    An item arriving after its album's quiet period is not silently dropped: if the album
+    ran a job, `on_late` answers it (it was not used); if the album had no command and this
+    item carries it, the album runs with every item remembered.
+    """
 
     def __init__(
         self,
         debounce: float,
         spawn: Callable[[Coroutine[object, object, None]], object],
         on_ready: AlbumReady,
+        on_late: AlbumLate | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._debounce = debounce
         self._spawn = spawn
         self._on_ready = on_ready
+        self._on_late = on_late
         self._clock = clock
         self._albums: dict[tuple[int, str], _Album] = {}
+        self._finished: dict[tuple[int, str], _Finished] = {}
 
     def add(self, message: Message, text: str | None) -> None:
         """Take one album item; `text` is the /img text when this item carries the command."""
         assert message.media_group_id is not None
         key = (message.chat_id, message.media_group_id)
+        if key not in self._albums and self._late(key, message, text):
+            return
         album = self._albums.get(key)
         is_new = album is None
         if album is None:
@@ -281,5 +286,31 @@ class AlbumCollector:
                 await asyncio.sleep(self._debounce - quiet_for)
         finally:
             self._albums.pop(key, None)
+            self._remember(key, _Finished(album.items, album.command is not None, self._clock()))
         if album.command is not None:
             await self._on_ready(album.command, album.text, album.items)
+
+    def _remember(self, key: tuple[int, str], finished: _Finished) -> None:
+        now = self._clock()
+        if len(self._finished) >= KEEP_ALBUMS:
+            self._finished = {
+                k: f for k, f in self._finished.items() if now - f.at < ALBUM_MEMORY
+            }
+        self._finished[key] = finished
+
+    def _late(self, key: tuple[int, str], message: Message, text: str | None) -> bool:
+        """Handle an item of an album already finished; say whether it was one."""
+        finished = self._finished.get(key)
+        if finished is None or self._clock() - finished.at >= ALBUM_MEMORY:
+            self._finished.pop(key, None)
+            return False
+        finished.items.append(message)
+        if finished.ran:
+            if self._on_late is not None:
+                self._spawn(self._on_late(message))
+            return True
+        if text is not None:
+            # The command came last: the album runs now, with every item it had.
+            finished.ran = True
+            self._spawn(self._on_ready(message, text, list(finished.items)))
+        return True

@@ -1,12 +1,9 @@
-"""The Telegram bot (python-telegram-bot 22): wiring, command handlers and the run loop.
+"""The Telegram handlers (python-telegram-bot 22): commands, albums, buttons, confirmations.
 
-    app = build_application(settings, service)          # a real PTB Application
-    await run_telegram(settings, service, stop_event)   # poll (or webhook) until stop is set
-
-The adapter turns updates into `core.service` calls and renders the answers; it holds no
-business rules. Receiving (commands in captions, albums, replies): `bots.telegram_refs`.
-Replying (status, chat action, photos / files / albums, buttons): `bots.telegram_reply`.
-Flood limits (per chat, per group, overall; results before status): `bots.telegram_flood`.
+The adapter turns updates into a Requester, the command and a `TelegramReply`, and hands
+them to the core job runner (`core.runner`); it holds no business rules. Receiving
+(commands in captions, albums, replies): `references`. Replying (status, chat action,
+photos / files / albums, buttons): `reply`. Wiring and running: `app`.
 """
 
 from __future__ import annotations
@@ -20,11 +17,8 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from telegram import (
-    BotCommand,
-    BotCommandScopeChat,
     CallbackQuery,
     Chat,
     InlineKeyboardButton,
@@ -37,63 +31,60 @@ from telegram.constants import ChatMemberStatus, ChatType, ParseMode
 from telegram.error import TelegramError
 from telegram.ext import (
     Application,
-    BaseRateLimiter,
     CallbackQueryHandler,
     CommandHandler,
     ContextTypes,
     MessageHandler,
+    TypeHandler,
     filters,
 )
-from telegram.request import BaseRequest
 
-from bots.telegram_flood import FloodLimiter
-from bots.telegram_refs import (
-    BUTTON_DATA,
+from bots.telegram.references import (
     IMG_COMMAND,
     AlbumCollector,
     ReferenceFetcher,
     check_no_other_files,
     collect_references,
     command_text,
-    refined_job,
-    refinement_text,
+    result_job_id,
 )
-from bots.telegram_reply import (
-    ChatActionLoop,
-    StatusMessage,
+from bots.telegram.reply import (
+    BUTTONS,
+    TelegramReply,
     Where,
-    deliver_result,
     where_of,
     with_flood_retry,
 )
 from core.admin import ADMIN_COMMANDS, run_admin
-from core.config import Settings, SettingsError
+from core.config import Settings
 from core.errors import ImgbotError
 from core.messages import language_of, text
 from core.presses import PressWindow
-from core.pricing import format_credits, whole_credits
-from core.reports import render_balance, render_caption, render_help, render_sizes
+from core.pricing import format_credits
+from core.reports import (
+    render_balance,
+    render_cancelled,
+    render_help,
+    render_sizes,
+)
 from core.requester import Requester
-from core.service import DrawOutcome, ImageService, IncomingImage, Progress, job_visible_to
+from core.runner import JobRunner
+from core.service import ImageService, job_visible_to
 from core.store import JobRecord
+from core.types import IncomingImage
 
 log = logging.getLogger(__name__)
 
 ADAPTER_KEY = "imgbot.telegram"
 PLATFORM = "telegram"
 USER_COMMANDS = ("img", "help", "sizes", "balance", "cancel", "start")
-ALLOWED_UPDATES = [Update.MESSAGE, Update.CALLBACK_QUERY]
-# Updates handled at once. PTB's default (256) let one busy group stall every chat: a group
-# gets 20 messages a minute, so its waiting answers could hold all 256 slots for many minutes
-# (tests/test_load.py measures this). Waiting handlers are cheap coroutines.
-MAX_CONCURRENT_UPDATES = 4096
 TEXT_LIMIT = 4096
 # Bot API URLs carry the token as /bot<token>/; mask that shape whatever the token.
 _BOT_URL = re.compile(r"(/(?:file/)?bot)\d+:[A-Za-z0-9_-]{20,}", re.IGNORECASE)
 
-DrawStart = Callable[[Callable[[Progress], Awaitable[None]]], Awaitable[DrawOutcome | None]]
 # How long a Draw / Cancel question stays answerable (it lives in memory only).
 CONFIRM_TTL = 600.0
+Resume = Callable[[TelegramReply], Awaitable[None]]
 CONFIRM_DATA = re.compile(r"^c:([A-Za-z0-9_-]{1,32}):(draw|cancel)$")
 
 
@@ -102,10 +93,8 @@ class PendingJob:
     """An expensive /img waiting for its requester's Draw or Cancel."""
 
     requester: Requester
-    command: str
-    references: tuple[IncomingImage, ...]
+    resume: Resume  # starts the job with a Reply (from core.runner)
     where: Where
-    source: str
     created: float
     anonymous: bool = False
 
@@ -130,7 +119,10 @@ class TelegramAdapter:
         self.service = service
         self.app = app
         self.fetcher = ReferenceFetcher(app.bot, settings)
-        self.albums = AlbumCollector(settings.album_debounce, self._spawn, self._album_ready)
+        self.albums = AlbumCollector(
+            settings.album_debounce, self._spawn, self._album_ready, self._album_item_late
+        )
+        self.runner = JobRunner(service)
         self._jobs: set[asyncio.Task[object]] = set()
         self.presses = PressWindow()
         self.pending: dict[str, PendingJob] = {}
@@ -140,6 +132,8 @@ class TelegramAdapter:
         """Add every handler and the error handler to the Application."""
         new_message = filters.UpdateType.MESSAGE
         app = self.app
+        # Before every other handler, in its own group: learn who is @who for admins.
+        app.add_handler(TypeHandler(Update, self.note_usernames), group=-1)
         # Every press is answered (Telegram spins the button until then), even a stale or
         # forged one; on_button ignores data it does not know.
         app.add_handler(CallbackQueryHandler(self.on_confirm, pattern=r"^c:"))
@@ -193,6 +187,19 @@ class TelegramAdapter:
             user = User(message.sender_chat.id, message.sender_chat.title or "", False)
         return self.requester_of(user, message.chat, message.sender_chat)
 
+    async def note_usernames(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Remember the @username of whoever wrote, so admins may name them."""
+        message = update.effective_message
+        if message is None or update.callback_query is not None:
+            return
+        for carrier in (message, message.reply_to_message):
+            if carrier is None:
+                continue
+            requester = self.requester_of_message(carrier)
+            sender = carrier.sender_chat or carrier.from_user
+            if requester is not None and sender is not None:
+                self.service.directory.note(PLATFORM, sender.username, requester.user_key)
+
     # --- /img -------------------------------------------------------------------------
     async def cmd_img(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Draw: /img as a text message or as the caption of a photo or image file."""
@@ -218,42 +225,61 @@ class TelegramAdapter:
         except Exception as err:  # noqa: BLE001 - the user was told; this is for the log
             self._log_failure(f"album {message.media_group_id}", err)
 
+    async def _album_item_late(self, message: Message) -> None:
+        # Telegram delivered this item after its album had been drawn: say it was not used.
+        requester = self.requester_of_message(message)
+        lang = language_of(requester.language if requester else None)
+        try:
+            await with_flood_retry(
+                lambda: message.reply_text(text(lang, "tg.album_late"), do_quote=True)
+            )
+        except TelegramError as err:
+            log.info("late album item not answered: %s", self._scrub(str(err)))
+
     async def _img(self, message: Message, prompt: str, album: Sequence[Message]) -> None:
         requester = self.requester_of_message(message)
         if requester is None:
             return
         where = where_of(message)
 
-        async def start(progress: Callable[[Progress], Awaitable[None]]) -> DrawOutcome | None:
-            # Check access before downloading anything for a stranger.
-            await self.service.check_access(requester)
+        async def references() -> list[IncomingImage]:
             check_no_other_files(message)
-            references = await collect_references(
+            return await collect_references(
                 message, album, bot_id=self.app.bot.id, service=self.service, fetcher=self.fetcher
             )
-            command = prompt
-            refined = await refined_job(message, self.app.bot.id, self.service)
-            if refined is not None and job_visible_to(refined, requester):
-                # A reply to one of our results refines it: keep its options (low, 16:9…).
-                command = refinement_text(prompt, refined, self.service)
+
+        async def confirm(estimate: float, resume: Resume) -> None:
+            pending = PendingJob(
+                requester, resume, where, time.monotonic(), anonymous=message.sender_chat is not None
+            )
+            await self._ask_to_confirm(pending, estimate)
+
+        await self.runner.run(
+            requester,
+            prompt,
+            references,
+            self.reply_for(requester, where),
+            # A reply to one of our results refines it: keep its options (low, 16:9…).
+            refines=result_job_id(message.reply_to_message, self.app.bot.id)
+            if message.reply_to_message is not None
+            else None,
+            confirm=confirm,
             # The message names the job: a redelivered update (Telegram sends again what a
             # killed process fetched but never confirmed) must not draw and charge twice.
-            source = f"telegram:{message.chat.id}:{message.message_id}"
-            threshold = self.settings.confirm_above
-            if threshold > 0:
-                _, estimate = await self.service.estimate(command, references)
-                if estimate > threshold:
-                    pending = PendingJob(
-                        requester, command, tuple(references), where, source, time.monotonic(),
-                        anonymous=message.sender_chat is not None,
-                    )
-                    await self._ask_to_confirm(pending, estimate)
-                    return None
-            return await self.service.draw(
-                requester, command, references, progress, source_ref=source
-            )
+            source_ref=f"telegram:{message.chat.id}:{message.message_id}",
+        )
 
-        await self._run_job(requester, where, start)
+    def reply_for(self, requester: Requester, where: Where) -> TelegramReply:
+        """Return the Reply that shows one job of a requester in a chat."""
+        return TelegramReply(
+            self.app.bot,
+            where,
+            language_of(requester.language),
+            prices=self.service.prices,
+            is_group=requester.is_group,
+            send_original=self.settings.telegram_send_original,
+            scrub=self._scrub,
+        )
 
     # --- confirming an expensive job ---------------------------------------------------
     async def _ask_to_confirm(self, pending: PendingJob, estimate: float) -> None:
@@ -320,17 +346,7 @@ class TelegramAdapter:
             await self._edit_quietly(query, text(lang, "tg.confirm.cancelled"))
             return
         await self._delete_quietly(query)
-
-        async def start(progress: Callable[[Progress], Awaitable[None]]) -> DrawOutcome:
-            return await self.service.draw(
-                pending.requester,
-                pending.command,
-                pending.references,
-                progress,
-                source_ref=pending.source,
-            )
-
-        await self._run_job(pending.requester, pending.where, start)
+        await pending.resume(self.reply_for(pending.requester, pending.where))
 
     async def _may_confirm(self, pending: PendingJob, presser: Requester, chat_id: int) -> bool:
         if presser.user_key == pending.requester.user_key:
@@ -364,11 +380,11 @@ class TelegramAdapter:
         query = update.callback_query
         if query is None:
             return
-        match = BUTTON_DATA.match(query.data or "")
-        if match is None or query.message is None:
+        pressed = BUTTONS.decode(query.data)
+        if pressed is None or query.message is None:
             await self._answer_query(query)
             return
-        job_id, action = int(match.group(1)), match.group(2)
+        job_id, action = pressed
         message = query.message
         requester = self.requester_of(query.from_user, message.chat)
         lang = language_of(requester.language)
@@ -383,18 +399,14 @@ class TelegramAdapter:
             return
         await self._answer_query(query)
         where = where_of(message) if isinstance(message, Message) else Where(message.chat.id)
-
-        async def start(progress: Callable[[Progress], Awaitable[None]]) -> DrawOutcome:
-            return await self.service.replay(
-                requester,
-                job_id,
-                action,  # type: ignore[arg-type]
-                self.fetcher.fetch_ref,
-                progress,
-                source_ref=f"telegram:button:{query.id}",
-            )
-
-        await self._run_job(requester, where, start)
+        await self.runner.replay(
+            requester,
+            job_id,
+            action,
+            self.fetcher.fetch_ref,
+            self.reply_for(requester, where),
+            source_ref=f"telegram:button:{query.id}",
+        )
 
     async def _answer_query(self, query: CallbackQuery, notice: str | None = None) -> None:
         # Every press is answered (Telegram spins the button until then).
@@ -402,84 +414,6 @@ class TelegramAdapter:
             await query.answer(notice)
         except TelegramError as err:
             log.debug("callback query not answered: %s", err)
-
-    # --- one job, start to finish ------------------------------------------------------
-    async def _run_job(self, requester: Requester, where: Where, start: DrawStart) -> None:
-        lang = language_of(requester.language)
-        status = StatusMessage(self.app.bot, where, lang)
-        action = ChatActionLoop(self.app.bot, where)
-
-        async def progress(event: Progress) -> None:
-            if event.kind == "started":
-                action.start()
-            await status.show(event)
-
-        task = asyncio.current_task()
-        if task is not None:
-            self._jobs.add(task)
-        try:
-            try:
-                outcome = await start(progress)
-            finally:
-                await action.stop()
-            if outcome is None:  # waiting for a confirmation
-                await status.discard()
-                return
-            # A group sees the caption: only this job's cost there, spend in private.
-            caption = render_caption(
-                outcome, self.service.prices, show_spend=not requester.is_group
-            )
-            try:
-                refs = await deliver_result(
-                    self.app.bot,
-                    where,
-                    outcome,
-                    caption,
-                    send_original=self.settings.telegram_send_original,
-                    four_k_cost=await self._four_k_cost(outcome),
-                )
-            except TelegramError as err:
-                log.warning(
-                    "job %d: result not delivered: %s", outcome.job_id, self._scrub(str(err))
-                )
-                await status.fail(text(lang, "tg.send_failed", job_id=outcome.job_id))
-                return
-            await status.close()
-            await self.service.ledger.set_result_refs(outcome.job_id, [r for r in refs if r])
-        except ImgbotError as err:
-            # A stranger in a group, or a message already handled: say nothing.
-            if err.params.get("silent"):
-                await status.discard()
-                return
-            await status.fail(err.user_message(lang))
-        except Exception:
-            await self._say_internal_error(status, lang)
-            raise
-        finally:
-            if task is not None:
-                self._jobs.discard(task)
-
-    async def _four_k_cost(self, outcome: DrawOutcome) -> str | None:
-        """Estimate what the 4K button would cost, for its label (None: cannot say)."""
-        job = await self.service.job(outcome.job_id)
-        if job is None:
-            return None
-        first = outcome.images[0] if outcome.images else None
-        # The references are not at hand; their aspect is what the result followed.
-        sizes = [(first.width, first.height)] * outcome.reference_count if first else []
-        try:
-            _, estimate = self.service.parse(
-                job.command_text, reference_sizes=sizes, force_tier="4K"
-            )
-        except ImgbotError:
-            return None
-        return f"{whole_credits(estimate):,}"
-
-    async def _say_internal_error(self, status: StatusMessage, lang: str) -> None:
-        try:
-            await status.fail(text(lang, "error.internal"))
-        except TelegramError as err:
-            log.debug("could not report an internal error: %s", err)
 
     # --- other commands ---------------------------------------------------------------
     async def cmd_start(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -504,22 +438,18 @@ class TelegramAdapter:
         lang = language_of(requester.language)
 
         async def reply() -> str:
-            report = await self.service.ledger.spend_report(requester.user_key)
+            report = await self.service.spend_report(requester)
             return render_balance(report, self.service.prices, lang)
 
         await self._guarded(update, lang, reply)
 
     async def cmd_cancel(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """Cancel the user's waiting jobs."""
+        """Cancel the user's waiting and running jobs, naming them."""
         requester = self._requester(update)
         if requester is None:
             return
         lang = language_of(requester.language)
-        cancelled = self.service.cancel(requester)
-        if cancelled:
-            await self._answer(update, text(lang, "cancel.done", count=len(cancelled)))
-        else:
-            await self._answer(update, text(lang, "cancel.none"))
+        await self._answer(update, render_cancelled(self.service.cancel(requester), lang))
 
     async def cmd_admin(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Run an admin command (limits, refunds, blocks, reports); others are refused."""
@@ -530,8 +460,17 @@ class TelegramAdapter:
         name = message.text.split(maxsplit=1)[0].lstrip("/").split("@", 1)[0].lower()
         lang = language_of(requester.language)
 
+        # A reply to someone's message aims the command at them: /limit daily=5000.
+        replied = message.reply_to_message
+        target = None
+        if replied is not None and (replied.from_user is None or replied.from_user.id != self.app.bot.id):
+            sender = self.requester_of_message(replied)
+            target = sender.user_key if sender is not None else None
+
         async def reply() -> str:
-            return await run_admin(self.service, requester, name, list(context.args or []))
+            return await run_admin(
+                self.service, requester, name, list(context.args or []), target=target
+            )
 
         await self._guarded(update, lang, reply)
 
@@ -579,8 +518,7 @@ class TelegramAdapter:
 
     async def _tell_interrupted(self, jobs: Sequence[JobRecord]) -> None:
         for job in jobs:
-            user = await self.service.ledger.get_user(job.user_key)
-            notice = self.service.interrupted_notice(job, user.language if user else None)
+            notice = await self.service.notice_for_interrupted(job)
             try:
                 chat_id = int(job.chat_id or job.user_id)
                 await with_flood_retry(lambda c=chat_id, t=notice: self.app.bot.send_message(c, t))
@@ -614,7 +552,8 @@ class TelegramAdapter:
         log.error("%s failed:\n%s", what, self._scrub(trace))
 
     async def drain(self, grace: float) -> None:
-        """Let running jobs finish for up to `grace` seconds, then cancel them."""
+        """Let running jobs (and albums still gathering) finish for up to `grace` seconds."""
+        await self.runner.drain(grace)
         jobs = set(self._jobs)
         if not jobs:
             return
@@ -623,138 +562,3 @@ class TelegramAdapter:
             job.cancel()
         if pending:
             await asyncio.wait(pending, timeout=5)
-
-
-# --- building and running ----------------------------------------------------------------
-def build_application(
-    settings: Settings,
-    service: ImageService,
-    *,
-    request: BaseRequest | None = None,
-    get_updates_request: BaseRequest | None = None,
-    rate_limiter: BaseRateLimiter[str] | None = None,
-) -> Application:
-    """Build the Telegram Application with every handler, bound to the service."""
-    token = settings.telegram_bot_token.get_secret_value()
-    if not token:
-        raise SettingsError("TELEGRAM_BOT_TOKEN: empty; get a token from @BotFather")
-    base = settings.telegram_api_base_url.rstrip("/")
-    builder = (
-        Application.builder()
-        .token(token)
-        .base_url(f"{base}/bot")
-        .base_file_url(f"{base}/file/bot")
-        # Image jobs take tens of seconds, and answers in a group over its flood budget
-        # wait their turn: never let them hold up other users or chats.
-        .concurrent_updates(MAX_CONCURRENT_UPDATES)
-        # Every call passes the flood limiter: Telegram's rates, results before status.
-        .rate_limiter(rate_limiter or FloodLimiter())
-    )
-    if request is not None:
-        builder = builder.request(request)
-    else:
-        pool = max(32, settings.max_jobs_in_flight * 4)
-        builder = builder.connection_pool_size(pool).read_timeout(30).media_write_timeout(120)
-    if get_updates_request is not None:
-        builder = builder.get_updates_request(get_updates_request)
-    app = builder.build()
-    adapter = TelegramAdapter(settings, service, app)
-    adapter.register()
-    app.bot_data[ADAPTER_KEY] = adapter
-    return app
-
-
-def _commands(lang: str, names: Sequence[str]) -> list[BotCommand]:
-    return [BotCommand(name, text(lang, f"tg.cmd.{name}")) for name in names]
-
-
-async def register_commands(app: Application, settings: Settings) -> None:
-    """Tell Telegram the command list, in English and Chinese (admins also see theirs)."""
-    bot = app.bot
-    try:
-        await bot.set_my_commands(_commands("en", USER_COMMANDS))
-        await bot.set_my_commands(_commands("zh", USER_COMMANDS), language_code="zh")
-    except TelegramError as err:
-        log.warning("could not register the command list: %s", err)
-    every = (*USER_COMMANDS, *ADMIN_COMMANDS)
-    for admin in settings.admins:
-        platform, _, user_id = admin.partition(":")
-        if platform != PLATFORM or not user_id.lstrip("-").isdigit():
-            continue
-        scope = BotCommandScopeChat(int(user_id))
-        try:
-            await bot.set_my_commands(_commands("en", every), scope=scope)
-            await bot.set_my_commands(_commands("zh", every), scope=scope, language_code="zh")
-        except TelegramError as err:
-            # An admin who never opened the bot has no chat with it yet.
-            log.info("admin command list not set for %s: %s", admin, err)
-
-
-def _log_polling_error(err: TelegramError) -> None:
-    log.warning("polling Telegram: %s", err)
-
-
-async def run_telegram(
-    settings: Settings,
-    service: ImageService,
-    stop: asyncio.Event,
-    *,
-    request: BaseRequest | None = None,
-    get_updates_request: BaseRequest | None = None,
-    rate_limiter: BaseRateLimiter[str] | None = None,
-) -> None:
-    """Run the Telegram bot (polling, or a webhook when TELEGRAM_WEBHOOK_URL is set) until stop."""
-    app = build_application(
-        settings,
-        service,
-        request=request,
-        get_updates_request=get_updates_request,
-        rate_limiter=rate_limiter,
-    )
-    adapter: TelegramAdapter = app.bot_data[ADAPTER_KEY]
-    async with app:
-        await register_commands(app, settings)
-        await app.start()
-        adapter.tell_interrupted()
-        try:
-            if settings.telegram_webhook_url:
-                await _start_webhook(app, settings)
-            else:
-                await app.updater.start_polling(  # type: ignore[union-attr]
-                    allowed_updates=ALLOWED_UPDATES, error_callback=_log_polling_error
-                )
-            log.info(
-                "telegram bot @%s running (%s)",
-                app.bot.username,
-                "webhook" if settings.telegram_webhook_url else "polling",
-            )
-            await stop.wait()
-        finally:
-            # Stop receiving first; then the service cancels waiting jobs (their handlers
-            # tell the users) and lets running ones finish; then our replies go out.
-            if app.updater is not None and app.updater.running:
-                await app.updater.stop()
-            await service.shutdown(settings.shutdown_grace)
-            await adapter.drain(settings.shutdown_grace)
-            if app.running:
-                await app.stop()
-
-
-async def _start_webhook(app: Application, settings: Settings) -> None:
-    try:
-        import tornado  # noqa: F401 - PTB's webhook server needs it
-    except ImportError:
-        raise SettingsError(
-            "TELEGRAM_WEBHOOK_URL: webhook mode needs `pip install 'python-telegram-bot[webhooks]'`"
-        ) from None
-    # Telegram sends the secret back with every call; without a configured one, make one up.
-    secret = settings.telegram_webhook_secret.get_secret_value() or secrets.token_urlsafe(32)
-    path = urlsplit(settings.telegram_webhook_url).path.strip("/")
-    await app.updater.start_webhook(  # type: ignore[union-attr]
-        listen=settings.telegram_webhook_listen,
-        port=settings.telegram_webhook_port,
-        url_path=path,
-        webhook_url=settings.telegram_webhook_url,
-        secret_token=secret,
-        allowed_updates=ALLOWED_UPDATES,
-    )

@@ -13,7 +13,7 @@ Application passes through it:
 - A message counts from the moment the call to Telegram *finished*, so the spacing holds
   where Telegram measures it whatever the upload took; calls in flight hold their slot.
 - A 429 blocks its chat for `retry_after` (the caller still retries, see
-  `bots.telegram_reply.with_flood_retry`).
+  `bots.telegram.reply.with_flood_retry`).
 
 Time comes from a `Timebase`, so tests run the limiter (and the fake Bot API) scaled.
 """

@@ -31,10 +31,14 @@ from telegram import (
 from telegram.constants import ChatAction
 from telegram.error import BadRequest, RetryAfter, TelegramError
 
-from bots.telegram_flood import STATUS, FloodSkipped, retry_seconds
-from core.images import GeneratedImage
+from bots.telegram.flood import STATUS, FloodSkipped, retry_seconds
+from core.errors import ImgbotError
 from core.messages import text
-from core.service import DrawOutcome, Progress
+from core.pricing import PriceTable, whole_credits
+from core.replay import ACTIONS, ReplayCodec
+from core.reports import render_caption
+from core.service import DrawOutcome
+from core.types import GeneratedImage, Progress
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ ORIGINAL_ABOVE_PIXELS = 2_500_000
 PREVIEW_MAX_SIDE = 2560
 PREVIEW_JPEG_QUALITY = 88
 # Flood limits: about one message a second per chat; status edits stay well below
-# (and `bots.telegram_flood` skips them when a chat's budget is tight).
+# (and `bots.telegram.flood` skips them when a chat's budget is tight).
 STATUS_MIN_INTERVAL = 3.0
 # A status the flood limiter skipped is tried again this soon (a local check, no call).
 STATUS_RETRY = 0.2
@@ -100,23 +104,24 @@ def best_effort(bot: Bot) -> dict[str, str]:
     return {"rate_limit_args": STATUS} if getattr(bot, "rate_limiter", None) else {}
 
 
+# The replay buttons' data on Telegram: `j:<job id>:<action>` (≤ 64 bytes). A forged id of
+# any length is answered "not found" rather than ignored.
+BUTTONS = ReplayCodec("j:", id_digits=58)
+
+
 def result_keyboard(job_id: int, lang: str, four_k_cost: str | None = None) -> InlineKeyboardMarkup:
     """Build the buttons under a result; the 4K one says what it costs when known."""
-    four_k = (
-        text(lang, "tg.button.4k_cost", cost=four_k_cost)
-        if four_k_cost
-        else text(lang, "tg.button.4k")
-    )
+
+    def label(action: str) -> str:
+        if action == "4k" and four_k_cost:
+            return text(lang, "tg.button.4k_cost", cost=four_k_cost)
+        return text(lang, f"tg.button.{action}")
+
     return InlineKeyboardMarkup(
         [
             [
-                InlineKeyboardButton(
-                    text(lang, "tg.button.again"), callback_data=f"j:{job_id}:again"
-                ),
-                InlineKeyboardButton(four_k, callback_data=f"j:{job_id}:4k"),
-                InlineKeyboardButton(
-                    text(lang, "tg.button.vary"), callback_data=f"j:{job_id}:vary"
-                ),
+                InlineKeyboardButton(label(action), callback_data=BUTTONS.encode(job_id, action))
+                for action in ACTIONS
             ]
         ]
     )
@@ -557,3 +562,73 @@ def _largest_photo_id(message: Message) -> str:
 
 def _document_id(message: Message) -> str | None:
     return message.document.file_id if message.document is not None else None
+
+
+# --- the runner's Reply on Telegram ----------------------------------------------------------
+class TelegramReply:
+    """Show one job in a chat: status message and chat action, then the result or a word."""
+
+    def __init__(
+        self,
+        bot: Bot,
+        where: Where,
+        lang: str,
+        *,
+        prices: PriceTable,
+        is_group: bool,
+        send_original: SendOriginal,
+        scrub: Callable[[str], str],
+    ) -> None:
+        self._bot = bot
+        self._where = where
+        self._lang = lang
+        self._prices = prices
+        self._is_group = is_group
+        self._send_original = send_original
+        self._scrub = scrub
+        self.status = StatusMessage(bot, where, lang)
+        self.action = ChatActionLoop(bot, where)
+
+    async def progress(self, event: Progress) -> None:
+        """Show the queue place or the drawing time; keep "sending a photo…" up while drawing."""
+        if event.kind == "started":
+            self.action.start()
+        await self.status.show(event)
+
+    async def result(self, outcome: DrawOutcome, four_k_credits: float | None) -> list[str]:
+        """Send the result with its caption and buttons; return the file ids sent."""
+        await self.action.stop()
+        # A group sees the caption: only this job's cost there, spend in private.
+        caption = render_caption(outcome, self._prices, show_spend=not self._is_group)
+        four_k = f"{whole_credits(four_k_credits):,}" if four_k_credits is not None else None
+        try:
+            refs = await deliver_result(
+                self._bot,
+                self._where,
+                outcome,
+                caption,
+                send_original=self._send_original,
+                four_k_cost=four_k,
+            )
+        except TelegramError as err:
+            log.warning("job %d: result not delivered: %s", outcome.job_id, self._scrub(str(err)))
+            await self.status.fail(text(self._lang, "tg.send_failed", job_id=outcome.job_id))
+            return []
+        await self.status.close()
+        return refs
+
+    async def refusal(self, message: str | None, error: ImgbotError | None = None) -> None:
+        """Turn the status into the refusal, or remove it quietly."""
+        await self.action.stop()
+        if message is None:
+            await self.status.discard()
+        else:
+            await self.status.fail(message)
+
+    async def failure(self, message: str) -> None:
+        """Say something went wrong, if Telegram lets us."""
+        await self.action.stop()
+        try:
+            await self.status.fail(message)
+        except TelegramError as err:
+            log.debug("could not report an internal error: %s", self._scrub(str(err)))

@@ -1,0 +1,1 @@
+"""The Telegram front end: wiring (`app`), handlers, references, reply, flood limits."""

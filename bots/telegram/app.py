@@ -1,0 +1,171 @@
+"""Telegram wiring: build the PTB Application with our handlers, and run it until stop.
+
+    app = build_application(settings, service)          # a real PTB Application
+    await run_telegram(settings, service, stop_event)   # poll (or webhook) until stop is set
+
+The handlers are `bots.telegram.handlers`; receiving (captions, albums, replies) is
+`references`; replying (status, chat action, photos, buttons) is `reply`; flood limits
+are `flood`. The job flow itself is core's (`core.runner`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+from telegram import BotCommand, BotCommandScopeChat, Update
+from telegram.error import TelegramError
+from telegram.ext import Application, BaseRateLimiter
+from telegram.request import BaseRequest
+
+from bots.telegram.flood import FloodLimiter
+from bots.telegram.handlers import ADAPTER_KEY, PLATFORM, USER_COMMANDS, TelegramAdapter
+from core.admin import ADMIN_COMMANDS
+from core.config import Settings, SettingsError
+from core.messages import text
+from core.service import ImageService
+
+log = logging.getLogger(__name__)
+
+ALLOWED_UPDATES = [Update.MESSAGE, Update.CALLBACK_QUERY]
+# Updates handled at once. PTB's default (256) let one busy group stall every chat: a group
+# gets 20 messages a minute, so its waiting answers could hold all 256 slots for many minutes
+# (tests/test_load.py measures this). Waiting handlers are cheap coroutines.
+MAX_CONCURRENT_UPDATES = 4096
+
+
+def build_application(
+    settings: Settings,
+    service: ImageService,
+    *,
+    request: BaseRequest | None = None,
+    get_updates_request: BaseRequest | None = None,
+    rate_limiter: BaseRateLimiter[str] | None = None,
+) -> Application:
+    """Build the Telegram Application with every handler, bound to the service."""
+    token = settings.telegram_bot_token.get_secret_value()
+    if not token:
+        raise SettingsError("TELEGRAM_BOT_TOKEN: empty; get a token from @BotFather")
+    base = settings.telegram_api_base_url.rstrip("/")
+    builder = (
+        Application.builder()
+        .token(token)
+        .base_url(f"{base}/bot")
+        .base_file_url(f"{base}/file/bot")
+        # Image jobs take tens of seconds, and answers in a group over its flood budget
+        # wait their turn: never let them hold up other users or chats.
+        .concurrent_updates(MAX_CONCURRENT_UPDATES)
+        # Every call passes the flood limiter: Telegram's rates, results before status.
+        .rate_limiter(rate_limiter or FloodLimiter())
+    )
+    if request is not None:
+        builder = builder.request(request)
+    else:
+        pool = max(32, settings.max_jobs_in_flight * 4)
+        builder = builder.connection_pool_size(pool).read_timeout(30).media_write_timeout(120)
+    if get_updates_request is not None:
+        builder = builder.get_updates_request(get_updates_request)
+    app = builder.build()
+    adapter = TelegramAdapter(settings, service, app)
+    adapter.register()
+    app.bot_data[ADAPTER_KEY] = adapter
+    return app
+
+
+def _commands(lang: str, names: Sequence[str]) -> list[BotCommand]:
+    return [BotCommand(name, text(lang, f"tg.cmd.{name}")) for name in names]
+
+
+async def register_commands(app: Application, settings: Settings) -> None:
+    """Tell Telegram the command list, in English and Chinese (admins also see theirs)."""
+    bot = app.bot
+    try:
+        await bot.set_my_commands(_commands("en", USER_COMMANDS))
+        await bot.set_my_commands(_commands("zh", USER_COMMANDS), language_code="zh")
+    except TelegramError as err:
+        log.warning("could not register the command list: %s", err)
+    every = (*USER_COMMANDS, *ADMIN_COMMANDS)
+    for admin in settings.admins:
+        platform, _, user_id = admin.partition(":")
+        if platform != PLATFORM or not user_id.lstrip("-").isdigit():
+            continue
+        scope = BotCommandScopeChat(int(user_id))
+        try:
+            await bot.set_my_commands(_commands("en", every), scope=scope)
+            await bot.set_my_commands(_commands("zh", every), scope=scope, language_code="zh")
+        except TelegramError as err:
+            # An admin who never opened the bot has no chat with it yet.
+            log.info("admin command list not set for %s: %s", admin, err)
+
+
+def _log_polling_error(err: TelegramError) -> None:
+    log.warning("polling Telegram: %s", err)
+
+
+async def run_telegram(
+    settings: Settings,
+    service: ImageService,
+    stop: asyncio.Event,
+    *,
+    request: BaseRequest | None = None,
+    get_updates_request: BaseRequest | None = None,
+    rate_limiter: BaseRateLimiter[str] | None = None,
+) -> None:
+    """Run the Telegram bot (polling, or a webhook when TELEGRAM_WEBHOOK_URL is set) until stop."""
+    app = build_application(
+        settings,
+        service,
+        request=request,
+        get_updates_request=get_updates_request,
+        rate_limiter=rate_limiter,
+    )
+    adapter: TelegramAdapter = app.bot_data[ADAPTER_KEY]
+    async with app:
+        await register_commands(app, settings)
+        await app.start()
+        adapter.tell_interrupted()
+        try:
+            if settings.telegram_webhook_url:
+                await _start_webhook(app, settings)
+            else:
+                await app.updater.start_polling(  # type: ignore[union-attr]
+                    allowed_updates=ALLOWED_UPDATES, error_callback=_log_polling_error
+                )
+            log.info(
+                "telegram bot @%s running (%s)",
+                app.bot.username,
+                "webhook" if settings.telegram_webhook_url else "polling",
+            )
+            await stop.wait()
+        finally:
+            # Stop receiving first; then the service cancels waiting jobs (their handlers
+            # tell the users) and lets running ones finish; then our replies go out.
+            if app.updater is not None and app.updater.running:
+                await app.updater.stop()
+            await service.shutdown(settings.shutdown_grace)
+            await adapter.drain(settings.shutdown_grace)
+            if app.running:
+                await app.stop()
+
+
+async def _start_webhook(app: Application, settings: Settings) -> None:
+    try:
+        import tornado  # noqa: F401 - PTB's webhook server needs it
+    except ImportError:
+        raise SettingsError(
+            "TELEGRAM_WEBHOOK_URL: webhook mode needs `pip install 'python-telegram-bot[webhooks]'`"
+        ) from None
+    # Telegram sends the secret back with every call; without a configured one, make one up.
+    secret = settings.telegram_webhook_secret.get_secret_value() or secrets.token_urlsafe(32)
+    path = urlsplit(settings.telegram_webhook_url).path.strip("/")
+    await app.updater.start_webhook(  # type: ignore[union-attr]
+        listen=settings.telegram_webhook_listen,
+        port=settings.telegram_webhook_port,
+        url_path=path,
+        webhook_url=settings.telegram_webhook_url,
+        secret_token=secret,
+        allowed_updates=ALLOWED_UPDATES,
+    )

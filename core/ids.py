@@ -1,0 +1,85 @@
+"""User and chat keys (`platform:id`): their form per platform, and usernames seen in chats.
+
+A key is `telegram:<number>` (chats are negative), `discord:<number>` or `cli:<name>`.
+Admin commands and the `ADMINS` / `ALLOWED_*` settings take keys; anything else is an error
+with a message that says what was wrong, never a key that silently matches nobody.
+
+`UserDirectory` remembers, in memory, the usernames the bots have seen (`@ann` → the key
+of the user who wrote), so an admin may name a user by `@username`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from core.errors import PromptError
+
+NUMERIC = re.compile(r"-?[0-9]{1,20}")
+SNOWFLAKE = re.compile(r"[0-9]{1,20}")
+NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# What an id looks like on each platform.
+KEY_FORMS = {"telegram": NUMERIC, "discord": SNOWFLAKE, "cli": NAME}
+# The terminal has no users or chats of its own to mean by a bare id.
+BARE_ID_PLATFORMS = ("telegram", "discord")
+USERNAME = re.compile(r"@([A-Za-z0-9_]{1,64})")
+# Usernames remembered at most, so memory stays bounded.
+KEEP_USERNAMES = 100_000
+
+
+def key_problem(key: str) -> PromptError | None:
+    """Say what is wrong with a `platform:id` key (None: nothing), as an error to show."""
+    platform, sep, ident = key.partition(":")
+    if not sep:
+        return PromptError("admin.id_no_platform", word=key)
+    form = KEY_FORMS.get(platform)
+    if form is None:
+        return PromptError("admin.id_unknown_platform", word=key, known=", ".join(KEY_FORMS))
+    if not form.fullmatch(ident):
+        kind = "admin.id_not_name" if platform == "cli" else "admin.id_not_number"
+        return PromptError(kind, word=key, platform=platform)
+    return None
+
+
+def describe_key_problem(key: str, lang: str = "en") -> str | None:
+    """Say in words what is wrong with a key (None: nothing), for settings and doctor."""
+    problem = key_problem(key)
+    return problem.user_message(lang) if problem is not None else None
+
+
+class UserDirectory:
+    """Remember which user key each `@username` seen on a platform belongs to."""
+
+    def __init__(self) -> None:
+        self._keys: dict[tuple[str, str], str] = {}
+
+    def note(self, platform: str, username: str | None, user_key: str) -> None:
+        """Record that `username` on `platform` is the user `user_key`."""
+        if not username:
+            return
+        if len(self._keys) >= KEEP_USERNAMES:
+            self._keys.clear()  # rare; names are learnt again from the next messages
+        self._keys[(platform, username.lower())] = user_key
+
+    def find(self, platform: str, username: str) -> str | None:
+        """Return the user key of `@username` on `platform`, if the bot has seen them."""
+        return self._keys.get((platform, username.lstrip("@").lower()))
+
+
+def parse_key(word: str, platform: str, directory: UserDirectory | None = None) -> str:
+    """Turn an admin's word for a user or chat into a checked key, or raise PromptError.
+
+    A bare id means "on the admin's own platform" (not in the terminal); `@name` is a user
+    the bot has seen on that platform.
+    """
+    username = USERNAME.fullmatch(word)
+    if username is not None:
+        found = directory.find(platform, username.group(1)) if directory else None
+        if found is None:
+            raise PromptError("admin.unknown_username", name=word)
+        return found
+    if ":" not in word and platform in BARE_ID_PLATFORMS:
+        word = f"{platform}:{word}"
+    problem = key_problem(word)
+    if problem is not None:
+        raise problem
+    return word

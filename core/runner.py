@@ -1,0 +1,224 @@
+"""The one job runner every front end uses: from a command to a delivered result or a word.
+
+    runner = JobRunner(service)
+    await runner.run(requester, command, fetch_references, reply, source_ref=…)
+    await runner.replay(requester, job_id, action, fetch_ref, reply, source_ref=…)
+
+A front end turns its platform event into a `Requester`, the command text, a way to fetch
+the references, and a `Reply` of its own. The runner then, in this order: checks access
+(before anything is downloaded for a stranger), fetches the references, applies a
+refinement (a reply to an earlier result keeps its options), asks first when the estimate
+is above `CONFIRM_ABOVE` (if the front end can ask), draws through the service's queue,
+hands the result to the Reply and records where its files went (for "vary"). Every error
+ends in one place: a core error becomes its message in the requester's language, or
+silence for a silent refusal; anything else is logged and answered with a generic line.
+The front end holds no rules and no core wording.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Protocol
+
+from core.errors import ImgbotError
+from core.messages import language_of, text
+from core.prompt import refine_command
+from core.replay import ReplayAction
+from core.service import DrawOutcome, ImageService, job_visible_to
+from core.types import IncomingImage, Progress, Requester
+
+log = logging.getLogger(__name__)
+
+FetchReferences = Callable[[], Awaitable[Sequence[IncomingImage]]]
+FetchRef = Callable[[str], Awaitable[IncomingImage]]
+
+
+class Reply(Protocol):
+    """How a front end shows one job: its progress, its result, or why there is none."""
+
+    async def progress(self, event: Progress) -> None:
+        """Show a progress event (queued at a place, drawing, elapsed); never raise."""
+
+    async def result(self, outcome: DrawOutcome, four_k_credits: float | None) -> Sequence[str]:
+        """Deliver the result; return the platform's handle of each image sent ("" if none).
+
+        `four_k_credits` is what the 4K replay would cost, for its button (None: unknown).
+        """
+
+    async def refusal(self, message: str | None, error: ImgbotError | None = None) -> None:
+        """Say why the job did not run (a core error's message), or end quietly (None).
+
+        `error` is the core error itself, for a front end's own bookkeeping (an exit code);
+        its wording is `message`.
+        """
+
+    async def failure(self, message: str) -> None:
+        """Say that something went wrong on our side (the details are in the log)."""
+
+
+# Called with the estimate and a way to start the job later with another Reply.
+Confirm = Callable[[float, Callable[[Reply], Awaitable[None]]], Awaitable[None]]
+
+
+class JobRunner:
+    """Carry jobs from any front end through the service and back to its Reply."""
+
+    def __init__(self, service: ImageService) -> None:
+        self.service = service
+        self._running: set[asyncio.Task[object]] = set()
+
+    async def run(
+        self,
+        requester: Requester,
+        command: str,
+        references: FetchReferences,
+        reply: Reply,
+        *,
+        refines: int | None = None,
+        confirm: Confirm | None = None,
+        source_ref: str | None = None,
+        origin: Mapping[str, str] | None = None,
+    ) -> None:
+        """Run one /img command for a front end and answer through its Reply.
+
+        `refines` is the job whose result the command answers: its options are kept unless
+        the command names new ones. `confirm`, when given, is asked before a job estimated
+        above `CONFIRM_ABOVE`; it gets a way to start the job later.
+        """
+
+        async def job() -> None:
+            service = self.service
+            # Before any download: a stranger learns nothing and costs nothing.
+            await service.check_access(requester)
+            refs = tuple(await references())
+            wanted = await self._refined(command, refines, requester)
+            threshold = service.settings.confirm_above
+            if confirm is not None and threshold > 0:
+                _, estimate = await service.estimate(wanted, refs)
+                if estimate > threshold:
+
+                    async def resume(later: Reply) -> None:
+                        await self._guarded(requester, later, self._draw_job(
+                            requester, wanted, refs, later, source_ref, origin
+                        ))
+
+                    await confirm(estimate, resume)
+                    await reply.refusal(None)  # the question replaces the status
+                    return
+            await self._draw_job(requester, wanted, refs, reply, source_ref, origin)
+
+        await self._guarded(requester, reply, job())
+
+    async def replay(
+        self,
+        requester: Requester,
+        job_id: int,
+        action: ReplayAction,
+        fetch_ref: FetchRef,
+        reply: Reply,
+        *,
+        source_ref: str | None = None,
+        origin: Mapping[str, str] | None = None,
+    ) -> None:
+        """Replay a stored job from its button ("again", "4k", "vary"); the presser pays."""
+
+        async def job() -> None:
+            outcome = await self.service.replay(
+                requester,
+                job_id,
+                action,
+                fetch_ref,
+                reply.progress,
+                source_ref=source_ref,
+                origin=origin,
+            )
+            await self._deliver(outcome, reply)
+
+        await self._guarded(requester, reply, job())
+
+    async def _draw_job(
+        self,
+        requester: Requester,
+        command: str,
+        refs: Sequence[IncomingImage],
+        reply: Reply,
+        source_ref: str | None,
+        origin: Mapping[str, str] | None,
+    ) -> None:
+        outcome = await self.service.draw(
+            requester, command, refs, reply.progress, source_ref=source_ref, origin=origin
+        )
+        await self._deliver(outcome, reply)
+
+    async def _deliver(self, outcome: DrawOutcome, reply: Reply) -> None:
+        handles = await reply.result(outcome, await self.four_k_estimate(outcome))
+        if any(handles):
+            try:
+                await self.service.record_result_refs(outcome.job_id, handles)
+            except Exception:  # noqa: BLE001 - the user has the result; only "vary" loses out
+                log.exception("could not store the result files of job %d", outcome.job_id)
+
+    async def _refined(self, command: str, refines: int | None, requester: Requester) -> str:
+        if refines is None:
+            return command
+        job = await self.service.job(refines)
+        if job is None or not job_visible_to(job, requester):
+            return command  # a result from another chat refines nothing (and tells nothing)
+        try:
+            stored = json.loads(job.request_json or "{}").get("request")
+        except (ValueError, AttributeError):
+            return command
+        if not isinstance(stored, dict):
+            return command
+        return refine_command(command, stored, self.service.defaults)
+
+    async def four_k_estimate(self, outcome: DrawOutcome) -> float | None:
+        """Estimate what the 4K replay of a result would cost (None: cannot say)."""
+        job = await self.service.job(outcome.job_id)
+        if job is None:
+            return None
+        first = outcome.images[0] if outcome.images else None
+        # The references are not at hand; their aspect is what the result followed.
+        sizes = [(first.width, first.height)] * outcome.reference_count if first else []
+        try:
+            _, estimate = self.service.parse(
+                job.command_text, reference_sizes=sizes, force_tier="4K"
+            )
+        except ImgbotError:
+            return None
+        return estimate
+
+    async def _guarded(
+        self, requester: Requester, reply: Reply, work: Awaitable[None]
+    ) -> None:
+        """Run a job's work; every way it can end is answered here, once."""
+        lang = language_of(requester.language)
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
+        try:
+            await work
+        except ImgbotError as err:
+            # A stranger in a group, or a message already handled: say nothing.
+            message = None if err.params.get("silent") else err.user_message(lang)
+            await reply.refusal(message, err)
+        except Exception:
+            log.exception("job of %s failed", requester.user_key)
+            await reply.failure(text(lang, "error.internal"))
+        finally:
+            if task is not None:
+                self._running.discard(task)
+
+    async def drain(self, grace: float) -> None:
+        """Let the jobs being answered finish for up to `grace` seconds, then cancel them."""
+        jobs = set(self._running)
+        if not jobs:
+            return
+        _, pending = await asyncio.wait(jobs, timeout=grace)
+        for job in pending:
+            job.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)

@@ -1,0 +1,187 @@
+"""The frozen value types every layer shares, in one place.
+
+    ImageRequest (+ Notice)    one parsed /img command
+    Usage                      token counts of one API answer
+    ReferenceImage             a checked reference, ready to upload
+    GeneratedImage, ImageResult  what the image API drew
+    IncomingImage              a reference as a front end received it
+    Progress                   one progress event of a job
+    Requester                  who asks, from which chat, on which platform
+
+They import nothing of ours but `core.messages` (a notice renders itself), so `errors`,
+`pricing`, `prompt`, `sizes`, `images`, the store and the runner can all use them without
+importing each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from core.messages import text as render_text
+
+KNOWN_MODELS = ("gpt-image-2", "gpt-image-1.5", "gpt-image-1")
+ProgressKind = Literal["queued", "started", "working", "done"]
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should know about how their request was read (a message key)."""
+
+    key: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def render(self, lang: str | None) -> str:
+        """Render the notice in the user's language."""
+        return render_text(lang, self.key, **dict(self.params))
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One parsed /img command, ready to price and send."""
+
+    prompt: str
+    model: str
+    size: str  # "WxH" or "auto"
+    quality: str  # low | medium | high | auto
+    n: int = 1
+    output_format: str | None = None  # png | jpeg | webp; None = the API's default (png)
+    background: str | None = None  # transparent | opaque | None
+    ratio: str | None = None  # the ratio as asked ("16:9", "auto"), None if not given
+    tier: str | None = None  # "1K" | "2K" | "4K" if asked, else None
+    as_file: bool = False  # deliver the lossless original as a file
+    notices: tuple[Notice, ...] = field(default=())
+
+    @property
+    def dimensions(self) -> tuple[int, int] | None:
+        """Return (width, height), or None when the size is auto."""
+        if self.size == "auto":
+            return None
+        w, h = self.size.split("x")
+        return int(w), int(h)
+
+    def with_changes(self, **changes: Any) -> ImageRequest:
+        """Return a copy with some fields changed."""
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one API answer."""
+
+    text_input_tokens: int = 0
+    image_input_tokens: int = 0
+    image_output_tokens: int = 0
+    text_output_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def from_api(cls, usage: dict[str, Any] | None) -> Usage | None:
+        """Read the API's `usage` object; None when absent or unreadable."""
+        if not isinstance(usage, dict):
+            return None
+        try:
+            inp = usage.get("input_tokens_details") or {}
+            out = usage.get("output_tokens_details") or {}
+            input_tokens = int(usage.get("input_tokens") or 0)
+            output_tokens = int(usage.get("output_tokens") or 0)
+            text_in = int(inp.get("text_tokens", input_tokens - int(inp.get("image_tokens") or 0)))
+            image_in = int(inp.get("image_tokens") or 0)
+            if "image_tokens" in out:
+                image_out = int(out.get("image_tokens") or 0)
+                text_out = int(out.get("text_tokens") or 0)
+            else:
+                image_out, text_out = output_tokens, 0
+            total = int(usage.get("total_tokens") or input_tokens + output_tokens)
+        except (TypeError, ValueError):
+            return None
+        return cls(text_in, image_in, image_out, text_out, total)
+
+    def to_dict(self) -> dict[str, int]:
+        """Return the counts as a plain dict (for the ledger)."""
+        return {
+            "text_input_tokens": self.text_input_tokens,
+            "image_input_tokens": self.image_input_tokens,
+            "image_output_tokens": self.image_output_tokens,
+            "text_output_tokens": self.text_output_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class ReferenceImage:
+    """One checked reference image, ready to upload as an `image[]` part."""
+
+    data: bytes
+    filename: str
+    mime: str  # image/png | image/jpeg | image/webp
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One image the API drew."""
+
+    data: bytes
+    mime: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """What one call returned."""
+
+    images: tuple[GeneratedImage, ...]
+    usage: Usage | None
+    elapsed: float
+    revised_prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress event of a job."""
+
+    kind: ProgressKind
+    position: int = 0
+    elapsed: float = 0.0
+
+
+ProgressCallback = Callable[[Progress], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class IncomingImage:
+    """A reference image as an adapter received it; `ref` is an opaque platform handle."""
+
+    data: bytes
+    filename: str | None = None
+    ref: str | None = None
+
+
+@dataclass(frozen=True)
+class Requester:
+    """A person asking from one chat on one platform."""
+
+    platform: str  # "telegram", "discord", "cli"
+    user_id: str
+    chat_id: str | None = None  # None for a private chat / DM / terminal
+    display_name: str = ""
+    language: str | None = None  # raw platform language code ("zh-hans", "en-US", …)
+    is_admin: bool = False  # a configured bot admin: every admin action, everywhere
+    is_group: bool = False
+    # Administers this chat on its platform (Discord: Manage Server). May set this chat's
+    # limit and see its spend, nothing that reaches beyond it.
+    is_chat_admin: bool = False
+
+    @property
+    def user_key(self) -> str:
+        """Return the ledger key of the user, `platform:user_id`."""
+        return f"{self.platform}:{self.user_id}"
+
+    @property
+    def chat_key(self) -> str | None:
+        """Return the ledger key of the chat, `platform:chat_id`, or None."""
+        return f"{self.platform}:{self.chat_id}" if self.chat_id is not None else None
