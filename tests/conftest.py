@@ -13,6 +13,7 @@ import pytest
 from core.config import Settings
 from core.runtime import open_service
 from tests.fake_api import FakeImageAPI
+from tests.pg_server import pg_server, pg_url  # noqa: F401 - PostgreSQL fixtures for every module
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

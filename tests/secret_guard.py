@@ -47,7 +47,11 @@ WEBHOOK_TEST_SECRET = "hook-secret-5b0d2c7e"  # tests/test_webhook.py
 LEAKY_TEST_KEY = "sk-leaky-api-key-0123456789"  # tests/test_logs.py
 # A Discord bot token in the real shape; tests/test_secrets.py runs the bot with it.
 DISCORD_TEST_TOKEN = "MTEwMDAwMDAwMDAwMDAwMDAwMQ.GfAkE0.discord-test-token-DO-NOT-LEAK-0123"
+# The throwaway PostgreSQL server's password: it must never reach a message or a log.
+from tests.pg_server import PASSWORD as PG_TEST_PASSWORD  # noqa: E402
+
 KNOWN_SECRETS = (
+    PG_TEST_PASSWORD,
     TEST_API_KEY,
     TELEGRAM_TEST_TOKEN,
     TELEGRAM_DOCS_TOKEN,

@@ -1,0 +1,1309 @@
+"""The ledger on PostgreSQL, with asyncpg: the same promises as the SQLite backend, for many
+processes sharing one database.
+
+Calls and round trips. Every call borrows a connection from a small pool of asyncpg
+connections (`_Pool`, lighter than asyncpg's own) for its statements and gives it back. A reservation is one round trip: the `imgbot_reserve`
+function (core.store.postgres_schema) checks for a duplicate, reads the overrides, upserts
+the user and chat, inserts the job (whose trigger adds it to the running totals, locking
+them), then checks every limit against the totals without it and refuses on the tightest by
+raising, which undoes it all — one statement, one transaction, so concurrent reservations
+from any number of processes never overspend.
+`settle`, `fail`, `mark_started` and `mark_unsettled` are single UPDATEs guarded by
+`status = 'reserved'`: a second call changes nothing and returns False. Triggers keep
+`spend_totals` in the statement that changes a job.
+
+Lost connections. A call that could not get a connection (refused, reset, the server
+starting up or out of connection slots) is retried a few times with a short backoff, as is a
+read whose connection broke, and a transaction the server rolled back (deadlock,
+serialisation failure). A write whose connection broke after it was sent is never retried:
+whether it committed is unknown, and the caller gets StoreError saying so.
+
+Cancellation. A write runs to its end even if its caller is cancelled (as in the SQLite
+backend): no statement is cut off with its outcome unknown. A reservation whose caller is
+gone by then is released at once (failed / `cancelled`). A read cut off mid-statement drops
+its connection. `close()` waits for the calls already made, then closes the connections.
+
+No asyncpg type leaves this module: rows become `core.store.records` values (or plain dicts
+of str / int / float / None for copies), driver errors become StoreError, and messages name
+DATABASE_URL with the password redacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from core.errors import DuplicateJob, JobNotFound, LimitExceeded, UserError
+from core.pricing import Usage
+from core.requester import Requester
+from core.store.export import jobs_csv
+from core.store.interface import COPY_TABLES, SnapshotReader, Store, StoreError
+from core.store.postgres_schema import (
+    REFUSED_SQLSTATE,
+    SCOPE_ORDER,
+    SchemaTooNew,
+    apply_migrations,
+)
+from core.store.records import (
+    EPSILON,
+    MICRO,
+    ChatRecord,
+    ChatTotal,
+    JobRecord,
+    JobSpec,
+    JobStatus,
+    Limits,
+    Spender,
+    SpendReport,
+    UserRecord,
+    as_utc,
+    chat_from_mapping,
+    check_credits,
+    day_start,
+    effective_limit,
+    is_row_id,
+    iso,
+    job_from_mapping,
+    month_start,
+    remaining,
+    split_key,
+    usage_json,
+    user_from_mapping,
+    utc_now,
+)
+from core.store.url import redact_dsn
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+# Retries of a call that provably did not reach the database (or only read): 3 more
+# attempts, 50, 100 and 200 ms apart.
+RETRIES = 3
+BACKOFF = 0.05
+# At open, the server may still be starting: a little longer.
+OPEN_RETRIES = 5
+CONNECT_TIMEOUT = 10.0
+# Opened at start-up; more as calls need them, up to pool_size.
+POOL_MIN_SIZE = 2
+# An idle connection older than this is closed, not reused: a firewall or the server may
+# have dropped it silently, and a write on it would fail with an unknown outcome.
+MAX_IDLE = 300.0
+
+# No connection could be made, or the server cannot take one now: nothing was sent.
+_CONNECT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, unreachable, timed out (TimeoutError is an OSError)
+    asyncpg.CannotConnectNowError,  # starting up, shutting down, in recovery
+    asyncpg.TooManyConnectionsError,
+    asyncpg.PostgresConnectionError,  # includes ConnectionDoesNotExistError
+)
+# The connection broke while a statement was on its way or running.
+_LOST_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+)
+
+# --- statements -----------------------------------------------------------------------------
+# Whole statements as constants: values always go in as parameters, never into the text.
+
+_RESERVE = (
+    "SELECT * FROM imgbot_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
+    " $15, $16, $17, $18, $19, $20, $21, $22)"
+)
+_SELECT_JOB = "SELECT * FROM jobs WHERE id = $1"
+_SELECT_DUPLICATE = "SELECT id FROM jobs WHERE source_ref = $1"
+_START_JOB = "UPDATE jobs SET started_at = $1 WHERE id = $2 AND status = 'reserved'"
+# The status guard in the WHERE makes a second settle or fail a no-op.
+_FINISH_JOB = (
+    "UPDATE jobs SET status = $1, actual_credits = $2, usage_json = $3,"
+    " error_code = $4, finished_at = $5 WHERE id = $6 AND status = 'reserved'"
+)
+_MARK_UNSETTLED = "UPDATE jobs SET status = 'unsettled' WHERE id = $1 AND status = 'reserved'"
+_SELECT_STALE = "SELECT * FROM jobs WHERE status = 'reserved' AND created_at < $1 ORDER BY id"
+# Recovery locks the stale jobs (in id order), then every running total they touch in
+# SCOPE_ORDER, key, period — the order every other writer takes them in — so it cannot
+# deadlock with settles running meanwhile in other processes.
+_LOCK_STALE = (
+    "SELECT id, user_key, chat_key, created_at, started_at IS NOT NULL AS started FROM jobs"
+    " WHERE status = 'reserved' AND created_at < $1 ORDER BY id FOR UPDATE"
+)
+_LOCK_TOTALS = (
+    "SELECT 1 FROM spend_totals AS t"
+    " JOIN unnest($1::text[], $2::text[], $3::text[]) AS k (scope, key, period)"
+    " ON t.scope = k.scope AND t.key = k.key AND t.period = k.period"
+    " ORDER BY array_position($4::text[], t.scope::text), t.key, t.period FOR UPDATE OF t"
+)
+_UNSETTLE_STALE = (
+    "UPDATE jobs SET status = 'unsettled' WHERE id = ANY($1::bigint[]) AND status = 'reserved'"
+)
+_INTERRUPT_STALE = (
+    "UPDATE jobs SET status = 'failed', actual_credits = 0, error_code = 'interrupted',"
+    " finished_at = $1 WHERE id = ANY($2::bigint[]) AND status = 'reserved'"
+)
+_SELECT_UNSETTLED = "SELECT * FROM jobs WHERE status = 'unsettled' ORDER BY created_at, id"
+_REFUND = (
+    "UPDATE jobs SET status = 'refunded', refunded_by = $2, refunded_at = $3"
+    " WHERE id = $1 AND (status IN ('succeeded', 'unsettled')"
+    " OR (status = 'failed' AND COALESCE(actual_credits, 0) > 0)) RETURNING *"
+)
+_SELECT_STATUS = "SELECT status FROM jobs WHERE id = $1"
+_SET_RESULT_REFS = "UPDATE jobs SET result_refs = $1 WHERE id = $2"
+_SELECT_USER = "SELECT * FROM users WHERE user_key = $1"
+_SELECT_CHAT = "SELECT * FROM chats WHERE chat_key = $1"
+# Setting a limit creates the row of a user (chat) never seen, as the SQLite backend does.
+_SET_USER_LIMITS = (
+    "INSERT INTO users AS u (user_key, platform, user_id, daily_limit, monthly_limit,"
+    " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6)"
+    " ON CONFLICT (user_key) DO UPDATE SET daily_limit = excluded.daily_limit,"
+    " monthly_limit = excluded.monthly_limit, updated_at = excluded.updated_at"
+)
+_SET_CHAT_LIMIT = (
+    "INSERT INTO chats AS c (chat_key, platform, chat_id, daily_limit, created_at, updated_at)"
+    " VALUES ($1, $2, $3, $4, $5, $5)"
+    " ON CONFLICT (chat_key) DO UPDATE SET daily_limit = excluded.daily_limit,"
+    " updated_at = excluded.updated_at"
+)
+_SET_LANGUAGE = (
+    "INSERT INTO users AS u (user_key, platform, user_id, language, created_at, updated_at)"
+    " VALUES ($1, $2, $3, $4, $5, $5)"
+    " ON CONFLICT (user_key) DO UPDATE SET language = excluded.language,"
+    " updated_at = excluded.updated_at"
+)
+_BLOCK_KNOWN = (
+    "WITH u AS (UPDATE users SET blocked = $2, updated_at = $3 WHERE user_key = $1 RETURNING 1),"
+    " c AS (UPDATE chats SET blocked = $2, updated_at = $3 WHERE chat_key = $1 RETURNING 1)"
+    " SELECT (SELECT count(*) FROM u) + (SELECT count(*) FROM c)"
+)
+# A key not seen yet is blocked as both a user and a chat (a bare platform:id does not say).
+_BLOCK_NEW_USER = (
+    "INSERT INTO users (user_key, platform, user_id, blocked, created_at, updated_at)"
+    " VALUES ($1, $2, $3, 1, $4, $4) ON CONFLICT (user_key) DO UPDATE SET blocked = 1"
+)
+_BLOCK_NEW_CHAT = (
+    "INSERT INTO chats (chat_key, platform, chat_id, blocked, created_at, updated_at)"
+    " VALUES ($1, $2, $3, 1, $4, $4) ON CONFLICT (chat_key) DO UPDATE SET blocked = 1"
+)
+_IS_BLOCKED = (
+    "SELECT EXISTS (SELECT 1 FROM users WHERE user_key = $1 AND blocked <> 0)"
+    " OR EXISTS (SELECT 1 FROM chats WHERE chat_key = $2 AND blocked <> 0)"
+)
+# Exact sums over the jobs themselves: a report shows what was charged to the last bit,
+# where the running totals (for limits) count micro-credits.
+_SPEND_SUMS = (
+    "SELECT u.display_name, u.daily_limit, u.monthly_limit, u.user_key IS NOT NULL AS known,"
+    " (SELECT SUM(charged) FROM jobs WHERE user_key = $1 AND created_at >= $2) AS today,"
+    " (SELECT SUM(charged) FROM jobs WHERE user_key = $1 AND created_at >= $3) AS month,"
+    " (SELECT SUM(charged) FROM jobs WHERE user_key = $1) AS all_time"
+    " FROM (SELECT 1) AS one LEFT JOIN users AS u ON u.user_key = $1"
+)
+_SELECT_LAST_JOBS = "SELECT * FROM jobs WHERE user_key = $1 ORDER BY id DESC LIMIT $2"
+_TOP_SPENDERS = (
+    "SELECT j.user_key, COALESCE(u.display_name, '') AS name,"
+    " SUM(j.charged) AS credits, COUNT(*) AS jobs"
+    " FROM jobs AS j LEFT JOIN users AS u ON u.user_key = j.user_key"
+    " WHERE j.created_at >= $1 AND ($2::text IS NULL OR j.created_at < $2)"
+    " GROUP BY j.user_key, u.display_name"
+    " ORDER BY credits DESC, jobs DESC, j.user_key LIMIT $3"
+)
+_CHAT_TOTALS = (
+    "SELECT chat_key, SUM(charged) AS credits, COUNT(*) AS jobs FROM jobs"
+    " WHERE chat_key IS NOT NULL AND created_at >= $1 AND ($2::text IS NULL OR created_at < $2)"
+    " GROUP BY chat_key ORDER BY credits DESC, jobs DESC, chat_key"
+)
+_SELECT_EXPORT = (
+    "SELECT * FROM jobs WHERE ($1::text IS NULL OR created_at >= $1)"
+    " AND ($2::text IS NULL OR user_key = $2) ORDER BY id"
+)
+_GLOBAL_TODAY = (
+    "SELECT micro_credits FROM spend_totals"
+    " WHERE scope = 'global_daily' AND key = '' AND period = $1"
+)
+_SCHEMA_VERSION = "SELECT MAX(version) FROM schema_version"
+# Fails on a read-only standby or a read-only default transaction; rolled back at once.
+_TOUCH = ("UPDATE schema_version SET version = version WHERE false", "SELECT txid_current()")
+_IS_EMPTY = (
+    "SELECT NOT EXISTS (SELECT 1 FROM users) AND NOT EXISTS (SELECT 1 FROM chats)"
+    " AND NOT EXISTS (SELECT 1 FROM jobs)"
+)
+_COUNTS = (
+    "SELECT (SELECT count(*) FROM users) AS users, (SELECT count(*) FROM chats) AS chats,"
+    " (SELECT count(*) FROM jobs) AS jobs"
+)
+_USER_TOTALS = "SELECT user_key, SUM(charged) AS total FROM jobs GROUP BY user_key"
+# After a copy the identity must hand out ids above the copied ones (never backwards).
+_MOVE_JOB_IDS = (
+    "SELECT setval(s.seq, s.top) FROM (SELECT pg_get_serial_sequence('jobs', 'id')::regclass"
+    " AS seq, (SELECT max(id) FROM jobs) AS top) AS s"
+    " WHERE s.top > COALESCE(pg_sequence_last_value(s.seq), 0)"
+)
+
+# The raw columns a copy moves (every column but the generated charged / charged_micro), in
+# the SQLite tables' order, and the type each is stored as.
+_COPY_COLUMNS: dict[str, tuple[tuple[str, type], ...]] = {
+    "users": (
+        ("user_key", str),
+        ("platform", str),
+        ("user_id", str),
+        ("display_name", str),
+        ("language", str),
+        ("daily_limit", float),
+        ("monthly_limit", float),
+        ("blocked", int),
+        ("created_at", str),
+        ("updated_at", str),
+    ),
+    "chats": (
+        ("chat_key", str),
+        ("platform", str),
+        ("chat_id", str),
+        ("title", str),
+        ("daily_limit", float),
+        ("blocked", int),
+        ("created_at", str),
+        ("updated_at", str),
+    ),
+    "jobs": (
+        ("id", int),
+        ("user_key", str),
+        ("chat_key", str),
+        ("platform", str),
+        ("display_name", str),
+        ("command_text", str),
+        ("request_json", str),
+        ("model", str),
+        ("size", str),
+        ("quality", str),
+        ("n", int),
+        ("reference_count", int),
+        ("status", str),
+        ("estimated_credits", float),
+        ("actual_credits", float),
+        ("usage_json", str),
+        ("error_code", str),
+        ("created_at", str),
+        ("started_at", str),
+        ("finished_at", str),
+        ("result_refs", str),
+        ("refunded_by", str),
+        ("refunded_at", str),
+        ("source_ref", str),
+    ),
+}
+# One statement per copied table, written out (tests/test_postgres_store.py checks they list
+# _COPY_COLUMNS, in order). Paging starts after '' or 0: every key is above those.
+_PAGE_USERS = (
+    "SELECT user_key, platform, user_id, display_name, language, daily_limit, monthly_limit,"
+    " blocked, created_at, updated_at FROM users WHERE user_key > $1 ORDER BY user_key LIMIT $2"
+)
+_PAGE_CHATS = (
+    "SELECT chat_key, platform, chat_id, title, daily_limit, blocked, created_at, updated_at"
+    " FROM chats WHERE chat_key > $1 ORDER BY chat_key LIMIT $2"
+)
+_PAGE_JOBS = (
+    "SELECT id, user_key, chat_key, platform, display_name, command_text, request_json, model,"
+    " size, quality, n, reference_count, status, estimated_credits, actual_credits, usage_json,"
+    " error_code, created_at, started_at, finished_at, result_refs, refunded_by, refunded_at,"
+    " source_ref FROM jobs WHERE id > $1 ORDER BY id LIMIT $2"
+)
+_LOAD_USERS = (
+    "INSERT INTO users (user_key, platform, user_id, display_name, language, daily_limit,"
+    " monthly_limit, blocked, created_at, updated_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+)
+_LOAD_CHATS = (
+    "INSERT INTO chats (chat_key, platform, chat_id, title, daily_limit, blocked, created_at,"
+    " updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+)
+_LOAD_JOBS = (
+    "INSERT INTO jobs (id, user_key, chat_key, platform, display_name, command_text,"
+    " request_json, model, size, quality, n, reference_count, status, estimated_credits,"
+    " actual_credits, usage_json, error_code, created_at, started_at, finished_at, result_refs,"
+    " refunded_by, refunded_at, source_ref) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,"
+    " $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
+)
+
+
+def _refusal(err: asyncpg.PostgresError, user_key: str, estimate: float) -> LimitExceeded:
+    """Read a refusal raised by imgbot_reserve: the tightest limit and what it counted."""
+    scope = str(err.message)
+    limit_text, micro_text = str(err.detail).split()
+    limit = float(limit_text)  # PostgreSQL prints a double exactly (shortest round trip)
+    left = max(0.0, limit - int(micro_text) / MICRO)
+    return LimitExceeded(
+        f"limit.{scope}",
+        scope=scope,
+        asked=estimate,
+        remaining=left,
+        limit=limit,
+        detail=f"{user_key} asked {estimate} with {left} of {limit} left",
+    )
+
+
+def _updated(status: str) -> int:
+    # asyncpg returns the command tag, e.g. "UPDATE 1".
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def _coerce(kind: type, value: Any) -> Any:
+    # Raw rows from the other backend: SQLite may hand back an int for a REAL or a bool flag.
+    if value is None:
+        return None
+    if kind is float:
+        return float(value)
+    if kind is int:
+        return int(value)
+    return value
+
+
+def _plain(row: asyncpg.Record) -> dict[str, Any]:
+    return dict(row.items())
+
+
+def _host_of(dsn: str) -> str:
+    try:
+        parts = urlsplit(dsn)
+        host = parts.hostname or "localhost"
+        return f"{host}:{parts.port or 5432}"
+    except ValueError:
+        return "the server"
+
+
+def _dbname_of(dsn: str) -> str:
+    try:
+        return urlsplit(dsn).path.lstrip("/") or "(default)"
+    except ValueError:
+        return "(unknown)"
+
+
+def _open_error(dsn: str, err: BaseException) -> StoreError:
+    """One line naming DATABASE_URL (redacted) and what to fix; never the driver's text
+    when it could hold the URL."""
+    where = f"DATABASE_URL {redact_dsn(dsn)}"
+    if isinstance(
+        err, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
+    ):
+        return StoreError(f"{where}: the server refused the user name or password")
+    if isinstance(err, asyncpg.InvalidCatalogNameError):
+        return StoreError(
+            f"{where}: database {_dbname_of(dsn)!r} does not exist: create it or fix the name"
+        )
+    if isinstance(err, SchemaTooNew):
+        return StoreError(f"{where}: {err}")
+    if isinstance(err, asyncpg.TooManyConnectionsError):
+        return StoreError(f"{where}: the server has no connection slots left")
+    if isinstance(err, asyncpg.CannotConnectNowError):
+        return StoreError(f"{where}: the server is not accepting connections now (starting up?)")
+    if isinstance(err, OSError):
+        reason = err.strerror or type(err).__name__
+        return StoreError(
+            f"{where}: cannot reach the PostgreSQL server at {_host_of(dsn)} ({reason})"
+        )
+    if isinstance(err, asyncpg.PostgresError):
+        # Sent by the server, which never repeats a password back.
+        return StoreError(f"{where}: {err.sqlstate} {str(err).splitlines()[0]}")
+    if isinstance(err, asyncpg.ClientConfigurationError | ValueError):
+        return StoreError(f"{where}: not a valid PostgreSQL URL")
+    return StoreError(f"{where}: cannot connect ({type(err).__name__})")
+
+
+def _failure(what: str, err: BaseException) -> str:
+    # A server's message (never a password); for anything else only the kind of failure.
+    if isinstance(err, asyncpg.PostgresError):
+        first_line = (str(err).splitlines() or [""])[0]
+        return f"{what}: {err.sqlstate} {first_line}".rstrip()
+    return f"{what}: {type(err).__name__}"
+
+
+class _Pool:
+    """A small LIFO pool of asyncpg connections, up to `size`, opened as needed.
+
+    asyncpg's own Pool costs about 40 µs of the event loop's time per borrow (a proxy, a
+    holder, an inactivity timer armed and cancelled, and a reset query: one more round
+    trip), a third of what a reserve + settle pair costs this process. Here a borrow is a
+    list pop and a return a list push. A connection that broke, was left inside a
+    transaction, or idled longer than MAX_IDLE is closed instead of reused; a waiter then
+    opens a new one in its place.
+    """
+
+    def __init__(self, dsn: str, size: int) -> None:
+        self.dsn = dsn
+        self._size = size
+        self._idle: list[tuple[asyncpg.Connection, float]] = []
+        self._count = 0  # connections open, or being opened
+        self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
+        self._closed = False
+
+    async def _connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(
+            self.dsn,
+            timeout=CONNECT_TIMEOUT,
+            server_settings={"application_name": "imgbot"},
+        )
+
+    async def open(self, count: int) -> None:
+        """Open `count` connections now (so a wrong URL fails at start-up)."""
+        while len(self._idle) < count:
+            self._count += 1
+            try:
+                conn = await self._connect()
+            except BaseException:
+                self._count -= 1
+                raise
+            self._idle.append((conn, time.monotonic()))
+
+    async def acquire(self) -> asyncpg.Connection:
+        """Borrow a connection: an idle one, a new one, or the next one given back."""
+        while True:
+            if self._closed:
+                raise RuntimeError("the store is closed")
+            now = time.monotonic()
+            while self._idle:
+                conn, since = self._idle.pop()
+                if conn.is_closed() or now - since > MAX_IDLE:
+                    self._drop(conn)
+                    continue
+                return conn
+            if self._count < self._size:
+                self._count += 1
+                try:
+                    return await self._connect()
+                except BaseException:
+                    self._count -= 1
+                    self._wake(None)
+                    raise
+            waiter: asyncio.Future[asyncpg.Connection | None] = (
+                asyncio.get_running_loop().create_future()
+            )
+            self._waiters.append(waiter)
+            try:
+                conn = await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                    self.release(waiter.result())  # handed over just as we were cancelled
+                raise
+            if conn is not None:
+                return conn
+            # None: a connection was dropped; go round and open one in its place.
+
+    def release(self, conn: asyncpg.Connection) -> None:
+        """Give a connection back: to the next waiter, else to the idle list."""
+        if conn.is_closed() or conn.is_in_transaction() or self._closed:
+            self._drop(conn)
+            return
+        if not self._wake(conn):
+            self._idle.append((conn, time.monotonic()))
+
+    def _wake(self, conn: asyncpg.Connection | None) -> bool:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return True
+        return False
+
+    def _drop(self, conn: asyncpg.Connection) -> None:
+        conn.terminate()
+        self._count -= 1
+        self._wake(None)
+
+    async def close(self) -> None:
+        """Close the idle connections politely (call once none is borrowed)."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            self._count -= 1
+            try:
+                await conn.close(timeout=CONNECT_TIMEOUT)
+            except Exception:  # noqa: BLE001 - it goes either way
+                conn.terminate()
+
+    def terminate(self) -> None:
+        """Close every idle connection at once."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            self._count -= 1
+            conn.terminate()
+
+
+async def _open_pool(dsn: str, pool_size: int) -> _Pool:
+    pool = _Pool(dsn, pool_size)
+    delay = BACKOFF * 2
+    for attempt in range(OPEN_RETRIES + 1):
+        try:
+            await pool.open(min(POOL_MIN_SIZE, pool_size))
+            return pool
+        except (asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError) as err:
+            # Transient: the server is starting, or busy. Anything else will not get better.
+            if attempt == OPEN_RETRIES:
+                pool.terminate()
+                raise _open_error(dsn, err) from None
+        except ConnectionRefusedError as err:
+            if attempt == min(2, OPEN_RETRIES):
+                pool.terminate()
+                raise _open_error(dsn, err) from None
+        except Exception as err:  # noqa: BLE001 - every cause becomes one redacted line
+            pool.terminate()
+            raise _open_error(dsn, err) from None
+        await asyncio.sleep(delay)
+        delay *= 2
+    raise AssertionError("unreachable")
+
+
+class _Snapshot(SnapshotReader):
+    """Reads over one connection in a REPEATABLE READ, READ ONLY transaction."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def rows(
+        self, table: str, *, after: Any = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        try:
+            if table == "users":
+                records = await self._conn.fetch(_PAGE_USERS, after or "", limit)
+            elif table == "chats":
+                records = await self._conn.fetch(_PAGE_CHATS, after or "", limit)
+            elif table == "jobs":
+                records = await self._conn.fetch(_PAGE_JOBS, after or 0, limit)
+            else:
+                raise ValueError(f"not a table a copy moves: {table!r}")
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as err:
+            raise StoreError(_failure(f"reading {table}", err)) from err
+        return [_plain(record) for record in records]
+
+    async def counts(self) -> dict[str, int]:
+        try:
+            row = await self._conn.fetchrow(_COUNTS)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as err:
+            raise StoreError(_failure("counting rows", err)) from err
+        assert row is not None
+        return {table: int(row[table]) for table, _ in COPY_TABLES}
+
+    async def user_totals(self) -> dict[str, float]:
+        try:
+            records = await self._conn.fetch(_USER_TOTALS)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as err:
+            raise StoreError(_failure("summing users' charges", err)) from err
+        return {
+            r["user_key"]: float(r["total"]) if r["total"] is not None else 0.0 for r in records
+        }
+
+
+class PostgresStore(Store):
+    """Spend, reservations, limits and reports in one PostgreSQL database."""
+
+    kind = "postgresql"
+
+    def __init__(self, pool: _Pool, limits: Limits, clock: Callable[[], datetime]) -> None:
+        self._pool = pool
+        self._where = redact_dsn(pool.dsn)
+        self._limits = limits
+        self._clock = clock
+        self._closed = False
+        self._close_task: asyncio.Future[None] | None = None
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # Calls running on after their caller left (reservations, releases): kept referenced.
+        self._background: set[asyncio.Future[Any]] = set()
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self._where!r})"
+
+    # --- life -------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        limits: Limits,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        pool_size: int = 10,
+    ) -> PostgresStore:
+        """Connect (a pool of up to `pool_size`), migrate, and return the store.
+
+        Any failure raises StoreError: one line naming DATABASE_URL, password redacted.
+        """
+        if pool_size < 1:
+            raise ValueError("pool_size must be >= 1")
+        pool = await _open_pool(dsn, pool_size)
+        store = cls(pool, limits, clock or utc_now)
+        try:
+            conn = await pool.acquire()
+            try:
+                await apply_migrations(conn, store._now_iso())
+            finally:
+                pool.release(conn)
+        except BaseException as err:
+            pool.terminate()
+            if isinstance(err, Exception):
+                raise _open_error(dsn, err) from None
+            raise
+        return store
+
+    async def close(self) -> None:
+        """Close once the calls already made have finished; safe twice."""
+        if self._close_task is None:
+            self._closed = True
+            self._close_task = asyncio.ensure_future(self._shut())
+        await asyncio.shield(self._close_task)
+
+    async def _shut(self) -> None:
+        await self._idle.wait()
+        await self._pool.close()
+
+    @property
+    def limits(self) -> Limits:
+        """Return the default limits this store enforces."""
+        return self._limits
+
+    def describe(self) -> str:
+        """Return the database URL with the password redacted."""
+        return self._where
+
+    async def schema_version(self) -> int:
+        """Return the schema version of the open database."""
+        value = await self._read(lambda conn: conn.fetchval(_SCHEMA_VERSION))
+        return int(value or 0)
+
+    async def check_writable(self) -> None:
+        """Prove the database accepts writes: a write and a transaction id, rolled back."""
+
+        async def touch(conn: asyncpg.Connection) -> None:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                for statement in _TOUCH:
+                    await conn.execute(statement)
+            finally:
+                await transaction.rollback()
+
+        try:
+            await self._write(touch)
+        except StoreError as err:
+            raise StoreError(f"DATABASE_URL {self._where} does not accept writes: {err}") from None
+
+    # --- calls ------------------------------------------------------------------------
+
+    def _enter(self, *, closing_ok: bool = False) -> None:
+        if self._closed and not closing_ok:
+            raise RuntimeError("the store is closed")
+        self._active += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
+
+    def _require(self) -> None:
+        if self._closed:
+            raise RuntimeError("the store is closed")
+
+    def _keep(self, task: asyncio.Future[_T]) -> asyncio.Future[_T]:
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _read(self, fn: Callable[[asyncpg.Connection], Awaitable[_T]]) -> _T:
+        self._enter()
+        try:
+            return await self._attempt(fn, write=False)
+        finally:
+            self._leave()
+
+    async def _write(
+        self,
+        fn: Callable[[asyncpg.Connection], Awaitable[_T]],
+        *,
+        abandoned: Callable[[_T], Awaitable[None]] | None = None,
+    ) -> _T:
+        """Run a write to its end even if the caller is cancelled meanwhile.
+
+        Cancelling the caller only stops the waiting (as in the SQLite backend), so no
+        statement is cut off halfway with its outcome unknown. If the caller is gone by the
+        time the write succeeds, `abandoned(result)` runs (a reservation releases its job).
+        """
+        self._enter()
+        caller_gone = False
+
+        async def run() -> _T:
+            try:
+                result = await self._attempt(fn, write=True)
+                if caller_gone and abandoned is not None:
+                    await abandoned(result)
+                return result
+            finally:
+                self._leave()
+
+        task = self._keep(asyncio.ensure_future(run()))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                caller_gone = True
+            elif abandoned is not None and not task.cancelled() and task.exception() is None:
+                # Done just as the caller was cancelled: its result reached no one.
+                self._enter(closing_ok=True)
+                self._keep(asyncio.ensure_future(self._after(abandoned, task.result())))
+            raise
+
+    async def _after(self, abandoned: Callable[[_T], Awaitable[None]], result: _T) -> None:
+        try:
+            await abandoned(result)
+        finally:
+            self._leave()
+
+    async def _acquire(self) -> asyncpg.Connection:
+        """Borrow a connection, retrying while none can be made (nothing was sent yet)."""
+        delay = BACKOFF
+        for attempt in range(RETRIES + 1):
+            try:
+                return await self._pool.acquire()
+            except _CONNECT_ERRORS as err:
+                if attempt == RETRIES:
+                    # The driver's text may hold the URL: only the kind of failure.
+                    raise StoreError(
+                        f"cannot connect to DATABASE_URL {self._where}: {type(err).__name__}"
+                    ) from None
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as err:
+                # Refused for good (password changed, database dropped): say which, redacted.
+                raise _open_error(self._pool.dsn, err) from None
+            await asyncio.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    async def _attempt(
+        self, fn: Callable[[asyncpg.Connection], Awaitable[_T]], *, write: bool
+    ) -> _T:
+        """Run `fn` on a pooled connection, retrying what provably did not commit."""
+        delay = BACKOFF
+        for attempt in range(RETRIES + 1):
+            last = attempt == RETRIES
+            conn = await self._acquire()
+            try:
+                return await fn(conn)
+            except asyncio.CancelledError:
+                # A read cut off mid-statement: the connection's state is unknown.
+                conn.terminate()
+                raise
+            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as err:
+                # The server rolled the whole transaction back: nothing was committed.
+                if last:
+                    raise StoreError(
+                        _failure("the database gave up on a transaction", err)
+                    ) from err
+            except _LOST_ERRORS as err:
+                if write:
+                    raise StoreError(
+                        f"lost the connection to DATABASE_URL {self._where} during a write;"
+                        f" whether it was saved is unknown ({type(err).__name__})"
+                    ) from err
+                if last:
+                    raise StoreError(
+                        f"lost the connection to DATABASE_URL {self._where} ({type(err).__name__})"
+                    ) from err
+            except (asyncpg.PostgresError, asyncpg.InterfaceError) as err:
+                raise StoreError(_failure("database error", err)) from err
+            finally:
+                self._pool.release(conn)
+            await asyncio.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    # --- time -------------------------------------------------------------------------
+
+    def _now(self) -> datetime:
+        return as_utc(self._clock())
+
+    def _now_iso(self) -> str:
+        return iso(self._now())
+
+    # --- jobs -------------------------------------------------------------------------
+
+    async def reserve(self, requester: Requester, spec: JobSpec, estimate: float) -> int:
+        """Check `estimate` against every limit and reserve it as a new job; return its id."""
+        check_credits("estimate", estimate)
+        if spec.n < 1 or spec.reference_count < 0:
+            raise ValueError("n must be >= 1 and reference_count >= 0")
+        user_key = requester.user_key
+        defaults = self._limits
+        args = (
+            user_key,
+            requester.chat_key,
+            requester.platform,
+            requester.user_id,
+            requester.chat_id,
+            requester.display_name,
+            requester.language,
+            spec.command_text,
+            spec.request_json,
+            spec.model,
+            spec.size,
+            spec.quality,
+            spec.n,
+            spec.reference_count,
+            float(estimate),
+            self._now_iso(),
+            spec.source_ref,
+            float(defaults.user_daily),
+            float(defaults.user_monthly),
+            float(defaults.chat_daily),
+            float(defaults.global_daily),
+            EPSILON,
+        )
+
+        async def reserve_on(conn: asyncpg.Connection) -> int:
+            try:
+                row = await conn.fetchrow(_RESERVE, *args)
+            except asyncpg.UniqueViolationError as err:
+                # The same source message, reserved by a concurrent call that committed first.
+                if err.constraint_name != "jobs_source_ref" or spec.source_ref is None:
+                    raise
+                seen = await conn.fetchval(_SELECT_DUPLICATE, spec.source_ref)
+                if seen is None:
+                    raise
+                raise DuplicateJob(job_id=int(seen), silent=True) from None
+            except asyncpg.PostgresError as err:
+                if err.sqlstate != REFUSED_SQLSTATE:
+                    raise
+                raise _refusal(err, user_key, estimate) from None
+            assert row is not None
+            if row["duplicate_of"] is not None:
+                raise DuplicateJob(job_id=int(row["duplicate_of"]), silent=True)
+            return int(row["job_id"])
+
+        # A caller cancelled while its job was being written leaves no reservation behind.
+        return await self._write(reserve_on, abandoned=self._release_orphan)
+
+    async def _release_orphan(self, job_id: int) -> None:
+        # The caller of `reserve` was cancelled while its job was being written: no one will
+        # draw or settle it, so give the room back now rather than at the next start-up.
+        try:
+            await self._attempt(
+                self._finish_on(job_id, JobStatus.FAILED, 0.0, None, "cancelled"), write=True
+            )
+        except Exception as err:  # noqa: BLE001 - recovery at the next start-up resolves it
+            log.warning("could not release a cancelled reservation: %r", err)
+
+    def _finish_on(
+        self,
+        job_id: int,
+        status: JobStatus,
+        credits: float,
+        usage: Usage | None,
+        error_code: str | None,
+    ) -> Callable[[asyncpg.Connection], Awaitable[bool]]:
+        params = (status.value, float(credits), usage_json(usage), error_code, self._now_iso())
+
+        async def finish_on(conn: asyncpg.Connection) -> bool:
+            return _updated(await conn.execute(_FINISH_JOB, *params, job_id)) > 0
+
+        return finish_on
+
+    async def mark_started(self, job_id: int) -> bool:
+        """Record that a reserved job started drawing; False if it is not reserved."""
+        now_iso = self._now_iso()
+        if not is_row_id(job_id):
+            self._require()
+            return False
+
+        async def start_on(conn: asyncpg.Connection) -> bool:
+            return _updated(await conn.execute(_START_JOB, now_iso, job_id)) > 0
+
+        return await self._write(start_on)
+
+    async def settle(self, job_id: int, credits: float, usage: Usage | None) -> bool:
+        """Replace a reservation with its exact cost; False (no-op) if it is not reserved."""
+        check_credits("credits", credits)
+        if not is_row_id(job_id):
+            self._require()
+            return False
+        return await self._write(self._finish_on(job_id, JobStatus.SUCCEEDED, credits, usage, None))
+
+    async def fail(
+        self, job_id: int, error_code: str, credits: float = 0.0, usage: Usage | None = None
+    ) -> bool:
+        """Mark a reserved job failed at `credits` (0 releases it); False if not reserved."""
+        check_credits("credits", credits)
+        if not is_row_id(job_id):
+            self._require()
+            return False
+        return await self._write(
+            self._finish_on(job_id, JobStatus.FAILED, credits, usage, error_code)
+        )
+
+    async def mark_unsettled(self, job_id: int) -> bool:
+        """Mark a reserved job whose cost is unknown `unsettled`; False if not reserved."""
+        if not is_row_id(job_id):
+            self._require()
+            return False
+
+        async def mark_on(conn: asyncpg.Connection) -> bool:
+            return _updated(await conn.execute(_MARK_UNSETTLED, job_id)) > 0
+
+        return await self._write(mark_on)
+
+    async def list_stale(self, older_than_seconds: float) -> list[JobRecord]:
+        """List the reserved jobs older than that: what `recover_stale` would resolve."""
+        cutoff = iso(self._now() - timedelta(seconds=older_than_seconds))
+
+        async def read(conn: asyncpg.Connection) -> list[JobRecord]:
+            return [job_from_mapping(row) for row in await conn.fetch(_SELECT_STALE, cutoff)]
+
+        return await self._read(read)
+
+    async def recover_stale(self, older_than_seconds: float) -> list[int]:
+        """Resolve reserved jobs older than that, left behind by a dead process.
+
+        A job that had started may have been billed upstream: it becomes `unsettled`,
+        counted at its estimate until an admin refunds it; its id is returned. A job that
+        never started cannot have been billed: it is released as `failed` / `interrupted`.
+        """
+        now = self._now()
+        cutoff = iso(now - timedelta(seconds=older_than_seconds))
+        now_iso = iso(now)
+
+        async def recover_on(conn: asyncpg.Connection) -> list[int]:
+            async with conn.transaction():
+                stale = await conn.fetch(_LOCK_STALE, cutoff)
+                if not stale:
+                    return []
+                keys: set[tuple[str, str, str]] = set()
+                for job in stale:
+                    day, month = job["created_at"][:10], job["created_at"][:7]
+                    keys |= {
+                        ("global_daily", "", day),
+                        ("user_daily", job["user_key"], day),
+                        ("user_monthly", job["user_key"], month),
+                    }
+                    if job["chat_key"] is not None:
+                        keys.add(("chat_daily", job["chat_key"], day))
+                scopes, names, periods = (list(part) for part in zip(*sorted(keys), strict=True))
+                await conn.execute(_LOCK_TOTALS, scopes, names, periods, list(SCOPE_ORDER))
+                started = [int(job["id"]) for job in stale if job["started"]]
+                queued = [int(job["id"]) for job in stale if not job["started"]]
+                if started:
+                    await conn.execute(_UNSETTLE_STALE, started)
+                if queued:
+                    await conn.execute(_INTERRUPT_STALE, now_iso, queued)
+                return started
+
+        return await self._write(recover_on)
+
+    async def list_unsettled(self) -> list[JobRecord]:
+        """List the jobs whose cost is unknown, oldest first, for admins."""
+
+        async def read(conn: asyncpg.Connection) -> list[JobRecord]:
+            return [job_from_mapping(row) for row in await conn.fetch(_SELECT_UNSETTLED)]
+
+        return await self._read(read)
+
+    async def refund(self, job_id: int, by: str) -> JobRecord:
+        """Refund a succeeded, unsettled or charged failed job; return the refunded record."""
+        now_iso = self._now_iso()
+        if not is_row_id(job_id):
+            self._require()
+            raise JobNotFound(job_id=job_id, detail=f"refund of missing job {job_id}")
+
+        async def refund_on(conn: asyncpg.Connection) -> JobRecord:
+            row = await conn.fetchrow(_REFUND, job_id, by, now_iso)
+            if row is not None:
+                return job_from_mapping(row)
+            status = await conn.fetchval(_SELECT_STATUS, job_id)
+            if status is None:
+                raise JobNotFound(job_id=job_id, detail=f"refund of missing job {job_id}")
+            raise UserError(
+                "refund.not_refundable",
+                job_id=job_id,
+                status=status,
+                detail=f"job {job_id} is {status}",
+            )
+
+        return await self._write(refund_on)
+
+    async def get_job(self, job_id: int) -> JobRecord | None:
+        """Return one job, or None (also for ids no job can have)."""
+        if not is_row_id(job_id):
+            self._require()
+            return None
+
+        async def read(conn: asyncpg.Connection) -> JobRecord | None:
+            row = await conn.fetchrow(_SELECT_JOB, job_id)
+            return job_from_mapping(row) if row is not None else None
+
+        return await self._read(read)
+
+    async def set_result_refs(self, job_id: int, refs: Sequence[str]) -> None:
+        """Remember the platform file refs of a job's images (for "vary" buttons)."""
+        refs_json = json.dumps([str(ref) for ref in refs])
+        if not is_row_id(job_id):
+            self._require()
+            raise JobNotFound(job_id=job_id, detail=f"result refs for missing job {job_id}")
+
+        async def write_on(conn: asyncpg.Connection) -> None:
+            if _updated(await conn.execute(_SET_RESULT_REFS, refs_json, job_id)) == 0:
+                raise JobNotFound(job_id=job_id, detail=f"result refs for missing job {job_id}")
+
+        await self._write(write_on)
+
+    # --- users and chats --------------------------------------------------------------
+
+    async def get_user(self, user_key: str) -> UserRecord | None:
+        """Return one user, or None."""
+
+        async def read(conn: asyncpg.Connection) -> UserRecord | None:
+            row = await conn.fetchrow(_SELECT_USER, user_key)
+            return user_from_mapping(row) if row is not None else None
+
+        return await self._read(read)
+
+    async def get_chat(self, chat_key: str) -> ChatRecord | None:
+        """Return one chat, or None."""
+
+        async def read(conn: asyncpg.Connection) -> ChatRecord | None:
+            row = await conn.fetchrow(_SELECT_CHAT, chat_key)
+            return chat_from_mapping(row) if row is not None else None
+
+        return await self._read(read)
+
+    async def set_user_limits(
+        self, user_key: str, daily: float | None, monthly: float | None
+    ) -> None:
+        """Override a user's daily and monthly limits (None = back to the default)."""
+        check_credits("daily", daily, allow_none=True)
+        check_credits("monthly", monthly, allow_none=True)
+        platform, user_id = split_key(user_key)
+        params = (
+            user_key,
+            platform,
+            user_id,
+            None if daily is None else float(daily),
+            None if monthly is None else float(monthly),
+            self._now_iso(),
+        )
+
+        async def write_on(conn: asyncpg.Connection) -> None:
+            await conn.execute(_SET_USER_LIMITS, *params)
+
+        await self._write(write_on)
+
+    async def set_chat_limit(self, chat_key: str, daily: float | None) -> None:
+        """Override a chat's daily limit (None = back to the default)."""
+        check_credits("daily", daily, allow_none=True)
+        platform, chat_id = split_key(chat_key)
+        params = (
+            chat_key,
+            platform,
+            chat_id,
+            None if daily is None else float(daily),
+            self._now_iso(),
+        )
+
+        async def write_on(conn: asyncpg.Connection) -> None:
+            await conn.execute(_SET_CHAT_LIMIT, *params)
+
+        await self._write(write_on)
+
+    async def set_blocked(self, key: str, blocked: bool) -> None:
+        """Block or unblock a user key or a chat key.
+
+        A key already known as a user and/or a chat is updated where it is known. A key not
+        seen yet is blocked as both, since a bare `platform:id` does not say which it is.
+        """
+        platform, ident = split_key(key)
+        now = self._now_iso()
+        flag = int(bool(blocked))
+
+        async def write_on(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                changed = await conn.fetchval(_BLOCK_KNOWN, key, flag, now)
+                if not changed and blocked:
+                    await conn.execute(_BLOCK_NEW_USER, key, platform, ident, now)
+                    await conn.execute(_BLOCK_NEW_CHAT, key, platform, ident, now)
+
+        await self._write(write_on)
+
+    async def is_blocked(self, user_key: str, chat_key: str | None) -> bool:
+        """Say whether the user or the chat is blocked."""
+
+        async def read(conn: asyncpg.Connection) -> bool:
+            return bool(await conn.fetchval(_IS_BLOCKED, user_key, chat_key))
+
+        return await self._read(read)
+
+    async def set_language(self, user_key: str, lang: str | None) -> None:
+        """Set the language a user chose (None = follow the platform again)."""
+        platform, user_id = split_key(user_key)
+        params = (user_key, platform, user_id, lang, self._now_iso())
+
+        async def write_on(conn: asyncpg.Connection) -> None:
+            await conn.execute(_SET_LANGUAGE, *params)
+
+        await self._write(write_on)
+
+    # --- reports ----------------------------------------------------------------------
+
+    async def spend_report(self, user_key: str, *, last: int = 5) -> SpendReport:
+        """Report a user's spend today, this month and all time against their limits."""
+        now = self._now()
+        since_day, since_month = iso(day_start(now)), iso(month_start(now))
+
+        async def read(conn: asyncpg.Connection) -> tuple[dict[str, Any], list[JobRecord]]:
+            # One snapshot for both statements, as one read transaction in SQLite.
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                sums = await conn.fetchrow(_SPEND_SUMS, user_key, since_day, since_month)
+                # SQLite reads a negative LIMIT as no limit; PostgreSQL's no limit is NULL.
+                rows = await conn.fetch(_SELECT_LAST_JOBS, user_key, last if last >= 0 else None)
+            assert sums is not None
+            return _plain(sums), [job_from_mapping(row) for row in rows]
+
+        sums, jobs = await self._read(read)
+        today, month, total = (
+            float(sums[name]) if sums[name] is not None else 0.0
+            for name in ("today", "month", "all_time")
+        )
+        daily = self._limits.user_daily
+        monthly = self._limits.user_monthly
+        name = ""
+        if sums["known"]:
+            name = sums["display_name"]
+            daily = effective_limit(daily, sums["daily_limit"])
+            monthly = effective_limit(monthly, sums["monthly_limit"])
+        return SpendReport(
+            user_key=user_key,
+            display_name=name,
+            today=today,
+            month=month,
+            all_time=total,
+            daily_limit=daily,
+            monthly_limit=monthly,
+            daily_remaining=remaining(daily, today),
+            monthly_remaining=remaining(monthly, month),
+            last_jobs=tuple(jobs),
+        )
+
+    async def top_spenders(
+        self, since: datetime, limit: int = 10, *, until: datetime | None = None
+    ) -> list[Spender]:
+        """List the users who spent most since `since` (and before `until`, if given)."""
+        since_iso = iso(since)
+        until_iso = iso(until) if until is not None else None
+        # SQLite reads a negative LIMIT as no limit; PostgreSQL's no limit is NULL.
+        count = limit if limit >= 0 else None
+
+        async def read(conn: asyncpg.Connection) -> list[Spender]:
+            rows = await conn.fetch(_TOP_SPENDERS, since_iso, until_iso, count)
+            return [
+                Spender(r["user_key"], r["name"], float(r["credits"]), int(r["jobs"])) for r in rows
+            ]
+
+        return await self._read(read)
+
+    async def chat_totals(
+        self, since: datetime, *, until: datetime | None = None
+    ) -> list[ChatTotal]:
+        """List spend per chat since `since` (and before `until`), largest first."""
+        since_iso = iso(since)
+        until_iso = iso(until) if until is not None else None
+
+        async def read(conn: asyncpg.Connection) -> list[ChatTotal]:
+            rows = await conn.fetch(_CHAT_TOTALS, since_iso, until_iso)
+            return [ChatTotal(r["chat_key"], float(r["credits"]), int(r["jobs"])) for r in rows]
+
+        return await self._read(read)
+
+    async def export_csv(self, since: datetime | None = None, user_key: str | None = None) -> str:
+        """Return the jobs (since a time, of one user) as CSV: a header, then one row each."""
+        since_iso = iso(since) if since is not None else None
+
+        async def read(conn: asyncpg.Connection) -> list[JobRecord]:
+            rows = await conn.fetch(_SELECT_EXPORT, since_iso, user_key)
+            return [job_from_mapping(row) for row in rows]
+
+        return jobs_csv(await self._read(read))
+
+    async def global_spent_today(self) -> float:
+        """Return what the whole bot has spent (and reserved) today, UTC."""
+        day = self._now_iso()[:10]
+
+        async def read(conn: asyncpg.Connection) -> float:
+            micro = await conn.fetchval(_GLOBAL_TODAY, day)
+            return micro / MICRO if micro is not None else 0.0
+
+        return await self._read(read)
+
+    # --- copies -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[SnapshotReader]:
+        """Open one consistent read snapshot of the whole store (writers go on meanwhile)."""
+        self._enter()
+        try:
+            conn = await self._acquire()
+            try:
+                transaction = conn.transaction(isolation="repeatable_read", readonly=True)
+                try:
+                    await transaction.start()
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as err:
+                    raise StoreError(_failure("opening a snapshot", err)) from err
+                try:
+                    yield _Snapshot(conn)
+                finally:
+                    # A connection still in the transaction (rollback failed) is not reused.
+                    with suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                        await transaction.rollback()
+            finally:
+                self._pool.release(conn)
+        finally:
+            self._leave()
+
+    async def is_empty(self) -> bool:
+        """Say whether the store holds no users, chats or jobs (a copy's target must be)."""
+
+        async def read(conn: asyncpg.Connection) -> bool:
+            return bool(await conn.fetchval(_IS_EMPTY))
+
+        return await self._read(read)
+
+    async def load_rows(self, table: str, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert raw rows read by a SnapshotReader, keeping ids; totals follow by themselves."""
+        if table not in _COPY_COLUMNS:
+            raise ValueError(f"not a table a copy moves: {table!r}")
+        columns = _COPY_COLUMNS[table]
+        if not rows:
+            self._require()
+            return
+        missing = [name for name, _ in columns if name not in rows[0]]
+        if missing:
+            raise ValueError(f"{table} rows without {', '.join(missing)}")
+        # Generated columns (charged, charged_micro), if a row carries them, are not copied:
+        # the target computes them, and its triggers the running totals.
+        values = [tuple(_coerce(kind, row[name]) for name, kind in columns) for row in rows]
+
+        async def write_on(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                if table == "users":
+                    await conn.executemany(_LOAD_USERS, values)
+                elif table == "chats":
+                    await conn.executemany(_LOAD_CHATS, values)
+                else:
+                    await conn.executemany(_LOAD_JOBS, values)
+                    await conn.execute(_MOVE_JOB_IDS)
+
+        await self._write(write_on)
