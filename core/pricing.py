@@ -184,3 +184,30 @@ def format_credits(credits: float, table: PriceTable, lang: str | None) -> str:
         credits=f"{whole_credits(credits):,}",
         yuan=f"{table.yuan(credits):.3f}",
     )
+
+
+# What no answer can plausibly hold: the dearest image a model draws (gpt-image-2's largest
+# square, 8,294,400 pixels, at high), times the images asked for, times SLACK for what an
+# estimator may miss. Usage beyond it (10^12 tokens, say) is not a bill but a broken relay.
+_USAGE_SLACK = 4
+_MAX_INPUT_TOKENS = 1_000_000
+
+
+def max_output_tokens(model: str, n: int) -> int:
+    """Return the most output tokens an answer of `n` images could plausibly report."""
+    if model in FIXED_SIZE_MODELS:
+        dearest = max(tokens["high"] for tokens in FIXED_OUTPUT_TOKENS.values())
+    else:
+        dearest = estimate_output_tokens(model, 2880, 2880, "high")
+    return _USAGE_SLACK * dearest * max(n, 1)
+
+
+def usage_problem(usage: Usage, model: str, n: int) -> str | None:
+    """Say what makes reported usage unusable for billing, or None when it is plausible."""
+    if not usage.is_valid():
+        return "a token count is not a whole number >= 0"
+    if usage.image_output_tokens + usage.text_output_tokens > max_output_tokens(model, n):
+        return "more output tokens than the model can produce"
+    if usage.text_input_tokens + usage.image_input_tokens > _MAX_INPUT_TOKENS:
+        return "more input tokens than any request can hold"
+    return None

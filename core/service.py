@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -29,7 +30,7 @@ from core.ids import UserDirectory
 from core.images import ImageClient, prepare_references
 from core.jobqueue import FairQueue, RateLimiter, Ticket
 from core.messages import language_of, text
-from core.pricing import PriceTable, estimate_credits, format_credits
+from core.pricing import PriceTable, estimate_credits, format_credits, usage_problem
 from core.prompt import PromptDefaults, clean_text, parse_command
 from core.replay import ReplayAction as ReplayAction
 from core.sizes import TIERS
@@ -43,6 +44,7 @@ from core.types import (
     ProgressCallback,
     ReferenceImage,
     Requester,
+    Usage,
 )
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ class _Inflight:
     job_id: int
     requester: Requester
     prompt: str = ""
+    estimate: float = 0.0  # what was reserved: the most it may be charged
     drawing: bool = False
     # Set by /cancel while drawing: the job stops waiting for the upstream call, which
     # finishes in the background and is settled at what the upstream reports.
@@ -241,7 +244,11 @@ class ImageService:
             raise self._with_suggestion(err, request, refs) from None
 
         record = _Inflight(
-            task=asyncio.current_task(), job_id=job_id, requester=requester, prompt=request.prompt
+            task=asyncio.current_task(),
+            job_id=job_id,
+            requester=requester,
+            prompt=request.prompt,
+            estimate=estimate,
         )
         self._inflight[job_id] = record
         ticket = Ticket(user_key=requester.user_key, job_id=job_id)
@@ -273,9 +280,10 @@ class ImageService:
                 await self.ledger.fail(job_id, "cancelled")
             raise
         except UpstreamError as err:
-            credits = self.prices.credits(err.usage, request.model) if err.usage else 0.0
-            await self.ledger.fail(job_id, err.code, credits, err.usage)
-            self._log_job(requester, request, "failed", credits, self._clock() - started, err.code)
+            credits, flag = self.charge_for(err.usage, request, estimate, billed=False)
+            await self.ledger.fail(job_id, err.code, credits, err.usage, flag=flag)
+            charged = min(credits, estimate)
+            self._log_job(requester, request, "failed", charged, self._clock() - started, err.code)
             raise
         except asyncio.CancelledError:
             # Shut down mid-job: if the call was in flight the upstream may have billed,
@@ -296,12 +304,9 @@ class ImageService:
         finally:
             self._inflight.pop(job_id, None)
 
-        if result.usage is not None:
-            credits = self.prices.credits(result.usage, request.model)
-        else:
-            # The upstream billed but did not say how much: charge what we reserved.
-            credits = estimate
-        await self.ledger.settle(job_id, credits, result.usage)
+        reported, flag = self.charge_for(result.usage, request, estimate, billed=True)
+        await self.ledger.settle(job_id, reported, result.usage, flag=flag)
+        credits = min(reported, estimate)  # never above the reservation (the store agrees)
         elapsed = self._clock() - started
         self._log_job(requester, request, "succeeded", credits, elapsed, "")
         if progress is not None:
@@ -356,6 +361,30 @@ class ImageService:
                 except BaseException:  # noqa: BLE001 - the call's own outcome no longer matters
                     pass
 
+    def charge_for(
+        self, usage: Usage | None, request: ImageRequest, estimate: float, *, billed: bool
+    ) -> tuple[float, str | None]:
+        """What an answer costs, and why when that is not simply its usage.
+
+        Plausible usage: its credits (the store charges at most the reservation and keeps
+        what was above it as an estimator miss). Usage that is not whole numbers >= 0, or
+        beyond what the model can produce: the reservation, flagged 'usage_invalid'. No
+        usage: the reservation, flagged 'usage_missing', when the upstream billed (a
+        result); nothing when it did not say (a failure).
+        """
+        if usage is None:
+            return (estimate, "usage_missing") if billed else (0.0, None)
+        problem = usage_problem(usage, request.model, request.n)
+        if problem is None:
+            credits = self.prices.credits(usage, request.model)
+            if math.isfinite(credits) and credits >= 0:
+                return credits, None
+            problem = "its credits are not a finite number"
+        log.warning(
+            "unusable usage from the image API (%s): charged the reservation, flagged", problem
+        )
+        return estimate, "usage_invalid"
+
     def _settle_cancelled_later(
         self, record: _Inflight, request: ImageRequest, call: asyncio.Future[ImageResult],
         ticket: Ticket,
@@ -375,9 +404,10 @@ class ImageService:
                     raise
                 except Exception:  # noqa: BLE001 - any other end is an unbilled failure
                     usage = None
-                credits = self.prices.credits(usage, request.model) if usage else 0.0
-                await self.ledger.fail(record.job_id, "cancelled", credits, usage)
-                self._log_job(record.requester, request, "cancelled", credits, 0.0, "cancelled")
+                credits, flag = self.charge_for(usage, request, record.estimate, billed=False)
+                await self.ledger.fail(record.job_id, "cancelled", credits, usage, flag=flag)
+                charged = min(credits, record.estimate)
+                self._log_job(record.requester, request, "cancelled", charged, 0.0, "cancelled")
             finally:
                 self.queue.release(ticket)
 

@@ -15,6 +15,7 @@ importing each other.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -78,25 +79,41 @@ class Usage:
 
     @classmethod
     def from_api(cls, usage: dict[str, Any] | None) -> Usage | None:
-        """Read the API's `usage` object; None when absent or unreadable."""
+        """Read the API's `usage` object; None when absent or not an object.
+
+        A count that is there but is no whole number (1.5, 1e999, "many", a list) reads as
+        -1, so the answer is known to carry unusable usage (`usage_problem` flags it) rather
+        than none at all.
+        """
         if not isinstance(usage, dict):
             return None
-        try:
-            inp = usage.get("input_tokens_details") or {}
-            out = usage.get("output_tokens_details") or {}
-            input_tokens = int(usage.get("input_tokens") or 0)
-            output_tokens = int(usage.get("output_tokens") or 0)
-            text_in = int(inp.get("text_tokens", input_tokens - int(inp.get("image_tokens") or 0)))
-            image_in = int(inp.get("image_tokens") or 0)
-            if "image_tokens" in out:
-                image_out = int(out.get("image_tokens") or 0)
-                text_out = int(out.get("text_tokens") or 0)
-            else:
-                image_out, text_out = output_tokens, 0
-            total = int(usage.get("total_tokens") or input_tokens + output_tokens)
-        except (TypeError, ValueError):
-            return None
+        inp = usage.get("input_tokens_details")
+        out = usage.get("output_tokens_details")
+        inp = inp if isinstance(inp, dict) else {}
+        out = out if isinstance(out, dict) else {}
+        input_tokens = _count(usage.get("input_tokens"))
+        output_tokens = _count(usage.get("output_tokens"))
+        image_in = _count(inp.get("image_tokens"))
+        if "text_tokens" in inp:
+            text_in = _count(inp.get("text_tokens"))
+        else:
+            text_in = input_tokens - image_in if min(input_tokens, image_in) >= 0 else -1
+        if "image_tokens" in out:
+            image_out = _count(out.get("image_tokens"))
+            text_out = _count(out.get("text_tokens"))
+        else:
+            image_out, text_out = output_tokens, 0
+        if usage.get("total_tokens") is not None:
+            total = _count(usage.get("total_tokens"))
+        else:
+            total = input_tokens + output_tokens if min(input_tokens, output_tokens) >= 0 else -1
         return cls(text_in, image_in, image_out, text_out, total)
+
+    def is_valid(self) -> bool:
+        """Say whether every count is a whole number >= 0."""
+        return all(
+            isinstance(value, int) and value >= 0 for value in self.to_dict().values()
+        )
 
     def to_dict(self) -> dict[str, int]:
         """Return the counts as a plain dict (for the ledger)."""
@@ -185,3 +202,20 @@ class Requester:
     def chat_key(self) -> str | None:
         """Return the ledger key of the chat, `platform:chat_id`, or None."""
         return f"{self.platform}:{self.chat_id}" if self.chat_id is not None else None
+
+
+def _count(value: Any) -> int:
+    """Read one token count: None/absent is 0; anything but a whole number >= 0 is -1."""
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        return -1
+    if isinstance(value, int):
+        return value if value >= 0 else -1
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer() and value >= 0:
+            return int(value)
+        return -1
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return -1

@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -166,6 +167,9 @@ _ANSWER_FAULTS = frozenset(
 FAULTS = tuple(_STATUS_FAULTS) + tuple(sorted(_ANSWER_FAULTS))
 
 
+MISSING = object()  # a usage_rewrite's answer: no usage in the answer at all
+
+
 @dataclass(frozen=True)
 class Part:
     """One multipart part as received."""
@@ -248,6 +252,9 @@ class FakeImageAPI:
         self.key = key
         self.mode = mode
         self.delay = delay
+        # Rewrites the usage of every answer (relays report odd things); return MISSING to
+        # leave `usage` out of the answer.
+        self.usage_rewrite: Callable[[dict[str, Any]], Any] | None = None
         self._host, self._port = host, port
         self.requests: list[RecordedRequest] = []
         self._faults: deque[tuple[str, dict[str, Any]]] = deque()
@@ -701,6 +708,9 @@ class FakeImageAPI:
 
     def _answer(self, h: _Handler, job: _Job, fault: str, params: dict[str, Any]) -> None:
         usage = self._usage(job)
+        rewrite = self.usage_rewrite
+        if rewrite is not None:
+            usage = rewrite(usage)
         mime = OUTPUT_FORMATS[job.output_format][1]
         ext = job.output_format
         items: list[dict[str, Any]] = []
@@ -736,12 +746,14 @@ class FakeImageAPI:
         payload = {
             "created": int(time.time()),
             "data": items,
-            "usage": usage,
+            "usage": usage,  # dropped below when a rewrite said MISSING
             "size": f"{job.size[0]}x{job.size[1]}",
             "quality": "medium" if job.quality == "auto" else job.quality,
             "output_format": job.output_format,
             "background": "transparent" if job.transparent else "opaque",
         }
+        if usage is MISSING:
+            del payload["usage"]
         body = json.dumps(payload).encode()
         if fault == "truncated_json":
             self._send(h, 200, body[: len(body) // 2], "application/json")

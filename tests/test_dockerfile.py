@@ -46,3 +46,17 @@ def test_compose_example_keeps_the_ledger_on_a_volume() -> None:
     compose = (ROOT / "docker-compose.yml").read_text()
     assert "env_file: .env" in compose
     assert "imgbot-data:/data" in compose and "stop_grace_period" in compose
+
+
+def test_the_postgresql_compose_file_points_the_bot_at_its_own_server() -> None:
+    compose = (ROOT / "docker-compose.postgres.yml").read_text()
+    # The bot's DATABASE_URL names the compose service, with the password from .env.
+    assert (
+        "DATABASE_URL: postgresql://imgbot:${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env}"
+        "@postgres:5432/imgbot" in compose
+    )
+    assert "imgbot-postgres:/var/lib/postgresql/data" in compose  # data kept on a volume
+    assert "condition: service_healthy" in compose and "pg_isready" in compose
+    assert "ports:" not in compose  # the database is never published
+    readme = (ROOT / "README.md").read_text()
+    assert "docker compose -f docker-compose.yml -f docker-compose.postgres.yml up -d" in readme

@@ -14,6 +14,8 @@ from core.pricing import (
     estimate_output_tokens,
     estimate_text_tokens,
     format_credits,
+    max_output_tokens,
+    usage_problem,
     whole_credits,
 )
 from core.prompt import ImageRequest, PromptDefaults, parse_command
@@ -68,9 +70,38 @@ def test_usage_without_input_details_counts_all_input_as_text() -> None:
     assert usage == Usage(9, 0, 272, 0, 281)
 
 
-@pytest.mark.parametrize("bad", [None, [], "usage", {"input_tokens": "many"}])
-def test_unreadable_usage_is_none(bad: object) -> None:
+@pytest.mark.parametrize("bad", [None, [], "usage"])
+def test_no_usage_object_is_none(bad: object) -> None:
     assert Usage.from_api(bad) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"input_tokens": "many", "output_tokens": 272},
+        {"input_tokens": 9, "output_tokens": -272},
+        {"input_tokens": 9, "output_tokens": float("inf")},
+        {"input_tokens": 9, "output_tokens": 2.5},
+        {"input_tokens": 9, "output_tokens": [1]},
+        {"input_tokens": 9, "output_tokens": True},
+    ],
+)
+def test_usage_that_is_no_whole_count_is_kept_but_invalid(raw: dict[str, object]) -> None:
+    usage = Usage.from_api(raw)
+    assert usage is not None and not usage.is_valid()
+    assert usage_problem(usage, "gpt-image-2", 1) == "a token count is not a whole number >= 0"
+
+
+def test_usage_beyond_what_the_model_can_produce_is_a_problem() -> None:
+    plausible = Usage.from_api({"input_tokens": 50, "output_tokens": 8 * 272})  # 8x a low 1K
+    assert plausible is not None and usage_problem(plausible, "gpt-image-2", 1) is None
+    absurd = Usage.from_api({"input_tokens": 50, "output_tokens": 10**12})
+    assert absurd is not None and absurd.is_valid()
+    assert usage_problem(absurd, "gpt-image-2", 1) == "more output tokens than the model can produce"
+    assert usage_problem(absurd, "gpt-image-1", 10) is not None
+    assert max_output_tokens("gpt-image-2", 2) == 2 * max_output_tokens("gpt-image-2", 1)
+    huge_input = Usage(text_input_tokens=2_000_000)
+    assert usage_problem(huge_input, "gpt-image-2", 1) == "more input tokens than any request can hold"
 
 
 # --- exact credits ----------------------------------------------------------------------------

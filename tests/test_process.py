@@ -41,6 +41,7 @@ from core.store import JobSpec, Limits, Store, open_store
 from tests.conftest import TEST_KEY
 from tests.fake_api import FakeImageAPI
 from tests.fake_botapi import FakeBotApiServer
+from tests.pg_server import PASSWORD as PG_PASSWORD
 from tests.telegram_fake import TOKEN, Updates
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,6 +184,43 @@ def test_sigterm_delivers_the_running_job_and_tells_the_waiting_one(
     assert not wal.exists() or wal.stat().st_size == 0
     output = bot.output()
     assert "imgbot stopped; 0 job(s) still in flight" in output
+    assert_no_secrets(output)
+
+
+def test_run_on_postgresql_draws_charges_and_stops_cleanly(
+    tmp_path: Path, servers: tuple[FakeBotApiServer, FakeImageAPI], start: Any, pg_server: Any
+) -> None:
+    # DATABASE_URL=postgresql://… imgbot run, end to end: a private and a group job drawn,
+    # delivered and charged exactly in the PostgreSQL ledger, a clean stop, and no password
+    # anywhere in the output.
+    tg, images = servers
+    u = Updates()
+    url = pg_server.create_database()
+    bot = start(DATABASE_URL=url, DATABASE_POOL_SIZE="3")
+    tg.push(u.update(u.message(ANN, u.private(ANN), text="/img low a pg cat")))
+    tg.push(u.update(u.message(DAN, GROUP, text="/img@ThisBot low a pg kite")))
+    tg.wait_for(lambda: len(tg.of("sendPhoto", ok=True)) == 2, 30)
+    assert bot.stop(signal.SIGTERM, within=20) == 0
+
+    async def read() -> list[Any]:
+        store = await open_store(url, Limits())
+        try:
+            report = await store.spend_report(f"telegram:{ANN['id']}")
+            return [*report.last_jobs, *(await store.spend_report(f"telegram:{DAN['id']}")).last_jobs]
+        finally:
+            await store.close()
+
+    jobs = {job.command_text: job for job in asyncio.run(read())}
+    assert set(jobs) == {"low a pg cat", "low a pg kite"}
+    for job in jobs.values():
+        assert job.status.value == "succeeded" and job.usage is not None
+        usage = job.usage
+        expected = PriceTable.from_settings(Settings(_env_file=None)).credits(usage, job.model)
+        assert job.actual_credits == pytest.approx(expected)
+    assert jobs["low a pg kite"].chat_key == f"telegram:{GROUP['id']}"
+    output = bot.output()
+    assert "imgbot stopped; 0 job(s) still in flight" in output
+    assert PG_PASSWORD not in output
     assert_no_secrets(output)
 
 

@@ -298,6 +298,68 @@ async def test_settle_replaces_the_estimate_with_exact_credits(
         assert await ledger.settle(424242, 1, None) is False
 
 
+async def test_a_charge_is_never_above_its_reservation_and_a_miss_is_kept(
+    target: Target, clock: Clock
+) -> None:
+    usage = Usage(text_input_tokens=6, image_output_tokens=9999, total_tokens=10005)
+    async with await target.open(clock, user_daily=1000) as ledger:
+        over = await ledger.reserve(who("1"), SPEC, 100)
+        failed = await ledger.reserve(who("1"), SPEC, 200)
+        invalid = await ledger.reserve(who("1"), SPEC, 50)
+        exact = await ledger.reserve(who("1"), SPEC, 70)
+        clock.advance(seconds=1)
+        # The upstream reports 8x the estimate: the reservation is all that is charged.
+        assert await ledger.settle(over, 800, usage) is True
+        assert await ledger.fail(failed, "moderation", 300.5, usage) is True
+        assert await ledger.settle(invalid, 50, None, flag="usage_invalid") is True
+        assert await ledger.settle(exact, 70, usage) is True
+        jobs = {j: await ledger.get_job(j) for j in (over, failed, invalid, exact)}
+        found = {
+            j: (job.actual_credits, job.reported_credits, job.usage_flag)
+            for j, job in jobs.items()
+            if job is not None
+        }
+        assert found == {
+            over: (100, 800, "over_estimate"),
+            failed: (200, 300.5, "over_estimate"),
+            invalid: (50, None, "usage_invalid"),
+            exact: (70, None, None),
+        }
+        assert (await ledger.spend_report("telegram:1")).today == 420
+        flagged = await ledger.flagged_jobs(START)
+        assert {job.id for job in flagged} == {over, failed, invalid}
+        assert [job.id for job in flagged] == sorted((j.id for j in flagged), reverse=True)
+        assert await ledger.flagged_jobs(START + timedelta(days=1)) == []
+        rows = list(csv.DictReader(io.StringIO(await ledger.export_csv())))
+        by_id = {int(row["id"]): row for row in rows}
+        assert (by_id[over]["charged_credits"], by_id[over]["reported_credits"]) == ("100.0", "800.0")
+        assert by_id[over]["usage_flag"] == "over_estimate" and by_id[exact]["usage_flag"] == ""
+    await assert_totals_match_jobs(target)
+
+
+async def test_usage_above_the_estimate_from_many_jobs_never_passes_a_limit(
+    target: Target, clock: Clock
+) -> None:
+    async with await target.open(clock, user_daily=1000, global_daily=1500) as ledger:
+
+        async def job(i: int) -> int | None:
+            try:
+                job_id = await ledger.reserve(who(str(i % 3), "-7"), SPEC, 10)
+            except LimitExceeded:
+                return None
+            await asyncio.sleep(0)
+            await ledger.settle(job_id, 80 + i % 7, None)  # 8x and more over the estimate
+            return job_id
+
+        granted = [j for j in await asyncio.gather(*(job(i) for i in range(300))) if j]
+        assert len(granted) == 150  # the global limit, 1500 / 10, and no more
+        assert await ledger.global_spent_today() == pytest.approx(1500)
+        for user in ("0", "1", "2"):
+            assert (await ledger.spend_report(f"telegram:{user}")).today <= 1000
+    await assert_totals_match_jobs(target)
+    await assert_totals_within_limits(target, user_daily=1000, global_daily=1500)
+
+
 async def test_fail_without_usage_costs_nothing_and_with_usage_charges(
     target: Target, clock: Clock
 ) -> None:
@@ -834,11 +896,14 @@ TOTALS_LIMITS = {
 }
 
 
-async def assert_totals_within_limits(target: Target) -> None:
+async def assert_totals_within_limits(target: Target, **limits: float) -> None:
+    """Check every running total against its limit (TOTALS_LIMITS unless given)."""
+    ceilings = {**TOTALS_LIMITS, **limits} if limits else TOTALS_LIMITS
     for scope, key, micro in await target.fetch(
         "SELECT scope, key, micro_credits FROM spend_totals"
     ):
-        assert micro / 1e6 <= TOTALS_LIMITS[scope] + 1e-6, (scope, key)
+        if ceilings.get(scope):
+            assert micro / 1e6 <= ceilings[scope] + 1e-6, (scope, key)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

@@ -86,13 +86,25 @@ class Harness:
         return [str(c.params["text"]) for c in self.api.of("sendMessage", "editMessageText")]
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every end-to-end Telegram test runs on both stores: a SQLite file, and a fresh
+    database on the tests' real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/imgbot.db"
+    server = request.getfixturevalue("pg_server")
+    return str(server.create_database())
+
+
 @pytest.fixture
-def make_settings(settings: Callable[..., Settings], tmp_path: Path) -> Callable[..., Settings]:
-    """Return a factory of settings for the Telegram tests (a real SQLite file)."""
+def make_settings(
+    settings: Callable[..., Settings], database_url: str
+) -> Callable[..., Settings]:
+    """Return a factory of settings for the Telegram tests (on either store)."""
 
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "database_url": f"sqlite:///{tmp_path}/imgbot.db",
+            "database_url": database_url,
             "telegram_bot_token": TOKEN,
             "album_debounce": 0.2,
             "progress_interval": 0.05,

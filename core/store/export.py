@@ -37,6 +37,8 @@ CSV_COLUMNS = (
     "total_tokens",
     "refunded_by",
     "refunded_at",
+    "reported_credits",
+    "usage_flag",
 )
 
 
@@ -78,6 +80,8 @@ def csv_row(job: JobRecord) -> tuple[Any, ...]:
         usage.total_tokens if job.usage else "",
         job.refunded_by or "",
         iso(job.refunded_at) if job.refunded_at else "",
+        "" if job.reported_credits is None else job.reported_credits,
+        job.usage_flag or "",
     )
 
 

@@ -125,14 +125,30 @@ class Store(abc.ABC):
         """Record that a reserved job started drawing; False if it is not reserved."""
 
     @abc.abstractmethod
-    async def settle(self, job_id: int, credits: float, usage: Usage | None) -> bool:
-        """Replace a reservation with its exact cost; False (no-op) if it is not reserved."""
+    async def settle(
+        self, job_id: int, credits: float, usage: Usage | None, *, flag: str | None = None
+    ) -> bool:
+        """Replace a reservation with its cost; False (no-op) if it is not reserved.
+
+        The charge is `min(credits, estimated_credits)`: never above the reservation, so
+        usage above the estimate can never push a limit over. When `credits` is above it,
+        it is kept as `reported_credits` and the job flagged `flag or 'over_estimate'` (an
+        estimator miss the operator absorbed); `flag` also marks a charge that is not the
+        usage's (e.g. 'usage_invalid').
+        """
 
     @abc.abstractmethod
     async def fail(
-        self, job_id: int, error_code: str, credits: float = 0.0, usage: Usage | None = None
+        self,
+        job_id: int,
+        error_code: str,
+        credits: float = 0.0,
+        usage: Usage | None = None,
+        *,
+        flag: str | None = None,
     ) -> bool:
-        """Mark a reserved job failed at `credits` (0 releases it); False if not reserved."""
+        """Mark a reserved job failed at `credits` (0 releases it; capped and flagged as in
+        `settle`); False if not reserved."""
 
     @abc.abstractmethod
     async def mark_unsettled(self, job_id: int) -> bool:
@@ -220,6 +236,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def export_csv(self, since: datetime | None = None, user_key: str | None = None) -> str:
         """Return the jobs (since a time, of one user) as CSV: a header, then one row each."""
+
+    @abc.abstractmethod
+    async def flagged_jobs(self, since: datetime) -> list[JobRecord]:
+        """List the jobs created since `since` whose charge is flagged, newest first (≤ 200)."""
 
     @abc.abstractmethod
     async def global_spent_today(self) -> float:

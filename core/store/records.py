@@ -110,6 +110,12 @@ class JobRecord:
     refunded_by: str | None
     refunded_at: datetime | None
     source_ref: str | None = None  # the platform message or button press it came from
+    # What the upstream's usage said, when it was above the reservation (which is all that
+    # was charged): an estimator miss the operator absorbed.
+    reported_credits: float | None = None
+    # Why the charge is not simply the usage: 'over_estimate', or 'usage_invalid' (usage that
+    # was negative, not whole, or beyond what the model can produce: charged the reservation).
+    usage_flag: str | None = None
 
     @property
     def user_id(self) -> str:
@@ -324,7 +330,17 @@ def job_from_mapping(row: Any) -> JobRecord:
         refunded_by=row["refunded_by"],
         refunded_at=parse_time(row["refunded_at"]),
         source_ref=row["source_ref"],
+        reported_credits=_optional(row, "reported_credits"),
+        usage_flag=_optional(row, "usage_flag"),
     )
+
+
+def _optional(row: Any, column: str) -> Any:
+    # Columns added by a later schema: a row read before the upgrade has none.
+    try:
+        return row[column]
+    except (KeyError, IndexError):
+        return None
 
 
 def user_from_mapping(row: Any) -> UserRecord:

@@ -149,9 +149,15 @@ _ENSURE_USER = (
     " VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_key) DO NOTHING"
 )
 # The status guard in the WHERE makes a second settle or fail a no-op.
+# The status guard in the WHERE makes a second settle or fail a no-op. The charge is never
+# above the reservation; what the usage said beyond it is kept, and flagged.
 _FINISH_JOB = (
-    "UPDATE jobs SET status = ?, actual_credits = ?, usage_json = ?,"
-    " error_code = ?, finished_at = ? WHERE id = ? AND status = 'reserved' RETURNING id"
+    "UPDATE jobs SET status = :status, actual_credits = MIN(:credits, estimated_credits),"
+    " reported_credits = CASE WHEN :credits > estimated_credits THEN :credits END,"
+    " usage_flag = CASE WHEN :credits > estimated_credits"
+    "   THEN COALESCE(:flag, 'over_estimate') ELSE :flag END,"
+    " usage_json = :usage, error_code = :error_code, finished_at = :now"
+    " WHERE id = :id AND status = 'reserved' RETURNING id"
 )
 _REFUND = (
     "UPDATE jobs SET status = 'refunded', refunded_by = ?, refunded_at = ?"
@@ -720,7 +726,8 @@ class SqliteStore(Store):
         if not rows:
             return
         release = self._writer.single(
-            _FINISH_JOB, ("failed", 0.0, None, "cancelled", self._now_iso(), int(rows[0][0]))
+            _FINISH_JOB,
+            self._finish_params(int(rows[0][0]), JobStatus.FAILED, 0.0, None, "cancelled", None),
         )
         release.add_done_callback(_log_release_failure)
 
@@ -732,17 +739,25 @@ class SqliteStore(Store):
         )
         return bool(rows)
 
-    async def settle(self, job_id: int, credits: float, usage: Usage | None) -> bool:
-        """Replace a reservation with its exact cost; False (no-op) if it is not reserved."""
+    async def settle(
+        self, job_id: int, credits: float, usage: Usage | None, *, flag: str | None = None
+    ) -> bool:
+        """Replace a reservation with its cost (at most the reservation); see Store.settle."""
         check_credits("credits", credits)
-        return await self._finish(job_id, JobStatus.SUCCEEDED, credits, usage, None)
+        return await self._finish(job_id, JobStatus.SUCCEEDED, credits, usage, None, flag)
 
     async def fail(
-        self, job_id: int, error_code: str, credits: float = 0.0, usage: Usage | None = None
+        self,
+        job_id: int,
+        error_code: str,
+        credits: float = 0.0,
+        usage: Usage | None = None,
+        *,
+        flag: str | None = None,
     ) -> bool:
         """Mark a reserved job failed at `credits` (0 releases it); False if not reserved."""
         check_credits("credits", credits)
-        return await self._finish(job_id, JobStatus.FAILED, credits, usage, error_code)
+        return await self._finish(job_id, JobStatus.FAILED, credits, usage, error_code, flag)
 
     async def _finish(
         self,
@@ -751,18 +766,35 @@ class SqliteStore(Store):
         credits: float,
         usage: Usage | None,
         error_code: str | None,
+        flag: str | None = None,
     ) -> bool:
         if not is_row_id(job_id):
+            self._require()
             return False
-        params = (
-            status.value,
-            float(credits),
-            usage_json(usage),
-            error_code,
-            self._now_iso(),
-            job_id,
+        return bool(
+            await self._single(
+                _FINISH_JOB, self._finish_params(job_id, status, credits, usage, error_code, flag)
+            )
         )
-        return bool(await self._single(_FINISH_JOB, params))
+
+    def _finish_params(
+        self,
+        job_id: int,
+        status: JobStatus,
+        credits: float,
+        usage: Usage | None,
+        error_code: str | None,
+        flag: str | None,
+    ) -> dict[str, Any]:
+        return {
+            "status": status.value,
+            "credits": float(credits),
+            "flag": flag,
+            "usage": usage_json(usage),
+            "error_code": error_code,
+            "now": self._now_iso(),
+            "id": job_id,
+        }
 
     async def mark_unsettled(self, job_id: int) -> bool:
         """Mark a reserved job whose cost is unknown `unsettled`; False if not reserved."""
@@ -1036,6 +1068,15 @@ class SqliteStore(Store):
         rows = await self._read_all(_SELECT_EXPORT, (since_iso, since_iso, user_key, user_key))
         # Building a large export is CPU work: keep it off the event loop.
         return await asyncio.to_thread(lambda: jobs_csv(job_from_mapping(row) for row in rows))
+
+    async def flagged_jobs(self, since: datetime) -> list[JobRecord]:
+        """List the jobs created since `since` whose charge is flagged, newest first."""
+        rows = await self._read_all(
+            "SELECT * FROM jobs WHERE usage_flag IS NOT NULL AND created_at >= ?"
+            " ORDER BY created_at DESC, id DESC LIMIT 200",
+            (iso(since),),
+        )
+        return [job_from_mapping(row) for row in rows]
 
     async def global_spent_today(self) -> float:
         """Return what the whole bot has spent (and reserved) today, UTC."""

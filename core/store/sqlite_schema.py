@@ -209,6 +209,17 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE UNIQUE INDEX jobs_source_ref ON jobs (source_ref) WHERE source_ref IS NOT NULL",
         ),
     ),
+    Migration(
+        5,
+        "jobs.reported_credits and jobs.usage_flag: charges capped at the reservation",
+        (
+            # A job is never charged above its reservation; what the usage said beyond it
+            # is kept here, and why a charge is not the usage's is flagged.
+            "ALTER TABLE jobs ADD COLUMN reported_credits REAL",
+            "ALTER TABLE jobs ADD COLUMN usage_flag TEXT",
+            "CREATE INDEX jobs_flagged ON jobs (created_at) WHERE usage_flag IS NOT NULL",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
