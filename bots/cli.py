@@ -10,8 +10,9 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from bots.logs import setup_logging
 from core.config import Settings, SettingsError, load_settings
@@ -179,6 +180,8 @@ async def _usage(settings: Settings, args: argparse.Namespace) -> int:
         if args.user:
             print(render_balance(await ledger.spend_report(args.user), prices, lang))
             return 0
+        if args.flagged:
+            return await _print_flagged(ledger, since, prices, lang)
         since = since or datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         rows = await ledger.top_spenders(since, 50)
         print(f"spend since {since:%Y-%m-%d %H:%M} UTC")
@@ -189,6 +192,27 @@ async def _usage(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     finally:
         await ledger.close()
+
+
+async def _print_flagged(ledger: Any, since: datetime | None, prices: Any, lang: str) -> int:
+    """List jobs whose charge is not simply their usage: estimator misses the operator
+    absorbed (usage above the reservation) and usage that could not be a bill."""
+    since = since or datetime.now(UTC) - timedelta(days=30)
+    jobs = await ledger.flagged_jobs(since)
+    print(f"flagged charges since {since:%Y-%m-%d} UTC")
+    if not jobs:
+        print("(none)")
+    absorbed = 0.0
+    for job in jobs:
+        charged = format_credits(job.charged, prices, lang)
+        said = "" if job.reported_credits is None else f", usage said {job.reported_credits:,.0f}"
+        print(f"#{job.id} {job.created_at:%Y-%m-%d %H:%M} {job.user_key} {job.usage_flag}: "
+              f"charged {charged} (reserved {job.estimated_credits:,.0f}{said})")
+        if job.reported_credits is not None and job.actual_credits is not None:
+            absorbed += job.reported_credits - job.actual_credits
+    if absorbed:
+        print(f"absorbed above the estimates: {absorbed:,.0f} credits")
+    return 0
 
 
 async def _admin(settings: Settings, args: argparse.Namespace) -> int:
@@ -258,6 +282,11 @@ def _build_parser() -> argparse.ArgumentParser:
     u.add_argument("--user", help="platform:id")
     u.add_argument("--since", help="YYYY-MM-DD (UTC)")
     u.add_argument("--csv", action="store_true", help="export jobs as CSV")
+    u.add_argument(
+        "--flagged",
+        action="store_true",
+        help="jobs charged other than their usage: estimator misses, unusable usage",
+    )
     a = sub.add_parser("admin", help="limits, refunds, blocks: limit|chatlimit|refund|block|unblock|top|chats|unsettled")
     a.add_argument("action")
     a.add_argument("args", nargs="*")

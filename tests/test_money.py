@@ -6,8 +6,12 @@ SQLite store)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +21,7 @@ from core.requester import Requester
 from tests.fake_api import MISSING, FakeImageAPI
 
 SINCE = datetime(2000, 1, 1, tzinfo=UTC)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def times(factor: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
@@ -100,3 +105,29 @@ async def test_unusable_usage_is_charged_the_reservation_flagged_and_delivered(
         assert [j.id for j in await service.ledger.flagged_jobs(SINCE)] == [job.id]
         # The totals stay exact and small: nothing overflowed.
         assert await service.ledger.global_spent_today() == pytest.approx(job.estimated_credits)
+
+
+async def test_the_operator_sees_what_was_absorbed(
+    make_service: Callable[..., Any], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    fake_api.usage_rewrite = times(8)
+    ann = Requester("telegram", "7", None, "Ann")
+    async with make_service(confirm_above=0) as service:
+        outcome = await service.draw(ann, "low a heron")
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "bots.cli", "usage", "--flagged", "--since", "2000-01-01"],
+        cwd=tmp_path,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "OPENAI_API_KEY": "x",
+            "DATABASE_URL": f"sqlite:///{tmp_path}/ledger.db",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"#{outcome.job_id} " in done.stdout and "over_estimate" in done.stdout
+    assert "usage said" in done.stdout and "absorbed above the estimates" in done.stdout
