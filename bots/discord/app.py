@@ -8,7 +8,7 @@ off, runs until `stop` is set, lets answers in flight finish, and closes. The ca
 the service.
 
 Pieces live in `bots.discord`: texts (localisation), requester, replies (progress, errors),
-drawing (the draw flow and delivery), fitting (upload limits), buttons, commands, admin.
+drawing (the draw flow and delivery), buttons, commands, admin.
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ import discord
 from discord.http import Route
 
 from bots.discord.buttons import result_view
-from bots.discord.fitting import FittedImage, fit_image, upload_share
 from bots.discord.replies import (
     TOKEN_MARGIN,
     ProgressMessage,
@@ -43,6 +42,7 @@ from bots.discord.requester import requester_of
 from bots.discord.texts import lang_of
 from core.config import Settings
 from core.errors import BadReferenceError, ImgbotError
+from core.imaging import FittedImage, fit_under, upload_share
 from core.messages import text
 from core.prompt import clean_text
 from core.replay import ReplayAction
@@ -318,9 +318,7 @@ class DrawRunner:
         files: list[discord.File] = []
         notes: list[str] = []
         for index, image in enumerate(outcome.images, 1):
-            fitted = await asyncio.to_thread(
-                fit_image, image.data, image.mime, image.width, image.height, share
-            )
+            fitted = await fit_under(image.data, image.mime, image.width, image.height, limit=share)
             if fitted is None:
                 notes.append(text(lang, "discord.fit.failed", index=index, limit_mb=_mib(limit)))
                 continue
