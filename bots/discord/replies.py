@@ -21,6 +21,7 @@ import discord
 from discord import app_commands
 
 from bots.discord.texts import lang_of
+from bots.logs import scrub_secrets
 from core.errors import AccessDenied, ImgbotError, UpstreamError
 from core.messages import text
 from core.service import Progress
@@ -121,7 +122,7 @@ def error_message(interaction: discord.Interaction, error: BaseException) -> str
     if isinstance(error, app_commands.CheckFailure):
         return text(lang, "access.denied")
     # The interaction token is a credential for 15 minutes; it may sit in a URL in the trace.
-    trace = "".join(traceback.format_exception(error)).replace(interaction.token, "***")
+    trace = scrub_secrets("".join(traceback.format_exception(error)), interaction.token)
     log.error(
         "unexpected error in interaction %s (%s) from user %s\n%s",
         interaction.id,
