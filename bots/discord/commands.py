@@ -19,8 +19,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bots.discord.drawing import DrawRunner, RemoteImage, image_of_attachment, images_of_message
-from bots.discord.replies import clip
+from bots.discord.drawing import DiscordDrawing, RemoteImage, image_of_attachment, images_of_message
+from bots.discord.reply import clip
 from bots.discord.requester import requester_of
 from bots.discord.texts import lang_of, loc
 from core.config import KNOWN_MODELS
@@ -139,7 +139,7 @@ class _RecentForms:
 class UserCommands(commands.Cog):
     """The commands everyone may use."""
 
-    def __init__(self, bot: commands.Bot, runner: DrawRunner, service: ImageService) -> None:
+    def __init__(self, bot: commands.Bot, runner: DiscordDrawing, service: ImageService) -> None:
         self.bot = bot
         self.runner = runner
         self.service = service
