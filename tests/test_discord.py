@@ -24,10 +24,9 @@ from discord.webhook.async_ import async_context
 from PIL import Image
 
 from bots.discord.app import build_bot, sync_commands
-from bots.discord.texts import CommandTranslator
+from bots.discord.texts import CommandTranslator, text
 from core.config import Settings
 from core.imaging import fit_image, upload_share
-from core.messages import text
 from core.pricing import format_credits
 from core.runtime import open_service
 from core.service import ImageService

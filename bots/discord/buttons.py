@@ -10,7 +10,7 @@ from typing import Any, Protocol, cast
 
 import discord
 
-from core.messages import text
+from bots.discord.texts import text
 from core.replay import ACTIONS, ReplayAction, ReplayCodec
 
 # The replay buttons' custom ids on Discord: `imgbot:job:<job id>:<action>`.

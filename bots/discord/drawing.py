@@ -24,6 +24,7 @@ from discord.http import Route
 
 from bots.discord.reply import DiscordReply
 from bots.discord.requester import requester_of
+from bots.discord.texts import text
 from core.config import Settings
 from core.errors import BadReferenceError
 from core.prompt import clean_text
@@ -115,7 +116,7 @@ class DiscordDrawing:
         self._http = http
         self.service = service
         self.settings = settings
-        self.jobs = JobRunner(service)
+        self.jobs = JobRunner(service, texts=text)
 
     async def draw(
         self, interaction: discord.Interaction, command_text: str, images: Sequence[RemoteImage]

@@ -31,11 +31,10 @@ import discord
 from discord import app_commands
 
 from bots.discord.buttons import result_view
-from bots.discord.texts import lang_of
+from bots.discord.texts import lang_of, text
 from bots.logs import scrub_secrets
 from core.errors import AccessDenied, ImgbotError, UpstreamError
 from core.imaging import FittedImage, fit_under, upload_share
-from core.messages import text
 from core.pricing import PriceTable
 from core.reports import render_caption
 from core.service import DrawOutcome
@@ -141,9 +140,9 @@ def error_message(interaction: discord.Interaction, error: BaseException) -> str
         return None
     if isinstance(error, UpstreamError):
         log.warning("upstream error %s (status %s): %s", error.code, error.status, error.detail)
-        return error.user_message(lang)
+        return error.user_message(lang, text)
     if isinstance(error, ImgbotError):
-        return error.user_message(lang)
+        return error.user_message(lang, text)
     if isinstance(error, app_commands.CheckFailure):
         return text(lang, "access.denied")
     # The interaction token is a credential for 15 minutes; it may sit in a URL in the trace.
@@ -276,7 +275,7 @@ class DiscordReply:
                 status = getattr(err, "status", None) or type(err).__name__
                 log.error("could not send the result of job %d: %s", outcome.job_id, status)
                 failed = ImgbotError("discord.send_failed", job_id=outcome.job_id)
-                await self._say(failed.user_message(outcome.lang))
+                await self._say(failed.user_message(outcome.lang, text))
                 return []
             except Exception as err:  # noqa: BLE001 - logged here, without the interaction token
                 await self._say(error_message(self.interaction, err))

@@ -56,10 +56,11 @@ from bots.telegram.reply import (
     where_of,
     with_flood_retry,
 )
+from bots.telegram.texts import text
 from core.admin import ADMIN_COMMANDS, run_admin
 from core.config import Settings
 from core.errors import ImgbotError
-from core.messages import language_of, text
+from core.messages import language_of
 from core.presses import PressWindow
 from core.pricing import format_credits
 from core.reports import (
@@ -121,7 +122,7 @@ class TelegramAdapter:
         self.albums = AlbumCollector(
             settings.album_debounce, self._spawn, self._album_ready, self._album_item_late
         )
-        self.runner = JobRunner(service)
+        self.runner = JobRunner(service, texts=text)
         self._jobs: set[asyncio.Task[object]] = set()
         self.presses = PressWindow()
         self.pending: dict[str, PendingJob] = {}
@@ -494,7 +495,7 @@ class TelegramAdapter:
         try:
             answer = await reply()
         except ImgbotError as err:
-            answer = err.user_message(lang)
+            answer = err.user_message(lang, text)
         except Exception:
             await self._answer(update, text(lang, "error.internal"))
             raise

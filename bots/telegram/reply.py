@@ -30,9 +30,9 @@ from telegram.constants import ChatAction
 from telegram.error import BadRequest, RetryAfter, TelegramError
 
 from bots.telegram.flood import STATUS, FloodSkipped, retry_seconds
+from bots.telegram.texts import text
 from core.errors import ImgbotError
 from core.imaging import preview_jpeg
-from core.messages import text
 from core.pricing import PriceTable, whole_credits
 from core.replay import ACTIONS, ReplayCodec
 from core.reports import render_caption
