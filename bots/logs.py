@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from core.config import Settings
 
 # Telegram URLs carry the token as /bot<token>/; scrub that shape even for unknown tokens.
-_BOT_URL = re.compile(r"(/(?:file/)?bot)\d+:[A-Za-z0-9_-]{20,}")
+_BOT_URL = re.compile(r"(/(?:file/)?bot)\d+:[A-Za-z0-9_-]{20,}", re.IGNORECASE)
 _BEARER = re.compile(r"(Bearer\s+)[^\s'\"]+", re.IGNORECASE)
 
 
@@ -21,12 +21,16 @@ class SecretScrubber(logging.Filter):
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
-        self._secrets = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
+        known = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
+        # Any case: some libraries rewrite the case of their error texts (PTB does).
+        self._secrets = (
+            re.compile("|".join(map(re.escape, known)), re.IGNORECASE) if known else None
+        )
 
     def scrub(self, value: str) -> str:
-        """Return the text with every secret masked."""
-        for secret in self._secrets:
-            value = value.replace(secret, "***")
+        """Return the text with every secret, and every bot-token URL, masked."""
+        if self._secrets is not None:
+            value = self._secrets.sub("***", value)
         value = _BOT_URL.sub(r"\1***", value)
         return _BEARER.sub(r"\1***", value)
 
@@ -40,6 +44,11 @@ class SecretScrubber(logging.Filter):
         if clean != message or record.args:
             record.msg, record.args = clean, None
         return True
+
+
+def scrub_secrets(value: str, *secrets: str) -> str:
+    """Return the text with the given secrets (any case) and bot-token URLs masked."""
+    return SecretScrubber(secrets).scrub(value)
 
 
 class JsonFormatter(logging.Formatter):

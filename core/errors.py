@@ -29,10 +29,14 @@ httpx), with `raise … from err`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from core.types import Usage
+
+# A front end's `text(lang, key, **params)`: its own keys, falling back to core's.
+Texts = Callable[..., str]
 
 
 # A message quotes what the user typed; a 4,000-character "word" must not make it longer
@@ -58,11 +62,15 @@ class ImgbotError(Exception):
         self.detail = detail
         super().__init__(f"{self.key}: {detail}" if detail else self.key)
 
-    def user_message(self, lang: str) -> str:
-        """Render the message fit to show the user, in their language."""
+    def user_message(self, lang: str, texts: Texts | None = None) -> str:
+        """Render the message fit to show the user, in their language.
+
+        `texts` words it when a front end raised it with a key of its own (`tg.*`).
+        """
         from core.messages import text
 
-        return text(lang, self.key, **{k: _clip(v) for k, v in self.params.items()})
+        render = texts or text
+        return render(lang, self.key, **{k: _clip(v) for k, v in self.params.items()})
 
     @property
     def code(self) -> str:
@@ -89,11 +97,11 @@ class AccessDenied(UserError):
 class LimitExceeded(UserError):
     key = "limit.exceeded"
 
-    def user_message(self, lang: str) -> str:
+    def user_message(self, lang: str, texts: Texts | None = None) -> str:
         """Render the refusal, plus a cheaper option that would fit when there is one."""
         from core.messages import text
 
-        message = super().user_message(lang)
+        message = super().user_message(lang, texts)
         if self.params.get("suggestion"):
             message += "\n" + text(lang, "limit.try", suggestion=self.params["suggestion"])
         return message

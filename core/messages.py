@@ -1,11 +1,14 @@
-"""Every user-facing text, in English and Chinese.
+"""The wording of core texts — core errors, notices, reports, help — in English and Chinese.
 
 `text(lang, key, **params)` renders one. `lang` may be a raw platform code (Telegram's
-`language_code`, Discord's `locale`); `language_of` folds it to "en" or "zh".
+`language_code`, Discord's `locale`); `language_of` folds it to "en" or "zh". A front end's
+own wording (its buttons, command menu, platform refusals) lives in its `texts` module,
+whose `text` renders its keys with `render` and falls back to this one for shared keys.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 LANGUAGES = ("en", "zh")
@@ -32,9 +35,11 @@ def language_of(code: str | None) -> str:
 
 def text(lang: str | None, key: str, **params: Any) -> str:
     """Render message `key` in the user's language with its parameters."""
-    entry = MESSAGES.get(key)
-    if entry is None:
-        entry = MESSAGES["error.internal"]
+    return render(MESSAGES.get(key) or MESSAGES["error.internal"], lang, **params)
+
+
+def render(entry: Mapping[str, str], lang: str | None, **params: Any) -> str:
+    """Render one entry of a message table (`{"en": …, "zh": …}`) in the user's language."""
     template = entry[language_of(lang)]
     try:
         return template.format(**params)
@@ -583,252 +588,5 @@ MESSAGES: dict[str, dict[str, str]] = {
     "admin.unsettled_header": {
         "en": "Unsettled jobs (counted at their estimate; refund <id> to release):",
         "zh": "未结算任务（按预估计费；refund <任务号> 可退还）：",
-    },
-    # --- telegram adapter ----------------------------------------------------------------
-    "tg.start": {
-        "en": "Hi! I draw images with gpt-image. Write /img and what you want to see.",
-        "zh": "你好！我用 gpt-image 画图。发送 /img 加上你想要的画面即可。",
-    },
-    "tg.file_too_big": {
-        "en": "That file is {size_mb} MB; I can download at most {limit_mb} MB. Send it as a photo or a smaller file.",
-        "zh": "该文件大小为 {size_mb} MB，机器人最多只能下载 {limit_mb} MB。请以图片方式发送，或换一个更小的文件。",
-    },
-    "tg.not_image": {
-        "en": "“{name}” is not an image, so I cannot draw from it. Nothing was drawn or charged. "
-        "Send a photo or an image file (PNG, JPEG, WebP) with /img, or /img alone for a picture "
-        "from words.",
-        "zh": "“{name}”不是图片，无法用来画图。未绘制、未扣费。请发送图片或图片文件"
-        "（PNG、JPEG、WebP）并附上 /img，或只发 /img 加描述文字来画图。",
-    },
-    "tg.download_failed": {
-        "en": "I could not download that image from Telegram. Please send it again.",
-        "zh": "无法从 Telegram 下载这张图片，请重新发送。",
-    },
-    "tg.send_failed": {
-        "en": "The image of job #{job_id} was drawn but Telegram refused to deliver it. An admin can refund it.",
-        "zh": "任务 #{job_id} 的图片已生成，但 Telegram 拒绝发送。管理员可为其退款。",
-    },
-    "tg.confirm": {
-        "en": "This will cost about {cost}. Draw it? (The question stays open {minutes} minutes.)",
-        "zh": "这次大约花费 {cost}。确定要画吗？（{minutes} 分钟内有效）",
-    },
-    "tg.confirm.draw": {"en": "✅ Draw", "zh": "✅ 画"},
-    "tg.album_late": {
-        "en": "This photo arrived too late for its album and was not used. Send the album again to use every photo.",
-        "zh": "这张图片到达太晚，未用于该相册的任务。请重新发送整个相册以使用全部图片。",
-    },
-    "tg.confirm.cancel": {"en": "✖ Cancel", "zh": "✖ 取消"},
-    "tg.confirm.cancelled": {
-        "en": "Cancelled. Nothing was drawn or charged.",
-        "zh": "已取消，未绘制、未扣费。",
-    },
-    "tg.confirm.expired": {
-        "en": "This question has expired (or the bot restarted). Send the command again.",
-        "zh": "此确认已过期（或机器人已重启），请重新发送命令。",
-    },
-    "tg.confirm.not_yours": {
-        "en": "Only the person who asked can answer this.",
-        "zh": "只有发出请求的人才能确认。",
-    },
-    "tg.button.4k_cost": {"en": "🔍 4K · ≈{cost}", "zh": "🔍 4K · 约{cost}"},
-    "tg.not_here": {
-        "en": "This button is not available here.",
-        "zh": "此按钮在这里不可用。",
-    },
-    "tg.press_repeated": {
-        "en": "Already on it: one press is enough.",
-        "zh": "已在处理，按一次就够了。",
-    },
-    "tg.buttons": {
-        "en": "Job #{job_id}: more like this?",
-        "zh": "任务 #{job_id}：再来一些？",
-    },
-    "tg.button.again": {"en": "🔁 Again", "zh": "🔁 再来一张"},
-    "tg.button.4k": {"en": "🔍 4K", "zh": "🔍 4K"},
-    "tg.button.vary": {"en": "🎲 Vary", "zh": "🎲 变体"},
-    "tg.cmd.img": {"en": "Draw an image: /img [options] prompt", "zh": "画图：/img [选项] 描述"},
-    "tg.cmd.help": {"en": "How to write /img", "zh": "/img 的写法"},
-    "tg.cmd.sizes": {"en": "Ratios and sizes", "zh": "比例与尺寸表"},
-    "tg.cmd.balance": {"en": "Your spend and limits", "zh": "你的消费与限额"},
-    "tg.cmd.cancel": {"en": "Cancel your waiting and running jobs", "zh": "取消排队中和正在绘制的任务"},
-    "tg.cmd.start": {"en": "Start", "zh": "开始"},
-    "tg.cmd.limit": {"en": "Admin: set a user's limits", "zh": "管理：设置用户限额"},
-    "tg.cmd.chatlimit": {"en": "Admin: set a chat's daily limit", "zh": "管理：设置群每日限额"},
-    "tg.cmd.refund": {"en": "Admin: refund a job", "zh": "管理：退还任务"},
-    "tg.cmd.block": {"en": "Admin: block a user or chat", "zh": "管理：禁止用户或群"},
-    "tg.cmd.unblock": {"en": "Admin: unblock a user or chat", "zh": "管理：解除禁止"},
-    "tg.cmd.top": {"en": "Admin: top spenders", "zh": "管理：消费排行"},
-    "tg.cmd.chats": {"en": "Admin: spend per chat", "zh": "管理：各群消费"},
-    "tg.cmd.unsettled": {"en": "Admin: unsettled jobs", "zh": "管理：未结算任务"},
-    # --- discord adapter -----------------------------------------------------------------
-    "discord.cmd.img": {"en": "img", "zh": "画图"},
-    "discord.cmd.img.desc": {
-        "en": "Draw an image, or edit attached ones (the prompt also takes 16:9 2K high …)",
-        "zh": "画一张图，或编辑附带的图片（提示词里也可写 16:9 2K high …）",
-    },
-    "discord.opt.prompt": {"en": "prompt", "zh": "提示词"},
-    "discord.opt.prompt.desc": {
-        "en": "What to draw; may start with options, e.g. 16:9 2K high a white cat",
-        "zh": "要画什么；开头可写选项，例如 16:9 2K high 一只白猫",
-    },
-    "discord.opt.ratio": {"en": "ratio", "zh": "比例"},
-    "discord.opt.ratio.desc": {"en": "Aspect ratio", "zh": "宽高比"},
-    "discord.opt.resolution": {"en": "resolution", "zh": "分辨率"},
-    "discord.opt.resolution.desc": {"en": "Resolution tier: 1K, 2K or 4K", "zh": "分辨率档位：1K、2K 或 4K"},
-    "discord.opt.quality": {"en": "quality", "zh": "质量"},
-    "discord.opt.quality.desc": {"en": "Quality (higher costs more)", "zh": "质量（越高越贵）"},
-    "discord.opt.count": {"en": "count", "zh": "数量"},
-    "discord.opt.count.desc": {"en": "How many images", "zh": "生成几张"},
-    "discord.opt.model": {"en": "model", "zh": "模型"},
-    "discord.opt.model.desc": {"en": "Image model", "zh": "绘图模型"},
-    "discord.opt.image1": {"en": "image1", "zh": "图片1"},
-    "discord.opt.image2": {"en": "image2", "zh": "图片2"},
-    "discord.opt.image3": {"en": "image3", "zh": "图片3"},
-    "discord.opt.image4": {"en": "image4", "zh": "图片4"},
-    "discord.opt.image.desc": {
-        "en": "A reference image to edit or draw from",
-        "zh": "要编辑或参考的图片",
-    },
-    "discord.choice.ratio_auto": {
-        "en": "auto (follow the reference image)",
-        "zh": "自动（跟随参考图）",
-    },
-    "discord.choice.quality_low": {"en": "low", "zh": "低"},
-    "discord.choice.quality_medium": {"en": "medium", "zh": "中"},
-    "discord.choice.quality_high": {"en": "high", "zh": "高"},
-    "discord.choice.quality_auto": {"en": "auto", "zh": "自动"},
-    "discord.menu.edit": {"en": "Edit with imgbot", "zh": "用 imgbot 编辑"},
-    "discord.modal.title": {"en": "Edit with imgbot", "zh": "用 imgbot 编辑"},
-    "discord.modal.prompt": {"en": "Prompt", "zh": "提示词"},
-    "discord.modal.prompt_hint": {
-        "en": "What to change, e.g. make it a watercolour",
-        "zh": "要怎么改，例如：改成水彩画风格",
-    },
-    "discord.modal.options": {"en": "Options (optional)", "zh": "选项（可选）"},
-    "discord.modal.options_hint": {"en": "e.g. 16:9 2K high x2", "zh": "例如 16:9 2K high x2"},
-    "discord.no_images": {
-        "en": "That message has no images to edit.",
-        "zh": "这条消息里没有可以编辑的图片。",
-    },
-    "discord.edit_gone": {
-        "en": "This form can no longer find the message's images (deleted, or not readable "
-        "by the bot since it restarted). Open Edit with imgbot on the message again. "
-        "What you typed:\n{prompt}",
-        "zh": "这个表单已找不到那条消息的图片（消息已删除，或机器人重启后无法读取）。"
-        "请在消息上重新打开“用 imgbot 编辑”。你输入的内容：\n{prompt}",
-    },
-    "discord.cmd.help": {"en": "help", "zh": "帮助"},
-    "discord.cmd.help.desc": {"en": "How to use imgbot", "zh": "imgbot 使用说明"},
-    "discord.cmd.sizes": {"en": "sizes", "zh": "尺寸"},
-    "discord.cmd.sizes.desc": {
-        "en": "The sizes each ratio and resolution draws",
-        "zh": "各比例与分辨率对应的尺寸",
-    },
-    "discord.cmd.balance": {"en": "balance", "zh": "余额"},
-    "discord.cmd.balance.desc": {
-        "en": "What you spent, your limits and your last jobs",
-        "zh": "你的消费、额度和最近的任务",
-    },
-    "discord.cmd.cancel": {"en": "cancel", "zh": "取消"},
-    "discord.cmd.cancel.desc": {"en": "Cancel your waiting and running jobs", "zh": "取消你排队中和正在绘制的任务"},
-    "discord.cmd.admin": {"en": "admin", "zh": "管理"},
-    "discord.cmd.admin.desc": {
-        "en": "Bot operators only (ADMINS): limits, refunds, blocks, reports",
-        "zh": "仅限机器人运营者（ADMINS）：额度、退款、封禁、报表",
-    },
-    "discord.cmd.server": {"en": "server", "zh": "本服务器"},
-    "discord.cmd.server.desc": {
-        "en": "Server managers: this server's daily limit and spend",
-        "zh": "服务器管理者：本服务器的每日额度与消费",
-    },
-    "discord.cmd.server.chatlimit.desc": {
-        "en": "Lower this server's daily limit (up to the bot operator's)",
-        "zh": "调低本服务器的每日额度（不超过运营者的上限）",
-    },
-    "discord.cmd.server.chats.desc": {"en": "This server's spend", "zh": "本服务器的消费"},
-    "discord.opt.server_amount.desc": {
-        "en": "Credits a day, at most the operator's limit (default = the operator's limit)",
-        "zh": "每日积分，不超过运营者的上限（default = 运营者的额度）",
-    },
-    "discord.cmd.admin.limit": {"en": "limit", "zh": "额度"},
-    "discord.cmd.admin.limit.desc": {
-        "en": "Set a user's daily/monthly limit in credits",
-        "zh": "设置用户每日/每月额度（积分）",
-    },
-    "discord.cmd.admin.chatlimit": {"en": "chatlimit", "zh": "服务器额度"},
-    "discord.cmd.admin.chatlimit.desc": {
-        "en": "Set a server's daily limit in credits",
-        "zh": "设置服务器每日额度（积分）",
-    },
-    "discord.cmd.admin.refund": {"en": "refund", "zh": "退款"},
-    "discord.cmd.admin.refund.desc": {"en": "Refund a job", "zh": "为一个任务退款"},
-    "discord.cmd.admin.block": {"en": "block", "zh": "封禁"},
-    "discord.cmd.admin.block.desc": {"en": "Block a user or server", "zh": "封禁用户或服务器"},
-    "discord.cmd.admin.unblock": {"en": "unblock", "zh": "解封"},
-    "discord.cmd.admin.unblock.desc": {"en": "Unblock a user or server", "zh": "解封用户或服务器"},
-    "discord.cmd.admin.top": {"en": "top", "zh": "排行"},
-    "discord.cmd.admin.top.desc": {"en": "Top spenders", "zh": "消费排行"},
-    "discord.cmd.admin.chats": {"en": "chats", "zh": "服务器统计"},
-    "discord.cmd.admin.chats.desc": {"en": "Spend per server and chat", "zh": "各服务器/群的消费"},
-    "discord.cmd.admin.unsettled": {"en": "unsettled", "zh": "未结算"},
-    "discord.cmd.admin.unsettled.desc": {
-        "en": "Jobs left unsettled by a crash",
-        "zh": "因中断而未结算的任务",
-    },
-    "discord.opt.user": {"en": "user", "zh": "用户"},
-    "discord.opt.user.desc": {
-        "en": "User id, @mention or platform:id",
-        "zh": "用户 id、@提及 或 platform:id",
-    },
-    "discord.opt.daily": {"en": "daily", "zh": "每日"},
-    "discord.opt.monthly": {"en": "monthly", "zh": "每月"},
-    "discord.opt.amount.desc": {
-        "en": "Credits (0 = unlimited, default = the default limit)",
-        "zh": "积分（0 = 不限，default = 默认额度）",
-    },
-    "discord.opt.server": {"en": "server", "zh": "服务器"},
-    "discord.opt.server.desc": {
-        "en": "Server id or platform:id (this server if empty)",
-        "zh": "服务器 id 或 platform:id（留空为本服务器）",
-    },
-    "discord.opt.job": {"en": "job", "zh": "任务"},
-    "discord.opt.job.desc": {"en": "Job number", "zh": "任务编号"},
-    "discord.opt.target": {"en": "target", "zh": "对象"},
-    "discord.opt.target.desc": {
-        "en": "User or server id, @mention or platform:id",
-        "zh": "用户或服务器 id、@提及 或 platform:id",
-    },
-    "discord.opt.days": {"en": "days", "zh": "天数"},
-    "discord.opt.days.desc": {"en": "Days to look back (7 by default)", "zh": "统计最近几天（默认 7）"},
-    "discord.button.again": {"en": "Again", "zh": "再来一次"},
-    "discord.button.4k": {"en": "4K", "zh": "4K"},
-    "discord.button.vary": {"en": "Vary", "zh": "变体"},
-    "discord.fit.reencoded": {
-        "en": "Uploads here are limited to {limit_mb} MB per message, so image {index} "
-        "({size_mb} MB as drawn) was sent as a high-quality {format} ({new_mb} MB, {size}).",
-        "zh": "此处每条消息的上传上限为 {limit_mb} MB，第 {index} 张图（原图 {size_mb} MB）"
-        "已转为高质量 {format} 发送（{new_mb} MB，{size}）。",
-    },
-    "discord.fit.failed": {
-        "en": "Image {index} could not be made small enough for this channel's {limit_mb} MB limit.",
-        "zh": "第 {index} 张图无法压缩到此处 {limit_mb} MB 的上传上限以内。",
-    },
-    "discord.send_failed": {
-        "en": "Your image was drawn (job #{job_id}) but Discord would not take the upload. "
-        "An admin can refund it.",
-        "zh": "图片已生成（任务 #{job_id}），但 Discord 拒绝了上传。管理员可以为此退款。",
-    },
-    "discord.late": {"en": "{mention}, your image is ready:", "zh": "{mention}，你的图片好了："},
-    "discord.late_pending": {
-        "en": "Still drawing: the result will be posted in this channel when it is ready.",
-        "zh": "仍在绘制中：完成后会发到这个频道。",
-    },
-    "discord.late_failed": {
-        "en": "{mention}, your image could not be finished:",
-        "zh": "{mention}，你的图片没能完成：",
-    },
-    "discord.answered_privately": {
-        "en": "The answer was sent to you privately.",
-        "zh": "结果已私下发送给你。",
     },
 }

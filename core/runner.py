@@ -23,7 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
-from core.errors import ImgbotError
+from core.errors import ImgbotError, Texts
 from core.messages import language_of, text
 from core.prompt import refine_command
 from core.replay import ReplayAction
@@ -66,8 +66,10 @@ Confirm = Callable[[float, Callable[[Reply], Awaitable[None]]], Awaitable[None]]
 class JobRunner:
     """Carry jobs from any front end through the service and back to its Reply."""
 
-    def __init__(self, service: ImageService) -> None:
+    def __init__(self, service: ImageService, texts: Texts = text) -> None:
+        """`texts` is the front end's `text`, so errors it raises with its own keys read right."""
         self.service = service
+        self._texts = texts
         self._running: set[asyncio.Task[object]] = set()
 
     async def run(
@@ -203,11 +205,11 @@ class JobRunner:
             await work
         except ImgbotError as err:
             # A stranger in a group, or a message already handled: say nothing.
-            message = None if err.params.get("silent") else err.user_message(lang)
+            message = None if err.params.get("silent") else err.user_message(lang, self._texts)
             await reply.refusal(message, err)
         except Exception:
             log.exception("job of %s failed", requester.user_key)
-            await reply.failure(text(lang, "error.internal"))
+            await reply.failure(self._texts(lang, "error.internal"))
         finally:
             if task is not None:
                 self._running.discard(task)

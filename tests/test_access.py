@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
+from bots.telegram.texts import text
 from core.admin import ADMIN_COMMANDS, run_admin
 from core.config import Settings
 from core.errors import PromptError, UpstreamError
-from core.messages import text
 from core.requester import Requester
 from core.runtime import open_service
 from tests import discord_payloads as p

@@ -24,10 +24,9 @@ from discord.webhook.async_ import async_context
 from PIL import Image
 
 from bots.discord.app import build_bot, sync_commands
-from bots.discord.fitting import fit_image, upload_share
-from bots.discord.texts import CommandTranslator
+from bots.discord.texts import CommandTranslator, text
 from core.config import Settings
-from core.messages import text
+from core.imaging import fit_image, upload_share
 from core.pricing import format_credits
 from core.runtime import open_service
 from core.service import ImageService
@@ -696,7 +695,7 @@ async def test_an_unexpected_failure_is_logged_without_the_interaction_token(
     async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
         h.discord.fail_uploads = lambda route: RuntimeError(f"lost connection to {route.url}")
         payload = p.slash("img", [p.option("prompt", "a hill")])
-        with caplog.at_level(logging.ERROR, logger="bots.discord.replies"):
+        with caplog.at_level(logging.ERROR, logger="bots.discord.reply"):
             calls = await h.feed(payload)
         (private,) = [c for c in calls if c.kind == "followup"]
         assert private.ephemeral and private.content == text("en", "error.internal")

@@ -107,3 +107,14 @@ def test_core_imports_no_front_end() -> None:
     for name, targets in graph.items():
         if name.startswith("core"):
             assert not [t for t in targets if t.startswith("bots")], name
+
+
+def test_front_ends_draw_only_through_the_runner() -> None:
+    # One job flow: a front end hands its Reply to core.runner.JobRunner; it never drives
+    # the service's draw/replay itself, nor reaches the ledger.
+    for name, path in our_modules().items():
+        if not name.startswith("bots."):
+            continue
+        source = path.read_text(encoding="utf-8")
+        for call in ("service.draw(", "service.replay(", ".ledger"):
+            assert call not in source, f"{name} calls {call}"

@@ -55,3 +55,14 @@ def test_httpx_urls_not_logged_at_info() -> None:
         assert logging.getLogger("httpx").getEffectiveLevel() >= logging.WARNING
     finally:
         logging.getLogger().removeHandler(handler)
+
+
+def test_one_scrubber_masks_a_token_in_any_case() -> None:
+    # PTB rewrites the case of some error texts; the Telegram handlers and Discord's trace
+    # logging both scrub through this one helper.
+    from bots.logs import SecretScrubber, scrub_secrets
+
+    shouted = f"Conflict: https://api.telegram.org/BOT{TOKEN.upper()}/getUpdates"
+    assert TOKEN.upper() not in SecretScrubber([TOKEN]).scrub(shouted)
+    assert scrub_secrets(f"token {TOKEN.lower()} in a trace", TOKEN) == "token *** in a trace"
+    assert scrub_secrets("nothing secret", "") == "nothing secret"

@@ -25,9 +25,11 @@ from bots.telegram import reply as telegram_reply
 from bots.telegram.app import ADAPTER_KEY, build_application, run_telegram
 from bots.telegram.flood import FloodLimiter, Timebase
 from bots.telegram.reply import Plan, StatusMessage, Where, plan_delivery
+from bots.telegram.texts import MESSAGES as TELEGRAM_MESSAGES
+from bots.telegram.texts import text
 from core.config import Settings
 from core.images import GeneratedImage
-from core.messages import MESSAGES, text
+from core.messages import MESSAGES
 from core.pricing import format_credits
 from core.reports import render_help
 from core.runtime import open_service
@@ -146,7 +148,7 @@ async def tg(
 
 def msg(lang: str, key: str, **params: Any) -> str:
     """Render a message, insisting the key exists (a missing key renders error.internal)."""
-    assert key in MESSAGES, f"message key {key!r} is missing from core.messages"
+    assert key in MESSAGES or key in TELEGRAM_MESSAGES, f"message key {key!r} is missing"
     return text(lang, key, **params)
 
 

@@ -21,7 +21,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bots.discord.replies import clip
+from bots.discord.reply import clip
 from bots.discord.requester import requester_of
 from bots.discord.texts import loc
 from core.admin import run_admin

@@ -7,8 +7,9 @@ DISCORD_GUILD_IDS for fast testing, else globally), tells users about jobs a cra
 off, runs until `stop` is set, lets answers in flight finish, and closes. The caller owns
 the service.
 
-Pieces live in `bots.discord`: texts (localisation), requester, replies (progress, errors),
-drawing (the draw flow and delivery), fitting (upload limits), buttons, commands, admin.
+Pieces live in `bots.discord`: texts (wording, localisation), requester, reply (the
+runner's Reply: progress, results, errors), drawing (references, the runner), buttons,
+commands, admin.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from discord.ext import commands
 from bots.discord.admin import AdminCommands, ServerCommands
 from bots.discord.buttons import JobButton
 from bots.discord.commands import EDIT_FORM_PREFIX, UserCommands
-from bots.discord.drawing import DrawRunner, channel_of
-from bots.discord.replies import report_error
+from bots.discord.drawing import DiscordDrawing, channel_of
+from bots.discord.reply import report_error
 from bots.discord.requester import PLATFORM
 from bots.discord.texts import CommandTranslator
 from core.config import Settings
@@ -55,13 +56,13 @@ class ImgBot(commands.Bot):
         )
         self.settings = settings
         self.service = service
-        self.imgbot_runner = DrawRunner(self.http, service, settings)
+        self.imgbot_drawing = DiscordDrawing(self.http, service, settings)
         self._notices: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
         """Register commands, buttons and the translator; syncing is `run_discord`'s job."""
         await self.tree.set_translator(CommandTranslator())
-        self.imgbot_commands = UserCommands(self, self.imgbot_runner, self.service)
+        self.imgbot_commands = UserCommands(self, self.imgbot_drawing, self.service)
         await self.add_cog(self.imgbot_commands)
         await self.add_cog(AdminCommands(self.service, self.settings))
         await self.add_cog(ServerCommands(self.service, self.settings))
@@ -183,7 +184,7 @@ async def run_discord(settings: Settings, service: ImageService, stop: asyncio.E
                 return
             log.info("Discord bot stopping; waiting for answers in flight")
             # The service drains its jobs meanwhile; their results still need this session.
-            await bot.imgbot_runner.wait_idle(settings.shutdown_grace + _CLOSE_SLACK)
+            await bot.imgbot_drawing.jobs.drain(settings.shutdown_grace + _CLOSE_SLACK)
         finally:
             stopping.cancel()
             if notices is not None:

@@ -10,7 +10,7 @@ from typing import Any, Protocol, cast
 
 import discord
 
-from core.messages import text
+from bots.discord.texts import text
 from core.replay import ACTIONS, ReplayAction, ReplayCodec
 
 # The replay buttons' custom ids on Discord: `imgbot:job:<job id>:<action>`.
@@ -18,7 +18,7 @@ BUTTONS = ReplayCodec("imgbot:job:")
 
 
 class Replayer(Protocol):
-    """What a pressed button needs: something that replays a job (the bot's draw runner)."""
+    """What a pressed button needs: something that replays a job (the bot's `DiscordDrawing`)."""
 
     async def replay(
         self, interaction: discord.Interaction, job_id: int, action: ReplayAction
@@ -63,7 +63,7 @@ class JobButton(
 
     async def callback(self, interaction: discord.Interaction) -> None:
         """Replay the job for the person who pressed the button."""
-        runner = cast(Replayer, interaction.client.imgbot_runner)  # type: ignore[attr-defined]
+        runner = cast(Replayer, interaction.client.imgbot_drawing)  # type: ignore[attr-defined]
         await runner.replay(interaction, self.job_id, self.action)
 
 

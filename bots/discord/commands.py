@@ -19,12 +19,11 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bots.discord.drawing import DrawRunner, RemoteImage, image_of_attachment, images_of_message
-from bots.discord.replies import clip
+from bots.discord.drawing import DiscordDrawing, RemoteImage, image_of_attachment, images_of_message
+from bots.discord.reply import clip
 from bots.discord.requester import requester_of
-from bots.discord.texts import lang_of, loc
+from bots.discord.texts import lang_of, loc, text
 from core.config import KNOWN_MODELS
-from core.messages import text
 from core.reports import render_balance, render_cancelled, render_help, render_sizes
 from core.service import ImageService
 from core.sizes import NAMED_RATIOS, TIERS
@@ -139,7 +138,7 @@ class _RecentForms:
 class UserCommands(commands.Cog):
     """The commands everyone may use."""
 
-    def __init__(self, bot: commands.Bot, runner: DrawRunner, service: ImageService) -> None:
+    def __init__(self, bot: commands.Bot, runner: DiscordDrawing, service: ImageService) -> None:
         self.bot = bot
         self.runner = runner
         self.service = service

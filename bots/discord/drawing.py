@@ -1,21 +1,18 @@
-"""Running a draw for an interaction: check, defer, fetch references, draw, deliver.
+"""Drawing for an interaction: the references it names, and the runner that draws them.
 
 The slash command, the context-menu form and the result buttons all come through
-`DrawRunner`. It lets the job pass its checks (access, prompt, limits, queue) for up to
-2 s, so a refusal is the interaction's private first answer; once the job is admitted it
-defers publicly, shows progress in the deferred answer, and delivers the images (fitted
-to the upload limit), an embed with the cost, and the replay buttons. A job outliving
-the 15-minute token ends in the channel, mentioning the user.
+`DiscordDrawing`: it builds the `Requester`, a way to fetch the references (from Discord's
+CDN and media proxy only, within MAX_REFERENCE_BYTES) and a `DiscordReply`, and hands
+them to the core's `JobRunner`, which checks, draws and answers through the reply.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
@@ -25,30 +22,16 @@ import aiohttp
 import discord
 from discord.http import Route
 
-from bots.discord.buttons import result_view
-from bots.discord.fitting import FittedImage, fit_image, upload_share
-from bots.discord.replies import (
-    TOKEN_MARGIN,
-    ProgressMessage,
-    clip,
-    defer_public,
-    error_message,
-    mark_settled,
-    report_error,
-    token_alive,
-    token_left,
-    token_usable,
-)
+from bots.discord.reply import DiscordReply
 from bots.discord.requester import requester_of
-from bots.discord.texts import lang_of
+from bots.discord.texts import text
 from core.config import Settings
-from core.errors import BadReferenceError, ImgbotError
-from core.messages import text
+from core.errors import BadReferenceError
 from core.prompt import clean_text
 from core.replay import ReplayAction
-from core.reports import render_caption
-from core.service import DrawOutcome, ImageService
-from core.types import IncomingImage, Progress, ProgressCallback
+from core.runner import JobRunner
+from core.service import ImageService
+from core.types import IncomingImage
 
 if TYPE_CHECKING:
     from core.store import JobRecord
@@ -56,12 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DOWNLOAD_TIMEOUT = 60.0
-# Discord wants the first answer within 3 s of sending the interaction: a job gets this
-# long to pass its checks (or be refused privately) before the public "thinking" answer.
-ADMIT_WINDOW = 2.0
-ACK_DEADLINE = 2.5
-EMBED_TITLE_LIMIT = 256
-EMBED_TEXT_LIMIT = 4096
 _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 _ATTACHMENT_HOSTS = frozenset({"cdn.discordapp.com", "media.discordapp.net"})
 # Discord's proxy for images linked from elsewhere (embeds' proxy_url): images-ext-1, -2, …
@@ -130,16 +107,8 @@ def _mb(size: int) -> str:
     return f"{size / 1_000_000:.1f}".rstrip("0").rstrip(".")
 
 
-def _mib(size: int) -> str:
-    # Discord's "10 MB" upload limit is 10 MiB; say it the way Discord does.
-    return f"{size / (1024 * 1024):.1f}".rstrip("0").rstrip(".")
-
-
-Job = Callable[[ProgressCallback], Awaitable[DrawOutcome]]
-
-
-class DrawRunner:
-    """Carry interactions through the core's draw pipeline and back."""
+class DiscordDrawing:
+    """Turn interactions into runs of the core's job runner, answered by a `DiscordReply`."""
 
     def __init__(
         self, http: discord.http.HTTPClient, service: ImageService, settings: Settings
@@ -147,115 +116,38 @@ class DrawRunner:
         self._http = http
         self.service = service
         self.settings = settings
-        self._running: set[asyncio.Task[object]] = set()
+        self.jobs = JobRunner(service, texts=text)
 
-    # --- entry points ------------------------------------------------------------------
     async def draw(
         self, interaction: discord.Interaction, command_text: str, images: Sequence[RemoteImage]
     ) -> None:
         """Run one /img command (or context-menu edit) and answer the interaction."""
         requester = requester_of(interaction, self.settings)
 
-        async def job(progress: ProgressCallback) -> DrawOutcome:
-            # Refuse strangers and typos before downloading anything on their behalf. The
+        async def references() -> list[IncomingImage]:
+            # The runner checked access; refuse typos too before downloading anything. The
             # sizes only steer the aspect, never whether the command parses.
-            await self.service.check_access(requester)
             self.service.parse(clean_text(command_text), reference_sizes=[(1, 1)] * len(images))
-            refs = [await self.download(image, index) for index, image in enumerate(images, 1)]
-            return await self.service.draw(
-                requester, command_text, refs, progress, origin=origin_of(interaction)
-            )
+            return [await self.download(image, index) for index, image in enumerate(images, 1)]
 
-        await self._run(interaction, job)
+        reply = DiscordReply(interaction, self.service.prices)
+        await reply.carry(
+            self.jobs.run(
+                requester, command_text, references, reply, origin=origin_of(interaction)
+            )
+        )
 
     async def replay(
         self, interaction: discord.Interaction, job_id: int, action: ReplayAction
     ) -> None:
         """Replay a stored job for whoever pressed its button; they pay."""
         requester = requester_of(interaction, self.settings)
-
-        async def job(progress: ProgressCallback) -> DrawOutcome:
-            await self.service.check_access(requester)
-            return await self.service.replay(
-                requester,
-                job_id,
-                action,
-                self.fetch,
-                progress,
-                origin=origin_of(interaction),
+        reply = DiscordReply(interaction, self.service.prices)
+        await reply.carry(
+            self.jobs.replay(
+                requester, job_id, action, self.fetch, reply, origin=origin_of(interaction)
             )
-
-        await self._run(interaction, job)
-
-    async def wait_idle(self, seconds: float) -> None:
-        """Wait up to `seconds` for the draws being answered to finish."""
-        if self._running:
-            await asyncio.wait(set(self._running), timeout=seconds)
-
-    async def _run(self, interaction: discord.Interaction, job: Job) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._running.add(task)
-        gate = _ProgressGate()
-        work = asyncio.create_task(job(gate), name=f"imgbot:discord:{interaction.id}")
-        try:
-            # The job is checked (access, prompt, limits, queue) before anything public is
-            # shown: a refusal within Discord's 3 s is the private first answer, nothing else.
-            await _first_of(work, gate.admitted, _ack_budget(interaction))
-            if work.done() and not work.cancelled() and work.exception() is not None:
-                await report_error(interaction, work.exception())  # type: ignore[arg-type]
-                return
-            try:
-                await defer_public(interaction)
-            except (discord.HTTPException, aiohttp.ClientError, OSError) as err:
-                # Too late to acknowledge (a stalled loop, a slow network). The job holds its
-                # reservation and may be drawing: finish it and answer in the channel.
-                log.warning("interaction %s not acknowledged: %s", interaction.id, err)
-                await self._finish_in_channel(interaction, work)
-                return
-            progress = ProgressMessage(interaction, lang_of(interaction))
-            handover = asyncio.create_task(_hand_over(interaction, progress))
-            try:
-                if not work.done():
-                    await gate.open(progress)
-                outcome = await work
-            finally:
-                if token_alive(interaction):
-                    handover.cancel()
-                await progress.close()
-            await self.deliver(interaction, outcome)
-        except Exception as err:  # noqa: BLE001 - every failure is answered in one place
-            if interaction.response.is_done() and not token_usable(interaction):
-                await self._fail_late(interaction, err)
-            else:
-                await report_error(interaction, err)
-        finally:
-            if not work.done():
-                work.cancel()
-            if task is not None:
-                self._running.discard(task)
-
-    async def _finish_in_channel(
-        self, interaction: discord.Interaction, work: asyncio.Task[DrawOutcome]
-    ) -> None:
-        try:
-            await self.deliver(interaction, await work, in_channel=True)
-        except Exception as err:  # noqa: BLE001 - every failure is answered in one place
-            await self._fail_late(interaction, err)
-
-    async def _fail_late(self, interaction: discord.Interaction, error: BaseException) -> None:
-        # The token is gone, and with it every private way back: say it in the channel.
-        message = error_message(interaction, error)
-        channel = interaction.channel
-        if message is None or not isinstance(channel, discord.abc.Messageable):
-            return
-        content = text(
-            lang_of(interaction), "discord.late_failed", mention=interaction.user.mention
         )
-        try:
-            await channel.send(content=clip(f"{content}\n{message}"))
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as err:
-            log.warning("could not tell user %s about a late failure: %s", interaction.user.id, err)
 
     # --- references --------------------------------------------------------------------
     async def download(self, image: RemoteImage, index: int) -> IncomingImage:
@@ -307,86 +199,6 @@ class DrawRunner:
                 return str(item["refreshed"])
         return None
 
-    # --- the result ----------------------------------------------------------------------
-    async def deliver(
-        self, interaction: discord.Interaction, outcome: DrawOutcome, *, in_channel: bool = False
-    ) -> None:
-        """Send the images, the cost embed and the buttons; remember the files for "vary"."""
-        lang = outcome.lang
-        limit = interaction.filesize_limit
-        share = upload_share(limit, [len(image.data) for image in outcome.images])
-        files: list[discord.File] = []
-        notes: list[str] = []
-        for index, image in enumerate(outcome.images, 1):
-            fitted = await asyncio.to_thread(
-                fit_image, image.data, image.mime, image.width, image.height, share
-            )
-            if fitted is None:
-                notes.append(text(lang, "discord.fit.failed", index=index, limit_mb=_mib(limit)))
-                continue
-            if fitted.reencoded:
-                notes.append(_fit_note(lang, index, fitted, limit))
-            name = f"imgbot-{outcome.job_id}-{index}.{fitted.extension}"
-            files.append(discord.File(io.BytesIO(fitted.data), filename=name))
-        embed = self._embed(outcome, notes)
-        view = result_view(outcome.job_id, lang)
-        try:
-            if token_alive(interaction) and not in_channel:
-                message = await interaction.edit_original_response(
-                    content=None, embed=embed, attachments=files, view=view
-                )
-                mark_settled(interaction)
-            else:
-                message = await self._deliver_late(interaction, lang, embed, files, view)
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as err:
-            status = getattr(err, "status", None) or type(err).__name__
-            log.error("could not send the result of job %d: %s", outcome.job_id, status)
-            raise ImgbotError("discord.send_failed", job_id=outcome.job_id) from err
-        refs = [attachment.url for attachment in message.attachments]
-        if refs:
-            try:
-                await self.service.record_result_refs(outcome.job_id, refs)
-            except Exception:  # noqa: BLE001 - the user has the result; only "vary" loses out
-                log.exception("could not store the result files of job %d", outcome.job_id)
-
-    async def _deliver_late(
-        self,
-        interaction: discord.Interaction,
-        lang: str,
-        embed: discord.Embed,
-        files: list[discord.File],
-        view: discord.ui.View,
-    ) -> discord.Message:
-        # The 15-minute token is gone: post in the channel instead, naming the user.
-        channel = interaction.channel
-        if not isinstance(channel, discord.abc.Messageable):
-            raise discord.ClientException("no channel to deliver a late result to")
-        content = text(lang, "discord.late", mention=interaction.user.mention)
-        return await channel.send(content=content, embed=embed, files=files, view=view)
-
-    def _embed(self, outcome: DrawOutcome, notes: Sequence[str]) -> discord.Embed:
-        caption = render_caption(outcome, self.service.prices, limit=EMBED_TEXT_LIMIT)
-        description = "\n".join([caption, *notes]) if notes else caption
-        embed = discord.Embed(
-            title=clip(outcome.request.prompt, EMBED_TITLE_LIMIT) or None,
-            description=clip(description, EMBED_TEXT_LIMIT),
-            colour=discord.Colour.blurple(),
-        )
-        return embed
-
-
-async def _hand_over(interaction: discord.Interaction, progress: ProgressMessage) -> None:
-    """Before the token runs out, leave the public answer saying where the result will be."""
-    await asyncio.sleep(max(0.0, token_left(interaction) - TOKEN_MARGIN))
-    await progress.close()
-    try:
-        content = text(lang_of(interaction), "discord.late_pending")
-        await interaction.edit_original_response(content=content)
-    except (discord.HTTPException, aiohttp.ClientError, OSError) as err:
-        log.debug("could not hand the answer over to the channel: %s", type(err).__name__)
-        return
-    mark_settled(interaction)
-
 
 def origin_of(interaction: discord.Interaction) -> dict[str, str]:
     """Return where a job came from, kept with it to reach the user after a crash."""
@@ -400,59 +212,3 @@ def channel_of(job: JobRecord) -> int | None:
     except (ValueError, AttributeError):
         return None
     return int(channel) if isinstance(channel, str) and channel.isdigit() else None
-
-
-def _ack_budget(interaction: discord.Interaction) -> float:
-    """Return how long the first answer may wait: Discord allows 3 s from sending it."""
-    age = (discord.utils.utcnow() - interaction.created_at).total_seconds()
-    # A clock behind Discord's makes the age negative: then the window from now counts.
-    return max(0.0, min(ADMIT_WINDOW, ACK_DEADLINE - age))
-
-
-async def _first_of(work: asyncio.Task[DrawOutcome], event: asyncio.Event, seconds: float) -> None:
-    """Wait until the job is admitted or over, or `seconds` pass."""
-    waiter = asyncio.create_task(event.wait())
-    try:
-        await asyncio.wait({work, waiter}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        waiter.cancel()
-
-
-class _ProgressGate:
-    """Hold a job's progress until the interaction is acknowledged, then pass it on.
-
-    The first event means the job passed every check and holds its reservation.
-    """
-
-    def __init__(self) -> None:
-        self.admitted = asyncio.Event()
-        self._target: ProgressCallback | None = None
-        self._held: Progress | None = None
-
-    async def __call__(self, event: Progress) -> None:
-        """Take one progress event from the service."""
-        self.admitted.set()
-        if self._target is None:
-            self._held = event
-            return
-        await self._target(event)
-
-    async def open(self, target: ProgressCallback) -> None:
-        """Pass on the latest held event and every later one to `target`."""
-        self._target = target
-        held, self._held = self._held, None
-        if held is not None:
-            await target(held)
-
-
-def _fit_note(lang: str, index: int, fitted: FittedImage, limit: int) -> str:
-    return text(
-        lang,
-        "discord.fit.reencoded",
-        index=index,
-        size_mb=_mib(fitted.original_size),
-        limit_mb=_mib(limit),
-        format=fitted.format_name,
-        new_mb=_mib(len(fitted.data)),
-        size=f"{fitted.width}x{fitted.height}",
-    )

@@ -23,9 +23,9 @@ from telegram.request import BaseRequest
 
 from bots.telegram.flood import FloodLimiter
 from bots.telegram.handlers import ADAPTER_KEY, PLATFORM, USER_COMMANDS, TelegramAdapter
+from bots.telegram.texts import text
 from core.admin import ADMIN_COMMANDS
 from core.config import Settings, SettingsError
-from core.messages import text
 from core.service import ImageService
 
 log = logging.getLogger(__name__)

@@ -39,6 +39,7 @@ from telegram.ext import (
     filters,
 )
 
+from bots.logs import SecretScrubber
 from bots.telegram.references import (
     IMG_COMMAND,
     AlbumCollector,
@@ -55,10 +56,11 @@ from bots.telegram.reply import (
     where_of,
     with_flood_retry,
 )
+from bots.telegram.texts import text
 from core.admin import ADMIN_COMMANDS, run_admin
 from core.config import Settings
 from core.errors import ImgbotError
-from core.messages import language_of, text
+from core.messages import language_of
 from core.presses import PressWindow
 from core.pricing import format_credits
 from core.reports import (
@@ -79,8 +81,6 @@ ADAPTER_KEY = "imgbot.telegram"
 PLATFORM = "telegram"
 USER_COMMANDS = ("img", "help", "sizes", "balance", "cancel", "start")
 TEXT_LIMIT = 4096
-# Bot API URLs carry the token as /bot<token>/; mask that shape whatever the token.
-_BOT_URL = re.compile(r"(/(?:file/)?bot)\d+:[A-Za-z0-9_-]{20,}", re.IGNORECASE)
 
 # How long a Draw / Cancel question stays answerable (it lives in memory only).
 CONFIRM_TTL = 600.0
@@ -122,11 +122,12 @@ class TelegramAdapter:
         self.albums = AlbumCollector(
             settings.album_debounce, self._spawn, self._album_ready, self._album_item_late
         )
-        self.runner = JobRunner(service)
+        self.runner = JobRunner(service, texts=text)
         self._jobs: set[asyncio.Task[object]] = set()
         self.presses = PressWindow()
         self.pending: dict[str, PendingJob] = {}
-        self._token = settings.telegram_bot_token.get_secret_value()
+        # Error texts of the Bot API carry the token in URLs: mask it before logging.
+        self._scrub = SecretScrubber([settings.telegram_bot_token.get_secret_value()]).scrub
 
     def register(self) -> None:
         """Add every handler and the error handler to the Application."""
@@ -494,7 +495,7 @@ class TelegramAdapter:
         try:
             answer = await reply()
         except ImgbotError as err:
-            answer = err.user_message(lang)
+            answer = err.user_message(lang, text)
         except Exception:
             await self._answer(update, text(lang, "error.internal"))
             raise
@@ -531,12 +532,6 @@ class TelegramAdapter:
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
         return task
-
-    def _scrub(self, value: str) -> str:
-        # PTB rewrites the case of some error texts, so match the token in any case.
-        if self._token:
-            value = re.sub(re.escape(self._token), "***", value, flags=re.IGNORECASE)
-        return _BOT_URL.sub(r"\1***", value)
 
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Log what no handler caught, without the bot token."""

@@ -10,14 +10,12 @@ whose callback data (`j:<job id>:<action>`) is all a later press needs, even aft
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
-from PIL import Image
 from telegram import (
     Bot,
     InlineKeyboardButton,
@@ -32,8 +30,9 @@ from telegram.constants import ChatAction
 from telegram.error import BadRequest, RetryAfter, TelegramError
 
 from bots.telegram.flood import STATUS, FloodSkipped, retry_seconds
+from bots.telegram.texts import text
 from core.errors import ImgbotError
-from core.messages import text
+from core.imaging import preview_jpeg
 from core.pricing import PriceTable, whole_credits
 from core.replay import ACTIONS, ReplayCodec
 from core.reports import render_caption
@@ -357,23 +356,6 @@ def plan_delivery(
     return Plan(photo=photo, document=document)
 
 
-def make_preview(data: bytes) -> bytes:
-    """Return a JPEG preview (≤ PREVIEW_MAX_SIDE px) that always fits the photo rules."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        if img.mode in ("RGBA", "LA", "P"):
-            rgba = img.convert("RGBA")
-            flat = Image.new("RGB", rgba.size, (255, 255, 255))
-            flat.paste(rgba, mask=rgba.getchannel("A"))
-            picture = flat
-        else:
-            picture = img.convert("RGB")
-    picture.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    picture.save(out, "JPEG", quality=PREVIEW_JPEG_QUALITY, optimize=True)
-    return out.getvalue()
-
-
 def _filename(job_id: int, index: int, mime: str) -> str:
     return f"imgbot-{job_id}-{index}.{_EXTENSIONS.get(mime, 'png')}"
 
@@ -402,7 +384,9 @@ async def _prepare(outcome: DrawOutcome, send_original: SendOriginal) -> list[_P
         if plan.photo == "original":
             photo = image.data
         elif plan.photo == "preview":
-            photo = await asyncio.to_thread(make_preview, image.data)
+            photo = await preview_jpeg(
+                image.data, max_side=PREVIEW_MAX_SIDE, quality=PREVIEW_JPEG_QUALITY
+            )
             photo_name = f"imgbot-{outcome.job_id}-{i}-preview.jpg"
         prepared.append(
             _Prepared(plan, photo, photo_name, image, _filename(outcome.job_id, i, image.mime))

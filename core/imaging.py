@@ -1,13 +1,20 @@
-"""Make result images fit a Discord upload limit (Pillow; call it off the event loop).
+"""Re-encoding results for a platform's upload rules, with Pillow, off the event loop.
 
-The images of one message share the limit (`upload_share`). An image within its share
-goes out untouched. A larger one is re-encoded as a
-high-quality JPEG (or WebP when it has transparency), first at full size with falling
+    photo = await preview_jpeg(data, max_side=2560, quality=88)       # Telegram's preview
+    fitted = await fit_under(data, mime, width, height, limit=share)  # Discord's upload limit
+
+The coroutines run Pillow in a worker thread (`asyncio.to_thread`): decoding and encoding
+megabytes would otherwise stall every other chat. The plain functions below them are the
+same work, for tests and for callers already off the loop.
+
+Fitting: an image within its byte budget goes out untouched. A larger one is re-encoded
+as a high-quality JPEG (or WebP when it has transparency), first at full size with falling
 quality, then scaled down, until it fits; the caller tells the user it happened.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import math
 from dataclasses import dataclass
@@ -45,12 +52,41 @@ class FittedImage:
         return {"image/jpeg": "JPEG", "image/webp": "WebP"}.get(self.mime, "PNG")
 
 
-def upload_share(limit: int, sizes: list[int]) -> int:
-    """Return the bytes each image may take so that one message's upload stays within `limit`.
+async def preview_jpeg(data: bytes, *, max_side: int, quality: int) -> bytes:
+    """Return a flattened JPEG preview no longer than `max_side` px (in a worker thread)."""
+    return await asyncio.to_thread(make_preview, data, max_side=max_side, quality=quality)
 
-    Discord checks the whole request against the limit, so the images share it, less a
-    margin for the JSON and multipart framing; when they all fit already, each may keep
-    its own size.
+
+async def fit_under(
+    data: bytes, mime: str, width: int, height: int, *, limit: int
+) -> FittedImage | None:
+    """Return the image fitted under `limit` bytes (in a worker thread); None if it cannot."""
+    return await asyncio.to_thread(fit_image, data, mime, width, height, limit)
+
+
+def make_preview(data: bytes, *, max_side: int, quality: int) -> bytes:
+    """Return a JPEG preview (≤ `max_side` px), transparency flattened onto white."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        if img.mode in ("RGBA", "LA", "P"):
+            rgba = img.convert("RGBA")
+            flat = Image.new("RGB", rgba.size, (255, 255, 255))
+            flat.paste(rgba, mask=rgba.getchannel("A"))
+            picture = flat
+        else:
+            picture = img.convert("RGB")
+    picture.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    picture.save(out, "JPEG", quality=quality, optimize=True)
+    return out.getvalue()
+
+
+def upload_share(limit: int, sizes: list[int]) -> int:
+    """Return the bytes each image may take so that one upload of them stays within `limit`.
+
+    A platform that checks the whole request against the limit makes the images share it,
+    less a margin for the JSON and multipart framing; when they all fit already, each may
+    keep its own size.
     """
     budget = limit - min(_FRAMING, limit // 20)
     if sum(sizes) <= budget:

@@ -1,0 +1,99 @@
+"""Telegram's own wording, in English and Chinese: its command menu, buttons, questions and
+the refusals only Telegram gives (files it cannot download, non-image captions).
+
+`text(lang, key, **params)` renders a `tg.*` key from here and any other key from
+`core.messages` (core errors, progress, captions), so the adapter needs one lookup.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.messages import render
+from core.messages import text as core_text
+
+
+def text(lang: str | None, key: str, **params: Any) -> str:
+    """Render message `key` (Telegram's own, else core's) in the user's language."""
+    entry = MESSAGES.get(key)
+    return core_text(lang, key, **params) if entry is None else render(entry, lang, **params)
+
+
+# key: {"en": …, "zh": …}; `{name}` placeholders are filled from params.
+MESSAGES: dict[str, dict[str, str]] = {
+    "tg.start": {
+        "en": "Hi! I draw images with gpt-image. Write /img and what you want to see.",
+        "zh": "你好！我用 gpt-image 画图。发送 /img 加上你想要的画面即可。",
+    },
+    "tg.file_too_big": {
+        "en": "That file is {size_mb} MB; I can download at most {limit_mb} MB. Send it as a photo or a smaller file.",
+        "zh": "该文件大小为 {size_mb} MB，机器人最多只能下载 {limit_mb} MB。请以图片方式发送，或换一个更小的文件。",
+    },
+    "tg.not_image": {
+        "en": "“{name}” is not an image, so I cannot draw from it. Nothing was drawn or charged. "
+        "Send a photo or an image file (PNG, JPEG, WebP) with /img, or /img alone for a picture "
+        "from words.",
+        "zh": "“{name}”不是图片，无法用来画图。未绘制、未扣费。请发送图片或图片文件"
+        "（PNG、JPEG、WebP）并附上 /img，或只发 /img 加描述文字来画图。",
+    },
+    "tg.download_failed": {
+        "en": "I could not download that image from Telegram. Please send it again.",
+        "zh": "无法从 Telegram 下载这张图片，请重新发送。",
+    },
+    "tg.send_failed": {
+        "en": "The image of job #{job_id} was drawn but Telegram refused to deliver it. An admin can refund it.",
+        "zh": "任务 #{job_id} 的图片已生成，但 Telegram 拒绝发送。管理员可为其退款。",
+    },
+    "tg.confirm": {
+        "en": "This will cost about {cost}. Draw it? (The question stays open {minutes} minutes.)",
+        "zh": "这次大约花费 {cost}。确定要画吗？（{minutes} 分钟内有效）",
+    },
+    "tg.confirm.draw": {"en": "✅ Draw", "zh": "✅ 画"},
+    "tg.album_late": {
+        "en": "This photo arrived too late for its album and was not used. Send the album again to use every photo.",
+        "zh": "这张图片到达太晚，未用于该相册的任务。请重新发送整个相册以使用全部图片。",
+    },
+    "tg.confirm.cancel": {"en": "✖ Cancel", "zh": "✖ 取消"},
+    "tg.confirm.cancelled": {
+        "en": "Cancelled. Nothing was drawn or charged.",
+        "zh": "已取消，未绘制、未扣费。",
+    },
+    "tg.confirm.expired": {
+        "en": "This question has expired (or the bot restarted). Send the command again.",
+        "zh": "此确认已过期（或机器人已重启），请重新发送命令。",
+    },
+    "tg.confirm.not_yours": {
+        "en": "Only the person who asked can answer this.",
+        "zh": "只有发出请求的人才能确认。",
+    },
+    "tg.button.4k_cost": {"en": "🔍 4K · ≈{cost}", "zh": "🔍 4K · 约{cost}"},
+    "tg.not_here": {
+        "en": "This button is not available here.",
+        "zh": "此按钮在这里不可用。",
+    },
+    "tg.press_repeated": {
+        "en": "Already on it: one press is enough.",
+        "zh": "已在处理，按一次就够了。",
+    },
+    "tg.buttons": {
+        "en": "Job #{job_id}: more like this?",
+        "zh": "任务 #{job_id}：再来一些？",
+    },
+    "tg.button.again": {"en": "🔁 Again", "zh": "🔁 再来一张"},
+    "tg.button.4k": {"en": "🔍 4K", "zh": "🔍 4K"},
+    "tg.button.vary": {"en": "🎲 Vary", "zh": "🎲 变体"},
+    "tg.cmd.img": {"en": "Draw an image: /img [options] prompt", "zh": "画图：/img [选项] 描述"},
+    "tg.cmd.help": {"en": "How to write /img", "zh": "/img 的写法"},
+    "tg.cmd.sizes": {"en": "Ratios and sizes", "zh": "比例与尺寸表"},
+    "tg.cmd.balance": {"en": "Your spend and limits", "zh": "你的消费与限额"},
+    "tg.cmd.cancel": {"en": "Cancel your waiting and running jobs", "zh": "取消排队中和正在绘制的任务"},
+    "tg.cmd.start": {"en": "Start", "zh": "开始"},
+    "tg.cmd.limit": {"en": "Admin: set a user's limits", "zh": "管理：设置用户限额"},
+    "tg.cmd.chatlimit": {"en": "Admin: set a chat's daily limit", "zh": "管理：设置群每日限额"},
+    "tg.cmd.refund": {"en": "Admin: refund a job", "zh": "管理：退还任务"},
+    "tg.cmd.block": {"en": "Admin: block a user or chat", "zh": "管理：禁止用户或群"},
+    "tg.cmd.unblock": {"en": "Admin: unblock a user or chat", "zh": "管理：解除禁止"},
+    "tg.cmd.top": {"en": "Admin: top spenders", "zh": "管理：消费排行"},
+    "tg.cmd.chats": {"en": "Admin: spend per chat", "zh": "管理：各群消费"},
+    "tg.cmd.unsettled": {"en": "Admin: unsettled jobs", "zh": "管理：未结算任务"},
+}
