@@ -21,7 +21,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from core.errors import ImgbotError, Texts
 from core.messages import language_of, text
@@ -216,11 +216,16 @@ class JobRunner:
 
     async def drain(self, grace: float) -> None:
         """Let the jobs being answered finish for up to `grace` seconds, then cancel them."""
-        jobs = set(self._running)
-        if not jobs:
-            return
-        _, pending = await asyncio.wait(jobs, timeout=grace)
-        for job in pending:
-            job.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=5)
+        await finish_or_cancel(set(self._running), grace)
+
+
+async def finish_or_cancel(tasks: set[asyncio.Task[Any]], grace: float) -> None:
+    """Let `tasks` finish for up to `grace` seconds, then cancel the rest (and wait 5 s more
+    for their cancellation to run)."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=grace)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=5)

@@ -70,7 +70,7 @@ from core.reports import (
     render_sizes,
 )
 from core.requester import Requester
-from core.runner import JobRunner
+from core.runner import JobRunner, finish_or_cancel
 from core.service import ImageService, job_visible_to
 from core.store import JobRecord
 from core.types import IncomingImage
@@ -549,11 +549,4 @@ class TelegramAdapter:
     async def drain(self, grace: float) -> None:
         """Let running jobs (and albums still gathering) finish for up to `grace` seconds."""
         await self.runner.drain(grace)
-        jobs = set(self._jobs)
-        if not jobs:
-            return
-        _, pending = await asyncio.wait(jobs, timeout=grace)
-        for job in pending:
-            job.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=5)
+        await finish_or_cancel(set(self._jobs), grace)
