@@ -22,12 +22,19 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from core.pricing import Usage
 
-if TYPE_CHECKING:
-    from core.config import Settings
+
+class LimitSettings(Protocol):
+    """What `Limits.from_settings` reads (core.config.Settings has it; the store does not
+    import the settings module, which itself reads DATABASE_URL through the store)."""
+
+    user_daily_limit: float
+    user_monthly_limit: float
+    chat_daily_limit: float
+    global_daily_limit: float
 
 # Float sums of credits drift in the last bits; a request that fits exactly must not be refused.
 EPSILON = 1e-6
@@ -58,7 +65,7 @@ class Limits:
     global_daily: float = 0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Limits:
+    def from_settings(cls, settings: LimitSettings) -> Limits:
         """Take the default limits from the settings."""
         return cls(
             user_daily=settings.user_daily_limit,
