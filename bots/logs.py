@@ -8,6 +8,7 @@ import re
 import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 from core.config import Settings
 
@@ -67,13 +68,22 @@ class JsonFormatter(logging.Formatter):
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """Return every secret value in the settings."""
+    """Return every secret value in the settings (the database password included)."""
     return [
         settings.openai_api_key.get_secret_value(),
         settings.telegram_bot_token.get_secret_value(),
         settings.telegram_webhook_secret.get_secret_value(),
         settings.discord_bot_token.get_secret_value(),
+        database_password(settings.database_url),
     ]
+
+
+def database_password(url: str) -> str:
+    """Return the password in a PostgreSQL DATABASE_URL, or '' (SQLite has none)."""
+    try:
+        return urlsplit(url).password or ""
+    except ValueError:
+        return ""
 
 
 def setup_logging(settings: Settings, *, level: str | None = None, stream=None) -> logging.Handler:

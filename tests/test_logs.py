@@ -66,3 +66,18 @@ def test_one_scrubber_masks_a_token_in_any_case() -> None:
     assert TOKEN.upper() not in SecretScrubber([TOKEN]).scrub(shouted)
     assert scrub_secrets(f"token {TOKEN.lower()} in a trace", TOKEN) == "token *** in a trace"
     assert scrub_secrets("nothing secret", "") == "nothing secret"
+
+
+def test_the_database_password_is_scrubbed_too() -> None:
+    password = "db-pass-7f3a91c2"  # noqa: S105 - a test value
+    out = io.StringIO()
+    handler = setup_logging(
+        _settings(database_url=f"postgresql://imgbot:{password}@db.example:5432/imgbot"),
+        stream=out,
+    )
+    try:
+        logging.getLogger("imgbot.test").error("asyncpg said: bad login for %s", password)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    text = out.getvalue()
+    assert password not in text and "bad login for ***" in text
