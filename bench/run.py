@@ -18,7 +18,12 @@ which targets were met). Scenarios:
 3+4. burst    50 jobs of 3840x2160 from 50 users at once through the pipeline, in a fresh
               child process: loop stalls seen by a 1 ms ticker, and peak RSS (VmHWM) vs the
               answers' bytes.
-5. ledger     reserve+settle pairs per second, 100 concurrent tasks, 1 / 10 / 100 users.
+5. ledger     reserve+settle pairs per second, 100 concurrent tasks, 1 / 10 / 100 users:
+              SQLite; PostgreSQL from one process on a throwaway durable server (fsync,
+              synchronous_commit, full_page_writes on) and on the tests' fast settings;
+              then 3 processes at once on one database, against a user daily limit the
+              three together try to exceed, checked for overspend. PostgreSQL needs the
+              server binaries and pytest (tests/pg_server.py): `pip install -e '.[test,bench]'`.
 6. throughput jobs/s through the pipeline (1024x1024) with 1 / 10 / 100 concurrent users,
               next to bare httpx at the same concurrency.
 """
@@ -40,7 +45,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -526,7 +531,8 @@ def prefill_jobs(path: Path, users: int, jobs: int) -> None:
 
 
 async def ledger_pairs(tmp: Path, plan: Plan, tasks: int = 100) -> dict[str, Any]:
-    """Count reserve+settle pairs per second with `tasks` concurrent tasks, for 1/10/100 users.
+    """Count reserve+settle pairs per second with `tasks` concurrent tasks, for 1/10/100 users,
+    on SQLite, then on PostgreSQL (`ledger_postgres`).
 
     Every limit is set (user daily and monthly, global daily), so every check really runs.
     """
@@ -554,8 +560,9 @@ async def ledger_pairs(tmp: Path, plan: Plan, tasks: int = 100) -> dict[str, Any
         quarter = max(len(done) // 4, 2)
         first = quarter / (done[quarter - 1] - started)
         last = quarter / (done[-1] - done[-quarter - 1])
-        key = f"{users} users" + (f", {prefill} jobs today already" if prefill else "")
+        key = f"sqlite, {users} users" + (f", {prefill} jobs today already" if prefill else "")
         out[key] = {
+            "backend": "sqlite",
             "tasks": tasks,
             "users": users,
             "jobs_before": prefill,
@@ -565,6 +572,230 @@ async def ledger_pairs(tmp: Path, plan: Plan, tasks: int = 100) -> dict[str, Any
             "first_quarter_pairs_per_s": round(first, 1),
             "last_quarter_pairs_per_s": round(last, 1),
         }
+    try:
+        out.update(await ledger_postgres(plan, tasks))
+    except ImportError as err:  # tests/pg_server.py needs pytest
+        out["postgresql"] = {"skipped": f"{err} (pip install -e '.[test,bench]')"}
+    except RuntimeError as err:  # no server binaries, or it would not start
+        out["postgresql"] = {"skipped": str(err).splitlines()[0]}
+    return out
+
+
+# --- 5b. the ledger on PostgreSQL ---------------------------------------------------------
+
+# A production-like server: every commit flushed to disk (the test server's settings turn
+# that off for speed).
+DURABLE = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
+# The 3-process run: each process makes `ledger_pairs` attempts for the same
+# LEDGER_MP_USERS users, whose daily limit lets LEDGER_MP_SHARE of all attempts through:
+# the three together try to exceed it, and the last fifth is refused.
+LEDGER_MP_PROCESSES = 3
+LEDGER_MP_USERS = 10
+LEDGER_MP_SHARE = 0.8
+
+
+@contextmanager
+def postgres_server(settings: dict[str, str]) -> Iterator[Any]:
+    """Start a throwaway PostgreSQL server (tests/pg_server.py, which needs pytest) with
+    `settings` over the test server's own."""
+    from tests import pg_server  # imports pytest: `pip install -e '.[test,bench]'`
+
+    saved = pg_server.SERVER_SETTINGS
+    pg_server.SERVER_SETTINGS = {**saved, **settings}
+    try:
+        server = pg_server.PgServer().start()
+    finally:
+        pg_server.SERVER_SETTINGS = saved
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def ledger_run(
+    url: str, users: int, pairs: int, tasks: int, limits: Limits
+) -> dict[str, Any]:
+    """Time `pairs` reserve+settle pairs with `tasks` concurrent tasks on a fresh ledger."""
+    ledger = await open_store(url, limits)
+    try:
+        people = [Requester("bench", f"u{i}", display_name=f"User {i}") for i in range(users)]
+        warm: list[float] = []
+        await ledger_worker(ledger, people, iter(range(20)), warm)
+        work = iter(range(pairs))
+        done: list[float] = []
+        started = time.perf_counter()
+        await asyncio.gather(*(ledger_worker(ledger, people, work, done) for _ in range(tasks)))
+        seconds = time.perf_counter() - started
+    finally:
+        await ledger.close()
+    quarter = max(len(done) // 4, 2)
+    return {
+        "tasks": tasks,
+        "users": users,
+        "jobs_before": 0,
+        "pairs": pairs,
+        "seconds": round(seconds, 3),
+        "pairs_per_s": round(pairs / seconds, 1),
+        "first_quarter_pairs_per_s": round(quarter / (done[quarter - 1] - started), 1),
+        "last_quarter_pairs_per_s": round(quarter / (done[-1] - done[-quarter - 1]), 1),
+    }
+
+
+def ledger_mp_limit(pairs_each: int) -> float:
+    """The users' daily limit of the 3-process run: LEDGER_MP_SHARE of what they ask for."""
+    asked = pairs_each * LEDGER_MP_PROCESSES / LEDGER_MP_USERS * 92.5
+    return float(round(asked * LEDGER_MP_SHARE))
+
+
+async def ledger_child(url: str, pairs: int) -> dict[str, Any]:
+    """One of the processes of the 3-process run: 100 tasks reserving and settling for the
+    same users as the others, until `pairs` attempts are made; refusals are counted."""
+    from core.errors import LimitExceeded
+
+    limit = ledger_mp_limit(pairs)
+    limits = Limits(user_daily=limit, user_monthly=BIG_LIMIT, global_daily=BIG_LIMIT)
+    ledger = await open_store(url, limits)
+    people = [Requester("bench", f"u{i}") for i in range(LEDGER_MP_USERS)]
+    granted = refused = 0
+
+    async def worker(work: Iterator[int]) -> None:
+        nonlocal granted, refused
+        for k in work:
+            try:
+                job_id = await ledger.reserve(people[k % len(people)], LEDGER_SPEC, 100.0)
+            except LimitExceeded:
+                refused += 1
+                continue
+            await ledger.settle(job_id, 92.5, LEDGER_USAGE)
+            granted += 1
+
+    try:
+        print("ready", flush=True)
+        sys.stdin.readline()
+        started = time.time()
+        work = iter(range(pairs))
+        await asyncio.gather(*(worker(work) for _ in range(100)))
+        ended = time.time()
+    finally:
+        await ledger.close()
+    return {"granted": granted, "refused": refused, "started": started, "ended": ended}
+
+
+def ledger_processes(url: str, pairs_each: int) -> dict[str, Any]:
+    """Run LEDGER_MP_PROCESSES processes at once against one database; check no overspend."""
+    children = [
+        subprocess.Popen(  # noqa: S603 - this interpreter, this script
+            [sys.executable, "-m", "bench.run", "--child-ledger", url, "--jobs", str(pairs_each)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(LEDGER_MP_PROCESSES)
+    ]
+    try:
+        for child in children:
+            assert child.stdout is not None
+            line = child.stdout.readline()
+            if line != "ready\n":
+                raise RuntimeError(f"a ledger child did not start: {line!r}")
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        outs = [json.loads(child.communicate(timeout=600)[0]) for child in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    if any(child.returncode for child in children):
+        raise RuntimeError("a ledger child failed")
+    return {"children": outs}
+
+
+async def ledger_spend_check(url: str, limit: float) -> dict[str, Any]:
+    """Sum what the 3-process run charged, per user, from the jobs and from the totals."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        charged = {
+            r["user_key"]: (float(r["credits"]), int(r["micro"]), int(r["jobs"]))
+            for r in await conn.fetch(
+                "SELECT user_key, SUM(charged) AS credits, SUM(charged_micro) AS micro,"
+                " COUNT(*) AS jobs FROM jobs GROUP BY user_key"
+            )
+        }
+        totals = {
+            (r["scope"], r["key"]): int(r["micro_credits"])
+            for r in await conn.fetch("SELECT scope, key, micro_credits FROM spend_totals")
+        }
+    finally:
+        await conn.close()
+    over = {user: c for user, (c, _, _) in charged.items() if c > limit + 1e-9}
+    mismatched = [
+        user
+        for user, (_, micro, _) in charged.items()
+        if totals.get(("user_daily", user)) != micro or totals.get(("user_monthly", user)) != micro
+    ]
+    everything = sum(micro for _, micro, _ in charged.values())
+    if totals.get(("global_daily", "")) != everything:
+        mismatched.append("global")
+    return {
+        "max_user_spend": max((c for c, _, _ in charged.values()), default=0.0),
+        "jobs": sum(n for _, _, n in charged.values()),
+        "users_over_limit": sorted(over),
+        "totals_mismatched": mismatched,
+    }
+
+
+async def ledger_postgres(plan: Plan, tasks: int = 100) -> dict[str, Any]:
+    """Pairs/s on PostgreSQL: one process at 1/10/100 users on a durable server and on the
+    test server's fast settings; then 3 processes at once on the durable one."""
+    limits = Limits(user_daily=BIG_LIMIT, user_monthly=BIG_LIMIT, global_daily=BIG_LIMIT)
+    out: dict[str, Any] = {}
+    for label, settings in (("durable", DURABLE), ("fsync off", {})):
+        with postgres_server(settings) as server:
+            for users in (1, 10, 100):
+                row = await ledger_run(
+                    server.create_database(), users, plan.ledger_pairs, tasks, limits
+                )
+                out[f"postgresql {label}, {users} users"] = {
+                    "backend": "postgresql",
+                    "server": label,
+                    **row,
+                }
+            if label != "durable":
+                continue
+            url = server.create_database()
+            await (await open_store(url, limits)).close()  # migrated before the race
+            pairs_each = plan.ledger_pairs
+            started = time.perf_counter()
+            run = await asyncio.to_thread(ledger_processes, url, pairs_each)
+            seconds = time.perf_counter() - started
+            check = await ledger_spend_check(url, ledger_mp_limit(pairs_each))
+            children = run["children"]
+            granted = sum(c["granted"] for c in children)
+            window = max(c["ended"] for c in children) - min(c["started"] for c in children)
+            out[f"postgresql {label}, {LEDGER_MP_PROCESSES} processes"] = {
+                "backend": "postgresql",
+                "server": label,
+                "processes": LEDGER_MP_PROCESSES,
+                "tasks": tasks,
+                "users": LEDGER_MP_USERS,
+                "user_daily_limit": ledger_mp_limit(pairs_each),
+                "attempts": pairs_each * LEDGER_MP_PROCESSES,
+                "pairs": granted,
+                "refused": sum(c["refused"] for c in children),
+                "granted_per_process": [c["granted"] for c in children],
+                "seconds": round(window, 3),
+                "seconds_with_start": round(seconds, 3),
+                "pairs_per_s": round(granted / window, 1),
+                "attempts_per_s": round(pairs_each * LEDGER_MP_PROCESSES / window, 1),
+                **check,
+                "overspend": bool(check["users_over_limit"] or check["totals_mismatched"]),
+            }
     return out
 
 
@@ -701,10 +932,20 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         b["peak_rss_mb"] <= b["budget_mb"],
     )
     for key, row in results["ledger"].items():
-        if row["jobs_before"]:
-            continue  # shows how it grows; the target is for a fresh day
-        pairs = row["pairs_per_s"]
-        add(f"ledger pairs/s, 100 tasks, {key}", pairs, ">= 2000", pairs >= 2000)
+        if "skipped" in row:
+            add(f"ledger {key}", f"not measured: {row['skipped']}", "measured", False)
+        elif "processes" in row:
+            value = (
+                f"{row['pairs_per_s']} pairs/s; most a user was charged {row['max_user_spend']}"
+                f" of {row['user_daily_limit']}; totals "
+                + ("match the jobs" if not row["totals_mismatched"] else "DO NOT match")
+            )
+            add(f"ledger {key}, one user daily limit", value, "no overspend", not row["overspend"])
+        elif row.get("server", "durable") != "durable" or row["jobs_before"]:
+            continue  # shows how it grows, or what fsync costs; the target is for a fresh day
+        else:
+            pairs = row["pairs_per_s"]
+            add(f"ledger pairs/s, 100 tasks, {key}", pairs, ">= 2000", pairs >= 2000)
     return lines
 
 
@@ -759,6 +1000,22 @@ def table(results: dict[str, Any]) -> str:
         )
     )
     for key, row in results["ledger"].items():
+        if "skipped" in row:
+            rows.append((f"ledger {key}", row["skipped"], "-"))
+            continue
+        if "processes" in row:
+            rows.append(
+                (
+                    f"ledger reserve+settle, {key} x 100 tasks, {row['users']} users",
+                    f"{row['pairs']} pairs + {row['refused']} refused of {row['attempts']} in "
+                    f"{row['seconds']:.2f} s ({row['granted_per_process']} a process); user "
+                    f"daily limit {row['user_daily_limit']:.0f}, most charged "
+                    f"{row['max_user_spend']:.1f}"
+                    + ("" if not row["overspend"] else " — OVERSPENT or totals off"),
+                    f"**{row['pairs_per_s']:.0f} pairs/s**",
+                )
+            )
+            continue
         rows.append(
             (
                 f"ledger reserve+settle, 100 tasks, {key}",
@@ -853,11 +1110,15 @@ def main(argv: list[str] | None = None) -> int:
         help="with --only: put the scenarios run into --out, keep the others, recheck targets",
     )
     parser.add_argument("--child-burst", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--child-ledger", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--jobs", type=int, default=50, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child_burst:
         print(json.dumps(asyncio.run(burst_child(args.child_burst, args.jobs))))
+        return 0
+    if args.child_ledger:
+        print(json.dumps(asyncio.run(ledger_child(args.child_ledger, args.jobs))))
         return 0
 
     plan = QUICK if args.quick else FULL

@@ -69,13 +69,14 @@ class JsonFormatter(logging.Formatter):
 
 def secrets_of(settings: Settings) -> list[str]:
     """Return every secret value in the settings (the database password included)."""
-    return [
+    found = [
         settings.openai_api_key.get_secret_value(),
         settings.telegram_bot_token.get_secret_value(),
         settings.telegram_webhook_secret.get_secret_value(),
         settings.discord_bot_token.get_secret_value(),
-        database_password(settings.database_url),
     ]
+    password = database_password(settings.database_url)
+    return [*found, password] if password else found
 
 
 def database_password(url: str) -> str:

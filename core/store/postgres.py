@@ -1,16 +1,27 @@
 """The ledger on PostgreSQL, with asyncpg: the same promises as the SQLite backend, for many
 processes sharing one database.
 
-Calls and round trips. Every call borrows a connection from a small pool of asyncpg
-connections (`_Pool`, lighter than asyncpg's own) for its statements and gives it back. A reservation is one round trip: the `imgbot_reserve`
-function (core.store.postgres_schema) checks for a duplicate, reads the overrides, upserts
-the user and chat, inserts the job (whose trigger adds it to the running totals, locking
-them), then checks every limit against the totals without it and refuses on the tightest by
-raising, which undoes it all — one statement, one transaction, so concurrent reservations
-from any number of processes never overspend.
-`settle`, `fail`, `mark_started` and `mark_unsettled` are single UPDATEs guarded by
-`status = 'reserved'`: a second call changes nothing and returns False. Triggers keep
-`spend_totals` in the statement that changes a job.
+Calls and round trips. Reservations, settles, fails and starts are group-committed, as in
+the SQLite backend: each call joins a queue, and one writer takes every call queued
+meanwhile (up to MAX_BATCH) and writes them all in ONE statement — a call of the plpgsql
+function `imgbot_write_batch` (core.store.postgres_schema) with the calls as arrays — hence
+one transaction, one commit and one WAL flush for the lot, in one round trip. With
+synchronous_commit on, a commit waits for its flush (~1-10 ms on real disks) holding the
+running totals' row locks, `global_daily` for every writer; one commit per call made every
+process's writes queue behind each other's fsync. The function locks the job rows, then
+every running total the batch touches, in the one lock order, then checks each reservation
+against the totals (its predecessors in the batch counted) before writing it, so a refused
+or duplicate reservation writes nothing and undoes nothing else; settles and fails are one
+`UPDATE … FROM unnest(…)`. Each caller learns its outcome once the statement has returned,
+that is after the commit; a batch that fails fails every call in it (a batch the database
+refused as a whole, bad text say, is retried call by call so only the culprit fails). A
+second call on a job already in the batch waits for the next one, so calls on one job keep
+their order. Everything else (limits, refunds, recovery, reads) borrows a connection from
+a small pool of asyncpg connections (`_Pool`, lighter than asyncpg's own) for its
+statements and gives it back. `settle` and `fail` charge at most the reservation
+(`least(credits, estimated_credits)`); usage above it is kept as `reported_credits` and
+flagged (`usage_flag`). Triggers keep `spend_totals` in the statement that changes a job,
+so concurrent writers in any number of processes never overspend.
 
 Lost connections. A call that could not get a connection (refused, reset, the server
 starting up or out of connection slots) is retried a few times with a short backoff, as is a
@@ -19,9 +30,10 @@ serialisation failure). A write whose connection broke after it was sent is neve
 whether it committed is unknown, and the caller gets StoreError saying so.
 
 Cancellation. A write runs to its end even if its caller is cancelled (as in the SQLite
-backend): no statement is cut off with its outcome unknown. A reservation whose caller is
-gone by then is released at once (failed / `cancelled`). A read cut off mid-statement drops
-its connection. `close()` waits for the calls already made, then closes the connections.
+backend): a queued call stays in its batch, and no statement is cut off with its outcome
+unknown. A reservation whose caller is gone by then is released at once (failed /
+`cancelled`, in the next batch). A read cut off mid-statement drops its connection.
+`close()` waits for the calls already made, then closes the connections.
 
 No asyncpg type leaves this module: rows become `core.store.records` values (or plain dicts
 of str / int / float / None for copies), driver errors become StoreError, and messages name
@@ -49,7 +61,6 @@ from core.requester import Requester
 from core.store.export import jobs_csv
 from core.store.interface import COPY_TABLES, SnapshotReader, Store, StoreError
 from core.store.postgres_schema import (
-    REFUSED_SQLSTATE,
     SCOPE_ORDER,
     SchemaTooNew,
     apply_migrations,
@@ -100,6 +111,11 @@ POOL_MIN_SIZE = 2
 # have dropped it silently, and a write on it would fail with an unknown outcome.
 MAX_IDLE = 300.0
 
+# Group commit: the most calls one batch (one statement, one commit) carries, and how many
+# batches may be on their way at once, each on its own connection.
+MAX_BATCH = 256
+WRITERS = 1
+
 # No connection could be made, or the server cannot take one now: nothing was sent.
 _CONNECT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # refused, reset, unreachable, timed out (TimeoutError is an OSError)
@@ -119,18 +135,13 @@ _LOST_ERRORS: tuple[type[BaseException], ...] = (
 # --- statements -----------------------------------------------------------------------------
 # Whole statements as constants: values always go in as parameters, never into the text.
 
-_RESERVE = (
-    "SELECT * FROM imgbot_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
-    " $15, $16, $17, $18, $19, $20, $21, $22)"
+# Group commit: the calls queued meanwhile, in one statement (see _Batch and
+# core.store.postgres_schema). The status guards make a second settle, fail or start a no-op.
+_WRITE_BATCH = (
+    "SELECT * FROM imgbot_write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
+    " $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31)"
 )
 _SELECT_JOB = "SELECT * FROM jobs WHERE id = $1"
-_SELECT_DUPLICATE = "SELECT id FROM jobs WHERE source_ref = $1"
-_START_JOB = "UPDATE jobs SET started_at = $1 WHERE id = $2 AND status = 'reserved'"
-# The status guard in the WHERE makes a second settle or fail a no-op.
-_FINISH_JOB = (
-    "UPDATE jobs SET status = $1, actual_credits = $2, usage_json = $3,"
-    " error_code = $4, finished_at = $5 WHERE id = $6 AND status = 'reserved'"
-)
 _MARK_UNSETTLED = "UPDATE jobs SET status = 'unsettled' WHERE id = $1 AND status = 'reserved'"
 _SELECT_STALE = "SELECT * FROM jobs WHERE status = 'reserved' AND created_at < $1 ORDER BY id"
 # Recovery locks the stale jobs (in id order), then every running total they touch in
@@ -223,6 +234,10 @@ _CHAT_TOTALS = (
     " WHERE chat_key IS NOT NULL AND created_at >= $1 AND ($2::text IS NULL OR created_at < $2)"
     " GROUP BY chat_key ORDER BY credits DESC, jobs DESC, chat_key"
 )
+_SELECT_FLAGGED = (
+    "SELECT * FROM jobs WHERE usage_flag IS NOT NULL AND created_at >= $1"
+    " ORDER BY created_at DESC, id DESC LIMIT 200"
+)
 _SELECT_EXPORT = (
     "SELECT * FROM jobs WHERE ($1::text IS NULL OR created_at >= $1)"
     " AND ($2::text IS NULL OR user_key = $2) ORDER BY id"
@@ -300,8 +315,12 @@ _COPY_COLUMNS: dict[str, tuple[tuple[str, type], ...]] = {
         ("refunded_by", str),
         ("refunded_at", str),
         ("source_ref", str),
+        ("reported_credits", float),
+        ("usage_flag", str),
     ),
 }
+# Columns a later schema added: rows from a store without them load with NULL there.
+_LATE_COLUMNS = frozenset({"reported_credits", "usage_flag"})
 # One statement per copied table, written out (tests/test_postgres_store.py checks they list
 # _COPY_COLUMNS, in order). Paging starts after '' or 0: every key is above those.
 _PAGE_USERS = (
@@ -316,7 +335,7 @@ _PAGE_JOBS = (
     "SELECT id, user_key, chat_key, platform, display_name, command_text, request_json, model,"
     " size, quality, n, reference_count, status, estimated_credits, actual_credits, usage_json,"
     " error_code, created_at, started_at, finished_at, result_refs, refunded_by, refunded_at,"
-    " source_ref FROM jobs WHERE id > $1 ORDER BY id LIMIT $2"
+    " source_ref, reported_credits, usage_flag FROM jobs WHERE id > $1 ORDER BY id LIMIT $2"
 )
 _LOAD_USERS = (
     "INSERT INTO users (user_key, platform, user_id, display_name, language, daily_limit,"
@@ -331,17 +350,15 @@ _LOAD_JOBS = (
     "INSERT INTO jobs (id, user_key, chat_key, platform, display_name, command_text,"
     " request_json, model, size, quality, n, reference_count, status, estimated_credits,"
     " actual_credits, usage_json, error_code, created_at, started_at, finished_at, result_refs,"
-    " refunded_by, refunded_at, source_ref) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,"
-    " $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
+    " refunded_by, refunded_at, source_ref, reported_credits, usage_flag) VALUES ($1, $2, $3,"
+    " $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22,"
+    " $23, $24, $25, $26)"
 )
 
 
-def _refusal(err: asyncpg.PostgresError, user_key: str, estimate: float) -> LimitExceeded:
-    """Read a refusal raised by imgbot_reserve: the tightest limit and what it counted."""
-    scope = str(err.message)
-    limit_text, micro_text = str(err.detail).split()
-    limit = float(limit_text)  # PostgreSQL prints a double exactly (shortest round trip)
-    left = max(0.0, limit - int(micro_text) / MICRO)
+def _refusal(scope: str, limit: float, micro: int, user_key: str, estimate: float) -> LimitExceeded:
+    """A refusal as imgbot_write_batch reports it: the tightest limit and what it counted."""
+    left = max(0.0, limit - micro / MICRO)
     return LimitExceeded(
         f"limit.{scope}",
         scope=scope,
@@ -563,6 +580,49 @@ async def _open_pool(dsn: str, pool_size: int) -> _Pool:
     raise AssertionError("unreachable")
 
 
+# The kinds of call a batch carries (the `o_kind` imgbot_write_batch answers with), and how
+# many values each passes.
+_RESERVE_CALL, _FINISH_CALL, _START_CALL = "r", "f", "s"
+_RESERVE_WIDTH, _FINISH_WIDTH, _START_WIDTH = 17, 7, 2
+
+
+class _Call:
+    """One reservation, settle / fail or start, waiting in the queue for its batch."""
+
+    __slots__ = ("kind", "job_id", "params", "estimate", "future")
+
+    def __init__(
+        self, kind: str, job_id: int | None, params: tuple[Any, ...], *, estimate: float = 0.0
+    ) -> None:
+        self.kind = kind
+        self.job_id = job_id  # the job a settle, fail or start changes
+        self.params = params
+        self.estimate = estimate  # a reservation's, as asked (for a refusal's message)
+        self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+
+class _BatchRefused(Exception):
+    """The database (or the driver, before sending) would not take a batch: nothing of it
+    was written."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(type(error).__name__)
+        self.error = error
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """The calls' values, one list (one array parameter) per position."""
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+def _log_release(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        # Recovery at the next start-up resolves the job.
+        log.warning("could not release a cancelled reservation: %r", future.exception())
+
+
 class _Snapshot(SnapshotReader):
     """Reads over one connection in a REPEATABLE READ, READ ONLY transaction."""
 
@@ -620,6 +680,9 @@ class PostgresStore(Store):
         self._idle.set()
         # Calls running on after their caller left (reservations, releases): kept referenced.
         self._background: set[asyncio.Future[Any]] = set()
+        # Group commit: reservations, settles, fails and starts waiting for a writer.
+        self._queue: deque[_Call] = deque()
+        self._writers = 0
 
     def __repr__(self) -> str:
         return f"PostgresStore({self._where!r})"
@@ -727,47 +790,21 @@ class PostgresStore(Store):
         finally:
             self._leave()
 
-    async def _write(
-        self,
-        fn: Callable[[asyncpg.Connection], Awaitable[_T]],
-        *,
-        abandoned: Callable[[_T], Awaitable[None]] | None = None,
-    ) -> _T:
-        """Run a write to its end even if the caller is cancelled meanwhile.
+    async def _write(self, fn: Callable[[asyncpg.Connection], Awaitable[_T]]) -> _T:
+        """Run a write that is not batched to its end even if the caller is cancelled.
 
         Cancelling the caller only stops the waiting (as in the SQLite backend), so no
-        statement is cut off halfway with its outcome unknown. If the caller is gone by the
-        time the write succeeds, `abandoned(result)` runs (a reservation releases its job).
+        statement is cut off halfway with its outcome unknown.
         """
         self._enter()
-        caller_gone = False
 
         async def run() -> _T:
             try:
-                result = await self._attempt(fn, write=True)
-                if caller_gone and abandoned is not None:
-                    await abandoned(result)
-                return result
+                return await self._attempt(fn, write=True)
             finally:
                 self._leave()
 
-        task = self._keep(asyncio.ensure_future(run()))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if not task.done():
-                caller_gone = True
-            elif abandoned is not None and not task.cancelled() and task.exception() is None:
-                # Done just as the caller was cancelled: its result reached no one.
-                self._enter(closing_ok=True)
-                self._keep(asyncio.ensure_future(self._after(abandoned, task.result())))
-            raise
-
-    async def _after(self, abandoned: Callable[[_T], Awaitable[None]], result: _T) -> None:
-        try:
-            await abandoned(result)
-        finally:
-            self._leave()
+        return await asyncio.shield(self._keep(asyncio.ensure_future(run())))
 
     async def _acquire(self) -> asyncpg.Connection:
         """Borrow a connection, retrying while none can be made (nothing was sent yet)."""
@@ -834,6 +871,174 @@ class PostgresStore(Store):
     def _now_iso(self) -> str:
         return iso(self._now())
 
+    # --- group commit -----------------------------------------------------------------
+
+    def _submit(self, call: _Call, *, closing_ok: bool = False) -> None:
+        """Queue a call for the next batch; start a writer if fewer than WRITERS run."""
+        self._enter(closing_ok=closing_ok)
+        self._queue.append(call)
+        if self._writers < WRITERS:
+            self._writers += 1
+            self._keep(asyncio.ensure_future(self._drain()))
+
+    async def _call(self, call: _Call) -> Any:
+        """Queue a call and wait for its outcome, told once its batch has committed.
+
+        Cancelling the caller only stops the waiting: the call is written with its batch
+        all the same (no statement is cut off with its outcome unknown), and a reservation
+        whose caller is gone by then is released at once.
+        """
+        self._submit(call)
+        try:
+            return await call.future
+        except asyncio.CancelledError:
+            future = call.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                # Done just as the caller was cancelled: its result reached no one.
+                if call.kind == _RESERVE_CALL:
+                    self._release_orphan(future.result())
+            raise
+
+    async def _drain(self) -> None:
+        """Write batches until the queue is empty (the next call starts a writer again)."""
+        try:
+            while self._queue:
+                await self._run_batch(self._take())
+        finally:
+            self._writers -= 1
+
+    def _take(self) -> list[_Call]:
+        """The oldest calls, up to MAX_BATCH, stopping before a second call on one job: it
+        waits for the first's outcome (a start and a settle keep their order)."""
+        batch: list[_Call] = []
+        jobs: set[int] = set()
+        queue = self._queue
+        while queue and len(batch) < MAX_BATCH:
+            job_id = queue[0].job_id
+            if job_id is not None:
+                if job_id in jobs:
+                    break
+                jobs.add(job_id)
+            batch.append(queue.popleft())
+        return batch
+
+    def _batch_on(self, batch: list[_Call]) -> Callable[[asyncpg.Connection], Awaitable[Any]]:
+        defaults = self._limits
+        args = [
+            *_columns([c.params for c in batch if c.kind == _RESERVE_CALL], _RESERVE_WIDTH),
+            float(defaults.user_daily),
+            float(defaults.user_monthly),
+            float(defaults.chat_daily),
+            float(defaults.global_daily),
+            EPSILON,
+            *_columns([c.params for c in batch if c.kind == _FINISH_CALL], _FINISH_WIDTH),
+            *_columns([c.params for c in batch if c.kind == _START_CALL], _START_WIDTH),
+        ]
+
+        async def write_batch_on(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            try:
+                return await conn.fetch(_WRITE_BATCH, *args)
+            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError, *_LOST_ERRORS):
+                raise  # retried whole, or reported unknown, by _attempt
+            except asyncpg.InterfaceError as err:
+                # A value the driver cannot send (a number out of range): nothing was sent.
+                raise _BatchRefused(err) from err
+            except asyncpg.PostgresError as err:
+                # Rolled back whole. A value the server will not store (class 22, data
+                # exception: a NUL in a text) or a constraint (class 23) is one call's fault;
+                # anything else (a timeout, a full disk) is the batch's.
+                if (err.sqlstate or "")[:2] in ("22", "23"):
+                    raise _BatchRefused(err) from err
+                raise
+
+        return write_batch_on
+
+    async def _run_batch(self, batch: list[_Call]) -> None:
+        """Write a batch in one statement and tell each caller its outcome after the commit."""
+        try:
+            rows = await self._attempt(self._batch_on(batch), write=True)
+        except _BatchRefused as refused:
+            if len(batch) > 1:
+                # Nothing was written: the calls again one by one, so only the call the
+                # database will not take (bad text, say) fails.
+                for call in batch:
+                    await self._run_batch([call])
+                return
+            self._fail(batch, StoreError(_failure("database error", refused.error)))
+        except Exception as err:  # noqa: BLE001 - every call of the batch is told
+            # The commit failed, or its outcome is unknown: so is every call's.
+            failure = (
+                err
+                if isinstance(err, StoreError)
+                else StoreError(f"writing to DATABASE_URL {self._where}: {type(err).__name__}")
+            )
+            self._fail(batch, failure)
+        else:
+            self._deliver(batch, rows)
+
+    def _fail(self, batch: list[_Call], failure: StoreError) -> None:
+        for call in batch:
+            # One exception per caller (each raise writes its own traceback into it).
+            error = StoreError(str(failure))
+            error.__cause__ = failure.__cause__
+            self._resolve(call, error)
+
+    def _deliver(self, batch: list[_Call], rows: list[asyncpg.Record]) -> None:
+        reserved: dict[int, asyncpg.Record] = {}
+        changed: set[tuple[str, int]] = set()
+        for row in rows:
+            if row["o_kind"] == _RESERVE_CALL:
+                reserved[row["o_index"]] = row
+            else:
+                changed.add((row["o_kind"], row["o_job_id"]))
+        index = 0
+        for call in batch:
+            outcome: Any
+            if call.kind == _RESERVE_CALL:
+                index += 1
+                row = reserved.get(index)
+                if row is None:  # cannot happen: the function answers every reservation
+                    outcome = StoreError("the database gave no outcome for a reservation")
+                elif row["o_job_id"] is not None:
+                    outcome = int(row["o_job_id"])
+                elif row["o_duplicate_of"] is not None:
+                    outcome = DuplicateJob(job_id=int(row["o_duplicate_of"]), silent=True)
+                else:
+                    outcome = _refusal(
+                        row["o_scope"],
+                        float(row["o_limit"]),
+                        int(row["o_micro"]),
+                        call.params[0],
+                        call.estimate,
+                    )
+            else:
+                outcome = (call.kind, call.job_id) in changed
+            self._resolve(call, outcome)
+
+    def _resolve(self, call: _Call, outcome: Any) -> None:
+        try:
+            future = call.future
+            if future.cancelled():
+                # The caller is gone: a job reserved for no one is given back at once.
+                if call.kind == _RESERVE_CALL and isinstance(outcome, int):
+                    self._release_orphan(outcome)
+            elif not future.done():
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+        finally:
+            self._leave()
+
+    def _release_orphan(self, job_id: int) -> None:
+        # The caller of `reserve` was cancelled while its job was being written: no one will
+        # draw or settle it, so give the room back now rather than at the next start-up.
+        call = _Call(
+            _FINISH_CALL, job_id, (job_id, "failed", 0.0, None, "cancelled", None, self._now_iso())
+        )
+        call.future.add_done_callback(_log_release)
+        self._submit(call, closing_ok=True)
+
     # --- jobs -------------------------------------------------------------------------
 
     async def reserve(self, requester: Requester, spec: JobSpec, estimate: float) -> int:
@@ -841,10 +1046,8 @@ class PostgresStore(Store):
         check_credits("estimate", estimate)
         if spec.n < 1 or spec.reference_count < 0:
             raise ValueError("n must be >= 1 and reference_count >= 0")
-        user_key = requester.user_key
-        defaults = self._limits
-        args = (
-            user_key,
+        params = (
+            requester.user_key,
             requester.chat_key,
             requester.platform,
             requester.user_id,
@@ -861,60 +1064,32 @@ class PostgresStore(Store):
             float(estimate),
             self._now_iso(),
             spec.source_ref,
-            float(defaults.user_daily),
-            float(defaults.user_monthly),
-            float(defaults.chat_daily),
-            float(defaults.global_daily),
-            EPSILON,
         )
+        return int(await self._call(_Call(_RESERVE_CALL, None, params, estimate=estimate)))
 
-        async def reserve_on(conn: asyncpg.Connection) -> int:
-            try:
-                row = await conn.fetchrow(_RESERVE, *args)
-            except asyncpg.UniqueViolationError as err:
-                # The same source message, reserved by a concurrent call that committed first.
-                if err.constraint_name != "jobs_source_ref" or spec.source_ref is None:
-                    raise
-                seen = await conn.fetchval(_SELECT_DUPLICATE, spec.source_ref)
-                if seen is None:
-                    raise
-                raise DuplicateJob(job_id=int(seen), silent=True) from None
-            except asyncpg.PostgresError as err:
-                if err.sqlstate != REFUSED_SQLSTATE:
-                    raise
-                raise _refusal(err, user_key, estimate) from None
-            assert row is not None
-            if row["duplicate_of"] is not None:
-                raise DuplicateJob(job_id=int(row["duplicate_of"]), silent=True)
-            return int(row["job_id"])
-
-        # A caller cancelled while its job was being written leaves no reservation behind.
-        return await self._write(reserve_on, abandoned=self._release_orphan)
-
-    async def _release_orphan(self, job_id: int) -> None:
-        # The caller of `reserve` was cancelled while its job was being written: no one will
-        # draw or settle it, so give the room back now rather than at the next start-up.
-        try:
-            await self._attempt(
-                self._finish_on(job_id, JobStatus.FAILED, 0.0, None, "cancelled"), write=True
-            )
-        except Exception as err:  # noqa: BLE001 - recovery at the next start-up resolves it
-            log.warning("could not release a cancelled reservation: %r", err)
-
-    def _finish_on(
+    async def _finish(
         self,
         job_id: int,
         status: JobStatus,
         credits: float,
         usage: Usage | None,
         error_code: str | None,
-    ) -> Callable[[asyncpg.Connection], Awaitable[bool]]:
-        params = (status.value, float(credits), usage_json(usage), error_code, self._now_iso())
-
-        async def finish_on(conn: asyncpg.Connection) -> bool:
-            return _updated(await conn.execute(_FINISH_JOB, *params, job_id)) > 0
-
-        return finish_on
+        flag: str | None,
+    ) -> bool:
+        check_credits("credits", credits)
+        if not is_row_id(job_id):
+            self._require()
+            return False
+        params = (
+            job_id,
+            status.value,
+            float(credits),
+            usage_json(usage),
+            error_code,
+            flag,
+            self._now_iso(),
+        )
+        return bool(await self._call(_Call(_FINISH_CALL, job_id, params)))
 
     async def mark_started(self, job_id: int) -> bool:
         """Record that a reserved job started drawing; False if it is not reserved."""
@@ -922,31 +1097,27 @@ class PostgresStore(Store):
         if not is_row_id(job_id):
             self._require()
             return False
+        return bool(await self._call(_Call(_START_CALL, job_id, (job_id, now_iso))))
 
-        async def start_on(conn: asyncpg.Connection) -> bool:
-            return _updated(await conn.execute(_START_JOB, now_iso, job_id)) > 0
-
-        return await self._write(start_on)
-
-    async def settle(self, job_id: int, credits: float, usage: Usage | None) -> bool:
-        """Replace a reservation with its exact cost; False (no-op) if it is not reserved."""
-        check_credits("credits", credits)
-        if not is_row_id(job_id):
-            self._require()
-            return False
-        return await self._write(self._finish_on(job_id, JobStatus.SUCCEEDED, credits, usage, None))
+    async def settle(
+        self, job_id: int, credits: float, usage: Usage | None, *, flag: str | None = None
+    ) -> bool:
+        """Replace a reservation with its cost, at most its estimate (usage above it is kept
+        and flagged); False (no-op) if it is not reserved."""
+        return await self._finish(job_id, JobStatus.SUCCEEDED, credits, usage, None, flag)
 
     async def fail(
-        self, job_id: int, error_code: str, credits: float = 0.0, usage: Usage | None = None
+        self,
+        job_id: int,
+        error_code: str,
+        credits: float = 0.0,
+        usage: Usage | None = None,
+        *,
+        flag: str | None = None,
     ) -> bool:
-        """Mark a reserved job failed at `credits` (0 releases it); False if not reserved."""
-        check_credits("credits", credits)
-        if not is_row_id(job_id):
-            self._require()
-            return False
-        return await self._write(
-            self._finish_on(job_id, JobStatus.FAILED, credits, usage, error_code)
-        )
+        """Mark a reserved job failed at `credits` (0 releases it; capped and flagged as in
+        `settle`); False if not reserved."""
+        return await self._finish(job_id, JobStatus.FAILED, credits, usage, error_code, flag)
 
     async def mark_unsettled(self, job_id: int) -> bool:
         """Mark a reserved job whose cost is unknown `unsettled`; False if not reserved."""
@@ -1238,6 +1409,15 @@ class PostgresStore(Store):
 
         return jobs_csv(await self._read(read))
 
+    async def flagged_jobs(self, since: datetime) -> list[JobRecord]:
+        """List the jobs created since `since` whose charge is flagged, newest first (≤ 200)."""
+        since_iso = iso(since)
+
+        async def read(conn: asyncpg.Connection) -> list[JobRecord]:
+            return [job_from_mapping(row) for row in await conn.fetch(_SELECT_FLAGGED, since_iso)]
+
+        return await self._read(read)
+
     async def global_spent_today(self) -> float:
         """Return what the whole bot has spent (and reserved) today, UTC."""
         day = self._now_iso()[:10]
@@ -1289,12 +1469,12 @@ class PostgresStore(Store):
         if not rows:
             self._require()
             return
-        missing = [name for name, _ in columns if name not in rows[0]]
+        missing = [name for name, _ in columns if name not in rows[0] and name not in _LATE_COLUMNS]
         if missing:
             raise ValueError(f"{table} rows without {', '.join(missing)}")
         # Generated columns (charged, charged_micro), if a row carries them, are not copied:
         # the target computes them, and its triggers the running totals.
-        values = [tuple(_coerce(kind, row[name]) for name, kind in columns) for row in rows]
+        values = [tuple(_coerce(kind, row.get(name)) for name, kind in columns) for row in rows]
 
         async def write_on(conn: asyncpg.Connection) -> None:
             async with conn.transaction():

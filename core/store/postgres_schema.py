@@ -18,16 +18,22 @@ without conversion:
 - keys and times use the "C" collation, so ordering and paging by key is byte order, as in
   SQLite, whatever the database's locale.
 
-`imgbot_reserve(...)` is the whole of a reservation in one call (one round trip): duplicate
-check, limit overrides, the user and chat upserts, the job's insert (whose trigger locks its
-running totals), then the four limit checks, a refusal undoing it all. See below.
+`imgbot_write_batch(...)` (migration 5) is how the store writes reservations, settles,
+fails and starts: every call a process queued meanwhile, in one statement and one commit
+(group commit; see below and core.store.postgres). `imgbot_reserve(...)` (migration 4, one
+reservation a call, a refusal raised and undoing it all) is kept for processes still
+running an older imgbot during an upgrade.
+
+Charges: since migration 5 a job is never charged above its reservation; what the usage
+said beyond it is kept in `jobs.reported_credits`, and `jobs.usage_flag` says why the
+charge is not simply the usage ('over_estimate', 'usage_invalid', …; NULL for most jobs).
 
 Lock order (no deadlocks): a transaction takes job rows first (one, or several in id order),
-then `spend_totals` rows in SCOPE_ORDER, then key, then period. The trigger touches a job's
-totals in scope order, which is that order for one job; a statement that changes many jobs
-locks their totals in that order first (`recover_stale`). `global_daily` comes last: every
-writer needs that one row, so it is held for the shortest time (from the trigger to the
-commit). A reservation takes no other lock: see `imgbot_reserve`.
+then `spend_totals` rows in SCOPE_ORDER, then key (byte order), then period. The trigger
+touches a job's totals in scope order, which is that order for one job; a statement that
+changes many jobs locks their totals in that order first (`recover_stale`,
+`imgbot_write_batch`). `global_daily` comes last: every writer needs that one row, so it is
+held for the shortest time (to the commit). A reservation takes no other lock.
 """
 
 from __future__ import annotations
@@ -377,11 +383,279 @@ END
 $fn$"""
 
 
+# Group commit: every reservation, settle, fail and start a process queued meanwhile, in one
+# call (one statement, one transaction, one commit and WAL flush for all of them). Arrays
+# carry the calls, one element each: reservations (r_*), settles and fails (f_*), starts
+# (s_*). Returns one row per reservation ('r', its index from 1, then job_id, or
+# duplicate_of, or the refusal: the tightest limit's scope, the limit and the micro-credits
+# it counted before this job), and one per settle/fail ('f') and start ('s') that changed
+# its job (the others were not reserved: no-ops).
+#
+# Locks, in the order every writer takes them (see the module docstring), before anything
+# is read or written: the job rows to finish or start, in id order; then every running
+# total the batch can change, in SCOPE_ORDER, key, period — created at zero where missing,
+# locked where present (ON CONFLICT DO UPDATE … WHERE false changes nothing but locks the
+# row). From there on nothing this batch reads can change under it, and no reservation
+# waits for a lock: each is checked against the totals (its predecessors in the batch
+# included, and everything committed before the locks were granted) before it is written,
+# so a refusal or a duplicate writes nothing and needs no savepoint or rollback. The charge
+# of a settle or fail is never above the reservation: least(credits, estimate); usage
+# above it is kept in reported_credits and flagged (usage_flag, 'over_estimate' unless the
+# caller named the flag). Settles and fails run before the reservations: the room they
+# give back is there for the reservations of the same batch.
+_WRITE_BATCH_FUNCTION = """
+CREATE FUNCTION imgbot_write_batch(
+    r_user_key text[], r_chat_key text[], r_platform text[], r_user_id text[],
+    r_chat_id text[], r_display_name text[], r_language text[], r_command_text text[],
+    r_request_json text[], r_model text[], r_size text[], r_quality text[], r_n bigint[],
+    r_reference_count bigint[], r_estimate double precision[], r_now text[],
+    r_source_ref text[],
+    p_user_daily double precision, p_user_monthly double precision,
+    p_chat_daily double precision, p_global_daily double precision,
+    p_epsilon double precision,
+    f_id bigint[], f_status text[], f_credits double precision[], f_usage text[],
+    f_error text[], f_flag text[], f_now text[],
+    s_id bigint[], s_now text[])
+RETURNS TABLE (o_kind text, o_index integer, o_job_id bigint, o_duplicate_of bigint,
+               o_scope text, o_limit double precision, o_micro bigint)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    i integer;
+    v_user_key text;
+    v_chat_key text;
+    v_estimate double precision;
+    v_source_ref text;
+    v_day text;
+    v_month text;
+    v_user_known boolean;
+    v_name text;
+    v_language text;
+    v_chat_known boolean;
+    v_limit_ud double precision;
+    v_limit_um double precision;
+    v_limit_cd double precision;
+    v_micro_ud bigint;
+    v_micro_um bigint;
+    v_micro_cd bigint;
+    v_micro_gd bigint;
+    v_left double precision;
+    v_tightest double precision;
+    v_scope text;
+    v_limit double precision;
+    v_micro bigint;
+    v_id bigint;
+BEGIN
+    -- 1. The job rows this batch finishes or starts, in id order.
+    PERFORM 1 FROM jobs WHERE id = ANY (f_id || s_id) ORDER BY id FOR UPDATE;
+
+    -- 2. Every running total it can change, in SCOPE_ORDER, key, period.
+    INSERT INTO spend_totals AS t (scope, key, period, micro_credits)
+    SELECT k.scope, k.key, k.period, 0
+      FROM (SELECT DISTINCT v.rank, v.scope, v.key, v.period
+              FROM (SELECT r.chat_key, r.user_key, r.at
+                      FROM unnest(r_chat_key, r_user_key, r_now) AS r (chat_key, user_key, at)
+                    UNION ALL
+                    SELECT j.chat_key, j.user_key, j.created_at
+                      FROM jobs AS j
+                     WHERE j.id = ANY (f_id) AND j.status = 'reserved') AS w
+             CROSS JOIN LATERAL (VALUES
+                 (1, 'chat_daily', w.chat_key, substr(w.at, 1, 10)),
+                 (2, 'user_daily', w.user_key, substr(w.at, 1, 10)),
+                 (3, 'user_monthly', w.user_key, substr(w.at, 1, 7)),
+                 (4, 'global_daily', '', substr(w.at, 1, 10))
+             ) AS v (rank, scope, key, period)
+             WHERE v.key IS NOT NULL) AS k
+     ORDER BY k.rank, k.key COLLATE "C", k.period COLLATE "C"
+    ON CONFLICT (scope, key, period) DO UPDATE SET micro_credits = t.micro_credits WHERE false;
+
+    -- 3. Starts.
+    RETURN QUERY
+    WITH started AS (
+        UPDATE jobs AS j SET started_at = x.at
+          FROM unnest(s_id, s_now) AS x (id, at)
+         WHERE j.id = x.id AND j.status = 'reserved'
+        RETURNING j.id)
+    SELECT 's', NULL::integer, started.id, NULL::bigint, NULL::text,
+           NULL::double precision, NULL::bigint
+      FROM started;
+
+    -- 4. Settles and fails: charged at most the reservation.
+    RETURN QUERY
+    WITH finished AS (
+        UPDATE jobs AS j SET
+            status = x.status,
+            actual_credits = least(x.credits, j.estimated_credits),
+            reported_credits = CASE WHEN x.credits > j.estimated_credits THEN x.credits END,
+            usage_flag = CASE WHEN x.credits > j.estimated_credits
+                              THEN COALESCE(x.flag, 'over_estimate') ELSE x.flag END,
+            usage_json = x.usage,
+            error_code = x.error,
+            finished_at = x.at
+          FROM unnest(f_id, f_status, f_credits, f_usage, f_error, f_flag, f_now)
+               AS x (id, status, credits, usage, error, flag, at)
+         WHERE j.id = x.id AND j.status = 'reserved'
+        RETURNING j.id)
+    SELECT 'f', NULL::integer, finished.id, NULL::bigint, NULL::text,
+           NULL::double precision, NULL::bigint
+      FROM finished;
+
+    -- 5. Reservations, in the order they were asked for.
+    FOR i IN 1 .. coalesce(array_length(r_user_key, 1), 0) LOOP
+        v_user_key := r_user_key[i];
+        v_chat_key := r_chat_key[i];
+        v_estimate := r_estimate[i];
+        v_source_ref := r_source_ref[i];
+        v_day := substr(r_now[i], 1, 10);
+        v_month := substr(r_now[i], 1, 7);
+
+        IF v_source_ref IS NOT NULL THEN
+            SELECT id INTO v_id FROM jobs WHERE source_ref = v_source_ref;
+            IF FOUND THEN
+                RETURN QUERY SELECT 'r', i, NULL::bigint, v_id, NULL::text,
+                                    NULL::double precision, NULL::bigint;
+                CONTINUE;
+            END IF;
+        END IF;
+
+        SELECT u.user_key IS NOT NULL, u.display_name, u.language,
+               COALESCE(u.daily_limit, p_user_daily), COALESCE(u.monthly_limit, p_user_monthly),
+               c.chat_key IS NOT NULL, COALESCE(c.daily_limit, p_chat_daily)
+          INTO v_user_known, v_name, v_language, v_limit_ud, v_limit_um,
+               v_chat_known, v_limit_cd
+          FROM (SELECT 1) AS one
+          LEFT JOIN users AS u ON u.user_key = v_user_key
+          LEFT JOIN chats AS c ON c.chat_key = v_chat_key;
+        IF v_chat_key IS NULL THEN
+            v_limit_cd := 0;
+        END IF;
+
+        IF v_limit_ud > 0 OR v_limit_um > 0 OR v_limit_cd > 0 OR p_global_daily > 0 THEN
+            -- What each limit counts now (locked above: no one else can change it).
+            SELECT COALESCE((SELECT micro_credits FROM spend_totals
+                              WHERE scope = 'user_daily' AND key = v_user_key
+                                AND period = v_day), 0),
+                   COALESCE((SELECT micro_credits FROM spend_totals
+                              WHERE scope = 'user_monthly' AND key = v_user_key
+                                AND period = v_month), 0),
+                   COALESCE((SELECT micro_credits FROM spend_totals
+                              WHERE scope = 'chat_daily' AND key = v_chat_key
+                                AND period = v_day), 0),
+                   COALESCE((SELECT micro_credits FROM spend_totals
+                              WHERE scope = 'global_daily' AND key = ''
+                                AND period = v_day), 0)
+              INTO v_micro_ud, v_micro_um, v_micro_cd, v_micro_gd;
+
+            -- The tightest limit, in the same order and arithmetic as the SQLite backend.
+            v_tightest := NULL;
+            IF v_limit_ud > 0 THEN
+                v_left := greatest(0::double precision,
+                                   v_limit_ud - v_micro_ud::double precision / 1000000);
+                IF v_tightest IS NULL OR v_left < v_tightest THEN
+                    v_tightest := v_left;
+                    v_scope := 'user_daily';
+                    v_limit := v_limit_ud;
+                    v_micro := v_micro_ud;
+                END IF;
+            END IF;
+            IF v_limit_um > 0 THEN
+                v_left := greatest(0::double precision,
+                                   v_limit_um - v_micro_um::double precision / 1000000);
+                IF v_tightest IS NULL OR v_left < v_tightest THEN
+                    v_tightest := v_left;
+                    v_scope := 'user_monthly';
+                    v_limit := v_limit_um;
+                    v_micro := v_micro_um;
+                END IF;
+            END IF;
+            IF v_limit_cd > 0 THEN
+                v_left := greatest(0::double precision,
+                                   v_limit_cd - v_micro_cd::double precision / 1000000);
+                IF v_tightest IS NULL OR v_left < v_tightest THEN
+                    v_tightest := v_left;
+                    v_scope := 'chat_daily';
+                    v_limit := v_limit_cd;
+                    v_micro := v_micro_cd;
+                END IF;
+            END IF;
+            IF p_global_daily > 0 THEN
+                v_left := greatest(0::double precision,
+                                   p_global_daily - v_micro_gd::double precision / 1000000);
+                IF v_tightest IS NULL OR v_left < v_tightest THEN
+                    v_tightest := v_left;
+                    v_scope := 'global_daily';
+                    v_limit := p_global_daily;
+                    v_micro := v_micro_gd;
+                END IF;
+            END IF;
+            IF v_estimate > v_tightest + p_epsilon THEN
+                RETURN QUERY SELECT 'r', i, NULL::bigint, NULL::bigint, v_scope, v_limit,
+                                    v_micro;
+                CONTINUE;
+            END IF;
+        END IF;
+
+        -- An empty name from the platform keeps the one we know; a language the user chose
+        -- is not overwritten by the platform's; nothing is written when only updated_at
+        -- would change.
+        IF NOT v_user_known
+           OR (r_display_name[i] <> '' AND r_display_name[i] IS DISTINCT FROM v_name)
+           OR (v_language IS NULL AND r_language[i] IS NOT NULL) THEN
+            INSERT INTO users AS u (user_key, platform, user_id, display_name, language,
+                                    created_at, updated_at)
+            VALUES (v_user_key, r_platform[i], r_user_id[i], r_display_name[i], r_language[i],
+                    r_now[i], r_now[i])
+            ON CONFLICT (user_key) DO UPDATE SET
+                display_name = CASE WHEN excluded.display_name = '' THEN u.display_name
+                                    ELSE excluded.display_name END,
+                language = COALESCE(u.language, excluded.language),
+                updated_at = excluded.updated_at;
+        END IF;
+        IF v_chat_key IS NOT NULL AND NOT v_chat_known THEN
+            INSERT INTO chats (chat_key, platform, chat_id, created_at, updated_at)
+            VALUES (v_chat_key, r_platform[i], r_chat_id[i], r_now[i], r_now[i])
+            ON CONFLICT (chat_key) DO NOTHING;
+        END IF;
+
+        -- Its trigger adds the job to the totals locked above. A duplicate source another
+        -- process inserted meanwhile: that insert is waited for, then nothing is written.
+        v_id := NULL;
+        INSERT INTO jobs (user_key, chat_key, platform, display_name, command_text,
+                          request_json, model, size, quality, n, reference_count, status,
+                          estimated_credits, created_at, source_ref)
+        VALUES (v_user_key, v_chat_key, r_platform[i], r_display_name[i], r_command_text[i],
+                r_request_json[i], r_model[i], r_size[i], r_quality[i], r_n[i],
+                r_reference_count[i], 'reserved', v_estimate, r_now[i], v_source_ref)
+        ON CONFLICT (source_ref) WHERE source_ref IS NOT NULL DO NOTHING
+        RETURNING id INTO v_id;
+        IF v_id IS NULL THEN
+            SELECT id INTO v_id FROM jobs WHERE source_ref = v_source_ref;
+            RETURN QUERY SELECT 'r', i, NULL::bigint, v_id, NULL::text,
+                                NULL::double precision, NULL::bigint;
+        ELSE
+            RETURN QUERY SELECT 'r', i, v_id, NULL::bigint, NULL::text,
+                                NULL::double precision, NULL::bigint;
+        END IF;
+    END LOOP;
+END
+$fn$"""
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         4,
         "baseline (SQLite schema 4): users, chats, jobs, running spend totals, reserve()",
         (*_TABLES, *_TRIGGERS, _RESERVE_FUNCTION),
+    ),
+    Migration(
+        5,
+        "jobs.reported_credits and jobs.usage_flag (charges capped at the estimate),"
+        " write_batch() (group commit)",
+        (
+            "ALTER TABLE jobs ADD COLUMN reported_credits double precision,"
+            " ADD COLUMN usage_flag text",
+            "CREATE INDEX jobs_flagged_created ON jobs (created_at) WHERE usage_flag IS NOT NULL",
+            _WRITE_BATCH_FUNCTION,
+        ),
     ),
 )
 
