@@ -36,8 +36,8 @@ import logging
 import os
 import sqlite3
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -169,6 +169,16 @@ _REFUND = (
 _GENERATED = frozenset({"charged", "charged_micro"})
 
 
+@contextmanager
+def _as_store_error() -> Iterator[None]:
+    """No driver type leaves the store: a database error becomes a StoreError (its text
+    kept: it names no secret; the original stays attached as the cause)."""
+    try:
+        yield
+    except sqlite3.Error as err:
+        raise StoreError(f"database error: {err}") from err
+
+
 def _is_locked(err: sqlite3.OperationalError) -> bool:
     text = str(err).lower()
     return "locked" in text or "busy" in text
@@ -178,9 +188,9 @@ def _prepare_files(target: str) -> None:
     """Create the folder (0700) and the file (0600) before SQLite does, or tighten them."""
     path = Path(target)
     folder = path.parent
-    if not folder.exists():
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
+        if not folder.exists():
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
     except OSError as err:
         raise StoreError(f"DATABASE_URL: cannot create {target}: {err.strerror}") from None
@@ -532,14 +542,17 @@ class SqliteStore(Store):
 
     async def _single(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
         # shield: once queued, a write runs to its end even if the caller is cancelled.
-        return await asyncio.shield(self._require().single(sql, params))
+        with _as_store_error():
+            return await asyncio.shield(self._require().single(sql, params))
 
     async def _transaction(self, fn: Callable[[aiosqlite.Connection], Awaitable[_T]]) -> _T:
-        return await asyncio.shield(self._require().transaction(fn))
+        with _as_store_error():
+            return await asyncio.shield(self._require().transaction(fn))
 
     async def _read_all(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
         self._require()
-        return list(await self._reader.execute_fetchall(sql, params))
+        with _as_store_error():
+            return list(await self._reader.execute_fetchall(sql, params))
 
     async def _read_one(self, sql: str, params: Any = ()) -> sqlite3.Row | None:
         rows = await self._read_all(sql, params)
@@ -573,7 +586,9 @@ class SqliteStore(Store):
                 raise
             except sqlite3.IntegrityError as err:
                 await self._raise_duplicate(spec, err)
-                raise
+                raise StoreError(f"database error: {err}") from err
+            except sqlite3.Error as err:
+                raise StoreError(f"database error: {err}") from err
             if rows:
                 self._remember_rows(requester)
                 return int(rows[0][0])
