@@ -220,7 +220,30 @@ class ImageService:
             text, reference_sizes=[(r.width, r.height) for r in refs], force_tier=force_tier
         )
         self.rate.hit(requester.user_key)
-        self.queue.check_room(requester.user_key)
+        # The room check and the place in the queue in one step, before the reservation's
+        # await: checked first and queued after, requests arriving together all got in.
+        ticket = self.queue.admit(requester.user_key)
+        try:
+            job_id = await self._reserve(
+                requester, text, request, refs, estimate, references, source_ref, origin
+            )
+        except BaseException:
+            self.queue.withdraw(ticket)
+            raise
+        ticket.job_id = job_id
+        return await self._run(requester, request, refs, estimate, job_id, ticket, progress, lang)
+
+    async def _reserve(
+        self,
+        requester: Requester,
+        text: str,
+        request: ImageRequest,
+        refs: Sequence[ReferenceImage],
+        estimate: float,
+        references: Sequence[IncomingImage],
+        source_ref: str | None,
+        origin: Mapping[str, str] | None,
+    ) -> int:
         spec = JobSpec(
             command_text=text,
             model=request.model,
@@ -239,10 +262,21 @@ class ImageService:
             source_ref=source_ref,
         )
         try:
-            job_id = await self.ledger.reserve(requester, spec, estimate)
+            return await self.ledger.reserve(requester, spec, estimate)
         except LimitExceeded as err:
             raise self._with_suggestion(err, request, refs) from None
 
+    async def _run(
+        self,
+        requester: Requester,
+        request: ImageRequest,
+        refs: Sequence[ReferenceImage],
+        estimate: float,
+        job_id: int,
+        ticket: Ticket,
+        progress: ProgressCallback | None,
+        lang: str,
+    ) -> DrawOutcome:
         record = _Inflight(
             task=asyncio.current_task(),
             job_id=job_id,
@@ -251,7 +285,6 @@ class ImageService:
             estimate=estimate,
         )
         self._inflight[job_id] = record
-        ticket = Ticket(user_key=requester.user_key, job_id=job_id)
         started = self._clock()
         try:
             async def on_position(pos: int) -> None:
@@ -259,6 +292,9 @@ class ImageService:
                     await progress(Progress("queued", position=pos))
 
             try:
+                if self._closing:  # shut down while reserving: the drain did not see it
+                    self.queue.withdraw(ticket)
+                    raise Cancelled("job.shutting_down")
                 await self.queue.acquire(ticket, on_position)
             except Cancelled as err:
                 await self.ledger.fail(job_id, err.code)

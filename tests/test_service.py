@@ -17,6 +17,7 @@ from core.errors import (
     Cancelled,
     LimitExceeded,
     PromptError,
+    QueueFull,
     RateLimited,
     UpstreamMalformed,
     UpstreamUnavailable,
@@ -369,3 +370,25 @@ async def test_chat_admin_power_ends_at_their_chat(service: ImageService) -> Non
     assert info.value.key == "access.own_chat_only"
     # Allowlists are not bypassed by managing a server.
     assert not service.is_admin(manager)
+
+
+async def test_queued_per_user_holds_for_requests_arriving_together(
+    make_service: Callable[..., Any], fake_api: FakeImageAPI
+) -> None:
+    # 20 requests from one user at once: the room check and the place in the queue used
+    # to be an await apart (the reservation), so every request saw an empty queue.
+    fake_api.delay = 0.3
+    async with make_service(max_jobs_per_user=1, max_queued_per_user=3) as service:
+        results = await asyncio.gather(
+            *(service.draw(ALICE, f"low cat {i}") for i in range(20)), return_exceptions=True
+        )
+        drawn = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, QueueFull)]
+        assert len(drawn) == 1 + 3 and len(refused) == 16, results
+        assert "waiting" in refused[0].user_message("en")
+        # Nothing reserved or charged for the refused ones.
+        report = await service.ledger.spend_report(ALICE.user_key, last=30)
+        assert len(report.last_jobs) == 4
+        assert report.today == pytest.approx(sum(o.credits for o in drawn))
+        assert len(fake_api.api_requests) == 4
+
