@@ -316,7 +316,7 @@ class ImageService:
                 await self.ledger.fail(job_id, "cancelled")
             raise
         except UpstreamError as err:
-            credits, flag = self.charge_for(err.usage, request, estimate, billed=False)
+            credits, flag = self.charge_for(err.usage, request, estimate, billed=err.billed)
             await self.ledger.fail(job_id, err.code, credits, err.usage, flag=flag)
             charged = min(credits, estimate)
             self._log_job(requester, request, "failed", charged, self._clock() - started, err.code)
@@ -431,16 +431,16 @@ class ImageService:
             try:
                 try:
                     result = await call
-                    usage = result.usage
+                    usage, billed = result.usage, False
                 except UpstreamError as err:
-                    usage = err.usage
+                    usage, billed = err.usage, err.billed
                 except asyncio.CancelledError:
                     # Shut down before the call ended: it may have billed, an admin decides.
                     await asyncio.shield(self.ledger.mark_unsettled(record.job_id))
                     raise
                 except Exception:  # noqa: BLE001 - any other end is an unbilled failure
-                    usage = None
-                credits, flag = self.charge_for(usage, request, record.estimate, billed=False)
+                    usage, billed = None, False
+                credits, flag = self.charge_for(usage, request, record.estimate, billed=billed)
                 await self.ledger.fail(record.job_id, "cancelled", credits, usage, flag=flag)
                 charged = min(credits, record.estimate)
                 self._log_job(record.requester, request, "cancelled", charged, 0.0, "cancelled")

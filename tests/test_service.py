@@ -19,6 +19,7 @@ from core.errors import (
     PromptError,
     QueueFull,
     RateLimited,
+    UpstreamCorruptImage,
     UpstreamMalformed,
     UpstreamUnavailable,
 )
@@ -27,7 +28,7 @@ from core.reports import render_balance, render_caption, render_help, render_siz
 from core.requester import Requester
 from core.service import ImageService, IncomingImage, Progress
 from core.store import JobStatus
-from tests.fake_api import FakeImageAPI
+from tests.fake_api import MISSING, FakeImageAPI
 
 ALICE = Requester("telegram", "1", "-100", "Alice", "en", is_group=True)
 BOB = Requester("telegram", "2", "-100", "Bob", "zh-hans", is_group=True)
@@ -392,3 +393,35 @@ async def test_queued_per_user_holds_for_requests_arriving_together(
         assert report.today == pytest.approx(sum(o.credits for o in drawn))
         assert len(fake_api.api_requests) == 4
 
+
+async def test_truncated_result_image_fails_before_drawn_and_is_charged_its_usage(
+    service: ImageService, fake_api: FakeImageAPI
+) -> None:
+    # A PNG cut in half has a good header: only a full decode finds it, and it must be
+    # found before the job counts as drawn, not at delivery.
+    fake_api.inject("truncated")
+    _, estimate = service.parse("low a cat")
+    with pytest.raises(UpstreamCorruptImage) as info:
+        await service.draw(ALICE, "low a cat")
+    err = info.value
+    assert err.key == "upstream.corrupt_image" and err.usage is not None
+    assert "damaged" in err.user_message("en") and err.user_message("zh") != err.user_message("en")
+    job = (await service.ledger.spend_report(ALICE.user_key)).last_jobs[0]
+    assert job.status == JobStatus.FAILED and job.error_code == "corrupt_image"
+    # The upstream billed it: charged what its usage says, never above the reservation.
+    charged = service.prices.credits(err.usage, "gpt-image-2")
+    assert job.actual_credits == pytest.approx(min(charged, estimate)) and charged > 0
+
+
+async def test_truncated_result_image_without_usage_is_charged_the_reservation(
+    service: ImageService, fake_api: FakeImageAPI
+) -> None:
+    fake_api.usage_rewrite = lambda usage: MISSING
+    fake_api.inject("truncated")
+    _, estimate = service.parse("low a cat")
+    with pytest.raises(UpstreamCorruptImage):
+        await service.draw(ALICE, "low a cat")
+    job = (await service.ledger.spend_report(ALICE.user_key)).last_jobs[0]
+    assert job.status == JobStatus.FAILED and job.error_code == "corrupt_image"
+    assert job.actual_credits == pytest.approx(estimate)
+    assert job.usage_flag == "usage_missing"
