@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -425,3 +426,63 @@ async def test_truncated_result_image_without_usage_is_charged_the_reservation(
     assert job.status == JobStatus.FAILED and job.error_code == "corrupt_image"
     assert job.actual_credits == pytest.approx(estimate)
     assert job.usage_flag == "usage_missing"
+
+
+class _UnwritableLedger:
+    """Makes the service's real SQLite ledger refuse every write while `broken` is set.
+
+    As root, chmod cannot make the file read-only, so the writes raise what SQLite raises
+    on a full disk; reads and, once repaired, writes go to the real ledger.
+    """
+
+    WRITES = ("reserve", "mark_started", "settle", "fail", "mark_unsettled", "check_writable")
+
+    def __init__(self, ledger: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.broken = False
+        for name in self.WRITES:
+            monkeypatch.setattr(ledger, name, self._guard(getattr(ledger, name)))
+
+    def _guard(self, real: Callable[..., Any]) -> Callable[..., Any]:
+        async def write(*args: Any, **kwargs: Any) -> Any:
+            if self.broken:
+                raise sqlite3.OperationalError("database or disk is full")
+            return await real(*args, **kwargs)
+
+        return write
+
+
+async def test_store_health_turns_false_while_writes_fail_and_recovers(
+    service: ImageService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = _UnwritableLedger(service.ledger, monkeypatch)
+    await service.draw(ALICE, "low a cat")
+    assert service.store_healthy
+    # The answer arrives, the settle cannot be written: the service must say so.
+    original_settle = service.ledger.settle
+
+    async def settle_on_full_disk(*args: Any, **kwargs: Any) -> Any:
+        ledger.broken = True
+        return await original_settle(*args, **kwargs)
+
+    monkeypatch.setattr(service.ledger, "settle", settle_on_full_disk)
+    with pytest.raises(sqlite3.OperationalError):
+        await service.draw(ALICE, "low a dog")
+    assert not service.store_healthy and "disk is full" in service.store_problem
+    # Still failing: a probe keeps it unhealthy, and so does a refused reservation.
+    assert not await service.check_store()
+    with pytest.raises(sqlite3.OperationalError):
+        await service.draw(ALICE, "low a bird")
+    assert not service.store_healthy
+    # The disk is freed: a probe (the heartbeat's, with no job coming) turns it healthy.
+    ledger.broken = False
+    monkeypatch.setattr(service.ledger, "settle", original_settle)
+    assert await service.check_store()
+    assert service.store_healthy and service.store_problem == ""
+    # And a failure followed by a successful write recovers without a probe.
+    ledger.broken = True
+    with pytest.raises(sqlite3.OperationalError):
+        await service.draw(ALICE, "low a fish")
+    assert not service.store_healthy
+    ledger.broken = False
+    await service.draw(ALICE, "low a fox")
+    assert service.store_healthy
