@@ -20,6 +20,7 @@
         ├── UpstreamTimeout          no answer in time
         ├── UpstreamRejected         400 the API refused the request as asked
         └── UpstreamMalformed        an answer we cannot read
+            └── UpstreamCorruptImage a result image that does not decode fully (billed)
 
 Every error has a message key (`core.messages`) and parameters, so it can be shown in the
 user's language with `error.user_message(lang)`. `detail` is for logs only, and never holds
@@ -145,6 +146,10 @@ class UpstreamError(ImgbotError):
         self.status = status
         self.usage = usage
 
+    # Whether the upstream billed the call although it failed for us: then it is charged
+    # its usage, or the reservation when the answer gave none (see ImageService.charge_for).
+    billed = False
+
 
 class ContentPolicyError(UpstreamError):
     key = "upstream.moderation"
@@ -176,3 +181,14 @@ class UpstreamRejected(UpstreamError):
 
 class UpstreamMalformed(UpstreamError):
     key = "upstream.malformed"
+
+
+class UpstreamCorruptImage(UpstreamMalformed):
+    """A result image with a good header that does not fully decode (truncated, corrupt).
+
+    The upstream drew and billed it, so the job is charged; found before the job counts
+    as drawn, never at delivery.
+    """
+
+    key = "upstream.corrupt_image"
+    billed = True

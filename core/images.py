@@ -44,6 +44,7 @@ from core.errors import (
     ContentPolicyError,
     UpstreamAuthError,
     UpstreamBalanceError,
+    UpstreamCorruptImage,
     UpstreamError,
     UpstreamMalformed,
     UpstreamRateLimited,
@@ -585,6 +586,10 @@ class ImageClient:
                 )
             try:
                 images.append(await asyncio.to_thread(_decode_image, source))
+            except _CorruptImage as err:
+                raise UpstreamCorruptImage(
+                    detail=f"image {position}: {err}", usage=usage
+                ) from err
             except ValueError as err:
                 source = "base64" if raw is None else f"download from {_host(url)}"
                 key = "upstream.malformed" if raw is None else "upstream.download_failed"
@@ -833,8 +838,17 @@ class _AnswerReader:
         return len(chunk)
 
 
+class _CorruptImage(ValueError):
+    """A result image whose header reads but whose pixels do not (truncated, corrupt)."""
+
+
 def _decode_image(source: str | bytes | list[bytes]) -> GeneratedImage:
-    """Turn base64 (data: prefix or not), raw bytes or decoded pieces into a checked image."""
+    """Turn base64 (data: prefix or not), raw bytes or decoded pieces into a checked image.
+
+    The pixels are decoded in full (`load`), in the same worker-thread hop as the base64:
+    a header alone passes a file cut short, which then failed only at delivery, after the
+    job was settled as drawn.
+    """
     if isinstance(source, list):
         data = b"".join(source)  # large joins let go of the GIL while they copy
     elif isinstance(source, str):
@@ -851,7 +865,17 @@ def _decode_image(source: str | bytes | list[bytes]) -> GeneratedImage:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=tuple(_ANSWER_FORMATS)) as im:
-                return GeneratedImage(data, _ANSWER_FORMATS[im.format or ""], im.width, im.height)
+                image = GeneratedImage(data, _ANSWER_FORMATS[im.format or ""], im.width, im.height)
+                try:
+                    im.load()
+                except Exception as err:  # noqa: BLE001 - Pillow raises many kinds here
+                    raise _CorruptImage(
+                        f"{im.format} {im.width}x{im.height} does not decode "
+                        f"({len(data)} bytes): {type(err).__name__}: {err}"
+                    ) from err
+                return image
+    except _CorruptImage:
+        raise
     except Exception as err:  # noqa: BLE001 - anything Pillow cannot read is "not an image"
         raise ValueError(f"not a PNG/JPEG/WebP image ({len(data)} bytes)") from err
 

@@ -3,6 +3,12 @@
 Waiting jobs are served first come, first served, except that a job whose user already has
 `per_user` jobs running is passed over (it does not block the jobs behind it). A waiting
 job can be cancelled by its owner; shutting the queue down cancels every waiting job.
+
+`admit` checks the user's room and takes the place in one step, with no await between, so
+requests arriving together cannot all see the same empty queue; the caller then reserves
+(an await), names the ticket's job and waits with `acquire`, or gives the place back with
+`withdraw` if the reservation was refused. Within one process only: the store-backed queue
+(issue 13) has to make the same check atomic across processes.
 """
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ class Ticket:
     """One job's place in the queue."""
 
     user_key: str
-    job_id: int
+    # None while admitted and not yet reserved (see FairQueue.admit): not a job yet, so
+    # /cancel and shutdown leave it to its draw, which fails it once reserved.
+    job_id: int | None
     granted: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     moved: asyncio.Event = field(default_factory=asyncio.Event)
     cancel_reason: str | None = None
+    queued: bool = False  # in the queue already: waiting, or holding a slot
 
 
 class FairQueue:
@@ -63,14 +72,34 @@ class FairQueue:
         if mine >= self._max_waiting_per_user:
             raise QueueFull(waiting=mine)
 
+    def admit(self, user_key: str) -> Ticket:
+        """Check the user's room and take a place in the queue at once (no await between).
+
+        The ticket may be granted a slot at once; its holder must `acquire` it (after
+        setting `job_id`) or `withdraw` it.
+        """
+        self.check_room(user_key)
+        ticket = Ticket(user_key=user_key, job_id=None)
+        self._enqueue(ticket)
+        return ticket
+
+    def withdraw(self, ticket: Ticket) -> None:
+        """Give back an admitted ticket that will not run (its reservation was refused)."""
+        if ticket in self._waiting:
+            self._waiting.remove(ticket)
+            self._notify_moved()
+        elif ticket.granted.done() and not ticket.granted.cancelled():
+            if ticket.granted.exception() is None:  # also marks a cancellation as seen
+                self.release(ticket)
+
     async def acquire(
         self, ticket: Ticket, on_position: Callable[[int], Awaitable[None]] | None = None
     ) -> None:
         """Wait for a slot; report the queue position whenever it changes."""
-        if self._closed:
-            raise Cancelled("job.shutting_down")
-        self._waiting.append(ticket)
-        self._pump()
+        if not ticket.queued:
+            if self._closed:
+                raise Cancelled("job.shutting_down")
+            self._enqueue(ticket)
         last = 0
         try:
             while not ticket.granted.done():
@@ -95,6 +124,11 @@ class FairQueue:
                 self.release(ticket)
             raise
 
+    def _enqueue(self, ticket: Ticket) -> None:
+        ticket.queued = True
+        self._waiting.append(ticket)
+        self._pump()
+
     def release(self, ticket: Ticket) -> None:
         """Give a ticket's slot back and wake the next eligible job."""
         if self._running[ticket.user_key] > 0:
@@ -107,7 +141,9 @@ class FairQueue:
         """Cancel the user's waiting jobs (or one of them); return the cancelled job ids."""
         hit = [
             t for t in self._waiting
-            if t.user_key == user_key and (job_id is None or t.job_id == job_id)
+            if t.user_key == user_key
+            and t.job_id is not None
+            and (job_id is None or t.job_id == job_id)
         ]
         for t in hit:
             self._waiting.remove(t)
@@ -115,7 +151,7 @@ class FairQueue:
                 t.granted.set_exception(Cancelled("job.cancelled"))
         if hit:
             self._notify_moved()
-        return [t.job_id for t in hit]
+        return [t.job_id for t in hit if t.job_id is not None]
 
     def close(self) -> list[int]:
         """Stop taking jobs and cancel every waiting one; return their job ids."""
@@ -125,7 +161,7 @@ class FairQueue:
         for t in hit:
             if not t.granted.done():
                 t.granted.set_exception(Cancelled("job.shutting_down"))
-        return [t.job_id for t in hit]
+        return [t.job_id for t in hit if t.job_id is not None]
 
     def _pump(self) -> None:
         granted_any = False

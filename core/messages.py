@@ -259,6 +259,12 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "The image service sent an answer that could not be read.",
         "zh": "绘图服务返回的结果无法读取。",
     },
+    "upstream.corrupt_image": {
+        "en": "The image service sent a damaged image (cut short or corrupt), so there is "
+        "nothing to show. The service billed the call, so it is charged. Please try again.",
+        "zh": "绘图服务返回的图片已损坏（不完整或数据错误），无法显示。该服务已对此次调用计费，"
+        "因此本次照常扣费。请重试。",
+    },
     "upstream.no_image": {
         "en": "The image service answered without any image.",
         "zh": "绘图服务的回复里没有图片。",

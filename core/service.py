@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import TypeVar
 
 from core.config import Settings
 from core.errors import (
@@ -48,6 +49,8 @@ from core.types import (
 )
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 QUALITIES = ("low", "medium", "high")
 
@@ -126,6 +129,46 @@ class ImageService:
         self.directory = UserDirectory()
         # Jobs a dead process left behind, as resolved at start-up (see core.runtime).
         self.interrupted: tuple[JobRecord, ...] = ()
+        # False from a failed ledger write (disk full, read-only file, database gone) until
+        # the next write or `check_store` succeeds; the heartbeat reports it to health.
+        self.store_healthy = True
+        self.store_problem = ""
+
+    # --- the store's health --------------------------------------------------------
+    async def _write(self, call: Awaitable[_T]) -> _T:
+        """Await one ledger write, and record whether the store took it."""
+        try:
+            result = await call
+        except ImgbotError:
+            self._store_ok()  # a refusal the store made on purpose (limits, duplicate)
+            raise
+        except Exception as err:
+            self._store_failed(err)
+            raise
+        self._store_ok()
+        return result
+
+    def _store_ok(self) -> None:
+        if not self.store_healthy:
+            log.warning("the ledger takes writes again (%s)", self.ledger.describe())
+        self.store_healthy, self.store_problem = True, ""
+
+    def _store_failed(self, err: Exception) -> None:
+        problem = f"{type(err).__name__}: {err}"[:200]
+        if self.store_healthy:
+            log.error("the ledger cannot be written (%s): %s", self.ledger.describe(), problem)
+        self.store_healthy, self.store_problem = False, problem
+
+    async def check_store(self) -> bool:
+        """Probe whether the ledger takes writes, update `store_healthy`, and return it.
+
+        For the heartbeat: with no job coming, nothing else would notice the store is back.
+        """
+        try:
+            await self._write(self.ledger.check_writable())
+        except Exception:  # noqa: BLE001 - recorded in store_problem; health reports it
+            pass
+        return self.store_healthy
 
     # --- access --------------------------------------------------------------------
     def is_admin(self, requester: Requester) -> bool:
@@ -220,7 +263,30 @@ class ImageService:
             text, reference_sizes=[(r.width, r.height) for r in refs], force_tier=force_tier
         )
         self.rate.hit(requester.user_key)
-        self.queue.check_room(requester.user_key)
+        # The room check and the place in the queue in one step, before the reservation's
+        # await: checked first and queued after, requests arriving together all got in.
+        ticket = self.queue.admit(requester.user_key)
+        try:
+            job_id = await self._reserve(
+                requester, text, request, refs, estimate, references, source_ref, origin
+            )
+        except BaseException:
+            self.queue.withdraw(ticket)
+            raise
+        ticket.job_id = job_id
+        return await self._run(requester, request, refs, estimate, job_id, ticket, progress, lang)
+
+    async def _reserve(
+        self,
+        requester: Requester,
+        text: str,
+        request: ImageRequest,
+        refs: Sequence[ReferenceImage],
+        estimate: float,
+        references: Sequence[IncomingImage],
+        source_ref: str | None,
+        origin: Mapping[str, str] | None,
+    ) -> int:
         spec = JobSpec(
             command_text=text,
             model=request.model,
@@ -239,10 +305,21 @@ class ImageService:
             source_ref=source_ref,
         )
         try:
-            job_id = await self.ledger.reserve(requester, spec, estimate)
+            return await self._write(self.ledger.reserve(requester, spec, estimate))
         except LimitExceeded as err:
             raise self._with_suggestion(err, request, refs) from None
 
+    async def _run(
+        self,
+        requester: Requester,
+        request: ImageRequest,
+        refs: Sequence[ReferenceImage],
+        estimate: float,
+        job_id: int,
+        ticket: Ticket,
+        progress: ProgressCallback | None,
+        lang: str,
+    ) -> DrawOutcome:
         record = _Inflight(
             task=asyncio.current_task(),
             job_id=job_id,
@@ -251,7 +328,6 @@ class ImageService:
             estimate=estimate,
         )
         self._inflight[job_id] = record
-        ticket = Ticket(user_key=requester.user_key, job_id=job_id)
         started = self._clock()
         try:
             async def on_position(pos: int) -> None:
@@ -259,16 +335,19 @@ class ImageService:
                     await progress(Progress("queued", position=pos))
 
             try:
+                if self._closing:  # shut down while reserving: the drain did not see it
+                    self.queue.withdraw(ticket)
+                    raise Cancelled("job.shutting_down")
                 await self.queue.acquire(ticket, on_position)
             except Cancelled as err:
-                await self.ledger.fail(job_id, err.code)
+                await self._write(self.ledger.fail(job_id, err.code))
                 record.settled = True  # the handlers below must not settle it again
                 raise
             try:
                 if record.cancel.is_set():  # cancelled between its slot and its call
                     raise Cancelled("job.cancelled")
                 record.drawing = True
-                await self.ledger.mark_started(job_id)
+                await self._write(self.ledger.mark_started(job_id))
                 if progress is not None:
                     await progress(Progress("started"))
                 result = await self._draw_with_ticker(request, refs, progress, record, ticket)
@@ -277,11 +356,11 @@ class ImageService:
                     self.queue.release(ticket)
         except Cancelled:
             if not record.settled:  # else the background settlement owns the job
-                await self.ledger.fail(job_id, "cancelled")
+                await self._write(self.ledger.fail(job_id, "cancelled"))
             raise
         except UpstreamError as err:
-            credits, flag = self.charge_for(err.usage, request, estimate, billed=False)
-            await self.ledger.fail(job_id, err.code, credits, err.usage, flag=flag)
+            credits, flag = self.charge_for(err.usage, request, estimate, billed=err.billed)
+            await self._write(self.ledger.fail(job_id, err.code, credits, err.usage, flag=flag))
             charged = min(credits, estimate)
             self._log_job(requester, request, "failed", charged, self._clock() - started, err.code)
             raise
@@ -291,21 +370,21 @@ class ImageService:
             if record.settled:
                 pass  # a cancelled running job: its background settlement decides
             elif record.drawing:
-                await asyncio.shield(self.ledger.mark_unsettled(job_id))
+                await asyncio.shield(self._write(self.ledger.mark_unsettled(job_id)))
             else:
-                await asyncio.shield(self.ledger.fail(job_id, "cancelled"))
+                await asyncio.shield(self._write(self.ledger.fail(job_id, "cancelled")))
             raise
         except ImgbotError as err:
-            await self.ledger.fail(job_id, err.code)
+            await self._write(self.ledger.fail(job_id, err.code))
             raise
         except Exception:
-            await self.ledger.fail(job_id, "internal")
+            await self._write(self.ledger.fail(job_id, "internal"))
             raise
         finally:
             self._inflight.pop(job_id, None)
 
         reported, flag = self.charge_for(result.usage, request, estimate, billed=True)
-        await self.ledger.settle(job_id, reported, result.usage, flag=flag)
+        await self._write(self.ledger.settle(job_id, reported, result.usage, flag=flag))
         credits = min(reported, estimate)  # never above the reservation (the store agrees)
         elapsed = self._clock() - started
         self._log_job(requester, request, "succeeded", credits, elapsed, "")
@@ -395,17 +474,21 @@ class ImageService:
             try:
                 try:
                     result = await call
-                    usage = result.usage
+                    usage, billed = result.usage, False
                 except UpstreamError as err:
-                    usage = err.usage
+                    usage, billed = err.usage, err.billed
                 except asyncio.CancelledError:
                     # Shut down before the call ended: it may have billed, an admin decides.
-                    await asyncio.shield(self.ledger.mark_unsettled(record.job_id))
+                    await asyncio.shield(
+                        self._write(self.ledger.mark_unsettled(record.job_id))
+                    )
                     raise
                 except Exception:  # noqa: BLE001 - any other end is an unbilled failure
-                    usage = None
-                credits, flag = self.charge_for(usage, request, record.estimate, billed=False)
-                await self.ledger.fail(record.job_id, "cancelled", credits, usage, flag=flag)
+                    usage, billed = None, False
+                credits, flag = self.charge_for(usage, request, record.estimate, billed=billed)
+                await self._write(
+                    self.ledger.fail(record.job_id, "cancelled", credits, usage, flag=flag)
+                )
                 charged = min(credits, record.estimate)
                 self._log_job(record.requester, request, "cancelled", charged, 0.0, "cancelled")
             finally:
@@ -566,7 +649,7 @@ class ImageService:
 
     async def record_result_refs(self, job_id: int, refs: Sequence[str]) -> None:
         """Remember where a job's delivered files are on its platform (for "vary")."""
-        await self.ledger.set_result_refs(job_id, [r for r in refs if r])
+        await self._write(self.ledger.set_result_refs(job_id, [r for r in refs if r]))
 
     async def spend_report(self, requester: Requester) -> SpendReport:
         """Return the requester's spend against their limits, and their last jobs."""

@@ -25,7 +25,7 @@ Faults (`inject(name, times=1, **params)`, taken in order by the next API calls)
     status(status=…, code=…, message=…, type=…, param=…, headers={…}),
     slow(seconds=1), hang(seconds=30), drop, trickle(interval=0.05, chunk=16),
     truncated_json, truncated_body, invalid_json, empty_data, bad_base64, not_image,
-    url_404, url_too_large(size=4 MB), url_not_image, url_bad_scheme.
+    truncated (each image a valid header and only the first half of its bytes), url_404, url_too_large(size=4 MB), url_not_image, url_bad_scheme.
 """
 
 from __future__ import annotations
@@ -152,6 +152,7 @@ _ANSWER_FAULTS = frozenset(
         "hang",
         "drop",
         "trickle",
+        "truncated",
         "truncated_json",
         "truncated_body",
         "invalid_json",
@@ -721,6 +722,8 @@ class FakeImageAPI:
                 item["b64_json"] = "%%% this is not base64 %%%"
             elif fault == "not_image":
                 item["b64_json"] = base64.b64encode(b"hello, I am not an image").decode()
+            elif fault == "truncated":
+                item["b64_json"] = base64.b64encode(data[: len(data) // 2]).decode()
             elif fault == "url_404":
                 item["url"] = f"{self.base_url}/files/missing-{uuid.uuid4().hex}.{ext}"
             elif fault == "url_too_large":

@@ -37,6 +37,7 @@ FAULTS: dict[str, tuple[dict[str, Any], str, bool, int]] = {
     "invalid_json": ({}, "upstream.malformed", False, 1),
     "empty_data": ({}, "upstream.no_image", True, 1),
     "bad_base64": ({}, "upstream.malformed", True, 1),
+    "truncated": ({}, "upstream.corrupt_image", True, 1),
     "url_404": ({}, "upstream.download_failed", True, 1),
     "url_too_large": ({}, "upstream.download_failed", True, 1),
     "moderation_blocked": ({}, "upstream.moderation", False, 1),

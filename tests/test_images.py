@@ -20,6 +20,7 @@ from core.errors import (
     ContentPolicyError,
     UpstreamAuthError,
     UpstreamBalanceError,
+    UpstreamCorruptImage,
     UpstreamError,
     UpstreamMalformed,
     UpstreamRateLimited,
@@ -328,6 +329,7 @@ FAULTS: list[tuple[str, dict[str, Any], type[UpstreamError], str, int]] = [
     ("empty_data", {}, UpstreamMalformed, "upstream.no_image", 1),
     ("bad_base64", {}, UpstreamMalformed, "upstream.malformed", 1),
     ("not_image", {}, UpstreamMalformed, "upstream.malformed", 1),
+    ("truncated", {}, UpstreamCorruptImage, "upstream.corrupt_image", 1),
     ("url_404", {}, UpstreamMalformed, "upstream.download_failed", 1),
     ("url_too_large", {"size": 3_000_000}, UpstreamMalformed, "upstream.download_failed", 1),
     ("url_not_image", {}, UpstreamMalformed, "upstream.download_failed", 1),
@@ -371,7 +373,7 @@ async def test_each_fault_maps_to_its_error_and_message(
         message = err.user_message(lang)
         assert message and "{" not in message
     assert err.detail  # the raw story is kept for the log
-    if fault in ("empty_data", "bad_base64", "not_image") or fault.startswith("url_"):
+    if fault in ("empty_data", "bad_base64", "not_image", "truncated") or fault.startswith("url_"):
         # The answer said what it billed: the ledger can charge exactly.
         assert err.usage is not None and err.usage.image_output_tokens == 196  # 1024² low
     else:

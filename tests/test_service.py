@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,7 +18,9 @@ from core.errors import (
     Cancelled,
     LimitExceeded,
     PromptError,
+    QueueFull,
     RateLimited,
+    UpstreamCorruptImage,
     UpstreamMalformed,
     UpstreamUnavailable,
 )
@@ -26,7 +29,7 @@ from core.reports import render_balance, render_caption, render_help, render_siz
 from core.requester import Requester
 from core.service import ImageService, IncomingImage, Progress
 from core.store import JobStatus
-from tests.fake_api import FakeImageAPI
+from tests.fake_api import MISSING, FakeImageAPI
 
 ALICE = Requester("telegram", "1", "-100", "Alice", "en", is_group=True)
 BOB = Requester("telegram", "2", "-100", "Bob", "zh-hans", is_group=True)
@@ -369,3 +372,117 @@ async def test_chat_admin_power_ends_at_their_chat(service: ImageService) -> Non
     assert info.value.key == "access.own_chat_only"
     # Allowlists are not bypassed by managing a server.
     assert not service.is_admin(manager)
+
+
+async def test_queued_per_user_holds_for_requests_arriving_together(
+    make_service: Callable[..., Any], fake_api: FakeImageAPI
+) -> None:
+    # 20 requests from one user at once: the room check and the place in the queue used
+    # to be an await apart (the reservation), so every request saw an empty queue.
+    fake_api.delay = 0.3
+    async with make_service(max_jobs_per_user=1, max_queued_per_user=3) as service:
+        results = await asyncio.gather(
+            *(service.draw(ALICE, f"low cat {i}") for i in range(20)), return_exceptions=True
+        )
+        drawn = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, QueueFull)]
+        assert len(drawn) == 1 + 3 and len(refused) == 16, results
+        assert "waiting" in refused[0].user_message("en")
+        # Nothing reserved or charged for the refused ones.
+        report = await service.ledger.spend_report(ALICE.user_key, last=30)
+        assert len(report.last_jobs) == 4
+        assert report.today == pytest.approx(sum(o.credits for o in drawn))
+        assert len(fake_api.api_requests) == 4
+
+
+async def test_truncated_result_image_fails_before_drawn_and_is_charged_its_usage(
+    service: ImageService, fake_api: FakeImageAPI
+) -> None:
+    # A PNG cut in half has a good header: only a full decode finds it, and it must be
+    # found before the job counts as drawn, not at delivery.
+    fake_api.inject("truncated")
+    _, estimate = service.parse("low a cat")
+    with pytest.raises(UpstreamCorruptImage) as info:
+        await service.draw(ALICE, "low a cat")
+    err = info.value
+    assert err.key == "upstream.corrupt_image" and err.usage is not None
+    assert "damaged" in err.user_message("en") and err.user_message("zh") != err.user_message("en")
+    job = (await service.ledger.spend_report(ALICE.user_key)).last_jobs[0]
+    assert job.status == JobStatus.FAILED and job.error_code == "corrupt_image"
+    # The upstream billed it: charged what its usage says, never above the reservation.
+    charged = service.prices.credits(err.usage, "gpt-image-2")
+    assert job.actual_credits == pytest.approx(min(charged, estimate)) and charged > 0
+
+
+async def test_truncated_result_image_without_usage_is_charged_the_reservation(
+    service: ImageService, fake_api: FakeImageAPI
+) -> None:
+    fake_api.usage_rewrite = lambda usage: MISSING
+    fake_api.inject("truncated")
+    _, estimate = service.parse("low a cat")
+    with pytest.raises(UpstreamCorruptImage):
+        await service.draw(ALICE, "low a cat")
+    job = (await service.ledger.spend_report(ALICE.user_key)).last_jobs[0]
+    assert job.status == JobStatus.FAILED and job.error_code == "corrupt_image"
+    assert job.actual_credits == pytest.approx(estimate)
+    assert job.usage_flag == "usage_missing"
+
+
+class _UnwritableLedger:
+    """Makes the service's real SQLite ledger refuse every write while `broken` is set.
+
+    As root, chmod cannot make the file read-only, so the writes raise what SQLite raises
+    on a full disk; reads and, once repaired, writes go to the real ledger.
+    """
+
+    WRITES = ("reserve", "mark_started", "settle", "fail", "mark_unsettled", "check_writable")
+
+    def __init__(self, ledger: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.broken = False
+        for name in self.WRITES:
+            monkeypatch.setattr(ledger, name, self._guard(getattr(ledger, name)))
+
+    def _guard(self, real: Callable[..., Any]) -> Callable[..., Any]:
+        async def write(*args: Any, **kwargs: Any) -> Any:
+            if self.broken:
+                raise sqlite3.OperationalError("database or disk is full")
+            return await real(*args, **kwargs)
+
+        return write
+
+
+async def test_store_health_turns_false_while_writes_fail_and_recovers(
+    service: ImageService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = _UnwritableLedger(service.ledger, monkeypatch)
+    await service.draw(ALICE, "low a cat")
+    assert service.store_healthy
+    # The answer arrives, the settle cannot be written: the service must say so.
+    original_settle = service.ledger.settle
+
+    async def settle_on_full_disk(*args: Any, **kwargs: Any) -> Any:
+        ledger.broken = True
+        return await original_settle(*args, **kwargs)
+
+    monkeypatch.setattr(service.ledger, "settle", settle_on_full_disk)
+    with pytest.raises(sqlite3.OperationalError):
+        await service.draw(ALICE, "low a dog")
+    assert not service.store_healthy and "disk is full" in service.store_problem
+    # Still failing: a probe keeps it unhealthy, and so does a refused reservation.
+    assert not await service.check_store()
+    with pytest.raises(sqlite3.OperationalError):
+        await service.draw(ALICE, "low a bird")
+    assert not service.store_healthy
+    # The disk is freed: a probe (the heartbeat's, with no job coming) turns it healthy.
+    ledger.broken = False
+    monkeypatch.setattr(service.ledger, "settle", original_settle)
+    assert await service.check_store()
+    assert service.store_healthy and service.store_problem == ""
+    # And a failure followed by a successful write recovers without a probe.
+    ledger.broken = True
+    with pytest.raises(sqlite3.OperationalError):
+        await service.draw(ALICE, "low a fish")
+    assert not service.store_healthy
+    ledger.broken = False
+    await service.draw(ALICE, "low a fox")
+    assert service.store_healthy
