@@ -8,6 +8,7 @@ import getpass
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -27,6 +28,30 @@ from core.store import StoreError
 from core.types import IncomingImage, Progress
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+def check_output_folder(out: Path) -> str | None:
+    """Make sure `-o` is a folder the images can be saved in; return why not (None: ok).
+
+    Checked before anything is drawn or charged: a folder that exists or can be created,
+    and can be written. `-o` is always a folder: an existing file, or a name that looks
+    like an image file, is refused rather than drawn for and lost.
+    """
+    if out.exists() and not out.is_dir():
+        return f"-o {out}: this is a file, not a folder; -o names the folder the images are saved in"
+    if not out.exists() and out.suffix.lower() in IMAGE_SUFFIXES:
+        return (
+            f"-o {out}: looks like a file name; -o names the folder the images are saved in "
+            f"(they are named imgbot-<time>-<job>-<n>{out.suffix.lower()})"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        return f"-o {out}: cannot save images there ({err.strerror or err})"
+    return None
 
 
 def _cli_requester(settings: Settings) -> Requester:
@@ -82,7 +107,12 @@ async def _gen(settings: Settings, args: argparse.Namespace) -> int:
         except OSError as err:
             print(f"{p}: {err.strerror}", file=sys.stderr)
             return 2
-    reply = TerminalReply(Path(args.output), lang, sys.stderr.isatty())
+    out_dir = Path(args.output)
+    problem = await asyncio.to_thread(check_output_folder, out_dir)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 2
+    reply = TerminalReply(out_dir, lang, sys.stderr.isatty())
     async with open_service(settings) as service:
         reply.prices = service.prices
         ticker = asyncio.create_task(reply.tick()) if reply.tty else None

@@ -231,3 +231,56 @@ async def test_doctor_reports_each_check(tmp_path: Path, bot_apis: str) -> None:
         warnings = [line for line in lines if line.startswith("settings: WARN")]
         assert len(warnings) == 2 and all("ALLOWED_USERS" in w for w in warnings)
         assert "telegram:12345" in warnings[0] and "telegram:@ann" in warnings[1]
+
+
+def _charged(tmp_path: Path) -> list[tuple[str, float]]:
+    """Return every job's status and charge, straight from the ledger file."""
+    import sqlite3
+
+    db = tmp_path / "ledger.db"
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as conn:
+        return conn.execute(
+            "SELECT j.status, c.charged FROM jobs j JOIN job_charges c ON c.id = j.id"
+        ).fetchall()
+
+
+@pytest.mark.parametrize("name", ["cat.png", "notes.txt"])
+def test_gen_refuses_an_existing_file_as_output_before_drawing(tmp_path: Path, name: str) -> None:
+    # -o names a folder. An existing file there used to be drawn for, charged, and then the
+    # image was lost to a traceback; now it is refused before anything is drawn.
+    existing = tmp_path / name
+    existing.write_bytes(b"keep me")
+    with FakeImageAPI(key=TEST_KEY) as api:
+        proc = imgbot(tmp_path, "gen", "low a red fox", "-o", name, api=api)
+        calls = api.api_requests
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and name in proc.stderr and "folder" in proc.stderr
+    assert calls == [] and _charged(tmp_path) == []
+    assert existing.read_bytes() == b"keep me"
+
+
+def test_gen_refuses_an_image_file_name_as_output_folder(tmp_path: Path) -> None:
+    # `-o fox.png` would have made a folder called fox.png: refused, saying -o is a folder.
+    with FakeImageAPI(key=TEST_KEY) as api:
+        proc = imgbot(tmp_path, "gen", "low a red fox", "-o", "fox.png", api=api)
+        calls = api.api_requests
+    assert proc.returncode == 2 and "folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert calls == [] and not (tmp_path / "fox.png").exists()
+
+
+def test_gen_refuses_an_output_folder_it_cannot_create(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("a file")
+    with FakeImageAPI(key=TEST_KEY) as api:
+        proc = imgbot(tmp_path, "gen", "low a red fox", "-o", "plain/out", api=api)
+        calls = api.api_requests
+    assert proc.returncode == 2 and "plain/out" in proc.stderr and "Traceback" not in proc.stderr
+    assert calls == [] and _charged(tmp_path) == []
+
+
+def test_gen_creates_a_missing_output_folder(tmp_path: Path) -> None:
+    with FakeImageAPI(key=TEST_KEY) as api:
+        proc = imgbot(tmp_path, "gen", "low a red fox", "-o", "a/b/c", api=api)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "a" / "b" / "c").iterdir())) == 1
