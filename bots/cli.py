@@ -7,6 +7,7 @@ import asyncio
 import getpass
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -17,7 +18,7 @@ from typing import Any
 
 from bots.logs import setup_logging
 from core.config import Settings, SettingsError, load_settings
-from core.errors import ImgbotError, PromptError
+from core.errors import Cancelled, ImgbotError, PromptError
 from core.messages import language_of
 from core.pricing import PriceTable, estimate_credits, format_credits
 from core.prompt import PromptDefaults, parse_command
@@ -28,6 +29,8 @@ from core.store import StoreError
 from core.types import IncomingImage, Progress
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+CANCELLED_LINE = "cancelled (Ctrl-C): the image service had not answered; nothing was charged"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
 
@@ -115,6 +118,19 @@ async def _gen(settings: Settings, args: argparse.Namespace) -> int:
     reply = TerminalReply(out_dir, lang, sys.stderr.isatty())
     async with open_service(settings) as service:
         reply.prices = service.prices
+        interrupted = asyncio.Event()
+        service.client = StoppableClient(service.client, interrupted)
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
+
+        def on_sigint() -> None:
+            if interrupted.is_set() and main is not None:
+                main.cancel()  # a second Ctrl-C: stop now, whatever the ledger says
+                return
+            reply.interrupted = True
+            interrupted.set()
+
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
         ticker = asyncio.create_task(reply.tick()) if reply.tty else None
 
         async def references() -> list[IncomingImage]:
@@ -125,7 +141,47 @@ async def _gen(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             if ticker is not None:
                 ticker.cancel()
+            loop.remove_signal_handler(signal.SIGINT)
+    if reply.interrupted and not reply.saved:
+        if reply.exit_code != EXIT_INTERRUPTED:  # stopped before the job was even reserved
+            print(CANCELLED_LINE, file=sys.stderr)
+        return EXIT_INTERRUPTED
     return reply.exit_code
+
+
+class StoppableClient:
+    """The image client, with Ctrl-C: a call still waiting for its answer ends, cancelled.
+
+    The upstream never answered, so the job is released as failed (`cancelled`) and
+    nothing is charged; an answer that came first is kept, charged and saved as usual.
+    """
+
+    def __init__(self, client: Any, stop: asyncio.Event) -> None:
+        self._client = client
+        self._stop = stop
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def draw(self, request: Any, references: Sequence[Any] = ()) -> Any:
+        """Draw through the real client unless Ctrl-C comes first."""
+        if self._stop.is_set():
+            raise Cancelled("job.cancelled")
+        call = asyncio.ensure_future(self._client.draw(request, references))
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({call, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not call.done():
+                call.cancel()
+                try:
+                    await call
+                except BaseException:  # noqa: BLE001 - the abandoned call's end does not matter
+                    pass
+        if not call.cancelled():
+            return call.result()
+        raise Cancelled("job.cancelled")
 
 
 class TerminalReply:
@@ -137,6 +193,8 @@ class TerminalReply:
         self.tty = tty
         self.prices: PriceTable | None = None
         self.exit_code = 0
+        self.interrupted = False  # Ctrl-C was pressed
+        self.saved = False  # the images are on disk
         self._started = time.monotonic()
 
     async def tick(self) -> None:
@@ -166,6 +224,7 @@ class TerminalReply:
             path = self.out_dir / f"imgbot-{stamp}-{outcome.job_id}-{i}.{ext}"
             await asyncio.to_thread(path.write_bytes, image.data)
             print(f"{path}  {image.width}x{image.height}")
+        self.saved = True
         for notice in outcome.request.notices:
             print(notice.render(self.lang))
         assert self.prices is not None
@@ -177,6 +236,10 @@ class TerminalReply:
         """Print why nothing was drawn; exit 1 for an upstream failure, else 2."""
         if self.tty:
             sys.stderr.write("\r")
+        if self.interrupted and isinstance(error, Cancelled):
+            print(CANCELLED_LINE, file=sys.stderr)
+            self.exit_code = EXIT_INTERRUPTED
+            return
         if message:
             print(message, file=sys.stderr)
         if error is not None:
@@ -360,7 +423,12 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "parse":
         return cmd_parse(settings, args)
     if args.command == "gen":
-        return asyncio.run(_gen(settings, args))
+        try:
+            return asyncio.run(_gen(settings, args))
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            # Ctrl-C before the job was reserved, or a second Ctrl-C: no traceback.
+            print("cancelled (Ctrl-C)", file=sys.stderr)
+            return EXIT_INTERRUPTED
     if args.command == "usage":
         return asyncio.run(_usage(settings, args))
     if args.command == "admin":
