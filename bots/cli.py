@@ -142,10 +142,7 @@ async def _gen(settings: Settings, args: argparse.Namespace) -> int:
             if ticker is not None:
                 ticker.cancel()
             loop.remove_signal_handler(signal.SIGINT)
-    if reply.interrupted and not reply.saved:
-        if reply.exit_code != EXIT_INTERRUPTED:  # stopped before the job was even reserved
-            print(CANCELLED_LINE, file=sys.stderr)
-        return EXIT_INTERRUPTED
+    # 130 only when Ctrl-C cancelled the job; a result or a failure that came first stands.
     return reply.exit_code
 
 
@@ -194,7 +191,6 @@ class TerminalReply:
         self.prices: PriceTable | None = None
         self.exit_code = 0
         self.interrupted = False  # Ctrl-C was pressed
-        self.saved = False  # the images are on disk
         self._started = time.monotonic()
 
     async def tick(self) -> None:
@@ -224,7 +220,6 @@ class TerminalReply:
             path = self.out_dir / f"imgbot-{stamp}-{outcome.job_id}-{i}.{ext}"
             await asyncio.to_thread(path.write_bytes, image.data)
             print(f"{path}  {image.width}x{image.height}")
-        self.saved = True
         for notice in outcome.request.notices:
             print(notice.render(self.lang))
         assert self.prices is not None
