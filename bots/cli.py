@@ -7,7 +7,9 @@ import asyncio
 import getpass
 import json
 import os
+import signal
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -16,7 +18,7 @@ from typing import Any
 
 from bots.logs import setup_logging
 from core.config import Settings, SettingsError, load_settings
-from core.errors import ImgbotError, PromptError
+from core.errors import Cancelled, ImgbotError, PromptError
 from core.messages import language_of
 from core.pricing import PriceTable, estimate_credits, format_credits
 from core.prompt import PromptDefaults, parse_command
@@ -27,6 +29,32 @@ from core.store import StoreError
 from core.types import IncomingImage, Progress
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+CANCELLED_LINE = "cancelled (Ctrl-C): the image service had not answered; nothing was charged"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+def check_output_folder(out: Path) -> str | None:
+    """Make sure `-o` is a folder the images can be saved in; return why not (None: ok).
+
+    Checked before anything is drawn or charged: a folder that exists or can be created,
+    and can be written. `-o` is always a folder: an existing file, or a name that looks
+    like an image file, is refused rather than drawn for and lost.
+    """
+    if out.exists() and not out.is_dir():
+        return f"-o {out}: this is a file, not a folder; -o names the folder the images are saved in"
+    if not out.exists() and out.suffix.lower() in IMAGE_SUFFIXES:
+        return (
+            f"-o {out}: looks like a file name; -o names the folder the images are saved in "
+            f"(they are named imgbot-<time>-<job>-<n>{out.suffix.lower()})"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        return f"-o {out}: cannot save images there ({err.strerror or err})"
+    return None
 
 
 def _cli_requester(settings: Settings) -> Requester:
@@ -82,9 +110,27 @@ async def _gen(settings: Settings, args: argparse.Namespace) -> int:
         except OSError as err:
             print(f"{p}: {err.strerror}", file=sys.stderr)
             return 2
-    reply = TerminalReply(Path(args.output), lang, sys.stderr.isatty())
+    out_dir = Path(args.output)
+    problem = await asyncio.to_thread(check_output_folder, out_dir)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 2
+    reply = TerminalReply(out_dir, lang, sys.stderr.isatty())
     async with open_service(settings) as service:
         reply.prices = service.prices
+        interrupted = asyncio.Event()
+        service.client = StoppableClient(service.client, interrupted)
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
+
+        def on_sigint() -> None:
+            if interrupted.is_set() and main is not None:
+                main.cancel()  # a second Ctrl-C: stop now, whatever the ledger says
+                return
+            reply.interrupted = True
+            interrupted.set()
+
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
         ticker = asyncio.create_task(reply.tick()) if reply.tty else None
 
         async def references() -> list[IncomingImage]:
@@ -95,7 +141,44 @@ async def _gen(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             if ticker is not None:
                 ticker.cancel()
+            loop.remove_signal_handler(signal.SIGINT)
+    # 130 only when Ctrl-C cancelled the job; a result or a failure that came first stands.
     return reply.exit_code
+
+
+class StoppableClient:
+    """The image client, with Ctrl-C: a call still waiting for its answer ends, cancelled.
+
+    The upstream never answered, so the job is released as failed (`cancelled`) and
+    nothing is charged; an answer that came first is kept, charged and saved as usual.
+    """
+
+    def __init__(self, client: Any, stop: asyncio.Event) -> None:
+        self._client = client
+        self._stop = stop
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def draw(self, request: Any, references: Sequence[Any] = ()) -> Any:
+        """Draw through the real client unless Ctrl-C comes first."""
+        if self._stop.is_set():
+            raise Cancelled("job.cancelled")
+        call = asyncio.ensure_future(self._client.draw(request, references))
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({call, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not call.done():
+                call.cancel()
+                try:
+                    await call
+                except BaseException:  # noqa: BLE001 - the abandoned call's end does not matter
+                    pass
+        if not call.cancelled():
+            return call.result()
+        raise Cancelled("job.cancelled")
 
 
 class TerminalReply:
@@ -107,6 +190,7 @@ class TerminalReply:
         self.tty = tty
         self.prices: PriceTable | None = None
         self.exit_code = 0
+        self.interrupted = False  # Ctrl-C was pressed
         self._started = time.monotonic()
 
     async def tick(self) -> None:
@@ -147,6 +231,10 @@ class TerminalReply:
         """Print why nothing was drawn; exit 1 for an upstream failure, else 2."""
         if self.tty:
             sys.stderr.write("\r")
+        if self.interrupted and isinstance(error, Cancelled):
+            print(CANCELLED_LINE, file=sys.stderr)
+            self.exit_code = EXIT_INTERRUPTED
+            return
         if message:
             print(message, file=sys.stderr)
         if error is not None:
@@ -330,7 +418,12 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "parse":
         return cmd_parse(settings, args)
     if args.command == "gen":
-        return asyncio.run(_gen(settings, args))
+        try:
+            return asyncio.run(_gen(settings, args))
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            # Ctrl-C before the job was reserved, or a second Ctrl-C: no traceback.
+            print("cancelled (Ctrl-C)", file=sys.stderr)
+            return EXIT_INTERRUPTED
     if args.command == "usage":
         return asyncio.run(_usage(settings, args))
     if args.command == "admin":

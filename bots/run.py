@@ -61,6 +61,24 @@ Then run `imgbot doctor` to check everything, and `imgbot run` again."""
 
 
 RunFrontEnd = Callable[[Settings, ImageService, asyncio.Event], Awaitable[None]]
+# Why a front end could not run, in one line without secrets, and whether to try again.
+DescribeFailure = Callable[[BaseException, Settings], tuple[str, bool]]
+
+EXIT_FRONT_END_FAILED = 1
+RETRY_DELAY_CAP = 30.0
+# A front end that ran this long before failing counts as started: its retries start over.
+RAN_FOR = 60.0
+
+
+class FrontEndFailed(Exception):
+    """A front end could not start (or stopped by itself); `reason` is safe to log."""
+
+    def __init__(self, name: str, reason: str, attempts: int, *, had_run: bool = False) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason
+        self.attempts = attempts
+        self.had_run = had_run  # it ran a while before failing: it did start
 
 
 @dataclass(frozen=True)
@@ -71,10 +89,15 @@ class FrontEnd:
     enabled: Callable[[Settings], bool]
     module: str  # imported only when enabled: a front end's library loads only if used
     run: str
+    describe: str = "startup_failure"  # (exception, settings) -> (one line, transient?)
 
     def load(self) -> RunFrontEnd:
         """Import the front end and return its run function."""
         return cast(RunFrontEnd, getattr(importlib.import_module(self.module), self.run))
+
+    def load_describe(self) -> DescribeFailure:
+        """Import the front end and return how it words its failures."""
+        return cast(DescribeFailure, getattr(importlib.import_module(self.module), self.describe))
 
 
 # Every front end `imgbot run` can start, each a package under bots/ of the same shape.
@@ -103,14 +126,59 @@ def run_bots(settings: Settings) -> int:
         print("OPENAI_API_KEY is empty: set it in .env (see .env.example).", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(settings))
+        return asyncio.run(serve(settings))
     except KeyboardInterrupt:
-        pass
-    return 0
+        return 0
 
 
-async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run the bots until `stop` is set or a signal arrives; drain jobs; close cleanly."""
+async def supervise(
+    front: FrontEnd, settings: Settings, service: ImageService, stop: asyncio.Event
+) -> None:
+    """Run one front end until `stop`; retry it while its platform cannot be reached.
+
+    Raises FrontEndFailed when it cannot start (a refused token at once; an unreachable
+    platform after STARTUP_RETRIES retries, 1, 2, 4… s apart) or when it ends by itself.
+    """
+    run, describe = front.load(), front.load_describe()
+    retries = 0
+    while True:
+        began = time.monotonic()
+        try:
+            await run(settings, service, stop)
+        except Exception as exc:  # noqa: BLE001 - every end of a front end is judged here
+            if stop.is_set():
+                log.warning("%s stopped with an error while stopping: %r", front.name, exc)
+                return
+            reason, transient = describe(exc, settings)
+        else:
+            if stop.is_set():
+                return
+            reason, transient = "it stopped by itself", False
+        had_run = time.monotonic() - began > RAN_FOR
+        if had_run:
+            retries = 0  # it had been running: a new outage gets its retries afresh
+        if not transient or retries >= settings.startup_retries:
+            raise FrontEndFailed(front.name, reason, retries + 1, had_run=had_run)
+        delay = min(2.0**retries, RETRY_DELAY_CAP)
+        retries += 1
+        log.warning(
+            "%s: %s; retrying in %.0fs (retry %d of %d)",
+            front.name, reason, delay, retries, settings.startup_retries,
+        )
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+            return  # stopped while waiting to retry
+        except TimeoutError:
+            pass
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
+    """Run the bots until `stop` is set or a signal arrives; drain jobs; close cleanly.
+
+    Return the exit code: 0 after a stop asked for (a signal, `stop`), 1 when a front end
+    could not start or ended by itself. One front end failing stops them all: a bot half up
+    looks healthy to its supervisor while one platform is dead, so it exits for a restart.
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -121,12 +189,14 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     for warning in settings.id_warnings():
         log.warning("settings: %s (this entry matches nobody)", warning)
     async with open_service(settings) as service:
-        runners = [
-            (front.name, front.load()(settings, service, stop))
+        tasks = {
+            asyncio.create_task(supervise(front, settings, service, stop), name=front.name): (
+                front.name
+            )
             for front in FRONT_ENDS
             if front.enabled(settings)
-        ]
-        tasks = {asyncio.create_task(coro, name=name): name for name, coro in runners}
+        }
+        code = 0
         log.info("imgbot running: %s", ", ".join(tasks.values()))
         beat = asyncio.create_task(_beat(heartbeat_path(settings)))
         # Wake on the signal itself, not when a bot has finished draining: the service must
@@ -135,8 +205,17 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         try:
             done, _ = await asyncio.wait({*tasks, stopping}, return_when=asyncio.FIRST_COMPLETED)
             for task in done - {stopping}:
-                if task.exception() is not None and not stop.is_set():
-                    log.error("%s bot stopped: %r", tasks[task], task.exception())
+                failure = task.exception()
+                if isinstance(failure, FrontEndFailed):
+                    what = "stopped" if failure.had_run else "failed to start"
+                    tries = f" after {failure.attempts} attempts" if failure.attempts > 1 else ""
+                    log.error("%s front end %s%s: %s; stopping imgbot (exit 1)",
+                              failure.name, what, tries, failure.reason)
+                    code = EXIT_FRONT_END_FAILED
+                elif failure is not None:
+                    log.error("%s front end failed: %r; stopping imgbot (exit 1)",
+                              tasks[task], failure)
+                    code = EXIT_FRONT_END_FAILED
         finally:
             stopping.cancel()
             # One bot failing (or a signal) stops them all; each stops receiving first,
@@ -146,3 +225,4 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             await service.shutdown(settings.shutdown_grace)
             await asyncio.gather(*tasks, return_exceptions=True)
         log.info("imgbot stopped; %d job(s) still in flight", service.jobs_in_flight)
+    return code

@@ -158,6 +158,12 @@ class Settings(BaseSettings):
 
     # --- running ----------------------------------------------------------------------
     shutdown_grace: float = Field(60.0, ge=0, description="Seconds jobs may finish on shutdown")
+    startup_retries: int = Field(
+        5,
+        ge=0,
+        le=100,
+        description="Retries when a platform cannot be reached at start-up (1, 2, 4… s apart, at most 30)",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level"
     )

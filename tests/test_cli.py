@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -231,3 +232,107 @@ async def test_doctor_reports_each_check(tmp_path: Path, bot_apis: str) -> None:
         warnings = [line for line in lines if line.startswith("settings: WARN")]
         assert len(warnings) == 2 and all("ALLOWED_USERS" in w for w in warnings)
         assert "telegram:12345" in warnings[0] and "telegram:@ann" in warnings[1]
+
+
+def _charged(tmp_path: Path) -> list[tuple[str, float]]:
+    """Return every job's status and charge, straight from the ledger file."""
+    import sqlite3
+
+    db = tmp_path / "ledger.db"
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as conn:
+        return conn.execute(
+            "SELECT j.status, c.charged FROM jobs j JOIN job_charges c ON c.id = j.id"
+        ).fetchall()
+
+
+@pytest.mark.parametrize("name", ["cat.png", "notes.txt"])
+def test_gen_refuses_an_existing_file_as_output_before_drawing(tmp_path: Path, name: str) -> None:
+    # -o names a folder. An existing file there used to be drawn for, charged, and then the
+    # image was lost to a traceback; now it is refused before anything is drawn.
+    existing = tmp_path / name
+    existing.write_bytes(b"keep me")
+    with FakeImageAPI(key=TEST_KEY) as api:
+        proc = imgbot(tmp_path, "gen", "low a red fox", "-o", name, api=api)
+        calls = api.api_requests
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and name in proc.stderr and "folder" in proc.stderr
+    assert calls == [] and _charged(tmp_path) == []
+    assert existing.read_bytes() == b"keep me"
+
+
+def test_gen_refuses_an_image_file_name_as_output_folder(tmp_path: Path) -> None:
+    # `-o fox.png` would have made a folder called fox.png: refused, saying -o is a folder.
+    with FakeImageAPI(key=TEST_KEY) as api:
+        proc = imgbot(tmp_path, "gen", "low a red fox", "-o", "fox.png", api=api)
+        calls = api.api_requests
+    assert proc.returncode == 2 and "folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert calls == [] and not (tmp_path / "fox.png").exists()
+
+
+def test_gen_refuses_an_output_folder_it_cannot_create(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("a file")
+    with FakeImageAPI(key=TEST_KEY) as api:
+        proc = imgbot(tmp_path, "gen", "low a red fox", "-o", "plain/out", api=api)
+        calls = api.api_requests
+    assert proc.returncode == 2 and "plain/out" in proc.stderr and "Traceback" not in proc.stderr
+    assert calls == [] and _charged(tmp_path) == []
+
+
+def test_gen_creates_a_missing_output_folder(tmp_path: Path) -> None:
+    with FakeImageAPI(key=TEST_KEY) as api:
+        proc = imgbot(tmp_path, "gen", "low a red fox", "-o", "a/b/c", api=api)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "a" / "b" / "c").iterdir())) == 1
+
+
+def test_ctrl_c_during_gen_cancels_the_job_and_charges_nothing(tmp_path: Path) -> None:
+    # A real `imgbot gen` process waiting for a slow upstream gets SIGINT (Ctrl-C): it stops
+    # at once with a "cancelled" line and exit 130, and the ledger shows the job released
+    # (failed, cancelled) at 0: the upstream never answered. It used to be left unsettled.
+    import asyncio
+    import signal
+    import time
+
+    from core.store import Limits, open_store
+
+    async def first_job() -> Any:
+        ledger = await open_store(f"sqlite:///{tmp_path}/ledger.db", Limits())
+        try:
+            return await ledger.get_job(1)
+        finally:
+            await ledger.close()
+
+    with FakeImageAPI(key=TEST_KEY) as api:
+        api.inject("slow", seconds=30)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bots.cli", "gen", "low a slow fox", "-o", "out"],
+            cwd=tmp_path,
+            env={**_env(tmp_path, api), "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while not api.api_requests:  # the call is in flight: the upstream is "drawing"
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.05)
+            time.sleep(0.3)
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        took = time.monotonic() - sent
+    assert proc.returncode == 130, err
+    assert "cancelled" in err.lower() and "Traceback" not in err
+    assert took < 10  # it did not wait for the slow answer
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    job = asyncio.run(first_job())
+    assert job is not None and job.command_text == "low a slow fox"
+    assert (job.status, job.error_code) == ("failed", "cancelled")
+    assert job.charged == 0 and not job.actual_credits

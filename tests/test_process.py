@@ -483,3 +483,138 @@ def test_backup_refuses_to_overwrite_the_live_database(tmp_path: Path) -> None:
 async def _touch_ledger(path: Path) -> None:
     ledger = await open_ledger(path)
     await ledger.close()
+
+
+def _run_until_exit(tmp_path: Path, within: float, **settings: str) -> tuple[int, str]:
+    """Run `imgbot run` with these settings until it exits by itself; return (code, output)."""
+    env = {k: v for k, v in os.environ.items() if k.upper() not in SETTING_NAMES}
+    env.update(
+        {
+            "PYTHONPATH": str(ROOT),
+            "OPENAI_API_KEY": TEST_KEY,
+            "DATABASE_URL": f"sqlite:///{tmp_path}/data/imgbot.db",
+            "LOG_LEVEL": "INFO",
+            **settings,
+        }
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "bots.cli", "run"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=within,
+    )
+    return proc.returncode, proc.stdout.decode("utf-8", "replace")
+
+
+WRONG_TOKEN = "987654321:WRONGwrongWRONGwrongWRONGwrong12345"
+
+
+def test_run_exits_1_when_the_bot_api_refuses_the_token(
+    tmp_path: Path, servers: tuple[FakeBotApiServer, FakeImageAPI]
+) -> None:
+    # A token the Bot API refuses (401 on getMe) is fatal: exit 1 at once, so systemd's
+    # Restart=on-failure sees it; one line names the front end and why, never the token.
+    tg, images = servers
+    code, output = _run_until_exit(
+        tmp_path,
+        30,
+        TELEGRAM_BOT_TOKEN=WRONG_TOKEN,
+        TELEGRAM_API_BASE_URL=tg.base_url,
+        OPENAI_BASE_URL=images.base_url,
+    )
+    assert code == 1, output
+    [line] = [x for x in output.splitlines() if "failed to start" in x]
+    assert "telegram" in line and "TELEGRAM_BOT_TOKEN" in line and "refused" in line
+    assert "retrying" not in output  # a refused token is not retried
+    assert WRONG_TOKEN not in output and "Traceback" not in output
+    assert_no_secrets(output)
+
+
+def test_run_exits_1_when_telegram_stays_unreachable(
+    tmp_path: Path, servers: tuple[FakeBotApiServer, FakeImageAPI]
+) -> None:
+    # Nothing listens at the Bot API's address: retried STARTUP_RETRIES times, then exit 1.
+    _, images = servers
+    code, output = _run_until_exit(
+        tmp_path,
+        30,
+        TELEGRAM_BOT_TOKEN=TOKEN,
+        TELEGRAM_API_BASE_URL="http://127.0.0.1:9",
+        OPENAI_BASE_URL=images.base_url,
+        STARTUP_RETRIES="2",
+    )
+    assert code == 1, output
+    assert output.count("retrying in") == 2
+    [line] = [x for x in output.splitlines() if "failed to start" in x]
+    assert "telegram" in line and "unreachable" in line and "3 attempts" in line
+    assert "Traceback" not in output
+    assert_no_secrets(output)
+
+
+def test_run_comes_up_when_the_bot_api_answers_after_a_retry(
+    tmp_path: Path, servers: tuple[FakeBotApiServer, FakeImageAPI]
+) -> None:
+    # The Bot API is down at start-up and back before the retries run out: the bot runs,
+    # and a later SIGTERM is still a clean stop (exit 0).
+    import socket
+
+    _, images = servers
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    late = FakeBotApiServer(TOKEN)
+    env = {k: v for k, v in os.environ.items() if k.upper() not in SETTING_NAMES}
+    env.update(
+        {
+            "PYTHONPATH": str(ROOT),
+            "OPENAI_API_KEY": TEST_KEY,
+            "OPENAI_BASE_URL": images.base_url,
+            "DATABASE_URL": f"sqlite:///{tmp_path}/data/imgbot.db",
+            "TELEGRAM_BOT_TOKEN": TOKEN,
+            "TELEGRAM_API_BASE_URL": f"http://127.0.0.1:{port}",
+            "STARTUP_RETRIES": "5",
+            "LOG_LEVEL": "INFO",
+        }
+    )
+    log = tmp_path / "bot.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bots.cli", "run"],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    bot = BotProcess(proc, log)
+    try:
+        deadline = time.monotonic() + 20
+        while "retrying in" not in bot.output():
+            assert proc.poll() is None and time.monotonic() < deadline, bot.output()
+            time.sleep(0.05)
+        late.port = port  # type: ignore[attr-defined]
+        _start_on(late, port)
+        late.wait_for(lambda: late.of("deleteWebhook"), 20)
+        assert proc.poll() is None, bot.output()
+        assert bot.stop(signal.SIGTERM, within=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        late.stop()
+    assert "failed to start" not in bot.output()
+
+
+def _start_on(api: FakeBotApiServer, port: int) -> None:
+    """Start a fake Bot API on a given port (the one the bot was told, down until now)."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from tests.fake_botapi import _Handler
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
+    server.daemon_threads = True
+    server.api = api  # type: ignore[attr-defined]
+    api._server = server
+    api._thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+    )
+    api._thread.start()

@@ -167,6 +167,32 @@ async def sync_commands(bot: commands.Bot, settings: Settings) -> None:
             log.info("removed the global Discord commands (DISCORD_GUILD_IDS is set)")
 
 
+# Gateway close codes that no retry can fix (bad token, intents, shard or API version).
+_FATAL_CLOSE_CODES = frozenset({4004, 4010, 4011, 4012, 4013, 4014})
+
+
+def startup_failure(exc: BaseException, settings: Settings) -> tuple[str, bool]:
+    """Say in one line why the bot could not run (never the token); True: trying again may help."""
+    if isinstance(exc, discord.LoginFailure):
+        return (
+            "Discord refused DISCORD_BOT_TOKEN (401 Unauthorized): "
+            "copy the bot's token again from the developer portal",
+            False,
+        )
+    if isinstance(exc, discord.PrivilegedIntentsRequired):
+        return "Discord refused a privileged intent this bot asked for", False
+    if isinstance(exc, discord.ConnectionClosed):
+        return f"Discord closed the gateway (code {exc.code}: {exc.reason})", (
+            exc.code not in _FATAL_CLOSE_CODES
+        )
+    if isinstance(exc, discord.HTTPException):
+        transient = exc.status >= 500 or exc.status == 429
+        return f"Discord answered {exc.status} ({exc.text or exc.status})", transient
+    if isinstance(exc, aiohttp.ClientError | OSError | TimeoutError | discord.GatewayNotFound):
+        return f"Discord is unreachable ({type(exc).__name__}: {exc})", True
+    return f"{type(exc).__name__}: {exc}", False
+
+
 async def run_discord(settings: Settings, service: ImageService, stop: asyncio.Event) -> None:
     """Run the Discord bot until `stop` is set; raise if it cannot log in or connect."""
     bot = ImgBot(settings, service)

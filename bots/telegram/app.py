@@ -17,7 +17,15 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from telegram import BotCommand, BotCommandScopeChat, Update
-from telegram.error import TelegramError
+from telegram.error import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    InvalidToken,
+    NetworkError,
+    RetryAfter,
+    TelegramError,
+)
 from telegram.ext import Application, BaseRateLimiter
 from telegram.request import BaseRequest
 
@@ -145,10 +153,35 @@ async def run_telegram(
             # tell the users) and lets running ones finish; then our replies go out.
             if app.updater is not None and app.updater.running:
                 await app.updater.stop()
-            await service.shutdown(settings.shutdown_grace)
+            if stop.is_set():  # else it failed to start: `imgbot run` may try it again
+                await service.shutdown(settings.shutdown_grace)
             await adapter.drain(settings.shutdown_grace)
             if app.running:
                 await app.stop()
+
+
+def startup_failure(exc: BaseException, settings: Settings) -> tuple[str, bool]:
+    """Say in one line why the bot could not run (never the token); True: trying again may help."""
+    if isinstance(exc, InvalidToken):
+        return (
+            "the Bot API refused TELEGRAM_BOT_TOKEN (401 Unauthorized): "
+            "check the token @BotFather gave you",
+            False,
+        )
+    if isinstance(exc, BadRequest | Forbidden):
+        return f"the Bot API refused a start-up call: {exc.message}", False
+    if isinstance(exc, Conflict):
+        return f"another process is using this bot token ({exc.message})", True
+    if isinstance(exc, RetryAfter):
+        return f"the Bot API asked to wait ({exc.message})", True
+    if isinstance(exc, NetworkError):
+        return (
+            f"the Bot API at {settings.telegram_api_base_url} is unreachable ({exc.message})",
+            True,
+        )
+    if isinstance(exc, SettingsError):
+        return str(exc), False
+    return f"{type(exc).__name__}: {exc}", False
 
 
 async def _start_webhook(app: Application, settings: Settings) -> None:

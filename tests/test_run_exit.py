@@ -1,0 +1,76 @@
+"""`imgbot run`'s exit code when front ends fail: the policy of bots.run.serve, in process.
+
+The real processes (a refused Telegram token, an unreachable Bot API) are in
+tests/test_process.py; here two stand-in front ends show what happens to the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from bots import run as bots_run
+from bots.run import FrontEnd, serve
+from core.config import Settings
+from core.service import ImageService
+from tests.conftest import TEST_KEY
+
+seen: dict[str, object] = {}
+
+
+async def healthy(settings: Settings, service: ImageService, stop: asyncio.Event) -> None:
+    seen["healthy_started"] = True
+    await stop.wait()
+    seen["healthy_stopped_cleanly"] = True
+
+
+async def refused(settings: Settings, service: ImageService, stop: asyncio.Event) -> None:
+    await asyncio.sleep(0.05)
+    raise PermissionError("token refused")
+
+
+def describe(exc: BaseException, settings: Settings) -> tuple[str, bool]:
+    return f"refused ({exc})", False
+
+
+def _settings(tmp_path: Path) -> Settings:
+    return Settings(
+        _env_file=None,
+        openai_api_key=TEST_KEY,
+        openai_base_url="http://127.0.0.1:9",
+        database_url=f"sqlite:///{tmp_path}/ledger.db",
+        shutdown_grace=1,
+    )
+
+
+def _front(name: str, run: str) -> FrontEnd:
+    return FrontEnd(name, lambda s: True, __name__, run, "describe")
+
+
+async def test_one_front_end_failing_to_start_stops_the_others_and_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen.clear()
+    monkeypatch.setattr(
+        bots_run, "FRONT_ENDS", (_front("good", "healthy"), _front("bad", "refused"))
+    )
+    with caplog.at_level(logging.INFO, logger="bots.run"):
+        code = await asyncio.wait_for(serve(_settings(tmp_path), asyncio.Event()), 20)
+    assert code == 1
+    assert seen == {"healthy_started": True, "healthy_stopped_cleanly": True}
+    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert line.startswith("bad front end failed to start: refused (token refused)")
+
+
+async def test_a_stop_asked_for_exits_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen.clear()
+    monkeypatch.setattr(bots_run, "FRONT_ENDS", (_front("good", "healthy"),))
+    stop = asyncio.Event()
+    running = asyncio.create_task(serve(_settings(tmp_path), stop))
+    await asyncio.sleep(0.2)
+    stop.set()
+    assert await asyncio.wait_for(running, 20) == 0
+    assert seen["healthy_stopped_cleanly"] is True
