@@ -29,25 +29,47 @@ def heartbeat_path(settings: Settings) -> Path:
 
 
 def health(settings: Settings) -> int:
-    """Exit 0 when a running bot touched its heartbeat file recently (Docker HEALTHCHECK)."""
+    """Exit 0 when a running bot wrote its heartbeat recently and its ledger takes writes
+    (Docker HEALTHCHECK)."""
+    path = heartbeat_path(settings)
     try:
-        age = time.time() - heartbeat_path(settings).stat().st_mtime
+        age = time.time() - path.stat().st_mtime
+        state = path.read_text("utf-8", "replace").strip()
     except OSError:
         print("unhealthy: no heartbeat file (is `imgbot run` running?)", file=sys.stderr)
         return 1
     if age > HEARTBEAT_STALE:
         print(f"unhealthy: last heartbeat {age:.0f}s ago", file=sys.stderr)
         return 1
+    if state.startswith(STORE_DOWN):
+        problem = state.removeprefix(STORE_DOWN).strip()
+        print(f"unhealthy: the ledger cannot be written ({problem})", file=sys.stderr)
+        return 1
     print(f"healthy: last heartbeat {age:.0f}s ago")
     return 0
 
 
-async def _beat(path: Path) -> None:
+STORE_DOWN = "store:"
+
+
+async def _beat(path: Path, service: ImageService | None = None) -> None:
     # Beside a SQLite ledger the folder exists; with PostgreSQL it may not yet.
     await asyncio.to_thread(path.parent.mkdir, mode=0o700, parents=True, exist_ok=True)
     while True:
-        await asyncio.to_thread(path.touch)
+        state = "ok"
+        if service is not None:
+            if not service.store_healthy:
+                await service.check_store()  # notices recovery even with no jobs coming in
+            if not service.store_healthy:
+                state = f"{STORE_DOWN} {service.store_problem}"
+        try:
+            # On a full disk this write may fail too: the file then goes stale, which
+            # reads as unhealthy as well.
+            await asyncio.to_thread(path.write_text, state + "\n", "utf-8")
+        except OSError as err:
+            log.warning("could not write the heartbeat: %s", err)
         await asyncio.sleep(HEARTBEAT_EVERY)
+
 
 NO_TOKEN = """No bot token is set, so there is nothing to run.
 
@@ -198,7 +220,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         }
         code = 0
         log.info("imgbot running: %s", ", ".join(tasks.values()))
-        beat = asyncio.create_task(_beat(heartbeat_path(settings)))
+        beat = asyncio.create_task(_beat(heartbeat_path(settings), service))
         # Wake on the signal itself, not when a bot has finished draining: the service must
         # cancel waiting jobs at once, or they would start during the grace period.
         stopping = asyncio.create_task(stop.wait())

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from bots import run as bots_run
-from bots.run import FrontEnd, serve
+from bots.run import FrontEnd, heartbeat_path, serve
 from core.config import Settings
 from core.service import ImageService
 from tests.conftest import TEST_KEY
@@ -74,3 +75,37 @@ async def test_a_stop_asked_for_exits_0(tmp_path: Path, monkeypatch: pytest.Monk
     stop.set()
     assert await asyncio.wait_for(running, 20) == 0
     assert seen["healthy_stopped_cleanly"] is True
+
+
+async def test_health_is_unhealthy_while_the_ledger_cannot_be_written(
+    settings: Callable[..., Settings], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bots.run import _beat, health
+
+    config = settings(database_url=f"sqlite:///{tmp_path}/imgbot.db")
+
+    class Service:  # the two things the heartbeat reads of ImageService, and its probe
+        store_healthy = False
+        store_problem = "database or disk is full"
+        probes = 0
+
+        async def check_store(self) -> bool:
+            self.probes += 1
+            return self.store_healthy
+
+    service = Service()
+    beat = asyncio.create_task(_beat(heartbeat_path(config), service))  # type: ignore[arg-type]
+    try:
+        await asyncio.sleep(0.2)
+        assert await asyncio.to_thread(health, config) == 1
+        assert "ledger cannot be written (database or disk is full)" in capsys.readouterr().err
+        assert service.probes >= 1  # the heartbeat probes the store itself, jobs or not
+    finally:
+        beat.cancel()
+    service.store_healthy = True  # the disk was freed: the next beat says so
+    beat = asyncio.create_task(_beat(heartbeat_path(config), service))  # type: ignore[arg-type]
+    try:
+        await asyncio.sleep(0.2)
+        assert await asyncio.to_thread(health, config) == 0
+    finally:
+        beat.cancel()
