@@ -27,8 +27,10 @@ import logging
 import random
 import re
 import secrets
+import struct
 import time
 import warnings
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -845,9 +847,9 @@ class _CorruptImage(ValueError):
 def _decode_image(source: str | bytes | list[bytes]) -> GeneratedImage:
     """Turn base64 (data: prefix or not), raw bytes or decoded pieces into a checked image.
 
-    The pixels are decoded in full (`load`), in the same worker-thread hop as the base64:
-    a header alone passes a file cut short, which then failed only at delivery, after the
-    job was settled as drawn.
+    The whole image is checked (`_check_whole`), in the same worker-thread hop as the
+    base64: a header alone passes a file cut short, which then failed only at delivery,
+    after the job was settled as drawn.
     """
     if isinstance(source, list):
         data = b"".join(source)  # large joins let go of the GIL while they copy
@@ -867,7 +869,7 @@ def _decode_image(source: str | bytes | list[bytes]) -> GeneratedImage:
             with Image.open(io.BytesIO(data), formats=tuple(_ANSWER_FORMATS)) as im:
                 image = GeneratedImage(data, _ANSWER_FORMATS[im.format or ""], im.width, im.height)
                 try:
-                    im.load()
+                    _check_whole(im, data)
                 except Exception as err:  # noqa: BLE001 - Pillow raises many kinds here
                     raise _CorruptImage(
                         f"{im.format} {im.width}x{im.height} does not decode "
@@ -878,6 +880,42 @@ def _decode_image(source: str | bytes | list[bytes]) -> GeneratedImage:
         raise
     except Exception as err:  # noqa: BLE001 - anything Pillow cannot read is "not an image"
         raise ValueError(f"not a PNG/JPEG/WebP image ({len(data)} bytes)") from err
+
+
+def _check_whole(im: Image.Image, data: bytes) -> None:
+    """Prove every byte of an answer's image is there and sound, as cheaply as that can be.
+
+    PNG: every chunk is walked and its CRC checked, through IEND; a file cut short or
+    damaged anywhere fails, in ~3 ms for a 4K answer instead of the ~200 ms that inflating
+    25 MB of pixels takes. JPEG: the
+    whole entropy-coded stream is decoded at 1/8 scale (`draft`), which reads every byte
+    but builds 1/64 of the pixels. WebP: decoded in full (libwebp has no cheaper way).
+    """
+    if im.format == "PNG":
+        _png_whole(data)
+        return
+    if im.format == "JPEG":
+        im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+    im.load()
+
+
+def _png_whole(data: bytes) -> None:
+    """Walk a PNG's chunks from the signature to IEND, checking each one's length and CRC."""
+    view = memoryview(data)
+    pos, size = 8, len(data)
+    while True:
+        if pos + 12 > size:
+            raise OSError(f"PNG cut short at byte {pos} of {size}")
+        (length,) = struct.unpack_from(">I", data, pos)
+        end = pos + 8 + length
+        if end + 4 > size:
+            raise OSError(f"PNG chunk at byte {pos} runs past the end ({size} bytes)")
+        (crc,) = struct.unpack_from(">I", data, end)
+        if zlib.crc32(view[pos + 4 : end]) != crc:
+            raise OSError(f"PNG chunk at byte {pos} fails its CRC")
+        if view[pos + 4 : pos + 8] == b"IEND":
+            return
+        pos = end + 4
 
 
 def _b64decode(text: bytes) -> bytes:
