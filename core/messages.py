@@ -547,8 +547,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "“{word}”不是有效的 {platform} ID：{platform} 的 ID 是数字（如 telegram:123456）。也可用 @用户名，或回复其消息。",
     },
     "admin.id_not_name": {
-        "en": "“{word}” is not a terminal user name (letters, digits, _ . -).",
-        "zh": "“{word}”不是有效的终端用户名（字母、数字、_ . -）。",
+        "en": "“{word}” is not a {platform} user name (letters, digits, _ . -).",
+        "zh": "“{word}”不是有效的 {platform} 用户名（字母、数字、_ . -）。",
     },
     "admin.unknown_username": {
         "en": "I have not seen {name} yet, so I cannot tell who that is. Use their id (telegram:123456) or reply to one of their messages.",

@@ -231,3 +231,21 @@ async def test_doctor_reports_each_check(tmp_path: Path, bot_apis: str) -> None:
         warnings = [line for line in lines if line.startswith("settings: WARN")]
         assert len(warnings) == 2 and all("ALLOWED_USERS" in w for w in warnings)
         assert "telegram:12345" in warnings[0] and "telegram:@ann" in warnings[1]
+
+
+def test_keys_create_list_revoke(tmp_path: Path) -> None:
+    made = imgbot(tmp_path, "keys", "create", "web:alice", "--name", "laptop")
+    assert made.returncode == 0, made.stderr
+    plaintext = made.stdout.strip()
+    assert plaintext.startswith("ik-") and len(plaintext) == 46 and "shown once" in made.stderr
+    listed = imgbot(tmp_path, "keys", "list", "--user", "web:alice")
+    assert "#1" in listed.stdout and "laptop" in listed.stdout and "active" in listed.stdout
+    assert plaintext not in listed.stdout and plaintext[3:] not in listed.stdout
+    assert imgbot(tmp_path, "keys", "revoke", "1").returncode == 0
+    again = imgbot(tmp_path, "keys", "revoke", "1")
+    assert again.returncode == 1 and "no active key" in again.stderr
+    assert "revoked" in imgbot(tmp_path, "keys", "list").stdout
+    bad = imgbot(tmp_path, "keys", "create", "alice")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    bad = imgbot(tmp_path, "keys", "create", "web:al ice")
+    assert bad.returncode == 2 and "web user name" in bad.stderr
