@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from core.config import Settings
 from core.errors import (
     AccessDenied,
+    BadReferenceError,
     Cancelled,
     ImgbotError,
     JobNotFound,
@@ -27,7 +28,7 @@ from core.errors import (
     UpstreamError,
 )
 from core.ids import UserDirectory
-from core.images import ImageClient, prepare_references
+from core.images import ImageClient, prepare_mask, prepare_references
 from core.jobqueue import FairQueue, RateLimiter, Ticket
 from core.messages import language_of, text
 from core.pricing import PriceTable, estimate_credits, format_credits, usage_problem
@@ -195,8 +196,11 @@ class ImageService:
         force_tier: str | None = None,
         source_ref: str | None = None,
         origin: Mapping[str, str] | None = None,
+        mask: IncomingImage | None = None,
     ) -> DrawOutcome:
         """Run one /img command end to end and return what to show.
+
+        `mask` (an edit's, from the web API) applies to the first reference.
 
         `source_ref` names the platform message (or button press) the command came from;
         the ledger refuses a second job from the same one (`DuplicateJob`, silent).
@@ -216,6 +220,7 @@ class ImageService:
             [(r.data, r.filename) for r in references],
             max_bytes=self.settings.max_reference_bytes,
         )
+        mask_ref = await self._mask(mask, refs)
         request, estimate = self.parse(
             text, reference_sizes=[(r.width, r.height) for r in refs], force_tier=force_tier
         )
@@ -271,7 +276,9 @@ class ImageService:
                 await self.ledger.mark_started(job_id)
                 if progress is not None:
                     await progress(Progress("started"))
-                result = await self._draw_with_ticker(request, refs, progress, record, ticket)
+                result = await self._draw_with_ticker(
+                    request, refs, progress, record, ticket, mask_ref
+                )
             finally:
                 if not record.settled:
                     self.queue.release(ticket)
@@ -332,9 +339,11 @@ class ImageService:
         progress: ProgressCallback | None,
         record: _Inflight,
         ticket: Ticket,
+        mask: ReferenceImage | None = None,
     ) -> ImageResult:
         start = self._clock()
-        call = asyncio.ensure_future(self.client.draw(request, refs))
+        with_mask = {"mask": mask} if mask is not None else {}
+        call = asyncio.ensure_future(self.client.draw(request, refs, **with_mask))
         cancelled = asyncio.ensure_future(record.cancel.wait())
         try:
             while True:
@@ -360,6 +369,17 @@ class ImageService:
                     await call
                 except BaseException:  # noqa: BLE001 - the call's own outcome no longer matters
                     pass
+
+    async def _mask(
+        self, mask: IncomingImage | None, refs: Sequence[ReferenceImage]
+    ) -> ReferenceImage | None:
+        if mask is None:
+            return None
+        if not refs:
+            raise BadReferenceError("ref.mask_without_image")
+        return await prepare_mask(
+            mask.data, mask.filename, refs[0], max_bytes=self.settings.max_reference_bytes
+        )
 
     def charge_for(
         self, usage: Usage | None, request: ImageRequest, estimate: float, *, billed: bool
