@@ -592,6 +592,10 @@ class ImageService:
         """Return the requester's spend against their limits, and their last jobs."""
         return await self.ledger.spend_report(requester.user_key)
 
+    async def api_key_user(self, plaintext: str) -> str | None:
+        """Return the user key a personal API key draws as (None: unknown or revoked)."""
+        return await self.ledger.api_key_user(plaintext)
+
     async def notice_for_interrupted(self, job: JobRecord) -> str:
         """Word the notice about a job a dead process left, in its user's language."""
         user = await self.ledger.get_user(job.user_key)

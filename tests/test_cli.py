@@ -152,7 +152,7 @@ def test_admins_without_a_platform_stop_start_up(tmp_path: Path) -> None:
 
 
 def test_run_without_tokens_explains_itself(tmp_path: Path) -> None:
-    proc = imgbot(tmp_path, "run")
+    proc = imgbot(tmp_path, "run", WEB_PORT="0")
     assert proc.returncode == 2
     assert "TELEGRAM_BOT_TOKEN" in proc.stderr and ".env" in proc.stderr
 
@@ -249,3 +249,30 @@ def test_keys_create_list_revoke(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     bad = imgbot(tmp_path, "keys", "create", "web:al ice")
     assert bad.returncode == 2 and "web user name" in bad.stderr
+
+
+def test_run_without_tokens_starts_the_web_door_alone(tmp_path: Path) -> None:
+    import signal
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**_env(tmp_path, WEB_PORT=str(port)), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bots.cli", "run"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/v1" in line, (line, proc.stderr.read() if proc.poll() else "")
+        import httpx
+
+        answer = httpx.get(f"http://127.0.0.1:{port}/v1/models")
+        assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -104,6 +104,7 @@ def start(tmp_path: Path, servers: tuple[FakeBotApiServer, FakeImageAPI]) -> Ite
                 "PROGRESS_INTERVAL": "0.5",
                 "REQUEST_TIMEOUT": "60",
                 "LOG_LEVEL": "INFO",
+                "WEB_PORT": "0",
                 **settings,
             }
         )
