@@ -1,4 +1,4 @@
-"""The `imgbot` command: run, gen, parse, usage, admin, doctor, backup, db."""
+"""The `imgbot` command: run, gen, parse, usage, admin, keys, doctor, backup, db."""
 
 from __future__ import annotations
 
@@ -355,6 +355,44 @@ async def _db(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+async def _keys(settings: Settings, args: argparse.Namespace) -> int:
+    """Make, list and revoke personal API keys (a key is printed once, only when made)."""
+    from core.ids import key_problem
+    from core.store import Limits, open_store
+
+    lang = language_of(os.environ.get("LANG"))
+    for word in (getattr(args, "user", None),):
+        problem = key_problem(word) if word else None
+        if problem is not None:
+            print(problem.user_message(lang), file=sys.stderr)
+            return 2
+    ledger = await open_store(settings.store_url, Limits.from_settings(settings), pool_size=2)
+    try:
+        if args.action == "create":
+            key_id, plaintext = await ledger.create_api_key(args.user, args.name or "")
+            print(plaintext)
+            print(f"key #{key_id} for {args.user}: shown once, keep it safe "
+                  "(only its hash is stored)", file=sys.stderr)
+            return 0
+        if args.action == "list":
+            keys = await ledger.list_api_keys(args.user)
+            if not keys:
+                print("(no keys)")
+            for k in keys:
+                state = "active" if k.active else f"revoked {k.revoked_at:%Y-%m-%d %H:%M}"
+                used = f"{k.last_used_at:%Y-%m-%d %H:%M}" if k.last_used_at else "never"
+                print(f"#{k.id:<5} {k.user_key:<28} {k.name[:20]:<20} "
+                      f"made {k.created_at:%Y-%m-%d} used {used} {state}")
+            return 0
+        if await ledger.revoke_api_key(args.id):
+            print(f"key #{args.id} revoked")
+            return 0
+        print(f"no active key #{args.id}", file=sys.stderr)
+        return 1
+    finally:
+        await ledger.close()
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgbot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -392,6 +430,15 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("source", help="sqlite:///path or postgresql://… to copy from")
     c.add_argument("target", help="an empty ledger to copy into")
+    k = sub.add_parser("keys", help="personal API keys: create USER [--name N] | list | revoke ID")
+    ksub = k.add_subparsers(dest="action", required=True)
+    kc = ksub.add_parser("create", help="make a key for USER (telegram:42, web:alice); shown once")
+    kc.add_argument("user", help="platform:id of the ledger user the key draws as")
+    kc.add_argument("--name", default="", help="a label, e.g. the machine it is for")
+    kl = ksub.add_parser("list", help="list keys (never their plaintext)")
+    kl.add_argument("--user", help="platform:id")
+    kr = ksub.add_parser("revoke", help="revoke a key by its id (refused from the next request)")
+    kr.add_argument("id", type=int)
     return parser
 
 
@@ -438,6 +485,8 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         return health(settings)
     if args.command == "backup":
         return cmd_backup(settings, args)
+    if args.command == "keys":
+        return asyncio.run(_keys(settings, args))
     if args.command == "db":
         return asyncio.run(_db(settings, args))
     if args.command == "doctor":

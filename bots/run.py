@@ -1,4 +1,5 @@
-"""`imgbot run`: every bot whose token is set, in one event loop, sharing one service."""
+"""`imgbot run`: every bot whose token is set, and the web API, in one event loop, sharing one
+service."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ async def _beat(path: Path, service: ImageService | None = None) -> None:
         await asyncio.sleep(HEARTBEAT_EVERY)
 
 
-NO_TOKEN = """No bot token is set, so there is nothing to run.
+NO_TOKEN = """No bot token is set and the web API is off (WEB_PORT=0): nothing to run.
 
 Fill in at least one of these in .env (copy .env.example to .env first):
   TELEGRAM_BOT_TOKEN=123456:ABC…   from @BotFather in Telegram
@@ -136,6 +137,8 @@ FRONT_ENDS = (
         "bots.discord.app",
         "run_discord",
     ),
+    # The OpenAI-compatible API; on by default, so with no bot token it runs alone.
+    FrontEnd("web", lambda s: s.web_port > 0, "bots.web.app", "run_web"),
 )
 
 

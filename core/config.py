@@ -156,6 +156,18 @@ class Settings(BaseSettings):
         default_factory=list, description="Guild ids for fast command sync (empty = global)"
     )
 
+    # --- the web door (OpenAI-compatible API) ------------------------------------------
+    web_listen: str = Field("127.0.0.1", description="Address the web door (API) binds")
+    web_port: int = Field(
+        8080, ge=0, le=65535, description="Port of the web door (0 = off)"
+    )
+    web_public_url: str = Field(
+        "", description="Public root URL of the web door, for url results (empty = its address)"
+    )
+    web_max_body_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Largest request body the web door reads"
+    )
+
     # --- running ----------------------------------------------------------------------
     shutdown_grace: float = Field(60.0, ge=0, description="Seconds jobs may finish on shutdown")
     startup_retries: int = Field(

@@ -1,6 +1,7 @@
 """User and chat keys (`platform:id`): their form per platform, and usernames seen in chats.
 
-A key is `telegram:<number>` (chats are negative), `discord:<number>` or `cli:<name>`.
+A key is `telegram:<number>` (chats are negative), `discord:<number>`, `cli:<name>` or
+`web:<name>` (someone who uses only the web API, with a personal key).
 Admin commands and the `ADMINS` / `ALLOWED_*` settings take keys; anything else is an error
 with a message that says what was wrong, never a key that silently matches nobody.
 
@@ -18,7 +19,7 @@ NUMERIC = re.compile(r"-?[0-9]{1,20}")
 SNOWFLAKE = re.compile(r"[0-9]{1,20}")
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # What an id looks like on each platform.
-KEY_FORMS = {"telegram": NUMERIC, "discord": SNOWFLAKE, "cli": NAME}
+KEY_FORMS = {"telegram": NUMERIC, "discord": SNOWFLAKE, "cli": NAME, "web": NAME}
 # The terminal has no users or chats of its own to mean by a bare id.
 BARE_ID_PLATFORMS = ("telegram", "discord")
 USERNAME = re.compile(r"@([A-Za-z0-9_]{1,64})")
@@ -35,7 +36,7 @@ def key_problem(key: str) -> PromptError | None:
     if form is None:
         return PromptError("admin.id_unknown_platform", word=key, known=", ".join(KEY_FORMS))
     if not form.fullmatch(ident):
-        kind = "admin.id_not_name" if platform == "cli" else "admin.id_not_number"
+        kind = "admin.id_not_name" if form is NAME else "admin.id_not_number"
         return PromptError(kind, word=key, platform=platform)
     return None
 

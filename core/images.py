@@ -345,14 +345,20 @@ class ImageClient:
         return key
 
     async def draw(
-        self, request: ImageRequest, references: Sequence[ReferenceImage] = ()
+        self,
+        request: ImageRequest,
+        references: Sequence[ReferenceImage] = (),
+        mask: ReferenceImage | None = None,
     ) -> ImageResult:
-        """Draw the request (an edit when there are references) and return the images."""
+        """Draw the request (an edit when there are references) and return the images.
+
+        `mask` (checked by `prepare_mask`) applies to the first reference.
+        """
         started = time.monotonic()
         retries = self._settings.max_retries
         for attempt in range(retries + 1):
             try:
-                answer = await self._post(request, references)
+                answer = await self._post(request, references, mask)
                 break
             except _Retry as retry:
                 if attempt >= retries:
@@ -382,7 +388,12 @@ class ImageClient:
 
     # --- one attempt ------------------------------------------------------------------
 
-    async def _post(self, request: ImageRequest, references: Sequence[ReferenceImage]) -> _Answer:
+    async def _post(
+        self,
+        request: ImageRequest,
+        references: Sequence[ReferenceImage],
+        mask: ReferenceImage | None = None,
+    ) -> _Answer:
         settings = self._settings
         url = self._endpoint(bool(references))
         headers = {"Authorization": f"Bearer {self._key()}"}
@@ -392,6 +403,8 @@ class ImageClient:
                 "data": {k: str(v) for k, v in fields.items()},
                 "files": [("image[]", (r.filename, r.data, r.mime)) for r in references],
             }
+            if mask is not None:
+                send["files"].append(("mask", (mask.filename, mask.data, mask.mime)))
         else:
             send = {"json": fields}
         timeout = httpx.Timeout(settings.request_timeout, connect=settings.connect_timeout)
@@ -1019,3 +1032,37 @@ def _retry_after(headers: httpx.Headers) -> float | None:
 
 def _secs(value: float) -> str:
     return f"{value:g}"
+
+
+# --- masks (edits) -----------------------------------------------------------------------
+
+
+async def prepare_mask(
+    data: bytes, name: str | None, first: ReferenceImage, *, max_bytes: int
+) -> ReferenceImage:
+    """Check an edit's mask like a reference: an image, the first reference's size, as PNG
+    with an alpha channel (what the API wants; one without alpha is given an opaque one)."""
+    if len(data) > max_bytes:
+        raise BadReferenceError(
+            "ref.too_big", index="mask", size_mb=_mb(len(data)), limit_mb=_mb(max_bytes)
+        )
+    return await asyncio.to_thread(_check_mask, data, name, first, max_bytes)
+
+
+def _check_mask(data: bytes, name: str | None, first: ReferenceImage, max_bytes: int) -> ReferenceImage:
+    try:
+        ref = _check_reference(data, name or "mask.png", 0, max_bytes)
+    except BadReferenceError as err:
+        raise BadReferenceError("ref.mask_not_image", detail=err.detail) from err
+    if (ref.width, ref.height) != (first.width, first.height):
+        raise BadReferenceError(
+            "ref.mask_size",
+            size=f"{ref.width}x{ref.height}",
+            expected=f"{first.width}x{first.height}",
+        )
+    with Image.open(io.BytesIO(ref.data)) as im:
+        if im.format == "PNG" and im.mode in ("RGBA", "LA"):
+            return ReferenceImage(ref.data, "mask.png", "image/png", ref.width, ref.height)
+        out = io.BytesIO()
+        ImageOps.exif_transpose(im).convert("RGBA").save(out, format="PNG", compress_level=3)
+    return ReferenceImage(out.getvalue(), "mask.png", "image/png", ref.width, ref.height)

@@ -206,6 +206,19 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Reference image {index} could not be downloaded. Please send it again.",
         "zh": "第 {index} 张参考图下载失败，请重新发送。",
     },
+    "ref.mask_not_image": {
+        "en": "The mask is not an image I can read. Send a PNG with transparency where the "
+        "picture should change.",
+        "zh": "蒙版不是可识别的图片。请发送在需要修改处透明的 PNG。",
+    },
+    "ref.mask_size": {
+        "en": "The mask is {size}; it must be the size of the first image ({expected}).",
+        "zh": "蒙版尺寸为 {size}，必须与第一张图片相同（{expected}）。",
+    },
+    "ref.mask_without_image": {
+        "en": "A mask needs an image to apply to: send the image too.",
+        "zh": "蒙版需要配合图片使用：请同时发送图片。",
+    },
     "ref.invalid": {
         "en": "That reference image cannot be used.",
         "zh": "这张参考图无法使用。",
@@ -553,8 +566,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "“{word}”不是有效的 {platform} ID：{platform} 的 ID 是数字（如 telegram:123456）。也可用 @用户名，或回复其消息。",
     },
     "admin.id_not_name": {
-        "en": "“{word}” is not a terminal user name (letters, digits, _ . -).",
-        "zh": "“{word}”不是有效的终端用户名（字母、数字、_ . -）。",
+        "en": "“{word}” is not a {platform} user name (letters, digits, _ . -).",
+        "zh": "“{word}”不是有效的 {platform} 用户名（字母、数字、_ . -）。",
     },
     "admin.unknown_username": {
         "en": "I have not seen {name} yet, so I cannot tell who that is. Use their id (telegram:123456) or reply to one of their messages.",

@@ -83,6 +83,7 @@ class JobRunner:
         confirm: Confirm | None = None,
         source_ref: str | None = None,
         origin: Mapping[str, str] | None = None,
+        mask: IncomingImage | None = None,
     ) -> None:
         """Run one /img command for a front end and answer through its Reply.
 
@@ -104,13 +105,13 @@ class JobRunner:
 
                     async def resume(later: Reply) -> None:
                         await self._guarded(requester, later, self._draw_job(
-                            requester, wanted, refs, later, source_ref, origin
+                            requester, wanted, refs, later, source_ref, origin, mask
                         ))
 
                     await confirm(estimate, resume)
                     await reply.refusal(None)  # the question replaces the status
                     return
-            await self._draw_job(requester, wanted, refs, reply, source_ref, origin)
+            await self._draw_job(requester, wanted, refs, reply, source_ref, origin, mask)
 
         await self._guarded(requester, reply, job())
 
@@ -149,9 +150,16 @@ class JobRunner:
         reply: Reply,
         source_ref: str | None,
         origin: Mapping[str, str] | None,
+        mask: IncomingImage | None = None,
     ) -> None:
         outcome = await self.service.draw(
-            requester, command, refs, reply.progress, source_ref=source_ref, origin=origin
+            requester,
+            command,
+            refs,
+            reply.progress,
+            source_ref=source_ref,
+            origin=origin,
+            **({"mask": mask} if mask is not None else {}),
         )
         await self._deliver(outcome, reply)
 

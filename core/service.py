@@ -21,6 +21,7 @@ from typing import TypeVar
 from core.config import Settings
 from core.errors import (
     AccessDenied,
+    BadReferenceError,
     Cancelled,
     ImgbotError,
     JobNotFound,
@@ -28,7 +29,7 @@ from core.errors import (
     UpstreamError,
 )
 from core.ids import UserDirectory
-from core.images import ImageClient, prepare_references
+from core.images import ImageClient, prepare_mask, prepare_references
 from core.jobqueue import FairQueue, RateLimiter, Ticket
 from core.messages import language_of, text
 from core.pricing import PriceTable, estimate_credits, format_credits, usage_problem
@@ -238,8 +239,11 @@ class ImageService:
         force_tier: str | None = None,
         source_ref: str | None = None,
         origin: Mapping[str, str] | None = None,
+        mask: IncomingImage | None = None,
     ) -> DrawOutcome:
         """Run one /img command end to end and return what to show.
+
+        `mask` (an edit's, from the web API) applies to the first reference.
 
         `source_ref` names the platform message (or button press) the command came from;
         the ledger refuses a second job from the same one (`DuplicateJob`, silent).
@@ -259,6 +263,7 @@ class ImageService:
             [(r.data, r.filename) for r in references],
             max_bytes=self.settings.max_reference_bytes,
         )
+        mask_ref = await self._mask(mask, refs)
         request, estimate = self.parse(
             text, reference_sizes=[(r.width, r.height) for r in refs], force_tier=force_tier
         )
@@ -274,7 +279,9 @@ class ImageService:
             self.queue.withdraw(ticket)
             raise
         ticket.job_id = job_id
-        return await self._run(requester, request, refs, estimate, job_id, ticket, progress, lang)
+        return await self._run(
+            requester, request, refs, estimate, job_id, ticket, progress, lang, mask_ref
+        )
 
     async def _reserve(
         self,
@@ -319,6 +326,7 @@ class ImageService:
         ticket: Ticket,
         progress: ProgressCallback | None,
         lang: str,
+        mask_ref: ReferenceImage | None = None,
     ) -> DrawOutcome:
         record = _Inflight(
             task=asyncio.current_task(),
@@ -350,7 +358,9 @@ class ImageService:
                 await self._write(self.ledger.mark_started(job_id))
                 if progress is not None:
                     await progress(Progress("started"))
-                result = await self._draw_with_ticker(request, refs, progress, record, ticket)
+                result = await self._draw_with_ticker(
+                    request, refs, progress, record, ticket, mask_ref
+                )
             finally:
                 if not record.settled:
                     self.queue.release(ticket)
@@ -411,9 +421,11 @@ class ImageService:
         progress: ProgressCallback | None,
         record: _Inflight,
         ticket: Ticket,
+        mask: ReferenceImage | None = None,
     ) -> ImageResult:
         start = self._clock()
-        call = asyncio.ensure_future(self.client.draw(request, refs))
+        with_mask = {"mask": mask} if mask is not None else {}
+        call = asyncio.ensure_future(self.client.draw(request, refs, **with_mask))
         cancelled = asyncio.ensure_future(record.cancel.wait())
         try:
             while True:
@@ -439,6 +451,17 @@ class ImageService:
                     await call
                 except BaseException:  # noqa: BLE001 - the call's own outcome no longer matters
                     pass
+
+    async def _mask(
+        self, mask: IncomingImage | None, refs: Sequence[ReferenceImage]
+    ) -> ReferenceImage | None:
+        if mask is None:
+            return None
+        if not refs:
+            raise BadReferenceError("ref.mask_without_image")
+        return await prepare_mask(
+            mask.data, mask.filename, refs[0], max_bytes=self.settings.max_reference_bytes
+        )
 
     def charge_for(
         self, usage: Usage | None, request: ImageRequest, estimate: float, *, billed: bool
@@ -654,6 +677,10 @@ class ImageService:
     async def spend_report(self, requester: Requester) -> SpendReport:
         """Return the requester's spend against their limits, and their last jobs."""
         return await self.ledger.spend_report(requester.user_key)
+
+    async def api_key_user(self, plaintext: str) -> str | None:
+        """Return the user key a personal API key draws as (None: unknown or revoked)."""
+        return await self.ledger.api_key_user(plaintext)
 
     async def notice_for_interrupted(self, job: JobRecord) -> str:
         """Word the notice about a job a dead process left, in its user's language."""

@@ -538,7 +538,11 @@ class FakeImageAPI:
                     code="invalid_value",
                     param="response_format",
                 )
+        masks = [part for part in files if part.name == "mask"]
+        files = [part for part in files if part.name != "mask"]
         references = tuple(self._check_reference(i, part) for i, part in enumerate(files, 1))
+        if masks:
+            self._check_mask(masks, references)
         if "image" in fields or "image[]" in fields:
             raise _ApiError(
                 400, "'image' must be a file upload.", code="invalid_value", param="image"
@@ -603,6 +607,25 @@ class FakeImageAPI:
                 param="image",
             )
         return size
+
+    def _check_mask(self, masks: list[Part], refs: tuple[tuple[int, int], ...]) -> None:
+        # As the real API: one PNG with an alpha channel, the size of the first image.
+        try:
+            with Image.open(io.BytesIO(masks[0].data)) as im:
+                fmt, size, mode = im.format, im.size, im.mode
+        except Exception as err:  # noqa: BLE001 - whatever Pillow cannot read is refused
+            raise _ApiError(
+                400, "Invalid mask image.", code="invalid_image_file", param="mask"
+            ) from err
+        if len(masks) > 1 or not refs or fmt != "PNG" or mode not in ("RGBA", "LA"):
+            raise _ApiError(400, "Invalid mask image.", code="invalid_image_file", param="mask")
+        if size != refs[0]:
+            raise _ApiError(
+                400,
+                "Invalid mask: it must have the same dimensions as the image.",
+                code="invalid_value",
+                param="mask",
+            )
 
     def _size(self, model: str, size: str, refs: tuple[tuple[int, int], ...]) -> tuple[int, int]:
         bad = _ApiError(

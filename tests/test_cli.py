@@ -153,7 +153,7 @@ def test_admins_without_a_platform_stop_start_up(tmp_path: Path) -> None:
 
 
 def test_run_without_tokens_explains_itself(tmp_path: Path) -> None:
-    proc = imgbot(tmp_path, "run")
+    proc = imgbot(tmp_path, "run", WEB_PORT="0")
     assert proc.returncode == 2
     assert "TELEGRAM_BOT_TOKEN" in proc.stderr and ".env" in proc.stderr
 
@@ -336,3 +336,48 @@ def test_ctrl_c_during_gen_cancels_the_job_and_charges_nothing(tmp_path: Path) -
     assert job is not None and job.command_text == "low a slow fox"
     assert (job.status, job.error_code) == ("failed", "cancelled")
     assert job.charged == 0 and not job.actual_credits
+
+
+def test_keys_create_list_revoke(tmp_path: Path) -> None:
+    made = imgbot(tmp_path, "keys", "create", "web:alice", "--name", "laptop")
+    assert made.returncode == 0, made.stderr
+    plaintext = made.stdout.strip()
+    assert plaintext.startswith("ik-") and len(plaintext) == 46 and "shown once" in made.stderr
+    listed = imgbot(tmp_path, "keys", "list", "--user", "web:alice")
+    assert "#1" in listed.stdout and "laptop" in listed.stdout and "active" in listed.stdout
+    assert plaintext not in listed.stdout and plaintext[3:] not in listed.stdout
+    assert imgbot(tmp_path, "keys", "revoke", "1").returncode == 0
+    again = imgbot(tmp_path, "keys", "revoke", "1")
+    assert again.returncode == 1 and "no active key" in again.stderr
+    assert "revoked" in imgbot(tmp_path, "keys", "list").stdout
+    bad = imgbot(tmp_path, "keys", "create", "alice")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    bad = imgbot(tmp_path, "keys", "create", "web:al ice")
+    assert bad.returncode == 2 and "web user name" in bad.stderr
+
+
+def test_run_without_tokens_starts_the_web_door_alone(tmp_path: Path) -> None:
+    import signal
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**_env(tmp_path, WEB_PORT=str(port)), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bots.cli", "run"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/v1" in line, (line, proc.stderr.read() if proc.poll() else "")
+        import httpx
+
+        answer = httpx.get(f"http://127.0.0.1:{port}/v1/models")
+        assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -100,7 +100,7 @@ async def assert_totals_match_jobs(url: str) -> None:
 # --- opening ------------------------------------------------------------------------------
 
 
-async def test_migrations_create_version_5_and_a_second_open_changes_nothing(
+async def test_migrations_create_the_latest_version_and_a_second_open_changes_nothing(
     pg_url: str,  # noqa: F811
 ) -> None:
     # Three processes' worth of opens at once on an empty database: one migrates, the
@@ -108,10 +108,10 @@ async def test_migrations_create_version_5_and_a_second_open_changes_nothing(
     stores = await asyncio.gather(*(open_store(pg_url) for _ in range(3)))
     for store in stores:
         assert store.kind == "postgresql"
-        assert await store.schema_version() == LATEST_VERSION == 5
+        assert await store.schema_version() == LATEST_VERSION == 6
         await store.close()
     rows = await fetch(pg_url, "SELECT version, description FROM schema_version")
-    assert [version for version, _ in rows] == [4, 5]
+    assert [version for version, _ in rows] == [4, 5, 6]
     tables = {
         name
         for (name,) in await fetch(
@@ -121,9 +121,9 @@ async def test_migrations_create_version_5_and_a_second_open_changes_nothing(
     }
     assert {"users", "chats", "jobs", "spend_totals", "schema_version", "job_charges"} <= tables
     async with await open_store(pg_url) as store:
-        assert await store.schema_version() == 5
+        assert await store.schema_version() == LATEST_VERSION
         await store.check_writable()
-    assert len(await fetch(pg_url, "SELECT * FROM schema_version")) == 2
+    assert len(await fetch(pg_url, "SELECT * FROM schema_version")) == len(MIGRATIONS)
 
 
 async def test_a_newer_schema_is_refused(pg_url: str) -> None:  # noqa: F811
@@ -477,7 +477,7 @@ async def test_a_read_only_database_opens_but_is_not_writable(
         pg_server.dsn("postgres"), f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'
     )
     async with await open_store(url) as store:
-        assert await store.schema_version() == 5
+        assert await store.schema_version() == LATEST_VERSION
         with pytest.raises(StoreError, match="does not accept writes") as info:
             await store.check_writable()
         assert "DATABASE_URL" in str(info.value) and PASSWORD not in str(info.value)
@@ -797,7 +797,7 @@ async def test_a_version_4_database_is_upgraded_in_place(pg_url: str) -> None:  
     finally:
         await conn.close()
     async with await open_store(pg_url, user_daily=100) as store:
-        assert await store.schema_version() == 5
+        assert await store.schema_version() == LATEST_VERSION
         job = await store.get_job(old_job)
         assert job is not None and job.reported_credits is None and job.usage_flag is None
         # Usage above the estimate: charged the estimate, the rest kept and flagged.

@@ -104,6 +104,7 @@ def start(tmp_path: Path, servers: tuple[FakeBotApiServer, FakeImageAPI]) -> Ite
                 "PROGRESS_INTERVAL": "0.5",
                 "REQUEST_TIMEOUT": "60",
                 "LOG_LEVEL": "INFO",
+                "WEB_PORT": "0",
                 **settings,
             }
         )
@@ -494,6 +495,7 @@ def _run_until_exit(tmp_path: Path, within: float, **settings: str) -> tuple[int
             "OPENAI_API_KEY": TEST_KEY,
             "DATABASE_URL": f"sqlite:///{tmp_path}/data/imgbot.db",
             "LOG_LEVEL": "INFO",
+            "WEB_PORT": "0",  # the web door is on by default; these tests are about Telegram
             **settings,
         }
     )

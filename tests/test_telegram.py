@@ -794,7 +794,7 @@ async def test_admin_ids_are_checked_and_usernames_resolve_once_seen(tg: Harness
     assert said == msg("en", "admin.id_not_number", word="telegram:@user501", platform="telegram")
     said = await admin_says("/limit twitter:5 daily=1")
     assert said == msg(
-        "en", "admin.id_unknown_platform", word="twitter:5", known="telegram, discord, cli"
+        "en", "admin.id_unknown_platform", word="twitter:5", known="telegram, discord, cli, web"
     )
     # Once the bot has seen @user501, the name resolves to their id.
     user501 = {**Updates.user(501, "Five", "en"), "username": "User501"}

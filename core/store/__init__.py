@@ -9,6 +9,7 @@ returns a `Store`. Module map:
 - `export`    CSV export
 - `sqlite`, `sqlite_schema`       the embedded default, on aiosqlite
 - `postgres`, `postgres_schema`   PostgreSQL, on asyncpg
+- `keys`      personal API keys: their shape and hashing
 - `copy`      moving a whole ledger between stores (`imgbot db copy`)
 """
 
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from core.store.interface import SnapshotReader, Store, StoreError
+from core.store.keys import ApiKeyRecord
 from core.store.records import (
     ChatRecord,
     ChatTotal,
@@ -32,6 +34,7 @@ from core.store.records import (
 from core.store.url import StoreURL, parse_database_url
 
 __all__ = [
+    "ApiKeyRecord",
     "ChatRecord",
     "ChatTotal",
     "JobRecord",

@@ -28,6 +28,7 @@ from typing import Any, Self
 
 from core.pricing import Usage
 from core.requester import Requester
+from core.store.keys import ApiKeyRecord
 from core.store.records import (
     ChatRecord,
     ChatTotal,
@@ -244,6 +245,28 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def global_spent_today(self) -> float:
         """Return what the whole bot has spent (and reserved) today, UTC."""
+
+    # --- personal API keys (core/store/keys.py: shape, hashing) ------------------------
+
+    @abc.abstractmethod
+    async def create_api_key(self, user_key: str, name: str = "") -> tuple[int, str]:
+        """Make a key for a user; return its id and its plaintext (shown once, never kept)."""
+
+    @abc.abstractmethod
+    async def api_key_user(self, plaintext: str) -> str | None:
+        """Return the user_key of an active key, or None (unknown, malformed or revoked).
+
+        A revocation counts from the next call (no cache). `last_used_at` is written at
+        most once a minute per key and process (`keys.TOUCH_EVERY_S`), not per call.
+        """
+
+    @abc.abstractmethod
+    async def list_api_keys(self, user_key: str | None = None) -> list[ApiKeyRecord]:
+        """List the keys (of one user), oldest first, revoked ones included."""
+
+    @abc.abstractmethod
+    async def revoke_api_key(self, key_id: int) -> bool:
+        """Revoke a key; False when there is no such active key."""
 
     # --- copies -----------------------------------------------------------------------
 

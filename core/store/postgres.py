@@ -60,6 +60,14 @@ from core.pricing import Usage
 from core.requester import Requester
 from core.store.export import jobs_csv
 from core.store.interface import COPY_TABLES, SnapshotReader, Store, StoreError
+from core.store.keys import (
+    ApiKeyRecord,
+    api_key_from_mapping,
+    key_hash,
+    looks_like_key,
+    new_key,
+    throttle_of,
+)
 from core.store.postgres_schema import (
     SCOPE_ORDER,
     SchemaTooNew,
@@ -1452,6 +1460,78 @@ class PostgresStore(Store):
                 self._pool.release(conn)
         finally:
             self._leave()
+
+    # --- personal API keys (new methods only; see core/store/keys.py) ----------------------
+
+    async def create_api_key(self, user_key: str, name: str = "") -> tuple[int, str]:
+        """Make a key for a user; return its id and its plaintext (shown once, never kept)."""
+        split_key(user_key)
+        plaintext = new_key()
+        params = (key_hash(plaintext), user_key, name, self._now_iso())
+
+        async def write_on(conn: asyncpg.Connection) -> int:
+            return int(await conn.fetchval(
+                "INSERT INTO api_keys (key_hash, user_key, name, created_at)"
+                " VALUES ($1, $2, $3, $4) RETURNING id",
+                *params,
+            ))
+
+        return await self._write(write_on), plaintext
+
+    async def api_key_user(self, plaintext: str) -> str | None:
+        """Return the user_key of an active key, or None; touch last_used_at now and then."""
+        if not looks_like_key(plaintext):
+            return None
+        digest = key_hash(plaintext)
+
+        async def read(conn: asyncpg.Connection) -> asyncpg.Record | None:
+            return await conn.fetchrow(
+                "SELECT id, user_key FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+                digest,
+            )
+
+        row = await self._read(read)
+        if row is None:
+            return None
+        if throttle_of(self).due(int(row["id"])):
+            now = self._now_iso()
+
+            async def touch(conn: asyncpg.Connection) -> None:
+                await conn.execute(
+                    "UPDATE api_keys SET last_used_at = $1 WHERE id = $2", now, row["id"]
+                )
+
+            await self._write(touch)
+        return str(row["user_key"])
+
+    async def list_api_keys(self, user_key: str | None = None) -> list[ApiKeyRecord]:
+        """List the keys (of one user), oldest first, revoked ones included."""
+
+        async def read(conn: asyncpg.Connection) -> list[ApiKeyRecord]:
+            rows = await conn.fetch(
+                "SELECT * FROM api_keys WHERE ($1::text IS NULL OR user_key = $1) ORDER BY id",
+                user_key,
+            )
+            return [api_key_from_mapping(row) for row in rows]
+
+        return await self._read(read)
+
+    async def revoke_api_key(self, key_id: int) -> bool:
+        """Revoke a key; False when there is no such active key."""
+        if not is_row_id(key_id):
+            return False
+        now = self._now_iso()
+
+        async def write_on(conn: asyncpg.Connection) -> bool:
+            found = await conn.fetchval(
+                "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL"
+                " RETURNING id",
+                now,
+                key_id,
+            )
+            return found is not None
+
+        return await self._write(write_on)
 
     async def is_empty(self) -> bool:
         """Say whether the store holds no users, chats or jobs (a copy's target must be)."""

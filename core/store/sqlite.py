@@ -49,6 +49,14 @@ from core.pricing import Usage
 from core.requester import Requester
 from core.store.export import jobs_csv
 from core.store.interface import COPY_TABLES, SnapshotReader, Store, StoreError
+from core.store.keys import (
+    ApiKeyRecord,
+    api_key_from_mapping,
+    key_hash,
+    looks_like_key,
+    new_key,
+    throttle_of,
+)
 from core.store.records import (
     EPSILON,
     MICRO,
@@ -1101,6 +1109,53 @@ class SqliteStore(Store):
             (self._now_iso()[:10],),
         )
         return row[0] / MICRO if row is not None else 0.0
+
+    # --- personal API keys ---------------------------------------------------------------
+
+    async def create_api_key(self, user_key: str, name: str = "") -> tuple[int, str]:
+        """Make a key for a user; return its id and its plaintext (shown once, never kept)."""
+        split_key(user_key)
+        plaintext = new_key()
+        rows = await self._single(
+            "INSERT INTO api_keys (key_hash, user_key, name, created_at) VALUES (?, ?, ?, ?)"
+            " RETURNING id",
+            (key_hash(plaintext), user_key, name, self._now_iso()),
+        )
+        return int(rows[0][0]), plaintext
+
+    async def api_key_user(self, plaintext: str) -> str | None:
+        """Return the user_key of an active key, or None; touch last_used_at now and then."""
+        if not looks_like_key(plaintext):
+            return None
+        row = await self._read_one(
+            "SELECT id, user_key FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
+            (key_hash(plaintext),),
+        )
+        if row is None:
+            return None
+        if throttle_of(self).due(int(row[0])):
+            await self._single(
+                "UPDATE api_keys SET last_used_at = ? WHERE id = ?", (self._now_iso(), row[0])
+            )
+        return str(row[1])
+
+    async def list_api_keys(self, user_key: str | None = None) -> list[ApiKeyRecord]:
+        """List the keys (of one user), oldest first, revoked ones included."""
+        rows = await self._read_all(
+            "SELECT * FROM api_keys WHERE (? IS NULL OR user_key = ?) ORDER BY id",
+            (user_key, user_key),
+        )
+        return [api_key_from_mapping(row) for row in rows]
+
+    async def revoke_api_key(self, key_id: int) -> bool:
+        """Revoke a key; False when there is no such active key."""
+        if not is_row_id(key_id):
+            return False
+        rows = await self._single(
+            "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL RETURNING id",
+            (self._now_iso(), key_id),
+        )
+        return bool(rows)
 
     # --- copies -------------------------------------------------------------------------
 

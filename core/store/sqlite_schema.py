@@ -220,6 +220,24 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX jobs_flagged ON jobs (created_at) WHERE usage_flag IS NOT NULL",
         ),
     ),
+    Migration(
+        6,
+        "api_keys: personal keys for the web API, kept as hashes",
+        (
+            # Only the key's SHA-256 is kept (see core/store/keys.py). No reference to
+            # users: a key may be made for someone who has not drawn yet (web:alice).
+            """CREATE TABLE api_keys (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                key_hash TEXT NOT NULL UNIQUE,
+                user_key TEXT NOT NULL,
+                name TEXT NOT NULL DEFAULT '',
+                created_at TEXT NOT NULL,
+                revoked_at TEXT,
+                last_used_at TEXT
+            )""",
+            "CREATE INDEX api_keys_user ON api_keys (user_key, id)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -1,0 +1,85 @@
+"""Running the web door: uvicorn in the shared event loop, until the stop event."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+
+from bots.web.api import WebApi
+from core.config import Settings
+from core.service import ImageService
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: `imgbot run` owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def install_signal_handlers(self) -> None:  # older uvicorn
+        pass
+
+
+def address(settings: Settings) -> str:
+    """Return the API's root as a client should be pointed at it."""
+    root = settings.web_public_url.rstrip("/")
+    if not root:
+        host = settings.web_listen
+        host = f"[{host}]" if ":" in host else host
+        root = f"http://{host}:{settings.web_port}"
+    return f"{root}/v1"
+
+
+async def run_web(settings: Settings, service: ImageService, stop: asyncio.Event) -> None:
+    """Serve the API on WEB_LISTEN:WEB_PORT until stop; answer requests in flight first."""
+    config = uvicorn.Config(
+        WebApi(service).app(),
+        host=settings.web_listen,
+        port=settings.web_port,
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
+    )
+    server = _Server(config)
+    # Bound here, not by uvicorn (which exits the process when the port is taken): a busy
+    # port is an error of this front end, and the address is listening once we print it.
+    family = socket.AF_INET6 if ":" in settings.web_listen else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((settings.web_listen, settings.web_port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as err:
+        sock.close()
+        raise OSError(f"web door: cannot listen on {settings.web_listen}:{settings.web_port}"
+                      f" ({err.strerror}); set WEB_PORT (0 = off)") from err
+    serving = asyncio.create_task(server.serve(sockets=[sock]), name="web door")
+    where = address(settings)
+    log.info("web door (OpenAI-compatible API) at %s", where)
+    print(f"imgbot web API at {where} (personal keys: imgbot keys create USER)", flush=True)
+    try:
+        await asyncio.wait({serving, asyncio.create_task(stop.wait())},
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # Stop taking connections; requests in flight end as the service drains.
+        server.should_exit = True
+        await service.shutdown(settings.shutdown_grace)
+        await serving
+
+
+def startup_failure(exc: BaseException, settings: Settings) -> tuple[str, bool]:
+    """Say in one line why the web door could not run; True: trying again may help."""
+    if isinstance(exc, OSError) and str(exc).startswith("web door:"):
+        # A port in use may be freed by a process still stopping: worth a few retries.
+        return str(exc).removeprefix("web door: "), True
+    return f"{type(exc).__name__}: {exc}", False
