@@ -71,3 +71,13 @@ async def test_a_key_needs_a_platform_user_key(target: Target, clock: Clock) -> 
     async with await target.open(clock) as ledger:
         with pytest.raises(ValueError):
             await ledger.create_api_key("alice")
+
+
+async def test_a_ledger_holding_only_keys_is_not_an_empty_copy_target(
+    target: Target, clock: Clock
+) -> None:
+    # Copied key ids would collide with it halfway through a copy: refuse it up front.
+    async with await target.open(clock) as ledger:
+        assert await ledger.is_empty()
+        await ledger.create_api_key("web:alice")
+        assert not await ledger.is_empty()

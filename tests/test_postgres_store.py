@@ -487,7 +487,12 @@ async def test_a_read_only_database_opens_but_is_not_writable(
 
 
 async def fill(store: PostgresStore) -> None:
-    """Users, chats and jobs in every state, with overrides, flags and a source ref."""
+    """Users, chats and jobs in every state, with overrides, flags and a source ref; API keys,
+    one revoked and one for a user who has not drawn yet."""
+    await store.create_api_key("telegram:1", "laptop")
+    revoked, _ = await store.create_api_key("telegram:1", "old")
+    await store.revoke_api_key(revoked)
+    await store.create_api_key("web:alice")
     await store.set_user_limits("telegram:1", 500, None)
     await store.set_chat_limit("telegram:-5", 900)
     await store.set_language("telegram:2", "zh")
@@ -520,6 +525,9 @@ async def test_a_copy_between_two_databases_keeps_ids_and_totals(
         # Ids with a gap, as refused duplicates and rolled-back writes leave.
         await fetch(source_url, "SELECT setval(pg_get_serial_sequence('jobs', 'id'), 40)")
         await source.reserve(who("5"), SPEC, 1)
+        await fetch(source_url, "SELECT setval(pg_get_serial_sequence('api_keys', 'id'), 20)")
+        gap_key, plaintext = await source.create_api_key("web:bob", "after a gap")
+        assert gap_key == 21
         assert await target.is_empty()
         async with source.snapshot() as reader:
             counts = await reader.counts()
@@ -530,7 +538,12 @@ async def test_a_copy_between_two_databases_keeps_ids_and_totals(
                     await target.load_rows(table, page)
         assert not await target.is_empty()
         async with target.snapshot() as reader:
-            assert await reader.counts() == counts == {"users": 6, "chats": 3, "jobs": 9}
+            assert await reader.counts() == counts == {
+                "users": 6,
+                "api_keys": 4,
+                "chats": 3,
+                "jobs": 9,
+            }
             assert await reader.user_totals() == user_totals
         for table, key in COPY_TABLES:
             query = f"SELECT * FROM {table} ORDER BY {key}"  # noqa: S608 - fixed names
@@ -542,6 +555,11 @@ async def test_a_copy_between_two_databases_keeps_ids_and_totals(
             assert await target.get_job(job_id) == await source.get_job(job_id)
         # New jobs in the copy get ids above every copied one.
         assert await target.reserve(who("1"), SPEC, 1) == 42
+        # Keys still open their accounts, a revoked one stays shut, new keys come after.
+        assert await target.list_api_keys() == await source.list_api_keys()
+        assert await target.api_key_user(plaintext) == "web:bob"
+        assert [k.active for k in await target.list_api_keys("telegram:1")] == [True, False]
+        assert (await target.create_api_key("web:bob"))[0] == 22
         flagged = {(j.usage_flag, j.reported_credits) for j in await target.flagged_jobs(START)}
         assert flagged == {("over_estimate", 12.5), ("usage_invalid", None)}
         assert await target.is_blocked("telegram:666", None)
@@ -622,11 +640,13 @@ def test_the_copy_statements_list_the_copied_columns_in_order() -> None:
 
     for table, page, load in (
         ("users", postgres._PAGE_USERS, postgres._LOAD_USERS),
+        ("api_keys", postgres._PAGE_API_KEYS, postgres._LOAD_API_KEYS),
         ("chats", postgres._PAGE_CHATS, postgres._LOAD_CHATS),
         ("jobs", postgres._PAGE_JOBS, postgres._LOAD_JOBS),
     ):
         names = [name for name, _ in postgres._COPY_COLUMNS[table]]
         assert columns(page) == names == columns(load), table
+    assert list(postgres._COPY_COLUMNS) == [table for table, _ in COPY_TABLES]
 
 
 async def test_rows_carry_every_column_but_the_generated_ones(pg_url: str) -> None:  # noqa: F811

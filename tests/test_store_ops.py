@@ -72,8 +72,37 @@ async def summary(store: Store) -> tuple[dict[str, int], dict[str, float], list[
         await store.get_chat("telegram:-1"),
         await store.is_blocked("telegram:6", None),
         [j.id for j in await store.list_unsettled()],
+        await store.list_api_keys(),
     ]
     return counts, totals, extras
+
+
+async def make_keys(store: Store) -> tuple[str, str]:
+    """Three personal keys, the middle one revoked; return the live and the revoked key."""
+    await store.create_api_key("telegram:1", "laptop")
+    revoked_id, revoked = await store.create_api_key("telegram:1", "old")
+    _, live = await store.create_api_key("web:alice", "script")
+    assert await store.revoke_api_key(revoked_id)
+    return live, revoked
+
+
+async def assert_keys_work(url: str, live: str, revoked: str) -> None:
+    """The copied keys open what they did, and a new key gets an id above the copied ones."""
+    store = await open_store(url, Limits())
+    try:
+        assert await store.api_key_user(live) == "web:alice"
+        assert await store.api_key_user(revoked) is None
+        keys = await store.list_api_keys()
+        assert [(k.user_key, k.name, k.active) for k in keys][:3] == [
+            ("telegram:1", "laptop", True),
+            ("telegram:1", "old", False),
+            ("web:alice", "script", True),
+        ]
+        new_id, new = await store.create_api_key("web:new")
+        assert new_id > max(k.id for k in keys)
+        assert await store.api_key_user(new) == "web:new"
+    finally:
+        await store.close()
 
 
 # --- backups ---------------------------------------------------------------------------------
@@ -126,6 +155,7 @@ async def test_a_postgresql_backup_is_one_consistent_sqlite_file_that_restores(
     stop = asyncio.Event()
     try:
         await fill(store, 60)
+        live, revoked = await make_keys(store)
 
         async def writer() -> int:
             written = 0
@@ -159,6 +189,7 @@ async def test_a_postgresql_backup_is_one_consistent_sqlite_file_that_restores(
     with sqlite3.connect(backup) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         jobs = db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+        assert db.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0] == 3
     assert 60 <= jobs <= 60 + written
     # Restore it into a fresh PostgreSQL database: the same ledger as the snapshot.
     restored_url = pg_server.create_database()
@@ -172,6 +203,7 @@ async def test_a_postgresql_backup_is_one_consistent_sqlite_file_that_restores(
     finally:
         await snapshot.close()
         await restored.close()
+    await assert_keys_work(restored_url, live, revoked)
 
 
 # --- db copy ---------------------------------------------------------------------------------
@@ -183,6 +215,7 @@ async def test_db_copy_moves_a_busy_sqlite_ledger_to_postgresql_and_back(
     live = tmp_path / "data" / "imgbot.db"
     store = await open_store(f"sqlite:///{live}", Limits(user_daily=10**9))
     await fill(store, 300)
+    key, revoked = await make_keys(store)
     stop = asyncio.Event()
 
     async def writer() -> None:
@@ -206,6 +239,7 @@ async def test_db_copy_moves_a_busy_sqlite_ledger_to_postgresql_and_back(
         await store.close()
     assert process.returncode == 0, err.decode()
     assert "row counts and" in out.decode() and "match" in out.decode()
+    assert " 3 api_keys," in out.decode()
     assert PASSWORD not in out.decode() + err.decode()
     copied = await open_store(target, Limits())
     try:
@@ -219,6 +253,7 @@ async def test_db_copy_moves_a_busy_sqlite_ledger_to_postgresql_and_back(
         await copied.fail(new, "cancelled")
     finally:
         await copied.close()
+    await assert_keys_work(target, key, revoked)
     # ...and back into a new SQLite file: the same ledger again.
     back = tmp_path / "back" / "imgbot.db"
     done = imgbot("db", "copy", target, f"sqlite:///{back}", cwd=tmp_path)
@@ -230,6 +265,8 @@ async def test_db_copy_moves_a_busy_sqlite_ledger_to_postgresql_and_back(
     finally:
         await a.close()
         await b.close()
+    # Four keys now (one made in PostgreSQL); SQLite's AUTOINCREMENT counter followed them.
+    await assert_keys_work(f"sqlite:///{back}", key, revoked)
     # A target that already holds a ledger is refused, and left as it was.
     done = imgbot("db", "copy", f"sqlite:///{live}", f"sqlite:///{back}", cwd=tmp_path)
     assert done.returncode == 2 and "empty" in done.stderr and "Traceback" not in done.stderr

@@ -1,9 +1,11 @@
 """Moving a whole ledger from one store to another (`imgbot db copy`, PostgreSQL backups).
 
 The source is read from one consistent snapshot while its bot may go on writing; the target
-must be empty. Rows keep their ids (job ids live on in buttons and admin commands); the
-target's own triggers rebuild the running totals. Afterwards the row counts and every
-user's total are compared between the snapshot and the target, and the report says so.
+must be empty. Rows keep their ids (job ids live on in buttons and admin commands, key ids
+in `imgbot keys revoke`); personal API keys move as their hashes, so every key still works
+and stays revoked if it was. The target's own triggers rebuild the running totals.
+Afterwards the row counts (users, API keys, chats, jobs) and every user's total are
+compared between the snapshot and the target, and the report says so.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class CopyReport:
 
 
 async def copy_store(source: Store, target: Store, *, batch: int = 1000) -> CopyReport:
-    """Copy every user, chat and job of `source` into the empty `target`, then verify."""
+    """Copy every user, API key, chat and job of `source` into the empty `target`, then verify."""
     if not await target.is_empty():
         raise StoreError(f"{target.describe()} already holds a ledger; copy only into an empty one")
     async with source.snapshot() as reader:

@@ -42,8 +42,11 @@ from core.store.records import (
 
 # The tables a ledger copy moves, in the order that keeps references valid, with the
 # column each is paged by. `spend_totals` is not copied: the target rebuilds it.
+# `api_keys` (hashes only) must travel too, or a copy or a restored backup silently
+# locks every web API user out.
 COPY_TABLES: tuple[tuple[str, str], ...] = (
     ("users", "user_key"),
+    ("api_keys", "id"),
     ("chats", "chat_key"),
     ("jobs", "id"),
 )
@@ -276,7 +279,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def is_empty(self) -> bool:
-        """Say whether the store holds no users, chats or jobs (a copy's target must be)."""
+        """Say whether the store holds no users, API keys, chats or jobs (a copy's target must)."""
 
     @abc.abstractmethod
     async def load_rows(self, table: str, rows: Sequence[dict[str, Any]]) -> None:

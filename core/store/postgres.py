@@ -258,18 +258,23 @@ _SCHEMA_VERSION = "SELECT MAX(version) FROM schema_version"
 # Fails on a read-only standby or a read-only default transaction; rolled back at once.
 _TOUCH = ("UPDATE schema_version SET version = version WHERE false", "SELECT txid_current()")
 _IS_EMPTY = (
-    "SELECT NOT EXISTS (SELECT 1 FROM users) AND NOT EXISTS (SELECT 1 FROM chats)"
-    " AND NOT EXISTS (SELECT 1 FROM jobs)"
+    "SELECT NOT EXISTS (SELECT 1 FROM users) AND NOT EXISTS (SELECT 1 FROM api_keys)"
+    " AND NOT EXISTS (SELECT 1 FROM chats) AND NOT EXISTS (SELECT 1 FROM jobs)"
 )
 _COUNTS = (
-    "SELECT (SELECT count(*) FROM users) AS users, (SELECT count(*) FROM chats) AS chats,"
-    " (SELECT count(*) FROM jobs) AS jobs"
+    "SELECT (SELECT count(*) FROM users) AS users, (SELECT count(*) FROM api_keys) AS api_keys,"
+    " (SELECT count(*) FROM chats) AS chats, (SELECT count(*) FROM jobs) AS jobs"
 )
 _USER_TOTALS = "SELECT user_key, SUM(charged) AS total FROM jobs GROUP BY user_key"
 # After a copy the identity must hand out ids above the copied ones (never backwards).
 _MOVE_JOB_IDS = (
     "SELECT setval(s.seq, s.top) FROM (SELECT pg_get_serial_sequence('jobs', 'id')::regclass"
     " AS seq, (SELECT max(id) FROM jobs) AS top) AS s"
+    " WHERE s.top > COALESCE(pg_sequence_last_value(s.seq), 0)"
+)
+_MOVE_API_KEY_IDS = (
+    "SELECT setval(s.seq, s.top) FROM (SELECT pg_get_serial_sequence('api_keys', 'id')::regclass"
+    " AS seq, (SELECT max(id) FROM api_keys) AS top) AS s"
     " WHERE s.top > COALESCE(pg_sequence_last_value(s.seq), 0)"
 )
 
@@ -287,6 +292,15 @@ _COPY_COLUMNS: dict[str, tuple[tuple[str, type], ...]] = {
         ("blocked", int),
         ("created_at", str),
         ("updated_at", str),
+    ),
+    "api_keys": (
+        ("id", int),
+        ("key_hash", str),
+        ("user_key", str),
+        ("name", str),
+        ("created_at", str),
+        ("revoked_at", str),
+        ("last_used_at", str),
     ),
     "chats": (
         ("chat_key", str),
@@ -335,6 +349,10 @@ _PAGE_USERS = (
     "SELECT user_key, platform, user_id, display_name, language, daily_limit, monthly_limit,"
     " blocked, created_at, updated_at FROM users WHERE user_key > $1 ORDER BY user_key LIMIT $2"
 )
+_PAGE_API_KEYS = (
+    "SELECT id, key_hash, user_key, name, created_at, revoked_at, last_used_at"
+    " FROM api_keys WHERE id > $1 ORDER BY id LIMIT $2"
+)
 _PAGE_CHATS = (
     "SELECT chat_key, platform, chat_id, title, daily_limit, blocked, created_at, updated_at"
     " FROM chats WHERE chat_key > $1 ORDER BY chat_key LIMIT $2"
@@ -349,6 +367,10 @@ _LOAD_USERS = (
     "INSERT INTO users (user_key, platform, user_id, display_name, language, daily_limit,"
     " monthly_limit, blocked, created_at, updated_at)"
     " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+)
+_LOAD_API_KEYS = (
+    "INSERT INTO api_keys (id, key_hash, user_key, name, created_at, revoked_at,"
+    " last_used_at) VALUES ($1, $2, $3, $4, $5, $6, $7)"
 )
 _LOAD_CHATS = (
     "INSERT INTO chats (chat_key, platform, chat_id, title, daily_limit, blocked, created_at,"
@@ -643,6 +665,8 @@ class _Snapshot(SnapshotReader):
         try:
             if table == "users":
                 records = await self._conn.fetch(_PAGE_USERS, after or "", limit)
+            elif table == "api_keys":
+                records = await self._conn.fetch(_PAGE_API_KEYS, after or 0, limit)
             elif table == "chats":
                 records = await self._conn.fetch(_PAGE_CHATS, after or "", limit)
             elif table == "jobs":
@@ -1534,7 +1558,7 @@ class PostgresStore(Store):
         return await self._write(write_on)
 
     async def is_empty(self) -> bool:
-        """Say whether the store holds no users, chats or jobs (a copy's target must be)."""
+        """Say whether the store holds no users, API keys, chats or jobs (a copy's target must)."""
 
         async def read(conn: asyncpg.Connection) -> bool:
             return bool(await conn.fetchval(_IS_EMPTY))
@@ -1560,6 +1584,9 @@ class PostgresStore(Store):
             async with conn.transaction():
                 if table == "users":
                     await conn.executemany(_LOAD_USERS, values)
+                elif table == "api_keys":
+                    await conn.executemany(_LOAD_API_KEYS, values)
+                    await conn.execute(_MOVE_API_KEY_IDS)
                 elif table == "chats":
                     await conn.executemany(_LOAD_CHATS, values)
                 else:

@@ -1179,10 +1179,10 @@ class SqliteStore(Store):
             await conn.close()
 
     async def is_empty(self) -> bool:
-        """Say whether the store holds no users, chats or jobs."""
+        """Say whether the store holds no users, API keys, chats or jobs."""
         row = await self._read_one(
-            "SELECT NOT EXISTS (SELECT 1 FROM users) AND NOT EXISTS (SELECT 1 FROM chats)"
-            " AND NOT EXISTS (SELECT 1 FROM jobs)"
+            "SELECT NOT EXISTS (SELECT 1 FROM users) AND NOT EXISTS (SELECT 1 FROM api_keys)"
+            " AND NOT EXISTS (SELECT 1 FROM chats) AND NOT EXISTS (SELECT 1 FROM jobs)"
         )
         return bool(row[0]) if row is not None else True
 
