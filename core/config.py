@@ -264,6 +264,19 @@ class Settings(BaseSettings):
         return f"{platform}:{user_id}" in self.admins
 
     @property
+    def web_api_url(self) -> str:
+        """Return the web API's root as a client should be pointed at it (…/v1).
+
+        WEB_PUBLIC_URL when set (behind a proxy), else the address it listens on.
+        """
+        root = self.web_public_url.rstrip("/")
+        if not root:
+            host = self.web_listen
+            host = f"[{host}]" if ":" in host else host
+            root = f"http://{host}:{self.web_port}"
+        return f"{root}/v1"
+
+    @property
     def store_url(self) -> StoreURL:
         """Return DATABASE_URL parsed: which backend, and where."""
         try:

@@ -73,6 +73,15 @@ class DrawOutcome:
 
 
 @dataclass(frozen=True)
+class NewApiKey:
+    """A personal API key just made: its text exists only here (the store keeps a hash)."""
+
+    id: int
+    key: str
+    base_url: str  # where to point an OpenAI client (WEB_PUBLIC_URL or the local address)
+
+
+@dataclass(frozen=True)
 class CancelledJob:
     """A job /cancel stopped: waiting ones never ran; a running one is settled later."""
 
@@ -681,6 +690,37 @@ class ImageService:
     async def api_key_user(self, plaintext: str) -> str | None:
         """Return the user key a personal API key draws as (None: unknown or revoked)."""
         return await self.ledger.api_key_user(plaintext)
+
+    # --- personal API keys, asked for in a chat (/key) ------------------------------
+    @staticmethod
+    def _as_api_user(requester: Requester) -> Requester:
+        # A key draws as its user alone, outside any chat (bots/web/api.py builds that
+        # requester): check access the way the API will, not as the chat asking.
+        return replace(requester, chat_id=None, is_group=False, is_chat_admin=False)
+
+    async def create_api_key(self, requester: Requester, name: str = "") -> NewApiKey:
+        """Make a personal API key for the requester; its text is in the answer only.
+
+        Refused (AccessDenied) like a job: blocked users, and users the access lists leave
+        out of a private chat, get no key. The front end must show it privately.
+        """
+        await self.check_access(self._as_api_user(requester))
+        key_id, plaintext = await self._write(
+            self.ledger.create_api_key(requester.user_key, clean_text(name)[:64])
+        )
+        log.info("api key %d created for %s (from a chat)", key_id, requester.user_key)
+        return NewApiKey(id=key_id, key=plaintext, base_url=self.settings.web_api_url)
+
+    async def revoke_api_keys(self, requester: Requester) -> int:
+        """Revoke every active personal key of the requester; return how many were."""
+        await self.check_access(self._as_api_user(requester))
+        revoked = 0
+        for record in await self.ledger.list_api_keys(requester.user_key):
+            if record.active and await self._write(self.ledger.revoke_api_key(record.id)):
+                revoked += 1
+        if revoked:
+            log.info("%d api key(s) of %s revoked (from a chat)", revoked, requester.user_key)
+        return revoked
 
     async def notice_for_interrupted(self, job: JobRecord) -> str:
         """Word the notice about a job a dead process left, in its user's language."""

@@ -957,3 +957,72 @@ async def test_users_hear_what_became_of_jobs_a_crash_cut_off(
         assert [c.json for c in opened] == [{"recipient_id": 502}]
         released = text("zh", "job.interrupted_released", job_id=waiting)
         assert in_dm.json["content"] == f"<@502> {released}"
+
+
+# --- /key: a personal web API key, only ever in an ephemeral answer (issue 15) -----------
+
+
+def _key_in(answer: str) -> str:
+    match = re.search(r"```\n(ik-\S+)\n```", answer)
+    assert match, answer
+    return match.group(1)
+
+
+async def test_key_in_a_server_is_ephemeral_and_opens_the_web_api(
+    settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    config = make_settings(settings, tmp_path, web_public_url="https://img.example.org")
+    async with running_bot(config, FakeCdn()) as h:
+        calls = await h.feed(p.slash("key", []))
+        answer = _only_private_answer(calls)  # the one answer, ephemeral (flag 64)
+        assert calls[0].json["data"]["flags"] & 64  # type: ignore[index]
+        key = _key_in(answer)
+        assert "`https://img.example.org/v1`" in answer and "only this once" in answer
+        assert await h.service.api_key_user(key) == "discord:501"
+        # Nothing public anywhere: no channel message, no follow-up.
+        assert [c for c in h.discord.calls if not c.ephemeral] == []
+        assert h.rest.calls == []
+
+        revoked = _only_private_answer(
+            await h.feed(p.slash("key", [p.option("action", "revoke")]))
+        )
+        assert revoked == text("en", "discord.key.revoked", count=1)
+        assert await h.service.api_key_user(key) is None
+
+
+async def test_key_in_a_dm_in_chinese(settings: Callable[..., Settings], tmp_path: Path) -> None:
+    async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
+        answer = _only_private_answer(
+            await h.feed(p.slash("key", [], guild=False, user_id=777, locale="zh-CN"))
+        )
+        assert "只显示这一次" in answer and "`http://127.0.0.1:8080/v1`" in answer
+        assert await h.service.api_key_user(_key_in(answer)) == "discord:777"
+
+
+async def test_key_is_refused_privately_to_strangers_and_blocked_users(
+    settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    # Silent refusals in servers do not apply: the answer is ephemeral anyway, and a
+    # /key with no answer at all would leave the user guessing.
+    config = make_settings(settings, tmp_path, allowed_users=["discord:501", "discord:502"])
+    async with running_bot(config, FakeCdn()) as h:
+        stranger = _only_private_answer(await h.feed(p.slash("key", [], user_id=503)))
+        assert stranger == text("en", "access.not_allowed")
+        await h.service.ledger.set_blocked("discord:502", True)
+        blocked = _only_private_answer(await h.feed(p.slash("key", [], user_id=502)))
+        assert blocked == text("en", "access.blocked")
+        assert await h.service.ledger.list_api_keys() == []
+
+
+async def test_key_is_synced_and_localised(
+    settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    config = make_settings(settings, tmp_path, discord_guild_ids=str(p.GUILD_ID))
+    async with running_bot(config, FakeCdn()) as h:
+        await sync_commands(h.bot, config)
+        call = h.rest.calls[0]
+        key = next(c for c in call.json if c["name"] == "key")
+        assert key["name_localizations"]["zh-CN"] == text("zh", "discord.cmd.key")
+        [action] = key["options"]
+        assert action["name"] == "action" and not action.get("required")
+        assert [c["value"] for c in action["choices"]] == ["new", "revoke"]

@@ -1116,3 +1116,82 @@ async def test_users_hear_what_became_of_jobs_a_crash_cut_off(
     cost = format_credits(300, prices, "en")
     assert sent[ANN["id"]] == msg("en", "job.interrupted_unsettled", job_id=drawing, cost=cost)
     assert sent[group] == msg("zh", "job.interrupted_released", job_id=waiting)
+
+
+# --- /key: a personal web API key, in a private chat only (issue 15) -------------------
+
+
+async def test_key_in_a_private_chat_opens_the_web_api_as_that_user(
+    make_settings: Callable[..., Settings], fake_api: FakeImageAPI
+) -> None:
+    settings = make_settings(web_public_url="https://img.example.org/")
+    async with running(settings, FakeBotApi(), fake_api, Updates()) as tg:
+        u = tg.updates
+        await tg.send(u.update(u.message(ANN, u.private(ANN), text="/key")))
+        [answer] = tg.api.of("sendMessage")
+        assert answer.params["parse_mode"] == "HTML"
+        said = str(answer.params["text"])
+        key = said.split("<code>", 1)[1].split("</code>", 1)[0]
+        assert key.startswith("ik-")
+        assert "<code>https://img.example.org/v1</code>" in said
+        assert "only this once" in said
+        assert await tg.service.api_key_user(key) == f"telegram:{ANN['id']}"
+        # Only its hash is kept: the listing never holds the text.
+        [record] = await tg.service.ledger.list_api_keys(f"telegram:{ANN['id']}")
+        assert key not in repr(record)
+
+        await tg.send(u.update(u.message(ANN, u.private(ANN), text="/key revoke")))
+        assert tg.texts()[-1] == msg("en", "tg.key.revoked", count=1)
+        assert await tg.service.api_key_user(key) is None
+        await tg.send(u.update(u.message(ANN, u.private(ANN), text="/key revoke")))
+        assert tg.texts()[-1] == msg("en", "tg.key.none")
+
+
+async def test_key_in_chinese_names_the_local_address_when_no_public_url(tg: Harness) -> None:
+    u = tg.updates
+    await tg.send(u.update(u.message(LI, u.private(LI), text="/key")))
+    said = tg.texts()[-1]
+    assert "只显示这一次" in said
+    assert "<code>http://127.0.0.1:8080/v1</code>" in said
+    key = said.split("<code>", 1)[1].split("</code>", 1)[0]
+    assert await tg.service.api_key_user(key) == f"telegram:{LI['id']}"
+
+
+async def test_key_in_a_group_says_private_only_and_posts_no_key(tg: Harness) -> None:
+    u = tg.updates
+    group = u.supergroup()
+    await tg.send(u.update(u.message(ANN, group, text="/key@ThisBot")))
+    await tg.send(
+        u.update(u.message(GROUP_ANONYMOUS_BOT, group, text="/key", sender_chat=group))
+    )
+    assert tg.texts() == [msg("en", "tg.key.private_only")] * 2
+    assert all("ik-" not in t for t in tg.texts())
+    assert await tg.service.ledger.list_api_keys() == []
+
+
+async def test_key_is_refused_to_strangers_and_blocked_users(
+    make_settings: Callable[..., Settings], fake_api: FakeImageAPI
+) -> None:
+    settings = make_settings(allowed_users=f"telegram:{ANN['id']},telegram:{BOB['id']}")
+    async with running(settings, FakeBotApi(), fake_api, Updates()) as tg:
+        u = tg.updates
+        admin = Updates.user(ADMIN_ID, "Boss", "en")
+        await tg.send(u.update(u.message(LI, u.private(LI), text="/key")))
+        assert tg.texts()[-1] == msg("zh", "access.not_allowed")
+        await tg.send(u.update(u.message(admin, u.private(admin), text=f"/block {BOB['id']}")))
+        await tg.send(u.update(u.message(BOB, u.private(BOB), text="/key")))
+        assert tg.texts()[-1] == msg("en", "access.blocked")
+        assert await tg.service.ledger.list_api_keys() == []
+        await tg.send(u.update(u.message(ANN, u.private(ANN), text="/key")))
+        assert "ik-" in tg.texts()[-1]
+
+
+async def test_key_is_in_the_command_list(tg: Harness) -> None:
+    from bots.telegram.app import register_commands
+
+    await register_commands(tg.app, tg.service.settings)
+    for call in tg.api.of("setMyCommands"):
+        names = [c["command"] for c in call.params["commands"]]
+        assert "key" in names
+    zh = next(c for c in tg.api.of("setMyCommands") if c.params.get("language_code") == "zh")
+    assert {"command": "key", "description": msg("zh", "tg.cmd.key")} in zh.params["commands"]

@@ -1,5 +1,5 @@
 """The user commands: /img, the "Edit with imgbot" message menu and its modal, /help,
-/sizes, /balance and /cancel.
+/sizes, /balance, /cancel and /key.
 
 Options become command-language words in front of the prompt, and the core parses the
 whole text, so `/img prompt:16:9 2K high a cat` and `/img ratio:16:9 … prompt:a cat` mean
@@ -24,6 +24,7 @@ from bots.discord.reply import clip
 from bots.discord.requester import requester_of
 from bots.discord.texts import lang_of, loc, text
 from core.config import KNOWN_MODELS
+from core.errors import ImgbotError
 from core.reports import render_balance, render_cancelled, render_help, render_sizes
 from core.service import ImageService
 from core.sizes import NAMED_RATIOS, TIERS
@@ -40,6 +41,10 @@ QUALITY_CHOICES = [
     app_commands.Choice(name=loc(f"discord.choice.quality_{q}"), value=q) for q in QUALITIES
 ]
 MODEL_CHOICES = [app_commands.Choice(name=m, value=m) for m in KNOWN_MODELS]
+KEY_CHOICES = [
+    app_commands.Choice(name=loc("discord.choice.key_new"), value="new"),
+    app_commands.Choice(name=loc("discord.choice.key_revoke"), value="revoke"),
+]
 
 log = logging.getLogger(__name__)
 
@@ -290,3 +295,28 @@ class UserCommands(commands.Cog):
         requester = requester_of(interaction, self.runner.settings)
         reply = clip(render_cancelled(self.service.cancel(requester), lang_of(interaction)))
         await interaction.response.send_message(reply, ephemeral=True)
+
+    @app_commands.command(name=loc("discord.cmd.key"), description=loc("discord.cmd.key.desc"))
+    @app_commands.rename(action=loc("discord.opt.action"))
+    @app_commands.describe(action=loc("discord.opt.action.desc"))
+    @app_commands.choices(action=KEY_CHOICES)
+    async def key(self, interaction: discord.Interaction, action: str = "new") -> None:
+        """Make a personal web API key, or revoke the user's keys: only ever ephemeral.
+
+        A key is a password: every answer here, the key and any refusal, is seen by the
+        user alone, in a server as in a DM. It is shown once; the store keeps a hash.
+        """
+        requester = requester_of(interaction, self.runner.settings)
+        lang = lang_of(interaction)
+        try:
+            if action == "revoke":
+                count = await self.service.revoke_api_keys(requester)
+                reply = text(lang, "discord.key.revoked" if count else "discord.key.none", count=count)
+            else:
+                made = await self.service.create_api_key(requester, "discord")
+                reply = text(
+                    lang, "discord.key.created", api_key=made.key, base_url=made.base_url, key_id=made.id
+                )
+        except ImgbotError as err:
+            reply = err.user_message(lang, text)
+        await interaction.response.send_message(clip(reply), ephemeral=True)

@@ -126,6 +126,38 @@ MESSAGES: dict[str, dict[str, str]] = {
     },
     "discord.cmd.cancel": {"en": "cancel", "zh": "取消"},
     "discord.cmd.cancel.desc": {"en": "Cancel your waiting and running jobs", "zh": "取消你排队中和正在绘制的任务"},
+    "discord.cmd.key": {"en": "key", "zh": "密钥"},
+    "discord.cmd.key.desc": {
+        "en": "Your personal web API key (only you see the answer)",
+        "zh": "你的个人网页 API 密钥（只有你能看到回复）",
+    },
+    "discord.opt.action": {"en": "action", "zh": "操作"},
+    "discord.opt.action.desc": {
+        "en": "Make a new key (default) or revoke all of yours",
+        "zh": "生成新密钥（默认）或停用你的全部密钥",
+    },
+    "discord.choice.key_new": {"en": "new key", "zh": "生成新密钥"},
+    "discord.choice.key_revoke": {"en": "revoke my keys", "zh": "停用我的密钥"},
+    "discord.key.created": {
+        "en": "Your personal API key (#{key_id}). It is shown only this once: I keep only a "
+        "fingerprint of it, so copy it now.\n```\n{api_key}\n```\n"
+        "Use it with any OpenAI client: base URL `{base_url}` and this key as the API key. "
+        "It draws as you, with your limits and spend. Lost it? /key makes another; "
+        "/key action:revoke turns off all of yours.",
+        "zh": "你的个人 API 密钥（#{key_id}）。它只显示这一次：机器人只保存它的指纹，请现在复制。"
+        "\n```\n{api_key}\n```\n"
+        "可用于任何 OpenAI 客户端：base URL 为 `{base_url}`，API key 填上面的密钥。"
+        "它以你的身份画图，使用你的限额与消费。丢失了？用 /key 再生成一个；"
+        "/key 操作:停用我的密钥 可停用你的全部密钥。",
+    },
+    "discord.key.revoked": {
+        "en": "Revoked {count} key(s): the API refuses them from the next request.",
+        "zh": "已停用 {count} 个密钥：API 从下一次请求起拒绝它们。",
+    },
+    "discord.key.none": {
+        "en": "You have no active API key. /key makes one.",
+        "zh": "你没有有效的 API 密钥。用 /key 生成一个。",
+    },
     "discord.cmd.admin": {"en": "admin", "zh": "管理"},
     "discord.cmd.admin.desc": {
         "en": "Bot operators only (ADMINS): limits, refunds, blocks, reports",

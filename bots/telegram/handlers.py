@@ -79,7 +79,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_KEY = "imgbot.telegram"
 PLATFORM = "telegram"
-USER_COMMANDS = ("img", "help", "sizes", "balance", "cancel", "start")
+USER_COMMANDS = ("img", "help", "sizes", "balance", "cancel", "key", "start")
 TEXT_LIMIT = 4096
 
 # How long a Draw / Cancel question stays answerable (it lives in memory only).
@@ -149,6 +149,7 @@ class TelegramAdapter:
         app.add_handler(CommandHandler("sizes", self.cmd_sizes, filters=new_message))
         app.add_handler(CommandHandler("balance", self.cmd_balance, filters=new_message))
         app.add_handler(CommandHandler("cancel", self.cmd_cancel, filters=new_message))
+        app.add_handler(CommandHandler("key", self.cmd_key, filters=new_message))
         app.add_handler(CommandHandler(list(ADMIN_COMMANDS), self.cmd_admin, filters=new_message))
         app.add_error_handler(self.on_error)
 
@@ -451,6 +452,40 @@ class TelegramAdapter:
             return
         lang = language_of(requester.language)
         await self._answer(update, render_cancelled(self.service.cancel(requester), lang))
+
+    async def cmd_key(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Make a personal web API key (`/key [name]`) or revoke yours (`/key revoke`).
+
+        Only in a private chat: a key is a password, and a group would show it to everyone,
+        so there it only says where to ask. The key is shown once; the store keeps a hash.
+        """
+        requester = self._requester(update)
+        message = update.effective_message
+        if requester is None or message is None:
+            return
+        lang = language_of(requester.language)
+        if message.chat.type != ChatType.PRIVATE or message.sender_chat is not None:
+            await self._answer(update, text(lang, "tg.key.private_only"))
+            return
+        args = list(context.args or [])
+        try:
+            if args and args[0].lower() == "revoke":
+                count = await self.service.revoke_api_keys(requester)
+                answer = text(lang, "tg.key.revoked" if count else "tg.key.none", count=count)
+                await self._answer(update, answer)
+                return
+            made = await self.service.create_api_key(requester, " ".join(args) or "telegram")
+        except ImgbotError as err:
+            await self._answer(update, err.user_message(lang, text))
+            return
+        answer = text(
+            lang,
+            "tg.key.created",
+            api_key=html.escape(made.key),
+            base_url=html.escape(made.base_url),
+            key_id=made.id,
+        )
+        await self._answer(update, answer, parse_mode=ParseMode.HTML)
 
     async def cmd_admin(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Run an admin command (limits, refunds, blocks, reports); others are refused."""

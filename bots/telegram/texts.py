@@ -87,7 +87,36 @@ MESSAGES: dict[str, dict[str, str]] = {
     "tg.cmd.sizes": {"en": "Ratios and sizes", "zh": "比例与尺寸表"},
     "tg.cmd.balance": {"en": "Your spend and limits", "zh": "你的消费与限额"},
     "tg.cmd.cancel": {"en": "Cancel your waiting and running jobs", "zh": "取消排队中和正在绘制的任务"},
+    "tg.cmd.key": {
+        "en": "Your personal web API key (private chat only)",
+        "zh": "你的个人网页 API 密钥（仅限私聊）",
+    },
     "tg.cmd.start": {"en": "Start", "zh": "开始"},
+    # /key: the created answer is HTML (the key in <code> to copy with one tap).
+    "tg.key.created": {
+        "en": "Your personal API key (#{key_id}). It is shown only this once: I keep only a "
+        "fingerprint of it, so copy it now.\n\n<code>{api_key}</code>\n\n"
+        "Use it with any OpenAI client: base URL <code>{base_url}</code> and this key as "
+        "the API key. It draws as you, with your limits and spend. Lost it? /key makes "
+        "another; /key revoke turns off all of yours.",
+        "zh": "你的个人 API 密钥（#{key_id}）。它只显示这一次：机器人只保存它的指纹，请现在复制。"
+        "\n\n<code>{api_key}</code>\n\n"
+        "可用于任何 OpenAI 客户端：base URL 为 <code>{base_url}</code>，API key 填上面的密钥。"
+        "它以你的身份画图，使用你的限额与消费。丢失了？发送 /key 再生成一个；/key revoke 停用你的全部密钥。",
+    },
+    "tg.key.private_only": {
+        "en": "/key only works in a private chat with me, so your key is never shown to "
+        "others. Open a chat with me and send /key there.",
+        "zh": "/key 只能在与我的私聊中使用，以免密钥被他人看到。请私聊我并在那里发送 /key。",
+    },
+    "tg.key.revoked": {
+        "en": "Revoked {count} key(s): the API refuses them from the next request.",
+        "zh": "已停用 {count} 个密钥：API 从下一次请求起拒绝它们。",
+    },
+    "tg.key.none": {
+        "en": "You have no active API key. /key makes one.",
+        "zh": "你没有有效的 API 密钥。发送 /key 生成一个。",
+    },
     "tg.cmd.limit": {"en": "Admin: set a user's limits", "zh": "管理：设置用户限额"},
     "tg.cmd.chatlimit": {"en": "Admin: set a chat's daily limit", "zh": "管理：设置群每日限额"},
     "tg.cmd.refund": {"en": "Admin: refund a job", "zh": "管理：退还任务"},

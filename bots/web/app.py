@@ -29,13 +29,8 @@ class _Server(uvicorn.Server):
 
 
 def address(settings: Settings) -> str:
-    """Return the API's root as a client should be pointed at it."""
-    root = settings.web_public_url.rstrip("/")
-    if not root:
-        host = settings.web_listen
-        host = f"[{host}]" if ":" in host else host
-        root = f"http://{host}:{settings.web_port}"
-    return f"{root}/v1"
+    """Return the API's root as a client should be pointed at it (the bots' /key says it too)."""
+    return settings.web_api_url
 
 
 async def run_web(settings: Settings, service: ImageService, stop: asyncio.Event) -> None:
