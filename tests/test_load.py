@@ -90,8 +90,11 @@ class Load:
     max_in_flight: int = 6
     max_queued: int = 3
     rate_per_minute: int = 0  # per user; 0 = per_user - 1
-    user_budget: float = 4.5  # jobs one user can afford (in estimates)
-    global_budget: float = 3.2  # jobs per user the whole bot can afford
+    # Jobs one user can afford (in estimates). Below MAX_QUEUED_PER_USER + 1: since the queue
+    # cap holds for requests arriving together, a user gets at most that many jobs in, so a
+    # budget above it would never be reached (4.5 was, only through the old queue-cap race).
+    user_budget: float = 2.5
+    global_budget: float = 1.8  # jobs per user the whole bot can afford
     seed: int = 7
 
     @property
