@@ -664,12 +664,6 @@ async def test_rows_carry_every_column_but_the_generated_ones(pg_url: str) -> No
                 assert list(row) == [name for (name,) in stored], table
 
 
-def test_the_refusal_code_is_the_one_the_function_raises() -> None:
-    from core.store import postgres_schema
-
-    assert f"ERRCODE = '{postgres_schema.REFUSED_SQLSTATE}'" in postgres_schema._RESERVE_FUNCTION
-
-
 # --- group commit ---------------------------------------------------------------------------
 
 
@@ -806,14 +800,20 @@ async def test_a_version_4_database_is_upgraded_in_place(pg_url: str) -> None:  
             for statement in MIGRATIONS[0].statements:
                 await conn.execute(statement)
             await conn.execute("INSERT INTO schema_version VALUES (4, 'baseline', 'x')")
-        # A job reserved by the imgbot before (its function is kept for such processes).
-        row = await conn.fetchrow(
-            "SELECT * FROM imgbot_reserve('telegram:1', NULL, 'telegram', '1', NULL, 'Ann',"
-            " NULL, '/img', '{}', 'gpt-image-2', '1024x1024', 'low', 1, 0, 40, $1, NULL,"
-            " 100, 0, 0, 0, 1e-9)",
-            START.isoformat(timespec="microseconds"),
+        # A job reserved before the upgrade (its trigger counts it in the totals).
+        now = START.isoformat(timespec="microseconds")
+        await conn.execute(
+            "INSERT INTO users (user_key, platform, user_id, display_name, created_at,"
+            " updated_at) VALUES ('telegram:1', 'telegram', '1', 'Ann', $1, $1)",
+            now,
         )
-        old_job = int(row["job_id"])
+        old_job = await conn.fetchval(
+            "INSERT INTO jobs (user_key, platform, display_name, command_text, request_json,"
+            " model, size, quality, n, reference_count, status, estimated_credits, created_at)"
+            " VALUES ('telegram:1', 'telegram', 'Ann', '/img', '{}', 'gpt-image-2',"
+            " '1024x1024', 'low', 1, 0, 'reserved', 40, $1) RETURNING id",
+            now,
+        )
     finally:
         await conn.close()
     async with await open_store(pg_url, user_daily=100) as store:

@@ -20,9 +20,7 @@ without conversion:
 
 `imgbot_write_batch(...)` (migration 5) is how the store writes reservations, settles,
 fails and starts: every call a process queued meanwhile, in one statement and one commit
-(group commit; see below and core.store.postgres). `imgbot_reserve(...)` (migration 4, one
-reservation a call, a refusal raised and undoing it all) is kept for processes still
-running an older imgbot during an upgrade.
+(group commit; see below and core.store.postgres).
 
 Charges: since migration 5 a job is never charged above its reservation; what the usage
 said beyond it is kept in `jobs.reported_credits`, and `jobs.usage_flag` says why the
@@ -59,10 +57,6 @@ MIGRATION_LOCK_KEY = 0x696D67626F74  # "imgbot"
 
 # The order spend_totals rows are always locked in (see the module docstring).
 SCOPE_ORDER = ("chat_daily", "user_daily", "user_monthly", "global_daily")
-
-# The SQLSTATE `imgbot_reserve` raises a refusal with (class IB: imgbot's own; written out
-# in the function's text).
-REFUSED_SQLSTATE = "IB001"
 
 SCHEMA_VERSION_DDL = (
     "CREATE TABLE IF NOT EXISTS schema_version ("
@@ -215,173 +209,6 @@ _TRIGGERS = (
     """CREATE TRIGGER jobs_totals_delete AFTER DELETE ON jobs
        FOR EACH ROW EXECUTE FUNCTION imgbot_jobs_totals()""",
 )
-
-# A reservation in one call, one statement, one transaction. Returns job_id, or
-# duplicate_of (the job `p_source_ref` already made; nothing written). A refusal raises
-# REFUSED_SQLSTATE with the tightest limit's scope as the message and "<limit> <micro>" (the
-# limit, and the micro-credits it counted before this job) as the detail; the error rolls
-# the call back whole, so a refusal leaves nothing behind (the identity may skip a number).
-# A duplicate inserted by a concurrent call that committed first surfaces as a unique
-# violation on jobs_source_ref.
-#
-# Serialisation: the job is inserted first; its trigger adds it to the running totals of
-# every scope (chat day, user day, user month, global day), which locks those rows to the
-# end of the transaction, in SCOPE_ORDER. The totals are then read (a fresh snapshot per
-# statement: any writer that held those rows has committed and is counted) and checked, and
-# a refusal undoes everything. A concurrent reservation against the same limit waits at the
-# same rows, and sees this one, committed or rolled back. So no lock is held longer than the
-# rows the job changes anyway, and no advisory lock is needed.
-_RESERVE_FUNCTION = """
-CREATE FUNCTION imgbot_reserve(
-    p_user_key text, p_chat_key text, p_platform text, p_user_id text, p_chat_id text,
-    p_display_name text, p_language text,
-    p_command_text text, p_request_json text, p_model text, p_size text, p_quality text,
-    p_n bigint, p_reference_count bigint, p_estimate double precision, p_now text,
-    p_source_ref text,
-    p_user_daily double precision, p_user_monthly double precision,
-    p_chat_daily double precision, p_global_daily double precision,
-    p_epsilon double precision,
-    OUT job_id bigint, OUT duplicate_of bigint)
-LANGUAGE plpgsql AS $fn$
-DECLARE
-    v_day text := substr(p_now, 1, 10);
-    v_month text := substr(p_now, 1, 7);
-    v_user_known boolean;
-    v_name text;
-    v_language text;
-    v_chat_known boolean;
-    v_limit_ud double precision;
-    v_limit_um double precision;
-    v_limit_cd double precision;
-    v_limit_gd double precision := p_global_daily;
-    v_own bigint;
-    v_micro_ud bigint;
-    v_micro_um bigint;
-    v_micro_cd bigint;
-    v_micro_gd bigint;
-    v_left double precision;
-    v_tightest double precision;
-    v_scope text;
-    v_limit double precision;
-    v_micro bigint;
-BEGIN
-    IF p_source_ref IS NOT NULL THEN
-        SELECT id INTO duplicate_of FROM jobs WHERE source_ref = p_source_ref;
-        IF FOUND THEN
-            RETURN;
-        END IF;
-    END IF;
-
-    -- The user's and the chat's rows as known: their overrides, and whether to upsert.
-    SELECT u.user_key IS NOT NULL, u.display_name, u.language,
-           COALESCE(u.daily_limit, p_user_daily), COALESCE(u.monthly_limit, p_user_monthly),
-           c.chat_key IS NOT NULL, COALESCE(c.daily_limit, p_chat_daily)
-      INTO v_user_known, v_name, v_language, v_limit_ud, v_limit_um,
-           v_chat_known, v_limit_cd
-      FROM (SELECT 1) AS one
-      LEFT JOIN users AS u ON u.user_key = p_user_key
-      LEFT JOIN chats AS c ON c.chat_key = p_chat_key;
-    IF p_chat_key IS NULL THEN
-        v_limit_cd := 0;
-    END IF;
-
-    -- An empty name from the platform keeps the one we know; a language the user chose
-    -- (set_language) is not overwritten by the platform's. Skipped when nothing would
-    -- change but updated_at.
-    IF NOT v_user_known
-       OR (p_display_name <> '' AND p_display_name IS DISTINCT FROM v_name)
-       OR (v_language IS NULL AND p_language IS NOT NULL) THEN
-        INSERT INTO users AS u (user_key, platform, user_id, display_name, language,
-                                created_at, updated_at)
-        VALUES (p_user_key, p_platform, p_user_id, p_display_name, p_language, p_now, p_now)
-        ON CONFLICT (user_key) DO UPDATE SET
-            display_name = CASE WHEN excluded.display_name = '' THEN u.display_name
-                                ELSE excluded.display_name END,
-            language = COALESCE(u.language, excluded.language),
-            updated_at = excluded.updated_at;
-    END IF;
-    IF p_chat_key IS NOT NULL AND NOT v_chat_known THEN
-        INSERT INTO chats (chat_key, platform, chat_id, created_at, updated_at)
-        VALUES (p_chat_key, p_platform, p_chat_id, p_now, p_now)
-        ON CONFLICT (chat_key) DO NOTHING;
-    END IF;
-
-    -- The insert's trigger adds the job to its running totals, locking those rows to the
-    -- end of the transaction: from here on no other writer can change them.
-    INSERT INTO jobs (user_key, chat_key, platform, display_name, command_text,
-                      request_json, model, size, quality, n, reference_count, status,
-                      estimated_credits, created_at, source_ref)
-    VALUES (p_user_key, p_chat_key, p_platform, p_display_name, p_command_text,
-            p_request_json, p_model, p_size, p_quality, p_n, p_reference_count, 'reserved',
-            p_estimate, p_now, p_source_ref)
-    RETURNING id, charged_micro INTO job_id, v_own;
-
-    IF v_limit_ud <= 0 AND v_limit_um <= 0 AND v_limit_cd <= 0 AND v_limit_gd <= 0 THEN
-        RETURN;
-    END IF;
-    -- What each limit counted before this job: its total now, less this job's share.
-    SELECT (SELECT micro_credits FROM spend_totals
-             WHERE scope = 'user_daily' AND key = p_user_key AND period = v_day) - v_own,
-           (SELECT micro_credits FROM spend_totals
-             WHERE scope = 'user_monthly' AND key = p_user_key AND period = v_month) - v_own,
-           (SELECT micro_credits FROM spend_totals
-             WHERE scope = 'chat_daily' AND key = p_chat_key AND period = v_day) - v_own,
-           (SELECT micro_credits FROM spend_totals
-             WHERE scope = 'global_daily' AND key = '' AND period = v_day) - v_own
-      INTO v_micro_ud, v_micro_um, v_micro_cd, v_micro_gd;
-
-    -- Refuse on the tightest limit, so "what is left" is what would really fit; the same
-    -- order and arithmetic as the SQLite backend.
-    IF v_limit_ud > 0 THEN
-        v_left := greatest(0::double precision,
-                           v_limit_ud - v_micro_ud::double precision / 1000000);
-        IF v_tightest IS NULL OR v_left < v_tightest THEN
-            v_tightest := v_left;
-            v_scope := 'user_daily';
-            v_limit := v_limit_ud;
-            v_micro := v_micro_ud;
-        END IF;
-    END IF;
-    IF v_limit_um > 0 THEN
-        v_left := greatest(0::double precision,
-                           v_limit_um - v_micro_um::double precision / 1000000);
-        IF v_tightest IS NULL OR v_left < v_tightest THEN
-            v_tightest := v_left;
-            v_scope := 'user_monthly';
-            v_limit := v_limit_um;
-            v_micro := v_micro_um;
-        END IF;
-    END IF;
-    IF v_limit_cd > 0 THEN
-        v_left := greatest(0::double precision,
-                           v_limit_cd - v_micro_cd::double precision / 1000000);
-        IF v_tightest IS NULL OR v_left < v_tightest THEN
-            v_tightest := v_left;
-            v_scope := 'chat_daily';
-            v_limit := v_limit_cd;
-            v_micro := v_micro_cd;
-        END IF;
-    END IF;
-    IF v_limit_gd > 0 THEN
-        v_left := greatest(0::double precision,
-                           v_limit_gd - v_micro_gd::double precision / 1000000);
-        IF v_tightest IS NULL OR v_left < v_tightest THEN
-            v_tightest := v_left;
-            v_scope := 'global_daily';
-            v_limit := v_limit_gd;
-            v_micro := v_micro_gd;
-        END IF;
-    END IF;
-    IF p_estimate > v_tightest + p_epsilon THEN
-        -- Refused: the error undoes the whole call (job, totals, user and chat rows).
-        RAISE EXCEPTION USING
-            ERRCODE = 'IB001',  -- REFUSED_SQLSTATE
-            MESSAGE = v_scope,
-            DETAIL = v_limit::text || ' ' || v_micro::text;
-    END IF;
-END
-$fn$"""
-
 
 # Group commit: every reservation, settle, fail and start a process queued meanwhile, in one
 # call (one statement, one transaction, one commit and WAL flush for all of them). Arrays
@@ -643,8 +470,8 @@ $fn$"""
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         4,
-        "baseline (SQLite schema 4): users, chats, jobs, running spend totals, reserve()",
-        (*_TABLES, *_TRIGGERS, _RESERVE_FUNCTION),
+        "baseline (SQLite schema 4): users, chats, jobs, running spend totals",
+        (*_TABLES, *_TRIGGERS),
     ),
     Migration(
         5,
