@@ -396,39 +396,6 @@ async def test_a_cancelled_reservation_is_released_not_left_counted(
         await store.reserve(who("1"), SPEC, 100)  # all the room is there
 
 
-async def test_cancelled_callers_at_every_moment_leave_the_store_usable(
-    pg_url: str,  # noqa: F811
-) -> None:
-    tasks = []
-    async with await open_store(pg_url) as store:
-        for steps in range(12):
-            task = asyncio.create_task(store.reserve(who("1"), SPEC, 10))
-            for _ in range(steps):
-                await asyncio.sleep(0)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            tasks.append(task)
-            job_id = await store.reserve(who("2"), SPEC, 10)
-            assert await store.settle(job_id, 5, None)
-        # A settle whose caller is cancelled still runs to its end.
-        job_id = await store.reserve(who("3"), SPEC, 10)
-        settle = asyncio.create_task(store.settle(job_id, 7, None))
-        await asyncio.sleep(0)
-        settle.cancel()
-        await asyncio.gather(settle, return_exceptions=True)
-    kept = {task.result() for task in tasks if not task.cancelled()}
-    rows = await fetch(
-        pg_url, "SELECT id, status, error_code, charged FROM jobs WHERE user_key = 'telegram:1'"
-    )
-    assert {job_id for job_id, status, _, _ in rows if status == "reserved"} == kept
-    released = [row[1:] for row in rows if row[0] not in kept]
-    assert released and set(released) == {("failed", "cancelled", 0.0)}
-    assert await fetch(pg_url, "SELECT status, charged FROM jobs WHERE id = $1", job_id) == [
-        ("succeeded", 7.0)
-    ]
-    await assert_totals_match_jobs(pg_url)
-
-
 async def test_dropped_connections_are_replaced_before_anything_is_sent(
     pg_url: str,  # noqa: F811
 ) -> None:

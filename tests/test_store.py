@@ -855,6 +855,12 @@ async def test_cancelled_calls_leave_the_ledger_usable(target: Target, clock: Cl
             job_id = await ledger.reserve(who("2"), SPEC, 10)
             assert await ledger.settle(job_id, 5, None)
         assert (await ledger.spend_report("telegram:2")).today == 12 * 5
+        # A settle whose caller is cancelled still runs to its end.
+        settled = await ledger.reserve(who("3"), SPEC, 10)
+        settle = asyncio.create_task(ledger.settle(settled, 7, None))
+        await asyncio.sleep(0)
+        settle.cancel()
+        await asyncio.gather(settle, return_exceptions=True)
     # A reservation whose caller was cancelled mid-call is released, not left counted until
     # the next start-up; one whose caller got its id stays reserved.
     kept = {task.result() for task in tasks if not task.cancelled()}
@@ -864,6 +870,9 @@ async def test_cancelled_calls_leave_the_ledger_usable(target: Target, clock: Cl
     assert {job_id for job_id, status, _, _ in rows if status == "reserved"} == kept
     released = [row[1:] for row in rows if row[0] not in kept]
     assert released and set(released) == {("failed", "cancelled", 0)}
+    assert await target.fetch("SELECT status, charged FROM jobs WHERE id = ?", settled) == [
+        ("succeeded", 7)
+    ]
     await assert_totals_match_jobs(target)
 
 
