@@ -158,7 +158,10 @@ async def test_upgrade_from_v1_keeps_rows(db_path: Path, clock: Clock) -> None:
         assert report.daily_remaining == pytest.approx(500 - 370)
         await ledger.set_result_refs(1, ["file-a", "file-b"])
         assert (await ledger.get_job(1)).result_refs == ("file-a", "file-b")  # type: ignore[union-attr]
-        assert await ledger.recover_stale(3600) == [2]
+        # An old reservation has no lease: a live worker takes it over.
+        [taken] = await ledger.claim_expired("w", 3600, ["telegram"])
+        assert (taken.id, taken.lease_owner) == (2, "w")
+        assert await ledger.mark_unsettled(2)
         refunded = await ledger.refund(2, by="telegram:admin")
         assert refunded.refunded_credits == 250
         new_id = await ledger.reserve(who("1"), SPEC, 100)
@@ -210,7 +213,7 @@ def build_v2_database(path: Path) -> None:
 async def test_upgrade_from_v2_backfills_the_running_totals(db_path: Path, clock: Clock) -> None:
     build_v2_database(db_path)
     async with await open_ledger(db_path, clock, chat_daily=1100, global_daily=10_000) as ledger:
-        assert await ledger.schema_version() == LATEST_VERSION == 6
+        assert await ledger.schema_version() == LATEST_VERSION == 7
         await assert_totals_match_jobs(sqlite_target(db_path))
         # Today: Ann 120 + 250 in chat -9; Bo 700 (unsettled) in -9, 33.333333 outside it.
         assert await ledger.global_spent_today() == pytest.approx(370 + 700 + 33.333333)

@@ -40,6 +40,7 @@ from core.requester import Requester
 from core.store import (
     ChatTotal,
     JobSpec,
+    JobStage,
     JobStatus,
     Limits,
     Spender,
@@ -569,7 +570,7 @@ asyncio.run(main())
 """
 
 
-async def test_killed_job_becomes_unsettled_and_refund_brings_spend_back(
+async def test_a_killed_workers_job_is_taken_over_once_after_its_lease(
     target: Target, clock: Clock
 ) -> None:
     child = await asyncio.to_thread(
@@ -583,38 +584,98 @@ async def test_killed_job_becomes_unsettled_and_refund_brings_spend_back(
     assert child.returncode == -9, child.stderr
     job_id = int(child.stdout.strip())
 
-    clock.advance(seconds=60)
+    clock.advance(seconds=20)
     async with await target.open(clock, user_daily=10000) as ledger:
-        # Still young: not touched by a recovery with the job timeout.
-        assert await ledger.recover_stale(900) == []
-        fresh = await ledger.reserve(who("2"), SPEC, 10)
-        clock.advance(seconds=900)
-        assert await ledger.recover_stale(900) == [job_id]
-        assert await ledger.recover_stale(900) == []
-        unsettled = await ledger.list_unsettled()
-        assert [job.id for job in unsettled] == [job_id]
-        assert unsettled[0].estimated_credits == 8000 and unsettled[0].n == 4
-        assert (await ledger.get_job(fresh)).status is JobStatus.RESERVED  # type: ignore[union-attr]
-        # Counted at its estimate: the upstream may have billed.
+        job = await ledger.get_job(job_id)
+        assert job is not None and (job.stage, job.attempts) == (JobStage.DRAWING, 1)
+        # Never leased by its dead worker: it counts as leased for a lease from its birth.
+        assert await ledger.claim_expired("b", 30, ["telegram"]) == []
+        clock.advance(seconds=11)
+        assert await ledger.claim_expired("b", 30, ["discord"]) == []  # not b's platform
+        [taken] = await ledger.claim_expired("b", 30, ["telegram"])
+        # Its attempt is lost (the upstream may have billed it): recorded, never charged;
+        # queued again, leased to b, still reserved at its estimate.
+        assert (taken.id, taken.stage, taken.lease_owner) == (job_id, JobStage.QUEUED, "b")
+        assert taken.lost_credits == 8000 and taken.attempts == 1
+        assert taken.status is JobStatus.RESERVED
+        assert taken.lease_until == clock.now + timedelta(seconds=30)
+        # Nobody else gets it while b's lease runs, however often they ask.
+        assert await ledger.claim_expired("c", 30, ["telegram"]) == []
+        assert await ledger.renew_leases("c", [job_id], 30) == set()
+        assert await ledger.renew_leases("b", [job_id], 30) == {job_id}
         report = await ledger.spend_report("telegram:1")
         assert (report.today, report.daily_remaining) == (8000, 2000)
         with pytest.raises(LimitExceeded) as info:
             await ledger.reserve(who("1"), SPEC, 3000)
         assert info.value.params["remaining"] == 2000
-        # The process that owned it is gone; a late settle cannot charge it again.
-        assert await ledger.settle(job_id, 100, None) is False
 
-        refunded = await ledger.refund(job_id, by="telegram:admin")
-        assert refunded.status is JobStatus.REFUNDED
-        assert (refunded.refunded_by, refunded.refunded_at) == ("telegram:admin", clock.now)
-        assert refunded.refunded_credits == 8000
-        assert await ledger.list_unsettled() == []
+        # b draws it again and settles it: the user pays once, the lost attempt stays.
+        assert await ledger.mark_started(job_id)
+        again = await ledger.get_job(job_id)
+        assert again is not None and (again.stage, again.attempts) == (JobStage.DRAWING, 2)
+        assert await ledger.settle(job_id, 500, None)
+        assert await ledger.settle(job_id, 100, None) is False
+        drawn = await ledger.get_job(job_id)
+        assert drawn is not None and drawn.stage is JobStage.DRAWN
+        assert (drawn.charged, drawn.lost_credits) == (500, 8000)
+        assert await ledger.finish_delivery(job_id, "c", True) is False  # not c's
+        assert await ledger.finish_delivery(job_id, "b", True)
+        assert await ledger.finish_delivery(job_id, "b", False) is False  # once
+        done = await ledger.get_job(job_id)
+        assert done is not None and done.stage is JobStage.DELIVERED
+        assert done.delivered_at == clock.now
+        assert await ledger.open_jobs() == []
         report = await ledger.spend_report("telegram:1")
-        assert (report.today, report.daily_remaining) == (0, 10000)
-        await ledger.reserve(who("1"), SPEC, 3000)
-        with pytest.raises(UserError) as info2:
-            await ledger.refund(job_id, by="telegram:admin")
-        assert info2.value.key == "refund.not_refundable"
+        assert (report.today, report.daily_remaining) == (500, 9500)
+    await assert_totals_match_jobs(target)
+
+
+async def test_stages_follow_every_ending_and_released_leases_are_taken_at_once(
+    target: Target, clock: Clock
+) -> None:
+    async with await target.open(clock) as ledger:
+        ids = [await ledger.reserve(who("1"), SPEC, 10) for _ in range(5)]
+        assert await ledger.renew_leases("a", ids, 30) == set(ids)
+        assert [job.id for job in await ledger.open_jobs()] == ids
+        await ledger.fail(ids[0], "cancelled")
+        await ledger.fail(ids[1], "moderation_blocked")
+        await ledger.mark_started(ids[2])
+        await ledger.mark_unsettled(ids[2])
+        await ledger.mark_started(ids[3])
+        stages = [(await ledger.get_job(i)).stage for i in ids]  # type: ignore[union-attr]
+        assert stages == [
+            JobStage.CANCELLED, JobStage.FAILED, JobStage.FAILED, JobStage.DRAWING,
+            JobStage.QUEUED,
+        ]
+        # Ended jobs are not leased any more; a clean shutdown hands the rest over at once.
+        assert await ledger.renew_leases("a", ids, 30) == {ids[3], ids[4]}
+        assert await ledger.claim_expired("b", 30, ["telegram"]) == []
+        assert await ledger.release_leases("a", ids) == 2
+        taken = await ledger.claim_expired("b", 30, ["telegram"], limit=1)
+        assert [job.id for job in taken] == [ids[3]]
+        assert taken[0].lost_credits == 10 and taken[0].stage is JobStage.QUEUED
+        [last] = await ledger.claim_expired("b", 30, ["telegram"])
+        assert (last.id, last.lost_credits) == (ids[4], 0)
+        # a comes back too late: it holds nothing any more.
+        assert await ledger.renew_leases("a", ids, 30) == set()
+
+
+async def test_two_workers_claiming_at_once_never_share_a_job(
+    target: Target, clock: Clock
+) -> None:
+    async with await target.open(clock) as ledger:
+        ids = [await ledger.reserve(who(str(i % 3)), SPEC, 10) for i in range(30)]
+        clock.advance(seconds=60)
+        claims = await asyncio.gather(
+            *(ledger.claim_expired(f"w{i}", 30, ["telegram"], limit=4) for i in range(10))
+        )
+        claimed = [job.id for batch in claims for job in batch]
+        assert sorted(claimed) == sorted(set(claimed))
+        assert set(claimed) <= set(ids) and len(claimed) == min(40, len(ids))
+        owners = {job.id: job.lease_owner for batch in claims for job in batch}
+        for job in await ledger.open_jobs():
+            if job.id in owners:
+                assert job.lease_owner == owners[job.id]
 
 
 async def test_mark_unsettled_keeps_the_estimate(target: Target, clock: Clock) -> None:
@@ -876,25 +937,6 @@ async def test_cancelled_calls_leave_the_ledger_usable(target: Target, clock: Cl
     await assert_totals_match_jobs(target)
 
 
-async def test_recovery_releases_jobs_that_never_started(target: Target, clock: Clock) -> None:
-    async with await target.open(clock, user_daily=10000) as ledger:
-        drawing = await ledger.reserve(who("1"), SPEC, 700)
-        await ledger.mark_started(drawing)
-        queued = await ledger.reserve(who("1"), SPEC, 900)
-    clock.advance(seconds=1000)
-    async with await target.open(clock, user_daily=10000) as ledger:
-        assert [job.id for job in await ledger.list_stale(900)] == [drawing, queued]
-        # Only the job that reached the upstream may have been billed.
-        assert await ledger.recover_stale(900) == [drawing]
-        released = await ledger.get_job(queued)
-        assert released is not None and released.status is JobStatus.FAILED
-        assert released.actual_credits == 0 and released.error_code == "interrupted"
-        assert released.finished_at == clock.now
-        assert (await ledger.spend_report("telegram:1")).today == pytest.approx(700)
-        assert await ledger.list_stale(900) == []
-    await assert_totals_match_jobs(target)
-
-
 # --- running totals -------------------------------------------------------------------------
 
 TOTALS_LIMITS = {
@@ -924,7 +966,7 @@ async def test_running_totals_always_equal_the_sum_of_jobs(target: Target, seed:
     chats = ["-1", "-2", None]
     ids: list[int] = []
     refusals: set[str] = set()
-    kinds = ["reserve", "settle", "fail", "fail_paid", "start", "unsettle", "refund", "recover"]
+    kinds = ["reserve", "settle", "fail", "fail_paid", "start", "unsettle", "refund", "claim"]
     weights = [6, 3, 2, 1, 1, 1, 1, 0.3]
 
     async with await target.open(clock, **TOTALS_LIMITS) as ledger:
@@ -959,7 +1001,7 @@ async def test_running_totals_always_equal_the_sum_of_jobs(target: Target, seed:
                     with suppress(UserError):
                         await ledger.refund(job_id, by="telegram:admin")
                 else:
-                    await ledger.recover_stale(3600)
+                    await ledger.claim_expired("other", 3600, ["telegram"])
 
             return run
 

@@ -158,18 +158,42 @@ class Store(abc.ABC):
     async def mark_unsettled(self, job_id: int) -> bool:
         """Mark a reserved job whose cost is unknown `unsettled`; False if not reserved."""
 
-    @abc.abstractmethod
-    async def list_stale(self, older_than_seconds: float) -> list[JobRecord]:
-        """List the reserved jobs older than that: what `recover_stale` would resolve."""
+    # --- durable jobs: leases and takeover (see JobStage) ------------------------------
 
     @abc.abstractmethod
-    async def recover_stale(self, older_than_seconds: float) -> list[int]:
-        """Resolve reserved jobs older than that, left behind by a dead process.
+    async def renew_leases(self, owner: str, job_ids: Sequence[int], seconds: float) -> set[int]:
+        """Lease those open jobs to `owner` until now + `seconds`; return the ids it holds.
 
-        A job that had started may have been billed upstream: it becomes `unsettled`, counted
-        at its estimate until an admin refunds it; its id is returned. A job that never
-        started cannot have been billed: it is released as `failed` / `interrupted`.
+        A job another worker took over (its lease had expired), or one that ended, is left
+        alone and missing from the answer: its old owner must stop working on it.
         """
+
+    @abc.abstractmethod
+    async def release_leases(self, owner: str, job_ids: Sequence[int]) -> int:
+        """End `owner`'s leases on those open jobs now (a clean shutdown), so the next live
+        worker takes them over at once; return how many were released."""
+
+    @abc.abstractmethod
+    async def claim_expired(
+        self, owner: str, seconds: float, platforms: Sequence[str], limit: int = 20
+    ) -> list[JobRecord]:
+        """Take over open jobs of those platforms whose lease has expired; return them.
+
+        A job never leased counts as leased for `seconds` from its creation. Each claimed
+        job is leased to `owner` for `seconds`. A job that was `drawing` lost its attempt
+        (its worker died; the upstream may have billed it): its estimate is added to
+        `lost_credits`, never to the user's charge, and it is `queued` again. One
+        transaction; two workers never claim the same job.
+        """
+
+    @abc.abstractmethod
+    async def finish_delivery(self, job_id: int, owner: str, delivered: bool) -> bool:
+        """Move a `drawn` job leased by `owner` (or by no one) to delivered / undelivered;
+        False when it is not drawn or another worker holds it."""
+
+    @abc.abstractmethod
+    async def open_jobs(self) -> list[JobRecord]:
+        """List the jobs still being worked on (queued, drawing, drawn), oldest first."""
 
     @abc.abstractmethod
     async def list_unsettled(self) -> list[JobRecord]:

@@ -69,7 +69,6 @@ from core.store.keys import (
     throttle_of,
 )
 from core.store.postgres_schema import (
-    SCOPE_ORDER,
     SchemaTooNew,
     apply_migrations,
 )
@@ -80,6 +79,7 @@ from core.store.records import (
     ChatTotal,
     JobRecord,
     JobSpec,
+    JobStage,
     JobStatus,
     Limits,
     Spender,
@@ -151,27 +151,32 @@ _WRITE_BATCH = (
 )
 _SELECT_JOB = "SELECT * FROM jobs WHERE id = $1"
 _MARK_UNSETTLED = "UPDATE jobs SET status = 'unsettled' WHERE id = $1 AND status = 'reserved'"
-_SELECT_STALE = "SELECT * FROM jobs WHERE status = 'reserved' AND created_at < $1 ORDER BY id"
-# Recovery locks the stale jobs (in id order), then every running total they touch in
-# SCOPE_ORDER, key, period — the order every other writer takes them in — so it cannot
-# deadlock with settles running meanwhile in other processes.
-_LOCK_STALE = (
-    "SELECT id, user_key, chat_key, created_at, started_at IS NOT NULL AS started FROM jobs"
-    " WHERE status = 'reserved' AND created_at < $1 ORDER BY id FOR UPDATE"
+# Leases and takeovers lock the job rows in id order (as imgbot_write_batch does), and
+# a takeover skips rows another worker is claiming or finishing right now.
+_SET_LEASES = (
+    "UPDATE jobs AS j SET lease_owner = $1, lease_until = $2"
+    " FROM (SELECT id FROM jobs WHERE id = ANY($3::bigint[])"
+    "       AND stage IN ('queued', 'drawing', 'drawn')"
+    "       AND (lease_owner IS NULL OR lease_owner = $1) ORDER BY id FOR UPDATE) AS l"
+    " WHERE j.id = l.id RETURNING j.id"
 )
-_LOCK_TOTALS = (
-    "SELECT 1 FROM spend_totals AS t"
-    " JOIN unnest($1::text[], $2::text[], $3::text[]) AS k (scope, key, period)"
-    " ON t.scope = k.scope AND t.key = k.key AND t.period = k.period"
-    " ORDER BY array_position($4::text[], t.scope::text), t.key, t.period FOR UPDATE OF t"
+_CLAIM_EXPIRED = (
+    "UPDATE jobs AS j SET lease_owner = $1, lease_until = $2,"
+    " lost_credits = j.lost_credits"
+    "   + CASE WHEN j.stage = 'drawing' THEN j.estimated_credits ELSE 0 END,"
+    " stage = CASE WHEN j.stage = 'drawing' THEN 'queued' ELSE j.stage END"
+    " FROM (SELECT id FROM jobs"
+    "       WHERE stage IN ('queued', 'drawing', 'drawn') AND platform = ANY($5::text[])"
+    "       AND ((lease_until IS NOT NULL AND lease_until <= $3)"
+    "            OR (lease_until IS NULL AND created_at <= $4))"
+    "       ORDER BY id LIMIT $6 FOR UPDATE SKIP LOCKED) AS c"
+    " WHERE j.id = c.id RETURNING j.*"
 )
-_UNSETTLE_STALE = (
-    "UPDATE jobs SET status = 'unsettled' WHERE id = ANY($1::bigint[]) AND status = 'reserved'"
+_FINISH_DELIVERY = (
+    "UPDATE jobs SET stage = $1, delivered_at = $2"
+    " WHERE id = $3 AND stage = 'drawn' AND (lease_owner IS NULL OR lease_owner = $4)"
 )
-_INTERRUPT_STALE = (
-    "UPDATE jobs SET status = 'failed', actual_credits = 0, error_code = 'interrupted',"
-    " finished_at = $1 WHERE id = ANY($2::bigint[]) AND status = 'reserved'"
-)
+_SELECT_OPEN = "SELECT * FROM jobs WHERE stage IN ('queued', 'drawing', 'drawn') ORDER BY id"
 _SELECT_UNSETTLED = "SELECT * FROM jobs WHERE status = 'unsettled' ORDER BY created_at, id"
 _REFUND = (
     "UPDATE jobs SET status = 'refunded', refunded_by = $2, refunded_at = $3"
@@ -339,10 +344,20 @@ _COPY_COLUMNS: dict[str, tuple[tuple[str, type], ...]] = {
         ("source_ref", str),
         ("reported_credits", float),
         ("usage_flag", str),
+        ("stage", str),
+        ("attempts", int),
+        ("lost_credits", float),
+        ("lease_owner", str),
+        ("lease_until", str),
+        ("delivered_at", str),
     ),
 }
-# Columns a later schema added: rows from a store without them load with NULL there.
-_LATE_COLUMNS = frozenset({"reported_credits", "usage_flag"})
+# Columns a later schema added: rows from a store without them load with NULL there (or,
+# for the durable-job columns, what migration 7 gives an old row).
+_LATE_COLUMNS = frozenset(
+    {"reported_credits", "usage_flag", "stage", "attempts", "lost_credits", "lease_owner",
+     "lease_until", "delivered_at"}
+)
 # One statement per copied table, written out (tests/test_postgres_store.py checks they list
 # _COPY_COLUMNS, in order). Paging starts after '' or 0: every key is above those.
 _PAGE_USERS = (
@@ -361,7 +376,8 @@ _PAGE_JOBS = (
     "SELECT id, user_key, chat_key, platform, display_name, command_text, request_json, model,"
     " size, quality, n, reference_count, status, estimated_credits, actual_credits, usage_json,"
     " error_code, created_at, started_at, finished_at, result_refs, refunded_by, refunded_at,"
-    " source_ref, reported_credits, usage_flag FROM jobs WHERE id > $1 ORDER BY id LIMIT $2"
+    " source_ref, reported_credits, usage_flag, stage, attempts, lost_credits, lease_owner,"
+    " lease_until, delivered_at FROM jobs WHERE id > $1 ORDER BY id LIMIT $2"
 )
 _LOAD_USERS = (
     "INSERT INTO users (user_key, platform, user_id, display_name, language, daily_limit,"
@@ -380,10 +396,26 @@ _LOAD_JOBS = (
     "INSERT INTO jobs (id, user_key, chat_key, platform, display_name, command_text,"
     " request_json, model, size, quality, n, reference_count, status, estimated_credits,"
     " actual_credits, usage_json, error_code, created_at, started_at, finished_at, result_refs,"
-    " refunded_by, refunded_at, source_ref, reported_credits, usage_flag) VALUES ($1, $2, $3,"
+    " refunded_by, refunded_at, source_ref, reported_credits, usage_flag, stage, attempts,"
+    " lost_credits, lease_owner, lease_until, delivered_at) VALUES ($1, $2, $3,"
     " $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22,"
-    " $23, $24, $25, $26)"
+    " $23, $24, $25, $26, $27, $28, $29, $30, $31, $32)"
 )
+
+
+def _with_stage(row: dict[str, Any]) -> dict[str, Any]:
+    """A job row from a store older than the durable-job columns: as migration 7 reads it."""
+    if row.get("stage") is not None:
+        return row
+    if row.get("status") == "reserved":
+        stage = "drawing" if row.get("started_at") else "queued"
+    elif row.get("status") in ("succeeded", "refunded"):
+        stage = "delivered"
+    else:
+        stage = "cancelled" if "cancel" in str(row.get("error_code") or "") else "failed"
+    started = 1 if row.get("started_at") else 0
+    return {**row, "stage": stage, "attempts": row.get("attempts") or started,
+            "lost_credits": row.get("lost_credits") or 0.0}
 
 
 def _refusal(scope: str, limit: float, micro: int, user_key: str, estimate: float) -> LimitExceeded:
@@ -1162,52 +1194,65 @@ class PostgresStore(Store):
 
         return await self._write(mark_on)
 
-    async def list_stale(self, older_than_seconds: float) -> list[JobRecord]:
-        """List the reserved jobs older than that: what `recover_stale` would resolve."""
-        cutoff = iso(self._now() - timedelta(seconds=older_than_seconds))
+    # --- durable jobs ---------------------------------------------------------------
+
+    async def renew_leases(self, owner: str, job_ids: Sequence[int], seconds: float) -> set[int]:
+        """Lease those open jobs to `owner` for `seconds` more; return the ids it holds."""
+        return await self._set_leases(owner, job_ids, self._now() + timedelta(seconds=seconds))
+
+    async def release_leases(self, owner: str, job_ids: Sequence[int]) -> int:
+        """End `owner`'s leases on those open jobs now; return how many."""
+        return len(await self._set_leases(owner, job_ids, self._now()))
+
+    async def _set_leases(self, owner: str, job_ids: Sequence[int], until: datetime) -> set[int]:
+        ids = sorted({int(i) for i in job_ids if is_row_id(i)})
+        self._require()
+        if not ids:
+            return set()
+
+        async def lease_on(conn: asyncpg.Connection) -> set[int]:
+            rows = await conn.fetch(_SET_LEASES, owner, iso(until), ids)
+            return {int(row[0]) for row in rows}
+
+        return await self._write(lease_on)
+
+    async def claim_expired(
+        self, owner: str, seconds: float, platforms: Sequence[str], limit: int = 20
+    ) -> list[JobRecord]:
+        """Take over open jobs whose lease expired (see Store.claim_expired)."""
+        now = self._now()
+        until = iso(now + timedelta(seconds=seconds))
+        born_before = iso(now - timedelta(seconds=seconds))
+
+        async def claim_on(conn: asyncpg.Connection) -> list[JobRecord]:
+            rows = await conn.fetch(
+                _CLAIM_EXPIRED, owner, until, iso(now), born_before, list(platforms),
+                max(1, int(limit)),
+            )
+            return sorted((job_from_mapping(row) for row in rows), key=lambda job: job.id)
+
+        return await self._write(claim_on)
+
+    async def finish_delivery(self, job_id: int, owner: str, delivered: bool) -> bool:
+        """Move a drawn job to delivered / undelivered (see Store.finish_delivery)."""
+        self._require()
+        if not is_row_id(job_id):
+            return False
+        stage = JobStage.DELIVERED if delivered else JobStage.UNDELIVERED
+
+        async def finish_on(conn: asyncpg.Connection) -> bool:
+            done = await conn.execute(_FINISH_DELIVERY, stage.value, self._now_iso(), job_id, owner)
+            return _updated(done) > 0
+
+        return await self._write(finish_on)
+
+    async def open_jobs(self) -> list[JobRecord]:
+        """List the jobs still being worked on, oldest first."""
 
         async def read(conn: asyncpg.Connection) -> list[JobRecord]:
-            return [job_from_mapping(row) for row in await conn.fetch(_SELECT_STALE, cutoff)]
+            return [job_from_mapping(row) for row in await conn.fetch(_SELECT_OPEN)]
 
         return await self._read(read)
-
-    async def recover_stale(self, older_than_seconds: float) -> list[int]:
-        """Resolve reserved jobs older than that, left behind by a dead process.
-
-        A job that had started may have been billed upstream: it becomes `unsettled`,
-        counted at its estimate until an admin refunds it; its id is returned. A job that
-        never started cannot have been billed: it is released as `failed` / `interrupted`.
-        """
-        now = self._now()
-        cutoff = iso(now - timedelta(seconds=older_than_seconds))
-        now_iso = iso(now)
-
-        async def recover_on(conn: asyncpg.Connection) -> list[int]:
-            async with conn.transaction():
-                stale = await conn.fetch(_LOCK_STALE, cutoff)
-                if not stale:
-                    return []
-                keys: set[tuple[str, str, str]] = set()
-                for job in stale:
-                    day, month = job["created_at"][:10], job["created_at"][:7]
-                    keys |= {
-                        ("global_daily", "", day),
-                        ("user_daily", job["user_key"], day),
-                        ("user_monthly", job["user_key"], month),
-                    }
-                    if job["chat_key"] is not None:
-                        keys.add(("chat_daily", job["chat_key"], day))
-                scopes, names, periods = (list(part) for part in zip(*sorted(keys), strict=True))
-                await conn.execute(_LOCK_TOTALS, scopes, names, periods, list(SCOPE_ORDER))
-                started = [int(job["id"]) for job in stale if job["started"]]
-                queued = [int(job["id"]) for job in stale if not job["started"]]
-                if started:
-                    await conn.execute(_UNSETTLE_STALE, started)
-                if queued:
-                    await conn.execute(_INTERRUPT_STALE, now_iso, queued)
-                return started
-
-        return await self._write(recover_on)
 
     async def list_unsettled(self) -> list[JobRecord]:
         """List the jobs whose cost is unknown, oldest first, for admins."""
@@ -1578,6 +1623,8 @@ class PostgresStore(Store):
             raise ValueError(f"{table} rows without {', '.join(missing)}")
         # Generated columns (charged, charged_micro), if a row carries them, are not copied:
         # the target computes them, and its triggers the running totals.
+        if table == "jobs":
+            rows = [_with_stage(row) for row in rows]
         values = [tuple(_coerce(kind, row.get(name)) for name, kind in columns) for row in rows]
 
         async def write_on(conn: asyncpg.Connection) -> None:

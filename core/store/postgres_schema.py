@@ -39,6 +39,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from core.store.sqlite_schema import STAGE_AFTER_RESERVED, STAGE_OF_OLD_ROWS
+
 if TYPE_CHECKING:
     import asyncpg
 
@@ -503,6 +505,36 @@ MIGRATIONS = (
                 last_used_at text COLLATE "C"
             )""",
             "CREATE INDEX api_keys_user ON api_keys (user_key, id)",
+        ),
+    ),
+    Migration(
+        7,
+        "durable jobs: jobs.stage, attempts, lost_credits, lease_owner/lease_until, delivered_at",
+        (
+            "ALTER TABLE jobs ADD COLUMN stage text COLLATE \"C\" NOT NULL DEFAULT 'queued',"
+            " ADD COLUMN attempts bigint NOT NULL DEFAULT 0,"
+            " ADD COLUMN lost_credits double precision NOT NULL DEFAULT 0,"
+            " ADD COLUMN lease_owner text COLLATE \"C\","
+            " ADD COLUMN lease_until text COLLATE \"C\","
+            " ADD COLUMN delivered_at text COLLATE \"C\"",
+            f"UPDATE jobs SET {STAGE_OF_OLD_ROWS}",  # noqa: S608 - constant text
+            "CREATE INDEX jobs_open ON jobs (id) WHERE stage IN ('queued', 'drawing', 'drawn')",
+            # As SQLite's two triggers: the stage follows the money in the same statement.
+            f"""CREATE FUNCTION imgbot_job_stage() RETURNS trigger LANGUAGE plpgsql AS $fn$
+            BEGIN
+                IF NEW.status = 'reserved' AND NEW.started_at IS NOT NULL
+                   AND NEW.started_at IS DISTINCT FROM OLD.started_at THEN
+                    NEW.stage := 'drawing';
+                    NEW.attempts := OLD.attempts + 1;
+                END IF;
+                IF OLD.status = 'reserved' AND NEW.status <> 'reserved' THEN
+                    NEW.stage := {STAGE_AFTER_RESERVED};
+                END IF;
+                RETURN NEW;
+            END
+            $fn$""",
+            "CREATE TRIGGER jobs_stage BEFORE UPDATE OF status, started_at ON jobs"
+            " FOR EACH ROW EXECUTE FUNCTION imgbot_job_stage()",
         ),
     ),
 )

@@ -52,6 +52,26 @@ class JobStatus(StrEnum):
     REFUNDED = "refunded"
 
 
+class JobStage(StrEnum):
+    """Where a job's work is (its money is `JobStatus`): one store transaction per step.
+
+    queued → drawing → drawn → delivered, or failed / cancelled / undelivered. A job in an
+    open stage (queued, drawing, drawn) is carried by the process that holds its lease;
+    when the lease expires (the process died) another live worker takes it over.
+    """
+
+    QUEUED = "queued"
+    DRAWING = "drawing"
+    DRAWN = "drawn"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    UNDELIVERED = "undelivered"
+
+
+OPEN_STAGES = (JobStage.QUEUED.value, JobStage.DRAWING.value, JobStage.DRAWN.value)
+
+
 # --- schema ---------------------------------------------------------------------------
 
 
@@ -123,6 +143,14 @@ class JobRecord:
     # Why the charge is not simply the usage: 'over_estimate', or 'usage_invalid' (usage that
     # was negative, not whole, or beyond what the model can produce: charged the reservation).
     usage_flag: str | None = None
+    # The work's step (see JobStage), how many draws started, and what lost draws (a worker
+    # that died while drawing) were estimated at: possibly billed upstream, never charged.
+    stage: JobStage = JobStage.QUEUED
+    attempts: int = 0
+    lost_credits: float = 0.0
+    lease_owner: str | None = None
+    lease_until: datetime | None = None
+    delivered_at: datetime | None = None
 
     @property
     def user_id(self) -> str:
@@ -339,6 +367,12 @@ def job_from_mapping(row: Any) -> JobRecord:
         source_ref=row["source_ref"],
         reported_credits=_optional(row, "reported_credits"),
         usage_flag=_optional(row, "usage_flag"),
+        stage=JobStage(_optional(row, "stage") or "queued"),
+        attempts=int(_optional(row, "attempts") or 0),
+        lost_credits=float(_optional(row, "lost_credits") or 0.0),
+        lease_owner=_optional(row, "lease_owner"),
+        lease_until=parse_time(_optional(row, "lease_until")),
+        delivered_at=parse_time(_optional(row, "delivered_at")),
     )
 
 

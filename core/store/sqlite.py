@@ -64,6 +64,7 @@ from core.store.records import (
     ChatTotal,
     JobRecord,
     JobSpec,
+    JobStage,
     JobStatus,
     Limits,
     Spender,
@@ -173,6 +174,34 @@ _REFUND = (
     "                   OR (status = 'failed' AND COALESCE(actual_credits, 0) > 0))"
     " RETURNING *"
 )
+# Leases: only an open job, held by this owner or by no one, is renewed (or released).
+_RENEW_LEASES = (
+    "UPDATE jobs SET lease_owner = ?, lease_until = ?"
+    " WHERE id IN (SELECT value FROM json_each(?))"
+    " AND stage IN ('queued', 'drawing', 'drawn')"
+    " AND (lease_owner IS NULL OR lease_owner = ?) RETURNING id"
+)
+# A takeover: open jobs whose lease ran out (or, never leased, born over a lease ago). A
+# drawing job's attempt is lost: its estimate goes to lost_credits and it is queued again.
+_CLAIM_EXPIRED = (
+    "UPDATE jobs SET lease_owner = :owner, lease_until = :until,"
+    " lost_credits = lost_credits"
+    "   + CASE WHEN stage = 'drawing' THEN estimated_credits ELSE 0 END,"
+    " stage = CASE WHEN stage = 'drawing' THEN 'queued' ELSE stage END"
+    " WHERE id IN (SELECT id FROM jobs"
+    "   WHERE stage IN ('queued', 'drawing', 'drawn')"
+    "   AND platform IN (SELECT value FROM json_each(:platforms))"
+    "   AND ((lease_until IS NOT NULL AND lease_until <= :now)"
+    "        OR (lease_until IS NULL AND created_at <= :born_before))"
+    "   ORDER BY id LIMIT :limit)"
+    " RETURNING *"
+)
+_FINISH_DELIVERY = (
+    "UPDATE jobs SET stage = ?, delivered_at = ?"
+    " WHERE id = ? AND stage = 'drawn' AND (lease_owner IS NULL OR lease_owner = ?)"
+    " RETURNING id"
+)
+_SELECT_OPEN = "SELECT * FROM jobs WHERE stage IN ('queued', 'drawing', 'drawn') ORDER BY id"
 # Generated columns are computed, never copied.
 _GENERATED = frozenset({"charged", "charged_micro"})
 
@@ -842,36 +871,59 @@ class SqliteStore(Store):
         )
         return bool(rows)
 
-    async def list_stale(self, older_than_seconds: float) -> list[JobRecord]:
-        """List the reserved jobs older than that: what `recover_stale` would resolve."""
-        cutoff = iso(self._now() - timedelta(seconds=older_than_seconds))
-        rows = await self._read_all(
-            "SELECT * FROM jobs WHERE status = 'reserved' AND created_at < ? ORDER BY id",
-            (cutoff,),
+    # --- durable jobs -------------------------------------------------------------------
+
+    async def renew_leases(self, owner: str, job_ids: Sequence[int], seconds: float) -> set[int]:
+        """Lease those open jobs to `owner` for `seconds` more; return the ids it holds."""
+        ids = [int(i) for i in job_ids if is_row_id(i)]
+        if not ids:
+            self._require()
+            return set()
+        until = iso(self._now() + timedelta(seconds=seconds))
+        rows = await self._single(_RENEW_LEASES, (owner, until, json.dumps(ids), owner))
+        return {int(row[0]) for row in rows}
+
+    async def release_leases(self, owner: str, job_ids: Sequence[int]) -> int:
+        """End `owner`'s leases on those open jobs now; return how many."""
+        ids = [int(i) for i in job_ids if is_row_id(i)]
+        if not ids:
+            self._require()
+            return 0
+        rows = await self._single(
+            _RENEW_LEASES, (owner, self._now_iso(), json.dumps(ids), owner)
         )
-        return [job_from_mapping(row) for row in rows]
+        return len(rows)
 
-    async def recover_stale(self, older_than_seconds: float) -> list[int]:
-        """Resolve reserved jobs older than that, left behind by a dead process."""
+    async def claim_expired(
+        self, owner: str, seconds: float, platforms: Sequence[str], limit: int = 20
+    ) -> list[JobRecord]:
+        """Take over open jobs whose lease expired (see Store.claim_expired)."""
         now = self._now()
-        cutoff = iso(now - timedelta(seconds=older_than_seconds))
-        now_iso = iso(now)
+        params = {
+            "owner": owner,
+            "until": iso(now + timedelta(seconds=seconds)),
+            "now": iso(now),
+            "born_before": iso(now - timedelta(seconds=seconds)),
+            "platforms": json.dumps(list(platforms)),
+            "limit": max(1, int(limit)),
+        }
+        rows = await self._single(_CLAIM_EXPIRED, params)
+        return sorted((job_from_mapping(row) for row in rows), key=lambda job: job.id)
 
-        async def recover_on(conn: aiosqlite.Connection) -> list[int]:
-            rows = await conn.execute_fetchall(
-                "UPDATE jobs SET status = 'unsettled' WHERE status = 'reserved'"
-                " AND created_at < ? AND started_at IS NOT NULL RETURNING id",
-                (cutoff,),
-            )
-            await conn.execute(
-                "UPDATE jobs SET status = 'failed', actual_credits = 0,"
-                " error_code = 'interrupted', finished_at = ?"
-                " WHERE status = 'reserved' AND created_at < ? AND started_at IS NULL",
-                (now_iso, cutoff),
-            )
-            return sorted(int(row[0]) for row in rows)
+    async def finish_delivery(self, job_id: int, owner: str, delivered: bool) -> bool:
+        """Move a drawn job to delivered / undelivered (see Store.finish_delivery)."""
+        if not is_row_id(job_id):
+            self._require()
+            return False
+        stage = JobStage.DELIVERED if delivered else JobStage.UNDELIVERED
+        rows = await self._single(
+            _FINISH_DELIVERY, (stage.value, self._now_iso(), job_id, owner)
+        )
+        return bool(rows)
 
-        return await self._transaction(recover_on)
+    async def open_jobs(self) -> list[JobRecord]:
+        """List the jobs still being worked on, oldest first."""
+        return [job_from_mapping(row) for row in await self._read_all(_SELECT_OPEN)]
 
     async def list_unsettled(self) -> list[JobRecord]:
         """List the jobs whose cost is unknown, oldest first, for admins."""

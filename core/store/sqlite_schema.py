@@ -27,6 +27,23 @@ SCHEMA_VERSION_DDL = (
     " applied_at TEXT NOT NULL)"
 )
 
+# The stage a job reaches when its reservation ends (both backends use this text).
+STAGE_AFTER_RESERVED = (
+    "CASE NEW.status WHEN 'succeeded' THEN 'drawn'"
+    " WHEN 'failed' THEN CASE WHEN NEW.error_code LIKE '%cancel%' THEN 'cancelled'"
+    " ELSE 'failed' END"
+    " ELSE 'failed' END"
+)
+STAGE_OF_OLD_ROWS = (
+    "stage = CASE"
+    " WHEN status = 'reserved' AND started_at IS NOT NULL THEN 'drawing'"
+    " WHEN status = 'reserved' THEN 'queued'"
+    " WHEN status IN ('succeeded', 'refunded') THEN 'delivered'"
+    " WHEN status = 'failed' AND error_code LIKE '%cancel%' THEN 'cancelled'"
+    " ELSE 'failed' END,"
+    " attempts = CASE WHEN started_at IS NOT NULL THEN 1 ELSE 0 END"
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -236,6 +253,35 @@ MIGRATIONS: tuple[Migration, ...] = (
                 last_used_at TEXT
             )""",
             "CREATE INDEX api_keys_user ON api_keys (user_key, id)",
+        ),
+    ),
+    Migration(
+        7,
+        "durable jobs: jobs.stage, attempts, lost_credits, lease_owner/lease_until, delivered_at",
+        (
+            "ALTER TABLE jobs ADD COLUMN stage TEXT NOT NULL DEFAULT 'queued'",
+            "ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE jobs ADD COLUMN lost_credits REAL NOT NULL DEFAULT 0",
+            "ALTER TABLE jobs ADD COLUMN lease_owner TEXT",
+            "ALTER TABLE jobs ADD COLUMN lease_until TEXT",
+            "ALTER TABLE jobs ADD COLUMN delivered_at TEXT",
+            # Jobs of an older release: the finished ones were delivered (or not) long ago;
+            # open reservations have no lease, so a live worker takes them over.
+            f"UPDATE jobs SET {STAGE_OF_OLD_ROWS}",  # noqa: S608 - constant text
+            "CREATE INDEX jobs_open ON jobs (id) WHERE stage IN ('queued', 'drawing', 'drawn')",
+            # The stage follows the money in the same statement: a start makes it drawing
+            # (one more attempt), a settle drawn, a failure failed or cancelled.
+            """CREATE TRIGGER jobs_stage_started AFTER UPDATE OF started_at ON jobs
+               WHEN NEW.started_at IS NOT OLD.started_at AND NEW.started_at IS NOT NULL
+                    AND NEW.status = 'reserved'
+               BEGIN
+                   UPDATE jobs SET stage = 'drawing', attempts = attempts + 1 WHERE id = NEW.id;
+               END""",
+            f"""CREATE TRIGGER jobs_stage_finished AFTER UPDATE OF status ON jobs
+               WHEN OLD.status = 'reserved' AND NEW.status <> 'reserved'
+               BEGIN
+                   UPDATE jobs SET stage = {STAGE_AFTER_RESERVED} WHERE id = NEW.id;
+               END""",  # noqa: S608 - constant text
         ),
     ),
 )
