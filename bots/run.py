@@ -72,6 +72,17 @@ async def _beat(path: Path, service: ImageService | None = None) -> None:
         await asyncio.sleep(HEARTBEAT_EVERY)
 
 
+async def _clean_results(service: ImageService) -> None:
+    while True:
+        try:
+            removed = await service.clean_results()
+            if removed:
+                log.info("removed %d kept result(s) past their retention", removed)
+        except Exception as err:  # noqa: BLE001 - tried again in an hour
+            log.warning("could not clean kept results: %s", err)
+        await asyncio.sleep(3600)
+
+
 NO_TOKEN = """No bot token is set and the web API is off (WEB_PORT=0): nothing to run.
 
 Fill in at least one of these in .env (copy .env.example to .env first):
@@ -224,6 +235,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         code = 0
         log.info("imgbot running: %s", ", ".join(tasks.values()))
         beat = asyncio.create_task(_beat(heartbeat_path(settings), service))
+        # Jobs dead processes left (their lease expired) are carried on here, and kept
+        # results past RESULT_RETENTION_HOURS are cleaned.
+        carry = asyncio.create_task(service.take_over(), name="imgbot:take-over")
+        clean = asyncio.create_task(_clean_results(service), name="imgbot:clean-results")
         # Wake on the signal itself, not when a bot has finished draining: the service must
         # cancel waiting jobs at once, or they would start during the grace period.
         stopping = asyncio.create_task(stop.wait())
@@ -247,6 +262,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
             # then the service drains, then the bots close, then the service closes.
             stop.set()
             beat.cancel()
+            carry.cancel()
+            clean.cancel()
             await service.shutdown(settings.shutdown_grace)
             await asyncio.gather(*tasks, return_exceptions=True)
         log.info("imgbot stopped; %d job(s) still in flight", service.jobs_in_flight)

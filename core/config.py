@@ -103,8 +103,18 @@ class Settings(BaseSettings):
     user_monthly_limit: float = Field(0, ge=0, description="Credits one user may spend per month")
     chat_daily_limit: float = Field(0, ge=0, description="Credits one chat/server may spend per day")
     global_daily_limit: float = Field(0, ge=0, description="Credits the whole bot may spend per day")
-    job_timeout: float = Field(
-        900.0, gt=0, description="Longest a job may run; older reservations become unsettled"
+    job_lease: float = Field(
+        30.0, ge=1, le=3600,
+        description="Seconds a dead process's jobs wait before a live one takes them over",
+    )
+    delivery_attempts: int = Field(
+        5, ge=1, le=20, description="Tries to deliver a result before it is undelivered"
+    )
+    delivery_retry_delay: float = Field(
+        2.0, ge=0, le=600, description="Seconds before the second try; doubled each time"
+    )
+    result_retention_hours: float = Field(
+        24.0, ge=0, description="Hours delivered results stay in DATA_DIR/results (0 = none)"
     )
 
     # --- access, concurrency, language ------------------------------------------------

@@ -192,3 +192,15 @@ class UpstreamCorruptImage(UpstreamMalformed):
 
     key = "upstream.corrupt_image"
     billed = True
+
+
+class DeliveryFailed(Exception):
+    """A front end could not hand a result over (not the user's fault; never shown as is).
+
+    `retryable`: the platform had a passing problem (5xx, network, time-out) and a later
+    try may work; otherwise (a 4xx: chat gone, bot blocked) trying again is pointless.
+    """
+
+    def __init__(self, detail: str, *, retryable: bool) -> None:
+        super().__init__(detail)
+        self.retryable = retryable

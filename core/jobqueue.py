@@ -72,13 +72,18 @@ class FairQueue:
         if mine >= self._max_waiting_per_user:
             raise QueueFull(waiting=mine)
 
-    def admit(self, user_key: str) -> Ticket:
+    def admit(self, user_key: str, *, force: bool = False) -> Ticket:
         """Check the user's room and take a place in the queue at once (no await between).
 
         The ticket may be granted a slot at once; its holder must `acquire` it (after
-        setting `job_id`) or `withdraw` it.
+        setting `job_id`) or `withdraw` it. `force` skips the room check (a job accepted
+        before, taken over from a dead process), not a closed queue.
         """
-        self.check_room(user_key)
+        if force:
+            if self._closed:
+                raise Cancelled("job.shutting_down")
+        else:
+            self.check_room(user_key)
         ticket = Ticket(user_key=user_key, job_id=None)
         self._enqueue(ticket)
         return ticket

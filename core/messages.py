@@ -380,20 +380,29 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "The bot is restarting; your job was not run and nothing was charged. Please send it again in a minute.",
         "zh": "机器人正在重启，任务未执行、未扣费。请稍后重新发送。",
     },
-    "job.interrupted_unsettled": {
-        "en": (
-            "The bot restarted while drawing your job #{job_id}. It may have been billed "
-            "upstream, so it counts at its estimate ({cost}) until an admin checks it; "
-            "if no image came, send it again and ask an admin for a refund."
-        ),
-        "zh": (
-            "机器人在绘制你的任务 #{job_id} 时重启了。上游可能已计费，暂按预估 ({cost}) 计入，"
-            "待管理员核实；若未收到图片，请重新发送并联系管理员退款。"
-        ),
+    "job.resumes_after_restart": {
+        "en": "The bot is restarting. Your job #{job_id} is kept and continues right after the restart; you pay for it once.",
+        "zh": "机器人正在重启。你的任务 #{job_id} 已保留，重启后立即继续；只计费一次。",
+    },
+    "job.resumed": {
+        "en": "The bot restarted; continuing your job #{job_id}…",
+        "zh": "机器人已重启，正在继续你的任务 #{job_id}…",
     },
     "job.interrupted_released": {
-        "en": "The bot restarted before your job #{job_id} started. Nothing was charged; please send it again.",
-        "zh": "机器人在你的任务 #{job_id} 开始前重启了，未扣费，请重新发送。",
+        "en": "The bot restarted twice while drawing your job #{job_id}, so it was stopped. Nothing was charged; please send it again.",
+        "zh": "绘制你的任务 #{job_id} 时机器人两次重启，任务已停止。未扣费，请重新发送。",
+    },
+    "job.references_gone": {
+        "en": "The bot restarted and could not fetch the images of your job #{job_id} again. Nothing was charged; please send it again.",
+        "zh": "机器人重启后无法重新获取任务 #{job_id} 的参考图。未扣费，请重新发送。",
+    },
+    "job.undelivered": {
+        "en": "Your image (job #{job_id}) was drawn but could not be delivered after several tries. It is marked undelivered; an admin can refund it.",
+        "zh": "你的图片（任务 #{job_id}）已生成，但多次尝试后仍无法发送。已标记为未送达，管理员可退款。",
+    },
+    "job.result_lost": {
+        "en": "Your image (job #{job_id}) was drawn, but its kept copy was lost in a restart. It is marked undelivered; an admin can refund it.",
+        "zh": "你的图片（任务 #{job_id}）已生成，但保存的副本在重启中丢失。已标记为未送达，管理员可退款。",
     },
     "job.duplicate": {
         "en": "That message was already handled (job #{job_id}).",

@@ -23,11 +23,12 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from core.errors import ImgbotError, Texts
+from core.errors import DeliveryFailed, ImgbotError, Texts
 from core.messages import language_of, text
 from core.prompt import refine_command
 from core.replay import ReplayAction
 from core.service import DrawOutcome, ImageService, job_visible_to
+from core.store import JobRecord, JobStage
 from core.types import IncomingImage, Progress, Requester
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class Reply(Protocol):
         """Deliver the result; return the platform's handle of each image sent ("" if none).
 
         `four_k_credits` is what the 4K replay would cost, for its button (None: unknown).
+        Raises DeliveryFailed when the platform would not take it; the runner tries again
+        (DELIVERY_ATTEMPTS, backing off) while it says the problem may pass.
         """
 
     async def refusal(self, message: str | None, error: ImgbotError | None = None) -> None:
@@ -163,8 +166,63 @@ class JobRunner:
         )
         await self._deliver(outcome, reply)
 
+    async def resume(
+        self, job: JobRecord, reply: Reply, fetch_ref: FetchRef
+    ) -> None:
+        """Carry on a job a dead process left (taken over by `ImageService.take_over`).
+
+        A drawn job is delivered from its kept result; a queued one (its draw may have
+        been lost) is drawn again, at most once more, and delivered. The user pays once.
+        """
+        service = self.service
+        requester = await service.requester_of(job)
+
+        async def work() -> None:
+            if job.stage is JobStage.DRAWN:
+                outcome = await service.kept_outcome(job)
+                if outcome is None:
+                    await service.finish_delivery(job.id, delivered=False)
+                    await service.alert(
+                        "undelivered", f"job {job.id} ({job.user_key}): its kept result is"
+                        " gone; undelivered, refundable with /refund"
+                    )
+                    lang = language_of(requester.language)
+                    await reply.failure(self._texts(lang, "job.result_lost", job_id=job.id))
+                    return
+            else:
+                outcome = await service.resume_draw(job, fetch_ref, reply.progress)
+            await self._deliver(outcome, reply)
+
+        await self._guarded(requester, reply, work())
+
     async def _deliver(self, outcome: DrawOutcome, reply: Reply) -> None:
-        handles = await reply.result(outcome, await self.four_k_estimate(outcome))
+        """Hand a drawn result over, trying again while the platform's trouble may pass;
+        then record it delivered, or undelivered (refundable; user told, admins alerted)."""
+        service = self.service
+        four_k = await self.four_k_estimate(outcome)
+        delay = service.settings.delivery_retry_delay
+        attempts = service.settings.delivery_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                handles = await reply.result(outcome, four_k)
+                break
+            except DeliveryFailed as err:
+                if err.retryable and attempt < attempts:
+                    log.warning("job %d: delivery try %d of %d failed (%s); again in %.1fs",
+                                outcome.job_id, attempt, attempts, err, delay)
+                    await asyncio.sleep(delay)
+                    delay *= 2
+                    continue
+                await service.finish_delivery(outcome.job_id, delivered=False)
+                await service.alert(
+                    "undelivered", f"job {outcome.job_id}: the result could not be delivered"
+                    f" after {attempt} tries ({err}); undelivered, refundable with /refund"
+                )
+                await reply.failure(
+                    self._texts(outcome.lang, "job.undelivered", job_id=outcome.job_id)
+                )
+                return
+        await service.finish_delivery(outcome.job_id, delivered=True)
         if any(handles):
             try:
                 await self.service.record_result_refs(outcome.job_id, handles)

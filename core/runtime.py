@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,9 @@ from core.store import Limits, open_store
 
 log = logging.getLogger(__name__)
 
+# The task that renews this process's leases for as long as the service is open.
+LEASES_TASK_NAME = "imgbot:leases"
+
 
 def make_http_client(settings: Settings) -> httpx.AsyncClient:
     """Create the one HTTP client for the image API."""
@@ -26,7 +30,7 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
 
 @asynccontextmanager
 async def open_service(settings: Settings) -> AsyncIterator[ImageService]:
-    """Open the HTTP client and the ledger, resolve stale jobs, and yield the service."""
+    """Open the HTTP client and the ledger, keep this process's leases, yield the service."""
     set_default_language(settings.default_language)
     async with make_http_client(settings) as http:
         ledger = await open_store(
@@ -35,26 +39,18 @@ async def open_service(settings: Settings) -> AsyncIterator[ImageService]:
             pool_size=settings.database_pool_size,
         )
         try:
-            stale = await ledger.list_stale(settings.job_timeout)
-            unsettled = await ledger.recover_stale(settings.job_timeout)
-            if unsettled:
-                log.warning(
-                    "%d job(s) were left running by a previous process and are now unsettled: %s",
-                    len(unsettled),
-                    ", ".join(map(str, unsettled)),
-                )
-            if len(stale) > len(unsettled):
-                log.info("%d queued job(s) of a previous process released", len(stale) - len(unsettled))
+            # Nothing another process left is touched here: its jobs are taken over only
+            # by `imgbot run` (ImageService.take_over) once their lease has expired.
             service = ImageService(settings, ledger, ImageClient(http, settings))
-            # The bots tell these users what became of their job once they are connected.
-            service.interrupted = tuple(
-                [job for j in stale if (job := await ledger.get_job(j.id)) is not None]
-            )
+            leases = asyncio.create_task(service.keep_leases(), name=LEASES_TASK_NAME)
             try:
                 yield service
             finally:
                 # Never close the ledger under a job: cancelled ones still settle in the
                 # background (the entry point has normally drained already; this is a no-op).
                 await service.shutdown(settings.shutdown_grace)
+                leases.cancel()
+                await asyncio.gather(leases, return_exceptions=True)
+                await service.release_held()
         finally:
             await ledger.close()

@@ -13,6 +13,9 @@ import asyncio
 import json
 import logging
 import math
+import os
+import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -31,12 +34,13 @@ from core.errors import (
 from core.ids import UserDirectory
 from core.images import ImageClient, prepare_mask, prepare_references
 from core.jobqueue import FairQueue, RateLimiter, Ticket
-from core.messages import language_of, text
-from core.pricing import PriceTable, estimate_credits, format_credits, usage_problem
+from core.messages import language_of
+from core.pricing import PriceTable, estimate_credits, usage_problem
 from core.prompt import PromptDefaults, clean_text, parse_command
 from core.replay import ReplayAction as ReplayAction
+from core.results import ResultStore
 from core.sizes import TIERS
-from core.store import JobRecord, JobSpec, SpendReport, Store
+from core.store import JobRecord, JobSpec, JobStage, SpendReport, Store, StoreError
 from core.types import (
     GeneratedImage,
     ImageRequest,
@@ -54,6 +58,10 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 QUALITIES = ("low", "medium", "high")
+# A job is drawn at most this many times: a second lost draw stops it (released at 0).
+MAX_DRAW_ATTEMPTS = 2
+# One alert of a kind to the admins' chats per this many seconds (the log gets each).
+ALERT_EVERY = 600.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,10 @@ class _Inflight:
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     # Settled already, or its settlement handed to a background task: leave it alone.
     settled: bool = False
+    # A job a later process can carry on (its front end resumes jobs): a shutdown stops
+    # it (`stop`) and leaves it to the next start instead of failing it.
+    resumable: bool = False
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
     extras: dict[str, object] = field(default_factory=dict)
 
 
@@ -137,12 +149,20 @@ class ImageService:
         # Usernames seen in chats, for admin commands naming `@user`. In memory for now;
         # it belongs in the store (a restart forgets who was seen).
         self.directory = UserDirectory()
-        # Jobs a dead process left behind, as resolved at start-up (see core.runtime).
-        self.interrupted: tuple[JobRecord, ...] = ()
         # False from a failed ledger write (disk full, read-only file, database gone) until
         # the next write or `check_store` succeeds; the heartbeat reports it to health.
         self.store_healthy = True
         self.store_problem = ""
+        # Durable jobs: this process's name on the leases it holds, the open jobs it holds
+        # them on (reserved here or taken over, until they end), where results are kept,
+        # and how each front end carries on a job another process left (see `take_over`).
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.held: set[int] = set()
+        self.results = ResultStore(settings.data_path / "results")
+        self.resumers: dict[str, Callable[[JobRecord], None]] = {}
+        # Who hears about trouble besides the log (front ends add a way to message admins).
+        self.alert_senders: list[Callable[[str], Awaitable[None]]] = []
+        self._alerted: dict[str, float] = {}
 
     # --- the store's health --------------------------------------------------------
     async def _write(self, call: Awaitable[_T]) -> _T:
@@ -288,9 +308,16 @@ class ImageService:
             self.queue.withdraw(ticket)
             raise
         ticket.job_id = job_id
+        self.held.add(job_id)
         return await self._run(
-            requester, request, refs, estimate, job_id, ticket, progress, lang, mask_ref
+            requester, request, refs, estimate, job_id, ticket, progress, lang, mask_ref,
+            resumable=self.can_resume(origin),
         )
+
+    def can_resume(self, origin: Mapping[str, str] | None) -> bool:
+        """Say whether a job from `origin` can be carried on by a later process here (its
+        front end registered a resumer); the web API's and the terminal's cannot."""
+        return bool(origin) and str((origin or {}).get("via", "")) in self.resumers
 
     async def _reserve(
         self,
@@ -336,6 +363,8 @@ class ImageService:
         progress: ProgressCallback | None,
         lang: str,
         mask_ref: ReferenceImage | None = None,
+        *,
+        resumable: bool = False,
     ) -> DrawOutcome:
         record = _Inflight(
             task=asyncio.current_task(),
@@ -343,6 +372,7 @@ class ImageService:
             requester=requester,
             prompt=request.prompt,
             estimate=estimate,
+            resumable=resumable,
         )
         self._inflight[job_id] = record
         started = self._clock()
@@ -357,8 +387,12 @@ class ImageService:
                     raise Cancelled("job.shutting_down")
                 await self.queue.acquire(ticket, on_position)
             except Cancelled as err:
-                await self._write(self.ledger.fail(job_id, err.code))
                 record.settled = True  # the handlers below must not settle it again
+                if err.key == "job.shutting_down" and resumable:
+                    # Stays queued in the store: the next start carries it on.
+                    raise Cancelled("job.resumes_after_restart", job_id=job_id) from None
+                await self._write(self.ledger.fail(job_id, err.code))
+                self.held.discard(job_id)
                 raise
             try:
                 if record.cancel.is_set():  # cancelled between its slot and its call
@@ -373,37 +407,58 @@ class ImageService:
             finally:
                 if not record.settled:
                     self.queue.release(ticket)
-        except Cancelled:
-            if not record.settled:  # else the background settlement owns the job
+        except Cancelled as err:
+            if err.key == "job.resumes_after_restart":
+                pass  # left open and leased: the next start takes it over
+            elif not record.settled:  # else the background settlement owns the job
                 await self._write(self.ledger.fail(job_id, "cancelled"))
+                self.held.discard(job_id)
             raise
         except UpstreamError as err:
             credits, flag = self.charge_for(err.usage, request, estimate, billed=err.billed)
             await self._write(self.ledger.fail(job_id, err.code, credits, err.usage, flag=flag))
+            self.held.discard(job_id)
             charged = min(credits, estimate)
             self._log_job(requester, request, "failed", charged, self._clock() - started, err.code)
             raise
         except asyncio.CancelledError:
             # Shut down mid-job: if the call was in flight the upstream may have billed,
             # so the job stays counted at its estimate until an admin looks at it.
-            if record.settled:
-                pass  # a cancelled running job: its background settlement decides
+            if record.settled or record.resumable:
+                pass  # its background settlement decides, or the next start carries it on
             elif record.drawing:
                 await asyncio.shield(self._write(self.ledger.mark_unsettled(job_id)))
+                self.held.discard(job_id)
             else:
                 await asyncio.shield(self._write(self.ledger.fail(job_id, "cancelled")))
+                self.held.discard(job_id)
             raise
         except ImgbotError as err:
             await self._write(self.ledger.fail(job_id, err.code))
+            self.held.discard(job_id)
             raise
         except Exception:
             await self._write(self.ledger.fail(job_id, "internal"))
+            self.held.discard(job_id)
             raise
         finally:
             self._inflight.pop(job_id, None)
 
         reported, flag = self.charge_for(result.usage, request, estimate, billed=True)
-        await self._write(self.ledger.settle(job_id, reported, result.usage, flag=flag))
+        # The result is kept on disk while the charge is written (both before delivery),
+        # so a process that dies from here on leaves a drawn job the next one delivers.
+        keeping = asyncio.ensure_future(
+            asyncio.to_thread(
+                self.results.save, job_id, result.images,
+                revised_prompt=result.revised_prompt, elapsed=result.elapsed,
+            )
+        )
+        await self._settle_until_written(job_id, reported, result.usage, flag)
+        try:
+            await keeping
+        except OSError as err:
+            log.warning("job %d: result not kept on disk (%s); delivering it from memory",
+                        job_id, err)
         credits = min(reported, estimate)  # never above the reservation (the store agrees)
         elapsed = self._clock() - started
         self._log_job(requester, request, "succeeded", credits, elapsed, "")
@@ -436,15 +491,20 @@ class ImageService:
         with_mask = {"mask": mask} if mask is not None else {}
         call = asyncio.ensure_future(self.client.draw(request, refs, **with_mask))
         cancelled = asyncio.ensure_future(record.cancel.wait())
+        stopped = asyncio.ensure_future(record.stop.wait())
         try:
             while True:
                 done, _ = await asyncio.wait(
-                    {call, cancelled},
+                    {call, cancelled, stopped},
                     timeout=self.settings.progress_interval,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if call in done:
                     return call.result()
+                if stopped in done:
+                    # Shut down past the grace: the call is dropped (it may have billed:
+                    # the next start records that) and the job drawn again after it.
+                    raise Cancelled("job.resumes_after_restart", job_id=record.job_id)
                 if cancelled in done:
                     # The call may already have been billed: let it finish, settle it at what
                     # the upstream reports, and tell the user now.
@@ -454,6 +514,7 @@ class ImageService:
                     await progress(Progress("working", elapsed=self._clock() - start))
         finally:
             cancelled.cancel()
+            stopped.cancel()
             if not call.done() and not record.settled:
                 call.cancel()
                 try:
@@ -525,6 +586,7 @@ class ImageService:
                 self._log_job(record.requester, request, "cancelled", charged, 0.0, "cancelled")
             finally:
                 self.queue.release(ticket)
+                self.held.discard(record.job_id)
 
         task = asyncio.ensure_future(settle())
         self._settling.add(task)
@@ -568,6 +630,212 @@ class ImageService:
                         return " ".join(words)
         return None
 
+    async def _settle_until_written(
+        self, job_id: int, credits: float, usage: Usage | None, flag: str | None
+    ) -> None:
+        """Write a drawn job's charge, trying again while the store cannot take it.
+
+        The result is in hand (and kept on disk if the disk allows): it is not thrown
+        away because the ledger is full or read-only. `settle` acts once, so a write that
+        did commit before its error is not charged again by the next try.
+        """
+        delay = 0.5
+        while True:
+            try:
+                await self._write(self.ledger.settle(job_id, credits, usage, flag=flag))
+                return
+            except StoreError as err:
+                log.warning("job %d: the charge could not be written (%s); trying again in"
+                            " %.1fs", job_id, err, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    # --- durable jobs: leases, takeovers, kept results ---------------------------------
+    async def keep_leases(self) -> None:
+        """Renew the leases of the jobs this process holds, until cancelled.
+
+        Every third of JOB_LEASE; a job another worker took over meanwhile (this process
+        could not renew for a whole lease) is dropped from `held`.
+        """
+        every = max(0.2, self.settings.job_lease / 3)
+        while True:
+            await asyncio.sleep(every)
+            ids = sorted(self.held)
+            if not ids:
+                continue
+            try:
+                kept = await self._write(
+                    self.ledger.renew_leases(self.owner, ids, self.settings.job_lease)
+                )
+            except Exception as err:  # noqa: BLE001 - the store's health reports it
+                log.warning("leases not renewed: %s", err)
+                continue
+            for job_id in set(ids) - kept:
+                if job_id in self.held and job_id not in self._inflight:
+                    log.info("job %d is no longer held here (ended or taken over)", job_id)
+                    self.held.discard(job_id)
+
+    async def take_over(self) -> None:
+        """Carry on, until cancelled, the jobs dead processes left (their lease expired).
+
+        Runs in `imgbot run`. Only platforms with a resumer here (their front end runs)
+        and the web/terminal jobs (which nobody can carry on: their caller is gone) are
+        claimed; start-up, terminal commands and reports never touch another's jobs.
+        """
+        every = max(0.2, min(5.0, self.settings.job_lease / 3))
+        while not self._closing:
+            try:
+                platforms = sorted({*self.resumers, "cli", "web"})
+                jobs = await self._write(
+                    self.ledger.claim_expired(
+                        self.owner, self.settings.job_lease, platforms, limit=10
+                    )
+                )
+            except Exception as err:  # noqa: BLE001 - tried again on the next round
+                log.warning("could not look for jobs to take over: %s", err)
+                jobs = []
+            for job in jobs:
+                self.held.add(job.id)
+                log.info("job %d taken over (%s, attempt %d, lost so far %.2f)",
+                         job.id, job.stage.value, job.attempts, job.lost_credits)
+                resume = self.resumers.get(_via(job))
+                if resume is not None and not self._closing:
+                    resume(job)
+                else:
+                    await self._close_orphan(job)
+            await asyncio.sleep(every)
+
+    async def _close_orphan(self, job: JobRecord) -> None:
+        """End a taken-over job nobody here can carry on (a web or terminal caller is gone)."""
+        if job.stage is JobStage.DRAWN:
+            await self.finish_delivery(job.id, delivered=False)
+            await self.alert(
+                "undelivered", f"job {job.id} ({job.user_key}) was drawn but its caller is"
+                " gone: undelivered, refundable with /refund"
+            )
+        else:
+            await self._write(self.ledger.fail(job.id, "interrupted"))
+            self.held.discard(job.id)
+
+    async def resume_draw(
+        self,
+        job: JobRecord,
+        fetch: Callable[[str], Awaitable[IncomingImage]],
+        progress: ProgressCallback | None = None,
+    ) -> DrawOutcome:
+        """Draw a taken-over queued job again, as it was asked; the user pays once.
+
+        A job whose draw was already lost twice is stopped (released at 0): a prompt that
+        kills its worker must not kill every worker in turn. References are fetched again
+        from the platform; if they are gone the job is released at 0.
+        """
+        requester = await self.requester_of(job)
+        lang = language_of(requester.language)
+        if job.attempts >= MAX_DRAW_ATTEMPTS:
+            await self._write(self.ledger.fail(job.id, "interrupted"))
+            self.held.discard(job.id)
+            raise Cancelled("job.interrupted_released", job_id=job.id)
+        stored = json.loads(job.request_json or "{}")
+        try:
+            incoming = [await fetch(ref) for ref in stored.get("reference_refs") or [] if ref]
+            refs = await prepare_references(
+                [(r.data, r.filename) for r in incoming],
+                max_bytes=self.settings.max_reference_bytes,
+            )
+            request = _request_from_dict(stored["request"])
+        except Exception as err:  # noqa: BLE001 - whatever it was, the job cannot run
+            log.warning("job %d cannot be drawn again: %s", job.id, err)
+            await self._write(self.ledger.fail(job.id, "interrupted"))
+            self.held.discard(job.id)
+            raise Cancelled("job.references_gone", job_id=job.id) from None
+        ticket = self.queue.admit(job.user_key, force=True)
+        ticket.job_id = job.id
+        return await self._run(
+            requester, request, refs, job.estimated_credits, job.id, ticket, progress, lang,
+            resumable=True,
+        )
+
+    async def kept_outcome(self, job: JobRecord) -> DrawOutcome | None:
+        """Rebuild a drawn job's outcome from its kept result; None if it is gone."""
+        kept = await asyncio.to_thread(self.results.load, job.id)
+        if kept is None:
+            return None
+        requester = await self.requester_of(job)
+        stored = json.loads(job.request_json or "{}")
+        return DrawOutcome(
+            job_id=job.id,
+            request=_request_from_dict(stored["request"]),
+            images=kept.images,
+            credits=job.actual_credits or 0.0,
+            estimated=job.estimated_credits,
+            spend=await self.ledger.spend_report(job.user_key),
+            elapsed=kept.elapsed,
+            lang=language_of(requester.language),
+            revised_prompt=kept.revised_prompt,
+            reference_count=job.reference_count,
+        )
+
+    async def requester_of(self, job: JobRecord) -> Requester:
+        """The requester a stored job was asked by (language as the user last set it)."""
+        user = await self.ledger.get_user(job.user_key)
+        return Requester(
+            platform=job.platform,
+            user_id=job.user_id,
+            chat_id=job.chat_id,
+            display_name=job.display_name,
+            language=user.language if user is not None else None,
+        )
+
+    async def finish_delivery(self, job_id: int, *, delivered: bool) -> None:
+        """Record that a drawn job reached its user (or never will); let its lease go."""
+        try:
+            await self._write(self.ledger.finish_delivery(job_id, self.owner, delivered))
+        finally:
+            self.held.discard(job_id)
+        if delivered and self.settings.result_retention_hours <= 0:
+            await asyncio.to_thread(self.results.remove, job_id)
+
+    async def clean_results(self) -> int:
+        """Delete kept results older than RESULT_RETENTION_HOURS whose job has ended."""
+        cutoff = time.time() - self.settings.result_retention_hours * 3600
+        removed = 0
+        for job_id, saved in await asyncio.to_thread(self.results.kept):
+            if saved > cutoff or job_id in self.held:
+                continue
+            job = await self.ledger.get_job(job_id)
+            if job is not None and job.stage in (JobStage.QUEUED, JobStage.DRAWING,
+                                                 JobStage.DRAWN):
+                continue
+            await asyncio.to_thread(self.results.remove, job_id)
+            removed += 1
+        return removed
+
+    async def release_held(self) -> None:
+        """Hand this process's open jobs to the next live worker at once (a clean exit)."""
+        ids = sorted(self.held)
+        if not ids:
+            return
+        try:
+            count = await self.ledger.release_leases(self.owner, ids)
+            log.info("shutdown: %d open job(s) left for the next start", count)
+        except Exception as err:  # noqa: BLE001 - they are taken over when the lease ends
+            log.warning("could not hand over %d open job(s) (%s); they are taken over when"
+                        " their lease ends", len(ids), err)
+
+    async def alert(self, kind: str, message: str) -> None:
+        """Tell the operator: always in the log (ERROR), and to the admins' chats at most
+        once per kind every ALERT_EVERY seconds."""
+        log.error("ALERT %s: %s", kind, message)
+        now = time.monotonic()
+        if now - self._alerted.get(kind, -ALERT_EVERY) < ALERT_EVERY:
+            return
+        self._alerted[kind] = now
+        for send in list(self.alert_senders):
+            try:
+                await send(message)
+            except Exception as err:  # noqa: BLE001 - an alert must not break the job
+                log.warning("alert not sent: %s", err)
+
     # --- cancellation and shutdown ---------------------------------------------------
     def cancel(self, requester: Requester) -> list[CancelledJob]:
         """Cancel the requester's waiting jobs and stop their running ones; say which.
@@ -604,12 +872,17 @@ class ImageService:
         cancelled = self.queue.close()
         if cancelled:
             log.info("shutdown: cancelled %d waiting job(s)", len(cancelled))
-        running = [r.task for r in self._inflight.values() if r.task is not None]
-        if running:
-            log.info("shutdown: waiting up to %.0fs for %d job(s)", grace, len(running))
-            _, pending = await asyncio.wait(running, timeout=grace)
+        records = {r.task: r for r in self._inflight.values() if r.task is not None}
+        if records:
+            log.info("shutdown: waiting up to %.0fs for %d job(s)", grace, len(records))
+            _, pending = await asyncio.wait(set(records), timeout=grace)
             for task in pending:
-                task.cancel()
+                # A job a later process can carry on is stopped and left to it (its user
+                # told); any other is cancelled and resolved now.
+                if records[task].resumable:
+                    records[task].stop.set()
+                else:
+                    task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=10)
         await self._wait_settling(grace)
@@ -667,14 +940,6 @@ class ImageService:
             origin=origin,
         )
 
-    def interrupted_notice(self, job: JobRecord, lang: str | None) -> str:
-        """Tell a user what became of their job when the bot died under it."""
-        lang = language_of(lang)
-        if job.status == "unsettled":
-            cost = format_credits(job.estimated_credits, self.prices, lang)
-            return text(lang, "job.interrupted_unsettled", job_id=job.id, cost=cost)
-        return text(lang, "job.interrupted_released", job_id=job.id)
-
     async def job(self, job_id: int) -> JobRecord | None:
         """Return a stored job."""
         return await self.ledger.get_job(job_id)
@@ -722,11 +987,6 @@ class ImageService:
             log.info("%d api key(s) of %s revoked (from a chat)", revoked, requester.user_key)
         return revoked
 
-    async def notice_for_interrupted(self, job: JobRecord) -> str:
-        """Word the notice about a job a dead process left, in its user's language."""
-        user = await self.ledger.get_user(job.user_key)
-        return self.interrupted_notice(job, user.language if user else None)
-
     # --- logging -----------------------------------------------------------------------
     def _log_job(
         self,
@@ -758,6 +1018,22 @@ def job_visible_to(job: JobRecord, requester: Requester) -> bool:
     if job.chat_key is None:
         return requester.chat_key is None and job.user_key == requester.user_key
     return job.chat_key == requester.chat_key
+
+
+def _via(job: JobRecord) -> str:
+    """The front end a stored job came through (older rows: its platform)."""
+    try:
+        origin = json.loads(job.request_json or "{}").get("origin") or {}
+    except (ValueError, AttributeError):
+        origin = {}
+    via = origin.get("via") if isinstance(origin, dict) else None
+    return str(via) if via else job.platform
+
+
+def _request_from_dict(data: Mapping[str, object]) -> ImageRequest:
+    """Rebuild a stored request (its notices, shown at the time, are not kept)."""
+    names = {f for f in ImageRequest.__dataclass_fields__ if f != "notices"}
+    return ImageRequest(**{k: v for k, v in data.items() if k in names})  # type: ignore[arg-type]
 
 
 def _request_dict(request: ImageRequest) -> dict[str, object]:

@@ -166,8 +166,9 @@ class FakeDiscord(AsyncWebhookAdapter):
         self.cdn = cdn
         self.calls: list[SentCall] = []
         self._originals: dict[str, dict[str, Any]] = {}
-        # When set, a request carrying files raises what this returns (for the failure tests).
-        self.fail_uploads: Callable[[Route], BaseException] | None = None
+        # When set, a request carrying files raises what this returns, if anything (for the
+        # failure tests).
+        self.fail_uploads: Callable[[Route], BaseException | None] | None = None
         # When set, an interaction response of this type fails (e.g. 5: a defer came too late).
         self.fail_callback_type: int | None = None
 
@@ -192,7 +193,9 @@ class FakeDiscord(AsyncWebhookAdapter):
         call = SentCall(kind, token, body, sent)
         self.calls.append(call)
         if sent and self.fail_uploads is not None:
-            raise self.fail_uploads(route)
+            failure = self.fail_uploads(route)
+            if failure is not None:  # None: this one goes through
+                raise failure
         if kind == "callback" and (body or {}).get("type") == self.fail_callback_type:
             raise http_error(discord.NotFound, 404, "Not Found", "Unknown interaction")
         if kind == "callback":

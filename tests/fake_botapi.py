@@ -165,6 +165,7 @@ class FakeBotApiServer(BotObjects):
         self._ids = 1000
         self._lock = threading.Condition()
         self._stopping = False
+        self._faults: dict[str, list[tuple[int, float]]] = {}
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -263,6 +264,17 @@ class FakeBotApiServer(BotObjects):
             await asyncio.sleep(0.02)
         return value
 
+    def inject(self, method: str, *, status: int = 502, times: int = 1, delay: float = 0.0) -> None:
+        """Make the next `times` calls of `method` wait `delay` seconds, then fail with
+        `status` (0: answer normally after the wait). times=-1: every call from now on."""
+        with self._lock:
+            self._faults[method] = [(status, delay)] * (10**6 if times < 0 else times)
+
+    def clear_faults(self) -> None:
+        """Answer every method normally again."""
+        with self._lock:
+            self._faults.clear()
+
     def _summary(self) -> list[str]:
         with self._lock:
             return [c.method for c in self.calls if c.method != "getUpdates"][-40:]
@@ -291,6 +303,16 @@ class FakeBotApiServer(BotObjects):
             return self._get_updates(call)
         with self._lock:
             self.calls.append(call)
+            faults = self._faults.get(method)
+            fault = faults.pop(0) if faults else None
+        if fault is not None:
+            status, delay = fault
+            if delay:
+                time.sleep(delay)
+            if status:
+                call.status, call.description = status, "Bad Gateway"
+                return _error(status, call.description)
+        with self._lock:
             if self._flood is not None and call.cost and call.chat_id is not None:
                 wait = self._flood.check(
                     str(call.chat_id), _is_group(call.chat_id), call.cost, call.at

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -28,9 +29,9 @@ from bots.discord.texts import CommandTranslator, text
 from core.config import Settings
 from core.imaging import fit_image, upload_share
 from core.pricing import format_credits
-from core.runtime import open_service
+from core.runtime import LEASES_TASK_NAME, open_service
 from core.service import ImageService
-from core.store import JobStatus
+from core.store import JobStage, JobStatus
 from core.store.sqlite import WRITER_TASK_NAME
 from tests import discord_payloads as p
 from tests.conftest import TEST_KEY
@@ -68,7 +69,8 @@ async def _settle() -> None:
                 if t is not me
                 and not t.done()
                 and "timeout_task" not in repr(t.get_coro())
-                and t.get_name() != WRITER_TASK_NAME  # the store's idle writer
+                # the store's idle writer, and the loop renewing this process's leases
+                and t.get_name() not in (WRITER_TASK_NAME, LEASES_TASK_NAME)
             ]
             if not others:
                 return
@@ -679,11 +681,56 @@ async def test_a_refused_upload_tells_the_user_their_job_number(
         )
         calls = await h.feed(p.slash("img", [p.option("prompt", "a hill")]))
         (job,) = (await h.service.ledger.spend_report("discord:501")).last_jobs
-        # Drawn and paid for upstream, so it stays charged; the user learns the job to refund.
-        assert job.status is JobStatus.SUCCEEDED
+        # Drawn and paid for upstream, so it stays charged; a 413 will not pass, so it is
+        # undelivered at once (refundable) and the user learns the job to ask about.
+        assert job.status is JobStatus.SUCCEEDED and job.stage is JobStage.UNDELIVERED
+        uploads = [c for c in calls if c.files]
+        assert len(uploads) == 1  # a 4xx is not tried again
         (private,) = [c for c in calls if c.kind == "followup"]
         assert private.ephemeral
-        assert private.content == text("en", "discord.send_failed", job_id=job.id)
+        assert private.content == text("en", "job.undelivered", job_id=job.id)
+
+
+async def test_an_upload_failing_with_5xx_is_tried_again_until_it_goes_through(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    config = make_settings(settings, tmp_path, delivery_retry_delay=0.01, delivery_attempts=5)
+    async with running_bot(config, FakeCdn()) as h:
+        failures = iter(range(3))
+
+        def flaky(route: Any) -> BaseException | None:
+            return next(
+                (http_error(discord.DiscordServerError, 502, "Bad Gateway", "") for _ in failures),
+                None,
+            )
+
+        h.discord.fail_uploads = flaky  # type: ignore[assignment]
+        calls = await h.feed(p.slash("img", [p.option("prompt", "a hill")]))
+        (job,) = (await h.service.ledger.spend_report("discord:501")).last_jobs
+        assert (job.status, job.stage) == (JobStatus.SUCCEEDED, JobStage.DELIVERED)
+        uploads = [c for c in calls if c.files]
+        assert len(uploads) == 4  # three 502s, then the one that went through
+        assert len(fake_api.api_requests) == 1  # drawn once, charged once
+        assert job.result_refs  # the delivered attachment is remembered for "vary"
+
+        # Failing for good: undelivered after DELIVERY_ATTEMPTS tries, user told, admins
+        # alerted (in the log at ERROR, and to the admins' chats).
+        h.discord.fail_uploads = lambda route: http_error(
+            discord.DiscordServerError, 503, "Unavailable", ""
+        )
+        alerts: list[str] = []
+
+        async def to_admins(message: str) -> None:
+            alerts.append(message)
+
+        h.service.alert_senders.append(to_admins)
+        calls = await h.feed(p.slash("img", [p.option("prompt", "a dale")]))
+        job = (await h.service.ledger.spend_report("discord:501")).last_jobs[0]
+        assert job.stage is JobStage.UNDELIVERED and job.status is JobStatus.SUCCEEDED
+        assert len([c for c in calls if c.files]) == 5
+        (private,) = [c for c in calls if c.kind == "followup"]
+        assert private.content == text("en", "job.undelivered", job_id=job.id)
+        assert len(alerts) == 1 and f"job {job.id}" in alerts[0]
 
 
 async def test_an_unexpected_failure_is_logged_without_the_interaction_token(
@@ -913,50 +960,73 @@ def test_only_discord_cdn_and_media_proxy_urls_are_fetched() -> None:
         assert not is_discord_media(url), url
 
 
-async def test_users_hear_what_became_of_jobs_a_crash_cut_off(
+def uploads(h: Harness) -> int:
+    """Return how many calls carrying files the bot made, to interactions and channels."""
+    return len([c for c in h.discord.calls if c.files]) + len([c for c in h.rest.calls if c.files])
+
+
+async def test_jobs_a_dead_process_left_are_carried_on_where_they_were_asked(
     settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
 ) -> None:
     from core.requester import Requester
-    from core.store import JobSpec, Limits, open_store
+    from core.store import JobSpec
 
-    config = make_settings(settings, tmp_path, job_timeout=0.01)
-    # A job drawn through the bot records the channel it came from.
+    config = make_settings(settings, tmp_path, job_lease=1)
+    # A job drawn through the bot records where its answers go.
     async with running_bot(config, FakeCdn()) as h:
         result = result_of(await h.feed(p.slash("img", [p.option("prompt", "low a kite")])))
         job = await h.service.ledger.get_job(job_id_of(result))
         assert job is not None
-        assert json.loads(job.request_json)["origin"] == {"channel": str(p.CHANNEL_ID)}
-        request_json = job.request_json
+        origin = json.loads(job.request_json)["origin"]
+        assert (origin["via"], origin["channel"], origin["user"]) == (
+            "discord", str(p.CHANNEL_ID), "501"
+        )
+        assert origin["token"] and origin["app"]
+        stored = json.loads(job.request_json)
 
-    # What a killed process left: Ann's job was drawing in a server channel; Li's waited,
-    # from a version that did not record the channel yet.
-    ledger = await open_store(config.store_url, Limits())
+    # What a killed process left: Ann's job was drawing in a server channel, its token
+    # still fresh; Li's waited, asked in DMs long ago (its token is dead).
+    fresh = {**stored, "origin": {**origin, "token": "tok-ann", "token_at": f"{time.time():.0f}"}}
+    old = {**stored, "origin": {"via": "discord", "user": "502", "token": "tok-li",
+                                "app": origin["app"], "token_at": "1000"}}
     ann = Requester("discord", "501", str(p.GUILD_ID), "Ann", "en-US", is_group=True)
     li = Requester("discord", "502", None, "Li", "zh-CN")
-    spec = JobSpec("low a kite", "gpt-image-2", "1024x1024", "low", 1, 0, request_json)
-    drawing = await ledger.reserve(ann, spec, 300)
-    await ledger.mark_started(drawing)
-    old_spec = JobSpec("low a kite", "gpt-image-2", "1024x1024", "low", 1, 0, "{}")
-    waiting = await ledger.reserve(li, old_spec, 300)
-    await ledger.close()
-    await asyncio.sleep(0.05)
-
     async with running_bot(config, FakeCdn()) as h:
-        task = h.bot.tell_interrupted()  # type: ignore[attr-defined]
-        assert task is not None
-        await asyncio.wait_for(task, WAIT)
-        prices = h.service.prices
-        posts = [c for c in h.rest.calls if c.path == "/channels/{channel_id}/messages"]
-        in_channel, in_dm = posts
-        cost = format_credits(300, prices, "en")
-        notice = text("en", "job.interrupted_unsettled", job_id=drawing, cost=cost)
-        assert in_channel.url.endswith(f"/channels/{p.CHANNEL_ID}/messages")
-        assert in_channel.json["content"] == f"<@501> {notice}"
-        assert in_channel.json["allowed_mentions"]["users"] == [501]
-        opened = [c for c in h.rest.calls if c.path == "/users/@me/channels"]
-        assert [c.json for c in opened] == [{"recipient_id": 502}]
-        released = text("zh", "job.interrupted_released", job_id=waiting)
-        assert in_dm.json["content"] == f"<@502> {released}"
+        ledger = h.service.ledger
+        estimate = job.estimated_credits
+        drawing = await ledger.reserve(
+            ann, JobSpec("low a kite", job.model, job.size, job.quality, 1, 0, json.dumps(fresh)),
+            estimate,
+        )
+        await ledger.mark_started(drawing)
+        waiting = await ledger.reserve(
+            li, JobSpec("low a kite", job.model, job.size, job.quality, 1, 0, json.dumps(old)),
+            estimate,
+        )
+        h.bot.start_durable()  # type: ignore[attr-defined]
+        carry = asyncio.create_task(h.service.take_over())
+        try:
+            async with asyncio.timeout(WAIT):
+                while uploads(h) < 2:  # noqa: ASYNC110 - polling the fakes' records
+                    await asyncio.sleep(0.05)
+        finally:
+            carry.cancel()
+        await _settle()
+        # Ann's answer comes in her interaction (a followup on the fresh token).
+        (followup,) = [c for c in h.discord.of("tok-ann") if c.files]
+        assert followup.kind == "followup" and followup.embeds
+        # Li's token is dead: her result comes in her DMs, naming her.
+        dm = [c for c in h.rest.calls if c.path == "/channels/{channel_id}/messages"]
+        li_result = [c for c in dm if c.files]
+        assert len(li_result) == 1
+        assert li_result[0].json["content"] == text("zh", "discord.late", mention="<@502>")
+        notices = [c.json["content"] for c in dm if not c.files]
+        assert f"<@501> {text('en', 'job.resumed', job_id=drawing)}" in notices
+        assert f"<@502> {text('zh', 'job.resumed', job_id=waiting)}" in notices
+        for job_id, lost in ((drawing, estimate), (waiting, 0)):
+            done = await ledger.get_job(job_id)
+            assert done is not None and done.stage is JobStage.DELIVERED
+            assert done.lost_credits == lost and 0 < done.charged <= estimate
 
 
 # --- /key: a personal web API key, only ever in an ephemeral answer (issue 15) -----------

@@ -153,7 +153,7 @@ def assert_no_secrets(*outputs: str) -> None:
         assert TOKEN not in output and TEST_KEY not in output
 
 
-def test_sigterm_delivers_the_running_job_and_tells_the_waiting_one(
+def test_sigterm_delivers_the_running_job_and_keeps_the_waiting_one_for_the_next_start(
     tmp_path: Path, servers: tuple[FakeBotApiServer, FakeImageAPI], start: Any
 ) -> None:
     tg, images = servers
@@ -170,22 +170,35 @@ def test_sigterm_delivers_the_running_job_and_tells_the_waiting_one(
 
     [photo] = tg.of("sendPhoto", ok=True)
     assert photo.chat_id == ANN["id"]
-    assert tg.texts(BOB["id"])[-1] == text("en", "job.shutting_down")
     assert len(images.api_requests) == 1  # Bob's job never reached the upstream
     jobs = rows(tmp_path)
     ann, bob = jobs["low a slow cat"], jobs["low a dog"]
-    assert ann["status"] == "succeeded"
+    assert tg.texts(BOB["id"])[-1] == text("en", "job.resumes_after_restart", job_id=bob["id"])
+    assert (ann["status"], ann["stage"]) == ("succeeded", "delivered")
     assert ann["actual_credits"] == pytest.approx(exact_credits(ann))
     assert json.loads(ann["result_refs"]) == [photo.result["photo"][-1]["file_id"]]
-    assert (bob["status"], bob["actual_credits"], bob["charged"]) == ("failed", 0, 0)
-    assert bob["error_code"]
-    assert not [r for r in jobs.values() if r["status"] == "reserved"]
+    # Bob's job stays accepted: queued, its lease handed back, counted at its estimate.
+    assert (bob["status"], bob["stage"], bob["charged"]) == (
+        "reserved", "queued", bob["estimated_credits"]
+    )
     # A clean stop checkpoints the WAL: the .db file alone now holds everything.
     wal = tmp_path / "data" / "imgbot.db-wal"
     assert not wal.exists() or wal.stat().st_size == 0
     output = bot.output()
     assert "imgbot stopped; 0 job(s) still in flight" in output
-    assert_no_secrets(output)
+    assert "1 open job(s) left for the next start" in output
+
+    # The next start carries it on at once (no lease to wait for) and Bob gets his image.
+    again = start(MAX_JOBS_IN_FLIGHT="1", SHUTDOWN_GRACE="20")
+    tg.wait_for(lambda: [c for c in tg.of("sendPhoto", ok=True) if c.chat_id == BOB["id"]])
+    tg.wait_for(lambda: rows(tmp_path)["low a dog"]["stage"] == "delivered")
+    bob = rows(tmp_path)["low a dog"]
+    assert bob["status"] == "succeeded" and bob["lost_credits"] == 0
+    assert bob["actual_credits"] == pytest.approx(exact_credits(bob))
+    assert text("en", "job.resumed", job_id=bob["id"]) in tg.texts(BOB["id"])
+    assert len(images.api_requests) == 2  # each job drawn once
+    assert again.stop(signal.SIGTERM, within=20) == 0
+    assert_no_secrets(output, again.output())
 
 
 def test_run_on_postgresql_draws_charges_and_stops_cleanly(

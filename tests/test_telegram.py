@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -1081,41 +1082,63 @@ async def test_a_redelivered_update_draws_and_charges_once(
     assert len(fake_api.api_requests) == 1  # one upstream call, one charge
 
 
-async def test_users_hear_what_became_of_jobs_a_crash_cut_off(
+async def test_jobs_a_dead_process_left_are_carried_on_and_delivered_once(
     make_settings: Callable[..., Settings], fake_api: FakeImageAPI
 ) -> None:
     from core.requester import Requester
-    from core.store import JobSpec, Limits, open_store
+    from core.service import _request_dict
+    from core.store import JobSpec, JobStage
 
-    settings = make_settings(job_timeout=0.01)
+    settings = make_settings(job_lease=1)
     group = -1001234567890
-    # What a killed process left: Ann's job was drawing, Li's still waited in a group.
-    ledger = await open_store(settings.store_url, Limits())
-    spec = JobSpec("low a kite", "gpt-image-2", "1024x1024", "low", 1, 0, "{}")
-    ann = Requester("telegram", str(ANN["id"]), None, "Ann", "en")
-    li = Requester("telegram", str(LI["id"]), str(group), "Li", "zh-hans", is_group=True)
-    drawing = await ledger.reserve(ann, spec, 300)
-    await ledger.mark_started(drawing)
-    waiting = await ledger.reserve(li, spec, 300)
-    await ledger.close()
-    await asyncio.sleep(0.05)
-
     api, stop = FakeBotApi(), asyncio.Event()
     async with open_service(settings) as service:
+        # What a killed process left: Ann's job was drawing (its answer lost with it), Li's
+        # still waited in a group; neither is leased by anyone alive.
+        request, estimate = service.parse("low a kite")
+
+        def spec(chat: int, reply_to: int, group_chat: bool) -> JobSpec:
+            origin = {"via": "telegram", "chat": str(chat), "reply_to": str(reply_to),
+                      "thread": "", "group": "1" if group_chat else ""}
+            body = {"request": _request_dict(request), "reference_refs": [], "origin": origin}
+            return JobSpec("low a kite", request.model, request.size, request.quality, 1, 0,
+                           json.dumps(body))
+
+        ann = Requester("telegram", str(ANN["id"]), None, "Ann", "en")
+        li = Requester("telegram", str(LI["id"]), str(group), "Li", "zh-hans", is_group=True)
+        drawing = await service.ledger.reserve(ann, spec(ANN["id"], 77, False), estimate)
+        await service.ledger.mark_started(drawing)
+        waiting = await service.ledger.reserve(li, spec(group, 88, True), estimate)
+
         bot = asyncio.create_task(
             run_telegram(
                 settings, service, stop, request=api, get_updates_request=api,
                 rate_limiter=FloodLimiter(timebase=FAST),
             )
         )
-        await api.wait_for(lambda: len(api.of("sendMessage")) >= 2 or bot.done())
+        carry = asyncio.create_task(service.take_over())
+        await api.wait_for(lambda: len(api.of("sendPhoto")) >= 2 or bot.done(), within=20)
+        jobs = {job_id: await service.ledger.get_job(job_id) for job_id in (drawing, waiting)}
         stop.set()
         await asyncio.wait_for(bot, 10)
-        prices = service.prices
-    sent = {c.params["chat_id"]: c.params["text"] for c in api.of("sendMessage")}
-    cost = format_credits(300, prices, "en")
-    assert sent[ANN["id"]] == msg("en", "job.interrupted_unsettled", job_id=drawing, cost=cost)
-    assert sent[group] == msg("zh", "job.interrupted_released", job_id=waiting)
+        carry.cancel()
+    photos = {c.params["chat_id"]: c for c in api.of("sendPhoto")}
+    assert set(photos) == {ANN["id"], group}
+    # Each answers the message the job came from, in its chat, and says it resumed.
+    assert photos[ANN["id"]].params["reply_parameters"]["message_id"] == 77
+    assert photos[group].params["reply_parameters"]["message_id"] == 88
+    notices = [(c.params["chat_id"], c.params["text"]) for c in api.of("sendMessage")]
+    assert (ANN["id"], msg("en", "job.resumed", job_id=drawing)) in notices
+    assert (group, msg("zh", "job.resumed", job_id=waiting)) in notices
+    ann_job, li_job = jobs[drawing], jobs[waiting]
+    assert ann_job is not None and li_job is not None
+    for job in (ann_job, li_job):
+        assert (job.status, job.stage) == ("succeeded", JobStage.DELIVERED)
+        assert 0 < job.charged <= estimate  # charged once, what the upstream reported
+    # Ann's first draw died with its process: possibly billed upstream, recorded, not charged.
+    assert (ann_job.attempts, ann_job.lost_credits) == (2, estimate)
+    assert (li_job.attempts, li_job.lost_credits) == (1, 0)
+    assert len(fake_api.api_requests) == 2
 
 
 # --- /key: a personal web API key, in a private chat only (issue 15) -------------------

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -28,12 +28,14 @@ from discord.ext import commands
 from bots.discord.admin import AdminCommands, ServerCommands
 from bots.discord.buttons import JobButton
 from bots.discord.commands import EDIT_FORM_PREFIX, UserCommands
-from bots.discord.drawing import DiscordDrawing, channel_of
-from bots.discord.reply import report_error
+from bots.discord.drawing import DiscordDrawing
+from bots.discord.reply import ResumedReply, clip, report_error
 from bots.discord.requester import PLATFORM
-from bots.discord.texts import CommandTranslator
+from bots.discord.texts import CommandTranslator, text
 from core.config import Settings
+from core.messages import language_of
 from core.service import ImageService
+from core.store import JobRecord
 
 if TYPE_CHECKING:
     from core.store import JobRecord
@@ -57,7 +59,7 @@ class ImgBot(commands.Bot):
         self.settings = settings
         self.service = service
         self.imgbot_drawing = DiscordDrawing(self.http, service, settings)
-        self._notices: asyncio.Task[None] | None = None
+        self._resuming: set[asyncio.Task[None]] = set()
 
     async def setup_hook(self) -> None:
         """Register commands, buttons and the translator; syncing is `run_discord`'s job."""
@@ -70,35 +72,47 @@ class ImgBot(commands.Bot):
         self.tree.on_error = on_app_command_error
 
 
-    def tell_interrupted(self) -> asyncio.Task[None] | None:
-        """Tell, in the background, each user whose job a dead process left what became of it."""
-        jobs = [job for job in self.service.interrupted if job.platform == PLATFORM]
-        if not jobs:
-            return None
-        task = asyncio.create_task(self._tell_interrupted(jobs), name="imgbot:discord-notices")
-        self._notices = task  # keep a reference: the loop holds tasks only weakly
-        return task
+    def start_durable(self) -> None:
+        """Carry on Discord jobs a dead process left, and send operator alerts to the
+        Discord admins (ADMINS entries `discord:<id>`) by direct message."""
+        self.service.resumers[PLATFORM] = self.resume
+        self.service.alert_senders.append(self.alert_admins)
 
-    async def _tell_interrupted(self, jobs: Sequence[JobRecord]) -> None:
-        for job in jobs:
-            notice = await self.service.notice_for_interrupted(job)
+    def stop_durable(self) -> None:
+        """Take no more jobs over (the bot is stopping)."""
+        self.service.resumers.pop(PLATFORM, None)
+        if self.alert_admins in self.service.alert_senders:
+            self.service.alert_senders.remove(self.alert_admins)
+
+    def resume(self, job: JobRecord) -> None:
+        """Deliver or draw again, where it was asked, a job another process left."""
+        task = asyncio.create_task(self._resume(job), name=f"imgbot:resume-{job.id}")
+        self._resuming.add(task)
+        task.add_done_callback(self._resuming.discard)
+
+    async def _resume(self, job: JobRecord) -> None:
+        try:
+            origin = json.loads(job.request_json or "{}").get("origin") or {}
+        except ValueError:
+            origin = {}
+        address = {str(k): str(v) for k, v in origin.items()} if isinstance(origin, dict) else {}
+        requester = await self.service.requester_of(job)
+        lang = language_of(requester.language)
+        reply = ResumedReply(self, address, int(job.user_id), lang, self.service.prices)
+        await reply.say(text(lang, "job.resumed", job_id=job.id))
+        await self.imgbot_drawing.jobs.resume(job, reply, self.imgbot_drawing.fetch)
+
+    async def alert_admins(self, message: str) -> None:
+        """Send an operator alert to every Discord admin by direct message."""
+        for admin in self.settings.admins:
+            platform, _, user_id = admin.partition(":")
+            if platform != PLATFORM or not user_id.isdigit():
+                continue
             try:
-                user_id = int(job.user_id)
-                # In the channel the job came from, naming the user; jobs of versions
-                # that did not record the channel get a direct message instead.
-                channel_id = channel_of(job)
-                if channel_id is not None:
-                    channel: discord.abc.Messageable = self.get_partial_messageable(channel_id)
-                else:
-                    channel = await self.create_dm(discord.Object(id=user_id))
-                await channel.send(
-                    content=f"<@{user_id}> {notice}",
-                    allowed_mentions=discord.AllowedMentions(
-                        everyone=False, roles=False, users=[discord.Object(id=user_id)]
-                    ),
-                )
-            except (discord.HTTPException, aiohttp.ClientError, OSError, ValueError) as err:
-                log.info("job %d: restart notice not sent: %s", job.id, type(err).__name__)
+                channel = await self.create_dm(discord.Object(id=int(user_id)))
+                await channel.send(content=clip(f"⚠️ imgbot: {message}"))
+            except (discord.HTTPException, aiohttp.ClientError, OSError) as err:
+                log.warning("alert to %s not sent: %s", admin, type(err).__name__)
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
         """Answer edit forms by their custom id; everything else has its own handler."""
@@ -200,7 +214,7 @@ async def run_discord(settings: Settings, service: ImageService, stop: asyncio.E
     async with bot:
         await bot.login(token)
         await sync_commands(bot, settings)
-        notices = bot.tell_interrupted()
+        bot.start_durable()
         connection = asyncio.create_task(bot.connect(reconnect=True), name="discord-gateway")
         stopping = asyncio.create_task(stop.wait(), name="discord-stop")
         try:
@@ -213,8 +227,7 @@ async def run_discord(settings: Settings, service: ImageService, stop: asyncio.E
             await bot.imgbot_drawing.jobs.drain(settings.shutdown_grace + _CLOSE_SLACK)
         finally:
             stopping.cancel()
-            if notices is not None:
-                notices.cancel()
+            bot.stop_durable()
             await bot.close()
             connection.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -9,7 +9,6 @@ them to the core's `JobRunner`, which checks, draws and answers through the repl
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ import aiohttp
 import discord
 from discord.http import Route
 
-from bots.discord.reply import DiscordReply
+from bots.discord.reply import DiscordReply, address_of
 from bots.discord.requester import requester_of
 from bots.discord.texts import text
 from core.config import Settings
@@ -34,7 +33,7 @@ from core.service import ImageService
 from core.types import IncomingImage
 
 if TYPE_CHECKING:
-    from core.store import JobRecord
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +132,7 @@ class DiscordDrawing:
         reply = DiscordReply(interaction, self.service.prices)
         await reply.carry(
             self.jobs.run(
-                requester, command_text, references, reply, origin=origin_of(interaction)
+                requester, command_text, references, reply, origin=address_of(interaction)
             )
         )
 
@@ -145,7 +144,7 @@ class DiscordDrawing:
         reply = DiscordReply(interaction, self.service.prices)
         await reply.carry(
             self.jobs.replay(
-                requester, job_id, action, self.fetch, reply, origin=origin_of(interaction)
+                requester, job_id, action, self.fetch, reply, origin=address_of(interaction)
             )
         )
 
@@ -198,17 +197,3 @@ class DiscordDrawing:
             if item.get("original") == url and item.get("refreshed"):
                 return str(item["refreshed"])
         return None
-
-
-def origin_of(interaction: discord.Interaction) -> dict[str, str]:
-    """Return where a job came from, kept with it to reach the user after a crash."""
-    return {"channel": str(interaction.channel_id)} if interaction.channel_id else {}
-
-
-def channel_of(job: JobRecord) -> int | None:
-    """Return the channel a stored job came from, when it was recorded."""
-    try:
-        channel = json.loads(job.request_json or "{}").get("origin", {}).get("channel")
-    except (ValueError, AttributeError):
-        return None
-    return int(channel) if isinstance(channel, str) and channel.isdigit() else None

@@ -24,7 +24,7 @@ import io
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 
 import aiohttp
 import discord
@@ -33,7 +33,7 @@ from discord import app_commands
 from bots.discord.buttons import result_view
 from bots.discord.texts import lang_of, text
 from bots.logs import scrub_secrets
-from core.errors import AccessDenied, ImgbotError, UpstreamError
+from core.errors import AccessDenied, DeliveryFailed, ImgbotError, UpstreamError
 from core.imaging import FittedImage, fit_under, upload_share
 from core.pricing import PriceTable
 from core.reports import render_caption
@@ -271,12 +271,12 @@ class DiscordReply:
             await self._end_progress()
             try:
                 message = await self._send_result(outcome)
-            except (discord.HTTPException, aiohttp.ClientError, OSError) as err:
+            except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError) as err:
                 status = getattr(err, "status", None) or type(err).__name__
-                log.error("could not send the result of job %d: %s", outcome.job_id, status)
-                failed = ImgbotError("discord.send_failed", job_id=outcome.job_id)
-                await self._say(failed.user_message(outcome.lang, text))
-                return []
+                log.warning("could not send the result of job %d: %s", outcome.job_id, status)
+                raise DeliveryFailed(
+                    f"Discord answered {status}", retryable=_passing(err)
+                ) from None
             except Exception as err:  # noqa: BLE001 - logged here, without the interaction token
                 await self._say(error_message(self.interaction, err))
                 return []
@@ -347,21 +347,7 @@ class DiscordReply:
     async def _send_result(self, outcome: DrawOutcome) -> discord.Message:
         interaction = self.interaction
         lang = outcome.lang
-        limit = interaction.filesize_limit
-        share = upload_share(limit, [len(image.data) for image in outcome.images])
-        files: list[discord.File] = []
-        notes: list[str] = []
-        for index, image in enumerate(outcome.images, 1):
-            fitted = await fit_under(image.data, image.mime, image.width, image.height, limit=share)
-            if fitted is None:
-                notes.append(text(lang, "discord.fit.failed", index=index, limit_mb=_mib(limit)))
-                continue
-            if fitted.reencoded:
-                notes.append(_fit_note(lang, index, fitted, limit))
-            name = f"imgbot-{outcome.job_id}-{index}.{fitted.extension}"
-            files.append(discord.File(io.BytesIO(fitted.data), filename=name))
-        embed = self._embed(outcome, notes)
-        view = result_view(outcome.job_id, lang)
+        files, embed, view = await result_parts(outcome, self._prices, interaction.filesize_limit)
         if token_alive(interaction) and not self._in_channel:
             message = await interaction.edit_original_response(
                 content=None, embed=embed, attachments=files, view=view
@@ -375,14 +361,143 @@ class DiscordReply:
         content = text(lang, "discord.late", mention=interaction.user.mention)
         return await channel.send(content=content, embed=embed, files=files, view=view)
 
-    def _embed(self, outcome: DrawOutcome, notes: Sequence[str]) -> discord.Embed:
-        caption = render_caption(outcome, self._prices, limit=EMBED_TEXT_LIMIT)
-        description = "\n".join([caption, *notes]) if notes else caption
-        return discord.Embed(
-            title=clip(outcome.request.prompt, EMBED_TITLE_LIMIT) or None,
-            description=clip(description, EMBED_TEXT_LIMIT),
-            colour=discord.Colour.blurple(),
+
+
+async def result_parts(
+    outcome: DrawOutcome, prices: PriceTable, limit: int
+) -> tuple[list[discord.File], discord.Embed, discord.ui.View]:
+    """Return a result's files (fitted under the upload limit), its embed and its buttons."""
+    lang = outcome.lang
+    share = upload_share(limit, [len(image.data) for image in outcome.images])
+    files: list[discord.File] = []
+    notes: list[str] = []
+    for index, image in enumerate(outcome.images, 1):
+        fitted = await fit_under(image.data, image.mime, image.width, image.height, limit=share)
+        if fitted is None:
+            notes.append(text(lang, "discord.fit.failed", index=index, limit_mb=_mib(limit)))
+            continue
+        if fitted.reencoded:
+            notes.append(_fit_note(lang, index, fitted, limit))
+        name = f"imgbot-{outcome.job_id}-{index}.{fitted.extension}"
+        files.append(discord.File(io.BytesIO(fitted.data), filename=name))
+    caption = render_caption(outcome, prices, limit=EMBED_TEXT_LIMIT)
+    description = "\n".join([caption, *notes]) if notes else caption
+    embed = discord.Embed(
+        title=clip(outcome.request.prompt, EMBED_TITLE_LIMIT) or None,
+        description=clip(description, EMBED_TEXT_LIMIT),
+        colour=discord.Colour.blurple(),
+    )
+    return files, embed, result_view(outcome.job_id, lang)
+
+
+def _passing(err: BaseException) -> bool:
+    """Say whether a failed Discord call may work later (5xx, network), not a 4xx."""
+    if isinstance(err, discord.HTTPException):
+        return err.status >= 500 or err.status == 429
+    return isinstance(err, (aiohttp.ClientError, OSError, TimeoutError))
+
+
+# --- a job carried on after a restart ------------------------------------------------------
+# Discord's upload limit when no interaction says otherwise (a server may allow more).
+DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
+# An interaction token works for 15 minutes; after that the channel is the way back.
+TOKEN_LIFE = 15 * 60.0
+
+
+def address_of(interaction: discord.Interaction) -> dict[str, str]:
+    """Return where a job's answers go, kept with it so any worker can deliver it.
+
+    The interaction token (valid 15 minutes) lets a worker that takes the job over answer
+    in the same interaction; the ledger keeping it is private (0600 / database access).
+    """
+    address = {"via": "discord", "user": str(interaction.user.id)}
+    if interaction.channel_id:
+        address["channel"] = str(interaction.channel_id)
+    if interaction.application_id and interaction.token:
+        address["app"] = str(interaction.application_id)
+        address["token"] = interaction.token
+        address["token_at"] = f"{interaction.created_at.timestamp():.0f}"
+    return address
+
+
+class ResumedReply:
+    """Answer a job another process left: in its interaction while the token lives, else
+    in its channel (or the user's DMs), naming the user."""
+
+    def __init__(
+        self, client: discord.Client, address: dict[str, str], user_id: int, lang: str,
+        prices: PriceTable,
+    ) -> None:
+        self._client = client
+        self._address = address
+        self._user = user_id
+        self._lang = lang
+        self._prices = prices
+
+    def _token_fresh(self) -> bool:
+        try:
+            born = float(self._address.get("token_at", "0"))
+        except ValueError:
+            return False
+        left = TOKEN_LIFE - (time.time() - born)
+        return bool(self._address.get("token")) and left > TOKEN_MARGIN
+
+    async def _destination(self) -> discord.abc.Messageable:
+        channel = self._address.get("channel", "")
+        if channel.isdigit():
+            return self._client.get_partial_messageable(int(channel))
+        return await self._client.create_dm(discord.Object(id=self._user))
+
+    def _mention(self) -> discord.AllowedMentions:
+        return discord.AllowedMentions(
+            everyone=False, roles=False, users=[discord.Object(id=self._user)]
         )
+
+    async def say(self, message: str) -> None:
+        """Post a line in the job's channel, naming the user (best effort)."""
+        try:
+            destination = await self._destination()
+            await destination.send(
+                content=clip(f"<@{self._user}> {message}"), allowed_mentions=self._mention()
+            )
+        except (discord.HTTPException, aiohttp.ClientError, OSError, ValueError) as err:
+            log.info("could not post in a resumed job's channel: %s", type(err).__name__)
+
+    async def progress(self, event: Progress) -> None:
+        """Progress of a resumed job is not shown (the resume notice said it goes on)."""
+
+    async def result(self, outcome: DrawOutcome, four_k_credits: float | None) -> list[str]:
+        """Send the images: a followup in the interaction, or a channel message."""
+        files, embed, view = await result_parts(outcome, self._prices, DEFAULT_UPLOAD_LIMIT)
+        try:
+            if self._token_fresh():
+                # As discord.py's own Interaction.followup builds it: the interaction's
+                # webhook, on the client's connection state (for the buttons).
+                webhook = discord.Webhook.from_state(
+                    data={"id": self._address["app"], "type": 3, "token": self._address["token"]},
+                    state=self._client._connection,  # noqa: SLF001 - as discord.py does
+                )
+                message = await webhook.send(embed=embed, files=files, view=view, wait=True)
+            else:
+                destination = await self._destination()
+                content = text(self._lang, "discord.late", mention=f"<@{self._user}>")
+                message = await destination.send(
+                    content=content, embed=embed, files=files, view=view,
+                    allowed_mentions=self._mention(),
+                )
+        except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError) as err:
+            status = getattr(err, "status", None) or type(err).__name__
+            raise DeliveryFailed(f"Discord answered {status}", retryable=_passing(err)) from None
+        return [attachment.url for attachment in message.attachments]
+
+    async def refusal(self, message: str | None, error: ImgbotError | None = None) -> None:
+        """Say why the resumed job ended (nothing for a silent end)."""
+        if message:
+            await self.say(message)
+
+    async def failure(self, message: str) -> None:
+        """Say the resumed job failed on our side."""
+        await self.say(message)
 
 
 async def _hand_over(interaction: discord.Interaction, progress: ProgressMessage) -> None:

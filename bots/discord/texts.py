@@ -240,11 +240,6 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Image {index} could not be made small enough for this channel's {limit_mb} MB limit.",
         "zh": "第 {index} 张图无法压缩到此处 {limit_mb} MB 的上传上限以内。",
     },
-    "discord.send_failed": {
-        "en": "Your image was drawn (job #{job_id}) but Discord would not take the upload. "
-        "An admin can refund it.",
-        "zh": "图片已生成（任务 #{job_id}），但 Discord 拒绝了上传。管理员可以为此退款。",
-    },
     "discord.late": {"en": "{mention}, your image is ready:", "zh": "{mention}，你的图片好了："},
     "discord.late_pending": {
         "en": "Still drawing: the result will be posted in this channel when it is ready.",

@@ -134,7 +134,7 @@ async def run_telegram(
     async with app:
         await register_commands(app, settings)
         await app.start()
-        adapter.tell_interrupted()
+        adapter.start_durable()
         try:
             if settings.telegram_webhook_url:
                 await _start_webhook(app, settings)
@@ -153,6 +153,7 @@ async def run_telegram(
             # tell the users) and lets running ones finish; then our replies go out.
             if app.updater is not None and app.updater.running:
                 await app.updater.stop()
+            adapter.stop_durable()
             if stop.is_set():  # else it failed to start: `imgbot run` may try it again
                 await service.shutdown(settings.shutdown_grace)
             await adapter.drain(settings.shutdown_grace)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import html
+import json
 import logging
 import re
 import secrets
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from telegram import (
     CallbackQuery,
@@ -53,6 +54,8 @@ from bots.telegram.reply import (
     BUTTONS,
     TelegramReply,
     Where,
+    address_of,
+    where_from_address,
     where_of,
     with_flood_retry,
 )
@@ -269,6 +272,7 @@ class TelegramAdapter:
             # The message names the job: a redelivered update (Telegram sends again what a
             # killed process fetched but never confirmed) must not draw and charge twice.
             source_ref=f"telegram:{message.chat.id}:{message.message_id}",
+            origin=address_of(where, group=requester.is_group),
         )
 
     def reply_for(self, requester: Requester, where: Where) -> TelegramReply:
@@ -408,6 +412,7 @@ class TelegramAdapter:
             self.fetcher.fetch_ref,
             self.reply_for(requester, where),
             source_ref=f"telegram:button:{query.id}",
+            origin=address_of(where, group=requester.is_group),
         )
 
     async def _answer_query(self, query: CallbackQuery, notice: str | None = None) -> None:
@@ -546,20 +551,58 @@ class TelegramAdapter:
                 lambda chunk=chunk: message.reply_text(chunk, parse_mode=parse_mode, do_quote=True)
             )
 
-    def tell_interrupted(self) -> None:
-        """Tell, in the background, each user whose job a dead process left what became of it."""
-        jobs = [job for job in self.service.interrupted if job.platform == PLATFORM]
-        if jobs:
-            self._spawn(self._tell_interrupted(jobs))
+    def start_durable(self) -> None:
+        """Carry on Telegram jobs a dead process left, and send operator alerts to the
+        Telegram admins (ADMINS entries `telegram:<id>`)."""
+        self.service.resumers["telegram"] = self.resume
+        self.service.alert_senders.append(self.alert_admins)
 
-    async def _tell_interrupted(self, jobs: Sequence[JobRecord]) -> None:
-        for job in jobs:
-            notice = await self.service.notice_for_interrupted(job)
+    def stop_durable(self) -> None:
+        """Take no more jobs over (the bot is stopping)."""
+        self.service.resumers.pop("telegram", None)
+        if self.alert_admins in self.service.alert_senders:
+            self.service.alert_senders.remove(self.alert_admins)
+
+    def resume(self, job: JobRecord) -> None:
+        """Deliver or draw again, in its chat, a job another process left."""
+        self._spawn(self._resume(job))
+
+    async def _resume(self, job: JobRecord) -> None:
+        try:
+            origin = json.loads(job.request_json or "{}").get("origin") or {}
+        except ValueError:
+            origin = {}
+        where = where_from_address(origin, int(job.chat_id or job.user_id))
+        requester = await self.service.requester_of(job)
+        lang = language_of(requester.language)
+        try:
+            await with_flood_retry(
+                lambda: self.app.bot.send_message(
+                    where.chat_id,
+                    text(lang, "job.resumed", job_id=job.id),
+                    reply_parameters=where.reply(),
+                    message_thread_id=where.thread_id,
+                )
+            )
+        except TelegramError as err:
+            log.info("job %d: resume notice not sent: %s", job.id, self._scrub(str(err)))
+        reply = self.reply_for(replace(requester, chat_id=job.chat_id), where)
+        if origin.get("group"):
+            reply.is_group = True
+        await self.runner.resume(job, reply, self.fetcher.fetch_ref)
+
+    async def alert_admins(self, message: str) -> None:
+        """Send an operator alert to every Telegram admin's private chat."""
+        for admin in self.settings.admins:
+            platform, _, user_id = admin.partition(":")
+            if platform != "telegram" or not user_id.lstrip("-").isdigit():
+                continue
             try:
-                chat_id = int(job.chat_id or job.user_id)
-                await with_flood_retry(lambda c=chat_id, t=notice: self.app.bot.send_message(c, t))
-            except (TelegramError, ValueError) as err:
-                log.info("job %d: restart notice not sent: %s", job.id, self._scrub(str(err)))
+                await with_flood_retry(
+                    lambda u=int(user_id): self.app.bot.send_message(u, f"⚠️ imgbot: {message}")
+                )
+            except TelegramError as err:
+                log.warning("alert to %s not sent: %s", admin, self._scrub(str(err)))
 
     def _spawn(self, coroutine: Coroutine[object, object, None]) -> object:
         # Our own task set rather than app.create_task: `drain` waits for these on shutdown.

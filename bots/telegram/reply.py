@@ -27,11 +27,11 @@ from telegram import (
     ReplyParameters,
 )
 from telegram.constants import ChatAction
-from telegram.error import BadRequest, RetryAfter, TelegramError
+from telegram.error import BadRequest, NetworkError, RetryAfter, TelegramError
 
 from bots.telegram.flood import STATUS, FloodSkipped, retry_seconds
 from bots.telegram.texts import text
-from core.errors import ImgbotError
+from core.errors import DeliveryFailed, ImgbotError
 from core.imaging import preview_jpeg
 from core.pricing import PriceTable, whole_credits
 from core.replay import ACTIONS, ReplayCodec
@@ -77,6 +77,27 @@ class Where:
         if self.reply_to is None:
             return None
         return ReplyParameters(message_id=self.reply_to, allow_sending_without_reply=True)
+
+
+def address_of(where: Where, *, group: bool) -> dict[str, str]:
+    """Return where a job's replies go, kept with the job so any worker can deliver it."""
+    return {
+        "via": "telegram",
+        "chat": str(where.chat_id),
+        "reply_to": "" if where.reply_to is None else str(where.reply_to),
+        "thread": "" if where.thread_id is None else str(where.thread_id),
+        "group": "1" if group else "",
+    }
+
+
+def where_from_address(origin: dict[str, object], fallback_chat: int) -> Where:
+    """Read a kept address back (a job of an older release: its chat, no reply)."""
+
+    def number(key: str) -> int | None:
+        value = str(origin.get(key) or "")
+        return int(value) if value.lstrip("-").isdigit() else None
+
+    return Where(number("chat") or fallback_chat, number("reply_to"), number("thread"))
 
 
 def where_of(message: Message) -> Where:
@@ -567,7 +588,7 @@ class TelegramReply:
         self._where = where
         self._lang = lang
         self._prices = prices
-        self._is_group = is_group
+        self.is_group = is_group
         self._send_original = send_original
         self._scrub = scrub
         self.status = StatusMessage(bot, where, lang)
@@ -583,7 +604,7 @@ class TelegramReply:
         """Send the result with its caption and buttons; return the file ids sent."""
         await self.action.stop()
         # A group sees the caption: only this job's cost there, spend in private.
-        caption = render_caption(outcome, self._prices, show_spend=not self._is_group)
+        caption = render_caption(outcome, self._prices, show_spend=not self.is_group)
         four_k = f"{whole_credits(four_k_credits):,}" if four_k_credits is not None else None
         try:
             refs = await deliver_result(
@@ -595,9 +616,12 @@ class TelegramReply:
                 four_k_cost=four_k,
             )
         except TelegramError as err:
-            log.warning("job %d: result not delivered: %s", outcome.job_id, self._scrub(str(err)))
-            await self.status.fail(text(self._lang, "tg.send_failed", job_id=outcome.job_id))
-            return []
+            # A 5xx, a time-out or a lost connection may pass: the runner tries again. A
+            # 4xx (chat gone, bot blocked, file refused) will not.
+            passing = isinstance(err, (NetworkError, RetryAfter)) and not isinstance(
+                err, BadRequest
+            )
+            raise DeliveryFailed(self._scrub(str(err)), retryable=passing) from None
         await self.status.close()
         return refs
 

@@ -40,10 +40,6 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "I could not download that image from Telegram. Please send it again.",
         "zh": "无法从 Telegram 下载这张图片，请重新发送。",
     },
-    "tg.send_failed": {
-        "en": "The image of job #{job_id} was drawn but Telegram refused to deliver it. An admin can refund it.",
-        "zh": "任务 #{job_id} 的图片已生成，但 Telegram 拒绝发送。管理员可为其退款。",
-    },
     "tg.confirm": {
         "en": "This will cost about {cost}. Draw it? (The question stays open {minutes} minutes.)",
         "zh": "这次大约花费 {cost}。确定要画吗？（{minutes} 分钟内有效）",

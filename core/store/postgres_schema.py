@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from core.store.sqlite_schema import STAGE_AFTER_RESERVED, STAGE_OF_OLD_ROWS
+from core.store.sqlite_schema import STAGE_BACKFILL
 
 if TYPE_CHECKING:
     import asyncpg
@@ -517,10 +517,10 @@ MIGRATIONS = (
             " ADD COLUMN lease_owner text COLLATE \"C\","
             " ADD COLUMN lease_until text COLLATE \"C\","
             " ADD COLUMN delivered_at text COLLATE \"C\"",
-            f"UPDATE jobs SET {STAGE_OF_OLD_ROWS}",  # noqa: S608 - constant text
+            STAGE_BACKFILL,
             "CREATE INDEX jobs_open ON jobs (id) WHERE stage IN ('queued', 'drawing', 'drawn')",
             # As SQLite's two triggers: the stage follows the money in the same statement.
-            f"""CREATE FUNCTION imgbot_job_stage() RETURNS trigger LANGUAGE plpgsql AS $fn$
+            """CREATE FUNCTION imgbot_job_stage() RETURNS trigger LANGUAGE plpgsql AS $fn$
             BEGIN
                 IF NEW.status = 'reserved' AND NEW.started_at IS NOT NULL
                    AND NEW.started_at IS DISTINCT FROM OLD.started_at THEN
@@ -528,7 +528,10 @@ MIGRATIONS = (
                     NEW.attempts := OLD.attempts + 1;
                 END IF;
                 IF OLD.status = 'reserved' AND NEW.status <> 'reserved' THEN
-                    NEW.stage := {STAGE_AFTER_RESERVED};
+                    NEW.stage := CASE NEW.status WHEN 'succeeded' THEN 'drawn'
+                        WHEN 'failed' THEN CASE WHEN NEW.error_code LIKE '%cancel%'
+                                           THEN 'cancelled' ELSE 'failed' END
+                        ELSE 'failed' END;
                 END IF;
                 RETURN NEW;
             END

@@ -27,15 +27,9 @@ SCHEMA_VERSION_DDL = (
     " applied_at TEXT NOT NULL)"
 )
 
-# The stage a job reaches when its reservation ends (both backends use this text).
-STAGE_AFTER_RESERVED = (
-    "CASE NEW.status WHEN 'succeeded' THEN 'drawn'"
-    " WHEN 'failed' THEN CASE WHEN NEW.error_code LIKE '%cancel%' THEN 'cancelled'"
-    " ELSE 'failed' END"
-    " ELSE 'failed' END"
-)
-STAGE_OF_OLD_ROWS = (
-    "stage = CASE"
+# Migration 7 gives the jobs of an older release their stage (PostgreSQL's runs the same).
+STAGE_BACKFILL = (
+    "UPDATE jobs SET stage = CASE"
     " WHEN status = 'reserved' AND started_at IS NOT NULL THEN 'drawing'"
     " WHEN status = 'reserved' THEN 'queued'"
     " WHEN status IN ('succeeded', 'refunded') THEN 'delivered'"
@@ -267,7 +261,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE jobs ADD COLUMN delivered_at TEXT",
             # Jobs of an older release: the finished ones were delivered (or not) long ago;
             # open reservations have no lease, so a live worker takes them over.
-            f"UPDATE jobs SET {STAGE_OF_OLD_ROWS}",  # noqa: S608 - constant text
+            STAGE_BACKFILL,
             "CREATE INDEX jobs_open ON jobs (id) WHERE stage IN ('queued', 'drawing', 'drawn')",
             # The stage follows the money in the same statement: a start makes it drawing
             # (one more attempt), a settle drawn, a failure failed or cancelled.
@@ -277,11 +271,15 @@ MIGRATIONS: tuple[Migration, ...] = (
                BEGIN
                    UPDATE jobs SET stage = 'drawing', attempts = attempts + 1 WHERE id = NEW.id;
                END""",
-            f"""CREATE TRIGGER jobs_stage_finished AFTER UPDATE OF status ON jobs
+            """CREATE TRIGGER jobs_stage_finished AFTER UPDATE OF status ON jobs
                WHEN OLD.status = 'reserved' AND NEW.status <> 'reserved'
                BEGIN
-                   UPDATE jobs SET stage = {STAGE_AFTER_RESERVED} WHERE id = NEW.id;
-               END""",  # noqa: S608 - constant text
+                   UPDATE jobs SET stage = CASE NEW.status WHEN 'succeeded' THEN 'drawn'
+                       WHEN 'failed' THEN CASE WHEN NEW.error_code LIKE '%cancel%'
+                                          THEN 'cancelled' ELSE 'failed' END
+                       ELSE 'failed' END
+                   WHERE id = NEW.id;
+               END""",
         ),
     ),
 )
