@@ -4,6 +4,7 @@ service."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import signal
@@ -59,6 +60,7 @@ async def _beat(path: Path, service: ImageService | None = None) -> None:
     while True:
         state = "ok"
         if service is not None:
+            service.health_changed.clear()
             if not service.store_healthy:
                 await service.check_store()  # notices recovery even with no jobs coming in
             if not service.store_healthy:
@@ -69,7 +71,13 @@ async def _beat(path: Path, service: ImageService | None = None) -> None:
             await asyncio.to_thread(path.write_text, state + "\n", "utf-8")
         except OSError as err:
             log.warning("could not write the heartbeat: %s", err)
-        await asyncio.sleep(HEARTBEAT_EVERY)
+        if service is None:
+            await asyncio.sleep(HEARTBEAT_EVERY)
+            continue
+        # The next beat comes at once when the ledger's health flips (cleared before the
+        # state was read, so a flip meanwhile is not missed).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(service.health_changed.wait(), HEARTBEAT_EVERY)
 
 
 async def _clean_results(service: ImageService) -> None:

@@ -153,6 +153,8 @@ class ImageService:
         # the next write or `check_store` succeeds; the heartbeat reports it to health.
         self.store_healthy = True
         self.store_problem = ""
+        # Set when store_healthy flips, so the heartbeat says so at once.
+        self.health_changed = asyncio.Event()
         # Durable jobs: this process's name on the leases it holds, the open jobs it holds
         # them on (reserved here or taken over, until they end), where results are kept,
         # and how each front end carries on a job another process left (see `take_over`).
@@ -181,12 +183,14 @@ class ImageService:
     def _store_ok(self) -> None:
         if not self.store_healthy:
             log.warning("the ledger takes writes again (%s)", self.ledger.describe())
+            self.health_changed.set()
         self.store_healthy, self.store_problem = True, ""
 
     def _store_failed(self, err: Exception) -> None:
         problem = f"{type(err).__name__}: {err}"[:200]
         if self.store_healthy:
             log.error("the ledger cannot be written (%s): %s", self.ledger.describe(), problem)
+            self.health_changed.set()
         self.store_healthy, self.store_problem = False, problem
 
     async def check_store(self) -> bool:
@@ -688,7 +692,8 @@ class ImageService:
                 platforms = sorted({*self.resumers, "cli", "web"})
                 jobs = await self._write(
                     self.ledger.claim_expired(
-                        self.owner, self.settings.job_lease, platforms, limit=10
+                        self.owner, self.settings.job_lease, platforms, limit=10,
+                        exclude=sorted(self.held),
                     )
                 )
             except Exception as err:  # noqa: BLE001 - tried again on the next round

@@ -308,7 +308,9 @@ class FakeBotApiServer(BotObjects):
         if fault is not None:
             status, delay = fault
             if delay:
+                call.status = 0  # not answered (yet): a hung upload is no delivery
                 time.sleep(delay)
+                call.status = 200
             if status:
                 call.status, call.description = status, "Bad Gateway"
                 return _error(status, call.description)

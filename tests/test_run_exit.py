@@ -84,10 +84,11 @@ async def test_health_is_unhealthy_while_the_ledger_cannot_be_written(
 
     config = settings(database_url=f"sqlite:///{tmp_path}/imgbot.db")
 
-    class Service:  # the two things the heartbeat reads of ImageService, and its probe
+    class Service:  # what the heartbeat reads of ImageService, and its probe
         store_healthy = False
         store_problem = "database or disk is full"
         probes = 0
+        health_changed = asyncio.Event()
 
         async def check_store(self) -> bool:
             self.probes += 1

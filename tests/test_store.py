@@ -658,6 +658,15 @@ async def test_stages_follow_every_ending_and_released_leases_are_taken_at_once(
         assert (last.id, last.lost_credits) == (ids[4], 0)
         # a comes back too late: it holds nothing any more.
         assert await ledger.renew_leases("a", ids, 30) == set()
+        # A live worker never takes over its own jobs, nor those it says it works on.
+        mine = await ledger.reserve(who("1"), SPEC, 10)
+        other = await ledger.reserve(who("1"), SPEC, 10)
+        assert await ledger.renew_leases("b", [mine], 30) == {mine}
+        assert await ledger.release_leases("b", [mine]) == 1
+        clock.advance(seconds=31)
+        assert mine not in [j.id for j in await ledger.claim_expired("b", 30, ["telegram"])]
+        taken = [j.id for j in await ledger.claim_expired("c", 30, ["telegram"], exclude=[other])]
+        assert mine in taken and other not in taken
 
 
 async def test_two_workers_claiming_at_once_never_share_a_job(

@@ -175,9 +175,18 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def claim_expired(
-        self, owner: str, seconds: float, platforms: Sequence[str], limit: int = 20
+        self,
+        owner: str,
+        seconds: float,
+        platforms: Sequence[str],
+        limit: int = 20,
+        *,
+        exclude: Sequence[int] = (),
     ) -> list[JobRecord]:
         """Take over open jobs of those platforms whose lease has expired; return them.
+
+        Never a job `owner` leases itself, nor one in `exclude` (the jobs the claimer is
+        working on: a live process whose renewals failed for a while still has them).
 
         A job never leased counts as leased for `seconds` from its creation. Each claimed
         job is leased to `owner` for `seconds`. A job that was `drawing` lost its attempt

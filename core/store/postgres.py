@@ -167,6 +167,7 @@ _CLAIM_EXPIRED = (
     " stage = CASE WHEN j.stage = 'drawing' THEN 'queued' ELSE j.stage END"
     " FROM (SELECT id FROM jobs"
     "       WHERE stage IN ('queued', 'drawing', 'drawn') AND platform = ANY($5::text[])"
+    "       AND (lease_owner IS NULL OR lease_owner <> $1) AND id <> ALL($7::bigint[])"
     "       AND ((lease_until IS NOT NULL AND lease_until <= $3)"
     "            OR (lease_until IS NULL AND created_at <= $4))"
     "       ORDER BY id LIMIT $6 FOR UPDATE SKIP LOCKED) AS c"
@@ -1217,7 +1218,13 @@ class PostgresStore(Store):
         return await self._write(lease_on)
 
     async def claim_expired(
-        self, owner: str, seconds: float, platforms: Sequence[str], limit: int = 20
+        self,
+        owner: str,
+        seconds: float,
+        platforms: Sequence[str],
+        limit: int = 20,
+        *,
+        exclude: Sequence[int] = (),
     ) -> list[JobRecord]:
         """Take over open jobs whose lease expired (see Store.claim_expired)."""
         now = self._now()
@@ -1227,7 +1234,7 @@ class PostgresStore(Store):
         async def claim_on(conn: asyncpg.Connection) -> list[JobRecord]:
             rows = await conn.fetch(
                 _CLAIM_EXPIRED, owner, until, iso(now), born_before, list(platforms),
-                max(1, int(limit)),
+                max(1, int(limit)), [int(i) for i in exclude],
             )
             return sorted((job_from_mapping(row) for row in rows), key=lambda job: job.id)
 

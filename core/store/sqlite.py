@@ -191,6 +191,8 @@ _CLAIM_EXPIRED = (
     " WHERE id IN (SELECT id FROM jobs"
     "   WHERE stage IN ('queued', 'drawing', 'drawn')"
     "   AND platform IN (SELECT value FROM json_each(:platforms))"
+    "   AND (lease_owner IS NULL OR lease_owner <> :owner)"
+    "   AND id NOT IN (SELECT value FROM json_each(:exclude))"
     "   AND ((lease_until IS NOT NULL AND lease_until <= :now)"
     "        OR (lease_until IS NULL AND created_at <= :born_before))"
     "   ORDER BY id LIMIT :limit)"
@@ -895,7 +897,13 @@ class SqliteStore(Store):
         return len(rows)
 
     async def claim_expired(
-        self, owner: str, seconds: float, platforms: Sequence[str], limit: int = 20
+        self,
+        owner: str,
+        seconds: float,
+        platforms: Sequence[str],
+        limit: int = 20,
+        *,
+        exclude: Sequence[int] = (),
     ) -> list[JobRecord]:
         """Take over open jobs whose lease expired (see Store.claim_expired)."""
         now = self._now()
@@ -906,6 +914,7 @@ class SqliteStore(Store):
             "born_before": iso(now - timedelta(seconds=seconds)),
             "platforms": json.dumps(list(platforms)),
             "limit": max(1, int(limit)),
+            "exclude": json.dumps([int(i) for i in exclude]),
         }
         rows = await self._single(_CLAIM_EXPIRED, params)
         return sorted((job_from_mapping(row) for row in rows), key=lambda job: job.id)
