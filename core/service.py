@@ -284,7 +284,7 @@ class ImageService:
             text,
             reference_sizes=[(r.width, r.height) for r in refs],
             force_tier=force_tier,
-            previews=requester.previews,
+            previews=requester.previews and progress is not None,
         )
         self.rate.hit(requester.user_key)
         # The room check and the place in the queue in one step, before the reservation's

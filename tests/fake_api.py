@@ -37,7 +37,8 @@ Faults (`inject(name, times=1, **params)`, taken in order by the next API calls)
     truncated_json, truncated_body, invalid_json, empty_data, bad_base64, not_image,
     truncated (each image a valid header and only the first half of its bytes), url_404, url_too_large(size=4 MB), url_not_image, url_bad_scheme,
     stream_refused (400 unknown_parameter, param stream), stream_json (a plain JSON answer
-    to a stream request), stream_drop(after=1) (`after` partials, then the connection closes).
+    to a stream request), stream_drop(after=1) (`after` partials, then the connection closes),
+    stream_body(body=b"…") (these bytes as the event stream, for events of one's own).
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ _ANSWER_FAULTS = frozenset(
         "url_bad_scheme",
         "stream_json",
         "stream_drop",
+        "stream_body",
     }
 )
 FAULTS = tuple(_STATUS_FAULTS) + tuple(sorted(_ANSWER_FAULTS))
@@ -920,6 +922,9 @@ class FakeImageAPI:
         h.send_header("Content-Type", "text/event-stream; charset=utf-8")
         h.send_header("Cache-Control", "no-cache")
         h.end_headers()
+        if fault == "stream_body":
+            h.wfile.write(bytes(params["body"]))
+            return
         drop_after = int(params.get("after", 1)) if fault == "stream_drop" else None
 
         def send(kind: str, payload: dict[str, Any]) -> None:
