@@ -456,8 +456,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "🎨 正在绘制… {seconds} 秒",
     },
     "progress.partial": {
-        "en": "🎨 Drawing… {seconds} s — preview {number} of {count}",
-        "zh": "🎨 正在绘制… {seconds} 秒 — 预览 {number}/{count}",
+        "en": "🎨 Drawing… {seconds} s — preview {number}",
+        "zh": "🎨 正在绘制… {seconds} 秒 — 预览 {number}",
     },
     "caption.cost": {
         "en": "Cost: {cost}",
