@@ -119,9 +119,14 @@ def job_id_of(call: SentCall) -> int:
     return int(match.group(1))
 
 
+def is_preview(call: SentCall) -> bool:
+    """Say whether an edit of the answer showed a preview (the fake API streams them)."""
+    return [f.filename for f in call.files] == ["preview.jpg"]
+
+
 def result_of(calls: list[SentCall]) -> SentCall:
     """Return the edit that delivered the images."""
-    results = [c for c in calls if c.kind == "edit_original" and c.files]
+    results = [c for c in calls if c.kind == "edit_original" and c.files and not is_preview(c)]
     assert len(results) == 1, [(c.kind, c.json) for c in calls]
     return results[0]
 
