@@ -85,15 +85,16 @@ class PhotoLikeAPI(FakeImageAPI):
                 pass  # a job went missing: send anyway rather than hang
         super()._send(h, status, body, ctype, headers)
 
-    def _image(self, job: _Job, index: int) -> bytes:
+    def _image(self, job: _Job, index: int, partial: int | None = None) -> bytes:
         if job.output_format != "png" or job.transparent:
-            return super()._image(job, index)
+            return super()._image(job, index, partial)
         w, h = job.size
-        key = ("photo", w, h, index % 4)
+        key = ("photo", w, h, index % 4, partial)
         with self._lock:
             cached = self._images.get(key)
         if cached is None:
-            cached = photo_like_png(w, h, seed=w * 100_003 + h * 31 + index % 4)
+            seed = w * 100_003 + h * 31 + index % 4 + (0 if partial is None else 7 + partial)
+            cached = photo_like_png(w, h, seed=seed)
             with self._lock:
                 self._images[key] = cached
         return cached

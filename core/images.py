@@ -284,7 +284,14 @@ class _DownloadTooLarge(_DownloadFailed):
     """A download went over its cap."""
 
 
-async def _download(http: httpx.AsyncClient, url: str, *, max_bytes: int, deadline: float) -> bytes:
+async def _download(
+    http: httpx.AsyncClient,
+    url: str,
+    *,
+    max_bytes: int,
+    deadline: float,
+    png: _PngChunks | None = None,
+) -> bytes:
     if not url.lower().startswith(("http://", "https://")):
         raise _DownloadFailed(f"refused scheme in {url[:60]!r}")
     try:
@@ -298,7 +305,7 @@ async def _download(http: httpx.AsyncClient, url: str, *, max_bytes: int, deadli
                 declared = resp.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > max_bytes:
                     raise _DownloadTooLarge(f"{declared} bytes declared, cap {max_bytes}")
-                return await _read_capped(resp, max_bytes)
+                return await _read_capped(resp, max_bytes, png)
     except TimeoutError as err:
         raise _DownloadFailed(f"no complete answer from {_host(url)} in {deadline:g}s") from err
     except httpx.HTTPError as err:
@@ -818,14 +825,17 @@ class ImageClient:
         """Decode and check one image of an answer (base64, decoded pieces or a url)."""
         b64 = item.get("b64_json")
         url = item.get("url")
-        source: str | bytes | list[bytes]
+        source: str | bytes | list[bytes] | _Checked
         decoded = answer.decoded_for(b64)
         if decoded is not None:
             raw, source = None, decoded
         elif isinstance(b64, str) and b64:
             raw, source = None, b64
         elif isinstance(url, str) and url:
-            raw = source = await self._fetch_result(url, usage)
+            png = _PngChunks()
+            raw = source = await self._fetch_result(url, usage, png)
+            if png.whole:
+                source = _Checked(raw)
         else:
             raise UpstreamMalformed(
                 detail=f"image {position} has neither b64_json nor url", usage=usage
@@ -841,7 +851,9 @@ class ImageClient:
                 key, detail=f"image {position} ({where}): {err}", usage=usage
             ) from err
 
-    async def _fetch_result(self, url: str, usage: Usage | None) -> bytes:
+    async def _fetch_result(
+        self, url: str, usage: Usage | None, png: _PngChunks | None = None
+    ) -> bytes:
         settings = self._settings
         try:
             return await _download(
@@ -849,6 +861,7 @@ class ImageClient:
                 url,
                 max_bytes=settings.max_download_bytes,
                 deadline=settings.request_timeout,
+                png=png,
             )
         except _DownloadFailed as err:
             raise UpstreamMalformed(
@@ -856,7 +869,10 @@ class ImageClient:
             ) from err
 
 
-async def _read_capped(resp: httpx.Response, cap: int) -> bytes:
+async def _read_capped(
+    resp: httpx.Response, cap: int, png: _PngChunks | None = None
+) -> bytes:
+    """Read a body up to `cap` bytes; `png` walks its chunks while the reads arrive."""
     # A list joined once copies the body once; a growing bytearray copied every read into
     # itself and then all of it again in bytes(): ~2 ms more on the event loop at 12 MB.
     chunks: list[bytes] = []
@@ -866,7 +882,73 @@ async def _read_capped(resp: httpx.Response, cap: int) -> bytes:
         size += len(chunk)
         if size > cap:
             raise _DownloadTooLarge(f"over {cap} bytes")
+        if png is not None:
+            png.feed(chunk)
     return b"".join(chunks)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class _PngChunks:
+    """Check a PNG's chunks (lengths and CRCs, through IEND) as its bytes arrive.
+
+    The same proof as `_png_whole`, done read by read while a url result downloads, so the
+    CRC work overlaps the network instead of following it (~3 ms for a 4K image). `whole`
+    turns true once IEND's CRC matched; anything else (not a PNG, a bad CRC, a cut) leaves
+    it false and the image gets the usual check after the download.
+    """
+
+    def __init__(self) -> None:
+        self.whole = False
+        self._stopped = False
+        self._need = 8  # bytes wanted for the current header: signature, chunk head, CRC
+        self._held = bytearray()
+        self._state = "signature"  # signature | head | body | crc
+        self._left = 0  # body bytes still to come
+        self._crc = 0
+        self._type = b""
+
+    def feed(self, data: bytes) -> None:
+        """Take the next read of the file."""
+        view = memoryview(data)
+        pos, size = 0, len(view)
+        while pos < size and not self._stopped:
+            if self._state == "body":
+                take = min(self._left, size - pos)
+                self._crc = zlib.crc32(view[pos : pos + take], self._crc)
+                self._left -= take
+                pos += take
+                if self._left == 0:
+                    self._state, self._need = "crc", 4
+                continue
+            take = min(self._need - len(self._held), size - pos)
+            self._held += view[pos : pos + take]
+            pos += take
+            if len(self._held) == self._need:
+                header, self._held = bytes(self._held), bytearray()
+                self._header(header)
+
+    def _header(self, header: bytes) -> None:
+        if self._state == "signature":
+            if header != _PNG_SIGNATURE:
+                self._stopped = True  # not a PNG: the usual check decides
+                return
+            self._state, self._need = "head", 8
+        elif self._state == "head":
+            (self._left,) = struct.unpack(">I", header[:4])
+            self._type = header[4:]
+            self._crc = zlib.crc32(self._type)
+            self._state = "body" if self._left else "crc"
+            self._need = 4
+        else:  # crc
+            if struct.unpack(">I", header)[0] != self._crc:
+                self._stopped = True
+                return
+            if self._type == b"IEND":
+                self.whole, self._stopped = True, True
+                return
+            self._state, self._need = "head", 8
 
 
 async def _read_answer_stream(resp: httpx.Response, cap: int) -> _Answer:
@@ -1218,14 +1300,24 @@ class _CorruptImage(ValueError):
     """A result image whose header reads but whose pixels do not (truncated, corrupt)."""
 
 
-def _decode_image(source: str | bytes | list[bytes]) -> GeneratedImage:
+@dataclass(frozen=True)
+class _Checked:
+    """A downloaded PNG whose every chunk `_PngChunks` already checked on the way in."""
+
+    data: bytes
+
+
+def _decode_image(source: str | bytes | list[bytes] | _Checked) -> GeneratedImage:
     """Turn base64 (data: prefix or not), raw bytes or decoded pieces into a checked image.
 
     The whole image is checked (`_check_whole`), in the same worker-thread hop as the
     base64: a header alone passes a file cut short, which then failed only at delivery,
-    after the job was settled as drawn.
+    after the job was settled as drawn. A `_Checked` PNG was proven whole while it arrived.
     """
-    if isinstance(source, list):
+    checked = isinstance(source, _Checked)
+    if isinstance(source, _Checked):
+        data = source.data
+    elif isinstance(source, list):
         data = b"".join(source)  # large joins let go of the GIL while they copy
     elif isinstance(source, str):
         text = source.strip()
@@ -1242,6 +1334,8 @@ def _decode_image(source: str | bytes | list[bytes]) -> GeneratedImage:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=tuple(_ANSWER_FORMATS)) as im:
                 image = GeneratedImage(data, _ANSWER_FORMATS[im.format or ""], im.width, im.height)
+                if checked and im.format == "PNG":
+                    return image
                 try:
                     _check_whole(im, data)
                 except Exception as err:  # noqa: BLE001 - Pillow raises many kinds here

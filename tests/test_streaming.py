@@ -432,3 +432,49 @@ async def test_usage_only_on_the_completed_event_is_read_there(
     result = await client.draw(request(), on_partial=Previews())
     assert result.usage is not None
     assert result.usage.image_output_tokens == 106 + 2 * PARTIAL_TOKENS
+
+
+# --- a url result's PNG checked while it downloads -----------------------------------------------
+
+
+@pytest.mark.parametrize("cut", [1, 5, 8, 13, 4096, 1 << 20])
+def test_the_png_walker_proves_what_the_whole_file_check_proves(cut: int) -> None:
+    from core.images import _png_whole, _PngChunks
+
+    data = png((300, 200), (40, 90, 160))
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 0xFF
+    cases = {"whole": data, "damaged": bytes(damaged), "cut": data[:-20], "jpeg": b"\xff\xd8"}
+    for name, body in cases.items():
+        walker = _PngChunks()
+        for start in range(0, len(body), cut):
+            walker.feed(body[start : start + cut])
+        try:
+            _png_whole(body)
+            sound = body.startswith(b"\x89PNG")
+        except OSError:
+            sound = False
+        assert walker.whole == sound == (name == "whole"), name
+
+
+async def test_a_url_result_is_checked_on_the_way_in(
+    settings: SettingsFactory, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import core.images
+
+    whole_file_checks: list[int] = []
+    real = core.images._png_whole
+    monkeypatch.setattr(
+        core.images, "_png_whole", lambda data: (whole_file_checks.append(1), real(data))
+    )
+    with FakeImageAPI(key=settings().openai_api_key.get_secret_value(), mode="url") as api:
+        client = ImageClient(http, settings(openai_base_url=api.base_url, response_format="url"))
+        result = await client.draw(request(partial_images=0))
+        assert result.images[0].width == 1280
+        assert whole_file_checks == []  # proven while it arrived, not again afterwards
+        await client.draw(request(partial_images=0, output_format="jpeg"))
+        api.mode = "b64"
+        await ImageClient(http, settings(openai_base_url=api.base_url)).draw(
+            request(partial_images=0)
+        )
+        assert whole_file_checks == [1]  # a base64 PNG still gets the whole-file check
