@@ -26,6 +26,10 @@ which targets were met). Scenarios:
               server binaries and pytest (tests/pg_server.py): `pip install -e '.[test,bench]'`.
 6. throughput jobs/s through the pipeline (1024x1024) with 1 / 10 / 100 concurrent users,
               next to bare httpx at the same concurrency.
+7. stream     previews: the server-sent-event reader against the JSON reader on the same
+              4K answer (64 KiB reads, each decoding its base64 on the way in), and with a
+              10 s upstream and 3 previews (25/50/75 %), the time to the first preview
+              against the time to the result, through ImageClient.draw.
 """
 
 from __future__ import annotations
@@ -917,6 +921,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for key in ("b64_json 3840x2160", "url 3840x2160"):
         row = results["overhead"][key]
         add(f"overhead {key} (pipeline/bare)", row["ratio"], "<= 1.10", row["ratio"] <= 1.10)
+    if "stream" in results:
+        ratio = results["stream"]["reader_4k"]["ratio"]
+        add("stream reader 3840x2160 (events/JSON)", ratio, "<= 1.10", ratio <= 1.10)
     sdk = results["sdk"]
     for size in ("1024x1024", "3840x2160"):
         if size in sdk:
@@ -1033,6 +1040,23 @@ def table(results: dict[str, Any]) -> str:
                 f"**{row['pipeline_jobs_per_s']:.1f} jobs/s**",
             )
         )
+    if "stream" in results:
+        r, p = results["stream"]["reader_4k"], results["stream"]["previews_10s"]
+        rows.append(
+            (
+                f"stream reader 4K ({r['answer_bytes'] / MB:.1f} MB event)",
+                f"{r['event_reader']['median_ms']:.1f} ms vs JSON reader "
+                f"{r['json_reader']['median_ms']:.1f} ms",
+                f"**{r['ratio']:.3f}**",
+            )
+        )
+        rows.append(
+            (
+                f"previews, 10 s upstream, {p['size']}",
+                f"previews at {p['previews_at_s']} s, result at {p['result_at_s']} s",
+                f"**first preview at {p['first_preview_share']:.0%} of the wait**",
+            )
+        )
     lines = ["| measure | detail | result |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines += ["", "| target | value | goal | met |", "|---|---|---|---|"]
@@ -1041,6 +1065,92 @@ def table(results: dict[str, Any]) -> str:
         for t in results["targets"]
     ]
     return "\n".join(lines)
+
+
+# --- 7. previews --------------------------------------------------------------------------
+
+
+def _read_all(reader: Any, body: bytes, read: int = 64 * 1024) -> Any:
+    found = None
+    for start in range(0, len(body), read):
+        found = reader.feed(body[start : start + read])
+    return found
+
+
+async def streaming(plan: Plan) -> dict[str, Any]:
+    """The event reader's cost at 4K against the JSON reader's, and previews' timing."""
+    from bench.upstream import photo_like_png
+    from core.images import _AnswerReader, _EventReader
+
+    image = photo_like_png(3840, 2160, seed=1)
+    b64 = base64.b64encode(image).decode()
+    usage = {"input_tokens": 12, "output_tokens": 4000}
+    plain = json.dumps({"created": 1, "data": [{"b64_json": b64}], "usage": usage}).encode()
+    event = json.dumps({"type": "image_generation.completed", "b64_json": b64, "usage": usage})
+    sse = f"event: image_generation.completed\ndata: {event}\n\n".encode()
+
+    def json_path() -> None:
+        reader = _AnswerReader(len(plain) + 1)
+        _read_all(reader, plain)
+        answer = reader.finish()
+        payload = json.loads(answer.text)
+        assert b"".join(answer.decoded_for(payload["data"][0]["b64_json"]) or []) == image
+
+    def sse_path() -> None:
+        reader = _EventReader(len(sse) + 1)
+        done: list[Any] = []
+        for start in range(0, len(sse), 64 * 1024):
+            done += reader.feed(sse[start : start + 64 * 1024])
+        [(_, answer)] = done
+        payload = json.loads(answer.text)
+        assert b"".join(answer.decoded_for(payload["b64_json"]) or []) == image
+
+    reps = max(plan.overhead_4k, 10)
+    times: dict[str, list[float]] = {"json": [], "sse": []}
+    for _ in range(reps):
+        for name, work in (("json", json_path), ("sse", sse_path)):
+            gc.collect()
+            started = time.perf_counter()
+            work()
+            times[name].append(time.perf_counter() - started)
+    j, e = stats(times["json"]), stats(times["sse"])
+    out: dict[str, Any] = {
+        "reader_4k": {
+            "answer_bytes": len(sse),
+            "json_reader": j,
+            "event_reader": e,
+            "ratio": round(e["median_ms"] / j["median_ms"], 3),
+        }
+    }
+    # Time to the first preview against the time to the result, a 10 s upstream.
+    with UpstreamProcess("b64", delay=10.0) as upstream:
+        settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            openai_base_url=upstream.base_url,
+            openai_api_key=KEY,
+            preview_count=3,
+        )
+        async with httpx.AsyncClient(timeout=600) as http:
+            client = ImageClient(http, settings)
+            request = parse_command(TEXTS["1024x1024"], PromptDefaults()).with_changes(
+                partial_images=3
+            )
+            started = time.perf_counter()
+            seen: list[float] = []
+
+            async def on_partial(image: Any, index: int) -> None:
+                seen.append(round(time.perf_counter() - started, 2))
+
+            result = await client.draw(request, on_partial=on_partial)
+            total = round(time.perf_counter() - started, 2)
+    out["previews_10s"] = {
+        "size": request.size,
+        "previews_at_s": seen,
+        "result_at_s": total,
+        "first_preview_share": round(seen[0] / total, 3) if seen else None,
+        "image_output_tokens": result.usage.image_output_tokens if result.usage else None,
+    }
+    return out
 
 
 async def run_all(plan: Plan, only: set[str]) -> dict[str, Any]:
@@ -1067,6 +1177,7 @@ async def run_all(plan: Plan, only: set[str]) -> dict[str, Any]:
                 ("burst", lambda: asyncio.to_thread(burst, url, plan.burst_jobs)),
                 ("ledger", lambda: ledger_pairs(tmp, plan)),
                 ("throughput", lambda: throughput(url, tmp, plan)),
+                ("stream", lambda: streaming(plan)),
             ]
             for name, step in steps:
                 if only and name not in only:
@@ -1102,7 +1213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     parser.add_argument(
-        "--only", default="", help="comma-separated scenarios: overhead,sdk,burst,ledger,throughput"
+        "--only", default="",
+        help="comma-separated scenarios: overhead,sdk,burst,ledger,throughput,stream"
     )
     parser.add_argument(
         "--merge",

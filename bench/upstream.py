@@ -85,15 +85,16 @@ class PhotoLikeAPI(FakeImageAPI):
                 pass  # a job went missing: send anyway rather than hang
         super()._send(h, status, body, ctype, headers)
 
-    def _image(self, job: _Job, index: int) -> bytes:
+    def _image(self, job: _Job, index: int, partial: int | None = None) -> bytes:
         if job.output_format != "png" or job.transparent:
-            return super()._image(job, index)
+            return super()._image(job, index, partial)
         w, h = job.size
-        key = ("photo", w, h, index % 4)
+        key = ("photo", w, h, index % 4, partial)
         with self._lock:
             cached = self._images.get(key)
         if cached is None:
-            cached = photo_like_png(w, h, seed=w * 100_003 + h * 31 + index % 4)
+            seed = w * 100_003 + h * 31 + index % 4 + (0 if partial is None else 7 + partial)
+            cached = photo_like_png(w, h, seed=seed)
             with self._lock:
                 self._images[key] = cached
         return cached
@@ -107,15 +108,17 @@ class PhotoLikeAPI(FakeImageAPI):
 class UpstreamProcess:
     """A `PhotoLikeAPI` in a child process; it exits when we close its stdin."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, delay: float = 0.0) -> None:
         self.mode = mode
+        self.delay = delay
         self.base_url = ""
         self._proc: subprocess.Popen[str] | None = None
 
     def start(self) -> UpstreamProcess:
         """Start the child; return at once (call `wait_ready` before using it)."""
         self._proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "bench.upstream", "--mode", self.mode],
+            [sys.executable, "-m", "bench.upstream", "--mode", self.mode,
+             "--delay", str(self.delay)],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -158,11 +161,12 @@ def main() -> None:
     """Serve until stdin closes (the parent exited or asked us to stop)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mode", default="b64_prefixed")
+    parser.add_argument("--delay", type=float, default=0.0)
     args = parser.parse_args()
     # socketserver's listen backlog is 5: a burst of 50 connections would be reset, which a
     # real API never does. This process is ours alone, so raising it for the class is safe.
     ThreadingHTTPServer.request_queue_size = 256
-    api = PhotoLikeAPI(key=KEY, mode=args.mode, delay=0.0)
+    api = PhotoLikeAPI(key=KEY, mode=args.mode, delay=args.delay)
     api.warm()
     with api:
         print(f"READY {api.base_url}", flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import getpass
 import json
 import os
@@ -100,7 +101,8 @@ def cmd_parse(settings: Settings, args: argparse.Namespace) -> int:
 async def _gen(settings: Settings, args: argparse.Namespace) -> int:
     from core.runtime import open_service
 
-    requester = _cli_requester(settings)
+    # Previews are asked for (and paid) only when they are to be saved.
+    requester = dataclasses.replace(_cli_requester(settings), previews=args.partials)
     lang = language_of(requester.language)
     refs = []
     for path in args.image or []:
@@ -160,11 +162,11 @@ class StoppableClient:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
 
-    async def draw(self, request: Any, references: Sequence[Any] = ()) -> Any:
+    async def draw(self, request: Any, references: Sequence[Any] = (), **options: Any) -> Any:
         """Draw through the real client unless Ctrl-C comes first."""
         if self._stop.is_set():
             raise Cancelled("job.cancelled")
-        call = asyncio.ensure_future(self._client.draw(request, references))
+        call = asyncio.ensure_future(self._client.draw(request, references, **options))
         stopped = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({call, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -192,6 +194,8 @@ class TerminalReply:
         self.exit_code = 0
         self.interrupted = False  # Ctrl-C was pressed
         self._started = time.monotonic()
+        self._stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        self.partials: list[Path] = []  # previews saved (gen --partials)
 
     async def tick(self) -> None:
         """Show the elapsed time every second while the job runs."""
@@ -200,7 +204,9 @@ class TerminalReply:
             await self.progress(Progress("working"))
 
     async def progress(self, event: Progress) -> None:
-        """Show where the job is, on one terminal line."""
+        """Show where the job is, on one terminal line; save previews as they come."""
+        if event.kind == "partial" and event.image is not None:
+            await self._save_partial(event)
         if not self.tty:
             return
         if event.kind == "queued":
@@ -211,10 +217,22 @@ class TerminalReply:
             sys.stderr.write("\r" + " " * 30 + "\r")
         sys.stderr.flush()
 
+    async def _save_partial(self, event: Progress) -> None:
+        assert event.image is not None
+        ext = EXTENSIONS.get(event.image.mime, "png")
+        name = f"imgbot-{self._stamp}-{event.job_id}-preview{event.index + 1}.{ext}"
+        path = self.out_dir / name
+        await asyncio.to_thread(path.write_bytes, event.image.data)
+        self.partials.append(path)
+        if self.tty:
+            sys.stderr.write("\r" + " " * 30 + "\r")
+        print(f"{path}  {event.image.width}x{event.image.height}  preview {event.index + 1}",
+              flush=True)
+
     async def result(self, outcome: DrawOutcome, four_k_credits: float | None) -> list[str]:
         """Save the images and print their paths, the notices, the cost and the time."""
         await asyncio.to_thread(self.out_dir.mkdir, parents=True, exist_ok=True)
-        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        stamp = self._stamp
         for i, image in enumerate(outcome.images, 1):
             ext = EXTENSIONS.get(image.mime, "png")
             path = self.out_dir / f"imgbot-{stamp}-{outcome.job_id}-{i}.{ext}"
@@ -404,6 +422,12 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("text", nargs="+")
     g.add_argument("-i", "--image", action="append", help="reference image (repeatable)")
     g.add_argument("-o", "--output", default=".", help="folder for the images")
+    g.add_argument(
+        "--partials",
+        action="store_true",
+        help="also save the previews the image API streams while drawing (PREVIEWS=on; "
+        "each costs ~100 output tokens)",
+    )
     u = sub.add_parser("usage", help="spend reports from the ledger")
     u.add_argument("--user", help="platform:id")
     u.add_argument("--since", help="YYYY-MM-DD (UTC)")

@@ -61,6 +61,13 @@ class Settings(BaseSettings):
     max_reference_bytes: int = Field(
         50 * 1024 * 1024, gt=0, description="Cap on one reference image"
     )
+    previews: Literal["on", "off"] = Field(
+        "on",
+        description="Show the image forming while it is drawn (single images; each preview costs ~100 output tokens)",
+    )
+    preview_count: int = Field(
+        2, ge=1, le=3, description="Previews per image when PREVIEWS=on (1-3)"
+    )
 
     # --- defaults of the command language --------------------------------------------
     default_model: str = Field("gpt-image-2", description="Model used when none is named")
@@ -221,6 +228,13 @@ class Settings(BaseSettings):
             # The message never holds the URL itself: it may carry a password.
             raise ValueError(str(err).removeprefix("DATABASE_URL: ")) from None
         return value.strip()
+
+    @field_validator("previews", mode="before")
+    @classmethod
+    def _lower_previews(cls, value: object) -> object:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("log_level", mode="before")
     @classmethod

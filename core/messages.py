@@ -135,6 +135,22 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "A transparent background needs png or webp; {format} has no transparency.\nExample: /img transparent png a cat sticker",
         "zh": "透明背景需要 png 或 webp 格式，{format} 不支持透明。\n示例：/img transparent png 一张猫咪贴纸",
     },
+    "prompt.fidelity_model": {
+        "en": "{model} does not take --fidelity (it always keeps the reference at high fidelity). Only {models} do; drop --fidelity or name one of them.\nExample: /img gpt-image-1.5 --fidelity high make it winter  (with a photo attached)",
+        "zh": "{model} 不支持 --fidelity（它总是以高保真度参考原图）。只有 {models} 支持；请去掉 --fidelity，或指定其中一个模型。\n示例：/img gpt-image-1.5 --fidelity high 改成冬天  （附上照片）",
+    },
+    "prompt.fidelity_needs_reference": {
+        "en": "--fidelity says how closely to follow a reference image, and there is none. Attach a photo (or reply to one), or drop --fidelity.\nExample: /img gpt-image-1.5 --fidelity high make it winter  (with a photo attached)",
+        "zh": "--fidelity 表示对参考图的忠实程度，但这里没有参考图。请附上照片（或回复一张照片），或去掉 --fidelity。\n示例：/img gpt-image-1.5 --fidelity high 改成冬天  （附上照片）",
+    },
+    "prompt.compression_format": {
+        "en": "{value}: compression applies to jpeg and webp only; name one of them (png is always lossless).\nExample: /img jpeg --compression 80 a white siamese cat",
+        "zh": "{value}：压缩率只适用于 jpeg 和 webp，请同时指定其中一种格式（png 总是无损的）。\n示例：/img jpeg --compression 80 一只白色暹罗猫",
+    },
+    "prompt.compression_range": {
+        "en": "{value}: compression is a whole number from 0 to 100 (100 = best quality, the default).\nExample: /img webp --compression 80 a white siamese cat",
+        "zh": "{value}：压缩率是 0 到 100 的整数（100 为最高画质，默认值）。\n示例：/img webp --compression 80 一只白色暹罗猫",
+    },
     # Notices: how a request was adapted.
     "size.approximate": {
         "en": "{ratio} has no exact size on the 16-pixel grid; drawing {size}, the nearest.",
@@ -448,6 +464,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "🎨 Drawing… {seconds} s",
         "zh": "🎨 正在绘制… {seconds} 秒",
     },
+    "progress.partial": {
+        "en": "🎨 Drawing… {seconds} s — preview {number}",
+        "zh": "🎨 正在绘制… {seconds} 秒 — 预览 {number}",
+    },
     "caption.cost": {
         "en": "Cost: {cost}",
         "zh": "本次消耗：{cost}",
@@ -506,6 +526,7 @@ MESSAGES: dict[str, dict[str, str]] = {
             "• count: x2 or n=2\n"
             "• model: gpt-image-2 gpt-image-1.5 gpt-image-1\n"
             "• format: png jpeg webp, transparent; file = send the original file\n"
+            "• --compression 0-100 (jpeg/webp), --moderation low|auto, --fidelity high|low (edits, gpt-image-1.5/1)\n"
             "• Midjourney style works too: --ar 16:9 --q high --n 2\n"
             "• -- ends the options (for a prompt that starts with an option word)\n"
             "\n"
@@ -529,6 +550,7 @@ MESSAGES: dict[str, dict[str, str]] = {
             "• 数量：x2 或 n=2\n"
             "• 模型：gpt-image-2 gpt-image-1.5 gpt-image-1\n"
             "• 格式：png jpeg webp，transparent 透明背景；file = 发送原图文件\n"
+            "• --compression 0-100（jpeg/webp 压缩率），--moderation low|auto（审核强度），--fidelity high|low（编辑时对参考图的忠实度，gpt-image-1.5/1）\n"
             "• 也支持 Midjourney 写法：--ar 16:9 --q high --n 2\n"
             "• -- 表示选项结束（描述以选项词开头时使用）\n"
             "\n"

@@ -25,6 +25,9 @@ Estimates (used to reserve credits before a call; the bill is settled from `usag
   has no published rule; we count the GPT-4o high-detail rule (short side 768, 85 + 170 per
   tile), which is larger than the gpt-image-1 count for every size, plus the same 32.
   A reference of unknown or broken size counts as the largest case.
+- previews (`request.partial_images`): each costs about 100 image output tokens (OpenAI's
+  figure); PARTIAL_IMAGE_TOKENS counts them a little higher, so a preview never makes the
+  bill pass the reservation.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ FIXED_OUTPUT_TOKENS: dict[tuple[int, int], dict[str, int]] = {
 }
 _GPT2_QUALITY_FACTOR = {"low": 16, "medium": 48, "high": 96}
 _EDIT_TEXT_TOKENS_PER_IMAGE = 32
+# "Each partial image costs about 100 extra image output tokens" (OpenAI), rounded up.
+PARTIAL_IMAGE_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -165,8 +170,12 @@ def estimate_credits(
         reference_sizes
     )
     image_in = sum(estimate_input_image_tokens(request.model, w, h) for w, h in reference_sizes)
+    previews = PARTIAL_IMAGE_TOKENS * max(request.partial_images, 0) * request.n
     return table.credits_for_tokens(
-        request.model, text_in=text_in, image_in=image_in, image_out=per_image * request.n
+        request.model,
+        text_in=text_in,
+        image_in=image_in,
+        image_out=per_image * request.n + previews,
     )
 
 

@@ -21,6 +21,8 @@ work (`16：9`, `２Ｋ`, `１０２４×１０２４`); the prompt itself is ke
     file      deliver the lossless original as a file
     flags     --ar 16:9  --q high  --quality high  --n 2  --model X  --m X  --size WxH
               --format png  --tier 2K, also as --ar=16:9; key=value forms (q=high, ar=16:9…)
+    fields    --compression 0-100 (jpeg/webp only), --moderation low|auto,
+              --fidelity high|low (edits only, on the models that take it: FIDELITY_MODELS)
 
 Midjourney habit: `--flag value` pairs at the END of the prompt are read as options too
 (`a cat --ar 16:9 --q high`), unless `--` was used. An unknown `--flag` is refused rather
@@ -52,6 +54,12 @@ from core.types import KNOWN_MODELS, ImageRequest, Notice
 
 MAX_PROMPT_CHARS = 32000
 MAX_N = 10  # the API's own limit; settings may cap lower
+# input_fidelity: gpt-image-1 and gpt-image-1.5 take high|low; gpt-image-2 always works at
+# high fidelity and is to be sent none (OpenAI's spec: "for gpt-image-2, omit this parameter").
+FIDELITY_MODELS = ("gpt-image-1.5", "gpt-image-1")
+FIDELITY_WORDS = ("high", "low")
+MODERATION_WORDS = ("low", "auto")
+COMPRESSIBLE_FORMATS = ("jpeg", "webp")
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,11 @@ FLAG_NAMES = {
     "size": "size",
     "format": "format",
     "tier": "tier",
+    "fidelity": "fidelity",
+    "input_fidelity": "fidelity",
+    "compression": "compression",
+    "output_compression": "compression",
+    "moderation": "moderation",
 }
 _FLAG_EXAMPLES = {
     "ratio": "--ar 16:9",
@@ -110,8 +123,13 @@ _FLAG_EXAMPLES = {
     "size": "--size 1536x1024",
     "format": "--format webp",
     "tier": "--tier 2K",
+    "fidelity": "--fidelity high",
+    "compression": "jpeg --compression 80",
+    "moderation": "--moderation low",
 }
-KNOWN_FLAGS = "--ar, --q, --n, --model, --size, --format, --tier"
+KNOWN_FLAGS = (
+    "--ar, --q, --n, --model, --size, --format, --tier, --compression, --moderation, --fidelity"
+)
 
 _COMMAND = re.compile(r"/img(@\w+)?")
 _RATIO = re.compile(r"([0-9]+):([0-9]+)")
@@ -273,6 +291,17 @@ class _Reader:
             ok = bool(_SIZE.fullmatch(folded))
         elif what == "tier":
             ok = bool(_TIER.fullmatch(folded))
+        elif what in ("fidelity", "moderation"):
+            words = FIDELITY_WORDS if what == "fidelity" else MODERATION_WORDS
+            if folded in words:
+                asked.set(what, folded, given)
+                return
+            ok = False
+        elif what == "compression":
+            if not _DIGITS.fullmatch(folded) or _number(folded) > 100:
+                raise PromptError("prompt.compression_range", value=given)
+            asked.set("compression", _number(folded), given)
+            return
         else:  # format
             ok = folded in FORMAT_WORDS
         if not ok:
@@ -438,7 +467,30 @@ def refine_command(text: str, source: dict[str, Any], defaults: PromptDefaults) 
         words.append(str(source["background"]))
     if "as_file" not in named and source.get("as_file") is True:
         words.append("file")
+    words += _kept_fields(asked, source)
     return " ".join([*words, text]) if words else text
+
+
+def _kept_fields(asked: _Asked, source: dict[str, Any]) -> list[str]:
+    """Return the words that keep a source job's compression, moderation and fidelity.
+
+    Each is kept only where the refinement could still use it: compression while the format
+    (named or kept) is jpeg or webp, fidelity while the model (named or kept) takes it.
+    """
+    words = []
+    named = asked.values
+    fmt = named.get("format", source.get("output_format"))
+    compression = source.get("output_compression")
+    if "compression" not in named and fmt in COMPRESSIBLE_FORMATS and isinstance(compression, int):
+        if not isinstance(compression, bool) and 0 <= compression <= 100:
+            words.append(f"compression={compression}")
+    if "moderation" not in named and source.get("moderation") in MODERATION_WORDS:
+        words.append(f"moderation={source['moderation']}")
+    model = named.get("model", source.get("model"))
+    fidelity = source.get("input_fidelity")
+    if "fidelity" not in named and fidelity in FIDELITY_WORDS and model in FIDELITY_MODELS:
+        words.append(f"fidelity={fidelity}")
+    return words
 
 
 def _build(
@@ -466,6 +518,17 @@ def _build(
         if output_format == "jpeg":
             raise PromptError("prompt.transparent_jpeg", format=asked.shown["format"])
         output_format = output_format or "png"
+    compression = asked.get("compression")
+    if compression is not None and output_format not in COMPRESSIBLE_FORMATS:
+        raise PromptError("prompt.compression_format", value=asked.shown["compression"])
+    fidelity = asked.get("fidelity")
+    if fidelity is not None:
+        if model not in FIDELITY_MODELS:
+            raise PromptError(
+                "prompt.fidelity_model", model=model, models=" / ".join(FIDELITY_MODELS)
+            )
+        if not has_references:
+            raise PromptError("prompt.fidelity_needs_reference")
     try:
         choice = resolve_size(
             model,
@@ -498,4 +561,7 @@ def _build(
         tier=tier,
         as_file=bool(asked.get("as_file")),
         notices=tuple(Notice(key, params) for key, params in choice.notes),
+        output_compression=compression,
+        input_fidelity=fidelity,
+        moderation=asked.get("moderation"),
     )

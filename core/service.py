@@ -240,8 +240,13 @@ class ImageService:
         *,
         reference_sizes: Sequence[tuple[int, int]] = (),
         force_tier: str | None = None,
+        previews: bool = False,
     ) -> tuple[ImageRequest, float]:
-        """Parse a command and estimate its cost, calling nothing."""
+        """Parse a command and estimate its cost, calling nothing.
+
+        `previews`: the front end shows them, so they are asked for where they can be
+        (and their tokens estimated).
+        """
         request = parse_command(
             text,
             self.defaults,
@@ -249,6 +254,8 @@ class ImageService:
             has_references=bool(reference_sizes),
             force_tier=force_tier,
         )
+        if previews:
+            request = request.with_changes(partial_images=self.client.partials_for(request))
         estimate = estimate_credits(request, self.prices, reference_sizes=reference_sizes)
         return request, estimate
 
@@ -298,7 +305,10 @@ class ImageService:
         )
         mask_ref = await self._mask(mask, refs)
         request, estimate = self.parse(
-            text, reference_sizes=[(r.width, r.height) for r in refs], force_tier=force_tier
+            text,
+            reference_sizes=[(r.width, r.height) for r in refs],
+            force_tier=force_tier,
+            previews=requester.previews and progress is not None,
         )
         self.rate.hit(requester.user_key)
         # The room check and the place in the queue in one step, before the reservation's
@@ -492,7 +502,18 @@ class ImageService:
         mask: ReferenceImage | None = None,
     ) -> ImageResult:
         start = self._clock()
-        with_mask = {"mask": mask} if mask is not None else {}
+        with_mask: dict[str, object] = {"mask": mask} if mask is not None else {}
+        if request.partial_images and progress is not None:
+
+            async def on_partial(image: GeneratedImage, index: int) -> None:
+                await progress(
+                    Progress(
+                        "partial", elapsed=self._clock() - start, image=image, index=index,
+                        job_id=record.job_id,
+                    )
+                )
+
+            with_mask["on_partial"] = on_partial
         call = asyncio.ensure_future(self.client.draw(request, refs, **with_mask))
         cancelled = asyncio.ensure_future(record.cancel.wait())
         stopped = asyncio.ensure_future(record.stop.wait())
@@ -627,6 +648,7 @@ class ImageService:
                         _, cost = self.parse(
                             " ".join([*words, request.model, "--", request.prompt]),
                             reference_sizes=sizes,
+                            previews=request.partial_images > 0,
                         )
                     except ImgbotError:
                         continue

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from core.messages import text as render_text
 
 KNOWN_MODELS = ("gpt-image-2", "gpt-image-1.5", "gpt-image-1")
-ProgressKind = Literal["queued", "started", "working", "done"]
+ProgressKind = Literal["queued", "started", "working", "partial", "done"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,12 @@ class ImageRequest:
     tier: str | None = None  # "1K" | "2K" | "4K" if asked, else None
     as_file: bool = False  # deliver the lossless original as a file
     notices: tuple[Notice, ...] = field(default=())
+    output_compression: int | None = None  # 0..100, jpeg/webp only; None = the API's (100)
+    input_fidelity: str | None = None  # high | low (edits, models that take it); None = low
+    moderation: str | None = None  # low | auto; None = the API's (auto)
+    # Previews asked of the API while it draws (0: none). Set by the service, not parsed:
+    # it depends on the front end, the PREVIEWS setting and what the endpoint supports.
+    partial_images: int = 0
 
     @property
     def dimensions(self) -> tuple[int, int] | None:
@@ -87,6 +93,10 @@ class Usage:
         """
         if not isinstance(usage, dict):
             return None
+        if "input_tokens" not in usage and "output_tokens" not in usage and (
+            "prompt_tokens" in usage or "completion_tokens" in usage
+        ):
+            usage = _from_chat_style(usage)
         inp = usage.get("input_tokens_details")
         out = usage.get("output_tokens_details")
         inp = inp if isinstance(inp, dict) else {}
@@ -100,7 +110,13 @@ class Usage:
             text_in = input_tokens - image_in if min(input_tokens, image_in) >= 0 else -1
         if "image_tokens" in out:
             image_out = _count(out.get("image_tokens"))
-            text_out = _count(out.get("text_tokens"))
+            if "text_tokens" in out:
+                text_out = _count(out.get("text_tokens"))
+            elif min(output_tokens, image_out) >= 0:
+                # Output the details do not name (reasoning, say) is still output: billed.
+                text_out = max(output_tokens - image_out, 0)
+            else:
+                text_out = -1
         else:
             image_out, text_out = output_tokens, 0
         if usage.get("total_tokens") is not None:
@@ -159,11 +175,18 @@ class ImageResult:
 
 @dataclass(frozen=True)
 class Progress:
-    """One progress event of a job."""
+    """One progress event of a job.
+
+    A `partial` event carries a preview of the image being drawn (`image`, decoded and
+    checked), its 0-based `index` among the previews, and the job it belongs to.
+    """
 
     kind: ProgressKind
     position: int = 0
     elapsed: float = 0.0
+    image: GeneratedImage | None = None
+    index: int = 0
+    job_id: int = 0
 
 
 ProgressCallback = Callable[[Progress], Awaitable[None]]
@@ -192,6 +215,9 @@ class Requester:
     # Administers this chat on its platform (Discord: Manage Server). May set this chat's
     # limit and see its spend, nothing that reaches beyond it.
     is_chat_admin: bool = False
+    # The front end shows previews while the image is drawn (partial `Progress` events);
+    # only then are they asked of the API, since each one costs output tokens.
+    previews: bool = False
 
     @property
     def user_key(self) -> str:
@@ -202,6 +228,25 @@ class Requester:
     def chat_key(self) -> str | None:
         """Return the ledger key of the chat, `platform:chat_id`, or None."""
         return f"{self.platform}:{self.chat_id}" if self.chat_id is not None else None
+
+
+def _from_chat_style(usage: dict[str, Any]) -> dict[str, Any]:
+    """Rename a chat-style usage (`prompt_tokens`, `completion_tokens`, their `_details`)
+    into the images API's names; detail counts keep their meaning."""
+    renamed: dict[str, Any] = {
+        "input_tokens": usage.get("prompt_tokens"),
+        "output_tokens": usage.get("completion_tokens"),
+        "total_tokens": usage.get("total_tokens"),
+    }
+    prompt = usage.get("prompt_tokens_details")
+    completion = usage.get("completion_tokens_details")
+    if isinstance(prompt, dict) and ("image_tokens" in prompt or "text_tokens" in prompt):
+        renamed["input_tokens_details"] = prompt
+    if isinstance(completion, dict) and "image_tokens" in completion:
+        # Without image_tokens (only reasoning or audio counts) every completion token is
+        # taken as image output: the dearest reading, never a low bill.
+        renamed["output_tokens_details"] = completion
+    return renamed
 
 
 def _count(value: Any) -> int:

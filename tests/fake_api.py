@@ -18,6 +18,16 @@ Modes (how answers come back when the request does not say):
     url           a `url` served by this server under /files/…
     official      like b64, and a sent `response_format` is refused (400 unknown_parameter)
 
+Streaming: a request with `stream: true` (and `partial_images` 0-3) is answered with
+server-sent events, as OpenAI does: `image_generation.partial_image` (edits:
+`image_edit.partial_image`) events carrying `b64_json` images of the asked size and format
+and their `partial_image_index`, then the `*.completed` event with the image and `usage`
+(the usage counts 100 output tokens per partial, and is on that event only). With a `delay`,
+the partials come at 1/(k+1), 2/(k+1)… of it and the completed event at its end
+(3 partials: 25/50/75 %). `stream_support` says how this "relay" treats streaming for
+every request: "sse" (the default), "refuse" (400 unknown_parameter on `stream`), "json"
+(ignores it and answers plain JSON) or "drop" (sends one partial, then closes).
+
 Faults (`inject(name, times=1, **params)`, taken in order by the next API calls):
     unauthorized, forbidden, not_found, insufficient_balance, insufficient_quota,
     rate_limit(retry_after=None), server_error, bad_gateway, unavailable, gateway_timeout,
@@ -25,7 +35,10 @@ Faults (`inject(name, times=1, **params)`, taken in order by the next API calls)
     status(status=…, code=…, message=…, type=…, param=…, headers={…}),
     slow(seconds=1), hang(seconds=30), drop, trickle(interval=0.05, chunk=16),
     truncated_json, truncated_body, invalid_json, empty_data, bad_base64, not_image,
-    truncated (each image a valid header and only the first half of its bytes), url_404, url_too_large(size=4 MB), url_not_image, url_bad_scheme.
+    truncated (each image a valid header and only the first half of its bytes), url_404, url_too_large(size=4 MB), url_not_image, url_bad_scheme,
+    stream_refused (400 unknown_parameter, param stream), stream_json (a plain JSON answer
+    to a stream request), stream_drop(after=1) (`after` partials, then the connection closes),
+    stream_body(body=b"…") (these bytes as the event stream, for events of one's own).
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -54,6 +67,8 @@ OUTPUT_FORMATS = {
     "webp": ("WEBP", "image/webp"),
 }
 MODES = ("b64", "b64_prefixed", "url", "official")
+STREAM_SUPPORT = ("sse", "refuse", "json", "drop")
+PARTIAL_TOKENS = 100  # output tokens per partial image in the usage (OpenAI: "about 100")
 ACCEPTED_MIMES = ("image/png", "image/jpeg", "image/webp")
 MAX_PROMPT = 32000
 MAX_IMAGES = 16
@@ -145,6 +160,13 @@ _STATUS_FAULTS: dict[str, dict[str, Any]] = {
         "message": "Invalid value for 'size'.",
     },
     "status": {"status": 418, "type": "test_error", "code": "test", "message": "Injected status"},
+    "stream_refused": {
+        "status": 400,
+        "type": "invalid_request_error",
+        "code": "unknown_parameter",
+        "param": "stream",
+        "message": "Unknown parameter: 'stream'.",
+    },
 }
 _ANSWER_FAULTS = frozenset(
     {
@@ -163,6 +185,9 @@ _ANSWER_FAULTS = frozenset(
         "url_too_large",
         "url_not_image",
         "url_bad_scheme",
+        "stream_json",
+        "stream_drop",
+        "stream_body",
     }
 )
 FAULTS = tuple(_STATUS_FAULTS) + tuple(sorted(_ANSWER_FAULTS))
@@ -214,6 +239,9 @@ class _Job:
     transparent: bool
     answer: str  # b64 | b64_prefixed | url
     references: tuple[tuple[int, int], ...]
+    stream: bool = False
+    partials: int = 0
+    edit: bool = False
 
 
 class _ApiError(Exception):
@@ -253,6 +281,7 @@ class FakeImageAPI:
         self.key = key
         self.mode = mode
         self.delay = delay
+        self.stream_support = "sse"  # see STREAM_SUPPORT
         # Rewrites the usage of every answer (relays report odd things); return MISSING to
         # leave `usage` out of the answer.
         self.usage_rewrite: Callable[[dict[str, Any]], Any] | None = None
@@ -389,9 +418,15 @@ class FakeImageAPI:
         with self._lock:
             self.requests.append(record)
             fault = self._faults.popleft() if self._faults and path.startswith("/v1/") else None
-        if not self._wait(self.delay):
-            return
         name, params = fault if fault else ("", {})
+        asked_stream = _asks_stream(record)
+        support = self.stream_support
+        if asked_stream and support == "refuse" and not name:
+            name, params = "stream_refused", {}
+        # A stream's delay is spread over its events: the first slice here, the rest between.
+        slices = _partials_asked(record) + 1 if asked_stream else 1
+        if not self._wait(self.delay / slices):
+            return
         if name in _STATUS_FAULTS:
             self._send_status_fault(h, name, params)
             return
@@ -418,6 +453,16 @@ class FakeImageAPI:
         except _ApiError as err:
             self._send_error(h, err)
             return
+        if job.stream and support == "drop" and not name:
+            name, params = "stream_drop", {}
+        if job.stream and name != "stream_json" and (support != "json" or name):
+            self._answer_stream(h, job, name, params, self.delay / slices)
+            return
+        if job.stream:
+            # Answered as if `stream` were not there: no previews drawn, none billed.
+            if not self._wait(self.delay - self.delay / slices):
+                return
+            job = replace(job, partials=0)
         self._answer(h, job, name, params)
 
     def _authorized(self, h: _Handler) -> bool:
@@ -552,6 +597,50 @@ class FakeImageAPI:
                 400, f"Too many images: at most {MAX_IMAGES}.", code="invalid_value", param="image"
             )
         size = self._size(model, str(fields.get("size", "auto")), references)
+        stream = fields.get("stream") in (True, "true", "True")
+        partials = 0
+        if fields.get("stream") not in (None, False, "false", "False") and not stream:
+            raise _ApiError(400, "Invalid value for 'stream'.", code="invalid_value", param="stream")
+        if "partial_images" in fields:
+            try:
+                partials = int(fields["partial_images"])
+            except (TypeError, ValueError):
+                partials = -1
+            if not 0 <= partials <= 3:
+                raise _ApiError(
+                    400,
+                    "Invalid 'partial_images': expected an integer between 0 and 3.",
+                    code="invalid_value",
+                    param="partial_images",
+                )
+        if stream and n != 1:
+            raise _ApiError(400, "Streaming draws one image (n=1).", code="invalid_value", param="n")
+        compression = fields.get("output_compression")
+        if compression is not None:
+            try:
+                level = int(compression)
+            except (TypeError, ValueError):
+                level = -1
+            if not 0 <= level <= 100 or output_format not in ("jpeg", "webp"):
+                raise _ApiError(
+                    400,
+                    "output_compression must be 0-100 and needs output_format jpeg or webp.",
+                    code="invalid_value",
+                    param="output_compression",
+                )
+        if fields.get("moderation") not in (None, "low", "auto"):
+            raise _ApiError(400, "Invalid value for 'moderation'.", code="invalid_value",
+                            param="moderation")
+        fidelity = fields.get("input_fidelity")
+        if fidelity is not None and (
+            fidelity not in ("high", "low") or not references or model == "gpt-image-2"
+        ):
+            raise _ApiError(
+                400,
+                "input_fidelity is for edits with gpt-image-1 or gpt-image-1.5 (high or low).",
+                code="invalid_value",
+                param="input_fidelity",
+            )
         return _Job(
             model,
             prompt,
@@ -562,6 +651,9 @@ class FakeImageAPI:
             background == "transparent",
             answer,
             references,
+            stream,
+            partials if stream else 0,
+            bool(files) or "image" in fields,
         )
 
     def _check_reference(self, index: int, part: Part) -> tuple[int, int]:
@@ -681,7 +773,7 @@ class FakeImageAPI:
             per_image = (f * s * (2_000_000 + w * h) + 3_999_999) // 4_000_000
         else:
             per_image = LEGACY_TOKENS[(w, h)][quality]
-        output = per_image * job.n
+        output = per_image * job.n + PARTIAL_TOKENS * job.partials
         return {
             "input_tokens": text_tokens + image_tokens,
             "input_tokens_details": {"text_tokens": text_tokens, "image_tokens": image_tokens},
@@ -689,14 +781,18 @@ class FakeImageAPI:
             "total_tokens": text_tokens + image_tokens + output,
         }
 
-    def _image(self, job: _Job, index: int) -> bytes:
+    def _image(self, job: _Job, index: int, partial: int | None = None) -> bytes:
+        """Return image `index` of a job; `partial` k: its k-th preview (darker, same size)."""
         w, h = job.size
-        key = (w, h, job.output_format, job.transparent, index % 4)
+        key = (w, h, job.output_format, job.transparent, index % 4, partial)
         with self._lock:
             cached = self._images.get(key)
         if cached is not None:
             return cached
         colour = ((200, 60, 60), (60, 160, 90), (60, 90, 200), (220, 180, 40))[index % 4]
+        if partial is not None:
+            share = (partial + 1) / (job.partials + 1)
+            colour = tuple(int(c * share) for c in colour)  # type: ignore[assignment]
         if job.transparent:
             im = Image.new("RGBA", (w, h), (*colour, 128))
         else:
@@ -805,6 +901,55 @@ class FakeImageAPI:
                     return
         else:
             self._send(h, 200, body, "application/json")
+
+    def _answer_stream(
+        self, h: _Handler, job: _Job, fault: str, params: dict[str, Any], pause: float
+    ) -> None:
+        """Answer with server-sent events: the partials, then the completed image."""
+        usage = self._usage(job)
+        rewrite = self.usage_rewrite
+        if rewrite is not None:
+            usage = rewrite(usage)
+        prefix = "image_edit" if job.edit else "image_generation"
+        common = {
+            "created_at": int(time.time()),
+            "size": f"{job.size[0]}x{job.size[1]}",
+            "quality": "medium" if job.quality == "auto" else job.quality,
+            "background": "transparent" if job.transparent else "opaque",
+            "output_format": job.output_format,
+        }
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        h.send_header("Cache-Control", "no-cache")
+        h.end_headers()
+        if fault == "stream_body":
+            h.wfile.write(bytes(params["body"]))
+            return
+        drop_after = int(params.get("after", 1)) if fault == "stream_drop" else None
+
+        def send(kind: str, payload: dict[str, Any]) -> None:
+            event = f"{prefix}.{kind}"
+            body = json.dumps({"type": event, **payload})
+            h.wfile.write(f"event: {event}\ndata: {body}\n\n".encode())
+            h.wfile.flush()
+
+        for k in range(job.partials):
+            if drop_after is not None and k >= drop_after:
+                return  # the connection closes: the stream ends without its completed event
+            data = base64.b64encode(self._image(job, 0, partial=k)).decode()
+            send("partial_image", {"b64_json": data, **common, "partial_image_index": k})
+            if not self._wait(pause):
+                return
+        if drop_after is not None:
+            return
+        completed: dict[str, Any] = {
+            "b64_json": base64.b64encode(self._image(job, 0)).decode(),
+            **common,
+            "usage": usage,
+        }
+        if usage is MISSING:
+            del completed["usage"]
+        send("completed", completed)
 
     def _send_status_fault(self, h: _Handler, name: str, params: dict[str, Any]) -> None:
         spec = {**_STATUS_FAULTS[name], **params}
@@ -915,6 +1060,19 @@ def _header_params(value: str) -> dict[str, str]:
     return params
 
 
+def _asks_stream(record: RecordedRequest) -> bool:
+    fields = record.json if record.json is not None else record.fields
+    return isinstance(fields, dict) and fields.get("stream") in (True, "true", "True")
+
+
+def _partials_asked(record: RecordedRequest) -> int:
+    fields = record.json if record.json is not None else record.fields
+    try:
+        return max(0, min(3, int(fields.get("partial_images", 0))))  # type: ignore[union-attr]
+    except (TypeError, ValueError, AttributeError):
+        return 0
+
+
 def _snap16(value: float) -> int:
     return max(16, int(round(value / 16)) * 16)
 
@@ -935,9 +1093,11 @@ if __name__ == "__main__":
     parser.add_argument("--key", default="sk-fake-key")
     parser.add_argument("--mode", default="b64", choices=MODES)
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--stream-support", default="sse", choices=STREAM_SUPPORT)
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     with FakeImageAPI(key=args.key, mode=args.mode, delay=args.delay, port=args.port) as api:
+        api.stream_support = args.stream_support
         print(f"fake image API at {api.base_url} (key {args.key!r}, mode {args.mode})", flush=True)
         try:
             threading.Event().wait()

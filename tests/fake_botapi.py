@@ -8,8 +8,8 @@
 It speaks the Bot API over HTTP the way python-telegram-bot sends it (form fields, JSON-
 encoded objects, multipart uploads): getMe, getUpdates (long poll, confirmed by `offset`
 like Telegram: an update is served again until a later getUpdates confirms it),
-deleteWebhook, setMyCommands, sendMessage, editMessageText, deleteMessage, sendChatAction,
-sendPhoto, sendDocument, sendMediaGroup, answerCallbackQuery, getFile, and file downloads
+deleteWebhook, setMyCommands, sendMessage, editMessageText, editMessageCaption,
+editMessageMedia, deleteMessage, sendChatAction, sendPhoto, sendDocument, sendMediaGroup, answerCallbackQuery, getFile, and file downloads
 under /file/bot<token>/<file_path>. Uploaded photos and documents get file ids whose bytes
 can be downloaded again, so buttons work across a bot restart.
 
@@ -58,7 +58,15 @@ TEXT_FIELDS = frozenset(
 )
 # What the flood rules count as messages (an oracle of its own, not the bot's list).
 COUNTED = frozenset(
-    {"sendMessage", "sendPhoto", "sendDocument", "sendMediaGroup", "editMessageText"}
+    {
+        "sendMessage",
+        "sendPhoto",
+        "sendDocument",
+        "sendMediaGroup",
+        "editMessageText",
+        "editMessageCaption",
+        "editMessageMedia",
+    }
 )
 
 
@@ -400,6 +408,11 @@ class FakeBotApiServer(BotObjects):
                 "file_path": f"files/{file_id}",
             }
         caption = {"caption": params["caption"]} if params.get("caption") else {}
+        if method == "editMessageMedia":
+            media = params.get("media") or {}
+            return self._edited_media(params, self._upload(files, media.get("media")))
+        if method == "editMessageCaption":
+            return self._edited(params, **caption)
         if method == "sendPhoto":
             photo = self._photo(self._upload(files, params.get("photo", "photo")))
             return self._message(params, photo=photo, **caption)

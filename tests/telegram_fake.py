@@ -209,6 +209,13 @@ class FakeBotApi(BotObjects, BaseRequest):
                 "file_size": self.file_sizes.get(file_id, len(self.files[file_id])),
                 "file_path": f"files/{file_id}",
             }
+        if method == "editMessageMedia":
+            name = str(params["media"]["media"]).removeprefix("attach://")
+            if name not in files:
+                raise _NotFound("wrong file identifier/HTTP URL specified")
+            return self._edited_media(params, files[name])
+        if method == "editMessageCaption":
+            return self._edited(params, caption=params.get("caption") or "")
         if method == "sendPhoto":
             caption = {"caption": params["caption"]} if params.get("caption") else {}
             return self._message(params, photo=self._photo(files["photo"]), **caption)

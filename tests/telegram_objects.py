@@ -127,3 +127,23 @@ class BotObjects:
                 content["document"] = self._document(upload)
             sent.append(self._message(params, **content))
         return sent
+
+    def _edited(self, params: dict[str, Any], **content: Any) -> dict[str, Any]:
+        """Return a message the bot edited (same id, an edit date)."""
+        return self._message(params, **content) | {
+            "message_id": int(params["message_id"]),
+            "edit_date": int(time.time()),
+        }
+
+    def _edited_media(self, params: dict[str, Any], upload: SentFile) -> dict[str, Any]:
+        """Return a message whose photo or document editMessageMedia replaced."""
+        media = params["media"]
+        content: dict[str, Any] = (
+            {"photo": self._photo(upload)}
+            if media["type"] == "photo"
+            else {"document": self._document(upload)}
+        )
+        if media.get("caption"):
+            content["caption"] = media["caption"]
+        return self._edited(params, **content)
+

@@ -381,3 +381,25 @@ def test_run_without_tokens_starts_the_web_door_alone(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_gen_saves_previews_only_with_partials(tmp_path: Path) -> None:
+    with FakeImageAPI(key=TEST_KEY, delay=0.6) as api:
+        plain = imgbot(tmp_path, "gen", "3:2 low a red fox", "-o", "plain", api=api)
+        saved = imgbot(
+            tmp_path, "gen", "3:2 low a red fox", "--partials", "-o", "with", api=api,
+            PREVIEW_COUNT="3",
+        )
+        sent = [r.json or {} for r in api.api_requests]
+    assert plain.returncode == 0 and saved.returncode == 0, saved.stderr
+    # Without --partials nothing is streamed (nor paid for): one image, no preview.
+    assert [bool(s.get("stream")) for s in sent] == [False, True]
+    assert [f.name.endswith("-1.png") for f in (tmp_path / "plain").iterdir()] == [True]
+    files = sorted(f.name for f in (tmp_path / "with").iterdir())
+    previews = [f for f in files if "-preview" in f]
+    assert [f.rsplit("-", 1)[1] for f in previews] == ["preview1.png", "preview2.png", "preview3.png"]
+    assert len(files) == 4
+    for name in previews:
+        with Image.open(tmp_path / "with" / name) as image:
+            assert image.size == (1008, 672)
+    assert saved.stdout.count("  preview ") == 3 and "credits ≈ ¥" in saved.stdout

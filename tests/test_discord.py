@@ -121,9 +121,14 @@ def job_id_of(call: SentCall) -> int:
     return int(match.group(1))
 
 
+def is_preview(call: SentCall) -> bool:
+    """Say whether an edit of the answer showed a preview (the fake API streams them)."""
+    return [f.filename for f in call.files] == ["preview.jpg"]
+
+
 def result_of(calls: list[SentCall]) -> SentCall:
     """Return the edit that delivered the images."""
-    results = [c for c in calls if c.kind == "edit_original" and c.files]
+    results = [c for c in calls if c.kind == "edit_original" and c.files and not is_preview(c)]
     assert len(results) == 1, [(c.kind, c.json) for c in calls]
     return results[0]
 
@@ -684,17 +689,24 @@ async def test_a_refused_upload_tells_the_user_their_job_number(
         # Drawn and paid for upstream, so it stays charged; a 413 will not pass, so it is
         # undelivered at once (refundable) and the user learns the job to ask about.
         assert job.status is JobStatus.SUCCEEDED and job.stage is JobStage.UNDELIVERED
-        uploads = [c for c in calls if c.files]
-        assert len(uploads) == 1  # a 4xx is not tried again
+        assert len(result_uploads(calls)) == 1  # a 4xx is not tried again
         (private,) = [c for c in calls if c.kind == "followup"]
         assert private.ephemeral
         assert private.content == text("en", "job.undelivered", job_id=job.id)
 
 
+def result_uploads(calls: list[SentCall]) -> list[SentCall]:
+    """Return the calls that carried a result's images (not a live preview's)."""
+    return [c for c in calls if any(f.filename.startswith("imgbot-") for f in c.files)]
+
+
 async def test_an_upload_failing_with_5xx_is_tried_again_until_it_goes_through(
     settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
 ) -> None:
-    config = make_settings(settings, tmp_path, delivery_retry_delay=0.01, delivery_attempts=5)
+    # No live previews: their edits carry files too, and only the result's upload fails here.
+    config = make_settings(
+        settings, tmp_path, delivery_retry_delay=0.01, delivery_attempts=5, previews="off"
+    )
     async with running_bot(config, FakeCdn()) as h:
         failures = iter(range(3))
 
@@ -708,8 +720,7 @@ async def test_an_upload_failing_with_5xx_is_tried_again_until_it_goes_through(
         calls = await h.feed(p.slash("img", [p.option("prompt", "a hill")]))
         (job,) = (await h.service.ledger.spend_report("discord:501")).last_jobs
         assert (job.status, job.stage) == (JobStatus.SUCCEEDED, JobStage.DELIVERED)
-        uploads = [c for c in calls if c.files]
-        assert len(uploads) == 4  # three 502s, then the one that went through
+        assert len(result_uploads(calls)) == 4  # three 502s, then the one that went through
         assert len(fake_api.api_requests) == 1  # drawn once, charged once
         assert job.result_refs  # the delivered attachment is remembered for "vary"
 
@@ -727,7 +738,7 @@ async def test_an_upload_failing_with_5xx_is_tried_again_until_it_goes_through(
         calls = await h.feed(p.slash("img", [p.option("prompt", "a dale")]))
         job = (await h.service.ledger.spend_report("discord:501")).last_jobs[0]
         assert job.stage is JobStage.UNDELIVERED and job.status is JobStatus.SUCCEEDED
-        assert len([c for c in calls if c.files]) == 5
+        assert len(result_uploads(calls)) == 5
         (private,) = [c for c in calls if c.kind == "followup"]
         assert private.content == text("en", "job.undelivered", job_id=job.id)
         assert len(alerts) == 1 and f"job {job.id}" in alerts[0]

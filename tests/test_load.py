@@ -122,7 +122,10 @@ def _template(key: str) -> re.Pattern[str]:
     return re.compile("^" + re.sub(r"\\\{[^}]*\\\}", ".*?", pattern) + "$", re.DOTALL)
 
 
-STATUS = [_template(k) for k in ("progress.queued", "progress.started", "progress.working")]
+STATUS = [
+    _template(k)
+    for k in ("progress.queued", "progress.started", "progress.working", "progress.partial")
+]
 REFUSALS = {
     key: _template(key)
     for key in (
@@ -154,8 +157,15 @@ def final_answers(
     for call in [c for c in tg.calls if c.status == 200 and c.chat_id == GROUP["id"]]:
         reply = call.params.get("reply_parameters") or {}
         to = reply.get("message_id")
-        if call.method in ("sendPhoto", "sendDocument", "sendMediaGroup") and to in commands:
-            answers[to].append(("result", str(call.params.get("caption", ""))))
+        caption = str(call.params.get("caption", ""))
+        if call.method == "sendPhoto" and to in commands and any(p.match(caption) for p in STATUS):
+            status_of[call.result["message_id"]] = to  # the status turned into a preview
+        elif call.method in ("sendPhoto", "sendDocument", "sendMediaGroup") and to in commands:
+            answers[to].append(("result", caption))
+        elif call.method == "editMessageMedia" and call.params.get("reply_markup"):
+            # The result took the preview's place: it answers that status's command.
+            media = call.params.get("media") or {}
+            final_edit[int(call.params["message_id"])] = "\0result" + str(media.get("caption"))
         elif call.method == "sendMessage" and to in commands:
             said = str(call.params["text"])
             if any(p.match(said) for p in STATUS):
@@ -167,7 +177,10 @@ def final_answers(
             if not any(p.match(said) for p in STATUS):
                 final_edit[int(call.params["message_id"])] = said
     for message_id, said in final_edit.items():
-        answers[status_of[message_id]].append((kind_of(said), said))
+        if said.startswith("\0result"):
+            answers[status_of[message_id]].append(("result", said.removeprefix("\0result")))
+        else:
+            answers[status_of[message_id]].append((kind_of(said), said))
     return answers
 
 
@@ -201,6 +214,7 @@ async def run_load(
     load: Load,
     *,
     probe: bool = False,
+    image_delay: float = 0.0,
 ) -> Outcome:
     """Send `load.jobs` /img commands into one supergroup and wait until all are answered."""
     rng = random.Random(load.seed)
@@ -230,7 +244,9 @@ async def run_load(
     logging.getLogger().addHandler(keeper)
     try:
         with (
-            CountingImageAPI(key=make().openai_api_key.get_secret_value()) as images,
+            CountingImageAPI(
+                key=make().openai_api_key.get_secret_value(), delay=image_delay
+            ) as images,
             FakeBotApiServer(TOKEN, timebase=timebase, flood=True) as tg,
         ):
             for _ in range(load.jobs):
@@ -300,6 +316,8 @@ def _estimate(settings: Settings) -> tuple[Any, float]:
     from core.prompt import PromptDefaults, parse_command
 
     request = parse_command("low u0 j0 a lighthouse", PromptDefaults.from_settings(settings))
+    if settings.previews == "on":  # a Telegram user sees previews: the bot reserves for them
+        request = request.with_changes(partial_images=settings.preview_count)
     return request, estimate_credits(request, PriceTable.from_settings(settings))
 
 
@@ -388,6 +406,30 @@ async def test_load_60_jobs_from_12_users_in_one_group(
     out = await run_load(tmp_path, make, load)
     kinds = check(out, load)
     assert sum(kinds.values()) == 60
+
+
+async def test_load_with_previews_keeps_the_flood_limits(
+    tmp_path: Path, make: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every job streams 2 previews; the status may change 20 times a second, so previews
+    # press on the group's budget all the time: they must be skipped, never break a limit.
+    from bots.telegram import reply as telegram_reply
+
+    monkeypatch.setattr(telegram_reply, "STATUS_MIN_INTERVAL", 0.05)
+    load = Load(users=12, per_user=5, scale=100, within=90, user_budget=2.5, global_budget=1.8)
+    out = await run_load(tmp_path, make, load, image_delay=0.6)
+    kinds = check(out, load)
+    assert sum(kinds.values()) == 60
+    previews = [
+        c for c in out.tg.calls
+        if c.status == 200 and (
+            (c.method == "editMessageMedia" and not c.params.get("reply_markup"))
+            or (c.method == "sendPhoto" and "preview" in str(c.params.get("caption", "")))
+        )
+    ]
+    in_place = [c for c in out.tg.calls if c.method == "editMessageMedia"
+                and c.params.get("reply_markup")]
+    assert previews and in_place  # previews were shown, and results took their place
 
 
 @pytest.mark.slow

@@ -257,3 +257,41 @@ async def test_seventeen_references_and_a_bad_mask_are_refused(door: Any) -> Non
             )
         assert info.value.body["param"] == "mask" and "64x64" in info.value.body["message"]
         assert d.upstream.api_requests == [] and await spent(d) == 0
+
+
+async def test_compression_moderation_and_fidelity_reach_the_upstream(door: Any) -> None:
+    async with door() as d:
+        await d.client().images.generate(
+            prompt="a cat", quality="low", output_format="webp", output_compression=40,
+            moderation="low",
+        )
+        sent = d.upstream.api_requests[-1].json or {}
+        assert (sent["output_format"], sent["output_compression"], sent["moderation"]) == (
+            "webp", 40, "low"
+        )
+        await d.client().images.edit(
+            image=("a.png", png(1024, 1024), "image/png"), prompt="make it winter",
+            model="gpt-image-1.5", quality="low", input_fidelity="high",
+        )
+        fields = d.upstream.api_requests[-1].fields
+        assert fields["input_fidelity"] == "high"
+        # Refused with the reason, before any upstream call: fidelity on gpt-image-2,
+        # compression out of range, compression for png.
+        calls = len(d.upstream.api_requests)
+        with pytest.raises(openai.BadRequestError) as info:
+            await d.client().images.edit(
+                image=("a.png", png(1024, 1024), "image/png"), prompt="x", input_fidelity="high"
+            )
+        assert info.value.body["param"] == "input_fidelity"
+        assert "gpt-image-2" in info.value.body["message"]
+        with pytest.raises(openai.BadRequestError) as info:
+            await d.client().images.generate(
+                prompt="a cat", output_format="jpeg", output_compression=150
+            )
+        assert info.value.body["param"] == "output_compression"
+        with pytest.raises(openai.BadRequestError) as info:
+            await d.client().images.generate(prompt="a cat", moderation="none")  # type: ignore[arg-type]
+        assert info.value.body["param"] == "moderation"
+        assert len(d.upstream.api_requests) == calls
+        # A key's requests never stream (and never pay for previews).
+        assert all("stream" not in (r.json or r.fields) for r in d.upstream.api_requests)

@@ -25,6 +25,7 @@ from bots.discord.requester import requester_of
 from bots.discord.texts import lang_of, loc, text
 from core.config import KNOWN_MODELS
 from core.errors import ImgbotError
+from core.prompt import FIDELITY_WORDS, MODERATION_WORDS
 from core.reports import render_balance, render_cancelled, render_help, render_sizes
 from core.service import ImageService
 from core.sizes import NAMED_RATIOS, TIERS
@@ -41,6 +42,14 @@ QUALITY_CHOICES = [
     app_commands.Choice(name=loc(f"discord.choice.quality_{q}"), value=q) for q in QUALITIES
 ]
 MODEL_CHOICES = [app_commands.Choice(name=m, value=m) for m in KNOWN_MODELS]
+FORMAT_CHOICES = [app_commands.Choice(name=f, value=f) for f in ("png", "jpeg", "webp")]
+MODERATION_CHOICES = [
+    app_commands.Choice(name=loc(f"discord.choice.moderation_{m}"), value=m)
+    for m in MODERATION_WORDS
+]
+FIDELITY_CHOICES = [
+    app_commands.Choice(name=loc(f"discord.choice.fidelity_{f}"), value=f) for f in FIDELITY_WORDS
+]
 KEY_CHOICES = [
     app_commands.Choice(name=loc("discord.choice.key_new"), value="new"),
     app_commands.Choice(name=loc("discord.choice.key_revoke"), value="revoke"),
@@ -173,6 +182,10 @@ class UserCommands(commands.Cog):
         quality=loc("discord.opt.quality"),
         count=loc("discord.opt.count"),
         model=loc("discord.opt.model"),
+        format=loc("discord.opt.format"),
+        compression=loc("discord.opt.compression"),
+        moderation=loc("discord.opt.moderation"),
+        fidelity=loc("discord.opt.fidelity"),
         image1=loc("discord.opt.image1"),
         image2=loc("discord.opt.image2"),
         image3=loc("discord.opt.image3"),
@@ -185,13 +198,23 @@ class UserCommands(commands.Cog):
         quality=loc("discord.opt.quality.desc"),
         count=loc("discord.opt.count.desc"),
         model=loc("discord.opt.model.desc"),
+        format=loc("discord.opt.format.desc"),
+        compression=loc("discord.opt.compression.desc"),
+        moderation=loc("discord.opt.moderation.desc"),
+        fidelity=loc("discord.opt.fidelity.desc"),
         image1=loc("discord.opt.image.desc"),
         image2=loc("discord.opt.image.desc"),
         image3=loc("discord.opt.image.desc"),
         image4=loc("discord.opt.image.desc"),
     )
     @app_commands.choices(
-        ratio=RATIO_CHOICES, resolution=TIER_CHOICES, quality=QUALITY_CHOICES, model=MODEL_CHOICES
+        ratio=RATIO_CHOICES,
+        resolution=TIER_CHOICES,
+        quality=QUALITY_CHOICES,
+        model=MODEL_CHOICES,
+        format=FORMAT_CHOICES,
+        moderation=MODERATION_CHOICES,
+        fidelity=FIDELITY_CHOICES,
     )
     async def img(
         self,
@@ -202,6 +225,10 @@ class UserCommands(commands.Cog):
         quality: str | None = None,
         count: app_commands.Range[int, 1, 10] | None = None,  # capped at MAX_N in __init__
         model: str | None = None,
+        format: str | None = None,  # noqa: A002 - the option's name as users see it
+        compression: app_commands.Range[int, 0, 100] | None = None,
+        moderation: str | None = None,
+        fidelity: str | None = None,
         image1: discord.Attachment | None = None,
         image2: discord.Attachment | None = None,
         image3: discord.Attachment | None = None,
@@ -217,6 +244,10 @@ class UserCommands(commands.Cog):
             f"--tier {resolution}" if resolution else None,
             f"--q {quality}" if quality else None,
             f"--n {count}" if count else None,
+            f"--format {format}" if format else None,
+            f"--compression {compression}" if compression is not None else None,
+            f"--moderation {moderation}" if moderation else None,
+            f"--fidelity {fidelity}" if fidelity else None,
         )
         await self.runner.draw(interaction, line, [image_of_attachment(a) for a in attachments])
 

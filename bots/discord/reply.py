@@ -5,7 +5,8 @@ and a refusal must be private: `carry` lets the runner check the job (access, pr
 limits, queue) for up to 2 s, so a refusal is the interaction's first, ephemeral answer
 and nothing public comes before it. The job is admitted when the service reports its first
 progress (it then holds its reservation): only then, or when the 2 s are up, does the
-reply defer publicly, show progress in that answer, and deliver the images (fitted to the
+reply defer publicly, show progress in that answer (with previews: each partial image
+attached to it, replacing the last, as a small JPEG), and deliver the images (fitted to the
 upload limit, `core.imaging`), an embed with the cost and the replay buttons. Before the
 15-minute token runs out the answer says the result will come in the channel; a late
 result or failure is posted there, mentioning the user.
@@ -34,11 +35,11 @@ from bots.discord.buttons import result_view
 from bots.discord.texts import lang_of, text
 from bots.logs import scrub_secrets
 from core.errors import AccessDenied, DeliveryFailed, ImgbotError, UpstreamError
-from core.imaging import FittedImage, fit_under, upload_share
+from core.imaging import FittedImage, fit_under, preview_jpeg, upload_share
 from core.pricing import PriceTable
 from core.reports import render_caption
 from core.service import DrawOutcome
-from core.types import Progress
+from core.types import GeneratedImage, Progress
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ TOKEN_GONE = 5.0
 _PUBLIC_DEFER = "imgbot_public_defer"
 _SETTLED = "imgbot_settled"
 _FLUSH_WAIT = 10.0
+# Previews go out small: they only show the picture forming.
+PARTIAL_MAX_SIDE = 1024
+PARTIAL_JPEG_QUALITY = 80
 
 
 def clip(message: str, limit: int = CONTENT_LIMIT) -> str:
@@ -174,7 +178,11 @@ def _what(interaction: discord.Interaction) -> str:
 
 
 class ProgressMessage:
-    """Show a job's progress in the deferred answer: latest state wins, never blocks the job."""
+    """Show a job's progress in the deferred answer: latest state wins, never blocks the job.
+
+    A preview (a partial event's image) is attached to the answer as a small JPEG, replacing
+    the one before; the result's own edit then replaces it.
+    """
 
     def __init__(self, interaction: discord.Interaction, lang: str) -> None:
         self._interaction = interaction
@@ -182,6 +190,8 @@ class ProgressMessage:
         self._started = time.monotonic()
         self._latest: str | None = None
         self._shown: str | None = None
+        self._image: GeneratedImage | None = None  # the latest preview
+        self._image_shown: GeneratedImage | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def __call__(self, event: Progress) -> None:
@@ -190,21 +200,36 @@ class ProgressMessage:
             return
         seconds = f"{time.monotonic() - self._started:.0f}"
         key = f"progress.{event.kind}"
-        self._latest = text(self._lang, key, position=event.position, seconds=seconds)
+        self._latest = text(
+            self._lang, key, position=event.position, seconds=seconds, number=event.index + 1
+        )
+        if event.kind == "partial" and event.image is not None:
+            self._image = event.image
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._flush())
 
     async def _flush(self) -> None:
         # Edits go one at a time; while one is on the wire, newer states just replace _latest.
-        while self._latest is not None and self._latest != self._shown:
-            content = self._latest
+        while self._latest is not None and (
+            self._latest != self._shown or self._image is not self._image_shown
+        ):
+            content, image = self._latest, self._image
+            extra: dict[str, object] = {}
             try:
-                await self._interaction.edit_original_response(content=content)
-            except (discord.HTTPException, aiohttp.ClientError, OSError) as err:
-                # Progress is a courtesy: a failed edit must not fail the job.
+                if image is not None and image is not self._image_shown:
+                    jpeg = await preview_jpeg(
+                        image.data, max_side=PARTIAL_MAX_SIDE, quality=PARTIAL_JPEG_QUALITY
+                    )
+                    extra["attachments"] = [discord.File(io.BytesIO(jpeg), "preview.jpg")]
+                if self._latest is None:
+                    return  # closed while the preview was being made
+                await self._interaction.edit_original_response(content=content, **extra)
+            except Exception as err:  # noqa: BLE001 - a courtesy; its URL holds the token
+                # Progress is a courtesy: a failed edit must not fail the job, and what went
+                # wrong is named by type only (an upload error's text quotes the URL).
                 log.debug("progress edit failed: %s", type(err).__name__)
                 return
-            self._shown = content
+            self._shown, self._image_shown = content, image
             mark_settled(self._interaction)
 
     async def close(self) -> None:

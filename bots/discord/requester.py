@@ -27,4 +27,5 @@ def requester_of(interaction: discord.Interaction, settings: Settings) -> Reques
         is_admin=settings.is_admin(PLATFORM, user_id),
         is_group=in_guild,
         is_chat_admin=manages,
+        previews=True,  # the deferred answer shows them (bots.discord.reply)
     )

@@ -180,6 +180,7 @@ class TelegramAdapter:
             display_name=display_name,
             language=language,
             is_group=is_group,
+            previews=True,  # the status message shows them (bots.telegram.reply)
         )
 
     def requester_of_message(self, message: Message) -> Requester | None:

@@ -1,5 +1,10 @@
 """Telegram replying side: the status message, the chat action, and results the Telegram way.
 
+While a job draws, one status message shows its place and time. With previews it becomes a
+photo (a small JPEG of each partial, swapped in with editMessageMedia as best-effort calls
+the flood limiter skips when the chat is busy), and a single-photo result then takes that
+message's place, so the picture forms where it will stay.
+
 A result goes out as a photo when it fits Telegram's photo rules, else (or when asked with
 `file`) as a document carrying the lossless original; several images go out as an album.
 Large results come as a JPEG preview photo plus the original file, per
@@ -56,6 +61,9 @@ STATUS_MIN_INTERVAL = 3.0
 STATUS_RETRY = 0.2
 # A chat action shows for 5 seconds; renew it a little sooner.
 CHAT_ACTION_EVERY = 4.5
+# Previews go out small: they only show the picture forming, and upload fast.
+PARTIAL_MAX_SIDE = 1280
+PARTIAL_JPEG_QUALITY = 80
 RETRY_AFTER_CAP = 60.0
 
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
@@ -148,7 +156,11 @@ def result_keyboard(job_id: int, lang: str, four_k_cost: str | None = None) -> I
 
 
 class StatusMessage:
-    """One status message per job: queue position, then elapsed time; edited sparingly."""
+    """One status message per job: queue position, then elapsed time; edited sparingly.
+
+    With previews it turns into a photo (sent anew: a text message cannot take media),
+    whose picture each later preview replaces and whose caption carries the status.
+    """
 
     def __init__(
         self,
@@ -156,13 +168,13 @@ class StatusMessage:
         where: Where,
         lang: str,
         *,
-        min_interval: float = STATUS_MIN_INTERVAL,
+        min_interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._bot = bot
         self._where = where
         self._lang = lang
-        self._min_interval = min_interval
+        self._min_interval = STATUS_MIN_INTERVAL if min_interval is None else min_interval
         self._clock = clock
         self._message_id: int | None = None
         self._shown = ""
@@ -172,6 +184,13 @@ class StatusMessage:
         self._flush: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._closed = False
+        self._is_photo = False
+        self._photo_wanted: GeneratedImage | None = None
+        self._photo_shown: GeneratedImage | None = None
+        self._jpeg: tuple[GeneratedImage, bytes] | None = None
+        self._photos_failed = False
+        self._taken: int | None = None  # the status photo a result took over
+        self._pending: set[asyncio.Task[None]] = set()
 
     @property
     def message_id(self) -> int | None:
@@ -186,19 +205,40 @@ class StatusMessage:
             return text(self._lang, "progress.started")
         if event.kind == "working":
             return text(self._lang, "progress.working", seconds=f"{event.elapsed:.0f}")
+        if event.kind == "partial":
+            return text(
+                self._lang, "progress.partial", seconds=f"{event.elapsed:.0f}",
+                number=event.index + 1,
+            )
         return None
+
+    @property
+    def is_photo(self) -> bool:
+        """Say whether the status message is a photo (a preview was shown)."""
+        return self._is_photo and self._message_id is not None
 
     async def show(self, event: Progress) -> None:
         """Show a progress event; never raises (status is best effort)."""
         wanted = self.text_for(event)
         if wanted is None or self._closed:
             return
+        if event.kind == "partial" and event.image is not None and not self._photos_failed:
+            self._photo_wanted = event.image  # the latest preview wins
         self._wanted = wanted
         await self._render()
 
+    def show_soon(self, event: Progress) -> None:
+        """Show a progress event in the background (a preview upload takes a while)."""
+        if self._closed:
+            return
+        task = asyncio.create_task(self.show(event))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
     async def _render(self) -> None:
         async with self._lock:
-            if self._closed or self._wanted == self._shown:
+            photo = self._photo_wanted if self._photo_wanted is not self._photo_shown else None
+            if self._closed or (photo is None and self._wanted == self._shown):
                 return
             now = self._clock()
             if self._message_id is None:
@@ -208,10 +248,70 @@ class StatusMessage:
             if earliest > now:
                 self._schedule_flush(earliest - now)
                 return
-            if self._message_id is None:
+            if photo is not None:
+                await self._show_photo(photo, now)
+            elif self._message_id is None:
                 await self._send_first(now)
             else:
                 await self._edit(self._wanted, now)
+
+    async def _preview(self, image: GeneratedImage) -> bytes:
+        if self._jpeg is None or self._jpeg[0] is not image:
+            data = await preview_jpeg(
+                image.data, max_side=PARTIAL_MAX_SIDE, quality=PARTIAL_JPEG_QUALITY
+            )
+            self._jpeg = (image, data)
+        return self._jpeg[1]
+
+    async def _show_photo(self, image: GeneratedImage, now: float) -> None:
+        """Put a preview in the status: a new photo message, or its picture swapped."""
+        caption = self._wanted
+        try:
+            jpeg = await self._preview(image)
+            if self.is_photo:
+                assert self._message_id is not None
+                await self._bot.edit_message_media(
+                    InputMediaPhoto(jpeg, caption=caption, filename="preview.jpg"),
+                    self._where.chat_id,
+                    self._message_id,
+                    **best_effort(self._bot),
+                )
+            else:
+                sent = await self._bot.send_photo(
+                    self._where.chat_id,
+                    InputFile(jpeg, filename="preview.jpg"),
+                    caption=caption,
+                    reply_parameters=self._where.reply(),
+                    message_thread_id=self._where.thread_id,
+                    **best_effort(self._bot),
+                )
+                old, self._message_id, self._is_photo = self._message_id, sent.message_id, True
+                if old is not None:
+                    await self._delete(old)
+        except RetryAfter as err:
+            self._not_before = now + retry_seconds(err)
+            self._schedule_flush(retry_seconds(err))
+            return
+        except FloodSkipped:
+            self._schedule_flush(STATUS_RETRY)  # tried again soon, with the latest preview
+            return
+        except (TelegramError, OSError, ValueError) as err:
+            # Previews are a courtesy: the status goes on as text, the result as usual.
+            log.debug("preview not shown: %s", err)
+            self._photos_failed = True
+            self._photo_wanted = None
+            if self._wanted != self._shown:
+                self._schedule_flush(STATUS_RETRY)
+            return
+        self._photo_shown = image
+        self._shown = caption
+        self._last_edit = now
+
+    async def _delete(self, message_id: int) -> None:
+        try:
+            await self._bot.delete_message(self._where.chat_id, message_id)
+        except TelegramError as err:
+            log.debug("status message not deleted: %s", err)
 
     async def _send_first(self, now: float) -> None:
         try:
@@ -243,9 +343,17 @@ class StatusMessage:
     async def _edit(self, wanted: str, now: float) -> None:
         assert self._message_id is not None
         try:
-            await self._bot.edit_message_text(
-                wanted, self._where.chat_id, self._message_id, **best_effort(self._bot)
-            )
+            if self._is_photo:
+                await self._bot.edit_message_caption(
+                    self._where.chat_id,
+                    self._message_id,
+                    caption=wanted,
+                    **best_effort(self._bot),
+                )
+            else:
+                await self._bot.edit_message_text(
+                    wanted, self._where.chat_id, self._message_id, **best_effort(self._bot)
+                )
         except RetryAfter as err:
             self._not_before = now + retry_seconds(err)
             self._schedule_flush(retry_seconds(err))
@@ -272,14 +380,34 @@ class StatusMessage:
         if self._message_id is None:
             return
         message_id, self._message_id = self._message_id, None
-        try:
-            await self._bot.delete_message(self._where.chat_id, message_id)
-        except TelegramError as err:
-            log.debug("status message not deleted: %s", err)
+        await self._delete(message_id)
+
+    async def take_photo(self) -> int | None:
+        """Stop updating; return the id of the status photo for the result to take over.
+
+        None when the status is not a photo. Once taken, `close` leaves that message alone
+        (call `release` if the result did not take it after all).
+        """
+        self._stop()
+        async with self._lock:  # an edit on the wire finishes first
+            if not self.is_photo:
+                return None
+            message_id, self._message_id = self._message_id, None
+            self._taken = message_id
+            return message_id
+
+    async def release(self) -> None:
+        """Remove a status photo that `take_photo` handed out and the result did not use."""
+        taken, self._taken = self._taken, None
+        if taken is not None:
+            await self._delete(taken)
 
     async def fail(self, message: str) -> None:
         """Replace the status with an error, or send the error as a reply to the command."""
         self._stop()
+        if self._message_id is not None and self._is_photo:
+            # A preview photo cannot become a text; the error goes as a reply of its own.
+            await self.close()
         if self._message_id is not None:
             try:
                 await self._bot.edit_message_text(message, self._where.chat_id, self._message_id)
@@ -303,6 +431,8 @@ class StatusMessage:
         self._closed = True
         if self._flush is not None and not self._flush.done():
             self._flush.cancel()
+        # Previews on their way are not cancelled: a photo cut off mid-upload may still
+        # land in the chat, unknown to us. They see `_closed` and stop before sending.
 
 
 class ChatActionLoop:
@@ -423,30 +553,62 @@ async def deliver_result(
     *,
     send_original: SendOriginal,
     four_k_cost: str | None = None,
-) -> list[str]:
-    """Send a finished job; return one file_id per image (the original where one was sent)."""
+    replace: int | None = None,
+) -> tuple[list[str], bool]:
+    """Send a finished job; return one file_id per image (the original where one was sent),
+    and whether it took the place of message `replace` (a preview photo)."""
     prepared = await _prepare(outcome, send_original)
     keyboard = result_keyboard(outcome.job_id, outcome.lang, four_k_cost)
     if len(prepared) == 1:
-        return await _deliver_one(bot, where, prepared[0], caption, keyboard)
-    return await _deliver_album(bot, where, prepared, caption, keyboard, outcome)
+        return await _deliver_one(bot, where, prepared[0], caption, keyboard, replace)
+    return await _deliver_album(bot, where, prepared, caption, keyboard, outcome), False
+
+
+async def _replace_photo(
+    bot: Bot, where: Where, message_id: int, item: _Prepared, caption: str,
+    keyboard: InlineKeyboardMarkup,
+) -> Message | None:
+    """Put the result's photo in the preview's place; None when Telegram will not."""
+    try:
+        edited = await with_flood_retry(
+            lambda: bot.edit_message_media(
+                InputMediaPhoto(item.photo, caption=caption, filename=item.photo_name),
+                where.chat_id,
+                message_id,
+                reply_markup=keyboard,
+            )
+        )
+    except BadRequest as err:
+        log.info("result not put in the preview's place (%s); sending it anew", err.message)
+        return None
+    return edited if isinstance(edited, Message) else None
 
 
 async def _deliver_one(
-    bot: Bot, where: Where, item: _Prepared, caption: str, keyboard: InlineKeyboardMarkup
-) -> list[str]:
+    bot: Bot,
+    where: Where,
+    item: _Prepared,
+    caption: str,
+    keyboard: InlineKeyboardMarkup,
+    replace: int | None = None,
+) -> tuple[list[str], bool]:
     if item.photo is not None:
+        sent: Message | None = None
+        if replace is not None:
+            sent = await _replace_photo(bot, where, replace, item, caption, keyboard)
+        replaced = sent is not None
         try:
-            sent = await with_flood_retry(
-                lambda: bot.send_photo(
-                    where.chat_id,
-                    InputFile(item.photo, filename=item.photo_name),
-                    caption=caption,
-                    reply_markup=keyboard,
-                    reply_parameters=where.reply(),
-                    message_thread_id=where.thread_id,
+            if sent is None:
+                sent = await with_flood_retry(
+                    lambda: bot.send_photo(
+                        where.chat_id,
+                        InputFile(item.photo, filename=item.photo_name),
+                        caption=caption,
+                        reply_markup=keyboard,
+                        reply_parameters=where.reply(),
+                        message_thread_id=where.thread_id,
+                    )
                 )
-            )
         except BadRequest as err:
             # Telegram has the last word on what a photo is; the file always gets through.
             log.warning("photo refused (%s); sending the file instead", err.message)
@@ -454,13 +616,13 @@ async def _deliver_one(
         else:
             ref = _largest_photo_id(sent)
             if not item.plan.document:
-                return [ref]
+                return [ref], replaced
             doc = await _send_document(
                 bot, Where(where.chat_id, sent.message_id, where.thread_id), item
             )
-            return [_document_id(doc) or ref]
+            return [_document_id(doc) or ref], replaced
     doc = await _send_document(bot, where, item, caption=caption, keyboard=keyboard)
-    return [_document_id(doc) or ""]
+    return [_document_id(doc) or ""], False
 
 
 async def _send_document(
@@ -595,9 +757,13 @@ class TelegramReply:
         self.action = ChatActionLoop(bot, where)
 
     async def progress(self, event: Progress) -> None:
-        """Show the queue place or the drawing time; keep "sending a photo…" up while drawing."""
+        """Show the queue place, the drawing time or a preview; keep "sending a photo…" up."""
         if event.kind == "started":
             self.action.start()
+        if event.kind == "partial":
+            # Never hold the job (or the stream it reads) for an upload: the latest wins.
+            self.status.show_soon(event)
+            return
         await self.status.show(event)
 
     async def result(self, outcome: DrawOutcome, four_k_credits: float | None) -> list[str]:
@@ -606,22 +772,28 @@ class TelegramReply:
         # A group sees the caption: only this job's cost there, spend in private.
         caption = render_caption(outcome, self._prices, show_spend=not self.is_group)
         four_k = f"{whole_credits(four_k_credits):,}" if four_k_credits is not None else None
+        # A preview photo is where the result goes (a single image; an album cannot).
+        preview = await self.status.take_photo() if len(outcome.images) == 1 else None
         try:
-            refs = await deliver_result(
+            refs, replaced = await deliver_result(
                 self._bot,
                 self._where,
                 outcome,
                 caption,
                 send_original=self._send_original,
                 four_k_cost=four_k,
+                replace=preview,
             )
         except TelegramError as err:
             # A 5xx, a time-out or a lost connection may pass: the runner tries again. A
             # 4xx (chat gone, bot blocked, file refused) will not.
+            await self.status.release()
             passing = isinstance(err, (NetworkError, RetryAfter)) and not isinstance(
                 err, BadRequest
             )
             raise DeliveryFailed(self._scrub(str(err)), retryable=passing) from None
+        if not replaced:
+            await self.status.release()
         await self.status.close()
         return refs
 

@@ -76,7 +76,8 @@ _CHOICES = {
     "background": ("transparent", "opaque", "auto"),
     "output_format": ("png", "jpeg", "webp"),
     "response_format": ("b64_json", "url"),
-    "moderation": ("auto",),  # `low` would need the core to send it: refused for now
+    "moderation": ("low", "auto"),
+    "input_fidelity": ("high", "low"),
 }
 
 
@@ -241,7 +242,9 @@ def _error_for(err: ImgbotError, message: str) -> ApiError:
 
 
 def _param_of(key: str) -> str | None:
-    for word, param in (("mask", "mask"), ("ref.", "image"), ("size", "size"), ("ratio", "size"),
+    for word, param in (("mask", "mask"), ("compression", "output_compression"),
+                        ("fidelity", "input_fidelity"), ("ref.", "image"), ("size", "size"),
+                        ("ratio", "size"),
                         ("count", "n"), ("model", "model"), ("quality", "quality"),
                         ("format", "output_format"), ("background", "background"),
                         ("empty", "prompt"), ("prompt", "prompt")):
@@ -269,7 +272,8 @@ def _command(service: ImageService, fields: dict[str, Any]) -> _Asked:
             known = ", ".join(KNOWN_MODELS)
             raise _bad("model", f"Invalid value: '{model}'. Supported values are: {known}.")
         words += ["--model", model]
-    for name in ("quality", "background", "output_format", "response_format", "moderation"):
+    for name in ("quality", "background", "output_format", "response_format", "moderation",
+                 "input_fidelity"):
         value = fields.get(name)
         if value is not None and value not in _CHOICES[name]:
             allowed = ", ".join(f"'{c}'" for c in _CHOICES[name])
@@ -280,9 +284,21 @@ def _command(service: ImageService, fields: dict[str, Any]) -> _Asked:
         words += ["--format", fields["output_format"]]
     if fields.get("background") in ("transparent", "opaque"):
         words.append(fields["background"])
-    for name in ("output_compression", "input_fidelity", "partial_images"):
-        if fields.get(name) is not None:
-            raise _bad(name, f"'{name}' is not supported by this server.", "unsupported_parameter")
+    if fields.get("moderation") is not None:
+        words += ["--moderation", fields["moderation"]]
+    if fields.get("input_fidelity") is not None:
+        words += ["--fidelity", fields["input_fidelity"]]
+    compression = fields.get("output_compression")
+    if compression is not None:
+        # JSON sends a number, multipart a string; both must be a whole number 0-100.
+        text = str(compression).strip() if not isinstance(compression, (bool, float)) else ""
+        if not text.isdigit() or int(text) > 100:
+            raise _bad("output_compression",
+                       "Invalid 'output_compression': expected an integer between 0 and 100.")
+        words += ["--compression", text]
+    if fields.get("partial_images") is not None:
+        raise _bad("partial_images", "'partial_images' needs streaming, which this server "
+                   "does not offer.", "unsupported_parameter")
     if fields.get("stream") not in (None, False, "false"):
         raise _bad("stream", "Streaming is not supported by this server.", "unsupported_parameter")
     n = fields.get("n")
