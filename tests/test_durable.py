@@ -33,7 +33,9 @@ from tests.telegram_fake import Updates
 from tests.test_process import ANN, BOB, CAT, ROOT, assert_no_secrets, servers, start  # noqa: F401
 
 # Short leases so a takeover comes within a second or two of the restart.
-FAST = {"MAX_JOBS_IN_FLIGHT": "1", "JOB_LEASE": "1", "DELIVERY_RETRY_DELAY": "0.2"}
+FAST = {
+    "MAX_JOBS_IN_FLIGHT": "1", "JOB_LEASE": "1", "DELIVERY_RETRY_DELAY": "0.2", "PREVIEWS": "off"
+}
 
 
 def ledger_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
@@ -224,6 +226,92 @@ def _health(tmp_path: Path, url: str) -> str:
         [sys.executable, "-m", "bots.cli", "health"],
         cwd=tmp_path,
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result.stdout + result.stderr
+
+
+def test_terminal_commands_beside_a_live_bot_change_none_of_its_jobs(
+    tmp_path: Path,
+    servers: tuple[FakeBotApiServer, FakeImageAPI],  # noqa: F811
+    start: Any,  # noqa: F811
+) -> None:
+    tg, images = servers
+    url = f"sqlite:///{tmp_path}/data/imgbot.db"
+    bot = start(**FAST)
+    u = Updates()
+    images.inject("slow", seconds=10)  # a long job: drawing while the commands run
+    tg.push(u.update(u.message(ANN, u.private(ANN), text="/img low a lamp")))
+    tg.push(u.update(u.message(BOB, u.private(BOB), text="/img low a bell")))
+    tg.wait_for(lambda: images.api_requests and len(jobs_of(url)) == 2)
+    time.sleep(1.5)  # past one lease: only renewals keep these jobs the bot's
+    before = jobs_of(url)
+    assert {r["stage"] for r in before.values()} == {"drawing", "queued"}
+    env = {"DATABASE_URL": url, "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": images.base_url}
+    for command in (["admin", "top"], ["admin", "unsettled"], ["usage"], ["doctor"],
+                    ["usage", "--flagged"], ["backup", str(tmp_path / "bk")]):
+        out = _cli(tmp_path, env, *command)
+        assert "Traceback" not in out, (command, out)
+    after = jobs_of(url)
+    for command, row in before.items():
+        now = after[command]
+        # Same owner, nothing lost, nothing failed: no command resolved, released or took
+        # a job (the bot itself may have moved it on meanwhile).
+        assert now["lease_owner"] == row["lease_owner"] is not None
+        assert now["lost_credits"] == 0 and now["error_code"] is None
+        assert now["status"] in ("reserved", "succeeded")
+    for who in (ANN, BOB):
+        tg.wait_for(lambda who=who: photos_to(tg, who), within=30)
+    tg.wait_for(lambda: all(r["stage"] == "delivered" for r in jobs_of(url).values()))
+    draws = [r for r in images.api_requests if r.path.startswith("/v1/images/")]
+    assert len(draws) == 2  # each drawn once (doctor only asked for the model list)
+    assert bot.stop(signal.SIGTERM, within=20) == 0
+
+
+def test_a_telegram_upload_failing_5xx_is_tried_again_and_one_failing_for_good_is_undelivered(
+    tmp_path: Path,
+    servers: tuple[FakeBotApiServer, FakeImageAPI],  # noqa: F811
+    start: Any,  # noqa: F811
+) -> None:
+    tg, images = servers
+    url = f"sqlite:///{tmp_path}/data/imgbot.db"
+    admin = 7001
+    bot = start(**FAST, ADMINS=f"telegram:{admin}")
+    u = Updates()
+    tg.inject("sendPhoto", status=502, times=3)
+    tg.push(u.update(u.message(ANN, u.private(ANN), text="/img low a lamp")))
+    [photo] = tg.wait_for(lambda: photos_to(tg, ANN), within=30)
+    assert len(tg.of("sendPhoto")) == 4  # three 502s, then the one that went through
+    tg.wait_for(lambda: jobs_of(url)["low a lamp"]["stage"] == "delivered")
+    lamp = jobs_of(url)["low a lamp"]
+    assert json.loads(lamp["result_refs"]) == [photo.result["photo"][-1]["file_id"]]
+
+    tg.inject("sendPhoto", status=502, times=-1)
+    tg.inject("sendDocument", status=502, times=-1)
+    tg.push(u.update(u.message(BOB, u.private(BOB), text="/img low a bell")))
+    tg.wait_for(
+        lambda: jobs_of(url).get("low a bell", {}).get("stage") == "undelivered", within=30
+    )
+    bell = jobs_of(url)["low a bell"]
+    # Drawn and charged (the upstream billed it); undelivered, so an admin can refund it.
+    assert bell["status"] == "succeeded" and bell["actual_credits"] == pytest.approx(exact(bell))
+    assert len([c for c in tg.of("sendPhoto") if c.chat_id == BOB["id"]]) == 5
+    told = text("en", "job.undelivered", job_id=bell["id"])
+    tg.wait_for(lambda: told in tg.texts(BOB["id"]))
+    tg.wait_for(lambda: any(f"job {bell['id']}" in t for t in tg.texts(admin)))
+    assert f"ALERT undelivered: job {bell['id']}" in bot.output()
+    tg.clear_faults()
+    assert bot.stop(signal.SIGTERM, within=20) == 0
+
+
+def _cli(tmp_path: Path, env: dict[str, str], *args: str) -> str:
+    """Run one `imgbot` terminal command in the bot's folder; return what it printed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bots.cli", *args],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", **env},
         capture_output=True,
         text=True,
         timeout=60,
