@@ -322,9 +322,22 @@ function estimateSoon() {
   estimateTimer = setTimeout(() => estimate(), 150);
 }
 
-async function estimate(changes) {
+// The pickers the user moved since the last reading: sent with every estimate until one
+// answers, so quick changes (or typing meanwhile) never drop one.
+function pickerChanges() {
+  if (!state.fields) return null;
+  const changes = {};
+  for (const select of document.querySelectorAll("[data-pick]")) {
+    const name = select.dataset.pick;
+    if (select.value !== String(state.fields[name])) changes[name] = select.value;
+  }
+  return Object.keys(changes).length ? changes : null;
+}
+
+async function estimate() {
   if (!state.token) return;
   const seq = ++state.estimateSeq;
+  const changes = pickerChanges();
   const body = { command: $("command").value, references: referenceSizes() };
   if (changes) body.set = changes;
   try {
@@ -723,7 +736,7 @@ function wire() {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey) && !$("draw").disabled) draw();
   });
   for (const select of document.querySelectorAll("[data-pick]")) {
-    select.addEventListener("change", () => estimate({ [select.dataset.pick]: select.value }));
+    select.addEventListener("change", () => estimate());
   }
   $("ref-input").addEventListener("change", (e) => {
     addFiles([...e.target.files]);
