@@ -341,9 +341,17 @@ async def test_draw_with_picked_pasted_and_dropped_references_and_a_mask(
         await hand_over(page, "drop", "dropped.png", png(40, 60, (200, 10, 10)))
         items = page.locator("#ref-list li")
         await expect(items).to_have_count(3)
-        # Reordered: the pasted one first (the mask applies to it), then picked, dropped.
-        await items.nth(0).get_by_role("button", name="Move right").click()
-        await expect(items.nth(0).locator("img")).to_have_attribute("alt", "pasted.png")
+        # Reordered by dragging and with the buttons: the pasted one first (the mask applies
+        # to it), then picked, then dropped.
+        async def order() -> list[str | None]:
+            return [await img.get_attribute("alt") for img in await items.locator("img").all()]
+
+        await items.nth(1).drag_to(items.nth(0))
+        assert await order() == ["pasted.png", "picked.png", "dropped.png"]
+        await items.nth(2).get_by_role("button", name="Move left").click()
+        assert await order() == ["pasted.png", "dropped.png", "picked.png"]
+        await items.nth(1).get_by_role("button", name="Move right").click()
+        assert await order() == ["pasted.png", "picked.png", "dropped.png"]
         await page.click("#mask-toggle")
         canvas = page.locator("#mask-canvas")
         await expect(canvas).to_be_visible()
@@ -662,6 +670,8 @@ async def test_hostile_jobs_are_refused_with_the_cores_words(site: Any) -> None:
         big = await http.post("/web/api/jobs", headers=me, data={"command": "a cat"},
                               files=[("image", ("big.bmp", b"x" * 400_000, "image/bmp"))])
         assert big.status_code == 413
+        huge = await http.post("/web/api/estimate", headers=me, json={"command": "a" * 400_000})
+        assert huge.status_code == 413
         unknown = await http.post("/web/api/jobs", headers=me, data={"command": "a", "x": "1"})
         assert unknown.status_code == 400
         for body in ({"command": 5}, {"command": "a", "references": [[0, 1]]},
