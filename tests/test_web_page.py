@@ -529,6 +529,8 @@ async def test_mini_app_signs_in_with_telegram_signed_init_data(
         await expect(page.locator("#result")).to_be_visible(timeout=EXPECT_MS)
         [job] = (await s.service.ledger.spend_report("telegram:1001")).last_jobs
         assert job.platform == "telegram" and job.chat_key is None
+        # Came through the web door: after a crash no Telegram bot carries it on.
+        assert json.loads(job.request_json)["origin"] == {"via": "web"}
         await tab.shot("mini-app")
         tab.assert_only_local(s)
 

@@ -65,6 +65,10 @@ Send = Callable[[Message], Awaitable[None]]
 URL_TTL_S = 3600.0
 URL_CACHE_BYTES = 512 * 1024 * 1024
 MAX_KEPT_JOBS = 10_000
+# Where a job came through, kept with it: a web job's caller waits on this process, so after
+# a crash no bot may carry it on (a key of `telegram:42` must not be resumed in that chat
+# while the script that asked may already be retrying); the takeover ends it instead.
+WEB_ORIGIN = {"via": "web"}
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 
 _FIELDS = {
@@ -479,7 +483,8 @@ class WebApi:
         async def references() -> list[IncomingImage]:
             return images
 
-        await self.runner.run(requester, asked.command, references, reply, mask=mask)
+        await self.runner.run(requester, asked.command, references, reply, mask=mask,
+                              origin=WEB_ORIGIN)
         lang = language_of(requester.language)
         if reply.outcome is None:
             if reply.error is not None:

@@ -41,7 +41,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from bots.web import command as commands
-from bots.web.api import ApiError, BodyTooLarge, KeptFile, ResultFiles
+from bots.web.api import WEB_ORIGIN, ApiError, BodyTooLarge, KeptFile, ResultFiles
 from bots.web.miniapp import InitDataRefused, verify_init_data
 from bots.web.sessions import (
     KEY_SESSION_TTL_S,
@@ -352,7 +352,8 @@ class WebPage:
                 return images
 
             async def run() -> None:
-                await self.runner.run(requester, command, references, reply, mask=mask)
+                await self.runner.run(requester, command, references, reply, mask=mask,
+                                      origin=WEB_ORIGIN)
 
             task = asyncio.create_task(run(), name=f"page job {job.handle}")
             self._tasks.add(task)
