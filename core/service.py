@@ -975,9 +975,9 @@ class ImageService:
         """Remember where a job's delivered files are on its platform (for "vary")."""
         await self._write(self.ledger.set_result_refs(job_id, [r for r in refs if r]))
 
-    async def spend_report(self, requester: Requester) -> SpendReport:
-        """Return the requester's spend against their limits, and their last jobs."""
-        return await self.ledger.spend_report(requester.user_key)
+    async def spend_report(self, requester: Requester, *, last: int = 5) -> SpendReport:
+        """Return the requester's spend against their limits, and their `last` jobs."""
+        return await self.ledger.spend_report(requester.user_key, last=last)
 
     async def api_key_user(self, plaintext: str) -> str | None:
         """Return the user key a personal API key draws as (None: unknown or revoked)."""

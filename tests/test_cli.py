@@ -370,12 +370,23 @@ def test_run_without_tokens_starts_the_web_door_alone(tmp_path: Path) -> None:
     )
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert f"http://127.0.0.1:{port}/v1" in line, (line, proc.stderr.read() if proc.poll() else "")
+        lines = [proc.stdout.readline() for _ in range(4)]
+        said = "".join(lines)
+        assert f"web page at http://127.0.0.1:{port}/\n" in said, (
+            said, proc.stderr.read() if proc.poll() else "")
+        assert f"http://127.0.0.1:{port}/v1" in said
+        # The operator's one-time sign-in link: it opens a session once, never twice.
+        link = lines[3].strip()
+        assert link.startswith(f"http://127.0.0.1:{port}/#signin="), said
         import httpx
 
         answer = httpx.get(f"http://127.0.0.1:{port}/v1/models")
         assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
+        code = {"code": link.split("#signin=", 1)[1]}
+        session = httpx.post(f"http://127.0.0.1:{port}/web/api/session/link", json=code)
+        assert session.status_code == 200 and session.json()["me"]["admin"] is True
+        again = httpx.post(f"http://127.0.0.1:{port}/web/api/session/link", json=code)
+        assert again.status_code == 401
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

@@ -1218,3 +1218,50 @@ async def test_key_is_in_the_command_list(tg: Harness) -> None:
         assert "key" in names
     zh = next(c for c in tg.api.of("setMyCommands") if c.params.get("language_code") == "zh")
     assert {"command": "key", "description": msg("zh", "tg.cmd.key")} in zh.params["commands"]
+
+
+# --- /web: the web page as a Mini App (issue 15) ------------------------------------------
+
+
+async def test_web_in_a_private_chat_answers_with_a_mini_app_button(
+    make_settings: Callable[..., Settings], fake_api: FakeImageAPI
+) -> None:
+    settings = make_settings(web_public_url="https://img.example.org/")
+    async with running(settings, FakeBotApi(), fake_api, Updates()) as tg:
+        u = tg.updates
+        await tg.send(u.update(u.message(LI, u.private(LI), text="/web")))
+        [answer] = tg.api.of("sendMessage")
+        assert answer.params["text"] == msg("zh", "tg.web.open")
+        [[button]] = answer.params["reply_markup"]["inline_keyboard"]
+        assert button == {"text": msg("zh", "tg.web.button"),
+                          "web_app": {"url": "https://img.example.org/"}}
+
+
+async def test_web_says_what_is_missing_elsewhere(
+    make_settings: Callable[..., Settings], fake_api: FakeImageAPI
+) -> None:
+    # Telegram opens Mini Apps at https addresses only, and from private chats only.
+    for overrides, expected in (({}, "tg.web.needs_https"),
+                                ({"web_port": 0, "web_public_url": "https://x.org"}, "tg.web.off")):
+        async with running(make_settings(**overrides), FakeBotApi(), fake_api, Updates()) as tg:
+            u = tg.updates
+            await tg.send(u.update(u.message(ANN, u.private(ANN), text="/web")))
+            await tg.send(u.update(u.message(ANN, u.supergroup(), text="/web@ThisBot")))
+            assert tg.texts() == [msg("en", expected), msg("en", "tg.web.private_only")]
+            assert all("reply_markup" not in c.params for c in tg.api.of("sendMessage"))
+
+
+async def test_web_is_refused_to_strangers_and_listed_among_the_commands(
+    make_settings: Callable[..., Settings], fake_api: FakeImageAPI
+) -> None:
+    settings = make_settings(web_public_url="https://img.example.org",
+                             allowed_users=f"telegram:{ANN['id']}")
+    async with running(settings, FakeBotApi(), fake_api, Updates()) as tg:
+        u = tg.updates
+        await tg.send(u.update(u.message(BOB, u.private(BOB), text="/web")))
+        assert tg.texts() == [msg("en", "access.not_allowed")]
+        from bots.telegram.app import register_commands
+
+        await register_commands(tg.app, tg.service.settings)
+        zh = next(c for c in tg.api.of("setMyCommands") if c.params.get("language_code") == "zh")
+        assert {"command": "web", "description": msg("zh", "tg.cmd.web")} in zh.params["commands"]

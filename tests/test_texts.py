@@ -1,7 +1,8 @@
 """Every wording table — core's and each front end's — is complete in both languages.
 
 Core keeps the wording of core errors and shared texts; `tg.*` lives in
-bots/telegram/texts.py and `discord.*` in bots/discord/texts.py, and every key a module
+bots/telegram/texts.py, `discord.*` in bots/discord/texts.py and `web.*` in
+bots/web/texts.py (the page's labels are in bots/web/static/app.js), and every key a module
 names in its source exists where its `text` will look for it.
 """
 
@@ -15,6 +16,7 @@ import pytest
 
 from bots.discord import texts as discord_texts
 from bots.telegram import texts as telegram_texts
+from bots.web import texts as web_texts
 from core import messages
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,8 +24,9 @@ TABLES = {
     "core": messages.MESSAGES,
     "telegram": telegram_texts.MESSAGES,
     "discord": discord_texts.MESSAGES,
+    "web": web_texts.MESSAGES,
 }
-PREFIX = {"telegram": "tg.", "discord": "discord."}
+PREFIX = {"telegram": "tg.", "discord": "discord.", "web": "web."}
 # Chinese words these without the parameter ("{first} 和 {second} 互相冲突" needs no "what").
 LEFT_OUT_IN_ZH = {"prompt.option_twice": {"what"}}
 
@@ -50,7 +53,7 @@ def test_platform_wording_lives_in_its_front_end() -> None:
 
 
 def test_a_front_ends_text_falls_back_to_core() -> None:
-    for module in (telegram_texts, discord_texts):
+    for module in (telegram_texts, discord_texts, web_texts):
         assert module.text("zh", "error.internal") == messages.text("zh", "error.internal")
         assert module.text("en", "progress.queued", position=2) == messages.text(
             "en", "progress.queued", position=2
@@ -61,7 +64,7 @@ def test_a_front_ends_text_falls_back_to_core() -> None:
     assert messages.text("en", "tg.button.again") == messages.text("en", "error.internal")
 
 
-@pytest.mark.parametrize("package", ["telegram", "discord"])
+@pytest.mark.parametrize("package", ["telegram", "discord", "web"])
 def test_every_key_named_in_a_front_end_exists(package: str) -> None:
     known = set(messages.MESSAGES) | set(TABLES[package])
     prefix = re.escape(PREFIX[package])

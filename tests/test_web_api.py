@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ async def test_generate_b64_records_the_spend_under_the_keys_user(door: Any) -> 
         assert result.usage is not None and result.usage.output_tokens > 0
         job = await d.service.job(int(raw.headers["x-imgbot-job"]))
         assert job is not None and job.user_key == "telegram:42" and job.status.value == "succeeded"
+        # A key of a Telegram user: still a web job, which no bot resumes after a crash.
+        assert json.loads(job.request_json)["origin"] == {"via": "web"}
         assert await spent(d) == pytest.approx(credits, abs=0.01)
         sent = d.upstream.api_requests[-1].json or {}
         assert sent["prompt"] == "a red fox" and sent["quality"] == "low"

@@ -27,6 +27,7 @@ from telegram import (
     Message,
     Update,
     User,
+    WebAppInfo,
 )
 from telegram.constants import ChatMemberStatus, ChatType, ParseMode
 from telegram.error import TelegramError
@@ -82,7 +83,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_KEY = "imgbot.telegram"
 PLATFORM = "telegram"
-USER_COMMANDS = ("img", "help", "sizes", "balance", "cancel", "key", "start")
+USER_COMMANDS = ("img", "help", "sizes", "balance", "cancel", "key", "web", "start")
 TEXT_LIMIT = 4096
 
 # How long a Draw / Cancel question stays answerable (it lives in memory only).
@@ -153,6 +154,7 @@ class TelegramAdapter:
         app.add_handler(CommandHandler("balance", self.cmd_balance, filters=new_message))
         app.add_handler(CommandHandler("cancel", self.cmd_cancel, filters=new_message))
         app.add_handler(CommandHandler("key", self.cmd_key, filters=new_message))
+        app.add_handler(CommandHandler("web", self.cmd_web, filters=new_message))
         app.add_handler(CommandHandler(list(ADMIN_COMMANDS), self.cmd_admin, filters=new_message))
         app.add_error_handler(self.on_error)
 
@@ -492,6 +494,36 @@ class TelegramAdapter:
             key_id=made.id,
         )
         await self._answer(update, answer, parse_mode=ParseMode.HTML)
+
+    async def cmd_web(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Open the web page as a Mini App: a button that signs the user in, no key needed.
+
+        Telegram opens Mini Apps from buttons in private chats only, and only at an https
+        address: elsewhere, or without WEB_PUBLIC_URL on https, it says what is missing.
+        """
+        requester = self._requester(update)
+        message = update.effective_message
+        if requester is None or message is None:
+            return
+        lang = language_of(requester.language)
+        if message.chat.type != ChatType.PRIVATE or message.sender_chat is not None:
+            await self._answer(update, text(lang, "tg.web.private_only"))
+            return
+        root = self.settings.web_public_url.rstrip("/")
+        if self.settings.web_port == 0 or not root.lower().startswith("https://"):
+            key = "tg.web.off" if self.settings.web_port == 0 else "tg.web.needs_https"
+            await self._answer(update, text(lang, key))
+            return
+        try:
+            await self.service.check_access(requester)
+        except ImgbotError as err:
+            await self._answer(update, err.user_message(lang, text))
+            return
+        button = InlineKeyboardButton(text(lang, "tg.web.button"), web_app=WebAppInfo(root + "/"))
+        await with_flood_retry(lambda: message.reply_text(
+            text(lang, "tg.web.open"), reply_markup=InlineKeyboardMarkup([[button]]),
+            do_quote=True,
+        ))
 
     async def cmd_admin(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Run an admin command (limits, refunds, blocks, reports); others are refused."""

@@ -113,6 +113,30 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "You have no active API key. /key makes one.",
         "zh": "你没有有效的 API 密钥。发送 /key 生成一个。",
     },
+    "tg.cmd.web": {
+        "en": "Open the web page (draw, references, masks, history)",
+        "zh": "打开网页（画图、参考图、遮罩、历史）",
+    },
+    "tg.web.open": {
+        "en": "The web page draws as you, with your limits and spend: the command language, "
+        "pickers, references with a mask, and your history. No key needed.",
+        "zh": "网页以你的身份画图，使用你的限额与消费：命令语法、选项、参考图与遮罩，以及你的历史记录。无需密钥。",
+    },
+    "tg.web.button": {"en": "🖼 Open imgbot", "zh": "🖼 打开 imgbot"},
+    "tg.web.private_only": {
+        "en": "/web only works in a private chat with me. Open a chat with me and send /web there.",
+        "zh": "/web 只能在与我的私聊中使用。请私聊我并在那里发送 /web。",
+    },
+    "tg.web.needs_https": {
+        "en": "The web page cannot open inside Telegram yet: Telegram needs an https address. "
+        "The operator sets WEB_PUBLIC_URL to the page's https address (behind a proxy).",
+        "zh": "网页暂时无法在 Telegram 中打开：Telegram 要求 https 地址。"
+        "请运营者将 WEB_PUBLIC_URL 设置为网页的 https 地址（通过反向代理）。",
+    },
+    "tg.web.off": {
+        "en": "The web page is turned off on this bot (WEB_PORT=0).",
+        "zh": "此机器人已关闭网页（WEB_PORT=0）。",
+    },
     "tg.cmd.limit": {"en": "Admin: set a user's limits", "zh": "管理：设置用户限额"},
     "tg.cmd.chatlimit": {"en": "Admin: set a chat's daily limit", "zh": "管理：设置群每日限额"},
     "tg.cmd.refund": {"en": "Admin: refund a job", "zh": "管理：退还任务"},

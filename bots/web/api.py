@@ -31,7 +31,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from core.errors import (
     AccessDenied,
@@ -64,6 +64,11 @@ Send = Callable[[Message], Awaitable[None]]
 # (oldest dropped first). A restart forgets them; several replicas do not share them.
 URL_TTL_S = 3600.0
 URL_CACHE_BYTES = 512 * 1024 * 1024
+MAX_KEPT_JOBS = 10_000
+# Where a job came through, kept with it: a web job's caller waits on this process, so after
+# a crash no bot may carry it on (a key of `telegram:42` must not be resumed in that chat
+# while the script that asked may already be retrying); the takeover ends it instead.
+WEB_ORIGIN = {"via": "web"}
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 
 _FIELDS = {
@@ -106,7 +111,7 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-class _TooLarge(Exception):
+class BodyTooLarge(Exception):
     """The body went over WEB_MAX_BODY_BYTES while arriving."""
 
 
@@ -140,10 +145,20 @@ class BodyCap:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.cap:
-                    raise _TooLarge
+                    raise BodyTooLarge
             return message
 
         await self.app(scope, counted, send)
+
+
+@dataclass(frozen=True)
+class KeptFile:
+    """One kept result image: its file name under /v1/files/ and what it is."""
+
+    name: str
+    width: int
+    height: int
+    mime: str
 
 
 class ResultFiles:
@@ -157,6 +172,8 @@ class ResultFiles:
         self.ttl, self.cap = ttl, cap
         self._files: OrderedDict[str, tuple[bytes, str, float]] = OrderedDict()
         self._bytes = 0
+        # job id -> (its user, its files): what the page's history can still offer.
+        self._jobs: OrderedDict[int, tuple[str, tuple[KeptFile, ...]]] = OrderedDict()
 
     def put(self, data: bytes, mime: str) -> str:
         """Keep an image; return its file name (token + extension)."""
@@ -169,6 +186,20 @@ class ResultFiles:
             _, (old, _, _) = self._files.popitem(last=False)
             self._bytes -= len(old)
         return name
+
+    def keep_job(self, job_id: int, user_key: str, files: Sequence[KeptFile]) -> None:
+        """Remember which kept files are a job's results, for its user's history."""
+        self._jobs[job_id] = (user_key, tuple(files))
+        while len(self._jobs) > MAX_KEPT_JOBS:
+            self._jobs.popitem(last=False)
+
+    def of_job(self, job_id: int, user_key: str) -> tuple[KeptFile, ...]:
+        """Return a job's files still kept, if the job is that user's (else nothing)."""
+        self._expire()
+        owner, files = self._jobs.get(job_id, ("", ()))
+        if owner != user_key:
+            return ()
+        return tuple(f for f in files if f.name in self._files)
 
     def get(self, name: str) -> tuple[bytes, str] | None:
         """Return a kept image, or None (unknown or expired)."""
@@ -329,15 +360,19 @@ class WebApi:
         self.runner = JobRunner(service)
         self.files = files or ResultFiles()
 
-    def app(self) -> BodyCap:
-        """Return the ASGI app, its body capped by WEB_MAX_BODY_BYTES."""
-        routes = [
+    def routes(self) -> list[BaseRoute]:
+        """Return the API's routes (under /v1)."""
+        return [
             Route("/v1/images/generations", self.generations, methods=["POST"]),
             Route("/v1/images/edits", self.edits, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/files/{name}", self.file, methods=["GET"]),
         ]
-        app = Starlette(routes=routes, exception_handlers={
+
+    def app(self, extra: Sequence[BaseRoute] = ()) -> BodyCap:
+        """Return the ASGI app (the API and `extra` routes), bodies capped by
+        WEB_MAX_BODY_BYTES."""
+        app = Starlette(routes=[*self.routes(), *extra], exception_handlers={
             404: self._not_found, 405: self._not_allowed, Exception: self._internal,
         })
         return BodyCap(app, self.service.settings.web_max_body_bytes)
@@ -365,7 +400,7 @@ class WebApi:
             requester = await self._user(request)
             try:
                 body = await request.body()
-            except _TooLarge:
+            except BodyTooLarge:
                 raise _too_large(self.service.settings.web_max_body_bytes) from None
             try:
                 fields = json.loads(body or b"null")
@@ -383,7 +418,7 @@ class WebApi:
             requester = await self._user(request)
             try:
                 form = await request.form(max_files=4 * MAX_REFERENCES, max_fields=64)
-            except _TooLarge:
+            except BodyTooLarge:
                 raise _too_large(self.service.settings.web_max_body_bytes) from None
             except Exception as err:  # noqa: BLE001 - a malformed multipart body
                 raise ApiError(400, f"Could not read the multipart body: {err}",
@@ -448,25 +483,32 @@ class WebApi:
         async def references() -> list[IncomingImage]:
             return images
 
-        await self.runner.run(requester, asked.command, references, reply, mask=mask)
+        await self.runner.run(requester, asked.command, references, reply, mask=mask,
+                              origin=WEB_ORIGIN)
         lang = language_of(requester.language)
         if reply.outcome is None:
             if reply.error is not None:
                 raise _error_for(reply.error, reply.message or reply.error.user_message(lang))
             raise ApiError(500, reply.failed or "internal error", type="server_error",
                            code="internal_error")
-        return await self._answer(request, reply.outcome, asked.response_format)
+        return await self._answer(request, requester, reply.outcome, asked.response_format)
 
-    async def _answer(self, request: Request, outcome: DrawOutcome, fmt: str) -> Response:
+    async def _answer(
+        self, request: Request, requester: Requester, outcome: DrawOutcome, fmt: str
+    ) -> Response:
         data: list[dict[str, Any]] = []
+        kept: list[KeptFile] = []
         for image in outcome.images:
             if fmt == "url":
                 name = self.files.put(image.data, image.mime)
+                kept.append(KeptFile(name, image.width, image.height, image.mime))
                 data.append({"url": f"{self._root(request)}/v1/files/{name}"})
             else:
                 data.append({"b64_json": base64.b64encode(image.data).decode("ascii")})
             if outcome.revised_prompt:
                 data[-1]["revised_prompt"] = outcome.revised_prompt
+        if kept:  # the page's history offers them while they are kept
+            self.files.keep_job(outcome.job_id, requester.user_key, kept)
         first = outcome.images[0] if outcome.images else None
         body: dict[str, Any] = {
             "created": int(time.time()),
@@ -507,7 +549,7 @@ class WebApi:
                         code="method_not_allowed").response()
 
     async def _internal(self, request: Request, exc: Exception) -> Response:
-        if isinstance(exc, _TooLarge):
+        if isinstance(exc, BodyTooLarge):
             return _too_large(self.service.settings.web_max_body_bytes).response()
         log.error("web API: %s %s failed: %r", request.method, request.url.path, exc)
         return ApiError(500, "internal error", type="server_error",

@@ -1,4 +1,5 @@
-"""Running the web door: uvicorn in the shared event loop, until the stop event."""
+"""Running the web door (the page and the API): uvicorn in the shared event loop, until the
+stop event."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from bots.web.api import WebApi
+from bots.web.page import WebPage
 from core.config import Settings
 from core.service import ImageService
 
@@ -33,10 +35,30 @@ def address(settings: Settings) -> str:
     return settings.web_api_url
 
 
+def page_address(settings: Settings) -> str:
+    """Return the page's root as a browser on this machine (or the public) reaches it."""
+    public = settings.web_public_url.rstrip("/")
+    if public:
+        return public
+    host = settings.web_listen
+    if host in ("0.0.0.0", "::", ""):  # every interface: this machine is one of them
+        host = "127.0.0.1"
+    return f"http://[{host}]:{settings.web_port}" if ":" in host else (
+        f"http://{host}:{settings.web_port}")
+
+
+def alone(settings: Settings) -> bool:
+    """Say whether the web door runs with no bot beside it (then the operator gets a link)."""
+    return not (settings.telegram_bot_token.get_secret_value()
+                or settings.discord_bot_token.get_secret_value())
+
+
 async def run_web(settings: Settings, service: ImageService, stop: asyncio.Event) -> None:
     """Serve the API on WEB_LISTEN:WEB_PORT until stop; answer requests in flight first."""
+    api = WebApi(service)
+    page = WebPage(service, api.files)
     config = uvicorn.Config(
-        WebApi(service).app(),
+        api.app(page.routes()),
         host=settings.web_listen,
         port=settings.web_port,
         lifespan="off",
@@ -60,8 +82,14 @@ async def run_web(settings: Settings, service: ImageService, stop: asyncio.Event
                       f" ({err.strerror}); set WEB_PORT (0 = off)") from err
     serving = asyncio.create_task(server.serve(sockets=[sock]), name="web door")
     where = address(settings)
-    log.info("web door (OpenAI-compatible API) at %s", where)
+    log.info("web door (page and OpenAI-compatible API) at %s", page_address(settings))
+    print(f"imgbot web page at {page_address(settings)}/", flush=True)
     print(f"imgbot web API at {where} (personal keys: imgbot keys create USER)", flush=True)
+    if alone(settings):
+        # Printed, never logged: the operator's way in on a first run, good once.
+        code = page.sessions.new_link_code()
+        print(f"Sign in to the page as the operator (this link works once, within an hour):\n"
+              f"  {page_address(settings)}/#signin={code}", flush=True)
     try:
         await asyncio.wait({serving, asyncio.create_task(stop.wait())},
                            return_when=asyncio.FIRST_COMPLETED)
@@ -69,6 +97,7 @@ async def run_web(settings: Settings, service: ImageService, stop: asyncio.Event
         # Stop taking connections; requests in flight end as the service drains.
         server.should_exit = True
         await service.shutdown(settings.shutdown_grace)
+        await page.close()
         await serving
 
 

@@ -1,0 +1,561 @@
+"""The page (`/`): sign-in, the prompt box with its pickers and live estimate, jobs with
+progress, and the user's history — served from the package, calling nothing outside.
+
+    GET  /                          the page (static/index.html; assets under /static/)
+    POST /web/api/session           sign in with a personal key        {"key"}
+    POST /web/api/session/telegram  sign in from the Telegram Mini App  {"init_data"}
+    POST /web/api/session/link      the operator's one-time link        {"code"}
+    DELETE /web/api/session         sign out
+    GET  /web/api/me                who is signed in, their spend, the pickers' choices
+    POST /web/api/estimate          read a command (and apply a picker): options + estimate
+    POST /web/api/jobs              start a job (multipart: command, image…, mask)
+    GET  /web/api/jobs/{handle}     its progress (queue position, elapsed) and result
+    POST /web/api/jobs/{handle}/cancel   stop the user's waiting and running jobs (/cancel)
+    GET  /web/api/history[/{id}]    the user's own jobs, with the results still kept
+
+Every call but sign-in carries the session token (`bots.web.sessions`) as a Bearer header.
+A job goes through the same `JobRunner` as a chat's; the page polls its state, which a
+`PageReply` keeps (the API's answer is synchronous, so progress needs a handle to ask
+about). Results are kept in the web door's memory with the API's url results (an hour,
+`ResultFiles`): the history lists every job from the ledger, and offers the original of the
+ones still kept. Errors use the API's JSON shape, worded in the browser's language.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from bots.web import command as commands
+from bots.web.api import WEB_ORIGIN, ApiError, BodyTooLarge, KeptFile, ResultFiles
+from bots.web.miniapp import InitDataRefused, verify_init_data
+from bots.web.sessions import (
+    KEY_SESSION_TTL_S,
+    LINK_SESSION_TTL_S,
+    MINIAPP_SESSION_TTL_S,
+    Session,
+    Sessions,
+)
+from bots.web.texts import text
+from core.errors import ImgbotError, PromptError
+from core.images import MAX_REFERENCES
+from core.messages import language_of
+from core.pricing import format_credits
+from core.reports import render_cancelled, render_spend_line
+from core.runner import JobRunner
+from core.service import DrawOutcome, ImageService
+from core.store import JobRecord
+from core.types import KNOWN_MODELS, IncomingImage, Progress, Requester
+
+log = logging.getLogger(__name__)
+
+STATIC = resources.files("bots.web") / "static"
+# A job's first answer waits this long for a refusal, so a typo is answered at once.
+FIRST_ANSWER_S = 2.0
+HISTORY_SIZE = 60
+JOB_KEEP_S = 3600.0
+MAX_PAGE_JOBS = 2000
+OPERATOR = Requester("web", "operator", display_name="operator", is_admin=True)
+
+# The page calls only its own server; Telegram's web client may show it in a frame.
+HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'self' https://web.telegram.org"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def _error(status: int, lang: str, key: str, code: str, **params: Any) -> ApiError:
+    return ApiError(status, text(lang, key, **params), code=code)
+
+
+@dataclass
+class PageJob:
+    """One job started from the page: what its poll answers."""
+
+    handle: str
+    user_key: str
+    created: float = field(default_factory=time.monotonic)
+    state: str = "starting"  # starting | queued | drawing | done | refused | failed
+    position: int = 0
+    started: float | None = None
+    finished: float | None = None
+    message: str = ""
+    result: dict[str, Any] | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def over(self) -> bool:
+        return self.state in ("done", "refused", "failed")
+
+    def as_json(self, lang: str) -> dict[str, Any]:
+        now = self.finished or time.monotonic()
+        status = ""
+        if self.state == "queued":
+            status = text(lang, "progress.queued", position=self.position)
+        elif self.state == "drawing":
+            status = text(lang, "progress.started")
+        return {
+            "handle": self.handle,
+            "state": self.state,
+            "position": self.position,
+            "elapsed": round(now - self.created, 1),
+            "drawing_for": round(now - self.started, 1) if self.started else None,
+            "status": status,
+            "message": self.message,
+            "result": self.result,
+        }
+
+
+class PageReply:
+    """The runner's Reply for a page job: it records, the poll reads."""
+
+    def __init__(self, job: PageJob, page: WebPage) -> None:
+        self.job, self.page = job, page
+
+    def _set(self, **changes: Any) -> None:
+        for name, value in changes.items():
+            setattr(self.job, name, value)
+        self.job.changed.set()
+
+    async def progress(self, event: Progress) -> None:
+        if event.kind == "queued":
+            self._set(state="queued", position=event.position)
+        elif event.kind in ("started", "working") and self.job.state != "drawing":
+            self._set(state="drawing", started=time.monotonic())
+
+    async def result(self, outcome: DrawOutcome, four_k_credits: float | None) -> Sequence[str]:
+        result = await self.page.keep_result(self.job.user_key, outcome)
+        self._set(state="done", result=result, finished=time.monotonic())
+        return []  # no platform handles: "vary" has nothing to point at
+
+    async def refusal(self, message: str | None, error: ImgbotError | None = None) -> None:
+        self._set(state="refused", message=message or "", finished=time.monotonic())
+
+    async def failure(self, message: str) -> None:
+        self._set(state="failed", message=message, finished=time.monotonic())
+
+
+class WebPage:
+    """The page's routes, bound to one service, the API's kept files and the sessions."""
+
+    def __init__(
+        self, service: ImageService, files: ResultFiles, sessions: Sessions | None = None
+    ) -> None:
+        self.service = service
+        self.files = files
+        self.sessions = sessions or Sessions()
+        self.runner = JobRunner(service, texts=text)
+        self.jobs: OrderedDict[str, PageJob] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def routes(self) -> list[BaseRoute]:
+        """Return the page's routes."""
+        return [
+            Route("/", self.index, methods=["GET"]),
+            Mount("/static", app=StaticFiles(directory=str(STATIC)), name="static"),
+            Route("/web/api/session", self.sign_in_with_key, methods=["POST"]),
+            Route("/web/api/session", self.sign_out, methods=["DELETE"]),
+            Route("/web/api/session/telegram", self.sign_in_from_telegram, methods=["POST"]),
+            Route("/web/api/session/link", self.sign_in_with_link, methods=["POST"]),
+            Route("/web/api/me", self.me, methods=["GET"]),
+            Route("/web/api/estimate", self.estimate, methods=["POST"]),
+            Route("/web/api/jobs", self.start_job, methods=["POST"]),
+            Route("/web/api/jobs/{handle}", self.job_state, methods=["GET"]),
+            Route("/web/api/jobs/{handle}/cancel", self.cancel, methods=["POST"]),
+            Route("/web/api/history", self.history, methods=["GET"]),
+            Route("/web/api/history/{job_id}", self.history_job, methods=["GET"]),
+        ]
+
+    async def close(self) -> None:
+        """Stop the page's jobs still running (after the service drained them)."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+
+    # --- the page itself ---------------------------------------------------------------
+
+    async def index(self, request: Request) -> Response:
+        html = (STATIC / "index.html").read_bytes()
+        return Response(html, media_type="text/html; charset=utf-8", headers=HEADERS)
+
+    # --- sign-in -----------------------------------------------------------------------
+
+    async def sign_in_with_key(self, request: Request) -> Response:
+        lang = _lang(request)
+        try:
+            key = str((await _json(request, lang)).get("key") or "").strip()
+            if not key:
+                raise _error(400, lang, "web.key_missing", "missing_key")
+            user_key = await self.service.api_key_user(key)
+            if user_key is None:
+                raise _error(401, lang, "web.key_invalid", "invalid_api_key")
+            platform, _, user_id = user_key.partition(":")
+            requester = Requester(platform, user_id, display_name=user_id, language=lang)
+            return await self._open(requester, "key", KEY_SESSION_TTL_S, lang, key=key)
+        except ApiError as err:
+            return err.response()
+
+    async def sign_in_from_telegram(self, request: Request) -> Response:
+        lang = _lang(request)
+        try:
+            init_data = str((await _json(request, lang)).get("init_data") or "")
+            token = self.service.settings.telegram_bot_token.get_secret_value()
+            if not token:
+                raise _error(404, lang, "web.tg_off", "telegram_off")
+            try:
+                user = verify_init_data(init_data, token)
+            except InitDataRefused as err:
+                raise _error(401, lang, err.key, "invalid_init_data") from None
+            requester = Requester("telegram", str(user.id), display_name=user.display_name,
+                                  language=user.language_code)
+            return await self._open(requester, "telegram", MINIAPP_SESSION_TTL_S, lang)
+        except ApiError as err:
+            return err.response()
+
+    async def sign_in_with_link(self, request: Request) -> Response:
+        lang = _lang(request)
+        try:
+            code = str((await _json(request, lang)).get("code") or "")
+            if not self.sessions.spend_link_code(code):
+                raise _error(401, lang, "web.link_invalid", "invalid_link")
+            return await self._open(OPERATOR, "link", LINK_SESSION_TTL_S, lang)
+        except ApiError as err:
+            return err.response()
+
+    async def _open(
+        self, requester: Requester, how: str, ttl: float, lang: str, key: str | None = None
+    ) -> Response:
+        try:
+            await self.service.check_access(requester)
+        except ImgbotError as err:
+            raise ApiError(403, err.user_message(lang, text), type="permission_error",
+                           code=err.code) from None
+        token = self.sessions.open(requester, how, ttl, key=key)
+        log.info("page: %s signed in (%s)", requester.user_key, how)
+        session = self.sessions.get(token)
+        assert session is not None
+        return JSONResponse({"token": token, "me": await self._me(session, lang)})
+
+    async def sign_out(self, request: Request) -> Response:
+        self.sessions.close(_bearer(request))
+        return JSONResponse({"ok": True})
+
+    async def _session(self, request: Request, lang: str) -> Session:
+        token = _bearer(request)
+        session = self.sessions.get(token)
+        if session is None:
+            raise _error(401, lang, "web.signed_out", "signed_out")
+        if session.key is not None:
+            # A revoked key ends its sessions from the next call, as it does in the API.
+            if await self.service.api_key_user(session.key) != session.requester.user_key:
+                self.sessions.close(token)
+                raise _error(401, lang, "web.key_revoked", "signed_out")
+        return session
+
+    async def _requester(self, request: Request, lang: str) -> Requester:
+        session = await self._session(request, lang)
+        return replace(session.requester, language=lang)  # answers in the page's language
+
+    # --- who, what it costs ------------------------------------------------------------
+
+    async def me(self, request: Request) -> Response:
+        lang = _lang(request)
+        try:
+            return JSONResponse(await self._me(await self._session(request, lang), lang))
+        except ApiError as err:
+            return err.response()
+
+    async def _me(self, session: Session, lang: str) -> dict[str, Any]:
+        requester = session.requester
+        spend = await self.service.spend_report(requester, last=0)
+        settings = self.service.settings
+        return {
+            "user": requester.user_key,
+            "name": requester.display_name or requester.user_id,
+            "admin": self.service.is_admin(requester),
+            "how": session.how,
+            "spend": render_spend_line(spend, lang),
+            "models": list(KNOWN_MODELS),
+            "max_n": max(1, min(10, settings.max_n)),
+            "max_references": MAX_REFERENCES,
+            "defaults": {
+                "model": self.service.defaults.model,
+                "quality": self.service.defaults.quality,
+                "n": self.service.defaults.n,
+                "tier": self.service.defaults.tier,
+            },
+        }
+
+    async def estimate(self, request: Request) -> Response:
+        lang = _lang(request)
+        try:
+            await self._session(request, lang)
+            body = await _json(request, lang)
+            command = body.get("command")
+            changes = body.get("set") or {}
+            sizes = _sizes(body.get("references"))
+            if not isinstance(command, str) or sizes is None or not isinstance(changes, dict):
+                raise _error(400, lang, "web.bad_request", "bad_request")
+            try:
+                if changes:
+                    command = commands.rewrite(self.service, command, changes, sizes)
+                reading = commands.read(self.service, command, sizes)
+            except PromptError as err:
+                raise ApiError(400, err.user_message(lang, text), code=err.code,
+                               param="command") from None
+            except ValueError:
+                raise _error(400, lang, "web.bad_request", "bad_request") from None
+            return JSONResponse({
+                "command": command,
+                "fields": reading.fields(),
+                "prompt_missing": reading.prompt_missing,
+                "estimate": round(reading.estimate, 2),
+                "estimate_text": format_credits(reading.estimate, self.service.prices, lang),
+                "notices": [n.render(lang) for n in reading.request.notices],
+            })
+        except ApiError as err:
+            return err.response()
+
+    # --- jobs --------------------------------------------------------------------------
+
+    async def start_job(self, request: Request) -> Response:
+        lang = _lang(request)
+        try:
+            requester = await self._requester(request, lang)
+            command, images, mask = await self._read_job_form(request, lang)
+            job = PageJob(secrets.token_urlsafe(16), requester.user_key)
+            self._remember(job)
+            reply = PageReply(job, self)
+
+            async def references() -> list[IncomingImage]:
+                return images
+
+            async def run() -> None:
+                await self.runner.run(requester, command, references, reply, mask=mask,
+                                      origin=WEB_ORIGIN)
+
+            task = asyncio.create_task(run(), name=f"page job {job.handle}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            # A refusal (a typo, a limit) comes back in this answer; a job that waits or
+            # draws is followed by polling.
+            try:
+                await asyncio.wait_for(job.changed.wait(), FIRST_ANSWER_S)
+            except TimeoutError:
+                pass
+            return JSONResponse(job.as_json(lang), status_code=202)
+        except ApiError as err:
+            return err.response()
+
+    async def _read_job_form(
+        self, request: Request, lang: str
+    ) -> tuple[str, list[IncomingImage], IncomingImage | None]:
+        cap = self.service.settings.web_max_body_bytes
+        try:
+            form = await request.form(max_files=4 * MAX_REFERENCES, max_fields=16)
+        except BodyTooLarge:
+            raise ApiError(413, f"Request body larger than {cap} bytes.",
+                           code="request_too_large") from None
+        except Exception:  # noqa: BLE001 - a malformed multipart body
+            raise _error(400, lang, "web.bad_request", "bad_request") from None
+        try:
+            command = ""
+            images: list[IncomingImage] = []
+            mask: IncomingImage | None = None
+            for name, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    item = IncomingImage(await value.read(), value.filename or None)
+                    if name == "image":
+                        images.append(item)
+                    elif name == "mask" and mask is None:
+                        mask = item
+                    else:
+                        raise _error(400, lang, "web.bad_request", "bad_request")
+                elif name == "command":
+                    command = value
+                else:
+                    raise _error(400, lang, "web.bad_request", "bad_request")
+        finally:
+            await form.close()
+        return command, images, mask
+
+    def _remember(self, job: PageJob) -> None:
+        now = time.monotonic()
+        for handle in [h for h, j in self.jobs.items()
+                       if j.over and j.finished is not None and now - j.finished > JOB_KEEP_S]:
+            del self.jobs[handle]
+        self.jobs[job.handle] = job
+        while len(self.jobs) > MAX_PAGE_JOBS:
+            self.jobs.popitem(last=False)
+
+    async def keep_result(self, user_key: str, outcome: DrawOutcome) -> dict[str, Any]:
+        """Keep a finished job's images for the page (and its history); describe it."""
+        lang = outcome.lang
+        kept = [
+            KeptFile(self.files.put(image.data, image.mime), image.width, image.height,
+                     image.mime)
+            for image in outcome.images
+        ]
+        self.files.keep_job(outcome.job_id, user_key, kept)
+        req = outcome.request
+        first = outcome.images[0] if outcome.images else None
+        return {
+            "job_id": outcome.job_id,
+            "images": [_file_json(f) for f in kept],
+            "size": f"{first.width}x{first.height}" if first else req.size,
+            "quality": req.quality,
+            "model": req.model,
+            "n": len(outcome.images),
+            "credits": round(outcome.credits, 2),
+            "cost": format_credits(outcome.credits, self.service.prices, lang),
+            "spend": render_spend_line(outcome.spend, lang),
+            "elapsed": round(outcome.elapsed, 1),
+            "references": outcome.reference_count,
+            "notices": [n.render(lang) for n in req.notices],
+            "revised_prompt": outcome.revised_prompt or "",
+        }
+
+    async def job_state(self, request: Request) -> Response:
+        lang = _lang(request)
+        try:
+            job = await self._own_job(request, lang)
+            return JSONResponse(job.as_json(lang))
+        except ApiError as err:
+            return err.response()
+
+    async def cancel(self, request: Request) -> Response:
+        lang = _lang(request)
+        try:
+            await self._own_job(request, lang)
+            requester = await self._requester(request, lang)
+            stopped = self.service.cancel(requester)
+            return JSONResponse({"message": render_cancelled(stopped, lang)})
+        except ApiError as err:
+            return err.response()
+
+    async def _own_job(self, request: Request, lang: str) -> PageJob:
+        requester = await self._requester(request, lang)
+        job = self.jobs.get(request.path_params["handle"])
+        if job is None or job.user_key != requester.user_key:
+            raise _error(404, lang, "web.job_unknown", "not_found")
+        return job
+
+    # --- history -----------------------------------------------------------------------
+
+    async def history(self, request: Request) -> Response:
+        lang = _lang(request)
+        try:
+            requester = await self._requester(request, lang)
+            report = await self.service.spend_report(requester, last=HISTORY_SIZE)
+            return JSONResponse({
+                "spend": render_spend_line(report, lang),
+                "jobs": [self._job_json(job, lang) for job in report.last_jobs],
+            })
+        except ApiError as err:
+            return err.response()
+
+    async def history_job(self, request: Request) -> Response:
+        lang = _lang(request)
+        try:
+            requester = await self._requester(request, lang)
+            raw = request.path_params["job_id"]
+            job = await self.service.job(int(raw)) if raw.isdigit() and len(raw) < 19 else None
+            # Another user's job reads exactly like one that does not exist.
+            if job is None or job.user_key != requester.user_key:
+                raise _error(404, lang, "web.job_unknown", "not_found")
+            return JSONResponse(self._job_json(job, lang))
+        except ApiError as err:
+            return err.response()
+
+    def _job_json(self, job: JobRecord, lang: str) -> dict[str, Any]:
+        credits = job.actual_credits if job.actual_credits is not None else job.estimated_credits
+        files = self.files.of_job(job.id, job.user_key)
+        return {
+            "id": job.id,
+            "created_at": job.created_at.isoformat(),
+            "status": job.status.value,
+            "status_text": text(lang, f"status.{job.status.value}"),
+            "prompt": _prompt_of(job),
+            "command": job.command_text,
+            "size": job.size,
+            "quality": job.quality,
+            "model": job.model,
+            "n": job.n,
+            "references": job.reference_count,
+            "platform": job.platform,
+            "cost": format_credits(credits or 0.0, self.service.prices, lang),
+            "error": job.error_code or "",
+            "images": [_file_json(f) for f in files],
+        }
+
+
+# --- small readers ----------------------------------------------------------------------
+
+
+def _lang(request: Request) -> str:
+    first = request.headers.get("accept-language", "").split(",")[0].split(";")[0].strip()
+    return language_of(first or None)
+
+
+def _bearer(request: Request) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+async def _json(request: Request, lang: str) -> dict[str, Any]:
+    try:  # a body over the cap raises BodyTooLarge here: the app answers it with a 413
+        body = json.loads(await request.body() or b"null")
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise _error(400, lang, "web.bad_request", "bad_request")
+    return body
+
+
+def _sizes(raw: Any) -> list[tuple[int, int]] | None:
+    """Read the references' sizes the page measured ([[w, h], …]); None if malformed."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or len(raw) > MAX_REFERENCES:
+        return None
+    sizes = []
+    for item in raw:
+        if (not isinstance(item, list) or len(item) != 2
+                or not all(isinstance(v, int) and 0 < v <= 100_000 for v in item)):
+            return None
+        sizes.append((item[0], item[1]))
+    return sizes
+
+
+def _file_json(kept: KeptFile) -> dict[str, Any]:
+    return {"url": f"/v1/files/{kept.name}", "name": kept.name, "width": kept.width,
+            "height": kept.height, "mime": kept.mime}
+
+
+def _prompt_of(job: JobRecord) -> str:
+    try:
+        prompt = json.loads(job.request_json or "{}").get("request", {}).get("prompt")
+    except (ValueError, AttributeError):
+        prompt = None
+    return prompt if isinstance(prompt, str) else job.command_text
