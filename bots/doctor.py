@@ -5,7 +5,9 @@ Each check prints one line, `ok` or `FAIL` with what to fix. Exit code 0 when no
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,7 +15,7 @@ import httpx
 
 from core.config import Settings
 from core.images import api_root
-from core.store import Limits, StoreError, open_store
+from core.store import Limits, Store, StoreError, open_store
 
 DISCORD_API = "https://discord.com/api/v10"
 
@@ -104,11 +106,35 @@ async def check_database(settings: Settings) -> Check:
     try:
         version = await ledger.schema_version()
         await ledger.check_writable()
+        running = await _replicas(ledger)
     except Exception as err:  # noqa: BLE001
         return Check("database", False, f"{name} is not writable: {type(err).__name__}: {err}")
     finally:
         await ledger.close()
-    return Check("database", True, f"{name} ({where.kind}) writable, schema v{version}")
+    return Check("database", True, f"{name} ({where.kind}) writable, schema v{version}{running}")
+
+
+async def _replicas(ledger: Store) -> str:
+    """Describe the `imgbot run` processes the ledger sees alive (their heartbeats), the
+    roles each plays, and who holds the roles only one may (a poller, Discord shards)."""
+    now = time.time()
+    alive = [lease for lease in await ledger.leases("replica:") if lease.until.timestamp() > now]
+    if not alive:
+        return "; no imgbot run process is using it"
+    parts = []
+    for lease in alive:
+        try:
+            info = json.loads(lease.info or "{}")
+        except ValueError:
+            info = {}
+        roles = ", ".join(info.get("roles") or []) or "no front end"
+        parts.append(f"{lease.owner} [{roles}; {info.get('jobs', 0)} job(s)]")
+    held = [
+        f"{lease.name} → {lease.owner}" for lease in await ledger.leases("")
+        if not lease.name.startswith("replica:") and lease.until.timestamp() > now
+    ]
+    roles = f"; roles held: {', '.join(held)}" if held else ""
+    return f"; {len(alive)} process(es) running: {'; '.join(parts)}{roles}"
 
 
 async def doctor(

@@ -71,6 +71,12 @@ async def _beat(path: Path, service: ImageService | None = None) -> None:
             await asyncio.to_thread(path.write_text, state + "\n", "utf-8")
         except OSError as err:
             log.warning("could not write the heartbeat: %s", err)
+        if service is not None and service.store_healthy:
+            try:
+                # The ledger's own heartbeat: replicas count each other (doctor lists them).
+                await service.beat(HEARTBEAT_EVERY)
+            except Exception as err:  # noqa: BLE001 - the store's health reports it
+                log.warning("could not write the replica heartbeat: %s", err)
         if service is None:
             await asyncio.sleep(HEARTBEAT_EVERY)
             continue

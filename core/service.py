@@ -162,6 +162,12 @@ class ImageService:
         self.held: set[int] = set()
         self.results = ResultStore(settings.data_path / "results")
         self.resumers: dict[str, Callable[[JobRecord], None]] = {}
+        # Replicas: how many `imgbot run` processes share this ledger (from their heartbeats,
+        # this one included), who wants to know when that changes (a flood limiter sharing
+        # Telegram's budget), and the roles this process plays (for doctor).
+        self.replicas = 1
+        self.replica_listeners: list[Callable[[int], None]] = []
+        self.roles: set[str] = set()
         # Who hears about trouble besides the log (front ends add a way to message admins).
         self.alert_senders: list[Callable[[str], Awaitable[None]]] = []
         self._alerted: dict[str, float] = {}
@@ -360,6 +366,10 @@ class ImageService:
                 ensure_ascii=False,
             ),
             source_ref=source_ref,
+            # The same room checks as this process's queue and rate limiter, made by the
+            # store with the reservation: they hold across every process on the ledger.
+            max_open=self.settings.max_queued_per_user + self.settings.max_jobs_per_user,
+            per_minute=self.settings.rate_limit_per_minute,
         )
         try:
             return await self._write(self.ledger.reserve(requester, spec, estimate))
@@ -838,7 +848,12 @@ class ImageService:
         return removed
 
     async def release_held(self) -> None:
-        """Hand this process's open jobs to the next live worker at once (a clean exit)."""
+        """Hand this process's open jobs to the next live worker at once (a clean exit),
+        and end its heartbeat in the ledger (the other replicas stop counting it)."""
+        try:
+            await self.ledger.drop_lease(f"replica:{self.owner}", self.owner)
+        except Exception as err:  # noqa: BLE001 - it expires by itself
+            log.debug("replica heartbeat not ended: %s", err)
         ids = sorted(self.held)
         if not ids:
             return
@@ -848,6 +863,25 @@ class ImageService:
         except Exception as err:  # noqa: BLE001 - they are taken over when the lease ends
             log.warning("could not hand over %d open job(s) (%s); they are taken over when"
                         " their lease ends", len(ids), err)
+
+    async def beat(self, every: float) -> int:
+        """Say in the ledger that this process is alive (for `every` × 3 seconds), with its
+        roles; count the live processes and tell the listeners when that changed."""
+        info = json.dumps({"roles": sorted(self.roles), "jobs": len(self.held)})
+        await self._write(self.ledger.hold_lease(f"replica:{self.owner}", self.owner,
+                                                 every * 3, info))
+        now = time.time()
+        live = [
+            lease for lease in await self.ledger.leases("replica:")
+            if lease.until.timestamp() > now
+        ]
+        count = max(1, len(live))
+        if count != self.replicas:
+            log.info("%d imgbot process(es) share this ledger", count)
+            self.replicas = count
+            for listener in list(self.replica_listeners):
+                listener(count)
+        return count
 
     async def alert(self, kind: str, message: str) -> None:
         """Tell the operator: always in the log (ERROR), and to the admins' chats at most

@@ -25,7 +25,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from contextlib import closing, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from core.errors import JobNotFound, LimitExceeded, UserError
+from core.errors import JobNotFound, LimitExceeded, QueueFull, RateLimited, UserError
 from core.messages import text
 from core.pricing import Usage
 from core.requester import Requester
@@ -1269,3 +1269,62 @@ async def test_one_source_message_makes_one_job(target: Target, clock: Clock) ->
             if not isinstance(o, int)
         ), outcomes
     assert (await target.fetch("SELECT COUNT(*) FROM jobs")) == [(5,)]
+
+
+# --- replicas: marks, named leases, the user's room (issue 14) ---------------------------
+
+
+async def test_a_mark_is_won_once_until_it_expires(target: Target, clock: Clock) -> None:
+    async with await target.open(clock) as ledger:
+        wins = await asyncio.gather(*(ledger.mark_once("tg:update:7", 60) for _ in range(20)))
+        assert wins.count(True) == 1
+        assert await ledger.mark_once("tg:update:8", 60)
+        clock.advance(seconds=61)
+        assert await ledger.mark_once("tg:update:7", 60)  # expired: a new mark
+        assert await ledger.prune_marks() == 1  # update 8's
+        assert not await ledger.mark_once("tg:update:7", 60)
+
+
+async def test_a_named_lease_has_one_live_holder(target: Target, clock: Clock) -> None:
+    async with await target.open(clock) as ledger:
+        assert await ledger.hold_lease("telegram:poller", "a", 30, "polling")
+        assert not await ledger.hold_lease("telegram:poller", "b", 30)
+        assert await ledger.hold_lease("telegram:poller", "a", 30, "polling")  # renewed
+        clock.advance(seconds=31)
+        assert await ledger.hold_lease("telegram:poller", "b", 30, "polling")  # a is gone
+        assert not await ledger.hold_lease("telegram:poller", "a", 30)
+        await ledger.drop_lease("telegram:poller", "a")  # not a's: nothing happens
+        [lease] = await ledger.leases("telegram:")
+        assert (lease.owner, lease.info) == ("b", "polling")
+        assert lease.until == clock.now + timedelta(seconds=30)
+        await ledger.drop_lease("telegram:poller", "b")
+        assert await ledger.leases("telegram:") == []
+        assert await ledger.hold_lease("telegram:poller", "a", 30)
+
+
+async def test_the_users_queue_and_minute_are_checked_with_the_reservation(
+    target: Target, clock: Clock
+) -> None:
+    async with await target.open(clock) as ledger:
+        roomy = replace(SPEC, max_open=3)
+        # 10 at once from one user (as from three replicas): only 3 get a place.
+        outcomes = await asyncio.gather(
+            *(ledger.reserve(who("1"), roomy, 10) for _ in range(10)), return_exceptions=True
+        )
+        ids = [o for o in outcomes if isinstance(o, int)]
+        refused = [o for o in outcomes if not isinstance(o, int)]
+        assert len(ids) == 3 and all(isinstance(o, QueueFull) for o in refused)
+        assert refused[0].params["waiting"] == 3
+        assert isinstance(await ledger.reserve(who("2"), roomy, 10), int)  # others unaffected
+        await ledger.fail(ids[0], "moderation_blocked")  # an ended job frees its place
+        ids.append(await ledger.reserve(who("1"), roomy, 10))
+        # Per minute: the jobs started in the last 60 s, ended or not.
+        clock.advance(seconds=30)
+        quick = replace(SPEC, per_minute=5)
+        assert isinstance(await ledger.reserve(who("1"), quick, 10), int)  # the 5th this minute
+        with pytest.raises(RateLimited) as info:
+            await ledger.reserve(who("1"), quick, 10)
+        assert info.value.params["per_minute"] == 5 and info.value.params["seconds"] == 30
+        clock.advance(seconds=31)
+        assert isinstance(await ledger.reserve(who("1"), quick, 10), int)
+    await assert_totals_match_jobs(target)

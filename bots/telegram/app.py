@@ -11,8 +11,11 @@ are `flood`. The job flow itself is core's (`core.runner`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import hmac
 import logging
-import secrets
+import time
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
@@ -131,10 +134,21 @@ async def run_telegram(
         rate_limiter=rate_limiter,
     )
     adapter: TelegramAdapter = app.bot_data[ADAPTER_KEY]
+    limiter = app.bot.rate_limiter
+    share = limiter.share_with if isinstance(limiter, FloodLimiter) else None
+    poller: asyncio.Task[None] | None = None
     async with app:
         await register_commands(app, settings)
+        if not settings.telegram_webhook_url:
+            # Long polling is one process per bot: two would take each other's updates.
+            poller = await _hold_poller(app, settings, service, stop)
         await app.start()
         adapter.start_durable()
+        if share is not None:
+            share(service.replicas)
+            service.replica_listeners.append(share)
+        role = "telegram:webhook" if settings.telegram_webhook_url else "telegram:polling"
+        service.roles.add(role)
         try:
             if settings.telegram_webhook_url:
                 await _start_webhook(app, settings)
@@ -154,6 +168,15 @@ async def run_telegram(
             if app.updater is not None and app.updater.running:
                 await app.updater.stop()
             adapter.stop_durable()
+            service.roles.discard(role)
+            if share is not None and share in service.replica_listeners:
+                service.replica_listeners.remove(share)
+            if poller is not None:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await poller
+                with contextlib.suppress(Exception):
+                    await service.ledger.drop_lease(_poller_name(app), service.owner)
             if stop.is_set():  # else it failed to start: `imgbot run` may try it again
                 await service.shutdown(settings.shutdown_grace)
             await adapter.drain(settings.shutdown_grace)
@@ -163,6 +186,8 @@ async def run_telegram(
 
 def startup_failure(exc: BaseException, settings: Settings) -> tuple[str, bool]:
     """Say in one line why the bot could not run (never the token); True: trying again may help."""
+    if isinstance(exc, PollerTaken):
+        return str(exc), False
     if isinstance(exc, InvalidToken):
         return (
             "the Bot API refused TELEGRAM_BOT_TOKEN (401 Unauthorized): "
@@ -185,6 +210,61 @@ def startup_failure(exc: BaseException, settings: Settings) -> tuple[str, bool]:
     return f"{type(exc).__name__}: {exc}", False
 
 
+class PollerTaken(Exception):
+    """Another live imgbot process polls this bot already."""
+
+
+def _poller_name(app: Application) -> str:
+    return f"telegram:poller:{app.bot.id}"
+
+
+async def _hold_poller(
+    app: Application, settings: Settings, service: ImageService, stop: asyncio.Event
+) -> asyncio.Task[None]:
+    """Take the ledger's "poller" lease for this bot, or refuse to start.
+
+    A process that died holding it (kill -9) lets go when its lease ends: wait that long
+    (a restart at once comes up within JOB_LEASE). One still renewing it is alive: refuse.
+    Return the task that renews the lease until cancelled.
+    """
+    name, owner, lease = _poller_name(app), service.owner, settings.job_lease
+    deadline = time.monotonic() + lease * 2 + 1
+    while not await service.ledger.hold_lease(name, owner, lease, "telegram polling"):
+        if time.monotonic() > deadline:
+            holders = [held.owner for held in await service.ledger.leases(name)]
+            raise PollerTaken(
+                f"another imgbot process ({', '.join(holders) or 'unknown'}) already polls"
+                " this bot on the same ledger; run one process with polling, or set"
+                " TELEGRAM_WEBHOOK_URL to run replicas"
+            )
+        log.info("another process held the Telegram poller lease; waiting for it to end")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(0.2, lease / 3))
+        if stop.is_set():
+            break
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(max(0.2, lease / 3))
+            try:
+                if not await service.ledger.hold_lease(name, owner, lease, "telegram polling"):
+                    log.error("another process took the Telegram poller lease")
+            except Exception as err:  # noqa: BLE001 - tried again next round
+                log.warning("poller lease not renewed: %s", err)
+
+    return asyncio.create_task(renew(), name="imgbot:telegram-poller")
+
+
+def webhook_secret(settings: Settings) -> str:
+    """The secret Telegram sends back with every update: TELEGRAM_WEBHOOK_SECRET, or one
+    derived from the bot token, so every replica expects the same one without setting it."""
+    configured = settings.telegram_webhook_secret.get_secret_value()
+    if configured:
+        return configured
+    token = settings.telegram_bot_token.get_secret_value().encode()
+    return hmac.new(token, b"imgbot-telegram-webhook", hashlib.sha256).hexdigest()
+
+
 async def _start_webhook(app: Application, settings: Settings) -> None:
     try:
         import tornado  # noqa: F401 - PTB's webhook server needs it
@@ -192,8 +272,7 @@ async def _start_webhook(app: Application, settings: Settings) -> None:
         raise SettingsError(
             "TELEGRAM_WEBHOOK_URL: webhook mode needs `pip install 'python-telegram-bot[webhooks]'`"
         ) from None
-    # Telegram sends the secret back with every call; without a configured one, make one up.
-    secret = settings.telegram_webhook_secret.get_secret_value() or secrets.token_urlsafe(32)
+    secret = webhook_secret(settings)
     path = urlsplit(settings.telegram_webhook_url).path.strip("/")
     await app.updater.start_webhook(  # type: ignore[union-attr]
         listen=settings.telegram_webhook_listen,

@@ -200,6 +200,29 @@ class FloodLimiter(BaseRateLimiter[str]):
         self._chats: dict[str, _Chat] = {}
         self._pruned_at = -math.inf
         self.skipped = 0  # best-effort calls not sent, for logs and tests
+        # Replicas share one bot's budget: each sends at most its share of every rate.
+        self._base = (per_chat_interval, group_per_minute, group_status_reserve,
+                      overall_per_second, overall_status_reserve)
+        self.replicas = 1
+
+    def share_with(self, replicas: int) -> None:
+        """Keep to 1/`replicas` of every rate: N processes sending for one bot then stay
+        within Telegram's limits together, with no traffic between them (the count comes
+        from their heartbeats in the ledger; a dead one counts until its heartbeat ends,
+        which errs on the slow side)."""
+        n = max(1, int(replicas))
+        if n == self.replicas:
+            return
+        self.replicas = n
+        interval, group, group_reserve, overall, overall_reserve = self._base
+        self._interval = interval * n
+        self._group_per_minute = max(1, group // n)
+        self._group_reserve = group_reserve // n
+        self._overall.limit = max(1, overall // n)
+        self._overall_reserve = overall_reserve // n
+        for chat in self._chats.values():
+            if chat.window is not None:
+                chat.window.limit = self._group_per_minute
 
     async def initialize(self) -> None:
         """Nothing to set up."""

@@ -33,6 +33,7 @@ from telegram.constants import ChatMemberStatus, ChatType, ParseMode
 from telegram.error import TelegramError
 from telegram.ext import (
     Application,
+    ApplicationHandlerStop,
     CallbackQueryHandler,
     CommandHandler,
     ContextTypes,
@@ -65,7 +66,7 @@ from core.admin import ADMIN_COMMANDS, run_admin
 from core.config import Settings
 from core.errors import ImgbotError
 from core.messages import language_of
-from core.presses import PressWindow
+from core.presses import PRESS_WINDOW, PressWindow
 from core.pricing import format_credits
 from core.reports import (
     render_balance,
@@ -103,6 +104,9 @@ class PendingJob:
     anonymous: bool = False
 
 
+# How long a handled update id is remembered: Telegram gives up redelivering within a day.
+UPDATE_MEMORY = 24 * 3600.0
+
 class _AlbumItem(filters.MessageFilter):
     """An image (photo or image file) that belongs to an album."""
 
@@ -130,6 +134,9 @@ class TelegramAdapter:
         self._jobs: set[asyncio.Task[object]] = set()
         self.presses = PressWindow()
         self.pending: dict[str, PendingJob] = {}
+        # Webhook mode may run as several replicas on one ledger: updates, button presses
+        # and albums are then coordinated through the store (polling is one process).
+        self.shared = bool(settings.telegram_webhook_url)
         # Error texts of the Bot API carry the token in URLs: mask it before logging.
         self._scrub = SecretScrubber([settings.telegram_bot_token.get_secret_value()]).scrub
 
@@ -137,6 +144,10 @@ class TelegramAdapter:
         """Add every handler and the error handler to the Application."""
         new_message = filters.UpdateType.MESSAGE
         app = self.app
+        if self.shared:
+            # Replicas behind one webhook: an update Telegram sent again (to this replica
+            # or another) is handled once, before anything else sees it.
+            app.add_handler(TypeHandler(Update, self.once_per_update), group=-2)
         # Before every other handler, in its own group: learn who is @who for admins.
         app.add_handler(TypeHandler(Update, self.note_usernames), group=-1)
         # Every press is answered (Telegram spins the button until then), even a stale or
@@ -398,7 +409,7 @@ class TelegramAdapter:
         requester = self.requester_of(query.from_user, message.chat)
         lang = language_of(requester.language)
         # A burst of taps on one button is one job (checked and recorded without a pause).
-        if not self.presses.first((requester.user_key, message.chat.id, job_id, action)):
+        if not await self.first_press((requester.user_key, message.chat.id, job_id, action)):
             await self._answer_query(query, text(lang, "tg.press_repeated"))
             return
         # Callback data comes back as the client sends it: check the job belongs here.
@@ -583,6 +594,21 @@ class TelegramAdapter:
             await with_flood_retry(
                 lambda chunk=chunk: message.reply_text(chunk, parse_mode=parse_mode, do_quote=True)
             )
+
+    async def once_per_update(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Stop an update another replica (or this one) already took."""
+        if not await self.service.ledger.mark_once(f"tg:update:{update.update_id}", UPDATE_MEMORY):
+            log.info("update %s already handled by a replica; skipped", update.update_id)
+            raise ApplicationHandlerStop
+
+    async def first_press(self, key: tuple[object, ...]) -> bool:
+        """Say whether a button press is the first of a burst, across replicas too."""
+        if not self.presses.first(key):
+            return False
+        if not self.shared:
+            return True
+        mark = "tg:press:" + ":".join(str(part) for part in key)
+        return await self.service.ledger.mark_once(mark, PRESS_WINDOW)
 
     def start_durable(self) -> None:
         """Carry on Telegram jobs a dead process left, and send operator alerts to the

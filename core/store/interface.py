@@ -35,6 +35,7 @@ from core.store.records import (
     JobRecord,
     JobSpec,
     Limits,
+    NamedLease,
     Spender,
     SpendReport,
     UserRecord,
@@ -157,6 +158,30 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def mark_unsettled(self, job_id: int) -> bool:
         """Mark a reserved job whose cost is unknown `unsettled`; False if not reserved."""
+
+    # --- replicas: things done once, roles one process holds ---------------------------
+
+    @abc.abstractmethod
+    async def mark_once(self, key: str, seconds: float) -> bool:
+        """Mark `key` done for `seconds`; True for the first caller, False while it is
+        marked. One statement: of callers racing on a key, from any process, one wins."""
+
+    @abc.abstractmethod
+    async def prune_marks(self) -> int:
+        """Forget expired marks; return how many."""
+
+    @abc.abstractmethod
+    async def hold_lease(self, name: str, owner: str, seconds: float, info: str = "") -> bool:
+        """Take the named lease, or keep it, until now + `seconds`; False while another
+        owner holds it unexpired. `info` says what the holder does (for doctor)."""
+
+    @abc.abstractmethod
+    async def drop_lease(self, name: str, owner: str) -> None:
+        """Give the named lease up, if `owner` holds it."""
+
+    @abc.abstractmethod
+    async def leases(self, prefix: str = "") -> list[NamedLease]:
+        """List the named leases whose name starts with `prefix`, live or expired."""
 
     # --- durable jobs: leases and takeover (see JobStage) ------------------------------
 

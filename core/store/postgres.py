@@ -55,7 +55,14 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from core.errors import DuplicateJob, JobNotFound, LimitExceeded, UserError
+from core.errors import (
+    DuplicateJob,
+    JobNotFound,
+    LimitExceeded,
+    QueueFull,
+    RateLimited,
+    UserError,
+)
 from core.pricing import Usage
 from core.requester import Requester
 from core.store.export import jobs_csv
@@ -82,6 +89,7 @@ from core.store.records import (
     JobStage,
     JobStatus,
     Limits,
+    NamedLease,
     Spender,
     SpendReport,
     UserRecord,
@@ -93,6 +101,7 @@ from core.store.records import (
     is_row_id,
     iso,
     job_from_mapping,
+    lease_from_mapping,
     month_start,
     remaining,
     split_key,
@@ -147,7 +156,8 @@ _LOST_ERRORS: tuple[type[BaseException], ...] = (
 # core.store.postgres_schema). The status guards make a second settle, fail or start a no-op.
 _WRITE_BATCH = (
     "SELECT * FROM imgbot_write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
-    " $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31)"
+    " $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31,"
+    " $32, $33, $34)"
 )
 _SELECT_JOB = "SELECT * FROM jobs WHERE id = $1"
 _MARK_UNSETTLED = "UPDATE jobs SET status = 'unsettled' WHERE id = $1 AND status = 'reserved'"
@@ -178,6 +188,17 @@ _FINISH_DELIVERY = (
     " WHERE id = $3 AND stage = 'drawn' AND (lease_owner IS NULL OR lease_owner = $4)"
 )
 _SELECT_OPEN = "SELECT * FROM jobs WHERE stage IN ('queued', 'drawing', 'drawn') ORDER BY id"
+_MARK_ONCE = (
+    "INSERT INTO marks AS m (key, until) VALUES ($1, $2)"
+    " ON CONFLICT (key) DO UPDATE SET until = excluded.until WHERE m.until <= $3"
+    " RETURNING key"
+)
+_HOLD_LEASE = (
+    "INSERT INTO named_leases AS l (name, owner, until, info) VALUES ($1, $2, $3, $4)"
+    " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, until = excluded.until,"
+    " info = excluded.info WHERE l.owner = excluded.owner OR l.until <= $5"
+    " RETURNING owner"
+)
 _SELECT_UNSETTLED = "SELECT * FROM jobs WHERE status = 'unsettled' ORDER BY created_at, id"
 _REFUND = (
     "UPDATE jobs SET status = 'refunded', refunded_by = $2, refunded_at = $3"
@@ -646,7 +667,7 @@ async def _open_pool(dsn: str, pool_size: int) -> _Pool:
 # The kinds of call a batch carries (the `o_kind` imgbot_write_batch answers with), and how
 # many values each passes.
 _RESERVE_CALL, _FINISH_CALL, _START_CALL = "r", "f", "s"
-_RESERVE_WIDTH, _FINISH_WIDTH, _START_WIDTH = 17, 7, 2
+_RESERVE_WIDTH, _FINISH_WIDTH, _START_WIDTH = 20, 7, 2
 
 
 class _Call:
@@ -1068,6 +1089,12 @@ class PostgresStore(Store):
                     outcome = int(row["o_job_id"])
                 elif row["o_duplicate_of"] is not None:
                     outcome = DuplicateJob(job_id=int(row["o_duplicate_of"]), silent=True)
+                elif row["o_scope"] == "queue_full":
+                    outcome = QueueFull(waiting=int(row["o_micro"]))
+                elif row["o_scope"] == "rate_limited":
+                    outcome = RateLimited(
+                        per_minute=int(call.params[18]), seconds=int(row["o_limit"])
+                    )
                 else:
                     outcome = _refusal(
                         row["o_scope"],
@@ -1111,6 +1138,7 @@ class PostgresStore(Store):
         check_credits("estimate", estimate)
         if spec.n < 1 or spec.reference_count < 0:
             raise ValueError("n must be >= 1 and reference_count >= 0")
+        now_iso = self._now_iso()
         params = (
             requester.user_key,
             requester.chat_key,
@@ -1127,8 +1155,11 @@ class PostgresStore(Store):
             spec.n,
             spec.reference_count,
             float(estimate),
-            self._now_iso(),
+            now_iso,
             spec.source_ref,
+            int(spec.max_open),
+            int(spec.per_minute),
+            iso(datetime.fromisoformat(now_iso) - timedelta(seconds=60)),
         )
         return int(await self._call(_Call(_RESERVE_CALL, None, params, estimate=estimate)))
 
@@ -1194,6 +1225,62 @@ class PostgresStore(Store):
             return _updated(await conn.execute(_MARK_UNSETTLED, job_id)) > 0
 
         return await self._write(mark_on)
+
+    # --- replicas: marks and named leases ---------------------------------------------
+
+    async def mark_once(self, key: str, seconds: float) -> bool:
+        """Mark `key` done for `seconds`; False when it is marked already (see Store)."""
+        now = self._now()
+
+        async def mark_on(conn: asyncpg.Connection) -> bool:
+            found = await conn.fetchval(
+                _MARK_ONCE, key, iso(now + timedelta(seconds=seconds)), iso(now)
+            )
+            return found is not None
+
+        return await self._write(mark_on)
+
+    async def prune_marks(self) -> int:
+        """Forget expired marks; return how many."""
+        now_iso = self._now_iso()
+
+        async def prune_on(conn: asyncpg.Connection) -> int:
+            return _updated(await conn.execute("DELETE FROM marks WHERE until <= $1", now_iso))
+
+        return await self._write(prune_on)
+
+    async def hold_lease(self, name: str, owner: str, seconds: float, info: str = "") -> bool:
+        """Take or keep the named lease for `seconds`; False while another owner holds it."""
+        now = self._now()
+
+        async def hold_on(conn: asyncpg.Connection) -> bool:
+            found = await conn.fetchval(
+                _HOLD_LEASE, name, owner, iso(now + timedelta(seconds=seconds)), info, iso(now)
+            )
+            return found is not None
+
+        return await self._write(hold_on)
+
+    async def drop_lease(self, name: str, owner: str) -> None:
+        """Give the named lease up, if `owner` holds it."""
+
+        async def drop_on(conn: asyncpg.Connection) -> None:
+            await conn.execute("DELETE FROM named_leases WHERE name = $1 AND owner = $2",
+                               name, owner)
+
+        await self._write(drop_on)
+
+    async def leases(self, prefix: str = "") -> list[NamedLease]:
+        """List the named leases whose name starts with `prefix`, live or expired."""
+
+        async def read(conn: asyncpg.Connection) -> list[NamedLease]:
+            rows = await conn.fetch(
+                "SELECT * FROM named_leases WHERE left(name, $1) = $2 ORDER BY name",
+                len(prefix), prefix,
+            )
+            return [lease_from_mapping(row) for row in rows]
+
+        return await self._read(read)
 
     # --- durable jobs ---------------------------------------------------------------
 

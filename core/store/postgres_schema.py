@@ -469,6 +469,51 @@ END
 $fn$"""
 
 
+# Migration 9's batch: each reservation also checks, in the same step and under the same
+# locks (the user's totals rows, taken in step 2, serialise every reservation of a user
+# across processes), that the user has fewer than r_max_open jobs queued or drawing and
+# started fewer than r_per_minute in the last minute (0 = no check). A refusal answers
+# o_scope 'queue_full' (o_micro = the open jobs) or 'rate_limited' (o_limit = the seconds
+# until the oldest of the minute's jobs is a minute old).
+_WRITE_BATCH_FUNCTION_V9 = (
+    _WRITE_BATCH_FUNCTION.replace(
+        "    r_source_ref text[],\n",
+        "    r_source_ref text[], r_max_open bigint[], r_per_minute bigint[],"
+        " r_minute_ago text[],\n",
+    )
+    .replace(
+        "    v_id bigint;\nBEGIN",
+        "    v_id bigint;\n    v_open bigint;\n    v_recent bigint;\n    v_oldest text;\nBEGIN",
+    )
+    .replace(
+        """        SELECT u.user_key IS NOT NULL, u.display_name, u.language,""",
+        """        IF r_max_open[i] > 0 OR r_per_minute[i] > 0 THEN
+            SELECT count(*) FILTER (WHERE stage IN ('queued', 'drawing')),
+                   count(*) FILTER (WHERE created_at > r_minute_ago[i]),
+                   min(created_at) FILTER (WHERE created_at > r_minute_ago[i])
+              INTO v_open, v_recent, v_oldest
+              FROM jobs
+             WHERE user_key = v_user_key
+               AND (stage IN ('queued', 'drawing') OR created_at > r_minute_ago[i]);
+            IF r_max_open[i] > 0 AND v_open >= r_max_open[i] THEN
+                RETURN QUERY SELECT 'r', i, NULL::bigint, NULL::bigint, 'queue_full'::text,
+                                    NULL::double precision, v_open;
+                CONTINUE;
+            END IF;
+            IF r_per_minute[i] > 0 AND v_recent >= r_per_minute[i] THEN
+                RETURN QUERY SELECT 'r', i, NULL::bigint, NULL::bigint, 'rate_limited'::text,
+                    greatest(1, ceil(60 - extract(epoch FROM
+                        r_now[i]::timestamptz - v_oldest::timestamptz)))::double precision,
+                    v_recent;
+                CONTINUE;
+            END IF;
+        END IF;
+
+        SELECT u.user_key IS NOT NULL, u.display_name, u.language,""",
+    )
+)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         4,
@@ -538,6 +583,27 @@ MIGRATIONS = (
             $fn$""",
             "CREATE TRIGGER jobs_stage BEFORE UPDATE OF status, started_at ON jobs"
             " FOR EACH ROW EXECUTE FUNCTION imgbot_job_stage()",
+        ),
+    ),
+    Migration(
+        9,
+        "replicas: marks, named leases; write_batch() checks the user's queue and minute",
+        (
+            """CREATE TABLE marks (
+                key text COLLATE "C" PRIMARY KEY,
+                until text COLLATE "C" NOT NULL
+            )""",
+            "CREATE INDEX marks_until ON marks (until)",
+            """CREATE TABLE named_leases (
+                name text COLLATE "C" PRIMARY KEY,
+                owner text COLLATE "C" NOT NULL,
+                until text COLLATE "C" NOT NULL,
+                info text NOT NULL DEFAULT ''
+            )""",
+            "CREATE INDEX jobs_user_open ON jobs (user_key)"
+            " WHERE stage IN ('queued', 'drawing')",
+            "DROP FUNCTION imgbot_write_batch",
+            _WRITE_BATCH_FUNCTION_V9,
         ),
     ),
 )

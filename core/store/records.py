@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, NamedTuple, Protocol
 
+from core.errors import RateLimited
 from core.pricing import Usage
 
 
@@ -107,6 +108,11 @@ class JobSpec:
     reference_count: int
     request_json: str  # the serialised ImageRequest, so a button can rebuild it after a restart
     source_ref: str | None = None  # the platform message or button press it came from
+    # Room checks made in the same step as the reservation, across every process on the
+    # ledger (0 = none): the user's open jobs (queued or drawing) must be fewer than
+    # `max_open`, and the jobs they started in the last minute fewer than `per_minute`.
+    max_open: int = 0
+    per_minute: int = 0
 
 
 @dataclass(frozen=True)
@@ -412,3 +418,30 @@ def chat_from_mapping(row: Any) -> ChatRecord:
         created_at=datetime.fromisoformat(row["created_at"]),
         updated_at=datetime.fromisoformat(row["updated_at"]),
     )
+
+
+@dataclass(frozen=True)
+class NamedLease:
+    """A role one live process holds (or a process's heartbeat): who, until when, doing what."""
+
+    name: str
+    owner: str
+    until: datetime
+    info: str = ""
+
+
+def lease_from_mapping(row: Any) -> NamedLease:
+    """Build a NamedLease from a row of named_leases."""
+    return NamedLease(
+        name=row["name"],
+        owner=row["owner"],
+        until=datetime.fromisoformat(row["until"]),
+        info=row["info"] or "",
+    )
+
+
+def rate_refusal(per_minute: int, oldest: str, now: str) -> RateLimited:
+    """The refusal for a user who started `per_minute` jobs in the last minute: try again
+    when the oldest of them is a minute old."""
+    age = (datetime.fromisoformat(now) - datetime.fromisoformat(oldest)).total_seconds()
+    return RateLimited(per_minute=per_minute, seconds=max(1, math.ceil(60 - age)))

@@ -44,7 +44,14 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from core.errors import DuplicateJob, JobNotFound, LimitExceeded, UserError
+from core.errors import (
+    DuplicateJob,
+    JobNotFound,
+    LimitExceeded,
+    QueueFull,
+    RateLimited,
+    UserError,
+)
 from core.pricing import Usage
 from core.requester import Requester
 from core.store.export import jobs_csv
@@ -67,6 +74,7 @@ from core.store.records import (
     JobStage,
     JobStatus,
     Limits,
+    NamedLease,
     Spender,
     SpendReport,
     UserRecord,
@@ -78,7 +86,9 @@ from core.store.records import (
     is_row_id,
     iso,
     job_from_mapping,
+    lease_from_mapping,
     month_start,
+    rate_refusal,
     remaining,
     split_key,
     usage_json,
@@ -136,7 +146,32 @@ _RESERVE = (
     " AND (um_limit <= 0 OR :estimate <= MAX(0.0, um_limit - um / 1000000.0) + :eps)"
     " AND (cd_limit <= 0 OR :estimate <= MAX(0.0, cd_limit - cd / 1000000.0) + :eps)"
     " AND (gd_limit <= 0 OR :estimate <= MAX(0.0, gd_limit - gd / 1000000.0) + :eps)"
+    " AND (:max_open <= 0 OR (SELECT COUNT(*) FROM jobs WHERE user_key = :user_key"
+    "      AND stage IN ('queued', 'drawing')) < :max_open)"
+    " AND (:per_minute <= 0 OR (SELECT COUNT(*) FROM jobs WHERE user_key = :user_key"
+    "      AND created_at > :minute_ago) < :per_minute)"
     " RETURNING id"
+)
+# Why a reservation found no room other than a limit: the same counts the statement took.
+_ROOM = (
+    "SELECT (SELECT COUNT(*) FROM jobs WHERE user_key = :user_key"
+    "        AND stage IN ('queued', 'drawing')) AS open,"
+    " (SELECT COUNT(*) FROM jobs WHERE user_key = :user_key AND created_at > :minute_ago)"
+    "   AS recent,"
+    " (SELECT MIN(created_at) FROM jobs WHERE user_key = :user_key AND created_at > :minute_ago)"
+    "   AS oldest"
+)
+_MARK_ONCE = (
+    "INSERT INTO marks (key, until) VALUES (?, ?)"
+    " ON CONFLICT (key) DO UPDATE SET until = excluded.until WHERE marks.until <= ?"
+    " RETURNING key"
+)
+_HOLD_LEASE = (
+    "INSERT INTO named_leases (name, owner, until, info) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, until = excluded.until,"
+    " info = excluded.info"
+    " WHERE named_leases.owner = excluded.owner OR named_leases.until <= ?"
+    " RETURNING owner"
 )
 _UPSERT_USER = (
     "INSERT INTO users (user_key, platform, user_id, display_name, language,"
@@ -647,6 +682,9 @@ class SqliteStore(Store):
                 return int(rows[0][0])
             # A message seen before is a duplicate, whatever the limits say now.
             await self._raise_duplicate(spec, None)
+            no_room = await self._no_room(params)
+            if no_room is not None:
+                raise no_room
             # Refused: say which limit, from the same figures the statement checked.
             refusal = await self._refusal(params)
             if refusal is not None:
@@ -673,6 +711,9 @@ class SqliteStore(Store):
             "estimate": estimate,
             "now": now_iso,
             "source_ref": spec.source_ref,
+            "max_open": int(spec.max_open),
+            "per_minute": int(spec.per_minute),
+            "minute_ago": iso(datetime.fromisoformat(now_iso) - timedelta(seconds=60)),
             "day": now_iso[:10],
             "month": now_iso[:7],
             "d_user_daily": float(defaults.user_daily),
@@ -778,6 +819,20 @@ class SqliteStore(Store):
             detail=f"{params['user_key']} asked {estimate} with {left} of {limit} left",
         )
 
+    async def _no_room(self, params: dict[str, Any]) -> QueueFull | RateLimited | None:
+        """The user's queue or minute is full (checked before the limits, as the statement
+        does not say which condition failed)."""
+        if params["max_open"] <= 0 and params["per_minute"] <= 0:
+            return None
+        row = await self._read_one(_ROOM, params)
+        if row is None:
+            return None
+        if 0 < params["max_open"] <= row["open"]:
+            return QueueFull(waiting=int(row["open"]))
+        if 0 < params["per_minute"] <= row["recent"] and row["oldest"]:
+            return rate_refusal(params["per_minute"], row["oldest"], params["now"])
+        return None
+
     async def _raise_duplicate(self, spec: JobSpec, err: sqlite3.IntegrityError | None) -> None:
         if spec.source_ref is None:
             return
@@ -872,6 +927,45 @@ class SqliteStore(Store):
             (job_id,),
         )
         return bool(rows)
+
+    # --- replicas: marks and named leases --------------------------------------------------
+
+    async def mark_once(self, key: str, seconds: float) -> bool:
+        """Mark `key` done for `seconds`; False when it is marked already (see Store)."""
+        now = self._now()
+        rows = await self._single(
+            _MARK_ONCE, (key, iso(now + timedelta(seconds=seconds)), iso(now))
+        )
+        return bool(rows)
+
+    async def prune_marks(self) -> int:
+        """Forget expired marks; return how many."""
+        rows = await self._single(
+            "DELETE FROM marks WHERE until <= ? RETURNING key", (self._now_iso(),)
+        )
+        return len(rows)
+
+    async def hold_lease(self, name: str, owner: str, seconds: float, info: str = "") -> bool:
+        """Take or keep the named lease for `seconds`; False while another owner holds it."""
+        now = self._now()
+        rows = await self._single(
+            _HOLD_LEASE, (name, owner, iso(now + timedelta(seconds=seconds)), info, iso(now))
+        )
+        return bool(rows)
+
+    async def drop_lease(self, name: str, owner: str) -> None:
+        """Give the named lease up, if `owner` holds it."""
+        await self._single(
+            "DELETE FROM named_leases WHERE name = ? AND owner = ? RETURNING name", (name, owner)
+        )
+
+    async def leases(self, prefix: str = "") -> list[NamedLease]:
+        """List the named leases whose name starts with `prefix`, live or expired."""
+        rows = await self._read_all(
+            "SELECT * FROM named_leases WHERE substr(name, 1, ?) = ? ORDER BY name",
+            (len(prefix), prefix),
+        )
+        return [lease_from_mapping(row) for row in rows]
 
     # --- durable jobs -------------------------------------------------------------------
 

@@ -282,6 +282,28 @@ MIGRATIONS: tuple[Migration, ...] = (
                END""",
         ),
     ),
+    Migration(
+        9,
+        "replicas: marks (things done once) and named leases (roles one process holds)",
+        (
+            # A mark says "done" until it expires: a Telegram update handled, a button
+            # press counted, an album claimed. Checked and set in one statement.
+            """CREATE TABLE marks (
+                key TEXT PRIMARY KEY,
+                until TEXT NOT NULL
+            )""",
+            "CREATE INDEX marks_until ON marks (until)",
+            # A role one live process holds at a time (the Telegram poller, a Discord
+            # shard) or a process's own heartbeat (replica:<owner>), with what it does.
+            """CREATE TABLE named_leases (
+                name TEXT PRIMARY KEY,
+                owner TEXT NOT NULL,
+                until TEXT NOT NULL,
+                info TEXT NOT NULL DEFAULT ''
+            )""",
+            "CREATE INDEX jobs_user_open ON jobs (user_key) WHERE stage IN ('queued', 'drawing')",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
