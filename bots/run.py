@@ -74,7 +74,7 @@ async def _beat(path: Path, service: ImageService | None = None) -> None:
         if service is not None and service.store_healthy:
             try:
                 # The ledger's own heartbeat: replicas count each other (doctor lists them).
-                await service.beat(HEARTBEAT_EVERY)
+                await service.beat(_beat_every(service))
             except Exception as err:  # noqa: BLE001 - the store's health reports it
                 log.warning("could not write the replica heartbeat: %s", err)
         if service is None:
@@ -83,7 +83,15 @@ async def _beat(path: Path, service: ImageService | None = None) -> None:
         # The next beat comes at once when the ledger's health flips (cleared before the
         # state was read, so a flip meanwhile is not missed).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(service.health_changed.wait(), HEARTBEAT_EVERY)
+            await asyncio.wait_for(service.health_changed.wait(), _beat_every(service))
+
+
+def _beat_every(service: ImageService) -> float:
+    # As often as jobs' leases are renewed, at most every HEARTBEAT_EVERY: replicas learn
+    # of each other (and of one gone) about as fast as they take over its jobs.
+    settings = getattr(service, "settings", None)
+    lease = getattr(settings, "job_lease", HEARTBEAT_EVERY)
+    return max(0.5, min(HEARTBEAT_EVERY, float(lease)))
 
 
 async def _clean_results(service: ImageService) -> None:

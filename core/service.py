@@ -60,6 +60,8 @@ _T = TypeVar("_T")
 QUALITIES = ("low", "medium", "high")
 # A job is drawn at most this many times: a second lost draw stops it (released at 0).
 MAX_DRAW_ATTEMPTS = 2
+# How often `take_over` forgets expired marks and old staged parts.
+PRUNE_EVERY = 300.0
 # One alert of a kind to the admins' chats per this many seconds (the log gets each).
 ALERT_EVERY = 600.0
 
@@ -719,7 +721,14 @@ class ImageService:
         claimed; start-up, terminal commands and reports never touch another's jobs.
         """
         every = max(0.2, min(5.0, self.settings.job_lease / 3))
+        pruned = time.monotonic()
         while not self._closing:
+            if time.monotonic() - pruned > PRUNE_EVERY:
+                pruned = time.monotonic()
+                try:
+                    await self._write(self.ledger.prune_marks())
+                except Exception as err:  # noqa: BLE001 - tried again later
+                    log.warning("could not forget expired marks: %s", err)
             try:
                 platforms = sorted({*self.resumers, "cli", "web"})
                 jobs = await self._write(

@@ -384,7 +384,9 @@ class FakeBotApiServer(BotObjects):
     def _answer(self, method: str, params: dict[str, Any], files: dict[str, Upload]) -> Any:
         if method == "getMe":
             return self.bot_user()
-        if method in ("deleteWebhook", "setMyCommands", "answerCallbackQuery", "sendChatAction"):
+        if method in (
+            "deleteWebhook", "setWebhook", "setMyCommands", "answerCallbackQuery", "sendChatAction"
+        ):
             return True
         if method == "deleteMessage":
             return True

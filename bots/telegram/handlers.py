@@ -43,6 +43,7 @@ from telegram.ext import (
 )
 
 from bots.logs import SecretScrubber
+from bots.telegram.albums import SharedAlbums
 from bots.telegram.references import (
     IMG_COMMAND,
     AlbumCollector,
@@ -127,16 +128,23 @@ class TelegramAdapter:
         self.service = service
         self.app = app
         self.fetcher = ReferenceFetcher(app.bot, settings)
-        self.albums = AlbumCollector(
-            settings.album_debounce, self._spawn, self._album_ready, self._album_item_late
+        # Webhook mode may run as several replicas on one ledger: updates, button presses
+        # and albums are then coordinated through the store (polling is one process).
+        self.shared = bool(settings.telegram_webhook_url)
+        self.albums: AlbumCollector | SharedAlbums = (
+            SharedAlbums(
+                service.ledger, app.bot, settings.album_debounce, self._spawn,
+                self._album_ready, self._album_item_late,
+            )
+            if self.shared
+            else AlbumCollector(
+                settings.album_debounce, self._spawn, self._album_ready, self._album_item_late
+            )
         )
         self.runner = JobRunner(service, texts=text)
         self._jobs: set[asyncio.Task[object]] = set()
         self.presses = PressWindow()
         self.pending: dict[str, PendingJob] = {}
-        # Webhook mode may run as several replicas on one ledger: updates, button presses
-        # and albums are then coordinated through the store (polling is one process).
-        self.shared = bool(settings.telegram_webhook_url)
         # Error texts of the Bot API carry the token in URLs: mask it before logging.
         self._scrub = SecretScrubber([settings.telegram_bot_token.get_secret_value()]).scrub
 

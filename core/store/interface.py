@@ -167,8 +167,24 @@ class Store(abc.ABC):
         marked. One statement: of callers racing on a key, from any process, one wins."""
 
     @abc.abstractmethod
+    async def is_marked(self, key: str) -> bool:
+        """Say whether `key` is marked (and not expired)."""
+
+    @abc.abstractmethod
     async def prune_marks(self) -> int:
         """Forget expired marks; return how many."""
+
+    @abc.abstractmethod
+    async def stage(self, group: str, key: str, payload: str) -> None:
+        """Keep one part of `group` (again: kept once), stamped with the store's time."""
+
+    @abc.abstractmethod
+    async def staged(self, group: str) -> list[tuple[str, datetime, str]]:
+        """Return the parts of `group` as (key, when staged, payload), oldest first."""
+
+    @abc.abstractmethod
+    async def unstage(self, group: str) -> None:
+        """Forget the parts of `group`."""
 
     @abc.abstractmethod
     async def hold_lease(self, name: str, owner: str, seconds: float, info: str = "") -> bool:

@@ -82,6 +82,7 @@ from core.store.postgres_schema import (
 from core.store.records import (
     EPSILON,
     MICRO,
+    STAGED_KEEP,
     ChatRecord,
     ChatTotal,
     JobRecord,
@@ -1240,11 +1241,57 @@ class PostgresStore(Store):
 
         return await self._write(mark_on)
 
+    async def is_marked(self, key: str) -> bool:
+        """Say whether `key` is marked (and not expired)."""
+        now_iso = self._now_iso()
+
+        async def read(conn: asyncpg.Connection) -> bool:
+            return bool(await conn.fetchval(
+                "SELECT 1 FROM marks WHERE key = $1 AND until > $2", key, now_iso
+            ))
+
+        return await self._read(read)
+
+    async def stage(self, group: str, key: str, payload: str) -> None:
+        """Keep one part of `group` (see Store.stage)."""
+        now_iso = self._now_iso()
+
+        async def stage_on(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                "INSERT INTO staged (grp, key, at, payload) VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT (grp, key) DO NOTHING",
+                group, key, now_iso, payload,
+            )
+
+        await self._write(stage_on)
+
+    async def staged(self, group: str) -> list[tuple[str, datetime, str]]:
+        """Return the parts of `group`, oldest first."""
+
+        async def read(conn: asyncpg.Connection) -> list[tuple[str, datetime, str]]:
+            rows = await conn.fetch(
+                "SELECT key, at, payload FROM staged WHERE grp = $1 ORDER BY at, key", group
+            )
+            return [(row[0], datetime.fromisoformat(row[1]), row[2]) for row in rows]
+
+        return await self._read(read)
+
+    async def unstage(self, group: str) -> None:
+        """Forget the parts of `group`."""
+
+        async def unstage_on(conn: asyncpg.Connection) -> None:
+            await conn.execute("DELETE FROM staged WHERE grp = $1", group)
+
+        await self._write(unstage_on)
+
     async def prune_marks(self) -> int:
         """Forget expired marks; return how many."""
         now_iso = self._now_iso()
 
+        staged_before = iso(self._now() - timedelta(seconds=STAGED_KEEP))
+
         async def prune_on(conn: asyncpg.Connection) -> int:
+            await conn.execute("DELETE FROM staged WHERE at <= $1", staged_before)
             return _updated(await conn.execute("DELETE FROM marks WHERE until <= $1", now_iso))
 
         return await self._write(prune_on)

@@ -602,6 +602,13 @@ MIGRATIONS = (
             )""",
             "CREATE INDEX jobs_user_open ON jobs (user_key)"
             " WHERE stage IN ('queued', 'drawing')",
+            """CREATE TABLE staged (
+                grp text COLLATE "C" NOT NULL,
+                key text COLLATE "C" NOT NULL,
+                at text COLLATE "C" NOT NULL,
+                payload text NOT NULL,
+                PRIMARY KEY (grp, key)
+            )""",
             "DROP FUNCTION imgbot_write_batch",
             _WRITE_BATCH_FUNCTION_V9,
         ),

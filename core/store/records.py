@@ -39,6 +39,8 @@ class LimitSettings(Protocol):
 
 # Float sums of credits drift in the last bits; a request that fits exactly must not be refused.
 EPSILON = 1e-6
+# Staged parts (Store.stage) are forgotten this long after they came (prune_marks).
+STAGED_KEEP = 3600.0
 # Running totals count whole micro-credits: integer sums are exact in any order.
 MICRO = 1_000_000
 

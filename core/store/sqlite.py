@@ -67,6 +67,7 @@ from core.store.keys import (
 from core.store.records import (
     EPSILON,
     MICRO,
+    STAGED_KEEP,
     ChatRecord,
     ChatTotal,
     JobRecord,
@@ -938,10 +939,40 @@ class SqliteStore(Store):
         )
         return bool(rows)
 
+    async def is_marked(self, key: str) -> bool:
+        """Say whether `key` is marked (and not expired)."""
+        row = await self._read_one(
+            "SELECT 1 FROM marks WHERE key = ? AND until > ?", (key, self._now_iso())
+        )
+        return row is not None
+
+    async def stage(self, group: str, key: str, payload: str) -> None:
+        """Keep one part of `group` (see Store.stage)."""
+        await self._single(
+            "INSERT INTO staged (grp, key, at, payload) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (grp, key) DO NOTHING RETURNING key",
+            (group, key, self._now_iso(), payload),
+        )
+
+    async def staged(self, group: str) -> list[tuple[str, datetime, str]]:
+        """Return the parts of `group`, oldest first."""
+        rows = await self._read_all(
+            "SELECT key, at, payload FROM staged WHERE grp = ? ORDER BY at, key", (group,)
+        )
+        return [(row[0], datetime.fromisoformat(row[1]), row[2]) for row in rows]
+
+    async def unstage(self, group: str) -> None:
+        """Forget the parts of `group`."""
+        await self._single("DELETE FROM staged WHERE grp = ? RETURNING key", (group,))
+
     async def prune_marks(self) -> int:
         """Forget expired marks; return how many."""
         rows = await self._single(
             "DELETE FROM marks WHERE until <= ? RETURNING key", (self._now_iso(),)
+        )
+        await self._single(
+            "DELETE FROM staged WHERE at <= ? RETURNING key",
+            (iso(self._now() - timedelta(seconds=STAGED_KEEP)),),
         )
         return len(rows)
 

@@ -302,6 +302,15 @@ MIGRATIONS: tuple[Migration, ...] = (
                 info TEXT NOT NULL DEFAULT ''
             )""",
             "CREATE INDEX jobs_user_open ON jobs (user_key) WHERE stage IN ('queued', 'drawing')",
+            # Parts of one thing that arrive at different processes (a Telegram album's
+            # items behind a load balancer), gathered here until one process takes them.
+            """CREATE TABLE staged (
+                grp TEXT NOT NULL,
+                key TEXT NOT NULL,
+                at TEXT NOT NULL,
+                payload TEXT NOT NULL,
+                PRIMARY KEY (grp, key)
+            )""",
         ),
     ),
 )

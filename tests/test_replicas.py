@@ -1,0 +1,246 @@
+"""Replicas: three real `imgbot run` processes in webhook mode on one real PostgreSQL.
+
+The test plays Telegram: it POSTs updates, with the secret header, to a small round-robin
+forwarder on 127.0.0.1 that stands for the operator's reverse proxy, and sends an update
+again when it got no 2xx (Telegram's at-least-once delivery). The fake Bot API checks
+Telegram's flood rules and records every call. Jobs come from many users, albums whose items
+land on different replicas, updates delivered twice (to different replicas), and a button
+pressed twice at once; then one replica is killed with SIGKILL mid-load. Afterwards: every
+accepted job was drawn once and delivered once, nobody was charged twice, the running totals
+equal the jobs, no flood limit was crossed, and the dead replica's jobs were taken over.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bots.telegram.app import webhook_secret
+from core.config import Settings
+from tests.conftest import TEST_KEY
+from tests.fake_api import FakeImageAPI
+from tests.fake_botapi import FakeBotApiServer, FloodRules
+from tests.pg_server import pg_server, pg_url  # noqa: F401 - fixtures
+from tests.telegram_fake import TOKEN, Updates, image_bytes
+from tests.test_durable import exact, jobs_of
+from tests.test_process import ROOT, SETTING_NAMES, BotProcess
+
+GROUP = Updates.supergroup(-1005550002222, "Studio")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RoundRobin:
+    """A reverse proxy in miniature: each POST goes to the next replica that answers."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.ports = ports
+        self._turn = itertools.count()
+        self._lock = threading.Lock()
+        self.sent: Counter[int] = Counter()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status, answer = proxy.forward(self.path, body, dict(self.headers))
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def forward(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        for _ in range(len(self.ports)):
+            with self._lock:
+                port = self.ports[next(self._turn) % len(self.ports)]
+            try:
+                answer = httpx.post(
+                    f"http://127.0.0.1:{port}{path}",
+                    content=body,
+                    headers={k: v for k, v in headers.items() if k.lower().startswith(
+                        ("content-type", "x-telegram"))},
+                    timeout=10,
+                )
+            except httpx.HTTPError:
+                continue  # that replica is down: the next one
+            with self._lock:
+                self.sent[port] += 1
+            return answer.status_code, answer.content
+        return 502, b"no replica answered"
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def fakes() -> Iterator[tuple[FakeBotApiServer, FakeImageAPI]]:
+    with FakeBotApiServer(TOKEN, flood=FloodRules()) as tg, FakeImageAPI(key=TEST_KEY) as images:
+        yield tg, images
+
+
+def _start(
+    tmp_path: Path, tg: FakeBotApiServer, images: FakeImageAPI, url: str, hook: str, n: int
+) -> BotProcess:
+    env = {k: v for k, v in os.environ.items() if k.upper() not in SETTING_NAMES}
+    listen_port = _free_port()
+    env.update({
+        "PYTHONPATH": str(ROOT),
+        "TELEGRAM_BOT_TOKEN": TOKEN,
+        "TELEGRAM_API_BASE_URL": tg.base_url,
+        "TELEGRAM_WEBHOOK_URL": hook,
+        "TELEGRAM_WEBHOOK_LISTEN": "127.0.0.1",
+        "TELEGRAM_WEBHOOK_PORT": str(listen_port),
+        "OPENAI_BASE_URL": images.base_url,
+        "OPENAI_API_KEY": TEST_KEY,
+        "DATABASE_URL": url,
+        "DATA_DIR": str(tmp_path / "data"),
+        "RATE_LIMIT_PER_MINUTE": "0",
+        "MAX_QUEUED_PER_USER": "20",
+        "JOB_LEASE": "2",
+        "ALBUM_DEBOUNCE": "0.8",
+        "PREVIEWS": "off",
+        "PROGRESS_INTERVAL": "5",
+        "LOG_LEVEL": "INFO",
+        "WEB_PORT": "0",
+    })
+    log = tmp_path / f"replica-{n}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bots.cli", "run"], cwd=tmp_path, env=env,
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    bot = BotProcess(proc, log)
+    bot.port = listen_port  # type: ignore[attr-defined]
+    return bot
+
+
+def test_three_replicas_behind_one_webhook_behave_as_one_bot(
+    tmp_path: Path, fakes: tuple[FakeBotApiServer, FakeImageAPI], pg_url: str,  # noqa: F811
+) -> None:
+    tg, images = fakes
+    images.inject("slow", times=10**6, seconds=0.3)
+    replicas: list[BotProcess] = []
+    proxy = RoundRobin([])
+    hook = f"{proxy.url}/tg/hook"
+    try:
+        for n in range(3):
+            replicas.append(_start(tmp_path, tg, images, pg_url, hook, n))
+        proxy.ports = [bot.port for bot in replicas]  # type: ignore[attr-defined]
+        tg.wait_for(lambda: len(tg.of("setWebhook")) >= 3, within=30)
+        secret = {c.params.get("secret_token") for c in tg.of("setWebhook")}
+        assert secret == {webhook_secret(Settings(_env_file=None, telegram_bot_token=TOKEN))}
+        headers = {"X-Telegram-Bot-Api-Secret-Token": secret.pop(), "Content-Type":
+                   "application/json"}
+        u = Updates()
+
+        def deliver(update: dict[str, Any]) -> None:
+            """Telegram: POST until some replica answers 2xx."""
+            for _ in range(40):
+                answer = httpx.post(hook, content=json.dumps(update), headers=headers, timeout=15)
+                if answer.status_code // 100 == 2:
+                    return
+                time.sleep(0.25)
+            raise AssertionError(f"update {update['update_id']} never accepted")
+
+        # Replicas must be up (the webhook server binds just after setWebhook).
+        warm = u.update(u.message(Updates.user(3999, "Zed"), u.private(Updates.user(3999, "Zed")),
+                                  text="/help"))
+        deliver(warm)
+
+        users = [Updates.user(3000 + i, f"U{i}", "en") for i in range(30)]
+        expected: dict[str, int] = {}  # command → chat
+        updates = []
+        for i, user in enumerate(users):
+            for k in range(2):
+                command = f"low a thing {i}-{k}"
+                chat = GROUP if (i + k) % 5 == 0 else u.private(user)
+                text_ = f"/img@ThisBot {command}" if chat is GROUP else f"/img {command}"
+                updates.append(u.update(u.message(user, chat, text=text_)))
+                expected[command] = chat["id"]
+        # Albums: three items each, one carrying /img; round-robin spreads them.
+        for a in range(3):
+            user = users[a]
+            for j in range(3):
+                tg.store(f"al{a}-{j}", image_bytes(400 + 10 * j, 300))
+                caption = f"/img low album {a}" if j == 1 else None
+                updates.append(u.update(u.message(
+                    user, u.private(user), caption=caption,
+                    photo=u.photo_sizes(f"al{a}-{j}", 400 + 10 * j, 300),
+                    media_group_id=f"alb-{a}",
+                )))
+            expected[f"low album {a}"] = user["id"]
+        # Every tenth update arrives twice (Telegram resending after a slow answer).
+        doubled = updates[::10]
+        threads = [threading.Thread(target=deliver, args=(up,)) for up in updates + doubled]
+        for i, thread in enumerate(threads):
+            thread.start()
+            if i == len(threads) // 2:
+                # Mid-load, one replica dies without a word.
+                replicas[0].proc.send_signal(signal.SIGKILL)
+                replicas[0].proc.wait()
+        for thread in threads:
+            thread.join()
+
+        def done() -> bool:
+            rows = jobs_of(pg_url)
+            return set(expected) <= set(rows) and all(
+                rows[c]["stage"] == "delivered" for c in expected
+            )
+
+        tg.wait_for(done, within=120)
+        rows = jobs_of(pg_url)
+        assert set(rows) == set(expected)  # no job lost, none added (no double from resends)
+        for command, chat in expected.items():
+            job = rows[command]
+            assert job["status"] == "succeeded" and job["actual_credits"] == pytest.approx(
+                exact(job)
+            ), command
+            sent = [c for c in tg.of("sendPhoto", ok=True)
+                    if c.chat_id == chat and f"j:{job['id']}:" in json.dumps(c.params)]
+            assert len(sent) == 1, (command, len(sent))
+        albums = [rows[f"low album {a}"] for a in range(3)]
+        assert all(job["reference_count"] == 3 for job in albums)  # items from all replicas
+        # Each delivered image was drawn once, plus at most one lost draw per taken-over job.
+        draws = [r for r in images.api_requests if r.path.startswith("/v1/images/")]
+        lost = sum(job["attempts"] - 1 for job in rows.values())
+        assert len(expected) <= len(draws) <= len(expected) + lost
+        assert tg.flood_refusals() == []  # three replicas kept one bot's flood limits
+        assert all(proxy.sent[bot.port] > 0 for bot in replicas)  # type: ignore[attr-defined]
+        for bot in replicas[1:]:
+            assert bot.stop(signal.SIGTERM, within=30) == 0
+    finally:
+        for bot in replicas:
+            if bot.proc.poll() is None:
+                bot.proc.kill()
+                bot.proc.wait()
+        proxy.close()
