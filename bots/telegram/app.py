@@ -38,7 +38,8 @@ from core.service import ImageService
 
 log = logging.getLogger(__name__)
 
-ALLOWED_UPDATES = [Update.MESSAGE, Update.CALLBACK_QUERY]
+# Pre-checkout queries must come too (Stars payments), or a buyer's payment never completes.
+ALLOWED_UPDATES = [Update.MESSAGE, Update.CALLBACK_QUERY, Update.PRE_CHECKOUT_QUERY]
 # Updates handled at once. PTB's default (256) let one busy group stall every chat: a group
 # gets 20 messages a minute, so its waiting answers could hold all 256 slots for many minutes
 # (tests/test_load.py measures this). Waiting handlers are cheap coroutines.

@@ -41,6 +41,7 @@ from telegram.ext import (
 )
 
 from bots.logs import SecretScrubber
+from bots.telegram.payments import PROVIDER, StarPayments
 from bots.telegram.references import (
     IMG_COMMAND,
     AlbumCollector,
@@ -82,7 +83,9 @@ log = logging.getLogger(__name__)
 
 ADAPTER_KEY = "imgbot.telegram"
 PLATFORM = "telegram"
-USER_COMMANDS = ("img", "help", "sizes", "balance", "cancel", "key", "start")
+USER_COMMANDS = (
+    "img", "help", "sizes", "balance", "buy", "paysupport", "cancel", "key", "start"
+)
 TEXT_LIMIT = 4096
 
 # How long a Draw / Cancel question stays answerable (it lives in memory only).
@@ -131,6 +134,7 @@ class TelegramAdapter:
         self.pending: dict[str, PendingJob] = {}
         # Error texts of the Bot API carry the token in URLs: mask it before logging.
         self._scrub = SecretScrubber([settings.telegram_bot_token.get_secret_value()]).scrub
+        self.payments = StarPayments(self)
 
     def register(self) -> None:
         """Add every handler and the error handler to the Application."""
@@ -140,6 +144,9 @@ class TelegramAdapter:
         app.add_handler(TypeHandler(Update, self.note_usernames), group=-1)
         # Every press is answered (Telegram spins the button until then), even a stale or
         # forged one; on_button ignores data it does not know.
+        self.payments.register()
+        # An admin's `refund purchase` (on any front end of this process) goes through us.
+        self.service.payment_refunders[PROVIDER] = self.payments.refund
         app.add_handler(CallbackQueryHandler(self.on_confirm, pattern=r"^c:"))
         app.add_handler(CallbackQueryHandler(self.on_button))
         app.add_handler(MessageHandler(new_message & _AlbumItem(), self.on_album_item))
@@ -561,6 +568,7 @@ class TelegramAdapter:
     def stop_durable(self) -> None:
         """Take no more jobs over (the bot is stopping)."""
         self.service.resumers.pop("telegram", None)
+        self.service.payment_refunders.pop(PROVIDER, None)
         if self.alert_admins in self.service.alert_senders:
             self.service.alert_senders.remove(self.alert_admins)
 
@@ -593,17 +601,17 @@ class TelegramAdapter:
         await self.runner.resume(job, reply, self.fetcher.fetch_ref)
 
     async def alert_admins(self, message: str) -> None:
-        """Send an operator alert to every Telegram admin's private chat."""
-        for admin in self.settings.admins:
-            platform, _, user_id = admin.partition(":")
-            if platform != "telegram" or not user_id.lstrip("-").isdigit():
+        """Send an operator alert to the Telegram chats of ALERT_CHATS, else to every
+        Telegram admin's private chat."""
+        for chat_id in self.settings.alert_targets(PLATFORM):
+            if not chat_id.lstrip("-").isdigit():
                 continue
             try:
                 await with_flood_retry(
-                    lambda u=int(user_id): self.app.bot.send_message(u, f"⚠️ imgbot: {message}")
+                    lambda c=int(chat_id): self.app.bot.send_message(c, f"⚠️ imgbot: {message}")
                 )
             except TelegramError as err:
-                log.warning("alert to %s not sent: %s", admin, self._scrub(str(err)))
+                log.warning("alert to telegram:%s not sent: %s", chat_id, self._scrub(str(err)))
 
     def _spawn(self, coroutine: Coroutine[object, object, None]) -> object:
         # Our own task set rather than app.create_task: `drain` waits for these on shutdown.
