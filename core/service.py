@@ -180,6 +180,7 @@ class ImageService:
         self.alert_every = ALERT_EVERY
         self._alerting: set[asyncio.Task[None]] = set()
         self._upstream_failures = 0  # image calls failed in a row (the upstream's fault)
+        self._budget_told: set[str] = set()  # the global budget alerts raised (kind:day)
         # Prepaid credits: users given their welcome grant (the store keeps it once ever;
         # this only spares the write), and how each payment provider refunds a purchase
         # (the Telegram front end adds "telegram_stars": refundStarPayment).
@@ -884,10 +885,10 @@ class ImageService:
             log.warning("could not hand over %d open job(s) (%s); they are taken over when"
                         " their lease ends", len(ids), err)
 
-    async def alert(self, kind: str, message: str) -> None:
-        """Tell the operator: always in the log (ERROR), and to the admins' chats at most
-        once per kind every ALERT_EVERY seconds."""
-        log.error("ALERT %s: %s", kind, message)
+    async def alert(self, kind: str, message: str, *, level: int = logging.ERROR) -> None:
+        """Tell the operator: always in the log (ERROR, or `level` for news that is no
+        failure), and to the admins' chats at most once per kind every ALERT_EVERY seconds."""
+        log.log(level, "ALERT %s: %s", kind, message)
         now = time.monotonic()
         if now - self._alerted.get(kind, -self.alert_every) < self.alert_every:
             return
@@ -898,10 +899,10 @@ class ImageService:
             except Exception as err:  # noqa: BLE001 - an alert must not break the job
                 log.warning("alert not sent: %s", err)
 
-    def alert_soon(self, kind: str, message: str) -> None:
+    def alert_soon(self, kind: str, message: str, *, level: int = logging.ERROR) -> None:
         """Raise an alert in the background: whatever noticed the trouble (a job's failure,
         a write) goes on without waiting for the admins' chats to answer."""
-        task = asyncio.ensure_future(self.alert(kind, message))
+        task = asyncio.ensure_future(self.alert(kind, message, level=level))
         self._alerting.add(task)
         task.add_done_callback(self._alerting.discard)
 
@@ -947,20 +948,28 @@ class ImageService:
             log.warning("global spend not checked: %s", err)
             return
         day = time.strftime("%Y-%m-%d", time.gmtime())
+        # Once a UTC day each, also in the log: a budget reached is news, not a failure
+        # (WARNING), and every job after it would say it again.
         if spent >= limit - 1e-6:
-            self.alert_soon(
-                f"global_100:{day}",
-                f"today's spend reached 100 % of GLOBAL_DAILY_LIMIT ({spent:,.0f} of"
+            kind = f"global_100:{day}"
+            message = (
+                f"today's spend reached 100% of GLOBAL_DAILY_LIMIT ({spent:,.0f} of"
                 f" {limit:,.0f} credits): new jobs are refused until 00:00 UTC. Raise"
-                " GLOBAL_DAILY_LIMIT and restart if that is not what you want.",
+                " GLOBAL_DAILY_LIMIT and restart if that is not what you want."
             )
         elif spent >= 0.8 * limit:
-            self.alert_soon(
-                f"global_80:{day}",
+            kind = f"global_80:{day}"
+            message = (
                 f"today's spend reached {spent / limit:.0%} of GLOBAL_DAILY_LIMIT ({spent:,.0f}"
-                f" of {limit:,.0f} credits); at 100 % new jobs are refused until 00:00 UTC."
-                " Check `top 1` for who is spending, or raise the limit.",
+                f" of {limit:,.0f} credits); at 100% new jobs are refused until 00:00 UTC."
+                " Check `top 1` for who is spending, or raise the limit."
             )
+        else:
+            return
+        if kind in self._budget_told:
+            return
+        self._budget_told.add(kind)
+        self.alert_soon(kind, message, level=logging.WARNING)
 
     # --- prepaid credits (BILLING=prepaid) --------------------------------------------
     async def welcome(self, user_key: str) -> None:

@@ -137,7 +137,7 @@ async def test_the_global_daily_limit_alerts_at_80_and_100_percent_once_a_day(
             await draw(h)
         await settled(h)
         new = alerts_to(api, ADMIN_ID)[mark:]
-        assert len(new) == 1 and "reached 100 % of GLOBAL_DAILY_LIMIT" in new[0]
+        assert len(new) == 1 and "reached 100% of GLOBAL_DAILY_LIMIT" in new[0]
 
 
 async def _global_spent(config: Settings) -> float:

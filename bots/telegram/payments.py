@@ -13,6 +13,7 @@ back as far as they are unspent.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Protocol
 
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 
 CURRENCY = "XTR"
 PROVIDER = "telegram_stars"
-BUY_DATA = r"^b:(\d{1,5})$"
+BUY_DATA = re.compile(r"^b:(\d{1,5})$")
 # Telegram's answer when the charge was refunded already (by an earlier try whose answer
 # was lost): the stars are back with the user, so the ledger may record the refund.
 ALREADY_REFUNDED = "CHARGE_ALREADY_REFUNDED"
@@ -142,7 +143,9 @@ class StarPayments:
         if query is None or query.message is None:
             return
         lang = language_of(query.from_user.language_code)
-        stars = int(str(query.data).split(":", 1)[1])
+        # PTB hands an empty `data` to every pattern: check it here.
+        match = BUY_DATA.fullmatch(query.data or "")
+        stars = int(match.group(1)) if match else 0
         if self.service.star_pack(stars) is None or not self.service.settings.prepaid:
             await self._answer_query(query, text(lang, "tg.buy.no_such_pack"))
             return
