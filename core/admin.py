@@ -3,7 +3,8 @@
 Every bot and the terminal run the same words:
     limit <user> [daily=N|default] [monthly=N|default]
     chatlimit <chat> daily=N|default
-    refund <job id>
+    refund <job id> · refund purchase <purchase id>
+    grant <user> <credits> · revoke <user> [credits] · purchases [user]
     block <user or chat> / unblock <user or chat>
     top [days]
     chats [days]
@@ -32,10 +33,13 @@ from core.reports import render_job_line
 from core.requester import Requester
 from core.service import ImageService
 
-ADMIN_COMMANDS = ("limit", "chatlimit", "refund", "block", "unblock", "top", "chats", "unsettled")
+ADMIN_COMMANDS = (
+    "limit", "chatlimit", "refund", "block", "unblock", "top", "chats", "unsettled",
+    "grant", "revoke", "purchases",
+)
 CHAT_ADMIN_COMMANDS = ("chatlimit", "chats")
 # Commands about one user, which a reply to that user's message may aim.
-TARGETED_COMMANDS = ("limit", "block", "unblock")
+TARGETED_COMMANDS = ("limit", "block", "unblock", "grant", "revoke", "purchases")
 _JOB_ID = re.compile(r"#?[0-9]{1,19}")
 
 
@@ -60,6 +64,21 @@ def _amount_arg(value: str) -> float | None:
         raise PromptError("admin.bad_amount", value=value) from None
     # float() also reads "nan", "inf" and "1e999"; none of them is a limit.
     if not math.isfinite(amount) or amount < 0:
+        raise PromptError("admin.bad_amount", value=value)
+    return amount
+
+
+def _is_amount(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
+def _credits_arg(value: str) -> float:
+    amount = _amount_arg(value)
+    if amount is None or amount <= 0 or amount >= 1e12:
         raise PromptError("admin.bad_amount", value=value)
     return amount
 
@@ -114,7 +133,12 @@ async def run_admin(
     ledger = service.ledger
     name = name.lower()
     platform = requester.platform
-    if target is not None and name in TARGETED_COMMANDS and (not args or "=" in args[0]):
+    if target is not None and name in TARGETED_COMMANDS and (
+        not args
+        or "=" in args[0]
+        # As a reply, `grant N` and `revoke N` name only the amount.
+        or (name in ("grant", "revoke") and len(args) == 1 and _is_amount(args[0]))
+    ):
         args = [target, *args]
     own_chat_only = not service.is_admin(requester)
     if own_chat_only:
@@ -146,6 +170,45 @@ async def run_admin(
         values = _keyword_args(args[1:], ("daily",))
         await ledger.set_chat_limit(chat_key, values["daily"])
         return text(lang, "admin.chatlimit_set", who=chat_key, daily=_limit(lang, values["daily"]))
+    if name == "refund" and args and args[0].lower() == "purchase":
+        if len(args) != 2 or not _JOB_ID.fullmatch(args[1]):
+            raise PromptError("admin.usage")
+        purchase = await service.refund_purchase(int(args[1].lstrip("#")), by=requester.user_key)
+        return text(
+            lang, "purchase.refunded", purchase_id=purchase.id, stars=purchase.amount,
+            user=purchase.user_key, taken=purchase.refunded_credits or 0.0,
+            spent=purchase.credits - (purchase.refunded_credits or 0.0),
+        )
+    if name == "grant":
+        if len(args) != 2:
+            raise PromptError("admin.usage")
+        user_key = _key(service, args[0], requester)
+        amount = _credits_arg(args[1])
+        balance = await ledger.grant_credits(user_key, amount, by=requester.user_key)
+        return text(lang, "admin.granted", who=user_key, credits=amount, balance=balance)
+    if name == "revoke":
+        if len(args) not in (1, 2):
+            raise PromptError("admin.usage")
+        user_key = _key(service, args[0], requester)
+        amount = _credits_arg(args[1]) if len(args) == 2 else None
+        taken, balance = await ledger.revoke_credits(user_key, amount, by=requester.user_key)
+        return text(lang, "admin.revoked", who=user_key, credits=taken, balance=balance)
+    if name == "purchases":
+        if len(args) > 1:
+            raise PromptError("admin.usage")
+        user_key = _key(service, args[0], requester) if args else None
+        purchases = await ledger.list_purchases(user_key, 20)
+        if not purchases:
+            return text(lang, "admin.nothing")
+        lines = [text(lang, "admin.purchases_header")]
+        for p in purchases:
+            status = text(lang, f"purchase.status.{p.status.value}")
+            lines.append(text(
+                lang, "admin.purchase_line", purchase_id=p.id, when=p.created_at.strftime(
+                    "%Y-%m-%d %H:%M"), user=p.user_key, stars=p.amount, credits=p.credits,
+                status=status,
+            ))
+        return "\n".join(lines)
     if name == "refund":
         # ASCII digits only, and few: "²".isdigit() is true, and int() of 5,000 digits raises.
         if len(args) != 1 or not _JOB_ID.fullmatch(args[0]):

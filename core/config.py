@@ -19,6 +19,7 @@ from core.store.url import StoreURL, parse_database_url
 from core.types import KNOWN_MODELS as KNOWN_MODELS
 
 CsvList = Annotated[list[str], NoDecode]
+StarPacks = Annotated[dict[int, float], NoDecode]
 
 
 def _split_csv(value: object) -> object:
@@ -124,6 +125,19 @@ class Settings(BaseSettings):
         24.0, ge=0, description="Hours delivered results stay in DATA_DIR/results (0 = none)"
     )
 
+    # --- billing: caps only, or prepaid credits (Telegram Stars, admin grants) -----------
+    billing: Literal["limits", "prepaid"] = Field(
+        "limits",
+        description="limits: spend is only capped; prepaid: each job is paid from the user's credit balance",
+    )
+    welcome_credits: float = Field(
+        0, ge=0, description="Credits a new user gets once when BILLING=prepaid (0 = none)"
+    )
+    star_packs: StarPacks = Field(
+        default_factory=dict,
+        description="Telegram Stars packs for /buy as stars:credits, e.g. 50:20000,250:110000",
+    )
+
     # --- access, concurrency, language ------------------------------------------------
     admins: CsvList = Field(
         default_factory=list, description="Admins as platform:id, comma-separated"
@@ -133,6 +147,13 @@ class Settings(BaseSettings):
     )
     allowed_chats: CsvList = Field(
         default_factory=list, description="If set, only these platform:id chats/servers may draw"
+    )
+    alert_chats: CsvList = Field(
+        default_factory=list,
+        description="Chats that get operator alerts, e.g. telegram:-100123,discord:456 (empty = admins' DMs)",
+    )
+    alert_failure_run: int = Field(
+        5, ge=1, le=1000, description="Upstream failures in a row that raise an alert"
     )
     silent_refusals_in_groups: bool = Field(
         True, description="In groups, ignore strangers instead of answering them"
@@ -199,8 +220,41 @@ class Settings(BaseSettings):
     log_json: bool = Field(False, description="Write logs as JSON lines")
 
     _split = field_validator(
-        "admins", "allowed_users", "allowed_chats", "discord_guild_ids", mode="before"
+        "admins", "allowed_users", "allowed_chats", "alert_chats", "discord_guild_ids",
+        mode="before",
     )(_split_csv)
+
+    @field_validator("star_packs", mode="before")
+    @classmethod
+    def _parse_packs(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        packs: dict[int, float] = {}
+        for part in (p.strip() for p in value.split(",")):
+            if not part:
+                continue
+            stars, sep, credits = part.partition(":")
+            try:
+                count, amount = int(stars), float(credits)
+            except ValueError:
+                raise ValueError(f"{part!r} is not stars:credits (e.g. 50:20000)") from None
+            if not sep or not 1 <= count <= 10000 or not 0 < amount < 1e12:
+                raise ValueError(
+                    f"{part!r}: stars must be 1-10000 and credits a positive number"
+                )
+            packs[count] = amount
+        return packs
+
+    @field_validator("alert_chats")
+    @classmethod
+    def _check_alert_chats(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            platform, _, chat_id = entry.partition(":")
+            if platform not in ("telegram", "discord") or not chat_id.lstrip("-").isdigit():
+                raise ValueError(
+                    f"{entry!r}: expected telegram:<chat id> or discord:<channel id>"
+                )
+        return value
 
     @field_validator("admins")
     @classmethod
@@ -282,6 +336,17 @@ class Settings(BaseSettings):
                 if problem is not None:
                     found.append(f"{name.upper()}: {problem}")
         return found
+
+    @property
+    def prepaid(self) -> bool:
+        """Say whether jobs are paid from credit balances (BILLING=prepaid)."""
+        return self.billing == "prepaid"
+
+    def alert_targets(self, platform: str) -> list[str]:
+        """Return where `platform`'s alerts go: its ALERT_CHATS ids, else its admins' ids
+        (when ALERT_CHATS is set, only the chats it lists are told)."""
+        source = self.alert_chats or self.admins
+        return [e.partition(":")[2] for e in source if e.partition(":")[0] == platform]
 
     def is_admin(self, platform: str, user_id: str) -> bool:
         """Say whether platform:user_id is a configured admin."""

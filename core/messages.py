@@ -331,6 +331,44 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "本次请求需要 {asked:,.0f} 积分，但机器人今日（UTC）总预算 {limit:,.0f} 仅剩 "
         "{remaining:,.0f}。",
     },
+    "limit.balance": {
+        "en": "This request needs {asked:,.0f} credits, but your balance is {remaining:,.0f}. "
+        "Top up with /buy (Telegram) or ask the bot's operator for credits.",
+        "zh": "本次请求需要 {asked:,.0f} 积分，但你的余额只有 {remaining:,.0f}。"
+        "可用 /buy 充值（Telegram），或向机器人运营者申请积分。",
+    },
+    "purchase.not_found": {
+        "en": "Purchase #{purchase_id} was not found.",
+        "zh": "找不到购买记录 #{purchase_id}。",
+    },
+    "purchase.already_refunded": {
+        "en": "Purchase #{purchase_id} was already refunded.",
+        "zh": "购买记录 #{purchase_id} 已经退款。",
+    },
+    "purchase.no_refunder": {
+        "en": "Purchase #{purchase_id} was paid with Telegram Stars: refund it from the "
+        "running Telegram bot (refund purchase {purchase_id}), which can reach Telegram.",
+        "zh": "购买记录 #{purchase_id} 以 Telegram Stars 支付：请在运行中的 Telegram 机器人里退款"
+        "（refund purchase {purchase_id}），它才能连到 Telegram。",
+    },
+    "purchase.refund_failed": {
+        "en": "Telegram refused the refund of purchase #{purchase_id} ({reason}); nothing "
+        "was changed.",
+        "zh": "Telegram 拒绝了购买记录 #{purchase_id} 的退款（{reason}）；未做任何更改。",
+    },
+    "purchase.refunded": {
+        "en": "Purchase #{purchase_id} refunded: {stars} stars back to {user}; "
+        "{taken:,.0f} credits taken back ({spent:,.0f} were already spent).",
+        "zh": "购买记录 #{purchase_id} 已退款：{stars} 星已退还给 {user}；收回 {taken:,.0f} 积分"
+        "（已用掉 {spent:,.0f}）。",
+    },
+    "purchase.status.paid": {"en": "paid", "zh": "已支付"},
+    "purchase.status.refunded": {"en": "refunded", "zh": "已退款"},
+    "pay.unknown_payload": {
+        "en": "This payment does not match any pack of ours. The operator was told; "
+        "use /paysupport.",
+        "zh": "这笔付款与我们的任何套餐都不符，已通知运营者；请使用 /paysupport。",
+    },
     "job.not_found": {
         "en": "Job #{job_id} was not found.",
         "zh": "找不到任务 #{job_id}。",
@@ -480,6 +518,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Job #{job_id} · {seconds} s",
         "zh": "任务 #{job_id} · {seconds} 秒",
     },
+    "spend.balance": {
+        "en": "Balance: {balance} credits",
+        "zh": "余额：{balance} 积分",
+    },
     "spend.today": {
         "en": "Today: {spent} credits",
         "zh": "今日：{spent} 积分",
@@ -513,6 +555,10 @@ MESSAGES: dict[str, dict[str, str]] = {
     "balance.all_time": {"en": "All time: {spent} credits", "zh": "累计：{spent} 积分"},
     "balance.last_jobs": {"en": "Last jobs:", "zh": "最近任务："},
     "balance.unlimited": {"en": "no limit", "zh": "不限"},
+    "balance.credits": {
+        "en": "Credit balance: {balance} credits",
+        "zh": "积分余额：{balance} 积分",
+    },
     "balance.default_limit": {"en": "default", "zh": "默认"},
     "help.text": {
         "en": (
@@ -569,7 +615,8 @@ MESSAGES: dict[str, dict[str, str]] = {
             "Admin commands:\n"
             "limit <user> daily=N monthly=N (N or default; 0 = no limit)\n"
             "chatlimit <chat> daily=N\n"
-            "refund <job id>\n"
+            "refund <job id> · refund purchase <purchase id>\n"
+            "grant <user> <credits> · revoke <user> [credits] · purchases [user]\n"
             "block <user|chat> · unblock <user|chat>\n"
             "top [days] · chats [days] · unsettled\n"
             "A bare id means this platform; platform:id names any."
@@ -578,7 +625,8 @@ MESSAGES: dict[str, dict[str, str]] = {
             "管理命令：\n"
             "limit <用户> daily=N monthly=N（N 或 default；0 = 不限）\n"
             "chatlimit <群> daily=N\n"
-            "refund <任务号>\n"
+            "refund <任务号> · refund purchase <购买号>\n"
+            "grant <用户> <积分> · revoke <用户> [积分] · purchases [用户]\n"
             "block <用户|群> · unblock <用户|群>\n"
             "top [天数] · chats [天数] · unsettled\n"
             "只写 id 表示当前平台；platform:id 可指定任意平台。"
@@ -615,6 +663,22 @@ MESSAGES: dict[str, dict[str, str]] = {
     "admin.chatlimit_set": {
         "en": "Daily limit of {who}: {daily}.",
         "zh": "{who} 的每日限额：{daily}。",
+    },
+    "admin.granted": {
+        "en": "{credits:,.0f} credits granted to {who}; balance {balance:,.0f}.",
+        "zh": "已给 {who} 增加 {credits:,.0f} 积分；余额 {balance:,.0f}。",
+    },
+    "admin.revoked": {
+        "en": "{credits:,.0f} credits taken from {who}; balance {balance:,.0f}.",
+        "zh": "已从 {who} 收回 {credits:,.0f} 积分；余额 {balance:,.0f}。",
+    },
+    "admin.purchases_header": {
+        "en": "Purchases (newest first; refund purchase <id> gives one back):",
+        "zh": "购买记录（新的在前；refund purchase <编号> 可退款）：",
+    },
+    "admin.purchase_line": {
+        "en": "#{purchase_id} {when} {user} — {stars} stars → {credits:,.0f} credits, {status}",
+        "zh": "#{purchase_id} {when} {user} — {stars} 星 → {credits:,.0f} 积分，{status}",
     },
     "admin.blocked": {"en": "{who} is blocked.", "zh": "已禁止 {who}。"},
     "admin.unblocked": {"en": "{who} is unblocked.", "zh": "已解除禁止 {who}。"},

@@ -35,6 +35,8 @@ def render_spend_line(spend: SpendReport, lang: str) -> str:
         parts.append(
             text(lang, "spend.month_of", spent=_amount(spend.month), limit=_amount(spend.monthly_limit))
         )
+    if spend.balance is not None:
+        parts.append(text(lang, "spend.balance", balance=_amount(spend.balance)))
     return " · ".join(parts)
 
 
@@ -106,8 +108,10 @@ def render_balance(spend: SpendReport, prices: PriceTable, lang: str | None) -> 
     def limit_text(value: float) -> str:
         return _amount(value) if value else text(lang, "balance.unlimited")
 
-    lines = [
-        text(lang, "balance.header"),
+    lines = [text(lang, "balance.header")]
+    if spend.balance is not None:
+        lines.append(text(lang, "balance.credits", balance=_amount(spend.balance)))
+    lines += [
         text(lang, "balance.today", spent=_amount(spend.today), limit=limit_text(spend.daily_limit)),
         text(
             lang, "balance.month", spent=_amount(spend.month), limit=limit_text(spend.monthly_limit)

@@ -19,7 +19,8 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import TypeVar
+from datetime import datetime
+from typing import Protocol, TypeVar
 
 from core.config import Settings
 from core.errors import (
@@ -29,7 +30,10 @@ from core.errors import (
     ImgbotError,
     JobNotFound,
     LimitExceeded,
+    UpstreamAuthError,
+    UpstreamBalanceError,
     UpstreamError,
+    UserError,
 )
 from core.ids import UserDirectory
 from core.images import ImageClient, prepare_mask, prepare_references
@@ -40,7 +44,17 @@ from core.prompt import PromptDefaults, clean_text, parse_command
 from core.replay import ReplayAction as ReplayAction
 from core.results import ResultStore
 from core.sizes import TIERS
-from core.store import JobRecord, JobSpec, JobStage, SpendReport, Store, StoreError
+from core.store import (
+    JobRecord,
+    JobSpec,
+    JobStage,
+    NamedLease,
+    PurchaseRecord,
+    PurchaseStatus,
+    SpendReport,
+    Store,
+    StoreError,
+)
 from core.types import (
     GeneratedImage,
     ImageRequest,
@@ -122,6 +136,21 @@ class _Inflight:
 
 
 
+class Coordination(Protocol):
+    """What front ends may use of the store to work as replicas: marks (a thing done
+    once), staged parts (an album's items) and named leases (a role one process holds).
+    Nothing here touches money or jobs."""
+
+    async def mark_once(self, key: str, seconds: float) -> bool: ...
+    async def is_marked(self, key: str) -> bool: ...
+    async def stage(self, group: str, key: str, payload: str) -> None: ...
+    async def staged(self, group: str) -> list[tuple[str, datetime, str]]: ...
+    async def unstage(self, group: str) -> None: ...
+    async def hold_lease(self, name: str, owner: str, seconds: float, info: str = "") -> bool: ...
+    async def drop_lease(self, name: str, owner: str) -> None: ...
+    async def leases(self, prefix: str = "") -> list[NamedLease]: ...
+
+
 class ImageService:
     """The platform-free pipeline, with its queue, rate limiter and shutdown."""
 
@@ -173,6 +202,21 @@ class ImageService:
         # Who hears about trouble besides the log (front ends add a way to message admins).
         self.alert_senders: list[Callable[[str], Awaitable[None]]] = []
         self._alerted: dict[str, float] = {}
+        self.alert_every = ALERT_EVERY
+        self._alerting: set[asyncio.Task[None]] = set()
+        self._upstream_failures = 0  # image calls failed in a row (the upstream's fault)
+        self._budget_told: set[str] = set()  # the global budget alerts raised (kind:day)
+        # Prepaid credits: users given their welcome grant (the store keeps it once ever;
+        # this only spares the write), and how each payment provider refunds a purchase
+        # (the Telegram front end adds "telegram_stars": refundStarPayment).
+        self._welcomed: set[str] = set()
+        self.payment_refunders: dict[str, Callable[[PurchaseRecord], Awaitable[None]]] = {}
+
+    @property
+    def coordination(self) -> Coordination:
+        """The store's replica coordination (marks, staged parts, named leases) for front
+        ends; the ledger's money and jobs stay behind the service."""
+        return self.ledger
 
     # --- the store's health --------------------------------------------------------
     async def _write(self, call: Awaitable[_T]) -> _T:
@@ -199,6 +243,12 @@ class ImageService:
         if self.store_healthy:
             log.error("the ledger cannot be written (%s): %s", self.ledger.describe(), problem)
             self.health_changed.set()
+            self.alert_soon(
+                "store",
+                f"the ledger ({self.ledger.describe()}) cannot be written: {problem}. New jobs"
+                " are refused until it can. Check the disk space and file permissions (SQLite)"
+                " or that the database server is up and writable (PostgreSQL).",
+            )
         self.store_healthy, self.store_problem = False, problem
 
     async def check_store(self) -> bool:
@@ -372,11 +422,18 @@ class ImageService:
             # store with the reservation: they hold across every process on the ledger.
             max_open=self.settings.max_queued_per_user + self.settings.max_jobs_per_user,
             per_minute=self.settings.rate_limit_per_minute,
+            prepaid=self.settings.prepaid,
         )
+        if self.settings.prepaid:
+            await self.welcome(requester.user_key)
         try:
-            return await self._write(self.ledger.reserve(requester, spec, estimate))
+            job_id = await self._write(self.ledger.reserve(requester, spec, estimate))
         except LimitExceeded as err:
+            if err.params.get("scope") == "global_daily":
+                await self._check_global_spend()
             raise self._with_suggestion(err, request, refs) from None
+        await self._check_global_spend()
+        return job_id
 
     async def _run(
         self,
@@ -441,6 +498,7 @@ class ImageService:
                 self.held.discard(job_id)
             raise
         except UpstreamError as err:
+            self._note_upstream(err)
             credits, flag = self.charge_for(err.usage, request, estimate, billed=err.billed)
             await self._write(self.ledger.fail(job_id, err.code, credits, err.usage, flag=flag))
             self.held.discard(job_id)
@@ -470,6 +528,7 @@ class ImageService:
         finally:
             self._inflight.pop(job_id, None)
 
+        self._note_upstream(None)
         reported, flag = self.charge_for(result.usage, request, estimate, billed=True)
         # The result is kept on disk while the charge is written (both before delivery),
         # so a process that dies from here on leaves a drawn job the next one delivers.
@@ -490,7 +549,7 @@ class ImageService:
         self._log_job(requester, request, "succeeded", credits, elapsed, "")
         if progress is not None:
             await progress(Progress("done", elapsed=elapsed))
-        spend = await self.ledger.spend_report(requester.user_key)
+        spend = await self.spend_report(requester)
         return DrawOutcome(
             job_id=job_id,
             request=request,
@@ -814,7 +873,7 @@ class ImageService:
             images=kept.images,
             credits=job.actual_credits or 0.0,
             estimated=job.estimated_credits,
-            spend=await self.ledger.spend_report(job.user_key),
+            spend=await self.spend_report(requester),
             elapsed=kept.elapsed,
             lang=language_of(requester.language),
             revised_prompt=kept.revised_prompt,
@@ -892,12 +951,12 @@ class ImageService:
                 listener(count)
         return count
 
-    async def alert(self, kind: str, message: str) -> None:
-        """Tell the operator: always in the log (ERROR), and to the admins' chats at most
-        once per kind every ALERT_EVERY seconds."""
-        log.error("ALERT %s: %s", kind, message)
+    async def alert(self, kind: str, message: str, *, level: int = logging.ERROR) -> None:
+        """Tell the operator: always in the log (ERROR, or `level` for news that is no
+        failure), and to the admins' chats at most once per kind every ALERT_EVERY seconds."""
+        log.log(level, "ALERT %s: %s", kind, message)
         now = time.monotonic()
-        if now - self._alerted.get(kind, -ALERT_EVERY) < ALERT_EVERY:
+        if now - self._alerted.get(kind, -self.alert_every) < self.alert_every:
             return
         self._alerted[kind] = now
         for send in list(self.alert_senders):
@@ -905,6 +964,147 @@ class ImageService:
                 await send(message)
             except Exception as err:  # noqa: BLE001 - an alert must not break the job
                 log.warning("alert not sent: %s", err)
+
+    def alert_soon(self, kind: str, message: str, *, level: int = logging.ERROR) -> None:
+        """Raise an alert in the background: whatever noticed the trouble (a job's failure,
+        a write) goes on without waiting for the admins' chats to answer."""
+        task = asyncio.ensure_future(self.alert(kind, message, level=level))
+        self._alerting.add(task)
+        task.add_done_callback(self._alerting.discard)
+
+    def _note_upstream(self, err: UpstreamError | None) -> None:
+        """Count image calls that failed in a row, and raise the upstream's alerts."""
+        if err is None:
+            self._upstream_failures = 0
+            return
+        if isinstance(err, UpstreamAuthError) and err.status in (401, 403):
+            self.alert_soon(
+                "upstream_auth",
+                f"the image API refused our key (HTTP {err.status}): every job fails until"
+                " it is fixed. Check OPENAI_API_KEY (revoked or mistyped?) and OPENAI_BASE_URL,"
+                " then restart imgbot.",
+            )
+        elif isinstance(err, UpstreamBalanceError):
+            self.alert_soon(
+                "upstream_balance",
+                f"the image API account is out of balance or quota (HTTP {err.status or 402}):"
+                " every job fails until it is topped up. Add funds at the provider of"
+                " OPENAI_BASE_URL; no restart is needed.",
+            )
+        if err.key in ("upstream.moderation", "upstream.rejected"):
+            return  # the request's fault, not the upstream's
+        self._upstream_failures += 1
+        if self._upstream_failures >= self.settings.alert_failure_run:
+            self.alert_soon(
+                "upstream_failures",
+                f"{self._upstream_failures} image calls in a row failed (the last: {err.code})."
+                " Check the provider's status page and OPENAI_BASE_URL; the log has each"
+                " failure's detail.",
+            )
+
+    async def _check_global_spend(self) -> None:
+        """Alert once a UTC day when the whole bot's spend reaches 80 % and 100 % of
+        GLOBAL_DAILY_LIMIT (reservations count: they may be charged)."""
+        limit = self.settings.global_daily_limit
+        if limit <= 0:
+            return
+        try:
+            spent = await self.ledger.global_spent_today()
+        except Exception as err:  # noqa: BLE001 - an alert check must not fail a job
+            log.warning("global spend not checked: %s", err)
+            return
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        # Once a UTC day each, also in the log: a budget reached is news, not a failure
+        # (WARNING), and every job after it would say it again.
+        if spent >= limit - 1e-6:
+            kind = f"global_100:{day}"
+            message = (
+                f"today's spend reached 100% of GLOBAL_DAILY_LIMIT ({spent:,.0f} of"
+                f" {limit:,.0f} credits): new jobs are refused until 00:00 UTC. Raise"
+                " GLOBAL_DAILY_LIMIT and restart if that is not what you want."
+            )
+        elif spent >= 0.8 * limit:
+            kind = f"global_80:{day}"
+            message = (
+                f"today's spend reached {spent / limit:.0%} of GLOBAL_DAILY_LIMIT ({spent:,.0f}"
+                f" of {limit:,.0f} credits); at 100% new jobs are refused until 00:00 UTC."
+                " Check `top 1` for who is spending, or raise the limit."
+            )
+        else:
+            return
+        if kind in self._budget_told:
+            return
+        self._budget_told.add(kind)
+        self.alert_soon(kind, message, level=logging.WARNING)
+
+    # --- prepaid credits (BILLING=prepaid) --------------------------------------------
+    async def welcome(self, user_key: str) -> None:
+        """Give a user the welcome grant (WELCOME_CREDITS), once ever."""
+        amount = self.settings.welcome_credits
+        if amount <= 0 or user_key in self._welcomed:
+            return
+        if await self._write(self.ledger.grant_welcome(user_key, amount)):
+            log.info("welcome grant of %.0f credits to %s", amount, user_key)
+        self._welcomed.add(user_key)
+
+    def star_pack(self, stars: int) -> float | None:
+        """Return the credits a pack of `stars` buys now (None: no such pack)."""
+        return self.settings.star_packs.get(stars)
+
+    async def record_purchase(
+        self, requester: Requester, *, charge_id: str, provider_charge_id: str, payload: str,
+        stars: int, currency: str,
+    ) -> tuple[PurchaseRecord, bool]:
+        """Credit a Telegram Stars payment once per charge id; False for a redelivery.
+
+        The credits are the invoice's (its payload names them): what the user agreed to pay
+        for, even if the pack changed since.
+        """
+        parts = payload.split(":")
+        if len(parts) != 3 or parts[0] != "pack" or parts[1] != str(stars) or currency != "XTR":
+            # Not an invoice of ours as sent; paid all the same: keep it, credit nothing.
+            log.error("payment %s with unknown payload %r (%s %s) from %s: not credited",
+                      charge_id, payload[:64], stars, currency, requester.user_key)
+            raise UserError("pay.unknown_payload")
+        credits = float(parts[2])
+        purchase, created = await self._write(
+            self.ledger.record_purchase(
+                requester.user_key, provider="telegram_stars", charge_id=charge_id,
+                provider_charge_id=provider_charge_id, pack=payload, amount=stars,
+                currency=currency, credits=credits,
+            )
+        )
+        log.info("purchase %d: %s paid %d stars for %.0f credits%s", purchase.id,
+                 requester.user_key, stars, credits, "" if created else " (already recorded)")
+        return purchase, created
+
+    async def credit_balance(self, requester: Requester) -> float:
+        """Return the requester's credit balance."""
+        return await self.ledger.balance(requester.user_key)
+
+    async def purchases_of(self, requester: Requester) -> list[PurchaseRecord]:
+        """Return the requester's last purchases, newest first."""
+        return await self.ledger.list_purchases(requester.user_key, 10)
+
+    async def is_blocked(self, requester: Requester) -> bool:
+        """Say whether the requester (or their chat) is blocked."""
+        return await self.ledger.is_blocked(requester.user_key, requester.chat_key)
+
+    async def refund_purchase(self, purchase_id: int, by: str) -> PurchaseRecord:
+        """Give a purchase's payment back (through its provider) and take its credits back
+        as far as they are unspent; UserError when it cannot be."""
+        purchase = await self.ledger.get_purchase(purchase_id)
+        if purchase is None or purchase.status is PurchaseStatus.REFUNDED:
+            # The store's own refusal says which.
+            return await self._write(self.ledger.refund_purchase(purchase_id, by))
+        refunder = self.payment_refunders.get(purchase.provider)
+        if refunder is None:
+            raise UserError("purchase.no_refunder", purchase_id=purchase_id)
+        await refunder(purchase)  # raises when the provider refuses: nothing changes here
+        refunded = await self._write(self.ledger.refund_purchase(purchase_id, by))
+        log.info("purchase %d refunded by %s: %.0f credits taken back", purchase_id, by,
+                 refunded.refunded_credits or 0.0)
+        return refunded
 
     # --- cancellation and shutdown ---------------------------------------------------
     def cancel(self, requester: Requester) -> list[CancelledJob]:
@@ -1019,8 +1219,18 @@ class ImageService:
         await self._write(self.ledger.set_result_refs(job_id, [r for r in refs if r]))
 
     async def spend_report(self, requester: Requester, *, last: int = 5) -> SpendReport:
-        """Return the requester's spend against their limits, and their `last` jobs."""
-        return await self.ledger.spend_report(requester.user_key, last=last)
+        """Return the requester's spend against their limits, and their `last` jobs (with
+        their credit balance when BILLING=prepaid)."""
+        if self.settings.prepaid:
+            try:
+                await self.check_access(requester)
+                await self.welcome(requester.user_key)
+            except AccessDenied:
+                pass  # no welcome for someone who may not draw
+        report = await self.ledger.spend_report(requester.user_key, last=last)
+        if not self.settings.prepaid:
+            return report
+        return replace(report, balance=await self.ledger.balance(requester.user_key))
 
     async def api_key_user(self, plaintext: str) -> str | None:
         """Return the user key a personal API key draws as (None: unknown or revoked)."""

@@ -8,7 +8,8 @@
 It speaks the Bot API over HTTP the way python-telegram-bot sends it (form fields, JSON-
 encoded objects, multipart uploads): getMe, getUpdates (long poll, confirmed by `offset`
 like Telegram: an update is served again until a later getUpdates confirms it),
-deleteWebhook, setMyCommands, sendMessage, editMessageText, editMessageCaption,
+deleteWebhook, setMyCommands, sendMessage, sendInvoice, answerPreCheckoutQuery,
+refundStarPayment (tests.telegram_objects: Stars as Telegram answers them), editMessageText, editMessageCaption,
 editMessageMedia, deleteMessage, sendChatAction, sendPhoto, sendDocument, sendMediaGroup, answerCallbackQuery, getFile, and file downloads
 under /file/bot<token>/<file_path>. Uploaded photos and documents get file ids whose bytes
 can be downloaded again, so buttons work across a bot restart.
@@ -168,6 +169,8 @@ class FakeBotApiServer(BotObjects):
         self.calls: list[Call] = []
         self.files: dict[str, bytes] = {}
         self.downloads: list[str] = []
+        # Stars charges paid to this bot: telegram_payment_charge_id -> payer's user id.
+        self.paid_charges: dict[str, int] = {}
         self.confirmed = 0  # highest offset a getUpdates sent (updates below it are gone)
         self._updates: list[dict[str, Any]] = []
         self._ids = 1000
@@ -384,6 +387,12 @@ class FakeBotApiServer(BotObjects):
     def _answer(self, method: str, params: dict[str, Any], files: dict[str, Upload]) -> Any:
         if method == "getMe":
             return self.bot_user()
+        try:
+            handled, result = self._payments(method, params)
+        except ValueError as err:
+            raise _BadRequest(str(err).removeprefix("Bad Request: ")) from None
+        if handled:
+            return result
         if method in (
             "deleteWebhook", "setWebhook", "setMyCommands", "answerCallbackQuery", "sendChatAction"
         ):

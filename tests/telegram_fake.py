@@ -91,6 +91,8 @@ class FakeBotApi(BotObjects, BaseRequest):
         self.file_sizes: dict[str, int] = {}  # what getFile claims, if not the real size
         self.downloads: list[str] = []
         self.pending_updates: list[dict[str, Any]] = []  # handed out by getUpdates
+        # Stars charges paid to this bot: telegram_payment_charge_id -> payer's user id.
+        self.paid_charges: dict[str, int] = {}
         self._failures: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
         self._ids = 1000
 
@@ -183,6 +185,12 @@ class FakeBotApi(BotObjects, BaseRequest):
     def _answer(self, method: str, params: dict[str, Any], files: dict[str, UploadedFile]) -> Any:
         if method == "getMe":
             return self.bot_user()
+        try:
+            handled, result = self._payments(method, params)
+        except ValueError as err:
+            raise _NotFound(str(err).removeprefix("Bad Request: ")) from None
+        if handled:
+            return result
         if method in (
             "deleteMessage",
             "sendChatAction",
@@ -353,6 +361,35 @@ class Updates:
     def update(self, message: dict[str, Any]) -> dict[str, Any]:
         """Wrap a message into an Update."""
         return {"update_id": self._next_update(), "message": message}
+
+    def pre_checkout(
+        self, user: dict[str, Any], payload: str, total: int, currency: str = "XTR"
+    ) -> dict[str, Any]:
+        """Return an Update for a buyer confirming an invoice's payment."""
+        return {
+            "update_id": self._next_update(),
+            "pre_checkout_query": {
+                "id": f"pcq-{self._update_id}",
+                "from": user,
+                "currency": currency,
+                "total_amount": total,
+                "invoice_payload": payload,
+            },
+        }
+
+    def paid(
+        self, user: dict[str, Any], payload: str, total: int, charge_id: str
+    ) -> dict[str, Any]:
+        """Return a Message carrying a successful Stars payment, in the payer's chat."""
+        message = self.message(user, self.private(user))
+        message["successful_payment"] = {
+            "currency": "XTR",
+            "total_amount": total,
+            "invoice_payload": payload,
+            "telegram_payment_charge_id": charge_id,
+            "provider_payment_charge_id": "",
+        }
+        return message
 
     def callback(self, user: dict[str, Any], message: dict[str, Any], data: str) -> dict[str, Any]:
         """Return an Update for a press on an inline button of `message`."""

@@ -28,6 +28,7 @@ class BotObjects:
     bot_id: int
     username: str
     files: dict[str, bytes]
+    paid_charges: dict[str, int]
     _ids: int
 
     def bot_user(self) -> dict[str, Any]:
@@ -41,6 +42,39 @@ class BotObjects:
             "can_read_all_group_messages": False,
             "supports_inline_queries": False,
         }
+
+    def _payments(self, method: str, params: dict[str, Any]) -> tuple[bool, Any]:
+        """Answer the Stars payment methods as Telegram does: (handled, result).
+
+        sendInvoice checks what Telegram checks for digital goods (XTR, one price); a
+        refund of a charge the fake never saw paid, or refunded already, is refused with
+        Telegram's words. `paid_charges` is filled by the test (it plays the payer).
+        """
+        if method == "sendInvoice":
+            prices = params.get("prices") or []
+            if params.get("currency") != "XTR" or len(prices) != 1:
+                raise ValueError("Bad Request: STARS_INVOICE_INVALID")
+            invoice = {
+                "title": params["title"],
+                "description": params["description"],
+                "start_parameter": "",
+                "currency": params["currency"],
+                "total_amount": int(prices[0]["amount"]),
+            }
+            return True, self._message(params, invoice=invoice)
+        if method == "answerPreCheckoutQuery":
+            return True, True
+        if method == "refundStarPayment":
+            charge = str(params.get("telegram_payment_charge_id"))
+            paid: dict[str, int] = self.paid_charges
+            refunded: set[str] = self.__dict__.setdefault("refunded_charges", set())
+            if paid.get(charge) != int(params.get("user_id", 0)):
+                raise ValueError("Bad Request: CHARGE_NOT_FOUND")
+            if charge in refunded:
+                raise ValueError("Bad Request: CHARGE_ALREADY_REFUNDED")
+            refunded.add(charge)
+            return True, True
+        return False, None
 
     def _next_id(self) -> int:
         self._ids += 1

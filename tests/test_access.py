@@ -202,7 +202,11 @@ TELEGRAM_ADMIN_TRIES = [
     "/chats",
     "/unsettled",
     "/refund@ThisBot 1",
+    "/refund purchase 1",
     "/LIMIT 1002 daily=1",
+    "/grant 1002 500",
+    "/revoke 1002",
+    "/purchases",
 ]
 
 
@@ -258,6 +262,9 @@ DISCORD_ADMIN_TRIES: list[tuple[str, list[dict[str, Any]]]] = [
     ("top", [p.option("days", 30, 4)]),
     ("chats", []),
     ("unsettled", []),
+    ("grant", [p.option("user", "<@503>"), p.option("credits", "500")]),
+    ("revoke", [p.option("user", "503")]),
+    ("purchases", []),
 ]  # fmt: skip
 
 

@@ -26,6 +26,7 @@ from PIL import Image
 
 from bots.discord.app import build_bot, sync_commands
 from bots.discord.texts import CommandTranslator, text
+from core.admin import ADMIN_COMMANDS
 from core.config import Settings
 from core.imaging import fit_image, upload_share
 from core.pricing import format_credits
@@ -902,7 +903,7 @@ async def test_commands_sync_to_the_configured_guild(
         # /server only to members with Manage Server, and only in servers.
         admin = next(c for c in call.json if c["name"] == "admin")
         assert admin["default_member_permissions"] is None
-        assert len(admin["options"]) == 8
+        assert len(admin["options"]) == len(ADMIN_COMMANDS)
         server = next(c for c in call.json if c["name"] == "server")
         assert int(server["default_member_permissions"]) == p.MANAGE_GUILD
         assert server["contexts"] == [0]

@@ -111,7 +111,7 @@ async def test_migrations_create_the_latest_version_and_a_second_open_changes_no
         assert await store.schema_version() == LATEST_VERSION == 9
         await store.close()
     rows = await fetch(pg_url, "SELECT version, description FROM schema_version")
-    assert [version for version, _ in rows] == [4, 5, 6, 7, 9]
+    assert [version for version, _ in rows] == [4, 5, 6, 7, 8, 9]
     tables = {
         name
         for (name,) in await fetch(
@@ -480,6 +480,14 @@ async def fill(store: PostgresStore) -> None:
     await store.settle(refunded, 7, None)
     await store.refund(refunded, "telegram:1")
     await store.reserve(who("4", "-6"), replace(SPEC, source_ref="telegram:-6:77"), 5)
+    # Prepaid credits: a grant, a purchase, a job paid from the balance.
+    await store.grant_credits("telegram:4", 1000, by="telegram:1")
+    await store.record_purchase(
+        "telegram:4", provider="telegram_stars", charge_id="stx-1", provider_charge_id="p-1",
+        pack="pack:50:20000", amount=50, currency="XTR", credits=20_000,
+    )
+    paid = await store.reserve(who("4"), replace(SPEC, prepaid=True), 300)
+    await store.settle(paid, 250.25, None)
 
 
 async def test_a_copy_between_two_databases_keeps_ids_and_totals(
@@ -509,7 +517,9 @@ async def test_a_copy_between_two_databases_keeps_ids_and_totals(
                 "users": 6,
                 "api_keys": 4,
                 "chats": 3,
-                "jobs": 9,
+                "jobs": 10,
+                "purchases": 1,
+                "credit_entries": 2,
             }
             assert await reader.user_totals() == user_totals
         for table, key in COPY_TABLES:
@@ -517,6 +527,14 @@ async def test_a_copy_between_two_databases_keeps_ids_and_totals(
             assert await fetch(target_url, query) == await fetch(source_url, query), table
         totals = "SELECT * FROM spend_totals WHERE micro_credits <> 0 ORDER BY 1, 2, 3"
         assert await fetch(target_url, totals) == await fetch(source_url, totals)
+        # Balances are rebuilt from the copied entries and prepaid jobs, not copied.
+        assert await target.balance("telegram:4") == await source.balance("telegram:4") == 20_749.75
+        # A payment copied is a payment known: delivered again, it credits nothing.
+        _, created = await target.record_purchase(
+            "telegram:4", provider="telegram_stars", charge_id="stx-1", provider_charge_id="p-1",
+            pack="pack:50:20000", amount=50, currency="XTR", credits=20_000,
+        )
+        assert not created
         await assert_totals_match_jobs(target_url)
         for (job_id,) in await fetch(source_url, "SELECT id FROM jobs"):
             assert await target.get_job(job_id) == await source.get_job(job_id)
@@ -610,6 +628,8 @@ def test_the_copy_statements_list_the_copied_columns_in_order() -> None:
         ("api_keys", postgres._PAGE_API_KEYS, postgres._LOAD_API_KEYS),
         ("chats", postgres._PAGE_CHATS, postgres._LOAD_CHATS),
         ("jobs", postgres._PAGE_JOBS, postgres._LOAD_JOBS),
+        ("purchases", postgres._PAGE_PURCHASES, postgres._LOAD_PURCHASES),
+        ("credit_entries", postgres._PAGE_CREDIT_ENTRIES, postgres._LOAD_CREDIT_ENTRIES),
     ):
         names = [name for name, _ in postgres._COPY_COLUMNS[table]]
         assert columns(page) == names == columns(load), table

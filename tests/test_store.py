@@ -1328,3 +1328,179 @@ async def test_the_users_queue_and_minute_are_checked_with_the_reservation(
         clock.advance(seconds=31)
         assert isinstance(await ledger.reserve(who("1"), quick, 10), int)
     await assert_totals_match_jobs(target)
+# --- prepaid credits (BILLING=prepaid) -----------------------------------------------------
+
+PREPAID = JobSpec(**{**SPEC.__dict__, "prepaid": True})
+
+
+async def assert_balances_match(target: Target) -> dict[str, int]:
+    """Check every balance against its credit entries and prepaid jobs, from the raw rows;
+    none is below zero. Return the balances in micro-credits."""
+    kept = dict(await target.fetch("SELECT user_key, micro_credits FROM balances"))
+    worked: dict[str, int] = defaultdict(int)
+    for user_key, micro in await target.fetch("SELECT user_key, micro_credits FROM credit_entries"):
+        worked[user_key] += micro
+    for user_key, status, estimated, actual in await target.fetch(
+        "SELECT user_key, status, estimated_credits, actual_credits FROM jobs WHERE prepaid = 1"
+    ):
+        worked[user_key] -= micro_of(charged(status, estimated, actual))
+    for user_key in set(kept) | set(worked):
+        assert kept.get(user_key, 0) == worked[user_key], user_key
+        assert worked[user_key] >= 0, user_key
+    return kept
+
+
+async def test_a_prepaid_job_reserves_from_the_balance_and_settles_as_any(
+    target: Target, clock: Clock
+) -> None:
+    ledger = await target.open(clock, user_daily=900)
+    try:
+        # No credits: refused on the balance, which names what is left.
+        with pytest.raises(LimitExceeded) as info:
+            await ledger.reserve(who("1"), PREPAID, 100)
+        assert info.value.params == {
+            "scope": "balance", "asked": 100.0, "remaining": 0.0, "limit": 0.0
+        }
+        assert info.value.key == "limit.balance"
+        assert await ledger.grant_welcome("telegram:1", 500)
+        assert not await ledger.grant_welcome("telegram:1", 500)  # once ever
+        assert await ledger.balance("telegram:1") == 500
+        job = await ledger.reserve(who("1"), PREPAID, 300)
+        assert await ledger.balance("telegram:1") == 200  # the reservation is taken off
+        with pytest.raises(LimitExceeded) as info:
+            await ledger.reserve(who("1"), PREPAID, 250)
+        assert info.value.params["scope"] == "balance" and info.value.params["remaining"] == 200
+        # Settled below the estimate: the rest comes back; above: never more than reserved.
+        assert await ledger.settle(job, 120.5, None)
+        assert await ledger.balance("telegram:1") == 379.5
+        other = await ledger.reserve(who("1"), PREPAID, 300)
+        assert await ledger.settle(other, 9999, None)
+        assert await ledger.balance("telegram:1") == pytest.approx(79.5)
+        # A failure releases; a refund gives the charge back.
+        third = await ledger.reserve(who("1"), PREPAID, 79.5)
+        assert await ledger.balance("telegram:1") == 0
+        assert await ledger.fail(third, "unavailable")
+        assert await ledger.balance("telegram:1") == pytest.approx(79.5)
+        await ledger.refund(other, by="telegram:42")
+        assert await ledger.balance("telegram:1") == pytest.approx(379.5)
+        # Caps still apply on top: 120.5 of the user's 900 a day are used.
+        assert await ledger.grant_credits("telegram:1", 10_000, by="telegram:42") == 10_379.5
+        with pytest.raises(LimitExceeded) as info:
+            await ledger.reserve(who("1"), PREPAID, 800)
+        assert info.value.params["scope"] == "user_daily"
+        assert info.value.params["remaining"] == 779.5
+        # A job of the limits mode never touches a balance.
+        free = await ledger.reserve(who("1"), SPEC, 100)
+        await ledger.settle(free, 100, None)
+        assert await ledger.balance("telegram:1") == 10_379.5
+        # Revoking takes what is there and never more; open reservations are not free.
+        open_job = await ledger.reserve(who("1"), PREPAID, 379.5)
+        assert await ledger.revoke_credits("telegram:1", 4000, by="telegram:42") == (4000, 6000)
+        assert await ledger.revoke_credits("telegram:1", None, by="telegram:42") == (6000, 0)
+        assert await ledger.revoke_credits("telegram:1", 5, by="telegram:42") == (0, 0)
+        assert await ledger.revoke_credits("telegram:9", None, by="telegram:42") == (0, 0)
+        assert await ledger.fail(open_job, "cancelled")
+        assert await ledger.balance("telegram:1") == 379.5
+        for bad in (0, -1, math.inf, math.nan):
+            with pytest.raises(ValueError):
+                await ledger.grant_credits("telegram:1", bad, by="x")
+        # How a job is paid never changes behind the ledger's back.
+        with pytest.raises((sqlite3.IntegrityError, asyncpg.PostgresError)):
+            await target.execute("UPDATE jobs SET prepaid = 0 WHERE id = ?", job)
+    finally:
+        await ledger.close()
+    await assert_balances_match(target)
+    await assert_totals_match_jobs(target)
+
+
+async def test_100_concurrent_prepaid_jobs_never_take_a_balance_below_zero(
+    target: Target, clock: Clock
+) -> None:
+    # Two stores on one database (two processes, as far as the database can tell).
+    first = await target.open(clock, global_daily=60_000)
+    second = await target.open(clock, global_daily=60_000)
+    users = [str(i) for i in range(5)]
+    try:
+        for uid in users:
+            await first.grant_credits(f"telegram:{uid}", 4000, by="telegram:42")
+        rng = random.Random(16)
+        refusals: dict[str, int] = defaultdict(int)
+        granted: list[int] = []
+
+        async def one_job(i: int) -> None:
+            ledger = (first, second)[i % 2]
+            uid = users[i % len(users)]
+            estimate = float(rng.randrange(300, 1500))
+            action = rng.choice(["settle", "settle_over", "fail", "keep"])
+            await asyncio.sleep(0)
+            try:
+                job_id = await ledger.reserve(who(uid), PREPAID, estimate)
+            except LimitExceeded as err:
+                refusals[err.params["scope"]] += 1
+                assert 0 <= err.params["remaining"] < estimate
+                return
+            granted.append(job_id)
+            await asyncio.sleep(0)
+            other = (first, second)[(i + 1) % 2]
+            if action == "settle":
+                assert await other.settle(job_id, estimate * 0.5, None)
+            elif action == "settle_over":
+                assert await other.settle(job_id, estimate * 3, None)
+            elif action == "fail":
+                assert await ledger.fail(job_id, "unavailable")
+            assert await ledger.balance(f"telegram:{uid}") >= 0
+
+        await asyncio.gather(*(one_job(i) for i in range(100)))
+    finally:
+        await first.close()
+        await second.close()
+    kept = await assert_balances_match(target)
+    assert len(granted) + sum(refusals.values()) == 100
+    assert refusals["balance"] > 0 and len(granted) > 20  # both really happened
+    assert all(micro >= 0 for micro in kept.values())
+    await assert_totals_match_jobs(target)
+
+
+async def test_a_payment_credits_once_and_its_refund_takes_back_what_is_unspent(
+    target: Target, clock: Clock
+) -> None:
+    first = await target.open(clock)
+    second = await target.open(clock)
+    paid = dict(
+        provider="telegram_stars", charge_id="stxCHARGE1", provider_charge_id="",
+        pack="pack:50:20000", amount=50, currency="XTR", credits=20_000,
+    )
+    try:
+        # The same payment delivered many times, to two processes at once: credited once.
+        outcomes = await asyncio.gather(
+            *((first, second)[i % 2].record_purchase("telegram:7", **paid) for i in range(10))
+        )
+        assert sum(created for _, created in outcomes) == 1
+        assert len({purchase.id for purchase, _ in outcomes}) == 1
+        purchase = outcomes[0][0]
+        assert (purchase.credits, purchase.amount, purchase.status.value) == (20_000, 50, "paid")
+        assert await first.balance("telegram:7") == 20_000
+        assert [p.id for p in await second.list_purchases("telegram:7")] == [purchase.id]
+        assert await second.list_purchases("telegram:8") == []
+        # 15,000 of it spent: a refund takes back the 5,000 left, never more.
+        job = await first.reserve(who("7"), PREPAID, 15_000)
+        await first.settle(job, 15_000, None)
+        refunded = await second.refund_purchase(purchase.id, by="telegram:42")
+        assert refunded.status.value == "refunded" and refunded.refunded_credits == 5000
+        assert refunded.refunded_by == "telegram:42"
+        assert await first.balance("telegram:7") == 0
+        with pytest.raises(UserError) as info:
+            await first.refund_purchase(purchase.id, by="telegram:42")
+        assert info.value.key == "purchase.already_refunded"
+        with pytest.raises(UserError) as info:
+            await first.refund_purchase(999, by="telegram:42")
+        assert info.value.key == "purchase.not_found"
+        assert await first.get_purchase(999) is None and await first.get_purchase(-1) is None
+        # Redelivered after the refund: still nothing more.
+        again, created = await first.record_purchase("telegram:7", **paid)
+        assert not created and again.status.value == "refunded"
+        assert await first.balance("telegram:7") == 0
+    finally:
+        await first.close()
+        await second.close()
+    await assert_balances_match(target)

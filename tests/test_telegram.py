@@ -1118,6 +1118,15 @@ async def test_jobs_a_dead_process_left_are_carried_on_and_delivered_once(
         )
         carry = asyncio.create_task(service.take_over())
         await api.wait_for(lambda: len(api.of("sendPhoto")) >= 2 or bot.done(), within=20)
+
+        async def delivered() -> bool:
+            jobs = [await service.ledger.get_job(job_id) for job_id in (drawing, waiting)]
+            return all(job is not None and job.stage is JobStage.DELIVERED for job in jobs)
+
+        for _ in range(100):
+            if await delivered():
+                break
+            await asyncio.sleep(0.05)
         jobs = {job_id: await service.ledger.get_job(job_id) for job_id in (drawing, waiting)}
         stop.set()
         await asyncio.wait_for(bot, 10)

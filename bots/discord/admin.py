@@ -1,7 +1,7 @@
 """The /admin and /server command groups.
 
 What Discord shows matches what works:
-- `/admin` is for the bot's operators (`ADMINS`): all eight subcommands. Discord cannot
+- `/admin` is for the bot's operators (`ADMINS`): every subcommand of `core.admin`. Discord cannot
   show a command to a list of users, so it carries no default permission and everyone
   sees it (server owners may hide it under Server Settings → Integrations); the core
   refuses anyone but an operator, except a server manager's own-server commands.
@@ -164,6 +164,40 @@ class AdminCommands(
     async def unsettled(self, interaction: discord.Interaction) -> None:
         """List jobs left unsettled by a crash."""
         await self._run(interaction, "unsettled", [])
+
+    @app_commands.command(
+        name=loc("discord.cmd.admin.grant"), description=loc("discord.cmd.admin.grant.desc")
+    )
+    @app_commands.rename(user=loc("discord.opt.user"), credits=loc("discord.opt.credits"))
+    @app_commands.describe(
+        user=loc("discord.opt.user.desc"), credits=loc("discord.opt.credits.desc")
+    )
+    async def grant(self, interaction: discord.Interaction, user: str, credits: str) -> None:
+        """Give a user prepaid credits."""
+        await self._run(interaction, "grant", [_who(user), credits])
+
+    @app_commands.command(
+        name=loc("discord.cmd.admin.revoke"), description=loc("discord.cmd.admin.revoke.desc")
+    )
+    @app_commands.rename(user=loc("discord.opt.user"), credits=loc("discord.opt.credits"))
+    @app_commands.describe(
+        user=loc("discord.opt.user.desc"), credits=loc("discord.opt.credits.desc")
+    )
+    async def revoke(
+        self, interaction: discord.Interaction, user: str, credits: str | None = None
+    ) -> None:
+        """Take a user's prepaid credits (all of them without an amount)."""
+        await self._run(interaction, "revoke", [_who(user), *([credits] if credits else [])])
+
+    @app_commands.command(
+        name=loc("discord.cmd.admin.purchases"),
+        description=loc("discord.cmd.admin.purchases.desc"),
+    )
+    @app_commands.rename(user=loc("discord.opt.user"))
+    @app_commands.describe(user=loc("discord.opt.user.desc"))
+    async def purchases(self, interaction: discord.Interaction, user: str | None = None) -> None:
+        """List Telegram Stars purchases (of one user)."""
+        await self._run(interaction, "purchases", [_who(user)] if user else [])
 
 
 @app_commands.default_permissions(manage_guild=True)

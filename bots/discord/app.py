@@ -103,16 +103,21 @@ class ImgBot(commands.Bot):
         await self.imgbot_drawing.jobs.resume(job, reply, self.imgbot_drawing.fetch)
 
     async def alert_admins(self, message: str) -> None:
-        """Send an operator alert to every Discord admin by direct message."""
-        for admin in self.settings.admins:
-            platform, _, user_id = admin.partition(":")
-            if platform != PLATFORM or not user_id.isdigit():
+        """Send an operator alert to the Discord channels of ALERT_CHATS, else to every
+        Discord admin by direct message."""
+        content = clip(f"⚠️ imgbot: {message}")
+        channels = bool(self.settings.alert_chats)
+        for target in self.settings.alert_targets(PLATFORM):
+            if not target.isdigit():
                 continue
             try:
-                channel = await self.create_dm(discord.Object(id=int(user_id)))
-                await channel.send(content=clip(f"⚠️ imgbot: {message}"))
+                if channels:
+                    await self.get_partial_messageable(int(target)).send(content=content)
+                else:
+                    channel = await self.create_dm(discord.Object(id=int(target)))
+                    await channel.send(content=content)
             except (discord.HTTPException, aiohttp.ClientError, OSError) as err:
-                log.warning("alert to %s not sent: %s", admin, type(err).__name__)
+                log.warning("alert to discord:%s not sent: %s", target, type(err).__name__)
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
         """Answer edit forms by their custom id; everything else has its own handler."""

@@ -239,6 +239,23 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Server id or platform:id (this server if empty)",
         "zh": "服务器 id 或 platform:id（留空为本服务器）",
     },
+    "discord.cmd.admin.grant": {"en": "grant", "zh": "发放积分"},
+    "discord.cmd.admin.grant.desc": {
+        "en": "Give a user prepaid credits",
+        "zh": "给用户发放预付积分",
+    },
+    "discord.cmd.admin.revoke": {"en": "revoke", "zh": "收回积分"},
+    "discord.cmd.admin.revoke.desc": {
+        "en": "Take a user's prepaid credits (all without an amount)",
+        "zh": "收回用户的预付积分（不填数量则全部收回）",
+    },
+    "discord.cmd.admin.purchases": {"en": "purchases", "zh": "购买记录"},
+    "discord.cmd.admin.purchases.desc": {
+        "en": "Telegram Stars purchases",
+        "zh": "Telegram Stars 购买记录",
+    },
+    "discord.opt.credits": {"en": "credits", "zh": "积分"},
+    "discord.opt.credits.desc": {"en": "An amount of credits", "zh": "积分数量"},
     "discord.opt.job": {"en": "job", "zh": "任务"},
     "discord.opt.job.desc": {"en": "Job number", "zh": "任务编号"},
     "discord.opt.target": {"en": "target", "zh": "对象"},

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 from telegram import Bot, Message
 
-from core.store import Store
+from core.service import Coordination
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class SharedAlbums:
 
     def __init__(
         self,
-        store: Store,
+        store: Coordination,
         bot: Bot,
         debounce: float,
         spawn: Callable[[Coroutine[object, object, None]], object],

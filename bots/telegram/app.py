@@ -41,7 +41,8 @@ from core.service import ImageService
 
 log = logging.getLogger(__name__)
 
-ALLOWED_UPDATES = [Update.MESSAGE, Update.CALLBACK_QUERY]
+# Pre-checkout queries must come too (Stars payments), or a buyer's payment never completes.
+ALLOWED_UPDATES = [Update.MESSAGE, Update.CALLBACK_QUERY, Update.PRE_CHECKOUT_QUERY]
 # Updates handled at once. PTB's default (256) let one busy group stall every chat: a group
 # gets 20 messages a minute, so its waiting answers could hold all 256 slots for many minutes
 # (tests/test_load.py measures this). Waiting handlers are cheap coroutines.
@@ -176,7 +177,7 @@ async def run_telegram(
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await poller
                 with contextlib.suppress(Exception):
-                    await service.ledger.drop_lease(_poller_name(app), service.owner)
+                    await service.coordination.drop_lease(_poller_name(app), service.owner)
             if stop.is_set():  # else it failed to start: `imgbot run` may try it again
                 await service.shutdown(settings.shutdown_grace)
             await adapter.drain(settings.shutdown_grace)
@@ -229,9 +230,9 @@ async def _hold_poller(
     """
     name, owner, lease = _poller_name(app), service.owner, settings.job_lease
     deadline = time.monotonic() + lease * 2 + 1
-    while not await service.ledger.hold_lease(name, owner, lease, "telegram polling"):
+    while not await service.coordination.hold_lease(name, owner, lease, "telegram polling"):
         if time.monotonic() > deadline:
-            holders = [held.owner for held in await service.ledger.leases(name)]
+            holders = [held.owner for held in await service.coordination.leases(name)]
             raise PollerTaken(
                 f"another imgbot process ({', '.join(holders) or 'unknown'}) already polls"
                 " this bot on the same ledger; run one process with polling, or set"
@@ -247,7 +248,7 @@ async def _hold_poller(
         while True:
             await asyncio.sleep(max(0.2, lease / 3))
             try:
-                if not await service.ledger.hold_lease(name, owner, lease, "telegram polling"):
+                if not await service.coordination.hold_lease(name, owner, lease, "telegram polling"):
                     log.error("another process took the Telegram poller lease")
             except Exception as err:  # noqa: BLE001 - tried again next round
                 log.warning("poller lease not renewed: %s", err)

@@ -44,6 +44,7 @@ from telegram.ext import (
 
 from bots.logs import SecretScrubber
 from bots.telegram.albums import SharedAlbums
+from bots.telegram.payments import PROVIDER, StarPayments
 from bots.telegram.references import (
     IMG_COMMAND,
     AlbumCollector,
@@ -85,7 +86,9 @@ log = logging.getLogger(__name__)
 
 ADAPTER_KEY = "imgbot.telegram"
 PLATFORM = "telegram"
-USER_COMMANDS = ("img", "help", "sizes", "balance", "cancel", "key", "web", "start")
+USER_COMMANDS = (
+    "img", "help", "sizes", "balance", "buy", "paysupport", "cancel", "key", "web", "start"
+)
 TEXT_LIMIT = 4096
 
 # How long a Draw / Cancel question stays answerable (it lives in memory only).
@@ -133,7 +136,7 @@ class TelegramAdapter:
         self.shared = bool(settings.telegram_webhook_url)
         self.albums: AlbumCollector | SharedAlbums = (
             SharedAlbums(
-                service.ledger, app.bot, settings.album_debounce, self._spawn,
+                service.coordination, app.bot, settings.album_debounce, self._spawn,
                 self._album_ready, self._album_item_late,
             )
             if self.shared
@@ -147,6 +150,7 @@ class TelegramAdapter:
         self.pending: dict[str, PendingJob] = {}
         # Error texts of the Bot API carry the token in URLs: mask it before logging.
         self._scrub = SecretScrubber([settings.telegram_bot_token.get_secret_value()]).scrub
+        self.payments = StarPayments(self)
 
     def register(self) -> None:
         """Add every handler and the error handler to the Application."""
@@ -160,6 +164,9 @@ class TelegramAdapter:
         app.add_handler(TypeHandler(Update, self.note_usernames), group=-1)
         # Every press is answered (Telegram spins the button until then), even a stale or
         # forged one; on_button ignores data it does not know.
+        self.payments.register()
+        # An admin's `refund purchase` (on any front end of this process) goes through us.
+        self.service.payment_refunders[PROVIDER] = self.payments.refund
         app.add_handler(CallbackQueryHandler(self.on_confirm, pattern=r"^c:"))
         app.add_handler(CallbackQueryHandler(self.on_button))
         app.add_handler(MessageHandler(new_message & _AlbumItem(), self.on_album_item))
@@ -605,7 +612,7 @@ class TelegramAdapter:
 
     async def once_per_update(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Stop an update another replica (or this one) already took."""
-        if not await self.service.ledger.mark_once(f"tg:update:{update.update_id}", UPDATE_MEMORY):
+        if not await self.service.coordination.mark_once(f"tg:update:{update.update_id}", UPDATE_MEMORY):
             log.info("update %s already handled by a replica; skipped", update.update_id)
             raise ApplicationHandlerStop
 
@@ -616,7 +623,7 @@ class TelegramAdapter:
         if not self.shared:
             return True
         mark = "tg:press:" + ":".join(str(part) for part in key)
-        return await self.service.ledger.mark_once(mark, PRESS_WINDOW)
+        return await self.service.coordination.mark_once(mark, PRESS_WINDOW)
 
     def start_durable(self) -> None:
         """Carry on Telegram jobs a dead process left, and send operator alerts to the
@@ -627,6 +634,7 @@ class TelegramAdapter:
     def stop_durable(self) -> None:
         """Take no more jobs over (the bot is stopping)."""
         self.service.resumers.pop("telegram", None)
+        self.service.payment_refunders.pop(PROVIDER, None)
         if self.alert_admins in self.service.alert_senders:
             self.service.alert_senders.remove(self.alert_admins)
 
@@ -659,17 +667,17 @@ class TelegramAdapter:
         await self.runner.resume(job, reply, self.fetcher.fetch_ref)
 
     async def alert_admins(self, message: str) -> None:
-        """Send an operator alert to every Telegram admin's private chat."""
-        for admin in self.settings.admins:
-            platform, _, user_id = admin.partition(":")
-            if platform != "telegram" or not user_id.lstrip("-").isdigit():
+        """Send an operator alert to the Telegram chats of ALERT_CHATS, else to every
+        Telegram admin's private chat."""
+        for chat_id in self.settings.alert_targets(PLATFORM):
+            if not chat_id.lstrip("-").isdigit():
                 continue
             try:
                 await with_flood_retry(
-                    lambda u=int(user_id): self.app.bot.send_message(u, f"⚠️ imgbot: {message}")
+                    lambda c=int(chat_id): self.app.bot.send_message(c, f"⚠️ imgbot: {message}")
                 )
             except TelegramError as err:
-                log.warning("alert to %s not sent: %s", admin, self._scrub(str(err)))
+                log.warning("alert to telegram:%s not sent: %s", chat_id, self._scrub(str(err)))
 
     def _spawn(self, coroutine: Coroutine[object, object, None]) -> object:
         # Our own task set rather than app.create_task: `drain` waits for these on shutdown.

@@ -88,6 +88,41 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "你的个人网页 API 密钥（仅限私聊）",
     },
     "tg.cmd.start": {"en": "Start", "zh": "开始"},
+    "tg.cmd.buy": {"en": "Buy credits with Telegram Stars", "zh": "用 Telegram Stars 购买积分"},
+    "tg.cmd.paysupport": {"en": "Help with a payment", "zh": "付款帮助"},
+    "tg.buy.closed": {
+        "en": "Credits are not for sale here.",
+        "zh": "这里不出售积分。",
+    },
+    "tg.buy.no_such_pack": {
+        "en": "That pack is not on offer (any more). Send /buy to see the packs there are.",
+        "zh": "该套餐不存在（或已下架）。发送 /buy 查看现有套餐。",
+    },
+    "tg.buy.offer": {
+        "en": "Choose a pack of credits (paid in Telegram Stars):",
+        "zh": "选择积分套餐（以 Telegram Stars 支付）：",
+    },
+    "tg.buy.button": {"en": "⭐ {stars} → {credits}", "zh": "⭐ {stars} → {credits}"},
+    "tg.buy.title": {"en": "{credits}", "zh": "{credits}"},
+    "tg.buy.description": {
+        "en": "{credits} for drawing images with imgbot, for {stars} Telegram Stars.",
+        "zh": "用于 imgbot 画图的 {credits}，价格 {stars} Telegram Stars。",
+    },
+    "tg.buy.thanks": {
+        "en": "Thank you! {credits} added (purchase #{purchase_id}). Your balance: {balance}.",
+        "zh": "谢谢！已到账 {credits}（购买号 #{purchase_id}）。当前余额：{balance}。",
+    },
+    "tg.paysupport": {
+        "en": "Payment help: write what went wrong here, with the purchase number; the bot's "
+        "operator answers and can refund a purchase (credits still unspent are taken back). "
+        "Your purchases:",
+        "zh": "付款帮助：请在此写明问题和购买号；机器人运营者会回复，并可退款"
+        "（尚未用掉的积分会被收回）。你的购买记录：",
+    },
+    "tg.paysupport.line": {
+        "en": "#{purchase_id} {when} — {stars} stars → {credits}, {status}",
+        "zh": "#{purchase_id} {when} — {stars} 星 → {credits}，{status}",
+    },
     # /key: the created answer is HTML (the key in <code> to copy with one tap).
     "tg.key.created": {
         "en": "Your personal API key (#{key_id}). It is shown only this once: I keep only a "
@@ -145,4 +180,7 @@ MESSAGES: dict[str, dict[str, str]] = {
     "tg.cmd.top": {"en": "Admin: top spenders", "zh": "管理：消费排行"},
     "tg.cmd.chats": {"en": "Admin: spend per chat", "zh": "管理：各群消费"},
     "tg.cmd.unsettled": {"en": "Admin: unsettled jobs", "zh": "管理：未结算任务"},
+    "tg.cmd.grant": {"en": "Admin: give a user credits", "zh": "管理：给用户积分"},
+    "tg.cmd.revoke": {"en": "Admin: take a user's credits", "zh": "管理：收回用户积分"},
+    "tg.cmd.purchases": {"en": "Admin: Stars purchases", "zh": "管理：Stars 购买记录"},
 }

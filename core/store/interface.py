@@ -10,6 +10,12 @@ package. Each backend keeps the same promises, tested by one contract suite agai
   concurrent reservations, from one process or many, can never overspend.
 - `settle` / `fail` / `mark_unsettled` act only on a `reserved` job: a second call is a no-op
   that returns False, so nothing is charged twice.
+- Prepaid credits (BILLING=prepaid): a job whose spec says `prepaid` is also checked
+  against the user's balance in that same atomic step, and counts against it as against a
+  limit (reserved at its estimate, settled at its charge, given back by a refund), so a
+  balance never goes below zero, across processes too. A balance is the sum of the user's
+  `credit_entries` (grants, revocations, welcome, purchases, purchase refunds) minus what
+  their prepaid jobs count; `balances` keeps it as a running total, by triggers.
 - Running totals per limit scope and period are kept in whole micro-credits in the same
   statement that changes a job, so a total always equals the sum over its jobs.
 - Times come from the store's clock (injectable for tests) and are stored as fixed-width
@@ -36,6 +42,7 @@ from core.store.records import (
     JobSpec,
     Limits,
     NamedLease,
+    PurchaseRecord,
     Spender,
     SpendReport,
     UserRecord,
@@ -45,11 +52,16 @@ from core.store.records import (
 # column each is paged by. `spend_totals` is not copied: the target rebuilds it.
 # `api_keys` (hashes only) must travel too, or a copy or a restored backup silently
 # locks every web API user out.
+# `balances` is not copied either: the target's triggers rebuild it from `credit_entries`
+# and the prepaid jobs (the two things a balance is made of), and `purchases` travels so
+# that a payment already credited is never credited again after a copy.
 COPY_TABLES: tuple[tuple[str, str], ...] = (
     ("users", "user_key"),
     ("api_keys", "id"),
     ("chats", "chat_key"),
     ("jobs", "id"),
+    ("purchases", "id"),
+    ("credit_entries", "id"),
 )
 
 
@@ -345,6 +357,62 @@ class Store(abc.ABC):
     async def revoke_api_key(self, key_id: int) -> bool:
         """Revoke a key; False when there is no such active key."""
 
+    # --- prepaid credits (BILLING=prepaid) --------------------------------------------
+
+    @abc.abstractmethod
+    async def balance(self, user_key: str) -> float:
+        """Return a user's credit balance (open reservations already taken off)."""
+
+    @abc.abstractmethod
+    async def grant_credits(self, user_key: str, credits: float, by: str, note: str = "") -> float:
+        """Add `credits` (> 0) to a user's balance; return the new balance."""
+
+    @abc.abstractmethod
+    async def revoke_credits(
+        self, user_key: str, credits: float | None, by: str
+    ) -> tuple[float, float]:
+        """Take up to `credits` (None: all) off a balance, never below zero, in one atomic
+        step; return (what was taken, the new balance)."""
+
+    @abc.abstractmethod
+    async def grant_welcome(self, user_key: str, credits: float) -> bool:
+        """Give a user the welcome grant, once ever; False when they already had it."""
+
+    @abc.abstractmethod
+    async def record_purchase(
+        self,
+        user_key: str,
+        *,
+        provider: str,
+        charge_id: str,
+        provider_charge_id: str,
+        pack: str,
+        amount: int,
+        currency: str,
+        credits: float,
+    ) -> tuple[PurchaseRecord, bool]:
+        """Record a paid pack and add its credits, once per `charge_id` (one transaction).
+
+        Returns the purchase and True; for a charge already recorded (a redelivered
+        payment), the recorded purchase and False, and nothing is credited.
+        """
+
+    @abc.abstractmethod
+    async def get_purchase(self, purchase_id: int) -> PurchaseRecord | None:
+        """Return one purchase, or None."""
+
+    @abc.abstractmethod
+    async def list_purchases(
+        self, user_key: str | None = None, limit: int = 20
+    ) -> list[PurchaseRecord]:
+        """List purchases (of one user), newest first."""
+
+    @abc.abstractmethod
+    async def refund_purchase(self, purchase_id: int, by: str) -> PurchaseRecord:
+        """Mark a paid purchase refunded and take its credits off the balance, as far as
+        they are unspent (never below zero), in one transaction; return it with
+        `refunded_credits`. JobNotFound-like UserError when missing or already refunded."""
+
     # --- copies -----------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -353,7 +421,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def is_empty(self) -> bool:
-        """Say whether the store holds no users, API keys, chats or jobs (a copy's target must)."""
+        """Say whether the store holds none of the copied tables' rows (a copy's target must)."""
 
     @abc.abstractmethod
     async def load_rows(self, table: str, rows: Sequence[dict[str, Any]]) -> None:

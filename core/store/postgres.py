@@ -91,12 +91,15 @@ from core.store.records import (
     JobStatus,
     Limits,
     NamedLease,
+    PurchaseRecord,
     Spender,
     SpendReport,
     UserRecord,
     as_utc,
+    balance_refusal,
     chat_from_mapping,
     check_credits,
+    check_grant,
     day_start,
     effective_limit,
     is_row_id,
@@ -104,8 +107,11 @@ from core.store.records import (
     job_from_mapping,
     lease_from_mapping,
     month_start,
+    purchase_from_mapping,
+    purchase_refusal,
     remaining,
     split_key,
+    to_micro,
     usage_json,
     user_from_mapping,
     utc_now,
@@ -158,7 +164,7 @@ _LOST_ERRORS: tuple[type[BaseException], ...] = (
 _WRITE_BATCH = (
     "SELECT * FROM imgbot_write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
     " $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31,"
-    " $32, $33, $34)"
+    " $32, $33, $34, $35)"
 )
 _SELECT_JOB = "SELECT * FROM jobs WHERE id = $1"
 _MARK_UNSETTLED = "UPDATE jobs SET status = 'unsettled' WHERE id = $1 AND status = 'reserved'"
@@ -283,21 +289,42 @@ _GLOBAL_TODAY = (
     " WHERE scope = 'global_daily' AND key = '' AND period = $1"
 )
 _SCHEMA_VERSION = "SELECT MAX(version) FROM schema_version"
+_SELECT_BALANCE = "SELECT micro_credits FROM balances WHERE user_key = $1"
+_LOCK_BALANCE = "SELECT micro_credits FROM balances WHERE user_key = $1 FOR UPDATE"
+# Its trigger moves the balance in the same statement.
+_INSERT_ENTRY = (
+    "INSERT INTO credit_entries (user_key, kind, micro_credits, purchase_id, granted_by, note,"
+    " created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+)
 # Fails on a read-only standby or a read-only default transaction; rolled back at once.
 _TOUCH = ("UPDATE schema_version SET version = version WHERE false", "SELECT txid_current()")
 _IS_EMPTY = (
     "SELECT NOT EXISTS (SELECT 1 FROM users) AND NOT EXISTS (SELECT 1 FROM api_keys)"
     " AND NOT EXISTS (SELECT 1 FROM chats) AND NOT EXISTS (SELECT 1 FROM jobs)"
+    " AND NOT EXISTS (SELECT 1 FROM purchases) AND NOT EXISTS (SELECT 1 FROM credit_entries)"
 )
 _COUNTS = (
     "SELECT (SELECT count(*) FROM users) AS users, (SELECT count(*) FROM api_keys) AS api_keys,"
-    " (SELECT count(*) FROM chats) AS chats, (SELECT count(*) FROM jobs) AS jobs"
+    " (SELECT count(*) FROM chats) AS chats, (SELECT count(*) FROM jobs) AS jobs,"
+    " (SELECT count(*) FROM purchases) AS purchases,"
+    " (SELECT count(*) FROM credit_entries) AS credit_entries"
 )
 _USER_TOTALS = "SELECT user_key, SUM(charged) AS total FROM jobs GROUP BY user_key"
 # After a copy the identity must hand out ids above the copied ones (never backwards).
 _MOVE_JOB_IDS = (
     "SELECT setval(s.seq, s.top) FROM (SELECT pg_get_serial_sequence('jobs', 'id')::regclass"
     " AS seq, (SELECT max(id) FROM jobs) AS top) AS s"
+    " WHERE s.top > COALESCE(pg_sequence_last_value(s.seq), 0)"
+)
+_MOVE_PURCHASE_IDS = (
+    "SELECT setval(s.seq, s.top) FROM (SELECT pg_get_serial_sequence('purchases', 'id')::regclass"
+    " AS seq, (SELECT max(id) FROM purchases) AS top) AS s"
+    " WHERE s.top > COALESCE(pg_sequence_last_value(s.seq), 0)"
+)
+_MOVE_ENTRY_IDS = (
+    "SELECT setval(s.seq, s.top) FROM"
+    " (SELECT pg_get_serial_sequence('credit_entries', 'id')::regclass"
+    " AS seq, (SELECT max(id) FROM credit_entries) AS top) AS s"
     " WHERE s.top > COALESCE(pg_sequence_last_value(s.seq), 0)"
 )
 _MOVE_API_KEY_IDS = (
@@ -373,13 +400,40 @@ _COPY_COLUMNS: dict[str, tuple[tuple[str, type], ...]] = {
         ("lease_owner", str),
         ("lease_until", str),
         ("delivered_at", str),
+        ("prepaid", int),
+    ),
+    "purchases": (
+        ("id", int),
+        ("user_key", str),
+        ("provider", str),
+        ("charge_id", str),
+        ("provider_charge_id", str),
+        ("pack", str),
+        ("amount", int),
+        ("currency", str),
+        ("credits", float),
+        ("status", str),
+        ("created_at", str),
+        ("refunded_at", str),
+        ("refunded_by", str),
+        ("refunded_credits", float),
+    ),
+    "credit_entries": (
+        ("id", int),
+        ("user_key", str),
+        ("kind", str),
+        ("micro_credits", int),
+        ("purchase_id", int),
+        ("granted_by", str),
+        ("note", str),
+        ("created_at", str),
     ),
 }
 # Columns a later schema added: rows from a store without them load with NULL there (or,
 # for the durable-job columns, what migration 7 gives an old row).
 _LATE_COLUMNS = frozenset(
     {"reported_credits", "usage_flag", "stage", "attempts", "lost_credits", "lease_owner",
-     "lease_until", "delivered_at"}
+     "lease_until", "delivered_at", "prepaid"}
 )
 # One statement per copied table, written out (tests/test_postgres_store.py checks they list
 # _COPY_COLUMNS, in order). Paging starts after '' or 0: every key is above those.
@@ -400,7 +454,16 @@ _PAGE_JOBS = (
     " size, quality, n, reference_count, status, estimated_credits, actual_credits, usage_json,"
     " error_code, created_at, started_at, finished_at, result_refs, refunded_by, refunded_at,"
     " source_ref, reported_credits, usage_flag, stage, attempts, lost_credits, lease_owner,"
-    " lease_until, delivered_at FROM jobs WHERE id > $1 ORDER BY id LIMIT $2"
+    " lease_until, delivered_at, prepaid FROM jobs WHERE id > $1 ORDER BY id LIMIT $2"
+)
+_PAGE_PURCHASES = (
+    "SELECT id, user_key, provider, charge_id, provider_charge_id, pack, amount, currency,"
+    " credits, status, created_at, refunded_at, refunded_by, refunded_credits"
+    " FROM purchases WHERE id > $1 ORDER BY id LIMIT $2"
+)
+_PAGE_CREDIT_ENTRIES = (
+    "SELECT id, user_key, kind, micro_credits, purchase_id, granted_by, note, created_at"
+    " FROM credit_entries WHERE id > $1 ORDER BY id LIMIT $2"
 )
 _LOAD_USERS = (
     "INSERT INTO users (user_key, platform, user_id, display_name, language, daily_limit,"
@@ -420,9 +483,19 @@ _LOAD_JOBS = (
     " request_json, model, size, quality, n, reference_count, status, estimated_credits,"
     " actual_credits, usage_json, error_code, created_at, started_at, finished_at, result_refs,"
     " refunded_by, refunded_at, source_ref, reported_credits, usage_flag, stage, attempts,"
-    " lost_credits, lease_owner, lease_until, delivered_at) VALUES ($1, $2, $3,"
+    " lost_credits, lease_owner, lease_until, delivered_at, prepaid) VALUES ($1, $2, $3,"
     " $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22,"
-    " $23, $24, $25, $26, $27, $28, $29, $30, $31, $32)"
+    " $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33)"
+)
+_LOAD_PURCHASES = (
+    "INSERT INTO purchases (id, user_key, provider, charge_id, provider_charge_id, pack, amount,"
+    " currency, credits, status, created_at, refunded_at, refunded_by, refunded_credits)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+)
+# Its trigger adds each entry to the target's balances.
+_LOAD_CREDIT_ENTRIES = (
+    "INSERT INTO credit_entries (id, user_key, kind, micro_credits, purchase_id, granted_by,"
+    " note, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
 )
 
 
@@ -443,6 +516,8 @@ def _with_stage(row: dict[str, Any]) -> dict[str, Any]:
 
 def _refusal(scope: str, limit: float, micro: int, user_key: str, estimate: float) -> LimitExceeded:
     """A refusal as imgbot_write_batch reports it: the tightest limit and what it counted."""
+    if scope == "balance":
+        return balance_refusal(user_key, estimate, max(0.0, micro / MICRO))
     left = max(0.0, limit - micro / MICRO)
     return LimitExceeded(
         f"limit.{scope}",
@@ -668,7 +743,7 @@ async def _open_pool(dsn: str, pool_size: int) -> _Pool:
 # The kinds of call a batch carries (the `o_kind` imgbot_write_batch answers with), and how
 # many values each passes.
 _RESERVE_CALL, _FINISH_CALL, _START_CALL = "r", "f", "s"
-_RESERVE_WIDTH, _FINISH_WIDTH, _START_WIDTH = 20, 7, 2
+_RESERVE_WIDTH, _FINISH_WIDTH, _START_WIDTH = 21, 7, 2
 
 
 class _Call:
@@ -726,6 +801,10 @@ class _Snapshot(SnapshotReader):
                 records = await self._conn.fetch(_PAGE_CHATS, after or "", limit)
             elif table == "jobs":
                 records = await self._conn.fetch(_PAGE_JOBS, after or 0, limit)
+            elif table == "purchases":
+                records = await self._conn.fetch(_PAGE_PURCHASES, after or 0, limit)
+            elif table == "credit_entries":
+                records = await self._conn.fetch(_PAGE_CREDIT_ENTRIES, after or 0, limit)
             else:
                 raise ValueError(f"not a table a copy moves: {table!r}")
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as err:
@@ -1161,6 +1240,7 @@ class PostgresStore(Store):
             int(spec.max_open),
             int(spec.per_minute),
             iso(datetime.fromisoformat(now_iso) - timedelta(seconds=60)),
+            int(spec.prepaid),
         )
         return int(await self._call(_Call(_RESERVE_CALL, None, params, estimate=estimate)))
 
@@ -1646,6 +1726,169 @@ class PostgresStore(Store):
 
         return await self._read(read)
 
+    # --- prepaid credits -----------------------------------------------------------------
+
+    async def balance(self, user_key: str) -> float:
+        """Return a user's credit balance (open reservations already taken off)."""
+
+        async def read(conn: asyncpg.Connection) -> float:
+            micro = await conn.fetchval(_SELECT_BALANCE, user_key)
+            return micro / MICRO if micro is not None else 0.0
+
+        return await self._read(read)
+
+    async def grant_credits(self, user_key: str, credits: float, by: str, note: str = "") -> float:
+        """Add `credits` (> 0) to a user's balance; return the new balance."""
+        check_grant(credits)
+        split_key(user_key)
+        now = self._now_iso()
+
+        async def write_on(conn: asyncpg.Connection) -> float:
+            await conn.execute(
+                _INSERT_ENTRY, user_key, "grant", to_micro(credits), None, by, note, now
+            )
+            micro = await conn.fetchval(_SELECT_BALANCE, user_key)
+            return micro / MICRO if micro is not None else 0.0
+
+        return await self._write(write_on)
+
+    async def revoke_credits(
+        self, user_key: str, credits: float | None, by: str
+    ) -> tuple[float, float]:
+        """Take up to `credits` (None: all) off a balance, never below zero."""
+        if credits is not None:
+            check_grant(credits)
+        split_key(user_key)
+        asked = to_micro(credits) if credits is not None else None
+        now = self._now_iso()
+
+        async def write_on(conn: asyncpg.Connection) -> tuple[float, float]:
+            async with conn.transaction():
+                # The balance row locked: what is read is what is changed.
+                micro = await conn.fetchval(_LOCK_BALANCE, user_key) or 0
+                taken = max(0, min(micro, asked if asked is not None else micro))
+                if taken:
+                    await conn.execute(_INSERT_ENTRY, user_key, "revoke", -taken, None, by, "", now)
+                return taken / MICRO, (micro - taken) / MICRO
+
+        return await self._write(write_on)
+
+    async def grant_welcome(self, user_key: str, credits: float) -> bool:
+        """Give a user the welcome grant, once ever; False when they already had it."""
+        check_grant(credits)
+        split_key(user_key)
+        now = self._now_iso()
+
+        async def write_on(conn: asyncpg.Connection) -> bool:
+            found = await conn.fetchval(
+                _INSERT_ENTRY + " ON CONFLICT (user_key) WHERE kind = 'welcome' DO NOTHING"
+                " RETURNING id",
+                user_key, "welcome", to_micro(credits), None, "", "", now,
+            )
+            return found is not None
+
+        return await self._write(write_on)
+
+    async def record_purchase(
+        self,
+        user_key: str,
+        *,
+        provider: str,
+        charge_id: str,
+        provider_charge_id: str,
+        pack: str,
+        amount: int,
+        currency: str,
+        credits: float,
+    ) -> tuple[PurchaseRecord, bool]:
+        """Record a paid pack and add its credits, once per `charge_id`."""
+        check_grant(credits)
+        split_key(user_key)
+        if not charge_id:
+            raise ValueError("a purchase needs its charge id")
+        now = self._now_iso()
+
+        async def write_on(conn: asyncpg.Connection) -> tuple[PurchaseRecord, bool]:
+            async with conn.transaction():
+                row = await conn.fetchrow(
+                    "INSERT INTO purchases (user_key, provider, charge_id, provider_charge_id,"
+                    " pack, amount, currency, credits, status, created_at)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'paid', $9)"
+                    " ON CONFLICT (charge_id) DO NOTHING RETURNING *",
+                    user_key, provider, charge_id, provider_charge_id, pack, int(amount),
+                    currency, float(credits), now,
+                )
+                if row is None:
+                    old = await conn.fetchrow(
+                        "SELECT * FROM purchases WHERE charge_id = $1", charge_id
+                    )
+                    return purchase_from_mapping(old), False
+                await conn.execute(
+                    _INSERT_ENTRY, user_key, "purchase", to_micro(credits), row["id"], provider,
+                    pack, now,
+                )
+                return purchase_from_mapping(row), True
+
+        return await self._write(write_on)
+
+    async def get_purchase(self, purchase_id: int) -> PurchaseRecord | None:
+        """Return one purchase, or None."""
+        if not is_row_id(purchase_id):
+            self._require()
+            return None
+
+        async def read(conn: asyncpg.Connection) -> PurchaseRecord | None:
+            row = await conn.fetchrow("SELECT * FROM purchases WHERE id = $1", purchase_id)
+            return purchase_from_mapping(row) if row is not None else None
+
+        return await self._read(read)
+
+    async def list_purchases(
+        self, user_key: str | None = None, limit: int = 20
+    ) -> list[PurchaseRecord]:
+        """List purchases (of one user), newest first."""
+
+        async def read(conn: asyncpg.Connection) -> list[PurchaseRecord]:
+            rows = await conn.fetch(
+                "SELECT * FROM purchases WHERE ($1::text IS NULL OR user_key = $1)"
+                " ORDER BY id DESC LIMIT $2",
+                user_key, max(1, int(limit)),
+            )
+            return [purchase_from_mapping(row) for row in rows]
+
+        return await self._read(read)
+
+    async def refund_purchase(self, purchase_id: int, by: str) -> PurchaseRecord:
+        """Mark a paid purchase refunded and take its unspent credits back."""
+        now = self._now_iso()
+
+        async def write_on(conn: asyncpg.Connection) -> PurchaseRecord | None:
+            async with conn.transaction():
+                found = await conn.fetchrow(
+                    "SELECT * FROM purchases WHERE id = $1 AND status = 'paid' FOR UPDATE",
+                    purchase_id,
+                )
+                if found is None:
+                    return None
+                micro = await conn.fetchval(_LOCK_BALANCE, found["user_key"]) or 0
+                taken = max(0, min(to_micro(found["credits"]), micro))
+                if taken:
+                    await conn.execute(
+                        _INSERT_ENTRY, found["user_key"], "purchase_refund", -taken,
+                        purchase_id, by, "", now,
+                    )
+                row = await conn.fetchrow(
+                    "UPDATE purchases SET status = 'refunded', refunded_at = $1,"
+                    " refunded_by = $2, refunded_credits = $3 WHERE id = $4 RETURNING *",
+                    now, by, taken / MICRO, purchase_id,
+                )
+                return purchase_from_mapping(row)
+
+        refunded = await self._write(write_on) if is_row_id(purchase_id) else None
+        if refunded is not None:
+            return refunded
+        raise purchase_refusal(await self.get_purchase(purchase_id), purchase_id)
+
     # --- copies -----------------------------------------------------------------------
 
     @asynccontextmanager
@@ -1765,7 +2008,8 @@ class PostgresStore(Store):
         # Generated columns (charged, charged_micro), if a row carries them, are not copied:
         # the target computes them, and its triggers the running totals.
         if table == "jobs":
-            rows = [_with_stage(row) for row in rows]
+            # Jobs from a store older than migration 8 were never prepaid.
+            rows = [{**_with_stage(row), "prepaid": row.get("prepaid") or 0} for row in rows]
         values = [tuple(_coerce(kind, row.get(name)) for name, kind in columns) for row in rows]
 
         async def write_on(conn: asyncpg.Connection) -> None:
@@ -1777,6 +2021,12 @@ class PostgresStore(Store):
                     await conn.execute(_MOVE_API_KEY_IDS)
                 elif table == "chats":
                     await conn.executemany(_LOAD_CHATS, values)
+                elif table == "purchases":
+                    await conn.executemany(_LOAD_PURCHASES, values)
+                    await conn.execute(_MOVE_PURCHASE_IDS)
+                elif table == "credit_entries":
+                    await conn.executemany(_LOAD_CREDIT_ENTRIES, values)
+                    await conn.execute(_MOVE_ENTRY_IDS)
                 else:
                     await conn.executemany(_LOAD_JOBS, values)
                     await conn.execute(_MOVE_JOB_IDS)

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, NamedTuple, Protocol
 
-from core.errors import RateLimited
+from core.errors import LimitExceeded, RateLimited, UserError
 from core.pricing import Usage
 
 
@@ -115,6 +115,9 @@ class JobSpec:
     # `max_open`, and the jobs they started in the last minute fewer than `per_minute`.
     max_open: int = 0
     per_minute: int = 0
+    # BILLING=prepaid: the job is paid from the user's credit balance (checked with the
+    # limits in the same atomic step; what it counts comes off the balance).
+    prepaid: bool = False
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,7 @@ class JobRecord:
     lease_owner: str | None = None
     lease_until: datetime | None = None
     delivered_at: datetime | None = None
+    prepaid: bool = False
 
     @property
     def user_id(self) -> str:
@@ -232,6 +236,41 @@ class SpendReport:
     daily_remaining: float | None
     monthly_remaining: float | None
     last_jobs: tuple[JobRecord, ...]
+    # The prepaid credit balance (BILLING=prepaid; None when the bot only caps spend).
+    balance: float | None = None
+
+
+class PurchaseStatus(StrEnum):
+    """Where a bought pack of credits is."""
+
+    PAID = "paid"
+    REFUNDED = "refunded"
+
+
+@dataclass(frozen=True)
+class PurchaseRecord:
+    """One pack of credits a user paid for (Telegram Stars: `charge_id` is the
+    telegram_payment_charge_id, unique: a payment credits once)."""
+
+    id: int
+    user_key: str
+    provider: str  # "telegram_stars"
+    charge_id: str
+    provider_charge_id: str
+    pack: str  # the invoice payload, as sent
+    amount: int  # in the currency's smallest unit: stars for XTR
+    currency: str
+    credits: float
+    status: PurchaseStatus
+    created_at: datetime
+    refunded_at: datetime | None = None
+    refunded_by: str | None = None
+    refunded_credits: float | None = None  # what the refund took off the balance
+
+    @property
+    def user_id(self) -> str:
+        """Return the platform user id of the buyer."""
+        return self.user_key.split(":", 1)[1]
 
 
 class Spender(NamedTuple):
@@ -381,7 +420,67 @@ def job_from_mapping(row: Any) -> JobRecord:
         lease_owner=_optional(row, "lease_owner"),
         lease_until=parse_time(_optional(row, "lease_until")),
         delivered_at=parse_time(_optional(row, "delivered_at")),
+        prepaid=bool(_optional(row, "prepaid") or 0),
     )
+
+
+def purchase_from_mapping(row: Any) -> PurchaseRecord:
+    """Build a PurchaseRecord from a purchases row."""
+    return PurchaseRecord(
+        id=int(row["id"]),
+        user_key=row["user_key"],
+        provider=row["provider"],
+        charge_id=row["charge_id"],
+        provider_charge_id=row["provider_charge_id"],
+        pack=row["pack"],
+        amount=int(row["amount"]),
+        currency=row["currency"],
+        credits=float(row["credits"]),
+        status=PurchaseStatus(row["status"]),
+        created_at=datetime.fromisoformat(row["created_at"]),
+        refunded_at=parse_time(row["refunded_at"]),
+        refunded_by=row["refunded_by"],
+        refunded_credits=(
+            float(row["refunded_credits"]) if row["refunded_credits"] is not None else None
+        ),
+    )
+
+
+def balance_refusal(user_key: str, estimate: float, left: float) -> LimitExceeded:
+    """A prepaid job the balance cannot pay for: LimitExceeded naming what is left."""
+    return LimitExceeded(
+        "limit.balance",
+        scope="balance",
+        asked=estimate,
+        remaining=left,
+        limit=left,
+        detail=f"{user_key} asked {estimate} with a balance of {left}",
+    )
+
+
+def check_grant(credits: float) -> None:
+    """Refuse an amount of credits to grant that is not a number above 0 (and sane)."""
+    check_credits("credits", credits)
+    if credits <= 0 or credits >= 1e12:
+        raise ValueError(f"credits must be above 0 and below 1e12, got {credits!r}")
+
+
+def purchase_refusal(purchase: PurchaseRecord | None, purchase_id: int) -> UserError:
+    """Why a purchase cannot be refunded: missing, or refunded already."""
+    if purchase is None:
+        return UserError(
+            "purchase.not_found", purchase_id=purchase_id,
+            detail=f"refund of missing purchase {purchase_id}",
+        )
+    return UserError(
+        "purchase.already_refunded", purchase_id=purchase_id,
+        detail=f"purchase {purchase_id} is {purchase.status.value}",
+    )
+
+
+def to_micro(credits: float) -> int:
+    """Return credits in whole micro-credits (how balances are kept)."""
+    return int(round(credits * MICRO))
 
 
 def _optional(row: Any, column: str) -> Any:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import sqlite3
 import stat
@@ -76,12 +77,15 @@ from core.store.records import (
     JobStatus,
     Limits,
     NamedLease,
+    PurchaseRecord,
     Spender,
     SpendReport,
     UserRecord,
     as_utc,
+    balance_refusal,
     chat_from_mapping,
     check_credits,
+    check_grant,
     day_start,
     effective_limit,
     is_row_id,
@@ -89,9 +93,12 @@ from core.store.records import (
     job_from_mapping,
     lease_from_mapping,
     month_start,
+    purchase_from_mapping,
+    purchase_refusal,
     rate_refusal,
     remaining,
     split_key,
+    to_micro,
     usage_json,
     user_from_mapping,
     utc_now,
@@ -131,7 +138,8 @@ _LIMITS_CTE = (
     " COALESCE((SELECT micro_credits FROM spend_totals"
     "   WHERE scope = 'chat_daily' AND key = :chat_key AND period = :day), 0) AS cd,"
     " COALESCE((SELECT micro_credits FROM spend_totals"
-    "   WHERE scope = 'global_daily' AND key = '' AND period = :day), 0) AS gd)"
+    "   WHERE scope = 'global_daily' AND key = '' AND period = :day), 0) AS gd,"
+    " COALESCE((SELECT micro_credits FROM balances WHERE user_key = :user_key), 0) AS bal)"
 )
 _SELECT_LIMITS = _LIMITS_CTE + " SELECT * FROM v"  # noqa: S608 - constant text
 # The check and the write in one statement: the job is inserted only if every limit fits.
@@ -139,10 +147,13 @@ _RESERVE = (
     _LIMITS_CTE  # noqa: S608 - constant text
     + " INSERT INTO jobs (user_key, chat_key, platform, display_name, command_text,"
     " request_json, model, size, quality, n, reference_count, status,"
-    " estimated_credits, created_at, source_ref)"
+    " estimated_credits, created_at, source_ref, prepaid)"
     " SELECT :user_key, :chat_key, :platform, :display_name, :command_text, :request_json,"
-    " :model, :size, :quality, :n, :reference_count, 'reserved', :estimate, :now, :source_ref"
+    " :model, :size, :quality, :n, :reference_count, 'reserved', :estimate, :now, :source_ref,"
+    " :prepaid"
     " FROM v WHERE"
+    # A prepaid job also fits the balance, in the same statement (never below zero).
+    " (:prepaid = 0 OR :estimate <= MAX(0.0, bal / 1000000.0) + :eps) AND"
     " (ud_limit <= 0 OR :estimate <= MAX(0.0, ud_limit - ud / 1000000.0) + :eps)"
     " AND (um_limit <= 0 OR :estimate <= MAX(0.0, um_limit - um / 1000000.0) + :eps)"
     " AND (cd_limit <= 0 OR :estimate <= MAX(0.0, cd_limit - cd / 1000000.0) + :eps)"
@@ -240,6 +251,12 @@ _FINISH_DELIVERY = (
     " RETURNING id"
 )
 _SELECT_OPEN = "SELECT * FROM jobs WHERE stage IN ('queued', 'drawing', 'drawn') ORDER BY id"
+_SELECT_BALANCE = "SELECT micro_credits FROM balances WHERE user_key = ?"
+# Its trigger moves the balance in the same statement.
+_INSERT_ENTRY = (
+    "INSERT INTO credit_entries (user_key, kind, micro_credits, purchase_id, granted_by, note,"
+    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 # Generated columns are computed, never copied.
 _GENERATED = frozenset({"charged", "charged_micro"})
 
@@ -715,6 +732,7 @@ class SqliteStore(Store):
             "max_open": int(spec.max_open),
             "per_minute": int(spec.per_minute),
             "minute_ago": iso(datetime.fromisoformat(now_iso) - timedelta(seconds=60)),
+            "prepaid": int(spec.prepaid),
             "day": now_iso[:10],
             "month": now_iso[:7],
             "d_user_daily": float(defaults.user_daily),
@@ -755,8 +773,7 @@ class SqliteStore(Store):
         async def run(conn: aiosqlite.Connection) -> list[sqlite3.Row]:
             # The reservation first: a refusal writes nothing at all.
             fits = await conn.execute_fetchall(_SELECT_LIMITS, params)
-            has_chat = params["chat_key"] is not None
-            if not fits or not self._fits(next(iter(fits)), params["estimate"], has_chat):
+            if not fits or not self._fits(next(iter(fits)), params):
                 return []
             await conn.execute(
                 _UPSERT_USER,
@@ -780,7 +797,11 @@ class SqliteStore(Store):
         return run
 
     @staticmethod
-    def _checks(row: sqlite3.Row, has_chat: bool) -> list[tuple[str, float, float]]:
+    def _checks(
+        row: sqlite3.Row, has_chat: bool, prepaid: bool = False
+    ) -> list[tuple[str, float, float]]:
+        """(scope, limit, what is left) of each check; a limit <= 0 is off. A prepaid job's
+        balance is a check that is always on (its "limit" is the balance itself)."""
         checks = [
             ("user_daily", float(row["ud_limit"]), row["ud"]),
             ("user_monthly", float(row["um_limit"]), row["um"]),
@@ -788,13 +809,16 @@ class SqliteStore(Store):
         if has_chat:
             checks.append(("chat_daily", float(row["cd_limit"]), row["cd"]))
         checks.append(("global_daily", float(row["gd_limit"]), row["gd"]))
-        return [(scope, limit, max(0.0, limit - micro / MICRO)) for scope, limit, micro in checks]
+        found = [(scope, limit, max(0.0, limit - micro / MICRO)) for scope, limit, micro in checks]
+        if prepaid:
+            left = max(0.0, row["bal"] / MICRO)
+            found.append(("balance", math.inf, left))
+        return found
 
-    def _fits(self, row: sqlite3.Row, estimate: float, has_chat: bool) -> bool:
-        return all(
-            limit <= 0 or estimate <= left + EPSILON
-            for _, limit, left in self._checks(row, has_chat)
-        )
+    def _fits(self, row: sqlite3.Row, params: dict[str, Any]) -> bool:
+        estimate = params["estimate"]
+        checks = self._checks(row, params["chat_key"] is not None, bool(params["prepaid"]))
+        return all(limit <= 0 or estimate <= left + EPSILON for _, limit, left in checks)
 
     async def _refusal(
         self, params: dict[str, Any], *, force: bool = False
@@ -805,12 +829,15 @@ class SqliteStore(Store):
         estimate = params["estimate"]
         # Refuse on the tightest limit, so "what is left" is what would really fit.
         tightest: tuple[str, float, float] | None = None
-        for scope, limit, left in self._checks(row, params["chat_key"] is not None):
+        checks = self._checks(row, params["chat_key"] is not None, bool(params["prepaid"]))
+        for scope, limit, left in checks:
             if limit > 0 and (tightest is None or left < tightest[2]):
                 tightest = (scope, limit, left)
         if tightest is None or (estimate <= tightest[2] + EPSILON and not force):
             return None
         scope, limit, left = tightest
+        if scope == "balance":
+            return balance_refusal(params["user_key"], estimate, left)
         return LimitExceeded(
             f"limit.{scope}",
             scope=scope,
@@ -1355,6 +1382,144 @@ class SqliteStore(Store):
         )
         return bool(rows)
 
+    # --- prepaid credits ---------------------------------------------------------------
+
+    async def balance(self, user_key: str) -> float:
+        """Return a user's credit balance (open reservations already taken off)."""
+        row = await self._read_one(_SELECT_BALANCE, (user_key,))
+        return row[0] / MICRO if row is not None else 0.0
+
+    async def grant_credits(self, user_key: str, credits: float, by: str, note: str = "") -> float:
+        """Add `credits` (> 0) to a user's balance; return the new balance."""
+        check_grant(credits)
+        split_key(user_key)
+        await self._single(
+            _INSERT_ENTRY, (user_key, "grant", to_micro(credits), None, by, note, self._now_iso())
+        )
+        return await self.balance(user_key)
+
+    async def revoke_credits(
+        self, user_key: str, credits: float | None, by: str
+    ) -> tuple[float, float]:
+        """Take up to `credits` (None: all) off a balance, never below zero."""
+        if credits is not None:
+            check_grant(credits)
+        split_key(user_key)
+        asked = to_micro(credits) if credits is not None else None
+        # One statement under the write lock: the balance it reads is the one it changes.
+        rows = await self._single(
+            "INSERT INTO credit_entries (user_key, kind, micro_credits, granted_by, created_at)"
+            " SELECT :user_key, 'revoke', -MIN(COALESCE(:asked, b.micro_credits), b.micro_credits),"
+            " :by, :now FROM balances AS b WHERE b.user_key = :user_key AND b.micro_credits > 0"
+            " RETURNING micro_credits",
+            {"user_key": user_key, "asked": asked, "by": by, "now": self._now_iso()},
+        )
+        taken = -rows[0][0] / MICRO if rows else 0.0
+        return taken, await self.balance(user_key)
+
+    async def grant_welcome(self, user_key: str, credits: float) -> bool:
+        """Give a user the welcome grant, once ever; False when they already had it."""
+        check_grant(credits)
+        split_key(user_key)
+        rows = await self._single(
+            _INSERT_ENTRY + " ON CONFLICT DO NOTHING RETURNING id",
+            (user_key, "welcome", to_micro(credits), None, "", "", self._now_iso()),
+        )
+        return bool(rows)
+
+    async def record_purchase(
+        self,
+        user_key: str,
+        *,
+        provider: str,
+        charge_id: str,
+        provider_charge_id: str,
+        pack: str,
+        amount: int,
+        currency: str,
+        credits: float,
+    ) -> tuple[PurchaseRecord, bool]:
+        """Record a paid pack and add its credits, once per `charge_id`."""
+        check_grant(credits)
+        split_key(user_key)
+        if not charge_id:
+            raise ValueError("a purchase needs its charge id")
+        now = self._now_iso()
+
+        async def record(conn: aiosqlite.Connection) -> tuple[sqlite3.Row, bool]:
+            rows = await conn.execute_fetchall(
+                "INSERT INTO purchases (user_key, provider, charge_id, provider_charge_id,"
+                " pack, amount, currency, credits, status, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'paid', ?)"
+                " ON CONFLICT (charge_id) DO NOTHING RETURNING *",
+                (user_key, provider, charge_id, provider_charge_id, pack, int(amount), currency,
+                 float(credits), now),
+            )
+            if not rows:
+                old = await _fetchone(
+                    conn, "SELECT * FROM purchases WHERE charge_id = ?", (charge_id,)
+                )
+                assert old is not None
+                return old, False
+            row = next(iter(rows))
+            await conn.execute(
+                _INSERT_ENTRY,
+                (user_key, "purchase", to_micro(credits), row["id"], provider, pack, now),
+            )
+            return row, True
+
+        row, created = await self._transaction(record)
+        return purchase_from_mapping(row), created
+
+    async def get_purchase(self, purchase_id: int) -> PurchaseRecord | None:
+        """Return one purchase, or None."""
+        if not is_row_id(purchase_id):
+            return None
+        row = await self._read_one("SELECT * FROM purchases WHERE id = ?", (purchase_id,))
+        return purchase_from_mapping(row) if row is not None else None
+
+    async def list_purchases(
+        self, user_key: str | None = None, limit: int = 20
+    ) -> list[PurchaseRecord]:
+        """List purchases (of one user), newest first."""
+        rows = await self._read_all(
+            "SELECT * FROM purchases WHERE (? IS NULL OR user_key = ?) ORDER BY id DESC LIMIT ?",
+            (user_key, user_key, max(1, int(limit))),
+        )
+        return [purchase_from_mapping(row) for row in rows]
+
+    async def refund_purchase(self, purchase_id: int, by: str) -> PurchaseRecord:
+        """Mark a paid purchase refunded and take its unspent credits back."""
+        now = self._now_iso()
+
+        async def refund(conn: aiosqlite.Connection) -> sqlite3.Row | None:
+            found = await _fetchone(
+                conn,
+                "SELECT p.*, COALESCE(b.micro_credits, 0) AS bal FROM purchases AS p"
+                " LEFT JOIN balances AS b ON b.user_key = p.user_key"
+                " WHERE p.id = ? AND p.status = 'paid'",
+                (purchase_id,),
+            )
+            if found is None:
+                return None
+            taken = max(0, min(to_micro(found["credits"]), found["bal"]))
+            if taken:
+                await conn.execute(
+                    _INSERT_ENTRY,
+                    (found["user_key"], "purchase_refund", -taken, purchase_id, by, "", now),
+                )
+            return await _fetchone(
+                conn,
+                "UPDATE purchases SET status = 'refunded', refunded_at = ?, refunded_by = ?,"
+                " refunded_credits = ? WHERE id = ? RETURNING *",
+                (now, by, taken / MICRO, purchase_id),
+            )
+
+        row = await self._transaction(refund) if is_row_id(purchase_id) else None
+        if row is not None:
+            return purchase_from_mapping(row)
+        raise purchase_refusal(await self.get_purchase(purchase_id), purchase_id)
+
     # --- copies -------------------------------------------------------------------------
 
     @asynccontextmanager
@@ -1381,6 +1546,8 @@ class SqliteStore(Store):
         row = await self._read_one(
             "SELECT NOT EXISTS (SELECT 1 FROM users) AND NOT EXISTS (SELECT 1 FROM api_keys)"
             " AND NOT EXISTS (SELECT 1 FROM chats) AND NOT EXISTS (SELECT 1 FROM jobs)"
+            " AND NOT EXISTS (SELECT 1 FROM purchases)"
+            " AND NOT EXISTS (SELECT 1 FROM credit_entries)"
         )
         return bool(row[0]) if row is not None else True
 

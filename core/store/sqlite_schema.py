@@ -315,4 +315,87 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
 )
 
+# Migration 8: prepaid credits (BILLING=prepaid). A balance is the user's credit entries
+# minus what their prepaid jobs count; `balances` keeps it as a running total, by triggers in
+# the statement that writes an entry or changes a prepaid job (as spend_totals), so a copy
+# rebuilds it and no code path can forget it. Not copied.
+CREDIT_KINDS = ("grant", "revoke", "welcome", "purchase", "purchase_refund")
+
+MIGRATIONS = (
+    *MIGRATIONS,
+    Migration(
+        8,
+        "prepaid credits: jobs.prepaid, credit_entries, purchases, balances",
+        (
+            "ALTER TABLE jobs ADD COLUMN prepaid INTEGER NOT NULL DEFAULT 0",
+            # Telegram's telegram_payment_charge_id is unique: a payment credits once.
+            """CREATE TABLE purchases (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                user_key TEXT NOT NULL,
+                provider TEXT NOT NULL,
+                charge_id TEXT NOT NULL UNIQUE,
+                provider_charge_id TEXT NOT NULL DEFAULT '',
+                pack TEXT NOT NULL DEFAULT '',
+                amount INTEGER NOT NULL,
+                currency TEXT NOT NULL,
+                credits REAL NOT NULL,
+                status TEXT NOT NULL CHECK (status IN ('paid', 'refunded')),
+                created_at TEXT NOT NULL,
+                refunded_at TEXT,
+                refunded_by TEXT,
+                refunded_credits REAL
+            )""",
+            "CREATE INDEX purchases_user ON purchases (user_key, id)",
+            f"""CREATE TABLE credit_entries (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                user_key TEXT NOT NULL,
+                kind TEXT NOT NULL CHECK (kind IN {CREDIT_KINDS!r}),
+                micro_credits INTEGER NOT NULL,
+                purchase_id INTEGER REFERENCES purchases(id),
+                granted_by TEXT NOT NULL DEFAULT '',
+                note TEXT NOT NULL DEFAULT '',
+                created_at TEXT NOT NULL
+            )""",
+            "CREATE INDEX credit_entries_user ON credit_entries (user_key, id)",
+            # The welcome grant, once per user ever.
+            "CREATE UNIQUE INDEX credit_entries_welcome ON credit_entries (user_key)"
+            " WHERE kind = 'welcome'",
+            """CREATE TABLE balances (
+                user_key TEXT PRIMARY KEY,
+                micro_credits INTEGER NOT NULL
+            ) WITHOUT ROWID""",
+            """CREATE TRIGGER credit_entries_balance AFTER INSERT ON credit_entries
+               BEGIN
+                   INSERT INTO balances (user_key, micro_credits)
+                   VALUES (NEW.user_key, NEW.micro_credits)
+                   ON CONFLICT DO UPDATE SET micro_credits = micro_credits + excluded.micro_credits;
+               END""",
+            """CREATE TRIGGER jobs_balance_insert AFTER INSERT ON jobs WHEN NEW.prepaid
+               BEGIN
+                   INSERT INTO balances (user_key, micro_credits)
+                   VALUES (NEW.user_key, -NEW.charged_micro)
+                   ON CONFLICT DO UPDATE SET micro_credits = micro_credits + excluded.micro_credits;
+               END""",
+            """CREATE TRIGGER jobs_balance_update
+               AFTER UPDATE OF status, estimated_credits, actual_credits ON jobs
+               WHEN NEW.prepaid AND NEW.charged_micro IS NOT OLD.charged_micro
+               BEGIN
+                   UPDATE balances
+                   SET micro_credits = micro_credits - NEW.charged_micro + OLD.charged_micro
+                   WHERE user_key = NEW.user_key;
+               END""",
+            """CREATE TRIGGER jobs_balance_delete AFTER DELETE ON jobs WHEN OLD.prepaid
+               BEGIN
+                   UPDATE balances SET micro_credits = micro_credits + OLD.charged_micro
+                   WHERE user_key = OLD.user_key;
+               END""",
+            "CREATE TRIGGER jobs_prepaid_fixed BEFORE UPDATE OF prepaid ON jobs"
+            " WHEN NEW.prepaid IS NOT OLD.prepaid"
+            " BEGIN SELECT RAISE(ABORT, 'how a job is paid never changes'); END",
+        ),
+    ),
+)
+
+# Migrations are written where their code is; they run in version order.
+MIGRATIONS = tuple(sorted(MIGRATIONS, key=lambda migration: migration.version))
 LATEST_VERSION = MIGRATIONS[-1].version
