@@ -254,18 +254,20 @@ _CHAT_TOTALS = (
 # The dashboard's aggregations, as in SQLite. A period is [$1, $2); $2 NULL = open-ended.
 _PERIOD = "created_at >= $1 AND ($2::text IS NULL OR created_at < $2)"
 
-
-def _tokens(name: str) -> str:
-    # Counts the upstream gave unreadable are stored as -1: count 0.
-    return f"SUM(GREATEST(COALESCE((usage_json::jsonb ->> '{name}')::bigint, 0), 0))"
+# Counts the upstream gave unreadable are stored as -1: they count 0.
+_TOKENS = (
+    " SUM(GREATEST(COALESCE((usage_json::jsonb ->> 'text_input_tokens')::bigint, 0), 0))"
+    " AS text_in,"
+    " SUM(GREATEST(COALESCE((usage_json::jsonb ->> 'image_input_tokens')::bigint, 0), 0))"
+    " AS image_in,"
+    " SUM(GREATEST(COALESCE((usage_json::jsonb ->> 'image_output_tokens')::bigint, 0), 0))"
+    " AS image_out"
+)
 
 
 _DAILY_USAGE = (
     "SELECT substr(created_at, 1, 10) AS day, model, SUM(charged) AS credits,"  # noqa: S608
-    " COUNT(*) AS jobs,"
-    f" {_tokens('text_input_tokens')} AS text_in,"
-    f" {_tokens('image_input_tokens')} AS image_in,"
-    f" {_tokens('image_output_tokens')} AS image_out"
+    f" COUNT(*) AS jobs, {_TOKENS}"
     f" FROM jobs WHERE {_PERIOD} GROUP BY 1, 2 ORDER BY 1, 2"
 )
 _OUTCOMES = (

@@ -210,19 +210,23 @@ _SELECT_OPEN = "SELECT * FROM jobs WHERE stage IN ('queued', 'drawing', 'drawn')
 # The dashboard's aggregations. A period is [since, until); until NULL = open-ended.
 _PERIOD = "created_at >= :since AND (:until IS NULL OR created_at < :until)"
 
-
-def _tokens(name: str) -> str:
-    # Usage is JSON text; counts the upstream gave unreadable are stored as -1: count 0.
-    return (f"SUM(CASE WHEN json_valid(usage_json) THEN"
-            f" MAX(COALESCE(json_extract(usage_json, '$.{name}'), 0), 0) ELSE 0 END)")
+# Usage is JSON text; counts the upstream gave unreadable are stored as -1: they count 0.
+_TOKENS = (
+    " SUM(CASE WHEN json_valid(usage_json) THEN"
+    " MAX(COALESCE(json_extract(usage_json, '$.text_input_tokens'), 0), 0) ELSE 0 END)"
+    " AS text_in,"
+    " SUM(CASE WHEN json_valid(usage_json) THEN"
+    " MAX(COALESCE(json_extract(usage_json, '$.image_input_tokens'), 0), 0) ELSE 0 END)"
+    " AS image_in,"
+    " SUM(CASE WHEN json_valid(usage_json) THEN"
+    " MAX(COALESCE(json_extract(usage_json, '$.image_output_tokens'), 0), 0) ELSE 0 END)"
+    " AS image_out"
+)
 
 
 _DAILY_USAGE = (
     "SELECT substr(created_at, 1, 10) AS day, model, SUM(charged) AS credits,"  # noqa: S608
-    " COUNT(*) AS jobs,"
-    f" {_tokens('text_input_tokens')} AS text_in,"
-    f" {_tokens('image_input_tokens')} AS image_in,"
-    f" {_tokens('image_output_tokens')} AS image_out"
+    f" COUNT(*) AS jobs, {_TOKENS}"
     f" FROM jobs WHERE {_PERIOD} GROUP BY day, model ORDER BY day, model"
 )
 _OUTCOMES = (
