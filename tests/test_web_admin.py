@@ -220,7 +220,8 @@ async def test_the_dashboard_draws_the_seeded_ledger(
 
         # 90 days bring the 60-day-old job (another model) into the chart.
         await page.select_option("#chart-days", "90")
-        await expect(page.locator("#legend-spend")).to_contain_text("gpt-image-1 ")
+        legend = page.locator("#legend-spend li")
+        await expect(legend).to_have_text(["gpt-image-1", "gpt-image-1.5", "gpt-image-2"])
         bars = await rects(tab, "chart-spend")
         assert bars == pytest.approx({k: v for k, v in seeded.spend.items() if v})
         await choose_period(tab, "30", str(7 + 9 + 4))
