@@ -13,6 +13,11 @@ A bare id means "on the admin's own platform" (the terminal has none: it names
 `platform:id`); `platform:id` names any; `@username` names a user the bot has seen. Ids are
 checked per platform (`core.ids`): a malformed or unknown one is an error, never a new key.
 
+Every command that changes something (limits, refunds, blocks) is logged with who ran it
+and how it ended: the audit trail is the log (`core.admin` at INFO), whatever the door —
+a chat, the terminal or the web dashboard. A refund is also kept in the ledger
+(`refunded_by`).
+
 Configured admins (`ADMINS`) may do everything. A chat admin (Discord: Manage Server) may
 only run `chatlimit` and `chats` for their own chat: their power ends at their server, and
 under the operator's `CHAT_DAILY_LIMIT`, which they may lower but never lift.
@@ -20,6 +25,7 @@ under the operator's `CHAT_DAILY_LIMIT`, which they may lower but never lift.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -33,11 +39,15 @@ from core.reports import render_job_line
 from core.requester import Requester
 from core.service import ImageService
 
+log = logging.getLogger(__name__)
+
 ADMIN_COMMANDS = (
     "limit", "chatlimit", "refund", "block", "unblock", "top", "chats", "unsettled",
     "grant", "revoke", "purchases",
 )
 CHAT_ADMIN_COMMANDS = ("chatlimit", "chats")
+# Commands that change the ledger: each run is recorded with who ran it.
+CHANGING_COMMANDS = ("limit", "chatlimit", "refund", "block", "unblock", "grant", "revoke")
 # Commands about one user, which a reply to that user's message may aim.
 TARGETED_COMMANDS = ("limit", "block", "unblock", "grant", "revoke", "purchases")
 _JOB_ID = re.compile(r"#?[0-9]{1,19}")
@@ -129,6 +139,28 @@ async def run_admin(
     `target` is the user key of the person whose message the command answers (a reply):
     `limit`, `block` and `unblock` then act on them when no user is named.
     """
+    if name.lower() not in CHANGING_COMMANDS:
+        return await _run_admin(service, requester, name, args, target=target)
+    # What was typed is clipped and kept on one line: it goes into the log as it came.
+    words = " ".join([name.lower(), *args] + ([f"(reply to {target})"] if target else []))
+    words = words.replace("\n", " ")[:200]
+    try:
+        reply = await _run_admin(service, requester, name, args, target=target)
+    except ImgbotError as err:
+        log.info("admin action by %s refused (%s): %s", requester.user_key, err.code, words)
+        raise
+    log.info("admin action by %s: %s", requester.user_key, words)
+    return reply
+
+
+async def _run_admin(
+    service: ImageService,
+    requester: Requester,
+    name: str,
+    args: Sequence[str],
+    *,
+    target: str | None,
+) -> str:
     lang = language_of(requester.language)
     ledger = service.ledger
     name = name.lower()

@@ -39,10 +39,12 @@ from core.pricing import Usage
 from core.requester import Requester
 from core.store import (
     ChatTotal,
+    DailyUsage,
     JobSpec,
     JobStage,
     JobStatus,
     Limits,
+    OutcomeCount,
     Spender,
     Store,
     StoreError,
@@ -817,6 +819,116 @@ async def test_reports_and_csv(target: Target, clock: Clock) -> None:
         assert [r["status"] for r in only_cy] == ["succeeded", "refunded"]
         empty = await ledger.export_csv(since, user_key="telegram:404")
         assert empty.splitlines() == [",".join(CSV_COLUMNS)]
+
+
+# --- the dashboard's aggregations ----------------------------------------------------------
+
+
+async def test_dashboard_aggregations(target: Target, clock: Clock) -> None:
+    day1, day2, day3 = (datetime(2025, 3, d, 10, tzinfo=UTC) for d in (10, 11, 12))
+    older = replace(SPEC, model="gpt-image-1.5")
+    ann, ann_group, bob, cy = who("1", name="Ann"), who("1", "-10"), who("2"), who("3")
+    async with await target.open(clock) as ledger:
+
+        async def drawn(requester: Requester, estimate: float, seconds: float, cost: float,
+                        usage: Usage | None, *, spec: JobSpec = SPEC, delivered: bool = True,
+                        flag: str | None = None) -> int:
+            job = await ledger.reserve(requester, spec, estimate)
+            await ledger.mark_started(job)
+            clock.advance(seconds=seconds)
+            await ledger.settle(job, cost, usage, flag=flag)
+            await ledger.finish_delivery(job, "worker", delivered)
+            return job
+
+        clock.now = day1
+        j1 = await drawn(ann_group, 500, 2, 300, Usage(10, 0, 1000, 0, 1010))
+        # Usage above the reservation: charged 400, the miss kept; never delivered.
+        j2 = await drawn(bob, 400, 5, 450, Usage(20, 300, 2000, 0, 2320), spec=older,
+                         delivered=False)
+        clock.now = day2
+        # A count the upstream gave unreadable (-1) counts nothing.
+        j3 = await drawn(ann_group, 600, 10, 600, Usage(-1, 0, 500, 0, 500), flag="usage_invalid")
+        j4 = await ledger.reserve(bob, SPEC, 800)
+        await ledger.fail(j4, "balance")
+        j5 = await ledger.reserve(ann, SPEC, 300)
+        await ledger.mark_started(j5)
+        clock.advance(seconds=4)
+        await ledger.fail(j5, "cancelled")
+        j6 = await ledger.reserve(cy, SPEC, 700)  # still queued
+        j7 = await drawn(ann, 100, 1, 100, Usage(5, 0, 100, 0, 105))
+        await ledger.refund(j7, by="web:operator")
+        clock.now = day3
+        j8 = await drawn(cy, 50, 3, 50, None)
+
+        since, until = datetime(2025, 3, 10, tzinfo=UTC), datetime(2025, 3, 12, tzinfo=UTC)
+        assert await ledger.daily_usage(since, until=until) == [
+            DailyUsage("2025-03-10", "gpt-image-1.5", 400, 1, 20, 300, 2000),
+            DailyUsage("2025-03-10", "gpt-image-2", 300, 1, 10, 0, 1000),
+            DailyUsage("2025-03-11", "gpt-image-2", 600 + 700, 5, 5, 0, 600),
+        ]
+        assert (await ledger.daily_usage(since))[-1] == DailyUsage(
+            "2025-03-12", "gpt-image-2", 50, 1, 0, 0, 0)
+        assert await ledger.daily_usage(day3 + timedelta(days=1)) == []
+
+        assert await ledger.outcome_counts(since, until=until) == [
+            OutcomeCount("delivered", "succeeded", "", 2, 900),
+            OutcomeCount("cancelled", "failed", "cancelled", 1, 0),
+            OutcomeCount("delivered", "refunded", "", 1, 0),
+            OutcomeCount("failed", "failed", "balance", 1, 0),
+            OutcomeCount("queued", "reserved", "", 1, 700),
+            OutcomeCount("undelivered", "succeeded", "", 1, 400),
+        ]
+        assert await ledger.outcome_counts(day2, until=day2 + timedelta(hours=1)) == [
+            OutcomeCount("cancelled", "failed", "cancelled", 1, 0),
+            OutcomeCount("delivered", "refunded", "", 1, 0),
+            OutcomeCount("delivered", "succeeded", "", 1, 600),
+            OutcomeCount("failed", "failed", "balance", 1, 0),
+            OutcomeCount("queued", "reserved", "", 1, 700),
+        ]
+
+        # Drawn: 2, 5, 10 and 1 s (the refunded job was drawn too); the cancelled one was not.
+        times = await ledger.draw_time_quantiles(since, [0.5, 0.95, 1.0], until=until)
+        assert times == [pytest.approx(2, abs=1e-3), pytest.approx(10, abs=1e-3),
+                         pytest.approx(10, abs=1e-3)]
+        assert await ledger.draw_time_quantiles(since, [0.5]) == [pytest.approx(3, abs=1e-3)]
+        assert await ledger.draw_time_quantiles(day3 + timedelta(days=1), [0.5, 0.95]) == [
+            None, None]
+        with pytest.raises(ValueError):
+            await ledger.draw_time_quantiles(since, [0])
+
+        anns = await ledger.list_jobs(since, user_key="telegram:1")
+        assert [job.id for job in anns] == [j7, j5, j3, j1]
+        assert [j.id for j in await ledger.list_jobs(since, until=day2, user_key="telegram:1")
+                ] == [j1]
+        assert [j.id for j in await ledger.list_jobs(since, chat_key="telegram:-10")] == [j3, j1]
+        assert [j.id for j in await ledger.list_jobs(since, limit=3)] == [j8, j7, j6]
+        assert await ledger.list_jobs(since, user_key="telegram:404") == []
+        assert anns[0].status is JobStatus.REFUNDED and anns[0].refunded_by == "web:operator"
+
+        [undelivered] = await ledger.list_undelivered()
+        assert (undelivered.id, undelivered.reported_credits) == (j2, 450)
+        await ledger.refund(j2, by="telegram:99")
+        assert await ledger.list_undelivered() == []
+        assert j4 and j6 and j8  # every job above is counted where it belongs
+
+        assert await ledger.users_with_overrides() == []
+        assert await ledger.chats_with_overrides() == []
+        await ledger.set_user_limits("telegram:2", 100, None)
+        await ledger.set_blocked("telegram:3", True)
+        await ledger.set_chat_limit("telegram:-10", 50)
+        await ledger.set_blocked("telegram:-99", True)  # never seen: blocked as both
+        await ledger.set_user_limits("telegram:1", None, None)  # back to the defaults
+        users = await ledger.users_with_overrides()
+        assert [(u.user_key, u.daily_limit, u.monthly_limit, u.blocked) for u in users] == [
+            ("telegram:-99", None, None, True),
+            ("telegram:2", 100, None, False),
+            ("telegram:3", None, None, True),
+        ]
+        chats = await ledger.chats_with_overrides()
+        assert [(c.chat_key, c.daily_limit, c.blocked) for c in chats] == [
+            ("telegram:-10", 50, False),
+            ("telegram:-99", None, True),
+        ]
 
 
 # --- concurrency ----------------------------------------------------------------------------

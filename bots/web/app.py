@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from bots.web.admin import AdminPage
 from bots.web.api import WebApi
 from bots.web.page import WebPage
 from core.config import Settings
@@ -58,7 +59,7 @@ async def run_web(settings: Settings, service: ImageService, stop: asyncio.Event
     api = WebApi(service)
     page = WebPage(service, api.files)
     config = uvicorn.Config(
-        api.app(page.routes()),
+        api.app([*page.routes(), *AdminPage(page).routes()]),
         host=settings.web_listen,
         port=settings.web_port,
         lifespan="off",

@@ -273,6 +273,10 @@ class WebPage:
                 raise _error(401, lang, "web.key_revoked", "signed_out")
         return session
 
+    async def requester_of(self, request: Request, lang: str) -> Requester:
+        """Return who a call's session draws as (in the page's language); raise 401."""
+        return await self._requester(request, lang)
+
     async def _requester(self, request: Request, lang: str) -> Requester:
         session = await self._session(request, lang)
         return replace(session.requester, language=lang)  # answers in the page's language

@@ -62,6 +62,11 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "No such job.",
         "zh": "没有这个任务。",
     },
+    "web.admin_only": {
+        "en": "The dashboard is for the bot's admins only (ADMINS, or the operator's sign-in "
+        "link).",
+        "zh": "仪表盘仅供机器人的管理员使用（ADMINS，或运营者的登录链接）。",
+    },
     "web.bad_request": {
         "en": "The page sent something this server cannot read. Reload the page.",
         "zh": "页面发送的内容无法识别，请刷新页面。",

@@ -38,10 +38,12 @@ from core.store.keys import ApiKeyRecord
 from core.store.records import (
     ChatRecord,
     ChatTotal,
+    DailyUsage,
     JobRecord,
     JobSpec,
     Limits,
     NamedLease,
+    OutcomeCount,
     PurchaseRecord,
     Spender,
     SpendReport,
@@ -334,6 +336,58 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def global_spent_today(self) -> float:
         """Return what the whole bot has spent (and reserved) today, UTC."""
+
+    # --- the dashboard's read-only aggregations (bots/web/admin.py through core.dashboard) --
+
+    @abc.abstractmethod
+    async def daily_usage(
+        self, since: datetime, *, until: datetime | None = None
+    ) -> list[DailyUsage]:
+        """Sum charges, jobs and reported tokens per UTC day and model, oldest day first
+        (models by name within a day), over the jobs created in [since, until)."""
+
+    @abc.abstractmethod
+    async def outcome_counts(
+        self, since: datetime, *, until: datetime | None = None
+    ) -> list[OutcomeCount]:
+        """Count the jobs created in [since, until) per stage, status and error code
+        (most jobs first, then by stage, status and code)."""
+
+    @abc.abstractmethod
+    async def draw_time_quantiles(
+        self,
+        since: datetime,
+        quantiles: Sequence[float],
+        *,
+        until: datetime | None = None,
+    ) -> list[float | None]:
+        """Return the draw times (seconds from started_at to finished_at) at those
+        quantiles (0 < q <= 1, nearest rank) over the jobs created in [since, until) whose
+        drawing succeeded (stage drawn, delivered or undelivered); None each when none."""
+
+    @abc.abstractmethod
+    async def list_jobs(
+        self,
+        since: datetime,
+        *,
+        until: datetime | None = None,
+        user_key: str | None = None,
+        chat_key: str | None = None,
+        limit: int = 100,
+    ) -> list[JobRecord]:
+        """List the jobs created in [since, until) (of one user, of one chat), newest first."""
+
+    @abc.abstractmethod
+    async def list_undelivered(self, limit: int = 200) -> list[JobRecord]:
+        """List the undelivered jobs not refunded yet, oldest first (up to `limit`)."""
+
+    @abc.abstractmethod
+    async def users_with_overrides(self) -> list[UserRecord]:
+        """List the users with a limit of their own or blocked, by user key."""
+
+    @abc.abstractmethod
+    async def chats_with_overrides(self) -> list[ChatRecord]:
+        """List the chats with a limit of their own or blocked, by chat key."""
 
     # --- personal API keys (core/store/keys.py: shape, hashing) ------------------------
 

@@ -85,12 +85,14 @@ from core.store.records import (
     STAGED_KEEP,
     ChatRecord,
     ChatTotal,
+    DailyUsage,
     JobRecord,
     JobSpec,
     JobStage,
     JobStatus,
     Limits,
     NamedLease,
+    OutcomeCount,
     PurchaseRecord,
     Spender,
     SpendReport,
@@ -107,6 +109,7 @@ from core.store.records import (
     job_from_mapping,
     lease_from_mapping,
     month_start,
+    nearest_rank,
     purchase_from_mapping,
     purchase_refusal,
     remaining,
@@ -275,6 +278,55 @@ _CHAT_TOTALS = (
     "SELECT chat_key, SUM(charged) AS credits, COUNT(*) AS jobs FROM jobs"
     " WHERE chat_key IS NOT NULL AND created_at >= $1 AND ($2::text IS NULL OR created_at < $2)"
     " GROUP BY chat_key ORDER BY credits DESC, jobs DESC, chat_key"
+)
+# The dashboard's aggregations, as in SQLite. A period is [$1, $2); $2 NULL = open-ended.
+_PERIOD = "created_at >= $1 AND ($2::text IS NULL OR created_at < $2)"
+
+# Counts the upstream gave unreadable are stored as -1: they count 0.
+_TOKENS = (
+    " SUM(GREATEST(COALESCE((usage_json::jsonb ->> 'text_input_tokens')::bigint, 0), 0))"
+    " AS text_in,"
+    " SUM(GREATEST(COALESCE((usage_json::jsonb ->> 'image_input_tokens')::bigint, 0), 0))"
+    " AS image_in,"
+    " SUM(GREATEST(COALESCE((usage_json::jsonb ->> 'image_output_tokens')::bigint, 0), 0))"
+    " AS image_out"
+)
+
+
+_DAILY_USAGE = (
+    "SELECT substr(created_at, 1, 10) AS day, model, SUM(charged) AS credits,"  # noqa: S608
+    f" COUNT(*) AS jobs, {_TOKENS}"
+    f" FROM jobs WHERE {_PERIOD} GROUP BY 1, 2 ORDER BY 1, 2"
+)
+_OUTCOMES = (
+    'SELECT stage, status, COALESCE(error_code, \'\') COLLATE "C" AS code,'  # noqa: S608
+    f" COUNT(*) AS jobs, SUM(charged) AS credits FROM jobs WHERE {_PERIOD}"
+    " GROUP BY 1, 2, 3 ORDER BY jobs DESC, stage, status, code"
+)
+_DRAWN = (
+    "FROM jobs WHERE stage IN ('drawn', 'delivered', 'undelivered')"
+    f" AND started_at IS NOT NULL AND finished_at IS NOT NULL AND {_PERIOD}"
+)
+_DRAWN_COUNT = f"SELECT COUNT(*) {_DRAWN}"  # noqa: S608 - constant text
+_DRAW_TIME_AT = (
+    "SELECT EXTRACT(EPOCH FROM finished_at::timestamptz - started_at::timestamptz)"  # noqa: S608
+    f" AS seconds {_DRAWN} ORDER BY seconds, id LIMIT 1 OFFSET $3"
+)
+_LIST_JOBS = (
+    f"SELECT * FROM jobs WHERE {_PERIOD}"  # noqa: S608 - constant text
+    " AND ($3::text IS NULL OR user_key = $3) AND ($4::text IS NULL OR chat_key = $4)"
+    " ORDER BY id DESC LIMIT $5"
+)
+_SELECT_UNDELIVERED = (
+    "SELECT * FROM jobs WHERE stage = 'undelivered' AND status <> 'refunded'"
+    " ORDER BY id LIMIT $1"
+)
+_USERS_WITH_OVERRIDES = (
+    "SELECT * FROM users WHERE daily_limit IS NOT NULL OR monthly_limit IS NOT NULL"
+    " OR blocked <> 0 ORDER BY user_key"
+)
+_CHATS_WITH_OVERRIDES = (
+    "SELECT * FROM chats WHERE daily_limit IS NOT NULL OR blocked <> 0 ORDER BY chat_key"
 )
 _SELECT_FLAGGED = (
     "SELECT * FROM jobs WHERE usage_flag IS NOT NULL AND created_at >= $1"
@@ -1888,6 +1940,102 @@ class PostgresStore(Store):
         if refunded is not None:
             return refunded
         raise purchase_refusal(await self.get_purchase(purchase_id), purchase_id)
+    # --- the dashboard's aggregations ----------------------------------------------------
+
+    async def daily_usage(
+        self, since: datetime, *, until: datetime | None = None
+    ) -> list[DailyUsage]:
+        """Sum charges, jobs and reported tokens per UTC day and model, oldest day first."""
+        period = _period(since, until)
+
+        async def read(conn: asyncpg.Connection) -> list[DailyUsage]:
+            return [
+                DailyUsage(r["day"], r["model"], float(r["credits"]), int(r["jobs"]),
+                           int(r["text_in"]), int(r["image_in"]), int(r["image_out"]))
+                for r in await conn.fetch(_DAILY_USAGE, *period)
+            ]
+
+        return await self._read(read)
+
+    async def outcome_counts(
+        self, since: datetime, *, until: datetime | None = None
+    ) -> list[OutcomeCount]:
+        """Count the jobs created in [since, until) per stage, status and error code."""
+        period = _period(since, until)
+
+        async def read(conn: asyncpg.Connection) -> list[OutcomeCount]:
+            return [
+                OutcomeCount(r["stage"], r["status"], r["code"], int(r["jobs"]),
+                             float(r["credits"]))
+                for r in await conn.fetch(_OUTCOMES, *period)
+            ]
+
+        return await self._read(read)
+
+    async def draw_time_quantiles(
+        self,
+        since: datetime,
+        quantiles: Sequence[float],
+        *,
+        until: datetime | None = None,
+    ) -> list[float | None]:
+        """Return the draw times at those quantiles (nearest rank); None each when none."""
+        period = _period(since, until)
+
+        async def read(conn: asyncpg.Connection) -> list[float | None]:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                count = await conn.fetchval(_DRAWN_COUNT, *period)
+                if not count:
+                    return [None for _ in quantiles]
+                found: list[float | None] = []
+                for quantile in quantiles:
+                    offset = nearest_rank(quantile, count) - 1
+                    found.append(float(await conn.fetchval(_DRAW_TIME_AT, *period, offset)))
+                return found
+
+        return await self._read(read)
+
+    async def list_jobs(
+        self,
+        since: datetime,
+        *,
+        until: datetime | None = None,
+        user_key: str | None = None,
+        chat_key: str | None = None,
+        limit: int = 100,
+    ) -> list[JobRecord]:
+        """List the jobs created in [since, until) (of one user, of one chat), newest first."""
+        period = _period(since, until)
+
+        async def read(conn: asyncpg.Connection) -> list[JobRecord]:
+            rows = await conn.fetch(_LIST_JOBS, *period, user_key, chat_key, limit)
+            return [job_from_mapping(row) for row in rows]
+
+        return await self._read(read)
+
+    async def list_undelivered(self, limit: int = 200) -> list[JobRecord]:
+        """List the undelivered jobs not refunded yet, oldest first."""
+
+        async def read(conn: asyncpg.Connection) -> list[JobRecord]:
+            return [job_from_mapping(row) for row in await conn.fetch(_SELECT_UNDELIVERED, limit)]
+
+        return await self._read(read)
+
+    async def users_with_overrides(self) -> list[UserRecord]:
+        """List the users with a limit of their own or blocked, by user key."""
+
+        async def read(conn: asyncpg.Connection) -> list[UserRecord]:
+            return [user_from_mapping(row) for row in await conn.fetch(_USERS_WITH_OVERRIDES)]
+
+        return await self._read(read)
+
+    async def chats_with_overrides(self) -> list[ChatRecord]:
+        """List the chats with a limit of their own or blocked, by chat key."""
+
+        async def read(conn: asyncpg.Connection) -> list[ChatRecord]:
+            return [chat_from_mapping(row) for row in await conn.fetch(_CHATS_WITH_OVERRIDES)]
+
+        return await self._read(read)
 
     # --- copies -----------------------------------------------------------------------
 
@@ -2032,3 +2180,7 @@ class PostgresStore(Store):
                     await conn.execute(_MOVE_JOB_IDS)
 
         await self._write(write_on)
+
+
+def _period(since: datetime, until: datetime | None) -> tuple[str, str | None]:
+    return iso(since), iso(until) if until is not None else None

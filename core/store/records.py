@@ -290,6 +290,31 @@ class ChatTotal(NamedTuple):
     jobs: int
 
 
+class DailyUsage(NamedTuple):
+    """What one model was charged and used on one UTC day (the dashboard's daily charts).
+
+    Tokens are the usage the upstream reported (counts it could not read count 0).
+    """
+
+    day: str  # YYYY-MM-DD, UTC, of the jobs' created_at
+    model: str
+    credits: float
+    jobs: int
+    text_input_tokens: int
+    image_input_tokens: int
+    image_output_tokens: int
+
+
+class OutcomeCount(NamedTuple):
+    """How many jobs ended (or stand) in one stage, status and error code, and their charge."""
+
+    stage: str
+    status: str
+    error_code: str  # '' when the job has none
+    jobs: int
+    credits: float
+
+
 # --- helpers both backends share ----------------------------------------------------------
 
 
@@ -373,6 +398,14 @@ def parse_refs(value: str | None) -> tuple[str, ...]:
 def is_row_id(job_id: int) -> bool:
     """Say whether `job_id` can be a job id (ids come from buttons and admin commands)."""
     return 0 < job_id < 2**63
+
+
+def nearest_rank(quantile: float, count: int) -> int:
+    """Return the 1-based rank of a quantile among `count` sorted values (nearest rank)."""
+    if not 0 < quantile <= 1:
+        raise ValueError(f"a quantile is in (0, 1], got {quantile!r}")
+    # The small slack keeps 0.95 * 20 at rank 19 whatever the float rounding says.
+    return min(count, max(1, math.ceil(quantile * count - 1e-9)))
 
 
 def effective_limit(default: float, override: float | None) -> float:

@@ -71,12 +71,14 @@ from core.store.records import (
     STAGED_KEEP,
     ChatRecord,
     ChatTotal,
+    DailyUsage,
     JobRecord,
     JobSpec,
     JobStage,
     JobStatus,
     Limits,
     NamedLease,
+    OutcomeCount,
     PurchaseRecord,
     Spender,
     SpendReport,
@@ -93,6 +95,7 @@ from core.store.records import (
     job_from_mapping,
     lease_from_mapping,
     month_start,
+    nearest_rank,
     purchase_from_mapping,
     purchase_refusal,
     rate_refusal,
@@ -256,6 +259,59 @@ _SELECT_BALANCE = "SELECT micro_credits FROM balances WHERE user_key = ?"
 _INSERT_ENTRY = (
     "INSERT INTO credit_entries (user_key, kind, micro_credits, purchase_id, granted_by, note,"
     " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+# The dashboard's aggregations. A period is [since, until); until NULL = open-ended.
+_PERIOD = "created_at >= :since AND (:until IS NULL OR created_at < :until)"
+
+# Usage is JSON text; counts the upstream gave unreadable are stored as -1: they count 0.
+_TOKENS = (
+    " SUM(CASE WHEN json_valid(usage_json) THEN"
+    " MAX(COALESCE(json_extract(usage_json, '$.text_input_tokens'), 0), 0) ELSE 0 END)"
+    " AS text_in,"
+    " SUM(CASE WHEN json_valid(usage_json) THEN"
+    " MAX(COALESCE(json_extract(usage_json, '$.image_input_tokens'), 0), 0) ELSE 0 END)"
+    " AS image_in,"
+    " SUM(CASE WHEN json_valid(usage_json) THEN"
+    " MAX(COALESCE(json_extract(usage_json, '$.image_output_tokens'), 0), 0) ELSE 0 END)"
+    " AS image_out"
+)
+
+
+_DAILY_USAGE = (
+    "SELECT substr(created_at, 1, 10) AS day, model, SUM(charged) AS credits,"  # noqa: S608
+    f" COUNT(*) AS jobs, {_TOKENS}"
+    f" FROM jobs WHERE {_PERIOD} GROUP BY day, model ORDER BY day, model"
+)
+_OUTCOMES = (
+    "SELECT stage, status, COALESCE(error_code, '') AS code, COUNT(*) AS jobs,"  # noqa: S608
+    f" SUM(charged) AS credits FROM jobs WHERE {_PERIOD}"
+    " GROUP BY stage, status, code ORDER BY jobs DESC, stage, status, code"
+)
+_DRAWN = (
+    "FROM jobs WHERE stage IN ('drawn', 'delivered', 'undelivered')"
+    f" AND started_at IS NOT NULL AND finished_at IS NOT NULL AND {_PERIOD}"
+)
+_DRAWN_COUNT = f"SELECT COUNT(*) {_DRAWN}"  # noqa: S608 - constant text
+_DRAW_TIME_AT = (
+    "SELECT (julianday(finished_at) - julianday(started_at)) * 86400.0 AS seconds"  # noqa: S608
+    f" {_DRAWN} ORDER BY seconds, id LIMIT 1 OFFSET :offset"
+)
+_LIST_JOBS = (
+    f"SELECT * FROM jobs WHERE {_PERIOD}"  # noqa: S608 - constant text
+    " AND (:user_key IS NULL OR user_key = :user_key)"
+    " AND (:chat_key IS NULL OR chat_key = :chat_key)"
+    " ORDER BY id DESC LIMIT :limit"
+)
+_SELECT_UNDELIVERED = (
+    "SELECT * FROM jobs WHERE stage = 'undelivered' AND status <> 'refunded'"
+    " ORDER BY id LIMIT ?"
+)
+_USERS_WITH_OVERRIDES = (
+    "SELECT * FROM users WHERE daily_limit IS NOT NULL OR monthly_limit IS NOT NULL"
+    " OR blocked <> 0 ORDER BY user_key"
+)
+_CHATS_WITH_OVERRIDES = (
+    "SELECT * FROM chats WHERE daily_limit IS NOT NULL OR blocked <> 0 ORDER BY chat_key"
 )
 # Generated columns are computed, never copied.
 _GENERATED = frozenset({"charged", "charged_micro"})
@@ -1335,6 +1391,77 @@ class SqliteStore(Store):
         )
         return row[0] / MICRO if row is not None else 0.0
 
+    # --- the dashboard's aggregations -----------------------------------------------------
+
+    async def daily_usage(
+        self, since: datetime, *, until: datetime | None = None
+    ) -> list[DailyUsage]:
+        """Sum charges, jobs and reported tokens per UTC day and model, oldest day first."""
+        rows = await self._read_all(_DAILY_USAGE, _period(since, until))
+        return [
+            DailyUsage(r["day"], r["model"], float(r["credits"]), int(r["jobs"]),
+                       int(r["text_in"]), int(r["image_in"]), int(r["image_out"]))
+            for r in rows
+        ]
+
+    async def outcome_counts(
+        self, since: datetime, *, until: datetime | None = None
+    ) -> list[OutcomeCount]:
+        """Count the jobs created in [since, until) per stage, status and error code."""
+        rows = await self._read_all(_OUTCOMES, _period(since, until))
+        return [
+            OutcomeCount(r["stage"], r["status"], r["code"], int(r["jobs"]), float(r["credits"]))
+            for r in rows
+        ]
+
+    async def draw_time_quantiles(
+        self,
+        since: datetime,
+        quantiles: Sequence[float],
+        *,
+        until: datetime | None = None,
+    ) -> list[float | None]:
+        """Return the draw times at those quantiles (nearest rank); None each when none."""
+        period = _period(since, until)
+        async with self._read_snapshot() as conn:
+            [[count]] = await conn.execute_fetchall(_DRAWN_COUNT, period)
+            if not count:
+                return [None for _ in quantiles]
+            found: list[float | None] = []
+            for quantile in quantiles:
+                offset = nearest_rank(quantile, count) - 1
+                [[seconds]] = await conn.execute_fetchall(
+                    _DRAW_TIME_AT, {**period, "offset": offset})
+                found.append(float(seconds))
+            return found
+
+    async def list_jobs(
+        self,
+        since: datetime,
+        *,
+        until: datetime | None = None,
+        user_key: str | None = None,
+        chat_key: str | None = None,
+        limit: int = 100,
+    ) -> list[JobRecord]:
+        """List the jobs created in [since, until) (of one user, of one chat), newest first."""
+        params = {**_period(since, until), "user_key": user_key, "chat_key": chat_key,
+                  "limit": limit}
+        return [job_from_mapping(row) for row in await self._read_all(_LIST_JOBS, params)]
+
+    async def list_undelivered(self, limit: int = 200) -> list[JobRecord]:
+        """List the undelivered jobs not refunded yet, oldest first."""
+        rows = await self._read_all(_SELECT_UNDELIVERED, (limit,))
+        return [job_from_mapping(row) for row in rows]
+
+    async def users_with_overrides(self) -> list[UserRecord]:
+        """List the users with a limit of their own or blocked, by user key."""
+        return [user_from_mapping(row) for row in await self._read_all(_USERS_WITH_OVERRIDES)]
+
+    async def chats_with_overrides(self) -> list[ChatRecord]:
+        """List the chats with a limit of their own or blocked, by chat key."""
+        return [chat_from_mapping(row) for row in await self._read_all(_CHATS_WITH_OVERRIDES)]
+
     # --- personal API keys ---------------------------------------------------------------
 
     async def create_api_key(self, user_key: str, name: str = "") -> tuple[int, str]:
@@ -1571,6 +1698,10 @@ class SqliteStore(Store):
             await conn.executemany(sql, values)
 
         await self._transaction(load)
+
+
+def _period(since: datetime, until: datetime | None) -> dict[str, str | None]:
+    return {"since": iso(since), "until": iso(until) if until is not None else None}
 
 
 def _log_release_failure(task: asyncio.Future[Any]) -> None:

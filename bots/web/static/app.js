@@ -13,6 +13,7 @@ const TEXTS = {
     signingIn: "Signing in…",
     signOut: "Sign out",
     admin: "operator",
+    dashboard: "Dashboard",
     promptLabel: "What to draw — options first, like 16:9 2K high a white cat",
     promptPlaceholder: "16:9 2K high a white siamese cat on a windowsill",
     ratio: "Ratio", tier: "Resolution", quality: "Quality", count: "Count", model: "Model",
@@ -56,6 +57,7 @@ const TEXTS = {
     signingIn: "正在登录…",
     signOut: "退出登录",
     admin: "运营者",
+    dashboard: "仪表盘",
     promptLabel: "要画什么——选项写在前面，如 16:9 2K high 一只白猫",
     promptPlaceholder: "16:9 2K high 窗台上的一只白色暹罗猫",
     ratio: "比例", tier: "分辨率", quality: "质量", count: "数量", model: "模型",
@@ -191,6 +193,7 @@ function showSignIn(message = "") {
   $("studio").hidden = true;
   $("who").hidden = true;
   $("sign-out").hidden = true;
+  $("dashboard-link").hidden = true;
   $("spend").textContent = "";
   $("signin").hidden = false;
   $("signin-error").textContent = message;
@@ -262,6 +265,7 @@ function enterStudio(me) {
   $("who").textContent = me.admin ? `${me.name} (${t("admin")})` : me.name;
   $("who").title = me.user;
   $("sign-out").hidden = false;
+  $("dashboard-link").hidden = !me.admin;
   $("spend").textContent = me.spend;
   $("refs").querySelector("[data-t=refsTitle]").textContent = t("refsTitle", { max: me.max_references });
   fillPickers();
