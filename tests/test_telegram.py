@@ -1118,7 +1118,15 @@ async def test_jobs_a_dead_process_left_are_carried_on_and_delivered_once(
         )
         carry = asyncio.create_task(service.take_over())
         await api.wait_for(lambda: len(api.of("sendPhoto")) >= 2 or bot.done(), within=20)
-        jobs = {job_id: await service.ledger.get_job(job_id) for job_id in (drawing, waiting)}
+        # The runner records a delivery once sendPhoto has answered: wait for that too
+        # (read at once, a loaded machine could still find the job `drawn`).
+        for _ in range(200):
+            jobs = {job_id: await service.ledger.get_job(job_id) for job_id in (drawing, waiting)}
+            if bot.done() or all(
+                job is not None and job.stage is not JobStage.DRAWN for job in jobs.values()
+            ):
+                break
+            await asyncio.sleep(0.05)
         stop.set()
         await asyncio.wait_for(bot, 10)
         carry.cancel()
