@@ -10,10 +10,15 @@ Everything runs against the fake image API (`bench/upstream.py`, photo-sized pay
 It prints a table and writes `bench/results.json` (machine, versions, every number, and
 which targets were met). Scenarios:
 
-1. overhead   ImageService.draw (parse → reserve → call → decode → settle → result) vs a bare
-              httpx POST of the same request reading the same body (url mode: + the GET of
-              the image), 1024x1024 and 3840x2160, b64_json with a data: prefix and url;
-              interleaved, medians.
+1. overhead   one job the durable way a front end runs it — JobRunner.run with a minimal
+              in-memory Reply: access → reserve (queued) → start (drawing) → call → decode →
+              the result kept on disk (DATA_DIR/results/<id>/) while the settle commits
+              (drawn) → spend report → Reply.result → finish_delivery (delivered, with the
+              file refs) — vs a bare httpx POST of the same request reading the same body
+              (url mode: + the GET of the image), 1024x1024 and 3840x2160, b64_json with a
+              data: prefix and url, on SQLite and on a durable PostgreSQL server (fsync on);
+              interleaved, medians; every timed job is checked `delivered` with its result
+              on disk afterwards.
 2. sdk        ImageClient.draw vs openai's AsyncOpenAI.images.generate + b64decode.
 3+4. burst    50 jobs of 3840x2160 from 50 users at once through the pipeline, in a fresh
               child process: loop stalls seen by a 1 ms ticker, and peak RSS (VmHWM) vs the
@@ -24,8 +29,9 @@ which targets were met). Scenarios:
               then 3 processes at once on one database, against a user daily limit the
               three together try to exceed, checked for overspend. PostgreSQL needs the
               server binaries and pytest (tests/pg_server.py): `pip install -e '.[test,bench]'`.
-6. throughput jobs/s through the pipeline (1024x1024) with 1 / 10 / 100 concurrent users,
-              next to bare httpx at the same concurrency.
+6. throughput jobs/s through the same durable path (1024x1024) with 1 / 10 / 100
+              concurrent users, on SQLite and on the durable PostgreSQL server, next to bare
+              httpx at the same concurrency (run right after each).
 7. stream     previews: the server-sent-event reader against the JSON reader on the same
               4K answer (64 KiB reads, each decoding its base64 on the way in), and with a
               10 s upstream and 3 previews (25/50/75 %), the time to the first preview
