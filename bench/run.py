@@ -10,10 +10,15 @@ Everything runs against the fake image API (`bench/upstream.py`, photo-sized pay
 It prints a table and writes `bench/results.json` (machine, versions, every number, and
 which targets were met). Scenarios:
 
-1. overhead   ImageService.draw (parse → reserve → call → decode → settle → result) vs a bare
-              httpx POST of the same request reading the same body (url mode: + the GET of
-              the image), 1024x1024 and 3840x2160, b64_json with a data: prefix and url;
-              interleaved, medians.
+1. overhead   one job the durable way a front end runs it — JobRunner.run with a minimal
+              in-memory Reply: access → reserve (queued) → start (drawing) → call → decode →
+              the result kept on disk (DATA_DIR/results/<id>/) while the settle commits
+              (drawn) → spend report → Reply.result → finish_delivery (delivered, with the
+              file refs) — vs a bare httpx POST of the same request reading the same body
+              (url mode: + the GET of the image), 1024x1024 and 3840x2160, b64_json with a
+              data: prefix and url, on SQLite and on a durable PostgreSQL server (fsync on);
+              interleaved, medians; every timed job is checked `delivered` with its result
+              on disk afterwards.
 2. sdk        ImageClient.draw vs openai's AsyncOpenAI.images.generate + b64decode.
 3+4. burst    50 jobs of 3840x2160 from 50 users at once through the pipeline, in a fresh
               child process: loop stalls seen by a 1 ms ticker, and peak RSS (VmHWM) vs the
@@ -24,8 +29,9 @@ which targets were met). Scenarios:
               then 3 processes at once on one database, against a user daily limit the
               three together try to exceed, checked for overspend. PostgreSQL needs the
               server binaries and pytest (tests/pg_server.py): `pip install -e '.[test,bench]'`.
-6. throughput jobs/s through the pipeline (1024x1024) with 1 / 10 / 100 concurrent users,
-              next to bare httpx at the same concurrency.
+6. throughput jobs/s through the same durable path (1024x1024) with 1 / 10 / 100
+              concurrent users, on SQLite and on the durable PostgreSQL server, next to bare
+              httpx at the same concurrency (run right after each).
 7. stream     previews: the server-sent-event reader against the JSON reader on the same
               4K answer (64 KiB reads, each decoding its base64 on the way in), and with a
               10 s upstream and 3 previews (25/50/75 %), the time to the first preview
@@ -49,7 +55,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -69,9 +75,10 @@ from core.images import ImageClient, api_root  # noqa: E402
 from core.pricing import Usage  # noqa: E402
 from core.prompt import ImageRequest, PromptDefaults, parse_command  # noqa: E402
 from core.requester import Requester  # noqa: E402
+from core.runner import JobRunner  # noqa: E402
 from core.runtime import make_http_client, open_service  # noqa: E402
 from core.service import ImageService  # noqa: E402
-from core.store import JobSpec, Limits, Store, open_store  # noqa: E402
+from core.store import JobSpec, JobStage, Limits, Store, open_store  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, photorealistic, warm light"
 TEXTS = {
@@ -104,13 +111,18 @@ QUICK = Plan(10, 5, 10, 5, 50, 600, 10_000, {1: 10, 10: 40, 100: 100})
 # --- helpers ----------------------------------------------------------------------------
 
 
-def bench_settings(base_url: str, db: Path, response_format: str, **extra: Any) -> Settings:
-    """Return settings for the fake upstream, with limits set and queue/rate caps raised."""
+def bench_settings(
+    base_url: str, db: Path | str, response_format: str, **extra: Any
+) -> Settings:
+    """Return settings for the fake upstream, with limits set and queue/rate caps raised.
+
+    `db` is a SQLite file, or a DATABASE_URL (a PostgreSQL database).
+    """
     values: dict[str, Any] = {
         "openai_base_url": base_url,
         "openai_api_key": KEY,
         "response_format": response_format,
-        "database_url": f"sqlite:///{db}",
+        "database_url": f"sqlite:///{db}" if isinstance(db, Path) else db,
         "rate_limit_per_minute": 0,
         "max_jobs_in_flight": 8,
         "progress_interval": 300.0,
@@ -121,6 +133,75 @@ def bench_settings(base_url: str, db: Path, response_format: str, **extra: Any) 
     }
     values.update(extra)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where a pipeline scenario keeps its ledger: a SQLite file in the temp dir, or a fresh
+    database on the bench's durable PostgreSQL server. Kept results go to a folder of the
+    temp dir either way (DATA_DIR)."""
+
+    name: str  # "sqlite" or "postgresql"
+    server: Any = None  # tests.pg_server.PgServer, for "postgresql"
+
+    def settings(
+        self, base_url: str, tmp: Path, label: str, response_format: str, **extra: Any
+    ) -> Settings:
+        """Settings for one scenario run: its own ledger and its own data folder."""
+        folder = tmp / f"{label}-{self.name}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        db: Path | str = (
+            folder / "imgbot.db" if self.name == "sqlite" else self.server.create_database()
+        )
+        return bench_settings(base_url, db, response_format, data_dir=str(folder), **extra)
+
+
+class BenchReply:
+    """The least a front end does with a job (core.runner.Reply): keep the outcome, and hand
+    back a platform handle per image as the Telegram and Discord replies do (so the runner
+    records them, one more store write, as it does for the bots). A refusal or a failure is
+    kept too and turned into an error by `pipeline_call`: the bench must not time a job that
+    went wrong."""
+
+    def __init__(self) -> None:
+        self.outcome: Any = None
+        self.problem = ""
+
+    async def progress(self, event: Any) -> None:
+        """Progress is shown nowhere."""
+
+    async def result(self, outcome: Any, four_k_credits: float | None) -> list[str]:
+        """Take the result: in memory, at once."""
+        self.outcome = outcome
+        return [f"bench-file-{outcome.job_id}-{i}" for i in range(len(outcome.images))]
+
+    async def refusal(self, message: str | None, error: Any = None) -> None:
+        """A refusal ends the bench."""
+        self.problem = f"refused: {message!r} ({error!r})"
+
+    async def failure(self, message: str) -> None:
+        """So does a failure."""
+        self.problem = f"failed: {message!r}"
+
+
+async def no_references() -> list[Any]:
+    """A command without reference images."""
+    return []
+
+
+async def check_durable(service: ImageService, job_ids: list[int]) -> dict[str, Any]:
+    """Check that the timed jobs went the whole durable way: each is `delivered` in the store
+    and its result was kept on disk (retention keeps it after delivery)."""
+    stages: dict[str, int] = {}
+    kept = 0
+    for job_id in job_ids:
+        job = await service.job(job_id)
+        assert job is not None, job_id
+        stages[job.stage.value] = stages.get(job.stage.value, 0) + 1
+        kept += (service.results.folder(job_id) / "result.json").is_file()
+    if stages != {JobStage.DELIVERED.value: len(job_ids)} or kept != len(job_ids):
+        raise RuntimeError(f"jobs not through the durable path: {stages}, {kept} kept")
+    return {"jobs": len(job_ids), "delivered": len(job_ids), "results_kept": kept}
 
 
 def api_fields(request: ImageRequest, response_format: str | None) -> dict[str, Any]:
@@ -292,48 +373,73 @@ class Ticker:
 # --- 1. overhead per job ----------------------------------------------------------------
 
 
-async def overhead(base_url: str, tmp: Path, plan: Plan) -> dict[str, Any]:
-    """Time the whole pipeline against a bare httpx call, per size and answer mode."""
+async def overhead(
+    base_url: str, tmp: Path, plan: Plan, backends: list[Backend]
+) -> dict[str, Any]:
+    """Time the whole durable pipeline against a bare httpx call, per backend, size and
+    answer mode."""
     out: dict[str, Any] = {}
-    for mode in ("b64_json", "url"):
-        settings = bench_settings(base_url, tmp / f"overhead-{mode}.db", mode)
-        async with open_service(settings) as service, httpx.AsyncClient(timeout=600) as bare_http:
-            requester = Requester("bench", "overhead", display_name="Bench")
-            for size, reps in (("1024x1024", plan.overhead_1k), ("3840x2160", plan.overhead_4k)):
-                text = TEXTS[size]
-                request, _ = service.parse(text)
-                assert request.size == size, request.size
-                fields = api_fields(request, mode)
-                answer_bytes = await bare_call(bare_http, base_url, fields)
-                calls = [
-                    partial(pipeline_call, service, requester, text),
-                    partial(bare_call, bare_http, base_url, fields),
-                ]
-                if mode == "b64_json":
-                    calls.append(partial(bare_decode_call, bare_http, base_url, fields))
-                timings = await interleaved(calls, reps)
-                p, b = stats(timings[0]), stats(timings[1])
-                row: dict[str, Any] = {
-                    "mode": mode,
-                    "size": size,
-                    "answer_bytes": answer_bytes,
-                    "pipeline": p,
-                    "bare": b,
-                    "added_ms": round(p["median_ms"] - b["median_ms"], 2),
-                    "ratio": round(p["median_ms"] / b["median_ms"], 3),
-                }
-                if mode == "b64_json":
-                    d = stats(timings[2])
-                    row["bare_plus_decode"] = d
-                    row["ratio_vs_bare_plus_decode"] = round(p["median_ms"] / d["median_ms"], 3)
-                out[f"{mode} {size}"] = row
+    for backend in backends:
+        for mode in ("b64_json", "url"):
+            settings = backend.settings(base_url, tmp, f"overhead-{mode}", mode)
+            async with (
+                open_service(settings) as service,
+                httpx.AsyncClient(timeout=600) as bare_http,
+            ):
+                runner = JobRunner(service)
+                requester = Requester("bench", "overhead", display_name="Bench")
+                for size, reps in (
+                    ("1024x1024", plan.overhead_1k),
+                    ("3840x2160", plan.overhead_4k),
+                ):
+                    text = TEXTS[size]
+                    request, _ = service.parse(text)
+                    assert request.size == size, request.size
+                    fields = api_fields(request, mode)
+                    answer_bytes = await bare_call(bare_http, base_url, fields)
+                    jobs: list[int] = []
+                    calls = [
+                        partial(pipeline_call, runner, requester, text, jobs),
+                        partial(bare_call, bare_http, base_url, fields),
+                    ]
+                    if mode == "b64_json":
+                        calls.append(partial(bare_decode_call, bare_http, base_url, fields))
+                    timings = await interleaved(calls, reps)
+                    p, b = stats(timings[0]), stats(timings[1])
+                    row: dict[str, Any] = {
+                        "backend": backend.name,
+                        "mode": mode,
+                        "size": size,
+                        "answer_bytes": answer_bytes,
+                        "pipeline": p,
+                        "bare": b,
+                        "added_ms": round(p["median_ms"] - b["median_ms"], 2),
+                        "ratio": round(p["median_ms"] / b["median_ms"], 3),
+                        "durable": await check_durable(service, jobs),
+                    }
+                    if mode == "b64_json":
+                        d = stats(timings[2])
+                        row["bare_plus_decode"] = d
+                        row["ratio_vs_bare_plus_decode"] = round(
+                            p["median_ms"] / d["median_ms"], 3
+                        )
+                    out[f"{backend.name} {mode} {size}"] = row
     return out
 
 
-async def pipeline_call(service: Any, requester: Requester, text: str) -> None:
-    """Run one job through ImageService.draw."""
-    outcome = await service.draw(requester, text)
-    assert outcome.images[0].width > 0
+async def pipeline_call(
+    runner: JobRunner, requester: Requester, text: str, jobs: list[int] | None = None
+) -> None:
+    """Run one job the durable way a front end does: JobRunner.run (access, reserve, queue,
+    start, draw, keep the result on disk while settling, spend report) → Reply.result →
+    the delivery recorded (finish_delivery) and the platform handles stored."""
+    reply = BenchReply()
+    await runner.run(requester, text, no_references, reply)
+    if reply.problem or reply.outcome is None:
+        raise RuntimeError(f"the bench job did not succeed: {reply.problem or 'no result'}")
+    assert reply.outcome.images[0].width > 0
+    if jobs is not None:
+        jobs.append(reply.outcome.job_id)
 
 
 # --- 2. against the official SDK --------------------------------------------------------
@@ -806,11 +912,13 @@ async def ledger_postgres(plan: Plan, tasks: int = 100) -> dict[str, Any]:
 # --- 6. throughput ----------------------------------------------------------------------
 
 
-async def pipeline_user(service: Any, user: int, text: str, work: Iterator[int]) -> None:
+async def pipeline_user(
+    runner: JobRunner, user: int, text: str, work: Iterator[int], jobs: list[int]
+) -> None:
     """One user drawing job after job (never two at once) until the shared work runs out."""
     requester = Requester("bench", f"user{user}")
     for _ in work:
-        await service.draw(requester, text)
+        await pipeline_call(runner, requester, text, jobs)
 
 
 async def bare_user(
@@ -821,36 +929,50 @@ async def bare_user(
         await bare_call(http, base_url, fields)
 
 
-async def throughput(base_url: str, tmp: Path, plan: Plan) -> dict[str, Any]:
-    """Count 1024x1024 jobs per second through the pipeline and bare, per user count."""
+async def throughput(
+    base_url: str, tmp: Path, plan: Plan, backends: list[Backend]
+) -> dict[str, Any]:
+    """Count 1024x1024 jobs per second through the durable pipeline (JobRunner to delivery)
+    and bare, per backend and user count; bare right after each pipeline run."""
     out: dict[str, Any] = {}
     text = TEXTS["1024x1024"]
-    for users, total in plan.throughput_jobs.items():
-        settings = bench_settings(
-            base_url, tmp / f"throughput-{users}.db", "b64_json", max_jobs_in_flight=max(8, users)
-        )
-        async with open_service(settings) as service:
-            await service.draw(Requester("bench", "warm"), text)
-            fields = api_fields(service.parse(text)[0], "b64_json")
-            work = iter(range(total))
-            started = time.perf_counter()
-            await asyncio.gather(*(pipeline_user(service, i, text, work) for i in range(users)))
-            piped = time.perf_counter() - started
+    for backend in backends:
+        for users, total in plan.throughput_jobs.items():
+            settings = backend.settings(
+                base_url, tmp, f"throughput-{users}", "b64_json",
+                max_jobs_in_flight=max(8, users),
+            )
+            async with open_service(settings) as service:
+                runner = JobRunner(service)
+                await pipeline_call(runner, Requester("bench", "warm"), text)
+                fields = api_fields(service.parse(text)[0], "b64_json")
+                work = iter(range(total))
+                jobs: list[int] = []
+                started = time.perf_counter()
+                await asyncio.gather(
+                    *(pipeline_user(runner, i, text, work, jobs) for i in range(users))
+                )
+                piped = time.perf_counter() - started
+                durable = await check_durable(service, jobs)
 
-        limits = httpx.Limits(max_connections=max(16, users * 2))
-        async with httpx.AsyncClient(timeout=600, limits=limits) as http:
-            await bare_call(http, base_url, fields)
-            work = iter(range(total))
-            started = time.perf_counter()
-            await asyncio.gather(*(bare_user(http, base_url, fields, work) for _ in range(users)))
-            bared = time.perf_counter() - started
-        out[f"{users} users"] = {
-            "users": users,
-            "jobs": total,
-            "pipeline_jobs_per_s": round(total / piped, 1),
-            "bare_jobs_per_s": round(total / bared, 1),
-            "pipeline_over_bare": round(bared / piped, 3),
-        }
+            limits = httpx.Limits(max_connections=max(16, users * 2))
+            async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+                await bare_call(http, base_url, fields)
+                work = iter(range(total))
+                started = time.perf_counter()
+                await asyncio.gather(
+                    *(bare_user(http, base_url, fields, work) for _ in range(users))
+                )
+                bared = time.perf_counter() - started
+            out[f"{backend.name}, {users} users"] = {
+                "backend": backend.name,
+                "users": users,
+                "jobs": total,
+                "pipeline_jobs_per_s": round(total / piped, 1),
+                "bare_jobs_per_s": round(total / bared, 1),
+                "pipeline_over_bare": round(bared / piped, 3),
+                "durable": durable,
+            }
     return out
 
 
@@ -918,8 +1040,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     def add(name: str, value: float, target: str, met: bool) -> None:
         lines.append({"target": name, "value": value, "goal": target, "met": met})
 
-    for key in ("b64_json 3840x2160", "url 3840x2160"):
-        row = results["overhead"][key]
+    for key, row in results["overhead"].items():
         add(f"overhead {key} (pipeline/bare)", row["ratio"], "<= 1.10", row["ratio"] <= 1.10)
     if "stream" in results:
         ratio = results["stream"]["reader_4k"]["ratio"]
@@ -1169,14 +1290,24 @@ async def run_all(plan: Plan, only: set[str]) -> dict[str, Any]:
     plain.start()
     try:
         url, plain_url = prefixed.wait_ready(), plain.wait_ready()
-        with tempfile.TemporaryDirectory(prefix="imgbot-bench-") as tmpdir:
+        with tempfile.TemporaryDirectory(prefix="imgbot-bench-") as tmpdir, ExitStack() as pg:
             tmp = Path(tmpdir)
+            backends = [Backend("sqlite")]
+            if not only or only & {"overhead", "throughput"}:
+                # The pipeline rows on PostgreSQL too: one durable server (as in production),
+                # started the way the ledger rows start theirs.
+                try:
+                    backends.append(Backend("postgresql", pg.enter_context(
+                        postgres_server(DURABLE)
+                    )))
+                except (ImportError, RuntimeError) as err:
+                    results["postgresql_skipped"] = str(err).splitlines()[0]
             steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
-                ("overhead", lambda: overhead(url, tmp, plan)),
+                ("overhead", lambda: overhead(url, tmp, plan, backends)),
                 ("sdk", lambda: versus_sdk(plain_url, tmp, plan)),
                 ("burst", lambda: asyncio.to_thread(burst, url, plan.burst_jobs)),
                 ("ledger", lambda: ledger_pairs(tmp, plan)),
-                ("throughput", lambda: throughput(url, tmp, plan)),
+                ("throughput", lambda: throughput(url, tmp, plan, backends)),
                 ("stream", lambda: streaming(plan)),
             ]
             for name, step in steps:

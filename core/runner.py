@@ -222,12 +222,8 @@ class JobRunner:
                     self._texts(outcome.lang, "job.undelivered", job_id=outcome.job_id)
                 )
                 return
-        await service.finish_delivery(outcome.job_id, delivered=True)
-        if any(handles):
-            try:
-                await self.service.record_result_refs(outcome.job_id, handles)
-            except Exception:  # noqa: BLE001 - the user has the result; only "vary" loses out
-                log.exception("could not store the result files of job %d", outcome.job_id)
+        # Delivered, and where its files went (for "vary"), in one store write.
+        await service.finish_delivery(outcome.job_id, delivered=True, result_refs=handles)
 
     async def _refined(self, command: str, refines: int | None, requester: Requester) -> str:
         if refines is None:
@@ -245,16 +241,17 @@ class JobRunner:
 
     async def four_k_estimate(self, outcome: DrawOutcome) -> float | None:
         """Estimate what the 4K replay of a result would cost (None: cannot say)."""
-        job = await self.service.job(outcome.job_id)
-        if job is None:
-            return None
+        command = outcome.command_text
+        if not command:
+            job = await self.service.job(outcome.job_id)
+            if job is None:
+                return None
+            command = job.command_text
         first = outcome.images[0] if outcome.images else None
         # The references are not at hand; their aspect is what the result followed.
         sizes = [(first.width, first.height)] * outcome.reference_count if first else []
         try:
-            _, estimate = self.service.parse(
-                job.command_text, reference_sizes=sizes, force_tier="4K"
-            )
+            _, estimate = self.service.parse(command, reference_sizes=sizes, force_tier="4K")
         except ImgbotError:
             return None
         return estimate

@@ -94,6 +94,9 @@ class DrawOutcome:
     lang: str
     revised_prompt: str | None = None
     reference_count: int = 0
+    # The job's command as the store keeps it (what a replay parses), so the runner can
+    # price the 4K button without reading the job back ("" = not at hand: it reads it).
+    command_text: str = ""
 
 
 @dataclass(frozen=True)
@@ -383,7 +386,7 @@ class ImageService:
         self.held.add(job_id)
         return await self._run(
             requester, request, refs, estimate, job_id, ticket, progress, lang, mask_ref,
-            resumable=self.can_resume(origin),
+            resumable=self.can_resume(origin), command_text=text,
         )
 
     def can_resume(self, origin: Mapping[str, str] | None) -> bool:
@@ -448,6 +451,7 @@ class ImageService:
         mask_ref: ReferenceImage | None = None,
         *,
         resumable: bool = False,
+        command_text: str = "",
     ) -> DrawOutcome:
         record = _Inflight(
             task=asyncio.current_task(),
@@ -539,17 +543,24 @@ class ImageService:
             )
         )
         await self._settle_until_written(job_id, reported, result.usage, flag)
+        # The spend report (a read, after the settle committed: it counts this job) is
+        # fetched while the result is still being written; a 4K result takes the longer.
+        spending = asyncio.ensure_future(self.spend_report(requester))
+        spending.add_done_callback(_retrieved)
         try:
-            await keeping
-        except OSError as err:
-            log.warning("job %d: result not kept on disk (%s); delivering it from memory",
-                        job_id, err)
-        credits = min(reported, estimate)  # never above the reservation (the store agrees)
-        elapsed = self._clock() - started
-        self._log_job(requester, request, "succeeded", credits, elapsed, "")
-        if progress is not None:
-            await progress(Progress("done", elapsed=elapsed))
-        spend = await self.spend_report(requester)
+            try:
+                await keeping
+            except OSError as err:
+                log.warning("job %d: result not kept on disk (%s); delivering it from memory",
+                            job_id, err)
+            credits = min(reported, estimate)  # never above the reservation (the store agrees)
+            elapsed = self._clock() - started
+            self._log_job(requester, request, "succeeded", credits, elapsed, "")
+            if progress is not None:
+                await progress(Progress("done", elapsed=elapsed))
+            spend = await spending
+        finally:
+            spending.cancel()  # only if this job ends otherwise; a done future ignores it
         return DrawOutcome(
             job_id=job_id,
             request=request,
@@ -561,6 +572,7 @@ class ImageService:
             lang=lang,
             revised_prompt=result.revised_prompt,
             reference_count=len(refs),
+            command_text=command_text,
         )
 
     async def _draw_with_ticker(
@@ -857,7 +869,7 @@ class ImageService:
         ticket.job_id = job.id
         return await self._run(
             requester, request, refs, job.estimated_credits, job.id, ticket, progress, lang,
-            resumable=True,
+            resumable=True, command_text=job.command_text,
         )
 
     async def kept_outcome(self, job: JobRecord) -> DrawOutcome | None:
@@ -878,6 +890,7 @@ class ImageService:
             lang=language_of(requester.language),
             revised_prompt=kept.revised_prompt,
             reference_count=job.reference_count,
+            command_text=job.command_text,
         )
 
     async def requester_of(self, job: JobRecord) -> Requester:
@@ -891,10 +904,24 @@ class ImageService:
             language=user.language if user is not None else None,
         )
 
-    async def finish_delivery(self, job_id: int, *, delivered: bool) -> None:
-        """Record that a drawn job reached its user (or never will); let its lease go."""
+    async def finish_delivery(
+        self, job_id: int, *, delivered: bool, result_refs: Sequence[str] = ()
+    ) -> None:
+        """Record that a drawn job reached its user (or never will); let its lease go.
+
+        `result_refs` (where its files went on the platform, for "vary") go in the same
+        write; if the job was no longer this process's to finish, they are stored alone.
+        """
+        refs = [r for r in result_refs if r]
         try:
-            await self._write(self.ledger.finish_delivery(job_id, self.owner, delivered))
+            finished = await self._write(
+                self.ledger.finish_delivery(job_id, self.owner, delivered, refs)
+            )
+            if refs and not finished:
+                try:
+                    await self.record_result_refs(job_id, refs)
+                except Exception:  # noqa: BLE001 - the user has the result; only "vary" loses
+                    log.exception("could not store the result files of job %d", job_id)
         finally:
             self.held.discard(job_id)
         if delivered and self.settings.result_retention_hours <= 0:
@@ -1291,6 +1318,12 @@ class ImageService:
             seconds,
             f" error={error}" if error else "",
         )
+
+
+def _retrieved(future: asyncio.Future[object]) -> None:
+    """Mark a side future's error as seen (its caller may have ended another way)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def job_visible_to(job: JobRecord, requester: Requester) -> bool:

@@ -620,11 +620,13 @@ async def test_a_killed_workers_job_is_taken_over_once_after_its_lease(
         drawn = await ledger.get_job(job_id)
         assert drawn is not None and drawn.stage is JobStage.DRAWN
         assert (drawn.charged, drawn.lost_credits) == (500, 8000)
-        assert await ledger.finish_delivery(job_id, "c", True) is False  # not c's
-        assert await ledger.finish_delivery(job_id, "b", True)
-        assert await ledger.finish_delivery(job_id, "b", False) is False  # once
+        assert await ledger.finish_delivery(job_id, "c", True, ["not-c"]) is False  # not c's
+        assert await ledger.finish_delivery(job_id, "b", True, ["AgAD1", "AgAD2"])
+        assert await ledger.finish_delivery(job_id, "b", False, ["again"]) is False  # once
         done = await ledger.get_job(job_id)
         assert done is not None and done.stage is JobStage.DELIVERED
+        # The delivery's file refs went in the same write; refused writes wrote none.
+        assert done.result_refs == ("AgAD1", "AgAD2")
         assert done.delivered_at == clock.now
         assert await ledger.open_jobs() == []
         report = await ledger.spend_report("telegram:1")

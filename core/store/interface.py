@@ -251,9 +251,13 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def finish_delivery(self, job_id: int, owner: str, delivered: bool) -> bool:
+    async def finish_delivery(
+        self, job_id: int, owner: str, delivered: bool, result_refs: Sequence[str] = ()
+    ) -> bool:
         """Move a `drawn` job leased by `owner` (or by no one) to delivered / undelivered;
-        False when it is not drawn or another worker holds it."""
+        False when it is not drawn or another worker holds it (and nothing is written).
+
+        `result_refs`, when given, are stored in the same write (as `set_result_refs`)."""
 
     @abc.abstractmethod
     async def open_jobs(self) -> list[JobRecord]:

@@ -194,7 +194,7 @@ _CLAIM_EXPIRED = (
     " WHERE j.id = c.id RETURNING j.*"
 )
 _FINISH_DELIVERY = (
-    "UPDATE jobs SET stage = $1, delivered_at = $2"
+    "UPDATE jobs SET stage = $1, delivered_at = $2, result_refs = COALESCE($5, result_refs)"
     " WHERE id = $3 AND stage = 'drawn' AND (lease_owner IS NULL OR lease_owner = $4)"
 )
 _SELECT_OPEN = "SELECT * FROM jobs WHERE stage IN ('queued', 'drawing', 'drawn') ORDER BY id"
@@ -1506,15 +1506,20 @@ class PostgresStore(Store):
 
         return await self._write(claim_on)
 
-    async def finish_delivery(self, job_id: int, owner: str, delivered: bool) -> bool:
+    async def finish_delivery(
+        self, job_id: int, owner: str, delivered: bool, result_refs: Sequence[str] = ()
+    ) -> bool:
         """Move a drawn job to delivered / undelivered (see Store.finish_delivery)."""
         self._require()
         if not is_row_id(job_id):
             return False
         stage = JobStage.DELIVERED if delivered else JobStage.UNDELIVERED
+        refs = json.dumps([str(ref) for ref in result_refs]) if result_refs else None
 
         async def finish_on(conn: asyncpg.Connection) -> bool:
-            done = await conn.execute(_FINISH_DELIVERY, stage.value, self._now_iso(), job_id, owner)
+            done = await conn.execute(
+                _FINISH_DELIVERY, stage.value, self._now_iso(), job_id, owner, refs
+            )
             return _updated(done) > 0
 
         return await self._write(finish_on)

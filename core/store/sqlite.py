@@ -249,7 +249,7 @@ _CLAIM_EXPIRED = (
     " RETURNING *"
 )
 _FINISH_DELIVERY = (
-    "UPDATE jobs SET stage = ?, delivered_at = ?"
+    "UPDATE jobs SET stage = ?, delivered_at = ?, result_refs = COALESCE(?, result_refs)"
     " WHERE id = ? AND stage = 'drawn' AND (lease_owner IS NULL OR lease_owner = ?)"
     " RETURNING id"
 )
@@ -1127,14 +1127,17 @@ class SqliteStore(Store):
         rows = await self._single(_CLAIM_EXPIRED, params)
         return sorted((job_from_mapping(row) for row in rows), key=lambda job: job.id)
 
-    async def finish_delivery(self, job_id: int, owner: str, delivered: bool) -> bool:
+    async def finish_delivery(
+        self, job_id: int, owner: str, delivered: bool, result_refs: Sequence[str] = ()
+    ) -> bool:
         """Move a drawn job to delivered / undelivered (see Store.finish_delivery)."""
         if not is_row_id(job_id):
             self._require()
             return False
         stage = JobStage.DELIVERED if delivered else JobStage.UNDELIVERED
+        refs = json.dumps([str(ref) for ref in result_refs]) if result_refs else None
         rows = await self._single(
-            _FINISH_DELIVERY, (stage.value, self._now_iso(), job_id, owner)
+            _FINISH_DELIVERY, (stage.value, self._now_iso(), refs, job_id, owner)
         )
         return bool(rows)
 
