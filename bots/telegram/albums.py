@@ -42,6 +42,9 @@ class SharedAlbums:
         spawn: Callable[[Coroutine[object, object, None]], object],
         on_ready: AlbumReady,
         on_late: AlbumLate | None = None,
+        *,
+        owner: str = "",
+        lease: float = 30.0,
     ) -> None:
         self._store = store
         self._bot = bot
@@ -49,26 +52,47 @@ class SharedAlbums:
         self._spawn = spawn
         self._on_ready = on_ready
         self._on_late = on_late
+        self._owner = owner
+        self._lease = lease
+        # Albums this process is running: their owner leases are renewed by `renew`.
+        self.owned: set[str] = set()
 
     def add(self, message: Message, text: str | None) -> None:
-        """Take one album item; `text` is the /img text when this item carries the command."""
-        self._spawn(self._add(message, text))
+        """Take one album item in the background (see `add_now`)."""
+        self._spawn(self.add_now(message, text))
 
-    async def _add(self, message: Message, text: str | None) -> None:
+    async def add_now(self, message: Message, text: str | None) -> None:
+        """Take one album item; return when this process has nothing more to do for it.
+
+        The process that takes an album's owner lease waits for its quiet period and runs
+        it (awaiting the job); the webhook inbox keeps this item's update until then, so a
+        dying owner's update is handled again by another replica, which becomes the owner
+        (the job records its message: it is never drawn twice).
+        """
         group = f"tg:album:{message.chat_id}:{message.media_group_id}"
         payload = json.dumps({"message": message.to_dict(), "text": text})
         await self._store.stage(group, f"{message.message_id:012d}", payload)
         if await self._store.is_marked(f"{group}:done"):
             # After the quiet period: an album that ran a job says this item was not used;
             # one that had no /img runs now if this item carries it, with every item.
-            if await self._store.is_marked(f"{group}:ran"):
-                if self._on_late is not None:
+            ran = await self._store.is_marked(f"{group}:ran")
+            if ran or text is None:
+                if ran and self._on_late is not None:
                     await self._on_late(message)
-            elif text is not None and await self._store.mark_once(f"{group}:ran", ALBUM_KEEP):
-                await self._run(group)
-            return
-        if await self._store.mark_once(group, ALBUM_KEEP):
+                return
+        if not await self._store.hold_lease(f"{group}:owner", self._owner, self._lease):
+            return  # another live process owns this album
+        self.owned.add(group)
+        try:
             await self._assemble(group)
+        finally:
+            self.owned.discard(group)
+            await self._store.drop_lease(f"{group}:owner", self._owner)
+
+    async def renew(self) -> None:
+        """Renew the owner leases of the albums this process is running."""
+        for group in sorted(self.owned):
+            await self._store.hold_lease(f"{group}:owner", self._owner, self._lease)
 
     async def _assemble(self, group: str) -> None:
         while True:
@@ -80,12 +104,12 @@ class SharedAlbums:
             await asyncio.sleep(min(LOOK_EVERY, self._debounce - quiet))
         # From here an item is late; then read everything that made it in time.
         await self._store.mark_once(f"{group}:done", ALBUM_KEEP)
-        if await self._has_command(group) and await self._store.mark_once(
-            f"{group}:ran", ALBUM_KEEP
-        ):
-            await self._run(group)
-        else:
+        messages, command = await self._items(group)
+        if command is None:
             log.info("album %s has no /img yet", group)
+            return
+        await self._store.mark_once(f"{group}:ran", ALBUM_KEEP)
+        await self._on_ready(command[0], command[1], messages)
 
     async def _items(self, group: str) -> tuple[list[Message], tuple[Message, str] | None]:
         messages: list[Message] = []
@@ -99,11 +123,3 @@ class SharedAlbums:
             if data.get("text") is not None and command is None:
                 command = (message, str(data["text"]))
         return messages, command
-
-    async def _has_command(self, group: str) -> bool:
-        return (await self._items(group))[1] is not None
-
-    async def _run(self, group: str) -> None:
-        messages, command = await self._items(group)
-        if command is not None:
-            await self._on_ready(command[0], command[1], messages)

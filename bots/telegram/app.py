@@ -32,8 +32,10 @@ from telegram.error import (
 from telegram.ext import Application, BaseRateLimiter
 from telegram.request import BaseRequest
 
+from bots.telegram.albums import SharedAlbums
 from bots.telegram.flood import FloodLimiter
 from bots.telegram.handlers import ADAPTER_KEY, PLATFORM, USER_COMMANDS, TelegramAdapter
+from bots.telegram.inbox import InboxQueue
 from bots.telegram.texts import text
 from core.admin import ADMIN_COMMANDS
 from core.config import Settings, SettingsError
@@ -80,8 +82,18 @@ def build_application(
         builder = builder.connection_pool_size(pool).read_timeout(30).media_write_timeout(120)
     if get_updates_request is not None:
         builder = builder.get_updates_request(get_updates_request)
+    inbox: InboxQueue | None = None
+    if settings.telegram_webhook_url:
+        # Replicas behind one webhook: an update answered 2xx is kept until handled.
+        inbox = InboxQueue(service.coordination, service.owner, settings.job_lease)
+        builder = builder.update_queue(inbox)
     app = builder.build()
     adapter = TelegramAdapter(settings, service, app)
+    if inbox is not None:
+        inbox.bot = app.bot
+        adapter.inbox = inbox
+        if isinstance(adapter.albums, SharedAlbums):
+            inbox.also_renew.append(adapter.albums.renew)
     adapter.register()
     app.bot_data[ADAPTER_KEY] = adapter
     return app
@@ -150,6 +162,11 @@ async def run_telegram(
             service.replica_listeners.append(share)
         role = "telegram:webhook" if settings.telegram_webhook_url else "telegram:polling"
         service.roles.add(role)
+        inbox = (
+            asyncio.create_task(adapter.inbox.keep(), name="imgbot:telegram-inbox")
+            if adapter.inbox is not None
+            else None
+        )
         try:
             if settings.telegram_webhook_url:
                 await _start_webhook(app, settings)
@@ -169,6 +186,10 @@ async def run_telegram(
             if app.updater is not None and app.updater.running:
                 await app.updater.stop()
             adapter.stop_durable()
+            if inbox is not None:
+                inbox.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await inbox
             service.roles.discard(role)
             if share is not None and share in service.replica_listeners:
                 service.replica_listeners.remove(share)

@@ -33,7 +33,6 @@ from telegram.constants import ChatMemberStatus, ChatType, ParseMode
 from telegram.error import TelegramError
 from telegram.ext import (
     Application,
-    ApplicationHandlerStop,
     CallbackQueryHandler,
     CommandHandler,
     ContextTypes,
@@ -44,6 +43,7 @@ from telegram.ext import (
 
 from bots.logs import SecretScrubber
 from bots.telegram.albums import SharedAlbums
+from bots.telegram.inbox import InboxQueue
 from bots.telegram.payments import PROVIDER, StarPayments
 from bots.telegram.references import (
     IMG_COMMAND,
@@ -108,8 +108,8 @@ class PendingJob:
     anonymous: bool = False
 
 
-# How long a handled update id is remembered: Telegram gives up redelivering within a day.
-UPDATE_MEMORY = 24 * 3600.0
+# The handler group that runs after all others (bots.telegram.inbox).
+LAST_GROUP = 1_000_000
 
 class _AlbumItem(filters.MessageFilter):
     """An image (photo or image file) that belongs to an album."""
@@ -134,10 +134,12 @@ class TelegramAdapter:
         # Webhook mode may run as several replicas on one ledger: updates, button presses
         # and albums are then coordinated through the store (polling is one process).
         self.shared = bool(settings.telegram_webhook_url)
+        self.inbox: InboxQueue | None = None  # webhook mode: set by build_application
         self.albums: AlbumCollector | SharedAlbums = (
             SharedAlbums(
                 service.coordination, app.bot, settings.album_debounce, self._spawn,
                 self._album_ready, self._album_item_late,
+                owner=service.owner, lease=settings.job_lease,
             )
             if self.shared
             else AlbumCollector(
@@ -156,10 +158,9 @@ class TelegramAdapter:
         """Add every handler and the error handler to the Application."""
         new_message = filters.UpdateType.MESSAGE
         app = self.app
-        if self.shared:
-            # Replicas behind one webhook: an update Telegram sent again (to this replica
-            # or another) is handled once, before anything else sees it.
-            app.add_handler(TypeHandler(Update, self.once_per_update), group=-2)
+        if self.inbox is not None:
+            # After every other handler: the update is done (see bots.telegram.inbox).
+            app.add_handler(TypeHandler(Update, self.update_done), group=LAST_GROUP)
         # Before every other handler, in its own group: learn who is @who for admins.
         app.add_handler(TypeHandler(Update, self.note_usernames), group=-1)
         # Every press is answered (Telegram spins the button until then), even a stale or
@@ -250,7 +251,13 @@ class TelegramAdapter:
         message = update.effective_message
         if message is None:
             return
-        self.albums.add(message, command_text(message, context.bot.username))
+        text_ = command_text(message, context.bot.username)
+        if isinstance(self.albums, SharedAlbums):
+            # Held in the webhook inbox until this process is done with it (an owner runs
+            # the album first): a replica dying meanwhile leaves it for another.
+            await self.albums.add_now(message, text_)
+        else:
+            self.albums.add(message, text_)
 
     async def _album_ready(self, message: Message, prompt: str, items: list[Message]) -> None:
         # This runs in our own task, outside PTB's error handling: log failures here.
@@ -610,11 +617,13 @@ class TelegramAdapter:
                 lambda chunk=chunk: message.reply_text(chunk, parse_mode=parse_mode, do_quote=True)
             )
 
-    async def once_per_update(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """Stop an update another replica (or this one) already took."""
-        if not await self.service.coordination.mark_once(f"tg:update:{update.update_id}", UPDATE_MEMORY):
-            log.info("update %s already handled by a replica; skipped", update.update_id)
-            raise ApplicationHandlerStop
+    async def update_done(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Every handler is done with an update: take it out of the durable inbox."""
+        if self.inbox is not None:
+            try:
+                await self.inbox.finished(update.update_id)
+            except Exception as err:  # noqa: BLE001 - handled again later, harmlessly
+                log.warning("update %s not marked done: %s", update.update_id, err)
 
     async def first_press(self, key: tuple[object, ...]) -> bool:
         """Say whether a button press is the first of a burst, across replicas too."""

@@ -197,8 +197,8 @@ class Store(abc.ABC):
         """Return the parts of `group` as (key, when staged, payload), oldest first."""
 
     @abc.abstractmethod
-    async def unstage(self, group: str) -> None:
-        """Forget the parts of `group`."""
+    async def unstage(self, group: str, key: str | None = None) -> None:
+        """Forget the parts of `group` (or only the part `key`)."""
 
     @abc.abstractmethod
     async def hold_lease(self, name: str, owner: str, seconds: float, info: str = "") -> bool:

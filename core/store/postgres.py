@@ -1408,11 +1408,14 @@ class PostgresStore(Store):
 
         return await self._read(read)
 
-    async def unstage(self, group: str) -> None:
-        """Forget the parts of `group`."""
+    async def unstage(self, group: str, key: str | None = None) -> None:
+        """Forget the parts of `group` (or only the part `key`)."""
 
         async def unstage_on(conn: asyncpg.Connection) -> None:
-            await conn.execute("DELETE FROM staged WHERE grp = $1", group)
+            await conn.execute(
+                "DELETE FROM staged WHERE grp = $1 AND ($2::text IS NULL OR key = $2)",
+                group, key,
+            )
 
         await self._write(unstage_on)
 

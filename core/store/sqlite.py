@@ -1044,9 +1044,12 @@ class SqliteStore(Store):
         )
         return [(row[0], datetime.fromisoformat(row[1]), row[2]) for row in rows]
 
-    async def unstage(self, group: str) -> None:
-        """Forget the parts of `group`."""
-        await self._single("DELETE FROM staged WHERE grp = ? RETURNING key", (group,))
+    async def unstage(self, group: str, key: str | None = None) -> None:
+        """Forget the parts of `group` (or only the part `key`)."""
+        await self._single(
+            "DELETE FROM staged WHERE grp = ? AND (? IS NULL OR key = ?) RETURNING key",
+            (group, key, key),
+        )
 
     async def prune_marks(self) -> int:
         """Forget expired marks; return how many."""
