@@ -12,7 +12,7 @@ service.
 
 Pieces live in `bots.discord`: texts (wording, localisation), requester, reply (the
 runner's Reply: progress, results, errors), drawing (references, the runner), buttons,
-commands, admin.
+commands, admin, shards (who connects which gateway shard, through the ledger).
 """
 
 from __future__ import annotations
