@@ -14,8 +14,8 @@ COPY bots ./bots
 RUN pip install --no-cache-dir . \
     && groupadd --gid 10001 imgbot \
     && useradd --create-home --uid 10001 --gid 10001 imgbot \
-    && mkdir -p /data \
-    && chown imgbot:imgbot /data
+    && mkdir -p /data/results \
+    && chown -R imgbot:imgbot /data
 
 USER 10001:10001
 VOLUME ["/data"]

@@ -19,6 +19,7 @@ from core.store.url import StoreURL, parse_database_url
 from core.types import KNOWN_MODELS as KNOWN_MODELS
 
 CsvList = Annotated[list[str], NoDecode]
+IntList = Annotated[list[int], NoDecode]
 StarPacks = Annotated[dict[int, float], NoDecode]
 
 
@@ -193,6 +194,14 @@ class Settings(BaseSettings):
     discord_guild_ids: CsvList = Field(
         default_factory=list, description="Guild ids for fast command sync (empty = global)"
     )
+    discord_shard_count: int = Field(
+        0, ge=0, le=10000,
+        description="Gateway shards in all (0 = as replicas already agreed, else Discord's advice)",
+    )
+    discord_shard_ids: IntList = Field(
+        default_factory=list,
+        description="This process's shards, e.g. 0,1 (empty = take free ones through the ledger)",
+    )
 
     # --- the web door (OpenAI-compatible API) ------------------------------------------
     web_listen: str = Field("127.0.0.1", description="Address the web door (API) binds")
@@ -221,7 +230,7 @@ class Settings(BaseSettings):
 
     _split = field_validator(
         "admins", "allowed_users", "allowed_chats", "alert_chats", "discord_guild_ids",
-        mode="before",
+        "discord_shard_ids", mode="before",
     )(_split_csv)
 
     @field_validator("star_packs", mode="before")
@@ -313,7 +322,25 @@ class Settings(BaseSettings):
                 raise ValueError(f"MODEL_PRICES: unknown model {model!r}")
         if self.default_n > self.max_n:
             raise ValueError("DEFAULT_N must not be larger than MAX_N")
+        self._check_shards()
         return self
+
+    def _check_shards(self) -> None:
+        ids = self.discord_shard_ids
+        if not ids:
+            return
+        if self.discord_shard_count <= 0:
+            raise ValueError(
+                "DISCORD_SHARD_IDS needs DISCORD_SHARD_COUNT (the shards of all replicas together)"
+            )
+        if len(set(ids)) != len(ids):
+            raise ValueError("DISCORD_SHARD_IDS: a shard is named twice")
+        wrong = [i for i in ids if not 0 <= i < self.discord_shard_count]
+        if wrong:
+            raise ValueError(
+                f"DISCORD_SHARD_IDS: {', '.join(map(str, wrong))} outside 0-"
+                f"{self.discord_shard_count - 1} (DISCORD_SHARD_COUNT={self.discord_shard_count})"
+            )
 
     def resolve_model(self, name: str) -> str | None:
         """Return the canonical model for a name or alias, or None."""

@@ -72,3 +72,31 @@ def test_readme_lists_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     shown = set(re.findall(r"^\| `([A-Z_][A-Z0-9_]*)` \|", readme, re.MULTILINE))
     assert shown == {name.upper() for name in Settings.model_fields}
+
+
+def test_discord_shards(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(discord_shard_count=4, discord_shard_ids=" 0, 2")
+    assert (s.discord_shard_count, s.discord_shard_ids) == (4, [0, 2])
+    s = load_settings()
+    assert (s.discord_shard_count, s.discord_shard_ids) == (0, [])  # automatic
+
+
+@pytest.mark.parametrize(
+    ("count", "ids", "says"),
+    [
+        ("0", "0,1", "needs DISCORD_SHARD_COUNT"),
+        ("4", "0,4", "4 outside 0-3"),
+        ("4", "1,1", "named twice"),
+        ("4", "one", "DISCORD_SHARD_IDS"),
+        ("-1", "", "DISCORD_SHARD_COUNT"),
+    ],
+)
+def test_wrong_discord_shards_are_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, count: str, ids: str, says: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DISCORD_SHARD_COUNT", count)
+    monkeypatch.setenv("DISCORD_SHARD_IDS", ids)
+    with pytest.raises(SettingsError, match=says):
+        load_settings()

@@ -7,6 +7,9 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,3 +63,74 @@ def test_the_postgresql_compose_file_points_the_bot_at_its_own_server() -> None:
     assert "ports:" not in compose  # the database is never published
     readme = (ROOT / "README.md").read_text()
     assert "docker compose -f docker-compose.yml -f docker-compose.postgres.yml up -d" in readme
+
+
+def _replicas_compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.replicas.yml").read_text())
+
+
+def test_the_replicas_compose_file_runs_two_webhook_replicas_on_postgresql() -> None:
+    compose = _replicas_compose()
+    services = compose["services"]
+    assert set(services) == {"postgres", "imgbot-1", "imgbot-2", "proxy"}
+    # Every service says when it is healthy; the replicas wait for the database, the proxy
+    # for the replicas.
+    for name, service in services.items():
+        assert service.get("healthcheck", {}).get("test"), name
+    assert services["postgres"]["image"].startswith("postgres:")
+    assert "ports" not in services["postgres"]  # the database is never published
+    replicas = [services["imgbot-1"], services["imgbot-2"]]
+    for replica in replicas:
+        assert replica["build"] == "." and replica["env_file"] == ".env"
+        assert replica["healthcheck"]["test"] == ["CMD", "imgbot", "health"]
+        assert replica["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert "ports" not in replica  # reached only through the proxy
+        env = replica["environment"]
+        assert env["DATABASE_URL"].startswith("postgresql://imgbot:${POSTGRES_PASSWORD:?")
+        assert env["DATABASE_URL"].endswith("@postgres:5432/imgbot")
+        # Webhook mode (polling refuses to run beside another poller), on the proxied port.
+        assert env["TELEGRAM_WEBHOOK_URL"] == "https://${IMGBOT_DOMAIN:?set IMGBOT_DOMAIN in .env}/telegram"
+        assert env["TELEGRAM_WEBHOOK_LISTEN"] == "0.0.0.0" and env["TELEGRAM_WEBHOOK_PORT"] == "8443"
+        assert env["DISCORD_SHARD_IDS"] == ""  # shards shared out through the ledger
+        assert env["DATA_DIR"] == "/data"
+        assert replica["stop_grace_period"]
+    # Own /data each (the heartbeat `imgbot health` reads), one shared results folder.
+    own = {replica["volumes"][0] for replica in replicas}
+    assert own == {"imgbot-1-data:/data", "imgbot-2-data:/data"}
+    assert all("imgbot-results:/data/results" in replica["volumes"] for replica in replicas)
+    assert set(compose["volumes"]) >= {
+        "imgbot-postgres", "imgbot-1-data", "imgbot-2-data", "imgbot-results"
+    }
+    proxy = services["proxy"]
+    assert proxy["image"].startswith("caddy:")  # the official image
+    assert "./deploy/Caddyfile:/etc/caddy/Caddyfile:ro" in proxy["volumes"]
+    assert {d: c["condition"] for d, c in proxy["depends_on"].items()} == {
+        "imgbot-1": "service_healthy", "imgbot-2": "service_healthy"
+    }
+    # The image makes the results folder its user owns, so the shared volume starts writable.
+    assert "mkdir -p /data/results" in (ROOT / "Dockerfile").read_text()
+
+
+def test_the_proxy_hands_the_webhook_to_both_replicas_round_robin() -> None:
+    caddy = (ROOT / "deploy" / "Caddyfile").read_text()
+    route = re.search(r"handle /telegram\* \{\s*reverse_proxy ([^{]+)\{([^}]*)\}", caddy)
+    assert route, caddy
+    upstreams = route.group(1).split()
+    assert upstreams == ["imgbot-1:8443", "imgbot-2:8443"]
+    assert re.search(r"^\s*lb_policy round_robin$", route.group(2), re.MULTILINE)
+    assert "{$IMGBOT_DOMAIN}" in caddy  # HTTPS for the domain Telegram posts to
+
+
+def test_the_replicas_compose_file_holds_no_secrets() -> None:
+    text = (ROOT / "docker-compose.replicas.yml").read_text()
+    for path in (ROOT / "docker-compose.replicas.yml", ROOT / "deploy" / "Caddyfile"):
+        body = path.read_text()
+        # Tokens, keys and passwords come from .env, never from the files in the repo.
+        assert not re.search(r"sk-[A-Za-z0-9]{10,}|\d{6,}:[A-Za-z0-9_-]{30,}", body), path
+        for line in body.splitlines():
+            name, sep, value = line.strip().partition(":")
+            if sep and re.search(r"TOKEN|KEY|PASSWORD|SECRET", name):
+                assert value.strip().startswith("${") or not value.strip(), line
+    assert "docker compose -f docker-compose.replicas.yml up -d" in text
+    readme = (ROOT / "README.md").read_text()
+    assert "docker-compose.replicas.yml" in readme

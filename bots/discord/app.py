@@ -1,29 +1,35 @@
 """The Discord adapter: slash commands, a message menu and buttons over `core.service`.
 
-`build_bot(settings, service)` wires a `commands.Bot` (no privileged intents; every command
-is an application command on its tree; one tree error handler; edit forms answered by
-custom id in `on_interaction`). `run_discord` logs in, syncs the commands (to
-DISCORD_GUILD_IDS for fast testing, else globally), tells users about jobs a crash cut
-off, runs until `stop` is set, lets answers in flight finish, and closes. The caller owns
-the service.
+`build_bot(settings, service)` wires a `commands.AutoShardedBot` (no privileged intents;
+every command is an application command on its tree; one tree error handler; edit forms
+answered by custom id in `on_interaction`). `run_discord` logs in, syncs the commands (to
+DISCORD_GUILD_IDS for fast testing, else globally; once per deploy when replicas share a
+ledger), takes its gateway shards (`bots.discord.shards`: fixed, or shared through the
+ledger's leases), carries on jobs a dead process left, runs until `stop` is set, lets
+answers in flight finish, and closes. A process holding no shard still finishes jobs:
+answers go through the interaction webhook, which needs no gateway. The caller owns the
+service.
 
 Pieces live in `bots.discord`: texts (wording, localisation), requester, reply (the
 runner's Reply: progress, results, errors), drawing (references, the runner), buttons,
-commands, admin.
+commands, admin, shards (who connects which gateway shard, through the ledger).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands
+from discord.gateway import DiscordWebSocket
 
 from bots.discord.admin import AdminCommands, ServerCommands
 from bots.discord.buttons import JobButton
@@ -31,6 +37,15 @@ from bots.discord.commands import EDIT_FORM_PREFIX, UserCommands
 from bots.discord.drawing import DiscordDrawing
 from bots.discord.reply import ResumedReply, clip, report_error
 from bots.discord.requester import PLATFORM
+from bots.discord.shards import (
+    ShardCountMismatch,
+    ShardsTaken,
+    agreed_count,
+    balance_shards,
+    hold_fixed_shards,
+    release_shards,
+    shard_role,
+)
 from bots.discord.texts import CommandTranslator, text
 from core.config import Settings
 from core.messages import language_of
@@ -46,8 +61,9 @@ log = logging.getLogger(__name__)
 _CLOSE_SLACK = 10.0
 
 
-class ImgBot(commands.Bot):
-    """The Discord client: commands on the tree, buttons as dynamic items."""
+class ImgBot(commands.AutoShardedBot):
+    """The Discord client: commands on the tree, buttons as dynamic items, and the
+    gateway shards this process holds (which may change while it runs)."""
 
     def __init__(self, settings: Settings, service: ImageService) -> None:
         super().__init__(
@@ -60,6 +76,8 @@ class ImgBot(commands.Bot):
         self.service = service
         self.imgbot_drawing = DiscordDrawing(self.http, service, settings)
         self._resuming: set[asyncio.Task[None]] = set()
+        self._launched = False
+        self._launching: dict[int, asyncio.Task[None]] = {}
 
     async def setup_hook(self) -> None:
         """Register commands, buttons and the translator; syncing is `run_discord`'s job."""
@@ -71,6 +89,48 @@ class ImgBot(commands.Bot):
         self.add_dynamic_items(JobButton)
         self.tree.on_error = on_app_command_error
 
+    async def launch_shards(self) -> None:
+        """Connect the shards this process holds now (maybe none: then it only answers
+        through interaction webhooks until a shard comes free)."""
+        if self.is_closed():
+            return
+        if self.shard_count is None:  # nobody chose: Discord's advice, every shard here
+            await super().launch_shards()
+            return
+        ids = sorted(self.shard_ids or [])
+        self._connection.shard_count = self.shard_count
+        self.shard_ids = self._connection.shard_ids = ids
+        self._launched = True
+        for shard_id in ids:
+            await self.launch_shard(
+                DiscordWebSocket.DEFAULT_GATEWAY, shard_id, initial=shard_id == ids[0]
+            )
+
+    def add_shard(self, shard_id: int) -> None:
+        """Connect one more shard (its lease is held already)."""
+        self.shard_ids = self._connection.shard_ids = sorted({*(self.shard_ids or []), shard_id})
+        if not self._launched or self.is_closed():
+            return  # launch_shards connects it
+        task = asyncio.create_task(
+            self.launch_shard(DiscordWebSocket.DEFAULT_GATEWAY, shard_id),
+            name=f"imgbot:discord-shard-{shard_id}",
+        )
+        self._launching[shard_id] = task
+        task.add_done_callback(lambda _: self._launching.pop(shard_id, None))
+
+    async def drop_shard(self, shard_id: int) -> None:
+        """Disconnect one shard (before its lease is given up)."""
+        launching = self._launching.pop(shard_id, None)
+        if launching is not None:
+            launching.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await launching
+        shard = self.get_shard(shard_id)
+        if shard is not None:
+            await shard.disconnect()
+        self.shard_ids = self._connection.shard_ids = [
+            i for i in self.shard_ids or [] if i != shard_id
+        ]
 
     def start_durable(self) -> None:
         """Carry on Discord jobs a dead process left, and send operator alerts to the
@@ -144,13 +204,12 @@ def build_bot(settings: Settings, service: ImageService) -> commands.Bot:
     return ImgBot(settings, service)
 
 
-async def sync_commands(bot: commands.Bot, settings: Settings) -> None:
-    """Sync the commands to the configured guilds (instant), or globally (up to an hour).
+# How long a sync is remembered: a deploy with the same commands never syncs again within
+# it (a changed tree or guild list is a new mark, synced at once).
+SYNC_MEMORY = 30 * 24 * 3600.0
 
-    Discord shows a server both its guild commands and the global ones, so after a
-    successful guild sync the global set is emptied: each command shows once. (Going back
-    from guilds to global cannot be cleaned up from here; the README says how.)
-    """
+
+def _sync_targets(settings: Settings) -> list[discord.Object | None]:
     targets: list[discord.Object | None] = []
     for guild_id in settings.discord_guild_ids:
         if guild_id.isdigit():
@@ -159,12 +218,53 @@ async def sync_commands(bot: commands.Bot, settings: Settings) -> None:
             log.error("DISCORD_GUILD_IDS: %r is not a server id (a number); skipped", guild_id)
     if not settings.discord_guild_ids:
         targets.append(None)
+    return targets
+
+
+async def sync_mark(bot: commands.Bot, settings: Settings) -> str:
+    """Return the ledger mark of one sync: a hash of the commands as Discord would get
+    them (translations included), the application and the guild ids."""
+    translator = bot.tree.translator
+    payload = []
+    for command in bot.tree.get_commands():
+        if translator is not None:
+            payload.append(await command.get_translated_payload(bot.tree, translator))
+        else:
+            payload.append(command.to_dict(bot.tree))
+    shape = json.dumps(
+        [bot.application_id, sorted(settings.discord_guild_ids), payload],
+        sort_keys=True, default=str,
+    )
+    return f"discord:sync:{hashlib.sha256(shape.encode()).hexdigest()[:32]}"
+
+
+async def sync_commands(
+    bot: commands.Bot, settings: Settings, service: ImageService | None = None
+) -> bool:
+    """Sync the commands to the configured guilds (instant), or globally (up to an hour).
+
+    Discord shows a server both its guild commands and the global ones, so after a
+    successful guild sync the global set is emptied: each command shows once. (Going back
+    from guilds to global cannot be cleaned up from here; the README says how.)
+
+    With a service, the sync is done once per deploy: a replica that finds the ledger's
+    mark for these very commands skips it; the mark is set only after every target took
+    them (two replicas starting at once may both sync: the same PUT twice does no harm).
+    Return whether Discord was asked.
+    """
+    targets = _sync_targets(settings)
+    for guild in targets:
+        if guild is not None:
+            bot.tree.copy_global_to(guild=guild)
+    mark = await sync_mark(bot, settings) if service is not None else ""
+    if service is not None and await service.coordination.is_marked(mark):
+        log.info("Discord commands already synced by a replica (same commands); skipped")
+        return False
     synced_to_guild = False
+    failed = False
     for guild in targets:
         where = f"server {guild.id}" if guild else "all servers (global)"
         try:
-            if guild is not None:
-                bot.tree.copy_global_to(guild=guild)
             synced = await bot.tree.sync(guild=guild)
         except discord.HTTPException as err:
             # Commands synced earlier keep working; say what to check and keep running.
@@ -174,6 +274,7 @@ async def sync_commands(bot: commands.Bot, settings: Settings) -> None:
                 where,
                 err.status,
             )
+            failed = True
             continue
         synced_to_guild = synced_to_guild or guild is not None
         log.info("synced %d Discord commands to %s", len(synced), where)
@@ -181,9 +282,13 @@ async def sync_commands(bot: commands.Bot, settings: Settings) -> None:
         try:
             await bot.http.bulk_upsert_global_commands(bot.application_id, payload=[])
         except discord.HTTPException as err:
+            failed = True
             log.error("could not remove the global Discord commands (HTTP %s)", err.status)
         else:
             log.info("removed the global Discord commands (DISCORD_GUILD_IDS is set)")
+    if service is not None and not failed:
+        await service.coordination.mark_once(mark, SYNC_MEMORY)
+    return True
 
 
 # Gateway close codes that no retry can fix (bad token, intents, shard or API version).
@@ -192,6 +297,8 @@ _FATAL_CLOSE_CODES = frozenset({4004, 4010, 4011, 4012, 4013, 4014})
 
 def startup_failure(exc: BaseException, settings: Settings) -> tuple[str, bool]:
     """Say in one line why the bot could not run (never the token); True: trying again may help."""
+    if isinstance(exc, ShardsTaken | ShardCountMismatch):
+        return str(exc), False
     if isinstance(exc, discord.LoginFailure):
         return (
             "Discord refused DISCORD_BOT_TOKEN (401 Unauthorized): "
@@ -212,14 +319,114 @@ def startup_failure(exc: BaseException, settings: Settings) -> tuple[str, bool]:
     return f"{type(exc).__name__}: {exc}", False
 
 
+async def choose_shard_count(bot: commands.Bot, settings: Settings, service: ImageService) -> int:
+    """Return the shard count every replica uses: DISCORD_SHARD_COUNT, else the one the
+    live replicas already use, else Discord's advice; refuse a count the others do not use."""
+    agreed = await agreed_count(service.coordination)
+    configured = settings.discord_shard_count
+    if configured and agreed is not None and agreed != configured:
+        raise ShardCountMismatch(
+            f"DISCORD_SHARD_COUNT={configured}, but the running replicas use {agreed} shards:"
+            " give every replica the same count (stop them all to change it)"
+        )
+    if configured:
+        return configured
+    if agreed is not None:
+        return agreed
+    advised, _, _ = await bot.http.get_bot_gateway()
+    return max(1, int(advised))
+
+
+class ShardKeeper:
+    """This process's gateway shards: taken at start, renewed, given up and taken over
+    while it runs (see `bots.discord.shards`), shown as its role for `imgbot doctor`."""
+
+    def __init__(self, bot: ImgBot, settings: Settings, service: ImageService, count: int) -> None:
+        self.bot, self.settings, self.service, self.count = bot, settings, service, count
+        self.fixed = sorted(settings.discord_shard_ids)
+        self.held: frozenset[int] = frozenset()
+        self.role = ""
+        self.lease = settings.job_lease
+
+    async def start(self) -> None:
+        """Take this process's first shards (before the gateway connects)."""
+        if self.fixed:
+            deadline = time.monotonic() + self.lease * 2 + 1
+            while True:
+                try:
+                    await hold_fixed_shards(
+                        self.service.coordination, self.service.owner, self.count, self.fixed,
+                        self.lease,
+                    )
+                    break
+                except ShardsTaken:
+                    # A process that just died still holds them until its lease ends.
+                    if time.monotonic() > deadline:
+                        raise
+                    log.info("a Discord shard of DISCORD_SHARD_IDS is held; waiting for it")
+                    await asyncio.sleep(max(0.2, self.lease / 3))
+            self.held = frozenset(self.fixed)
+        else:
+            await self.balance()
+        self.bot.shard_count = self.count
+        self.bot.shard_ids = sorted(self.held)
+        self._show()
+
+    async def balance(self) -> None:
+        """One round of automatic assignment; connect what it gained."""
+        result = await balance_shards(
+            self.service.coordination, self.service.owner, self.count, self.held, self.lease,
+            self.bot.drop_shard,
+        )
+        self.held = result.held
+        for shard_id in sorted(result.gained):
+            self.bot.add_shard(shard_id)
+        if result.gained or result.lost:
+            log.info("Discord shards here: %s of %d", shard_role(self.held), self.count)
+            self._show()
+
+    async def keep(self) -> None:
+        """Renew (and, when automatic, rebalance) every third of JOB_LEASE, until cancelled."""
+        while True:
+            await asyncio.sleep(max(0.2, self.lease / 3))
+            try:
+                if self.fixed:
+                    await hold_fixed_shards(
+                        self.service.coordination, self.service.owner, self.count, self.fixed,
+                        self.lease,
+                    )
+                else:
+                    await self.balance()
+            except ShardsTaken as err:
+                log.error("%s", err)
+            except Exception as err:  # noqa: BLE001 - tried again next round
+                log.warning("Discord shard leases not renewed: %s", err)
+
+    async def release(self) -> None:
+        """Give the shards up at once (a clean stop): the others take them next round."""
+        self.service.roles.discard(self.role)
+        try:
+            await release_shards(self.service.coordination, self.service.owner, self.held)
+        except Exception as err:  # noqa: BLE001 - they expire by themselves
+            log.debug("Discord shard leases not released: %s", err)
+
+    def _show(self) -> None:
+        self.service.roles.discard(self.role)
+        self.role = shard_role(self.held) + f"/{self.count}"
+        self.service.roles.add(self.role)
+
+
 async def run_discord(settings: Settings, service: ImageService, stop: asyncio.Event) -> None:
     """Run the Discord bot until `stop` is set; raise if it cannot log in or connect."""
     bot = ImgBot(settings, service)
     token = settings.discord_bot_token.get_secret_value()
     async with bot:
         await bot.login(token)
-        await sync_commands(bot, settings)
+        await sync_commands(bot, settings, service)
+        shards = ShardKeeper(bot, settings, service, await choose_shard_count(bot, settings, service))
+        await shards.start()
         bot.start_durable()
+        keeping = asyncio.create_task(shards.keep(), name="imgbot:discord-shards")
         connection = asyncio.create_task(bot.connect(reconnect=True), name="discord-gateway")
         stopping = asyncio.create_task(stop.wait(), name="discord-stop")
         try:
@@ -232,8 +439,12 @@ async def run_discord(settings: Settings, service: ImageService, stop: asyncio.E
             await bot.imgbot_drawing.jobs.drain(settings.shutdown_grace + _CLOSE_SLACK)
         finally:
             stopping.cancel()
+            keeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await keeping
             bot.stop_durable()
             await bot.close()
+            await shards.release()
             connection.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await connection
