@@ -20,7 +20,7 @@ import openai
 import pytest
 from PIL import Image
 
-from bots.web.app import run_web
+from bots.web.app import listening_socket, run_web
 from core.service import ImageService
 from tests.fake_api import FakeImageAPI
 
@@ -298,3 +298,32 @@ async def test_compression_moderation_and_fidelity_reach_the_upstream(door: Any)
         assert len(d.upstream.api_requests) == calls
         # A key's requests never stream (and never pay for previews).
         assert all("stream" not in (r.json or r.fields) for r in d.upstream.api_requests)
+
+
+async def test_the_door_answers_without_waiting_for_delayed_acks() -> None:
+    """The listening socket makes connections with Nagle off, as uvicorn gets them (the
+    loop's create_server on our socket): with it on, every answer sent as headers then body
+    waited ~40 ms for the client's delayed ACK."""
+    sock = listening_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raw = writer.get_extra_info("socket")
+        accepted.set_result(raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, sock=sock)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(accepted, 5) != 0
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    # A taken port is this front end's error, saying what to set.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with pytest.raises(OSError, match="set WEB_PORT"):
+            listening_socket("127.0.0.1", taken.getsockname()[1])
