@@ -20,6 +20,7 @@ import openai
 import pytest
 from PIL import Image
 
+from bots.web.api import _json_with_images
 from bots.web.app import listening_socket, run_web
 from core.service import ImageService
 from tests.fake_api import FakeImageAPI
@@ -327,3 +328,16 @@ async def test_the_door_answers_without_waiting_for_delayed_acks() -> None:
         taken.listen(1)
         with pytest.raises(OSError, match="set WEB_PORT"):
             listening_socket("127.0.0.1", taken.getsockname()[1])
+
+
+def test_the_answers_json_carries_each_images_base64_in_its_place() -> None:
+    images = [b"\x89PNG first", b"second \x00\xff" * 100]
+    slot = "\u0000slot\u0000"
+    body = {"created": 1, "data": [{"b64_json": slot, "revised_prompt": 'a "fox" \u00e9'},
+                                   {"b64_json": slot}], "usage": {"total_tokens": 5}}
+    parsed = json.loads(_json_with_images(body, slot, images))
+    assert [base64.b64decode(d["b64_json"]) for d in parsed["data"]] == images
+    assert parsed["data"][0]["revised_prompt"] == 'a "fox" \u00e9'
+    assert parsed["usage"] == {"total_tokens": 5} and parsed["created"] == 1
+    with pytest.raises(RuntimeError):
+        _json_with_images(body, slot, images[:1])
