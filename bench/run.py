@@ -36,6 +36,12 @@ which targets were met). Scenarios:
               4K answer (64 KiB reads, each decoding its base64 on the way in), and with a
               10 s upstream and 3 previews (25/50/75 %), the time to the first preview
               against the time to the result, through ImageClient.draw.
+8. relay      what imgbot adds as an OpenAI-compatible relay: the official SDK
+              (AsyncOpenAI.images.generate) against imgbot's /v1 (its web door in a child
+              process, a personal key, SQLite, relaying to the fake upstream) vs the same
+              SDK call straight at the fake upstream; 1024x1024 and 3840x2160, b64_json
+              (+ b64decode) and url (+ the GET of the image); interleaved, medians; the
+              relay process's CPU time per call beside it.
 """
 
 from __future__ import annotations
@@ -47,8 +53,10 @@ import gc
 import json
 import os
 import platform
+import socket
 import sqlite3
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -102,10 +110,12 @@ class Plan:
     ledger_pairs: int
     ledger_prefill: int
     throughput_jobs: dict[int, int]
+    relay_1k: int = 40
+    relay_4k: int = 15
 
 
-FULL = Plan(60, 25, 60, 25, 50, 3000, 10_000, {1: 40, 10: 150, 100: 400})
-QUICK = Plan(10, 5, 10, 5, 50, 600, 10_000, {1: 10, 10: 40, 100: 100})
+FULL = Plan(60, 25, 60, 25, 50, 3000, 10_000, {1: 40, 10: 150, 100: 400}, 40, 15)
+QUICK = Plan(10, 5, 10, 5, 50, 600, 10_000, {1: 10, 10: 40, 100: 100}, 8, 4)
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -1042,6 +1052,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     for key, row in results["overhead"].items():
         add(f"overhead {key} (pipeline/bare)", row["ratio"], "<= 1.10", row["ratio"] <= 1.10)
+    for key, row in results.get("relay", {}).items():
+        add(f"relay {key} (SDK via imgbot / SDK direct)", row["ratio"], "<= 1.10",
+            row["ratio"] <= 1.10)
     if "stream" in results:
         ratio = results["stream"]["reader_4k"]["ratio"]
         add("stream reader 3840x2160 (events/JSON)", ratio, "<= 1.10", ratio <= 1.10)
@@ -1178,6 +1191,16 @@ def table(results: dict[str, Any]) -> str:
                 f"**first preview at {p['first_preview_share']:.0%} of the wait**",
             )
         )
+    for key, row in results.get("relay", {}).items():
+        rows.append(
+            (
+                f"SDK via imgbot vs SDK direct, {key}",
+                f"{row['via_imgbot']['median_ms']:.1f} ms vs {row['direct']['median_ms']:.1f} ms"
+                f" (+{row['added_ms']:.1f} ms; imgbot's process: {row['relay_cpu_ms']:.1f} ms"
+                " CPU a call)",
+                f"**{row['ratio']:.3f}**",
+            )
+        )
     lines = ["| measure | detail | result |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines += ["", "| target | value | goal | met |", "|---|---|---|---|"]
@@ -1274,6 +1297,139 @@ async def streaming(plan: Plan) -> dict[str, Any]:
     return out
 
 
+# --- 8. the relay: the official SDK through imgbot's /v1 against the SDK direct ------------
+
+
+async def relay_child(upstream_url: str, folder: str) -> None:
+    """Serve imgbot's web door (API alone, no bot) on the upstream until stdin closes.
+
+    Prints `READY <api root> <key>` once it listens: a personal key made for `web:bench`
+    (written to our parent's pipe only, never logged).
+    """
+    from bots.web.app import run_web
+
+    with closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    settings = bench_settings(
+        upstream_url, Path(folder) / "relay.db", "none", data_dir=folder,
+        web_listen="127.0.0.1", web_port=port, previews="off",
+    )
+    async with open_service(settings) as service:
+        _, key = await service.ledger.create_api_key("web:bench", "bench relay")
+        stop = asyncio.Event()
+        serving = asyncio.create_task(run_web(settings, service, stop))
+        for _ in range(500):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.1):
+                    break
+            except OSError:
+                await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        print(f"READY http://127.0.0.1:{port} {key}", flush=True)
+        await asyncio.to_thread(sys.stdin.read)  # until the parent closes our stdin
+        loop.call_soon(stop.set)
+        await serving
+
+
+class RelayProcess:
+    """imgbot's web door in a child process (`--child-relay`), as a deployment runs it."""
+
+    def __init__(self, upstream_url: str, folder: Path) -> None:
+        self._args = [sys.executable, "-m", "bench.run", "--child-relay", upstream_url,
+                      "--folder", str(folder)]
+        self._proc: subprocess.Popen[str] | None = None
+        self.url = self.key = ""
+
+    def __enter__(self) -> RelayProcess:
+        self._proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            self._args, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:  # the web door prints its addresses first
+            if line.startswith("READY "):
+                self.url, self.key = line.split()[1:3]
+                return self
+        raise RuntimeError("the relay did not start")
+
+    def cpu_seconds(self) -> float:
+        """Return the CPU time (user + system) the relay process used so far."""
+        import psutil
+
+        assert self._proc is not None
+        times = psutil.Process(self._proc.pid).cpu_times()
+        return float(times.user + times.system)
+
+    def __exit__(self, *exc: Any) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def relay(tmp: Path, plan: Plan) -> dict[str, Any]:
+    """Time the SDK through imgbot's /v1 against the SDK straight at the upstream."""
+    try:
+        from openai import AsyncOpenAI
+    except ImportError:
+        return {"skipped": "openai is not installed (pip install -e '.[bench]')"}
+    out: dict[str, Any] = {}
+    folder = tmp / "relay"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    with UpstreamProcess("b64") as upstream, RelayProcess(upstream.base_url, folder) as via:
+        direct_sdk = AsyncOpenAI(api_key=KEY, base_url=f"{upstream.base_url}/v1",
+                                 max_retries=0, timeout=600)
+        via_sdk = AsyncOpenAI(api_key=via.key, base_url=f"{via.url}/v1", max_retries=0,
+                              timeout=600)
+        try:
+            async with httpx.AsyncClient(timeout=600) as http:
+                for size, reps in (("1024x1024", plan.relay_1k), ("3840x2160", plan.relay_4k)):
+                    w, h = (int(v) for v in size.split("x"))
+                    for fmt in ("b64_json", "url"):
+
+                        async def call(sdk: Any, fmt: str = fmt, size: str = size,
+                                       w: int = w, h: int = h) -> None:
+                            answer = await sdk.images.generate(
+                                model="gpt-image-2", prompt=PROMPT, size=size, quality="auto",
+                                n=1, response_format=fmt,
+                            )
+                            item = answer.data[0]
+                            if fmt == "url":
+                                got = await http.get(item.url)
+                                got.raise_for_status()
+                                data = got.content
+                            else:
+                                data = base64.b64decode(item.b64_json)
+                            # The same image both ways: a PNG of the asked size.
+                            assert data[:8] == b"\x89PNG\r\n\x1a\n"
+                            assert struct.unpack(">II", data[16:24]) == (w, h)
+
+                        cpu = via.cpu_seconds()
+                        warmup = 2
+                        mine, theirs = await interleaved(
+                            [partial(call, via_sdk), partial(call, direct_sdk)], reps, warmup
+                        )
+                        cpu = via.cpu_seconds() - cpu
+                        v, d = stats(mine), stats(theirs)
+                        out[f"{size} {fmt}"] = {
+                            "via_imgbot": v,
+                            "direct": d,
+                            "added_ms": round(v["median_ms"] - d["median_ms"], 3),
+                            "relay_cpu_ms": round(cpu * 1000 / (reps + warmup), 3),
+                            "ratio": round(v["median_ms"] / d["median_ms"], 3),
+                        }
+        finally:
+            await direct_sdk.close()
+            await via_sdk.close()
+    return out
+
+
 async def run_all(plan: Plan, only: set[str]) -> dict[str, Any]:
     """Run the scenarios against two upstream processes and collect the results."""
     results: dict[str, Any] = {
@@ -1309,6 +1465,7 @@ async def run_all(plan: Plan, only: set[str]) -> dict[str, Any]:
                 ("ledger", lambda: ledger_pairs(tmp, plan)),
                 ("throughput", lambda: throughput(url, tmp, plan, backends)),
                 ("stream", lambda: streaming(plan)),
+                ("relay", lambda: relay(tmp, plan)),
             ]
             for name, step in steps:
                 if only and name not in only:
@@ -1345,7 +1502,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     parser.add_argument(
         "--only", default="",
-        help="comma-separated scenarios: overhead,sdk,burst,ledger,throughput,stream"
+        help="comma-separated scenarios: overhead,sdk,burst,ledger,throughput,stream,relay"
     )
     parser.add_argument(
         "--merge",
@@ -1354,11 +1511,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--child-burst", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--child-ledger", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--child-relay", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--jobs", type=int, default=50, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child_burst:
         print(json.dumps(asyncio.run(burst_child(args.child_burst, args.jobs))))
+        return 0
+    if args.child_relay:
+        asyncio.run(relay_child(args.child_relay, args.folder))
         return 0
     if args.child_ledger:
         print(json.dumps(asyncio.run(ledger_child(args.child_ledger, args.jobs))))

@@ -20,7 +20,8 @@ import openai
 import pytest
 from PIL import Image
 
-from bots.web.app import run_web
+from bots.web.api import _json_with_images
+from bots.web.app import listening_socket, run_web
 from core.service import ImageService
 from tests.fake_api import FakeImageAPI
 
@@ -298,3 +299,45 @@ async def test_compression_moderation_and_fidelity_reach_the_upstream(door: Any)
         assert len(d.upstream.api_requests) == calls
         # A key's requests never stream (and never pay for previews).
         assert all("stream" not in (r.json or r.fields) for r in d.upstream.api_requests)
+
+
+async def test_the_door_answers_without_waiting_for_delayed_acks() -> None:
+    """The listening socket makes connections with Nagle off, as uvicorn gets them (the
+    loop's create_server on our socket): with it on, every answer sent as headers then body
+    waited ~40 ms for the client's delayed ACK."""
+    sock = listening_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raw = writer.get_extra_info("socket")
+        accepted.set_result(raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, sock=sock)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(accepted, 5) != 0
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    # A taken port is this front end's error, saying what to set.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with pytest.raises(OSError, match="set WEB_PORT"):
+            listening_socket("127.0.0.1", taken.getsockname()[1])
+
+
+def test_the_answers_json_carries_each_images_base64_in_its_place() -> None:
+    images = [b"\x89PNG first", b"second \x00\xff" * 100]
+    slot = "\u0000slot\u0000"
+    body = {"created": 1, "data": [{"b64_json": slot, "revised_prompt": 'a "fox" \u00e9'},
+                                   {"b64_json": slot}], "usage": {"total_tokens": 5}}
+    parsed = json.loads(_json_with_images(body, slot, images))
+    assert [base64.b64decode(d["b64_json"]) for d in parsed["data"]] == images
+    assert parsed["data"][0]["revised_prompt"] == 'a "fox" \u00e9'
+    assert parsed["usage"] == {"total_tokens": 5} and parsed["created"] == 1
+    with pytest.raises(RuntimeError):
+        _json_with_images(body, slot, images[:1])

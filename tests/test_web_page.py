@@ -41,7 +41,7 @@ from core.errors import PromptError
 from core.messages import text as core_text
 from core.pricing import format_credits
 from core.service import ImageService
-from tests.fake_api import FakeImageAPI
+from tests.fake_api import PARTIAL_TOKENS, FakeImageAPI
 from tests.telegram_fake import TOKEN as BOT_TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,7 +211,8 @@ async def hand_over(page: Page, how: str, name: str, data: bytes) -> None:
 
 def credits_text(site: Site, command: str, lang: str = "en",
                  sizes: tuple[tuple[int, int], ...] = ()) -> str:
-    _, estimate = site.service.parse(command, reference_sizes=sizes)
+    # The page's jobs ask for previews where they can be had, so its estimate counts them.
+    _, estimate = site.service.parse(command, reference_sizes=sizes, previews=True)
     return format_credits(estimate, site.service.prices, lang)
 
 
@@ -475,6 +476,145 @@ async def test_a_refused_job_says_why_and_cancel_stops_a_running_one(
             core_text("en", "job.cancelled_running", job_id=job.id), timeout=EXPECT_MS)
         await expect(page.locator("#result")).to_be_hidden()
         await expect(page.locator("#draw")).to_be_enabled()
+        tab.assert_only_local(s)
+
+
+# --- previews -----------------------------------------------------------------------------
+
+# Records every preview the page puts in the result's place (its number and picture), as the
+# user would have seen them, and whether a preview was still there when the result came.
+_WATCH_PREVIEWS = """() => {
+  window.shownPreviews = [];
+  new MutationObserver(() => {
+    const img = document.getElementById("preview-image");
+    const seen = window.shownPreviews;
+    if (img && (!seen.length || seen[seen.length - 1].number !== img.dataset.number)) {
+      seen.push({ number: img.dataset.number, src: img.src });
+    }
+  }).observe(document.getElementById("result-images"), { childList: true, subtree: true });
+}"""
+
+
+def jpeg_of(data_url: str) -> Image.Image:
+    head, _, b64 = data_url.partition(",")
+    assert head == "data:image/jpeg;base64"
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert image.format == "JPEG"
+    return image.convert("RGB")
+
+
+async def test_previews_appear_in_place_then_the_result_replaces_them(
+    site: Any, browser: Browser
+) -> None:
+    async with site(preview_count=3) as s, httpx.AsyncClient(base_url=s.url) as http:
+        s.upstream.delay = 3.0  # 3 partials at 0.75, 1.5, 2.25 s, the image at 3 s
+        tab = await open_tab(browser, s.url + "/")
+        page = tab.page
+        await sign_in(tab, s.key)
+        await page.evaluate(_WATCH_PREVIEWS)
+        await page.fill("#command", "16:9 low a red fox")
+        # The estimate counts the three previews' tokens: what the job will reserve.
+        await expect(page.locator("#estimate")).to_contain_text(
+            credits_text(s, "16:9 low a red fox"))
+        plain = s.service.parse("16:9 low a red fox")[1]
+        assert s.service.parse("16:9 low a red fox", previews=True)[1] > plain
+
+        handles: list[str] = []
+        page.on("request", lambda r: handles.extend(
+            re.findall(r"/web/api/jobs/([\w-]+)\?seen=", r.url)))
+        await page.click("#draw")
+        preview = page.locator("#preview-image")
+        await expect(preview).to_be_visible(timeout=EXPECT_MS)
+        await expect(page.locator("#progress")).to_contain_text("— preview")
+        await expect(page.locator("#result-meta")).to_contain_text("still drawing")
+        await tab.shot("preview")
+        # Only the session's own job shows its preview: another user's session, or none,
+        # gets "no such job" for the same handle.
+        handle = handles[-1]
+        _, bob_key = await s.service.ledger.create_api_key("web:bob", "other")
+        bob = await _session(http, bob_key)
+        for headers in (bob, {}):
+            answer = await http.get(f"/web/api/jobs/{handle}", headers=headers)
+            assert answer.status_code in (401, 404) and "data:image" not in answer.text
+        # A poll that already saw the latest preview is not sent its picture again.
+        token = await page.evaluate("() => localStorage.getItem('imgbot.session')")
+        alice = {"Authorization": f"Bearer {token}"}
+        again = (await http.get(f"/web/api/jobs/{handle}?seen=3", headers=alice)).json()
+        if again["state"] != "done":
+            assert again["preview_number"] >= 1 and again["preview"] is None
+
+        result = page.locator("#result-images img")
+        await expect(result).to_have_attribute("src", re.compile(r"^/v1/files/"),
+                                               timeout=EXPECT_MS)
+        await expect(preview).to_have_count(0)
+        await expect(page.locator("#progress")).to_contain_text("Done in")
+        assert await result.evaluate("img => img.naturalWidth") == 1280
+        shown = await page.evaluate("() => window.shownPreviews")
+        numbers = [int(p["number"]) for p in shown]
+        assert numbers and numbers == sorted(set(numbers)) and numbers[-1] <= 3
+        # Each is a small JPEG of the partial the upstream sent: darker the earlier it is.
+        pictures = [jpeg_of(p["src"]) for p in shown]
+        assert all(max(p.size) <= 640 for p in pictures)
+        assert all(p.size[0] * 9 == p.size[1] * 16 for p in pictures)
+        reds = [p.getpixel((10, 10))[0] for p in pictures]
+        expected = [int(200 * n / 4) for n in numbers]  # the fake's partial k of 3: (k+1)/4
+        assert all(abs(r - e) <= 6 for r, e in zip(reds, expected, strict=True)), reds
+        await tab.shot("preview-replaced")
+
+        sent = s.upstream.api_requests[-1]
+        assert sent.json is not None and sent.json.get("stream") is True
+        assert sent.json.get("partial_images") == 3
+        [record] = (await s.service.ledger.spend_report(s.user_key)).last_jobs
+        # The bill is the completed event's usage: the image plus 100 tokens per preview.
+        assert record.usage is not None
+        assert record.usage.image_output_tokens == 106 + 3 * PARTIAL_TOKENS
+        assert record.actual_credits == pytest.approx(
+            s.service.prices.credits(record.usage, record.model))
+        cost = format_credits(record.actual_credits or 0, s.service.prices, "en")
+        await expect(page.locator("#result-meta")).to_have_text(
+            f"1280x720 · low · gpt-image-2 · cost {cost} · Job #{record.id}")
+        # The job's poll no longer carries a preview once it is done.
+        done = (await http.get(f"/web/api/jobs/{handle}", headers=alice)).json()
+        assert done["state"] == "done" and done["preview"] is None
+        tab.assert_only_local(s)
+
+
+async def test_a_dropped_stream_still_ends_in_the_result_and_then_no_previews(
+    site: Any, browser: Browser
+) -> None:
+    async with site(preview_count=3) as s:
+        s.upstream.delay = 2.0
+        s.upstream.inject("stream_drop", after=1)
+        tab = await open_tab(browser, s.url + "/")
+        page = tab.page
+        await sign_in(tab, s.key)
+        await page.evaluate(_WATCH_PREVIEWS)
+        await page.fill("#command", "16:9 low a grey owl")
+        await expect(page.locator("#estimate")).to_contain_text(credits_text(s, "16:9 low a grey owl"))
+        await page.click("#draw")
+        # The one preview sent before the drop shows until the normal call's result comes.
+        await expect(page.locator("#preview-image")).to_be_visible(timeout=EXPECT_MS)
+        await expect(page.locator("#result-images img")).to_have_attribute(
+            "src", re.compile(r"^/v1/files/"), timeout=EXPECT_MS)
+        await expect(page.locator("#preview-image")).to_have_count(0)
+        assert [p["number"] for p in await page.evaluate("() => window.shownPreviews")] == ["1"]
+        [record] = (await s.service.ledger.spend_report(s.user_key)).last_jobs
+        assert record.status.value == "succeeded" and record.usage is not None
+        assert record.usage.image_output_tokens == 106  # the normal call's usage
+        assert not s.service.client.streams("gpt-image-2")
+
+        # The upstream does not stream this model: the page's estimate counts no previews
+        # now, and the next job shows none and asks for none.
+        await page.fill("#command", "16:9 low a brown owl")
+        plain = format_credits(s.service.parse("16:9 low a brown owl")[1], s.service.prices, "en")
+        await expect(page.locator("#estimate")).to_contain_text(plain)
+        await page.evaluate("() => { window.shownPreviews.length = 0; }")
+        await page.click("#draw")
+        await expect(page.locator("#history li")).to_have_count(2, timeout=EXPECT_MS)
+        await expect(page.locator("#progress")).to_contain_text("Done in")
+        assert await page.evaluate("() => window.shownPreviews") == []
+        last = s.upstream.api_requests[-1]
+        assert last.json is not None and "stream" not in last.json
         tab.assert_only_local(s)
 
 

@@ -54,6 +54,29 @@ def alone(settings: Settings) -> bool:
                 or settings.discord_bot_token.get_secret_value())
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen on host:port for uvicorn; raise OSError saying what to set.
+
+    Bound here, not by uvicorn (which exits the process when the port is taken): a busy port
+    is an error of this front end, and the address is listening once we print it.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP said outright: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose
+    # proto says TCP, and an accepted socket takes the listener's. With proto 0 every answer
+    # (headers, then body) waited ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as err:
+        sock.close()
+        raise OSError(f"web door: cannot listen on {host}:{port}"
+                      f" ({err.strerror}); set WEB_PORT (0 = off)") from err
+    return sock
+
+
 async def run_web(settings: Settings, service: ImageService, stop: asyncio.Event) -> None:
     """Serve the API on WEB_LISTEN:WEB_PORT until stop; answer requests in flight first."""
     api = WebApi(service)
@@ -68,19 +91,7 @@ async def run_web(settings: Settings, service: ImageService, stop: asyncio.Event
         timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
     )
     server = _Server(config)
-    # Bound here, not by uvicorn (which exits the process when the port is taken): a busy
-    # port is an error of this front end, and the address is listening once we print it.
-    family = socket.AF_INET6 if ":" in settings.web_listen else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((settings.web_listen, settings.web_port))
-        sock.listen(128)
-        sock.setblocking(False)
-    except OSError as err:
-        sock.close()
-        raise OSError(f"web door: cannot listen on {settings.web_listen}:{settings.web_port}"
-                      f" ({err.strerror}); set WEB_PORT (0 = off)") from err
+    sock = listening_socket(settings.web_listen, settings.web_port)
     serving = asyncio.create_task(server.serve(sockets=[sock]), name="web door")
     where = address(settings)
     log.info("web door (page and OpenAI-compatible API) at %s", page_address(settings))

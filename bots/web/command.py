@@ -50,11 +50,14 @@ class Reading:
         }
 
 
-def read(service: ImageService, text: str, sizes: Sizes = ()) -> Reading:
-    """Parse a text for the page; an empty prompt is not an error here (PromptError else)."""
+def read(service: ImageService, text: str, sizes: Sizes = (), *, previews: bool = False) -> Reading:
+    """Parse a text for the page; an empty prompt is not an error here (PromptError else).
+
+    `previews`: the job will ask for them, so the estimate counts their tokens.
+    """
     text = clean_text(text)
     try:
-        request, estimate = service.parse(text, reference_sizes=sizes)
+        request, estimate = service.parse(text, reference_sizes=sizes, previews=previews)
         return Reading(request, estimate, False)
     except PromptError as err:
         if err.key != "prompt.empty":
@@ -62,7 +65,8 @@ def read(service: ImageService, text: str, sizes: Sizes = ()) -> Reading:
     # Only options so far: read them with a stand-in prompt after an explicit end.
     ended = "--" in text.split()
     request, estimate = service.parse(
-        f"{text} {_FILLER}" if ended else f"{text} -- {_FILLER}", reference_sizes=sizes
+        f"{text} {_FILLER}" if ended else f"{text} -- {_FILLER}", reference_sizes=sizes,
+        previews=previews,
     )
     return Reading(request.with_changes(prompt=""), estimate, True)
 

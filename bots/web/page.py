@@ -9,14 +9,17 @@ progress, and the user's history — served from the package, calling nothing ou
     GET  /web/api/me                who is signed in, their spend, the pickers' choices
     POST /web/api/estimate          read a command (and apply a picker): options + estimate
     POST /web/api/jobs              start a job (multipart: command, image…, mask)
-    GET  /web/api/jobs/{handle}     its progress (queue position, elapsed) and result
+    GET  /web/api/jobs/{handle}     its progress (queue position, elapsed, the latest preview)
+                                    and result; `?seen=N`: the preview only if newer than N
     POST /web/api/jobs/{handle}/cancel   stop the user's waiting and running jobs (/cancel)
     GET  /web/api/history[/{id}]    the user's own jobs, with the results still kept
 
 Every call but sign-in carries the session token (`bots.web.sessions`) as a Bearer header.
 A job goes through the same `JobRunner` as a chat's; the page polls its state, which a
 `PageReply` keeps (the API's answer is synchronous, so progress needs a handle to ask
-about). Results are kept in the web door's memory with the API's url results (an hour,
+about). With PREVIEWS on and an upstream that streams, a page job asks for previews: each
+partial becomes a small JPEG the poll hands out once, as a data URL (the page's own job only;
+the next result or end drops it). Results are kept in the web door's memory with the API's url results (an hour,
 `ResultFiles`): the history lists every job from the ledger, and offers the original of the
 ones still kept. Errors use the API's JSON shape, worded in the browser's language.
 """
@@ -24,6 +27,7 @@ ones still kept. Errors use the API's JSON shape, worded in the browser's langua
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import secrets
@@ -53,13 +57,14 @@ from bots.web.sessions import (
 from bots.web.texts import text
 from core.errors import ImgbotError, PromptError
 from core.images import MAX_REFERENCES
+from core.imaging import preview_jpeg
 from core.messages import language_of
 from core.pricing import format_credits
 from core.reports import render_cancelled, render_spend_line
 from core.runner import JobRunner
 from core.service import DrawOutcome, ImageService
 from core.store import JobRecord
-from core.types import KNOWN_MODELS, IncomingImage, Progress, Requester
+from core.types import KNOWN_MODELS, GeneratedImage, IncomingImage, Progress, Requester
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,9 @@ FIRST_ANSWER_S = 2.0
 HISTORY_SIZE = 60
 JOB_KEEP_S = 3600.0
 MAX_PAGE_JOBS = 2000
+# A preview on the page: small enough to poll as a data URL, big enough to see it form.
+PREVIEW_MAX_SIDE = 640
+PREVIEW_JPEG_QUALITY = 70
 OPERATOR = Requester("web", "operator", display_name="operator", is_admin=True)
 
 # The page calls only its own server; Telegram's web client may show it in a frame.
@@ -102,12 +110,16 @@ class PageJob:
     message: str = ""
     result: dict[str, Any] | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # The latest preview: its 1-based number (0: none yet) and a JPEG, dropped at the end.
+    preview_number: int = 0
+    preview_jpeg: bytes | None = None
 
     @property
     def over(self) -> bool:
         return self.state in ("done", "refused", "failed")
 
-    def as_json(self, lang: str) -> dict[str, Any]:
+    def as_json(self, lang: str, seen: int = 0) -> dict[str, Any]:
+        """Describe the job; the preview's picture only when newer than preview `seen`."""
         now = self.finished or time.monotonic()
         status = ""
         if self.state == "queued":
@@ -123,6 +135,11 @@ class PageJob:
             "status": status,
             "message": self.message,
             "result": self.result,
+            "preview_number": self.preview_number,
+            "preview": (
+                "data:image/jpeg;base64," + base64.b64encode(self.preview_jpeg).decode()
+                if self.preview_jpeg is not None and self.preview_number > seen else None
+            ),
         }
 
 
@@ -131,28 +148,50 @@ class PageReply:
 
     def __init__(self, job: PageJob, page: WebPage) -> None:
         self.job, self.page = job, page
+        self._previews: set[asyncio.Task[None]] = set()
 
     def _set(self, **changes: Any) -> None:
         for name, value in changes.items():
             setattr(self.job, name, value)
         self.job.changed.set()
 
+    def _end(self, **changes: Any) -> None:
+        for task in self._previews:
+            task.cancel()  # a preview still being made must not show after the end
+        self._set(**changes, preview_jpeg=None, finished=time.monotonic())
+
     async def progress(self, event: Progress) -> None:
         if event.kind == "queued":
             self._set(state="queued", position=event.position)
-        elif event.kind in ("started", "working") and self.job.state != "drawing":
+        elif event.kind in ("started", "working", "partial") and self.job.state != "drawing":
             self._set(state="drawing", started=time.monotonic())
+        if event.kind == "partial" and event.image is not None and not self.job.over:
+            # Made in the background: the upstream's stream goes on being read meanwhile.
+            task = asyncio.create_task(self._preview(event.image, event.index + 1))
+            self._previews.add(task)
+            task.add_done_callback(self._previews.discard)
+
+    async def _preview(self, image: GeneratedImage, number: int) -> None:
+        try:
+            jpeg = await preview_jpeg(
+                image.data, max_side=PREVIEW_MAX_SIDE, quality=PREVIEW_JPEG_QUALITY
+            )
+        except Exception:  # noqa: BLE001 - a preview is best effort; the result still comes
+            log.warning("page: preview %d of a job could not be made", number, exc_info=True)
+            return
+        if not self.job.over and number > self.job.preview_number:  # the latest wins
+            self._set(preview_number=number, preview_jpeg=jpeg)
 
     async def result(self, outcome: DrawOutcome, four_k_credits: float | None) -> Sequence[str]:
         result = await self.page.keep_result(self.job.user_key, outcome)
-        self._set(state="done", result=result, finished=time.monotonic())
+        self._end(state="done", result=result)
         return []  # no platform handles: "vary" has nothing to point at
 
     async def refusal(self, message: str | None, error: ImgbotError | None = None) -> None:
-        self._set(state="refused", message=message or "", finished=time.monotonic())
+        self._end(state="refused", message=message or "")
 
     async def failure(self, message: str) -> None:
-        self._set(state="failed", message=message, finished=time.monotonic())
+        self._end(state="failed", message=message)
 
 
 class WebPage:
@@ -324,7 +363,7 @@ class WebPage:
             try:
                 if changes:
                     command = commands.rewrite(self.service, command, changes, sizes)
-                reading = commands.read(self.service, command, sizes)
+                reading = commands.read(self.service, command, sizes, previews=True)
             except PromptError as err:
                 raise ApiError(400, err.user_message(lang, text), code=err.code,
                                param="command") from None
@@ -346,7 +385,8 @@ class WebPage:
     async def start_job(self, request: Request) -> Response:
         lang = _lang(request)
         try:
-            requester = await self._requester(request, lang)
+            # The page shows previews in place of the result while it is drawn.
+            requester = replace(await self._requester(request, lang), previews=True)
             command, images, mask = await self._read_job_form(request, lang)
             job = PageJob(secrets.token_urlsafe(16), requester.user_key)
             self._remember(job)
@@ -444,7 +484,9 @@ class WebPage:
         lang = _lang(request)
         try:
             job = await self._own_job(request, lang)
-            return JSONResponse(job.as_json(lang))
+            raw = request.query_params.get("seen", "0")
+            seen = int(raw) if raw.isdigit() and len(raw) < 3 else 0
+            return JSONResponse(job.as_json(lang, seen))
         except ApiError as err:
             return err.response()
 

@@ -37,6 +37,8 @@ const TEXTS = {
     starting: "Starting… {seconds} s",
     queued: "In the queue: #{position} · {seconds} s",
     drawing: "Drawing… {seconds} s",
+    drawingPreview: "Drawing… {seconds} s — preview {number}",
+    previewMeta: "Preview {number}: still drawing, the result takes its place.",
     doneIn: "Done in {seconds} s",
     resultMeta: "{size} · {quality} · {model} · cost {cost}",
     jobLine: "Job #{id}",
@@ -81,6 +83,8 @@ const TEXTS = {
     starting: "正在开始… {seconds} 秒",
     queued: "排队中：第 {position} 位 · {seconds} 秒",
     drawing: "正在绘制… {seconds} 秒",
+    drawingPreview: "正在绘制… {seconds} 秒 — 预览 {number}",
+    previewMeta: "预览 {number}：仍在绘制，完成后由结果替换。",
     doneIn: "用时 {seconds} 秒",
     resultMeta: "{size} · {quality} · {model} · 花费 {cost}",
     jobLine: "任务 #{id}",
@@ -123,6 +127,7 @@ const state = {
   maskPainted: false,
   job: null,
   jobT0: 0,
+  previewSeen: 0,    // the number of the job's latest preview shown (0: none)
   ticker: null,
 };
 
@@ -567,15 +572,42 @@ function renderProgress() {
   const job = state.job;
   if (!job) return;
   const seconds = Math.floor((performance.now() - state.jobT0) / 1000);
-  const key = { queued: "queued", drawing: "drawing" }[job.state] || "starting";
-  $("progress").textContent = t(key, { position: job.position, seconds });
+  let key = { queued: "queued", drawing: "drawing" }[job.state] || "starting";
+  if (key === "drawing" && state.previewSeen) key = "drawingPreview";
+  $("progress").textContent = t(key, { position: job.position, seconds, number: state.previewSeen });
   $("progress").dataset.state = job.state;
 }
 
 function follow(job) {
   state.job = job;
   state.jobT0 = performance.now() - job.elapsed * 1000;
+  if (job.preview && job.preview_number > state.previewSeen) showPreview(job);
   renderProgress();
+}
+
+// A preview takes the result's place while the job draws; the result (or the end) replaces it.
+function showPreview(job) {
+  state.previewSeen = job.preview_number;
+  const fig = document.createElement("figure");
+  const img = document.createElement("img");
+  img.id = "preview-image";
+  img.src = job.preview;
+  img.alt = t("previewMeta", { number: job.preview_number });
+  img.dataset.number = String(job.preview_number);
+  fig.append(img);
+  $("result-images").replaceChildren(fig);
+  $("result-meta").textContent = t("previewMeta", { number: job.preview_number });
+  $("result-notes").textContent = "";
+  $("result").classList.add("previewing");
+  $("result").hidden = false;
+}
+
+function dropPreview() {
+  if (!$("result").classList.contains("previewing")) return;
+  $("result").classList.remove("previewing");
+  $("result").hidden = true;
+  $("result-images").replaceChildren();
+  $("result-meta").textContent = "";
 }
 
 async function draw() {
@@ -588,6 +620,7 @@ async function draw() {
   if (state.maskPainted && state.refs.length) form.append("mask", await maskFile());
   state.job = { state: "starting", position: 0, elapsed: 0 };
   state.jobT0 = performance.now();
+  state.previewSeen = 0;
   renderProgress();
   state.ticker = setInterval(renderProgress, 250);
   try {
@@ -595,7 +628,7 @@ async function draw() {
     follow(job);
     while (!["done", "refused", "failed"].includes(job.state)) {
       await new Promise((r) => setTimeout(r, POLL_MS));
-      job = await api(`/web/api/jobs/${encodeURIComponent(job.handle)}`);
+      job = await api(`/web/api/jobs/${encodeURIComponent(job.handle)}?seen=${state.previewSeen}`);
       follow(job);
     }
     finish(job);
@@ -603,6 +636,7 @@ async function draw() {
     if (err.status === 401) signedOut(err.message);
     else $("job-error").textContent = err.message;
     $("progress").textContent = "";
+    dropPreview();
   } finally {
     stopTicker();
     $("draw").disabled = false;
@@ -615,10 +649,12 @@ function finish(job) {
     $("progress").textContent = "";
     $("progress").dataset.state = job.state;
     $("job-error").textContent = job.message;
+    dropPreview();
     loadHistory();
     return;
   }
   const r = job.result;
+  $("result").classList.remove("previewing");
   $("progress").textContent = t("doneIn", { seconds: Math.round(r.elapsed) });
   $("progress").dataset.state = "done";
   showImages($("result-images"), r.images, r.job_id);
