@@ -39,6 +39,12 @@ CSV_COLUMNS = (
     "refunded_at",
     "reported_credits",
     "usage_flag",
+    # Durable jobs: where the work ended, how many draws started, and what lost draws (a
+    # worker that died while drawing) were estimated at: possibly billed upstream, never
+    # charged to the user — for reconciling with the upstream's bill.
+    "stage",
+    "attempts",
+    "lost_credits",
 )
 
 
@@ -82,6 +88,9 @@ def csv_row(job: JobRecord) -> tuple[Any, ...]:
         iso(job.refunded_at) if job.refunded_at else "",
         "" if job.reported_credits is None else job.reported_credits,
         job.usage_flag or "",
+        job.stage.value,
+        job.attempts,
+        job.lost_credits,
     )
 
 
