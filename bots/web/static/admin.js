@@ -506,7 +506,7 @@ function drawPurchases(p) {
   $("purchases").hidden = p === null || p === undefined;
   if ($("purchases").hidden) return;
   card("buy-count", whole(p.purchases), t("purchaseRefunds", { refunds: whole(p.refunds) }));
-  card("buy-stars", `⭐ ${whole(p.stars)}`,
+  card("buy-stars", whole(p.stars),
        t("starsHint", { refunded: whole(p.refunded_stars), net: whole(p.stars_net) }));
   card("buy-credits", p.credits_text, t("creditsHint", { refunded: p.refunded_credits_text }));
   card("buy-spent", p.spent_text, t("spentHint", { jobs: whole(p.spent_jobs), held: p.held_text }));
