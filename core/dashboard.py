@@ -31,6 +31,8 @@ from core.store import (
     JobRecord,
     JobStatus,
     OutcomeCount,
+    PrepaidSpend,
+    PurchaseTotals,
     Spender,
     UserRecord,
 )
@@ -185,13 +187,43 @@ async def overview(
     )
 
 
-# HOOK(credits): the prepaid-credits work (issue 16, store migration 8: balances and
-# purchases) adds its dashboard items here — stars in, credits granted, the upstream cost of
-# what was spent — as a read of its own store queries, and the page shows them in the
-# "Purchases" section it keeps hidden until this returns something. Not built on this branch.
-async def purchases(service: ImageService, since: datetime) -> None:
-    """Return the period's purchases; nothing until the prepaid-credits store exists."""
-    return None
+@dataclass(frozen=True)
+class Purchases:
+    """The Purchases section over the period: what users paid (stars in), the credits it
+    granted, refunds, and what prepaid jobs spent with the upstream's cost of it.
+
+    Credits are priced from the upstream's cost (core.pricing: credits = USD × cny_per_usd ×
+    credits_per_cny), so what was spent costs `upstream_credits / credits_per_cny` yuan:
+    `upstream_credits` is what the usage said, above the charge for an estimator miss."""
+
+    totals: PurchaseTotals
+    spend: PrepaidSpend
+    upstream_cny: float
+    upstream_usd: float
+
+    @property
+    def stars_net(self) -> int:
+        """Return the stars kept: paid minus refunded."""
+        return self.totals.stars - self.totals.refunded_stars
+
+    @property
+    def credits_net(self) -> float:
+        """Return the credits granted by purchases less what their refunds took back."""
+        return self.totals.credits - self.totals.refunded_credits
+
+
+async def purchases(service: ImageService, since: datetime) -> Purchases | None:
+    """Return the period's purchases and prepaid spend; None (the section stays hidden)
+    when the bot only caps spend (BILLING=limits) and the period has neither."""
+    ledger = service.ledger
+    totals, spend = await asyncio.gather(ledger.purchase_totals(since),
+                                         ledger.prepaid_spend(since))
+    if not service.settings.prepaid and not totals.purchases and not (spend.jobs or spend.held):
+        return None
+    prices = service.prices
+    cny = prices.yuan(spend.upstream_credits)
+    return Purchases(totals=totals, spend=spend, upstream_cny=cny,
+                     upstream_usd=cny / prices.cny_per_usd)
 
 
 async def user_jobs(service: ImageService, user_key: str, days: int) -> list[JobRecord]:

@@ -45,6 +45,8 @@ from core.store import (
     JobStatus,
     Limits,
     OutcomeCount,
+    PrepaidSpend,
+    PurchaseTotals,
     Spender,
     Store,
     StoreError,
@@ -1618,3 +1620,78 @@ async def test_a_payment_credits_once_and_its_refund_takes_back_what_is_unspent(
         await first.close()
         await second.close()
     await assert_balances_match(target)
+
+
+async def test_purchase_totals_and_prepaid_spend_over_a_period(
+    target: Target, clock: Clock
+) -> None:
+    ledger = await target.open(clock)
+
+    def pack(charge: str, stars: int, credits: float, currency: str = "XTR") -> dict[str, Any]:
+        return dict(provider="telegram_stars", charge_id=charge, provider_charge_id="",
+                    pack=f"pack:{stars}:{credits}", amount=stars, currency=currency,
+                    credits=credits)
+
+    try:
+        empty = await ledger.purchase_totals(START - timedelta(days=30))
+        assert empty == PurchaseTotals(0, 0, 0.0, 0, 0, 0.0)
+        assert await ledger.prepaid_spend(START) == PrepaidSpend(0, 0.0, 0.0, 0.0)
+        # Yesterday: a pack and a prepaid job, outside a period that starts today.
+        clock.now = START - timedelta(days=1)
+        await ledger.record_purchase("telegram:1", **pack("old", 10, 4000))
+        old = await ledger.reserve(who("1"), PREPAID, 1000)
+        await ledger.settle(old, 700, None)
+        clock.now = START
+        # Today: three packs (one redelivered: counted once), one refunded after some spending.
+        first, _ = await ledger.record_purchase("telegram:1", **pack("a", 50, 20_000))
+        await ledger.record_purchase("telegram:2", **pack("b", 100, 45_000.5))
+        await ledger.record_purchase("telegram:2", **pack("b", 100, 45_000.5))
+        await ledger.record_purchase("telegram:3", **pack("c", 25, 9_000))
+        # Prepaid jobs: settled below, settled above the reservation (an estimator miss),
+        # failed with a charge, failed free, refunded, still open, unsettled; and a job of
+        # the limits mode, which counts nothing here.
+        below = await ledger.reserve(who("1"), PREPAID, 3000)
+        await ledger.settle(below, 2500, Usage(10, 0, 1000, 0, 1010))
+        over = await ledger.reserve(who("2"), PREPAID, 2000)
+        await ledger.settle(over, 2600, None)
+        failed = await ledger.reserve(who("2"), PREPAID, 800)
+        await ledger.fail(failed, "content_policy", credits=300)
+        free = await ledger.reserve(who("2"), PREPAID, 800)
+        await ledger.fail(free, "unavailable")
+        refunded = await ledger.reserve(who("2"), PREPAID, 900)
+        await ledger.settle(refunded, 900, None)
+        await ledger.refund(refunded, by="telegram:42")
+        await ledger.reserve(who("3"), PREPAID, 400)  # open
+        broken = await ledger.reserve(who("3"), PREPAID, 600)
+        await ledger.mark_started(broken)
+        await ledger.mark_unsettled(broken)
+        limits_mode = await ledger.reserve(who("1"), SPEC, 5000)
+        await ledger.settle(limits_mode, 5000, None)
+        # telegram:1 spent 2,500 of 24,000: the refund takes back 20,000 of pack "a".
+        back = await ledger.refund_purchase(first.id, by="telegram:42")
+        assert back.refunded_credits == 20_000
+
+        today = await ledger.purchase_totals(START)
+        assert today == PurchaseTotals(
+            purchases=3, stars=175, credits=pytest.approx(74_000.5), refunds=1,
+            refunded_stars=50, refunded_credits=pytest.approx(20_000),
+        )
+        spend = await ledger.prepaid_spend(START)
+        # Settled: 2,500 + 2,000 (capped; the usage said 2,600) + 300.
+        assert spend.jobs == 3
+        assert spend.credits == pytest.approx(4800)
+        assert spend.upstream_credits == pytest.approx(2500 + 2600 + 300)
+        assert spend.held == pytest.approx(400 + 600)
+        # A period of two days takes yesterday in; [yesterday, today) only yesterday.
+        both = await ledger.purchase_totals(START - timedelta(days=1))
+        assert (both.purchases, both.stars, both.credits) == (4, 185, pytest.approx(78_000.5))
+        assert await ledger.prepaid_spend(START - timedelta(days=1), until=START) == (
+            PrepaidSpend(1, pytest.approx(700), pytest.approx(700), 0.0))
+        assert (await ledger.purchase_totals(START - timedelta(days=1), until=START)).purchases == 1
+        # Other currencies are purchases and credits, but no stars.
+        await ledger.record_purchase("telegram:4", **pack("usd", 199, 1000, currency="USD"))
+        other = await ledger.purchase_totals(START)
+        assert (other.purchases, other.stars) == (4, 175)
+        assert await ledger.purchase_totals(START + timedelta(days=1)) == empty
+    finally:
+        await ledger.close()

@@ -480,3 +480,65 @@ async def test_the_dashboard_in_chinese(site: Any, browser: Browser, tmp_path: P
             core_text("zh", "admin.blocked", who="telegram:1004"))
         await tab.shot("admin-zh")
         tab.assert_only_local(s)
+
+
+# --- purchases (Telegram Stars) and what prepaid jobs spent ---------------------------------------
+
+
+async def test_the_purchases_section_shows_stars_credits_and_upstream_cost(
+    site: Any, browser: Browser, tmp_path: Path
+) -> None:
+    prepaid = replace(spec("a paid fox"), prepaid=True)
+    async with await open_store(f"sqlite:///{tmp_path}/ledger.db", Limits()) as ledger:
+        stars = dict(provider="telegram_stars", provider_charge_id="", currency="XTR")
+        await ledger.record_purchase("telegram:1001", charge_id="stxA", pack="pack:50:20000",
+                                     amount=50, credits=20_000, **stars)
+        refunded, _ = await ledger.record_purchase(
+            "telegram:1002", charge_id="stxB", pack="pack:100:45000", amount=100,
+            credits=45_000, **stars)
+        await ledger.refund_purchase(refunded.id, by="telegram:42")  # unspent: all taken back
+        # A prepaid job: reserved 15,000, the usage said 12,000.
+        job = await ledger.reserve(person("1001", "Ann"), prepaid, 15_000)
+        await ledger.mark_started(job)
+        await ledger.settle(job, 12_000, Usage(10, 0, 1000, 0, 1010))
+        # One still drawing holds 3,000 of the balance.
+        await ledger.reserve(person("1001", "Ann"), prepaid, 3000)
+    async with site(admins=ADMIN, billing="prepaid") as s:
+        _, key = await s.service.ledger.create_api_key(ADMIN, "dashboard")
+        tab = await open_dashboard(browser, s, key)
+        page = tab.page
+        prices = s.service.prices
+
+        def credits(value: float) -> str:
+            return format_credits(value, prices, "en")
+
+        section = page.locator("#purchases")
+        await expect(section).to_be_visible()
+        await expect(section.locator("h2")).to_have_text("Purchases")
+        await expect(page.locator("#buy-count .v")).to_have_text("2")
+        await expect(page.locator("#buy-count .h")).to_have_text("1 refunded")
+        await expect(page.locator("#buy-stars .v")).to_have_text("150")
+        await expect(page.locator("#buy-stars .h")).to_have_text("100 refunded · 50 kept")
+        await expect(page.locator("#buy-credits .v")).to_have_text(credits(65_000))
+        await expect(page.locator("#buy-credits .h")).to_have_text(
+            f"{credits(45_000)} taken back by refunds")
+        await expect(page.locator("#buy-spent .v")).to_have_text(credits(12_000))
+        await expect(page.locator("#buy-spent .h")).to_have_text(
+            f"1 jobs settled · {credits(3000)} still held")
+        # Credits are priced from the upstream's cost: 12,000 credits are ¥1.20 at the
+        # default 10,000 credits a yuan, and that over 7.1 yuan a dollar.
+        yuan = 12_000 / prices.credits_per_cny
+        usd = yuan / prices.cny_per_usd
+        await expect(page.locator("#buy-upstream .v")).to_have_text(f"¥{yuan:,.2f} · ${usd:,.2f}")
+        assert f"{yuan:.2f}" == "1.20" and f"{usd:.2f}" == "0.17"
+        await tab.shot("admin-purchases")
+
+        # The same in Chinese.
+        zh = await open_dashboard(browser, s, key, locale="zh-CN")
+        await expect(zh.page.locator("#purchases h2")).to_have_text("购买")
+        await expect(zh.page.locator("#buy-stars .k")).to_have_text("收入 Stars")
+        await expect(zh.page.locator("#buy-stars .h")).to_have_text("100 已退款 · 50 留存")
+        await expect(zh.page.locator("#buy-spent .v")).to_have_text(
+            format_credits(12_000, prices, "zh"))
+        tab.assert_only_local(s)
+        zh.assert_only_local(s)

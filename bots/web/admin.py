@@ -154,8 +154,9 @@ class AdminPage:
                     "user_monthly": settings.user_monthly_limit,
                     "chat_daily": settings.chat_daily_limit,
                 },
-                # HOOK(credits): see core.dashboard.purchases — null until prepaid credits land.
-                "purchases": await dashboard.purchases(self.service, seen.since),
+                # Null (the section hidden) for a limits-mode bot with no purchases.
+                "purchases": self._purchases(
+                    await dashboard.purchases(self.service, seen.since), lang),
             })
         except ApiError as err:
             return err.response()
@@ -235,6 +236,29 @@ class AdminPage:
 
     def _credits(self, credits: float, lang: str) -> str:
         return format_credits(credits, self.service.prices, lang)
+
+    def _purchases(self, seen: dashboard.Purchases | None, lang: str) -> dict[str, Any] | None:
+        if seen is None:
+            return None
+        totals, spend = seen.totals, seen.spend
+        return {
+            "purchases": totals.purchases, "refunds": totals.refunds,
+            "stars": totals.stars, "refunded_stars": totals.refunded_stars,
+            "stars_net": seen.stars_net,
+            "credits": round(totals.credits, 2),
+            "credits_text": self._credits(totals.credits, lang),
+            "refunded_credits": round(totals.refunded_credits, 2),
+            "refunded_credits_text": self._credits(totals.refunded_credits, lang),
+            "credits_net_text": self._credits(seen.credits_net, lang),
+            "spent_jobs": spend.jobs,
+            "spent": round(spend.credits, 2),
+            "spent_text": self._credits(spend.credits, lang),
+            "held": round(spend.held, 2),
+            "held_text": self._credits(spend.held, lang),
+            "upstream_credits": round(spend.upstream_credits, 2),
+            "upstream_cny": round(seen.upstream_cny, 4),
+            "upstream_usd": round(seen.upstream_usd, 4),
+        }
 
     def _job(self, job: JobRecord, lang: str, kept: set[int]) -> dict[str, Any]:
         shown = job.actual_credits if job.actual_credits is not None else job.estimated_credits

@@ -44,7 +44,9 @@ from core.store.records import (
     Limits,
     NamedLease,
     OutcomeCount,
+    PrepaidSpend,
     PurchaseRecord,
+    PurchaseTotals,
     Spender,
     SpendReport,
     UserRecord,
@@ -470,6 +472,22 @@ class Store(abc.ABC):
         """Mark a paid purchase refunded and take its credits off the balance, as far as
         they are unspent (never below zero), in one transaction; return it with
         `refunded_credits`. JobNotFound-like UserError when missing or already refunded."""
+
+    @abc.abstractmethod
+    async def purchase_totals(
+        self, since: datetime, *, until: datetime | None = None
+    ) -> PurchaseTotals:
+        """Sum the purchases recorded in [since, until): how many, the stars paid (XTR),
+        the credits granted, and of those how many are refunded, their stars and the
+        credits the refunds took back (read-only, for the dashboard)."""
+
+    @abc.abstractmethod
+    async def prepaid_spend(
+        self, since: datetime, *, until: datetime | None = None
+    ) -> PrepaidSpend:
+        """Sum what the prepaid jobs created in [since, until) spent of the balances: the
+        settled ones' count, charge and upstream cost in credits (COALESCE(reported,
+        actual)), and what open or unsettled ones hold (read-only, for the dashboard)."""
 
     # --- copies -----------------------------------------------------------------------
 

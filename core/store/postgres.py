@@ -93,7 +93,9 @@ from core.store.records import (
     Limits,
     NamedLease,
     OutcomeCount,
+    PrepaidSpend,
     PurchaseRecord,
+    PurchaseTotals,
     Spender,
     SpendReport,
     UserRecord,
@@ -302,6 +304,27 @@ _OUTCOMES = (
     'SELECT stage, status, COALESCE(error_code, \'\') COLLATE "C" AS code,'  # noqa: S608
     f" COUNT(*) AS jobs, SUM(charged) AS credits FROM jobs WHERE {_PERIOD}"
     " GROUP BY 1, 2, 3 ORDER BY jobs DESC, stage, status, code"
+)
+_PURCHASE_TOTALS = (
+    "SELECT COUNT(*) AS purchases,"  # noqa: S608 - constant text
+    " COALESCE(SUM(CASE WHEN currency = 'XTR' THEN amount END), 0) AS stars,"
+    " COALESCE(SUM(credits), 0) AS credits,"
+    " COALESCE(SUM(CASE WHEN status = 'refunded' THEN 1 ELSE 0 END), 0) AS refunds,"
+    " COALESCE(SUM(CASE WHEN status = 'refunded' AND currency = 'XTR' THEN amount END), 0)"
+    " AS refunded_stars,"
+    " COALESCE(SUM(refunded_credits), 0) AS refunded_credits"
+    f" FROM purchases WHERE {_PERIOD}"
+)
+# Settled: succeeded, or failed with a charge; held: still reserved or unsettled.
+_SETTLED = "(status = 'succeeded' OR (status = 'failed' AND charged_micro > 0))"
+_PREPAID_SPEND = (
+    f"SELECT COALESCE(SUM(CASE WHEN {_SETTLED} THEN 1 ELSE 0 END), 0) AS jobs,"  # noqa: S608
+    f" COALESCE(SUM(CASE WHEN {_SETTLED} THEN charged ELSE 0 END), 0) AS credits,"
+    f" COALESCE(SUM(CASE WHEN {_SETTLED}"
+    " THEN COALESCE(reported_credits, actual_credits, 0) ELSE 0 END), 0) AS upstream,"
+    " COALESCE(SUM(CASE WHEN status IN ('reserved', 'unsettled') THEN charged ELSE 0 END), 0)"
+    " AS held"
+    f" FROM jobs WHERE prepaid <> 0 AND {_PERIOD}"
 )
 _DRAWN = (
     "FROM jobs WHERE stage IN ('drawn', 'delivered', 'undelivered')"
@@ -2042,6 +2065,33 @@ class PostgresStore(Store):
 
         async def read(conn: asyncpg.Connection) -> list[ChatRecord]:
             return [chat_from_mapping(row) for row in await conn.fetch(_CHATS_WITH_OVERRIDES)]
+
+        return await self._read(read)
+
+    async def purchase_totals(
+        self, since: datetime, *, until: datetime | None = None
+    ) -> PurchaseTotals:
+        """Sum the purchases recorded in [since, until) (refunded ones counted apart too)."""
+        period = _period(since, until)
+
+        async def read(conn: asyncpg.Connection) -> PurchaseTotals:
+            r = await conn.fetchrow(_PURCHASE_TOTALS, *period)
+            return PurchaseTotals(int(r["purchases"]), int(r["stars"]), float(r["credits"]),
+                                  int(r["refunds"]), int(r["refunded_stars"]),
+                                  float(r["refunded_credits"]))
+
+        return await self._read(read)
+
+    async def prepaid_spend(
+        self, since: datetime, *, until: datetime | None = None
+    ) -> PrepaidSpend:
+        """Sum what the prepaid jobs created in [since, until) spent and hold."""
+        period = _period(since, until)
+
+        async def read(conn: asyncpg.Connection) -> PrepaidSpend:
+            r = await conn.fetchrow(_PREPAID_SPEND, *period)
+            return PrepaidSpend(int(r["jobs"]), float(r["credits"]), float(r["upstream"]),
+                                float(r["held"]))
 
         return await self._read(read)
 

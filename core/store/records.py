@@ -315,6 +315,32 @@ class OutcomeCount(NamedTuple):
     credits: float
 
 
+class PurchaseTotals(NamedTuple):
+    """The purchases recorded in a period (the dashboard's Purchases): refunded ones
+    included in the first three, and counted again in the last three."""
+
+    purchases: int
+    stars: int  # the amount paid in Telegram Stars (currency XTR)
+    credits: float  # credits the purchases granted
+    refunds: int  # of those purchases, how many are refunded now
+    refunded_stars: int
+    refunded_credits: float  # credits the refunds took back (what was still unspent)
+
+
+class PrepaidSpend(NamedTuple):
+    """What prepaid jobs created in a period spent of their users' balances.
+
+    `credits` is what the settled jobs (succeeded, or failed with a charge) took off the
+    balances; `upstream_credits` is what the upstream's usage said those jobs cost (above
+    the charge for an estimator miss), the operator's bill in credits; `held` is what open
+    and unsettled prepaid jobs still hold at their estimate."""
+
+    jobs: int  # settled prepaid jobs
+    credits: float
+    upstream_credits: float
+    held: float
+
+
 # --- helpers both backends share ----------------------------------------------------------
 
 

@@ -79,7 +79,9 @@ from core.store.records import (
     Limits,
     NamedLease,
     OutcomeCount,
+    PrepaidSpend,
     PurchaseRecord,
+    PurchaseTotals,
     Spender,
     SpendReport,
     UserRecord,
@@ -286,6 +288,27 @@ _OUTCOMES = (
     "SELECT stage, status, COALESCE(error_code, '') AS code, COUNT(*) AS jobs,"  # noqa: S608
     f" SUM(charged) AS credits FROM jobs WHERE {_PERIOD}"
     " GROUP BY stage, status, code ORDER BY jobs DESC, stage, status, code"
+)
+_PURCHASE_TOTALS = (
+    "SELECT COUNT(*) AS purchases,"  # noqa: S608 - constant text
+    " COALESCE(SUM(CASE WHEN currency = 'XTR' THEN amount END), 0) AS stars,"
+    " COALESCE(SUM(credits), 0) AS credits,"
+    " COALESCE(SUM(CASE WHEN status = 'refunded' THEN 1 ELSE 0 END), 0) AS refunds,"
+    " COALESCE(SUM(CASE WHEN status = 'refunded' AND currency = 'XTR' THEN amount END), 0)"
+    " AS refunded_stars,"
+    " COALESCE(SUM(refunded_credits), 0) AS refunded_credits"
+    f" FROM purchases WHERE {_PERIOD}"
+)
+# Settled: succeeded, or failed with a charge; held: still reserved or unsettled.
+_SETTLED = "(status = 'succeeded' OR (status = 'failed' AND charged_micro > 0))"
+_PREPAID_SPEND = (
+    f"SELECT COALESCE(SUM(CASE WHEN {_SETTLED} THEN 1 ELSE 0 END), 0) AS jobs,"  # noqa: S608
+    f" COALESCE(SUM(CASE WHEN {_SETTLED} THEN charged ELSE 0 END), 0) AS credits,"
+    f" COALESCE(SUM(CASE WHEN {_SETTLED}"
+    " THEN COALESCE(reported_credits, actual_credits, 0) ELSE 0 END), 0) AS upstream,"
+    " COALESCE(SUM(CASE WHEN status IN ('reserved', 'unsettled') THEN charged ELSE 0 END), 0)"
+    " AS held"
+    f" FROM jobs WHERE prepaid <> 0 AND {_PERIOD}"
 )
 _DRAWN = (
     "FROM jobs WHERE stage IN ('drawn', 'delivered', 'undelivered')"
@@ -1653,6 +1676,22 @@ class SqliteStore(Store):
             return purchase_from_mapping(row)
         raise purchase_refusal(await self.get_purchase(purchase_id), purchase_id)
 
+    async def purchase_totals(
+        self, since: datetime, *, until: datetime | None = None
+    ) -> PurchaseTotals:
+        """Sum the purchases recorded in [since, until) (refunded ones counted apart too)."""
+        row = await self._read_one(_PURCHASE_TOTALS, _period(since, until))
+        assert row is not None
+        return _purchase_totals(row)
+
+    async def prepaid_spend(
+        self, since: datetime, *, until: datetime | None = None
+    ) -> PrepaidSpend:
+        """Sum what the prepaid jobs created in [since, until) spent and hold."""
+        row = await self._read_one(_PREPAID_SPEND, _period(since, until))
+        assert row is not None
+        return _prepaid_spend(row)
+
     # --- copies -------------------------------------------------------------------------
 
     @asynccontextmanager
@@ -1704,6 +1743,17 @@ class SqliteStore(Store):
             await conn.executemany(sql, values)
 
         await self._transaction(load)
+
+
+def _purchase_totals(row: Any) -> PurchaseTotals:
+    return PurchaseTotals(int(row["purchases"]), int(row["stars"]), float(row["credits"]),
+                          int(row["refunds"]), int(row["refunded_stars"]),
+                          float(row["refunded_credits"]))
+
+
+def _prepaid_spend(row: Any) -> PrepaidSpend:
+    return PrepaidSpend(int(row["jobs"]), float(row["credits"]), float(row["upstream"]),
+                        float(row["held"]))
 
 
 def _period(since: datetime, until: datetime | None) -> dict[str, str | None]:

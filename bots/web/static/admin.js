@@ -61,6 +61,13 @@ const TEXTS = {
     default: "default", yes: "yes", no: "no",
     keyMissing: "Name a user or chat as platform:id.",
     purchases: "Purchases",
+    purchasesHint: "Packs bought with Telegram Stars in this period, and what prepaid jobs of the period spent of the balances.",
+    purchaseCount: "Packs bought", purchaseRefunds: "{refunds} refunded",
+    starsIn: "Stars in", starsHint: "{refunded} refunded · {net} kept",
+    creditsGranted: "Credits granted", creditsHint: "{refunded} taken back by refunds",
+    creditsSpent: "Credits spent (prepaid jobs)", spentHint: "{jobs} jobs settled · {held} still held",
+    upstreamCost: "Upstream cost of what was spent",
+    upstreamHint: "what the upstream's usage said those jobs cost",
     networkError: "The server could not be reached. Check the connection and try again.",
   },
   zh: {
@@ -119,6 +126,13 @@ const TEXTS = {
     default: "默认", yes: "是", no: "否",
     keyMissing: "请以 platform:id 的形式写明用户或群组。",
     purchases: "购买",
+    purchasesHint: "此时段内用 Telegram Stars 购买的点数包，以及此时段的预付任务从余额中花掉的点数。",
+    purchaseCount: "购买的点数包", purchaseRefunds: "{refunds} 笔已退款",
+    starsIn: "收入 Stars", starsHint: "{refunded} 已退款 · {net} 留存",
+    creditsGranted: "发放的点数", creditsHint: "退款收回 {refunded}",
+    creditsSpent: "花掉的点数（预付任务）", spentHint: "{jobs} 个任务已结算 · {held} 仍在预留",
+    upstreamCost: "所花点数的上游成本",
+    upstreamHint: "按上游用量计算的这些任务的成本",
     networkError: "无法连接服务器。请检查网络后重试。",
   },
 };
@@ -480,8 +494,23 @@ function drawTables(data) {
   $("limits-defaults").textContent = t("defaults", {
     user_daily: whole(d.user_daily), user_monthly: whole(d.user_monthly), chat_daily: whole(d.chat_daily),
   });
-  // HOOK(credits): purchases stay hidden until the server sends them.
-  $("purchases").hidden = data.purchases === null || data.purchases === undefined;
+  drawPurchases(data.purchases);
+}
+
+function money(value, sign) {
+  return `${sign}${value.toLocaleString(LANG === "zh" ? "zh-CN" : "en", { minimumFractionDigits: 2, maximumFractionDigits: 2 })}`;
+}
+
+function drawPurchases(p) {
+  // Hidden for a limits-mode bot with no purchases in the period (the server sends null).
+  $("purchases").hidden = p === null || p === undefined;
+  if ($("purchases").hidden) return;
+  card("buy-count", whole(p.purchases), t("purchaseRefunds", { refunds: whole(p.refunds) }));
+  card("buy-stars", whole(p.stars),
+       t("starsHint", { refunded: whole(p.refunded_stars), net: whole(p.stars_net) }));
+  card("buy-credits", p.credits_text, t("creditsHint", { refunded: p.refunded_credits_text }));
+  card("buy-spent", p.spent_text, t("spentHint", { jobs: whole(p.spent_jobs), held: p.held_text }));
+  card("buy-upstream", `${money(p.upstream_cny, "¥")} · ${money(p.upstream_usd, "$")}`);
 }
 
 function editButton(kind, key, daily, monthly) {
