@@ -811,6 +811,18 @@ class ImageService:
             except Exception as err:  # noqa: BLE001 - tried again on the next round
                 log.warning("could not look for jobs to take over: %s", err)
                 jobs = []
+            # A job drawn before and queued again by this claim lost a draw.
+            lost = [job for job in jobs if job.stage is JobStage.QUEUED and job.lost_credits > 0]
+            if lost:
+                self.alert_soon(
+                    "lost_draws",
+                    f"{len(lost)} job(s) were cut off while drawing by a process that died"
+                    f" (#{', #'.join(str(job.id) for job in lost)}): they are drawn again here"
+                    " and charged once; the lost draws may have been billed upstream"
+                    f" ({sum(job.lost_credits for job in lost):.0f} credits estimated, kept as"
+                    " lost_credits in `imgbot usage --csv`). Check why the process died.",
+                    level=logging.WARNING,
+                )
             for job in jobs:
                 self.held.add(job.id)
                 log.info("job %d taken over (%s, attempt %d, lost so far %.2f)",

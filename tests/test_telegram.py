@@ -1116,6 +1116,12 @@ async def test_jobs_a_dead_process_left_are_carried_on_and_delivered_once(
                 rate_limiter=FloodLimiter(timebase=FAST),
             )
         )
+        alerts: list[str] = []
+
+        async def to_admins(message: str) -> None:
+            alerts.append(message)
+
+        service.alert_senders.append(to_admins)
         carry = asyncio.create_task(service.take_over())
         await api.wait_for(lambda: len(api.of("sendPhoto")) >= 2 or bot.done(), within=20)
 
@@ -1147,6 +1153,9 @@ async def test_jobs_a_dead_process_left_are_carried_on_and_delivered_once(
     # Ann's first draw died with its process: possibly billed upstream, recorded, not charged.
     assert (ann_job.attempts, ann_job.lost_credits) == (2, estimate)
     assert (li_job.attempts, li_job.lost_credits) == (1, 0)
+    # The operator hears that a draw was lost (it may have been billed upstream).
+    [lost] = [a for a in alerts if "cut off while drawing" in a]
+    assert f"#{drawing}" in lost and f"#{waiting}" not in lost
     assert len(fake_api.api_requests) == 2
 
 
