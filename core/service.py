@@ -986,8 +986,9 @@ class ImageService:
         if count != self.replicas:
             log.info("%d imgbot process(es) share this ledger", count)
             self.replicas = count
-            for listener in list(self.replica_listeners):
-                listener(count)
+        # Every beat, not only on a change: a listener may wait before it follows a drop.
+        for listener in list(self.replica_listeners):
+            listener(count)
         return count
 
     async def alert(self, kind: str, message: str, *, level: int = logging.ERROR) -> None:

@@ -214,3 +214,30 @@ def test_the_fake_bot_api_refuses_floods_like_telegram() -> None:
             assert gone.status_code == 200  # deleting is not sending
             assert [say(100 + i).status_code for i in range(30)] == [200] * 29 + [429]
         assert len(tg.flood_refusals) == 2
+
+
+def test_replicas_share_the_rates_and_take_a_gone_ones_share_only_after_a_minute() -> None:
+    class Clock(Timebase):
+        def __init__(self) -> None:
+            super().__init__()
+            self.at = 1000.0
+
+        def now(self) -> float:
+            return self.at
+
+    clock = Clock()
+    limiter = FloodLimiter(timebase=clock)
+    limiter.share_with(3)
+    assert limiter._overall.limit == 10 and limiter._group_per_minute == 6
+    assert limiter._interval == pytest.approx(3.0)
+    # One replica gone: its sends still count in Telegram's windows for a minute.
+    limiter.share_with(2)
+    assert limiter.replicas == 3
+    clock.at += 59
+    limiter.share_with(2)
+    assert limiter.replicas == 3
+    clock.at += 2
+    limiter.share_with(2)
+    assert limiter.replicas == 2 and limiter._overall.limit == 15
+    limiter.share_with(4)  # more replicas: a smaller share at once
+    assert limiter.replicas == 4 and limiter._group_per_minute == 5

@@ -160,6 +160,8 @@ async def run_telegram(
         if share is not None:
             share(service.replicas)
             service.replica_listeners.append(share)
+            if settings.telegram_webhook_url and isinstance(limiter, FloodLimiter):
+                limiter.gate = LedgerGate(service)
         role = "telegram:webhook" if settings.telegram_webhook_url else "telegram:polling"
         service.roles.add(role)
         inbox = (
@@ -275,6 +277,21 @@ async def _hold_poller(
                 log.warning("poller lease not renewed: %s", err)
 
     return asyncio.create_task(renew(), name="imgbot:telegram-poller")
+
+
+class LedgerGate:
+    """Per-chat turns in the ledger (a named lease per chat), for replicas' flood limiter."""
+
+    def __init__(self, service: ImageService) -> None:
+        self._store = service.coordination
+        self._owner = service.owner
+
+    async def take(self, chat: str) -> bool:
+        # Held while the call is on the wire; `done` then keeps it the spacing from its end.
+        return await self._store.hold_lease(f"tg:chat:{chat}", self._owner, 60.0)
+
+    async def done(self, chat: str, spacing: float) -> None:
+        await self._store.hold_lease(f"tg:chat:{chat}", self._owner, spacing)
 
 
 def webhook_secret(settings: Settings) -> str:

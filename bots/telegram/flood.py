@@ -27,7 +27,7 @@ import time
 import warnings
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from telegram.error import RetryAfter, TelegramError
 from telegram.ext import BaseRateLimiter
@@ -70,6 +70,16 @@ MESSAGE_METHODS = frozenset(
 )
 
 Callback = Callable[..., Coroutine[Any, Any, Any]]
+
+
+class ChatGate(Protocol):
+    """Turns to send to a chat, shared by the processes sending for one bot."""
+
+    async def take(self, chat: str) -> bool:
+        """Take the chat's turn now if no other process holds it."""
+
+    async def done(self, chat: str, spacing: float) -> None:
+        """The message went: keep the turn `spacing` seconds more, then let it go."""
 
 
 class FloodSkipped(TelegramError):
@@ -204,6 +214,10 @@ class FloodLimiter(BaseRateLimiter[str]):
         self._base = (per_chat_interval, group_per_minute, group_status_reserve,
                       overall_per_second, overall_status_reserve)
         self.replicas = 1
+        self._fewer_since: float | None = None
+        # Replicas: the one-message-a-second spacing per chat cannot be shared out by rates
+        # (two processes may pick the same second), so a gate in the ledger takes turns.
+        self.gate: ChatGate | None = None
 
     def share_with(self, replicas: int) -> None:
         """Keep to 1/`replicas` of every rate: N processes sending for one bot then stay
@@ -212,7 +226,17 @@ class FloodLimiter(BaseRateLimiter[str]):
         which errs on the slow side)."""
         n = max(1, int(replicas))
         if n == self.replicas:
+            self._fewer_since = None
             return
+        if n < self.replicas:
+            # One gone: what it sent still counts in Telegram's windows (a group's is a
+            # minute), so the others take its share only once that has passed.
+            now = self.timebase.now()
+            if self._fewer_since is None:
+                self._fewer_since = now
+            if now - self._fewer_since < 60.0:
+                return
+        self._fewer_since = None
         self.replicas = n
         interval, group, group_reserve, overall, overall_reserve = self._base
         self._interval = interval * n
@@ -319,10 +343,38 @@ class FloodLimiter(BaseRateLimiter[str]):
                     raise
             finally:
                 chat.queued -= 1
+        gated = False
         try:
+            if self.gate is not None and self.replicas > 1:
+                gated = await self._take_turn(str(chat_id), best_effort=rate_limit_args == STATUS)
+                if not gated:
+                    self.skipped += 1
+                    raise FloodSkipped(f"{endpoint} skipped: another replica has chat {chat_id}")
             return await self._send(chat, callback, args, kwargs, cost)
         finally:
+            if gated and self.gate is not None:
+                await self._end_turn(str(chat_id))
             chat.lock.release()
+
+    async def _take_turn(self, chat: str, *, best_effort: bool) -> bool:
+        """Wait until this process has the chat's turn (a best-effort call does not wait)."""
+        assert self.gate is not None
+        while True:
+            try:
+                if await self.gate.take(chat):
+                    return True
+            except Exception:  # noqa: BLE001 - a ledger in trouble must not stop results
+                return True
+            if best_effort:
+                return False
+            await asyncio.sleep(POLL * 2)
+
+    async def _end_turn(self, chat: str) -> None:
+        assert self.gate is not None
+        try:
+            await self.gate.done(chat, self._base[0] * 1.1)
+        except Exception:  # noqa: BLE001 - the turn then ends with its lease
+            pass
 
     async def _wait_for_budget(self, chat: _Chat, cost: int) -> None:
         while True:
