@@ -272,6 +272,9 @@ async def test_a_wrong_or_revoked_key_says_so_clearly(site: Any, browser: Browse
         # Revoked while signed in: the next call signs the page out, saying why.
         key_id, key = await s.service.ledger.create_api_key("web:bob", "soon revoked")
         await sign_in(tab, key)
+        # Let the calls the sign-in starts (history, estimate) finish first: one of them
+        # answering after the revocation would sign out before the click.
+        await tab.page.wait_for_load_state("networkidle")
         assert await s.service.ledger.revoke_api_key(key_id)
         await tab.page.click("#history-refresh")
         await expect(tab.page.locator("#signin-error")).to_contain_text("Your key was revoked")
