@@ -74,6 +74,8 @@ _T = TypeVar("_T")
 QUALITIES = ("low", "medium", "high")
 # A job is drawn at most this many times: a second lost draw stops it (released at 0).
 MAX_DRAW_ATTEMPTS = 2
+# How often a job with a slot here asks again for room among all processes (try_start).
+START_RETRY = 0.5
 # How often `take_over` forgets expired marks and old staged parts.
 PRUNE_EVERY = 300.0
 # One alert of a kind to the admins' chats per this many seconds (the log gets each).
@@ -482,10 +484,8 @@ class ImageService:
                 self.held.discard(job_id)
                 raise
             try:
-                if record.cancel.is_set():  # cancelled between its slot and its call
-                    raise Cancelled("job.cancelled")
+                await self._start_in_room(record)
                 record.drawing = True
-                await self._write(self.ledger.mark_started(job_id))
                 if progress is not None:
                     await progress(Progress("started"))
                 result = await self._draw_with_ticker(
@@ -738,6 +738,38 @@ class ImageService:
                     if cost <= budget:
                         return " ".join(words)
         return None
+
+    async def _start_in_room(self, record: _Inflight) -> None:
+        """Start drawing once there is room across every process on the ledger.
+
+        This process's queue gave the job a slot; with several processes on the ledger (their
+        heartbeats), the store checks the same caps (MAX_JOBS_PER_USER, MAX_JOBS_IN_FLIGHT)
+        against every process's drawing jobs in the statement that starts it. Without room
+        the job waits here, still queued.
+        """
+        settings = self.settings
+        while True:
+            if record.cancel.is_set():  # cancelled between its slot and its call
+                raise Cancelled("job.cancelled")
+            if record.stop.is_set():
+                raise Cancelled("job.resumes_after_restart", job_id=record.job_id)
+            # One process alone: its own queue is the whole truth (no extra counting).
+            shared = self.replicas > 1
+            started = await self._write(
+                self.ledger.try_start(
+                    record.job_id,
+                    settings.max_jobs_per_user if shared else 0,
+                    settings.max_jobs_in_flight if shared else 0,
+                )
+            )
+            if started is not False:
+                return
+            waits = [asyncio.ensure_future(e.wait()) for e in (record.cancel, record.stop)]
+            try:
+                await asyncio.wait(waits, timeout=START_RETRY)
+            finally:
+                for wait in waits:
+                    wait.cancel()
 
     async def _settle_until_written(
         self, job_id: int, credits: float, usage: Usage | None, flag: str | None

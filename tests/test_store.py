@@ -1695,3 +1695,29 @@ async def test_purchase_totals_and_prepaid_spend_over_a_period(
         assert await ledger.purchase_totals(START + timedelta(days=1)) == empty
     finally:
         await ledger.close()
+
+
+async def test_a_start_needs_room_among_every_process_drawing_jobs(
+    target: Target, clock: Clock
+) -> None:
+    async with await target.open(clock) as ledger:
+        a1 = await ledger.reserve(who("1"), SPEC, 10)
+        a2 = await ledger.reserve(who("1"), SPEC, 10)
+        b1 = await ledger.reserve(who("2"), SPEC, 10)
+        c1 = await ledger.reserve(who("3"), SPEC, 10)
+        assert await ledger.try_start(a1, 1, 2) is True
+        assert await ledger.try_start(a2, 1, 2) is False  # the user's one place is taken
+        assert await ledger.try_start(b1, 1, 2) is True
+        assert await ledger.try_start(c1, 1, 2) is False  # two drawing in all
+        job = await ledger.get_job(a1)
+        assert job is not None and job.stage is JobStage.DRAWING
+        assert await ledger.settle(a1, 5, None)
+        assert await ledger.try_start(a2, 1, 2) is True  # room again
+        assert await ledger.try_start(a1, 1, 2) is None  # not reserved any more
+        assert await ledger.try_start(c1, 0, 0) is True  # no caps: as mark_started
+        # Many at once (as from several processes): never more than the cap start.
+        many = [await ledger.reserve(who(str(10 + i)), SPEC, 10) for i in range(12)]
+        for job_id in (a2, b1, c1):
+            await ledger.fail(job_id, "moderation_blocked")
+        outcomes = await asyncio.gather(*(ledger.try_start(i, 1, 3) for i in many))
+        assert outcomes.count(True) == 3 and outcomes.count(False) == 9

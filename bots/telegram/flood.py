@@ -345,7 +345,7 @@ class FloodLimiter(BaseRateLimiter[str]):
                 chat.queued -= 1
         gated = False
         try:
-            if self.gate is not None and self.replicas > 1:
+            if self.gate is not None:
                 gated = await self._take_turn(str(chat_id), best_effort=rate_limit_args == STATUS)
                 if not gated:
                     self.skipped += 1

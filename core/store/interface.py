@@ -146,6 +146,15 @@ class Store(abc.ABC):
         """Record that a reserved job started drawing; False if it is not reserved."""
 
     @abc.abstractmethod
+    async def try_start(self, job_id: int, per_user: int, global_cap: int) -> bool | None:
+        """Start a reserved job if there is room among every process's drawing jobs: fewer
+        than `per_user` of its user's and fewer than `global_cap` in all (0 = no cap).
+
+        True: started (as mark_started). False: no room now (try again later). None: the job
+        is not reserved. The check and the start are one step across processes.
+        """
+
+    @abc.abstractmethod
     async def settle(
         self, job_id: int, credits: float, usage: Usage | None, *, flag: str | None = None
     ) -> bool:

@@ -200,6 +200,15 @@ _FINISH_DELIVERY = (
     " WHERE id = $3 AND stage = 'drawn' AND (lease_owner IS NULL OR lease_owner = $4)"
 )
 _SELECT_OPEN = "SELECT * FROM jobs WHERE stage IN ('queued', 'drawing', 'drawn') ORDER BY id"
+# Taken by every capped start (try_start), so its counts cannot change under it.
+START_LOCK_KEY = 0x696D6762_5354  # "imgb" "ST"
+_TRY_START = (
+    "UPDATE jobs AS j SET started_at = $2 WHERE j.id = $1 AND j.status = 'reserved'"
+    " AND ($3 <= 0 OR (SELECT count(*) FROM jobs AS d WHERE d.stage = 'drawing'"
+    "      AND d.user_key = j.user_key) < $3)"
+    " AND ($4 <= 0 OR (SELECT count(*) FROM jobs AS d WHERE d.stage = 'drawing') < $4)"
+    " RETURNING j.id"
+)
 _MARK_ONCE = (
     "INSERT INTO marks AS m (key, until) VALUES ($1, $2)"
     " ON CONFLICT (key) DO UPDATE SET until = excluded.until WHERE m.until <= $3"
@@ -1350,6 +1359,31 @@ class PostgresStore(Store):
             self._require()
             return False
         return bool(await self._call(_Call(_START_CALL, job_id, (job_id, now_iso))))
+
+    async def try_start(self, job_id: int, per_user: int, global_cap: int) -> bool | None:
+        """Start a reserved job if there is room (see Store.try_start).
+
+        Starts with a cap are taken one at a time across processes (a transaction-level
+        advisory lock), so two processes never both see the last free place.
+        """
+        self._require()
+        if not is_row_id(job_id):
+            return None
+        now_iso = self._now_iso()
+
+        async def start_on(conn: asyncpg.Connection) -> bool | None:
+            async with conn.transaction():
+                if per_user > 0 or global_cap > 0:
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", START_LOCK_KEY)
+                started = await conn.fetchval(
+                    _TRY_START, job_id, now_iso, int(per_user), int(global_cap)
+                )
+                if started is not None:
+                    return True
+                status = await conn.fetchval("SELECT status FROM jobs WHERE id = $1", job_id)
+                return False if status == "reserved" else None
+
+        return await self._write(start_on)
 
     async def settle(
         self, job_id: int, credits: float, usage: Usage | None, *, flag: str | None = None

@@ -256,6 +256,15 @@ _FINISH_DELIVERY = (
     " RETURNING id"
 )
 _SELECT_OPEN = "SELECT * FROM jobs WHERE stage IN ('queued', 'drawing', 'drawn') ORDER BY id"
+# A start only with room among every process's drawing jobs (the writer runs it alone).
+_TRY_START = (
+    "UPDATE jobs SET started_at = :now WHERE id = :id AND status = 'reserved'"
+    " AND (:per_user <= 0 OR (SELECT COUNT(*) FROM jobs AS d WHERE d.stage = 'drawing'"
+    "      AND d.user_key = jobs.user_key) < :per_user)"
+    " AND (:global_cap <= 0 OR (SELECT COUNT(*) FROM jobs AS d WHERE d.stage = 'drawing')"
+    "      < :global_cap)"
+    " RETURNING id"
+)
 _SELECT_BALANCE = "SELECT micro_credits FROM balances WHERE user_key = ?"
 # Its trigger moves the balance in the same statement.
 _INSERT_ENTRY = (
@@ -968,6 +977,21 @@ class SqliteStore(Store):
             (self._now_iso(), job_id),
         )
         return bool(rows)
+
+    async def try_start(self, job_id: int, per_user: int, global_cap: int) -> bool | None:
+        """Start a reserved job if there is room (see Store.try_start)."""
+        if not is_row_id(job_id):
+            self._require()
+            return None
+        rows = await self._single(
+            _TRY_START,
+            {"id": job_id, "now": self._now_iso(), "per_user": int(per_user),
+             "global_cap": int(global_cap)},
+        )
+        if rows:
+            return True
+        job = await self.get_job(job_id)
+        return False if job is not None and job.status is JobStatus.RESERVED else None
 
     async def settle(
         self, job_id: int, credits: float, usage: Usage | None, *, flag: str | None = None
