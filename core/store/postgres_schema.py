@@ -468,275 +468,131 @@ BEGIN
 END
 $fn$"""
 
-_WRITE_BATCH_FUNCTION_8 = """
-CREATE FUNCTION imgbot_write_batch(
-    r_user_key text[], r_chat_key text[], r_platform text[], r_user_id text[],
-    r_chat_id text[], r_display_name text[], r_language text[], r_command_text text[],
-    r_request_json text[], r_model text[], r_size text[], r_quality text[], r_n bigint[],
-    r_reference_count bigint[], r_estimate double precision[], r_now text[],
-    r_source_ref text[], r_prepaid integer[],
-    p_user_daily double precision, p_user_monthly double precision,
-    p_chat_daily double precision, p_global_daily double precision,
-    p_epsilon double precision,
-    f_id bigint[], f_status text[], f_credits double precision[], f_usage text[],
-    f_error text[], f_flag text[], f_now text[],
-    s_id bigint[], s_now text[])
-RETURNS TABLE (o_kind text, o_index integer, o_job_id bigint, o_duplicate_of bigint,
-               o_scope text, o_limit double precision, o_micro bigint)
-LANGUAGE plpgsql AS $fn$
-DECLARE
-    i integer;
-    v_user_key text;
-    v_chat_key text;
-    v_estimate double precision;
-    v_source_ref text;
-    v_day text;
-    v_month text;
-    v_user_known boolean;
-    v_name text;
-    v_language text;
-    v_chat_known boolean;
-    v_limit_ud double precision;
-    v_limit_um double precision;
-    v_limit_cd double precision;
-    v_micro_ud bigint;
-    v_micro_um bigint;
-    v_micro_cd bigint;
-    v_micro_gd bigint;
-    v_left double precision;
-    v_tightest double precision;
-    v_scope text;
-    v_limit double precision;
-    v_micro bigint;
-    v_id bigint;
-    v_prepaid boolean;
-    v_micro_bal bigint;
-BEGIN
-    -- 1. The job rows this batch finishes or starts, in id order.
-    PERFORM 1 FROM jobs WHERE id = ANY (f_id || s_id) ORDER BY id FOR UPDATE;
+def _patched(base: str, *edits: tuple[str, str]) -> str:
+    """A later migration's function as edits of an earlier one's text; each edit must find
+    its text exactly once, so a change to the earlier text cannot silently skip one."""
+    for old, new in edits:
+        if base.count(old) != 1:
+            raise AssertionError(f"migration text to edit not found once: {old[:60]!r}")
+        base = base.replace(old, new)
+    return base
 
-    -- 2. Every running total it can change, in SCOPE_ORDER, key, period.
-    INSERT INTO spend_totals AS t (scope, key, period, micro_credits)
-    SELECT k.scope, k.key, k.period, 0
-      FROM (SELECT DISTINCT v.rank, v.scope, v.key, v.period
-              FROM (SELECT r.chat_key, r.user_key, r.at
-                      FROM unnest(r_chat_key, r_user_key, r_now) AS r (chat_key, user_key, at)
-                    UNION ALL
-                    SELECT j.chat_key, j.user_key, j.created_at
-                      FROM jobs AS j
-                     WHERE j.id = ANY (f_id) AND j.status = 'reserved') AS w
-             CROSS JOIN LATERAL (VALUES
-                 (1, 'chat_daily', w.chat_key, substr(w.at, 1, 10)),
-                 (2, 'user_daily', w.user_key, substr(w.at, 1, 10)),
-                 (3, 'user_monthly', w.user_key, substr(w.at, 1, 7)),
-                 (4, 'global_daily', '', substr(w.at, 1, 10))
-             ) AS v (rank, scope, key, period)
-             WHERE v.key IS NOT NULL) AS k
-     ORDER BY k.rank, k.key COLLATE "C", k.period COLLATE "C"
-    ON CONFLICT (scope, key, period) DO UPDATE SET micro_credits = t.micro_credits WHERE false;
 
-    -- 2b. The balances it can change (prepaid reservations, prepaid jobs it finishes),
-    -- by user: after the running totals, as the jobs trigger takes them.
-    INSERT INTO balances AS b (user_key, micro_credits)
-    SELECT k.user_key, 0
-      FROM (SELECT DISTINCT w.user_key
-              FROM (SELECT r.user_key
-                      FROM unnest(r_user_key, r_prepaid) AS r (user_key, prepaid)
-                     WHERE r.prepaid <> 0
-                    UNION ALL
-                    SELECT j.user_key FROM jobs AS j
-                     WHERE j.id = ANY (f_id) AND j.status = 'reserved' AND j.prepaid <> 0) AS w
-           ) AS k
-     ORDER BY k.user_key COLLATE "C"
-    ON CONFLICT (user_key) DO UPDATE SET micro_credits = b.micro_credits WHERE false;
-
-    -- 3. Starts.
-    RETURN QUERY
-    WITH started AS (
-        UPDATE jobs AS j SET started_at = x.at
-          FROM unnest(s_id, s_now) AS x (id, at)
-         WHERE j.id = x.id AND j.status = 'reserved'
-        RETURNING j.id)
-    SELECT 's', NULL::integer, started.id, NULL::bigint, NULL::text,
-           NULL::double precision, NULL::bigint
-      FROM started;
-
-    -- 4. Settles and fails: charged at most the reservation.
-    RETURN QUERY
-    WITH finished AS (
-        UPDATE jobs AS j SET
-            status = x.status,
-            actual_credits = least(x.credits, j.estimated_credits),
-            reported_credits = CASE WHEN x.credits > j.estimated_credits THEN x.credits END,
-            usage_flag = CASE WHEN x.credits > j.estimated_credits
-                              THEN COALESCE(x.flag, 'over_estimate') ELSE x.flag END,
-            usage_json = x.usage,
-            error_code = x.error,
-            finished_at = x.at
-          FROM unnest(f_id, f_status, f_credits, f_usage, f_error, f_flag, f_now)
-               AS x (id, status, credits, usage, error, flag, at)
-         WHERE j.id = x.id AND j.status = 'reserved'
-        RETURNING j.id)
-    SELECT 'f', NULL::integer, finished.id, NULL::bigint, NULL::text,
-           NULL::double precision, NULL::bigint
-      FROM finished;
-
-    -- 5. Reservations, in the order they were asked for.
-    FOR i IN 1 .. coalesce(array_length(r_user_key, 1), 0) LOOP
-        v_user_key := r_user_key[i];
-        v_chat_key := r_chat_key[i];
-        v_estimate := r_estimate[i];
-        v_source_ref := r_source_ref[i];
-        v_prepaid := COALESCE(r_prepaid[i], 0) <> 0;
-        v_day := substr(r_now[i], 1, 10);
-        v_month := substr(r_now[i], 1, 7);
-
-        IF v_source_ref IS NOT NULL THEN
-            SELECT id INTO v_id FROM jobs WHERE source_ref = v_source_ref;
-            IF FOUND THEN
-                RETURN QUERY SELECT 'r', i, NULL::bigint, v_id, NULL::text,
-                                    NULL::double precision, NULL::bigint;
-                CONTINUE;
-            END IF;
-        END IF;
-
-        SELECT u.user_key IS NOT NULL, u.display_name, u.language,
-               COALESCE(u.daily_limit, p_user_daily), COALESCE(u.monthly_limit, p_user_monthly),
-               c.chat_key IS NOT NULL, COALESCE(c.daily_limit, p_chat_daily)
-          INTO v_user_known, v_name, v_language, v_limit_ud, v_limit_um,
-               v_chat_known, v_limit_cd
-          FROM (SELECT 1) AS one
-          LEFT JOIN users AS u ON u.user_key = v_user_key
-          LEFT JOIN chats AS c ON c.chat_key = v_chat_key;
-        IF v_chat_key IS NULL THEN
-            v_limit_cd := 0;
-        END IF;
-
-        IF v_limit_ud > 0 OR v_limit_um > 0 OR v_limit_cd > 0 OR p_global_daily > 0
-           OR v_prepaid THEN
-            -- What each limit counts now (locked above: no one else can change it).
-            SELECT COALESCE((SELECT micro_credits FROM spend_totals
-                              WHERE scope = 'user_daily' AND key = v_user_key
-                                AND period = v_day), 0),
-                   COALESCE((SELECT micro_credits FROM spend_totals
-                              WHERE scope = 'user_monthly' AND key = v_user_key
-                                AND period = v_month), 0),
-                   COALESCE((SELECT micro_credits FROM spend_totals
-                              WHERE scope = 'chat_daily' AND key = v_chat_key
-                                AND period = v_day), 0),
-                   COALESCE((SELECT micro_credits FROM spend_totals
-                              WHERE scope = 'global_daily' AND key = ''
-                                AND period = v_day), 0)
-              INTO v_micro_ud, v_micro_um, v_micro_cd, v_micro_gd;
-
-            -- The tightest limit, in the same order and arithmetic as the SQLite backend.
-            v_tightest := NULL;
-            IF v_limit_ud > 0 THEN
-                v_left := greatest(0::double precision,
-                                   v_limit_ud - v_micro_ud::double precision / 1000000);
-                IF v_tightest IS NULL OR v_left < v_tightest THEN
-                    v_tightest := v_left;
-                    v_scope := 'user_daily';
-                    v_limit := v_limit_ud;
-                    v_micro := v_micro_ud;
-                END IF;
-            END IF;
-            IF v_limit_um > 0 THEN
-                v_left := greatest(0::double precision,
-                                   v_limit_um - v_micro_um::double precision / 1000000);
-                IF v_tightest IS NULL OR v_left < v_tightest THEN
-                    v_tightest := v_left;
-                    v_scope := 'user_monthly';
-                    v_limit := v_limit_um;
-                    v_micro := v_micro_um;
-                END IF;
-            END IF;
-            IF v_limit_cd > 0 THEN
-                v_left := greatest(0::double precision,
-                                   v_limit_cd - v_micro_cd::double precision / 1000000);
-                IF v_tightest IS NULL OR v_left < v_tightest THEN
-                    v_tightest := v_left;
-                    v_scope := 'chat_daily';
-                    v_limit := v_limit_cd;
-                    v_micro := v_micro_cd;
-                END IF;
-            END IF;
-            IF p_global_daily > 0 THEN
-                v_left := greatest(0::double precision,
-                                   p_global_daily - v_micro_gd::double precision / 1000000);
-                IF v_tightest IS NULL OR v_left < v_tightest THEN
-                    v_tightest := v_left;
-                    v_scope := 'global_daily';
-                    v_limit := p_global_daily;
-                    v_micro := v_micro_gd;
-                END IF;
-            END IF;
-            -- A prepaid job's balance (locked above) is one more limit, always on.
-            IF v_prepaid THEN
-                SELECT COALESCE((SELECT micro_credits FROM balances
-                                  WHERE user_key = v_user_key), 0)
-                  INTO v_micro_bal;
-                v_left := greatest(0::double precision,
-                                   v_micro_bal::double precision / 1000000);
-                IF v_tightest IS NULL OR v_left < v_tightest THEN
-                    v_tightest := v_left;
-                    v_scope := 'balance';
-                    v_limit := v_left;
-                    v_micro := v_micro_bal;
-                END IF;
-            END IF;
-            IF v_estimate > v_tightest + p_epsilon THEN
-                RETURN QUERY SELECT 'r', i, NULL::bigint, NULL::bigint, v_scope, v_limit,
-                                    v_micro;
-                CONTINUE;
-            END IF;
-        END IF;
-
-        -- An empty name from the platform keeps the one we know; a language the user chose
-        -- is not overwritten by the platform's; nothing is written when only updated_at
-        -- would change.
-        IF NOT v_user_known
-           OR (r_display_name[i] <> '' AND r_display_name[i] IS DISTINCT FROM v_name)
-           OR (v_language IS NULL AND r_language[i] IS NOT NULL) THEN
-            INSERT INTO users AS u (user_key, platform, user_id, display_name, language,
-                                    created_at, updated_at)
-            VALUES (v_user_key, r_platform[i], r_user_id[i], r_display_name[i], r_language[i],
-                    r_now[i], r_now[i])
-            ON CONFLICT (user_key) DO UPDATE SET
-                display_name = CASE WHEN excluded.display_name = '' THEN u.display_name
-                                    ELSE excluded.display_name END,
-                language = COALESCE(u.language, excluded.language),
-                updated_at = excluded.updated_at;
-        END IF;
-        IF v_chat_key IS NOT NULL AND NOT v_chat_known THEN
-            INSERT INTO chats (chat_key, platform, chat_id, created_at, updated_at)
-            VALUES (v_chat_key, r_platform[i], r_chat_id[i], r_now[i], r_now[i])
-            ON CONFLICT (chat_key) DO NOTHING;
-        END IF;
-
-        -- Its trigger adds the job to the totals locked above. A duplicate source another
-        -- process inserted meanwhile: that insert is waited for, then nothing is written.
-        v_id := NULL;
-        INSERT INTO jobs (user_key, chat_key, platform, display_name, command_text,
-                          request_json, model, size, quality, n, reference_count, status,
-                          estimated_credits, created_at, source_ref, prepaid)
-        VALUES (v_user_key, v_chat_key, r_platform[i], r_display_name[i], r_command_text[i],
-                r_request_json[i], r_model[i], r_size[i], r_quality[i], r_n[i],
-                r_reference_count[i], 'reserved', v_estimate, r_now[i], v_source_ref,
-                CASE WHEN v_prepaid THEN 1 ELSE 0 END)
-        ON CONFLICT (source_ref) WHERE source_ref IS NOT NULL DO NOTHING
-        RETURNING id INTO v_id;
-        IF v_id IS NULL THEN
-            SELECT id INTO v_id FROM jobs WHERE source_ref = v_source_ref;
-            RETURN QUERY SELECT 'r', i, NULL::bigint, v_id, NULL::text,
-                                NULL::double precision, NULL::bigint;
-        ELSE
-            RETURN QUERY SELECT 'r', i, v_id, NULL::bigint, NULL::text,
-                                NULL::double precision, NULL::bigint;
-        END IF;
-    END LOOP;
-END
-$fn$"""
+# Migration 8 (prepaid credits): migration 5's batch, and each reservation may be prepaid:
+# its balance (locked after the running totals, by user) is one more limit.
+_WRITE_BATCH_FUNCTION_8 = _patched(
+    _WRITE_BATCH_FUNCTION,
+    (
+        (
+            "    r_reference_count bigint[], r_estimate double precision[], r_now text[],\n"
+            "    r_source_ref text[],\n"
+        ),
+        (
+            "    r_reference_count bigint[], r_estimate double precision[], r_now text[],\n"
+            "    r_source_ref text[], r_prepaid integer[],\n"
+        ),
+    ),
+    (
+        (
+            "    v_id bigint;\n"
+        ),
+        (
+            "    v_id bigint;\n"
+            "    v_prepaid boolean;\n"
+            "    v_micro_bal bigint;\n"
+        ),
+    ),
+    (
+        (
+            "    ON CONFLICT (scope, key, period) DO UPDATE SET micro_credits = t.micro_credits WHERE false;\n"
+        ),
+        (
+            "    ON CONFLICT (scope, key, period) DO UPDATE SET micro_credits = t.micro_credits WHERE false;\n"
+            "\n"
+            "    -- 2b. The balances it can change (prepaid reservations, prepaid jobs it finishes),\n"
+            "    -- by user: after the running totals, as the jobs trigger takes them.\n"
+            "    INSERT INTO balances AS b (user_key, micro_credits)\n"
+            "    SELECT k.user_key, 0\n"
+            "      FROM (SELECT DISTINCT w.user_key\n"
+            "              FROM (SELECT r.user_key\n"
+            "                      FROM unnest(r_user_key, r_prepaid) AS r (user_key, prepaid)\n"
+            "                     WHERE r.prepaid <> 0\n"
+            "                    UNION ALL\n"
+            "                    SELECT j.user_key FROM jobs AS j\n"
+            "                     WHERE j.id = ANY (f_id) AND j.status = 'reserved' AND j.prepaid <> 0) AS w\n"
+            "           ) AS k\n"
+            "     ORDER BY k.user_key COLLATE \"C\"\n"
+            "    ON CONFLICT (user_key) DO UPDATE SET micro_credits = b.micro_credits WHERE false;\n"
+        ),
+    ),
+    (
+        (
+            "        v_source_ref := r_source_ref[i];\n"
+        ),
+        (
+            "        v_source_ref := r_source_ref[i];\n"
+            "        v_prepaid := COALESCE(r_prepaid[i], 0) <> 0;\n"
+        ),
+    ),
+    (
+        (
+            "\n"
+            "        IF v_limit_ud > 0 OR v_limit_um > 0 OR v_limit_cd > 0 OR p_global_daily > 0 THEN\n"
+        ),
+        (
+            "\n"
+            "        IF v_limit_ud > 0 OR v_limit_um > 0 OR v_limit_cd > 0 OR p_global_daily > 0\n"
+            "           OR v_prepaid THEN\n"
+        ),
+    ),
+    (
+        (
+            "                    v_micro := v_micro_gd;\n"
+            "                END IF;\n"
+            "            END IF;\n"
+        ),
+        (
+            "                    v_micro := v_micro_gd;\n"
+            "                END IF;\n"
+            "            END IF;\n"
+            "            -- A prepaid job's balance (locked above) is one more limit, always on.\n"
+            "            IF v_prepaid THEN\n"
+            "                SELECT COALESCE((SELECT micro_credits FROM balances\n"
+            "                                  WHERE user_key = v_user_key), 0)\n"
+            "                  INTO v_micro_bal;\n"
+            "                v_left := greatest(0::double precision,\n"
+            "                                   v_micro_bal::double precision / 1000000);\n"
+            "                IF v_tightest IS NULL OR v_left < v_tightest THEN\n"
+            "                    v_tightest := v_left;\n"
+            "                    v_scope := 'balance';\n"
+            "                    v_limit := v_left;\n"
+            "                    v_micro := v_micro_bal;\n"
+            "                END IF;\n"
+            "            END IF;\n"
+        ),
+    ),
+    (
+        (
+            "                          request_json, model, size, quality, n, reference_count, status,\n"
+            "                          estimated_credits, created_at, source_ref)\n"
+        ),
+        (
+            "                          request_json, model, size, quality, n, reference_count, status,\n"
+            "                          estimated_credits, created_at, source_ref, prepaid)\n"
+        ),
+    ),
+    (
+        (
+            "                r_request_json[i], r_model[i], r_size[i], r_quality[i], r_n[i],\n"
+            "                r_reference_count[i], 'reserved', v_estimate, r_now[i], v_source_ref)\n"
+        ),
+        (
+            "                r_request_json[i], r_model[i], r_size[i], r_quality[i], r_n[i],\n"
+            "                r_reference_count[i], 'reserved', v_estimate, r_now[i], v_source_ref,\n"
+            "                CASE WHEN v_prepaid THEN 1 ELSE 0 END)\n"
+        ),
+    ),
+)
 
 
 # Migration 9's batch: each reservation also checks, in the same step and under the same
@@ -745,18 +601,19 @@ $fn$"""
 # started fewer than r_per_minute in the last minute (0 = no check). A refusal answers
 # o_scope 'queue_full' (o_micro = the open jobs) or 'rate_limited' (o_limit = the seconds
 # until the oldest of the minute's jobs is a minute old).
-_WRITE_BATCH_FUNCTION_V9 = (
-    _WRITE_BATCH_FUNCTION_8.replace(
+_WRITE_BATCH_FUNCTION_V9 = _patched(
+    _WRITE_BATCH_FUNCTION_8,
+    (
         "    r_source_ref text[], r_prepaid integer[],\n",
         "    r_source_ref text[], r_max_open bigint[], r_per_minute bigint[],"
         " r_minute_ago text[], r_prepaid integer[],\n",
-    )
-    .replace(
+    ),
+    (
         "    v_micro_bal bigint;\nBEGIN",
         "    v_micro_bal bigint;\n    v_open bigint;\n    v_recent bigint;\n    v_oldest text;"
         "\nBEGIN",
-    )
-    .replace(
+    ),
+    (
         """        SELECT u.user_key IS NOT NULL, u.display_name, u.language,""",
         """        IF r_max_open[i] > 0 OR r_per_minute[i] > 0 THEN
             SELECT count(*) FILTER (WHERE stage IN ('queued', 'drawing')),
@@ -781,7 +638,7 @@ _WRITE_BATCH_FUNCTION_V9 = (
         END IF;
 
         SELECT u.user_key IS NOT NULL, u.display_name, u.language,""",
-    )
+    ),
 )
 
 
