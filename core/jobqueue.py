@@ -7,8 +7,9 @@ job can be cancelled by its owner; shutting the queue down cancels every waiting
 `admit` checks the user's room and takes the place in one step, with no await between, so
 requests arriving together cannot all see the same empty queue; the caller then reserves
 (an await), names the ticket's job and waits with `acquire`, or gives the place back with
-`withdraw` if the reservation was refused. Within one process only: the store-backed queue
-(issue 13) has to make the same check atomic across processes.
+`withdraw` if the reservation was refused. Within one process only: across processes the
+store makes the same checks with the reservation (the user's open jobs and minute) and the
+start (`Store.try_start`: the in-flight caps).
 """
 
 from __future__ import annotations
