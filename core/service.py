@@ -534,25 +534,23 @@ class ImageService:
 
         self._note_upstream(None)
         reported, flag = self.charge_for(result.usage, request, estimate, billed=True)
-        # The result is kept on disk while the charge is written (both before delivery),
-        # so a process that dies from here on leaves a drawn job the next one delivers.
-        keeping = asyncio.ensure_future(
-            asyncio.to_thread(
+        # The result is on disk before the charge is written (which moves the job to
+        # `drawn`), so a process that dies from here on leaves a drawn job whose result the
+        # next one delivers. (Writing both at once was faster, but a kill between the
+        # commit and the manifest left a drawn job with nothing to deliver.)
+        try:
+            await asyncio.to_thread(
                 self.results.save, job_id, result.images,
                 revised_prompt=result.revised_prompt, elapsed=result.elapsed,
             )
-        )
+        except OSError as err:
+            log.warning("job %d: result not kept on disk (%s); delivering it from memory",
+                        job_id, err)
         await self._settle_until_written(job_id, reported, result.usage, flag)
-        # The spend report (a read, after the settle committed: it counts this job) is
-        # fetched while the result is still being written; a 4K result takes the longer.
+        # The spend report is a read after the settle committed: it counts this job.
         spending = asyncio.ensure_future(self.spend_report(requester))
         spending.add_done_callback(_retrieved)
         try:
-            try:
-                await keeping
-            except OSError as err:
-                log.warning("job %d: result not kept on disk (%s); delivering it from memory",
-                            job_id, err)
             credits = min(reported, estimate)  # never above the reservation (the store agrees)
             elapsed = self._clock() - started
             self._log_job(requester, request, "succeeded", credits, elapsed, "")

@@ -126,10 +126,13 @@ def start(tmp_path: Path, servers: tuple[FakeBotApiServer, FakeImageAPI]) -> Ite
 
     assert not (tmp_path / ".env").exists()
     yield run
-    for bot in started:
+    for number, bot in enumerate(started, 1):
         if bot.proc.poll() is None:
             bot.proc.kill()
             bot.proc.wait()
+        # Shown by pytest only when the test failed: what each process logged.
+        print(f"--- imgbot run #{number} (exit {bot.proc.returncode}) ---")
+        print("\n".join(bot.output().splitlines()[-150:]))
 
 
 def rows(tmp_path: Path) -> dict[str, sqlite3.Row]:

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -486,3 +487,28 @@ async def test_store_health_turns_false_while_writes_fail_and_recovers(
     ledger.broken = False
     await service.draw(ALICE, "low a fox")
     assert service.store_healthy
+
+
+async def test_result_is_kept_on_disk_before_the_job_is_marked_drawn(
+    service: ImageService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The settle moves the job to `drawn`: a process killed right after it commits must
+    # leave a result the next process can deliver, so the copy has to be complete by then.
+    original_settle = service.ledger.settle
+    seen: list[Any] = []
+
+    async def settle(job_id: int, *args: Any, **kwargs: Any) -> Any:
+        seen.append(await asyncio.to_thread(service.results.load, job_id))
+        return await original_settle(job_id, *args, **kwargs)
+
+    original_save = service.results.save
+
+    def slow_save(*args: Any, **kwargs: Any) -> Any:  # a big image on a slow disk
+        time.sleep(0.3)
+        return original_save(*args, **kwargs)
+
+    monkeypatch.setattr(service.ledger, "settle", settle)
+    monkeypatch.setattr(service.results, "save", slow_save)
+    outcome = await service.draw(ALICE, "low a cat")
+    assert len(seen) == 1 and seen[0] is not None
+    assert [image.data for image in seen[0].images] == [image.data for image in outcome.images]
