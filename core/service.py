@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
+from functools import partial
 from typing import Protocol, TypeVar
 
 from core.config import Settings
@@ -45,6 +46,7 @@ from core.replay import ReplayAction as ReplayAction
 from core.results import ResultStore
 from core.sizes import TIERS
 from core.store import (
+    STORE_FAILURES,
     JobRecord,
     JobSpec,
     JobStage,
@@ -53,7 +55,6 @@ from core.store import (
     PurchaseStatus,
     SpendReport,
     Store,
-    StoreError,
 )
 from core.types import (
     GeneratedImage,
@@ -504,7 +505,10 @@ class ImageService:
         except UpstreamError as err:
             self._note_upstream(err)
             credits, flag = self.charge_for(err.usage, request, estimate, billed=err.billed)
-            await self._write(self.ledger.fail(job_id, err.code, credits, err.usage, flag=flag))
+            await self._until_written(
+                job_id, "the failure",
+                partial(self.ledger.fail, job_id, err.code, credits, err.usage, flag=flag),
+            )
             self.held.discard(job_id)
             charged = min(credits, estimate)
             self._log_job(requester, request, "failed", charged, self._clock() - started, err.code)
@@ -522,11 +526,15 @@ class ImageService:
                 self.held.discard(job_id)
             raise
         except ImgbotError as err:
-            await self._write(self.ledger.fail(job_id, err.code))
+            await self._until_written(
+                job_id, "the failure", partial(self.ledger.fail, job_id, err.code)
+            )
             self.held.discard(job_id)
             raise
         except Exception:
-            await self._write(self.ledger.fail(job_id, "internal"))
+            await self._until_written(
+                job_id, "the failure", partial(self.ledger.fail, job_id, "internal")
+            )
             self.held.discard(job_id)
             raise
         finally:
@@ -546,7 +554,10 @@ class ImageService:
         except OSError as err:
             log.warning("job %d: result not kept on disk (%s); delivering it from memory",
                         job_id, err)
-        await self._settle_until_written(job_id, reported, result.usage, flag)
+        await self._until_written(
+            job_id, "the charge",
+            partial(self.ledger.settle, job_id, reported, result.usage, flag=flag),
+        )
         # The spend report is a read after the settle committed: it counts this job.
         spending = asyncio.ensure_future(self.spend_report(requester))
         spending.add_done_callback(_retrieved)
@@ -769,23 +780,25 @@ class ImageService:
                 for wait in waits:
                     wait.cancel()
 
-    async def _settle_until_written(
-        self, job_id: int, credits: float, usage: Usage | None, flag: str | None
-    ) -> None:
-        """Write a drawn job's charge, trying again while the store cannot take it.
+    async def _until_written(
+        self, job_id: int, what: str, write: Callable[[], Awaitable[_T]]
+    ) -> _T:
+        """Write a job's outcome (its charge or its failure), trying again while the store
+        cannot take it.
 
-        The result is in hand (and kept on disk if the disk allows): it is not thrown
-        away because the ledger is full or read-only. `settle` acts once, so a write that
-        did commit before its error is not charged again by the next try.
+        The job is held by this process until the write lands: giving up would leave it
+        `drawing` and leased here for good (and a drawn result thrown away because the
+        ledger is full or read-only). Settle and fail act once, so a write that did commit
+        before its error is not charged again by the next try. Only the store's failures
+        are retried; a bug raises at once.
         """
         delay = 0.5
         while True:
             try:
-                await self._write(self.ledger.settle(job_id, credits, usage, flag=flag))
-                return
-            except StoreError as err:
-                log.warning("job %d: the charge could not be written (%s); trying again in"
-                            " %.1fs", job_id, err, delay)
+                return await self._write(write())
+            except STORE_FAILURES as err:
+                log.warning("job %d: %s could not be written (%s); trying again in %.1fs",
+                            job_id, what, err, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 

@@ -458,27 +458,39 @@ async def test_store_health_turns_false_while_writes_fail_and_recovers(
     ledger = _UnwritableLedger(service.ledger, monkeypatch)
     await service.draw(ALICE, "low a cat")
     assert service.store_healthy
-    # The answer arrives, the settle cannot be written: the service must say so.
+    # The answer arrives, the settle cannot be written: the service must say so, and keep
+    # the drawn image, trying the charge again until the disk is freed.
     original_settle = service.ledger.settle
+    tries: list[int] = []
 
     async def settle_on_full_disk(*args: Any, **kwargs: Any) -> Any:
-        ledger.broken = True
+        if not tries:
+            ledger.broken = True  # the disk fills up just as the first image is charged
+        tries.append(1)
         return await original_settle(*args, **kwargs)
 
     monkeypatch.setattr(service.ledger, "settle", settle_on_full_disk)
-    with pytest.raises(sqlite3.OperationalError):
-        await service.draw(ALICE, "low a dog")
+    dog = asyncio.create_task(service.draw(ALICE, "low a dog"))
+    for _ in range(500):
+        if not service.store_healthy:
+            break
+        await asyncio.sleep(0.01)
     assert not service.store_healthy and "disk is full" in service.store_problem
     # Still failing: a probe keeps it unhealthy, and so does a refused reservation.
     assert not await service.check_store()
     with pytest.raises(sqlite3.OperationalError):
         await service.draw(ALICE, "low a bird")
-    assert not service.store_healthy
-    # The disk is freed: a probe (the heartbeat's, with no job coming) turns it healthy.
+    assert not service.store_healthy and not dog.done()
+    # The disk is freed: a probe (the heartbeat's, with no job coming) turns it healthy,
+    # and the held image is charged once and handed out.
     ledger.broken = False
-    monkeypatch.setattr(service.ledger, "settle", original_settle)
     assert await service.check_store()
     assert service.store_healthy and service.store_problem == ""
+    outcome = await asyncio.wait_for(dog, 30)
+    assert len(tries) >= 2 and outcome.images
+    job = await service.ledger.get_job(outcome.job_id)
+    assert job is not None and job.status is JobStatus.SUCCEEDED
+    assert job.actual_credits == pytest.approx(outcome.credits)
     # And a failure followed by a successful write recovers without a probe.
     ledger.broken = True
     with pytest.raises(sqlite3.OperationalError):
@@ -512,3 +524,37 @@ async def test_result_is_kept_on_disk_before_the_job_is_marked_drawn(
     outcome = await service.draw(ALICE, "low a cat")
     assert len(seen) == 1 and seen[0] is not None
     assert [image.data for image in seen[0].images] == [image.data for image in outcome.images]
+
+
+async def test_a_failure_that_cannot_be_written_is_written_once_the_store_recovers(
+    service: ImageService, fake_api: FakeImageAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The upstream fails with usage (billed) just as the disk fills up: the job must not
+    # stay `drawing` and held here for good; its failure is written once the disk is freed.
+    ledger = _UnwritableLedger(service.ledger, monkeypatch)
+    original_fail = service.ledger.fail
+    tries: list[int] = []
+
+    async def fail_on_full_disk(*args: Any, **kwargs: Any) -> Any:
+        if not tries:
+            ledger.broken = True
+        tries.append(1)
+        return await original_fail(*args, **kwargs)
+
+    monkeypatch.setattr(service.ledger, "fail", fail_on_full_disk)
+    fake_api.inject("bad_base64")
+    cat = asyncio.create_task(service.draw(ALICE, "low a cat"))
+    for _ in range(500):
+        if not service.store_healthy:
+            break
+        await asyncio.sleep(0.01)
+    assert not service.store_healthy and not cat.done()
+    ledger.broken = False
+    with pytest.raises(UpstreamMalformed) as info:
+        await asyncio.wait_for(cat, 30)
+    assert len(tries) >= 2 and service.store_healthy
+    report = await service.ledger.spend_report(ALICE.user_key)
+    job = report.last_jobs[0]
+    assert (job.status, job.error_code) == (JobStatus.FAILED, info.value.code)
+    assert report.today == pytest.approx(service.prices.credits(info.value.usage, "gpt-image-2"))
+    assert job.id not in service.held

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from core.store.interface import SnapshotReader, Store, StoreError
+from core.store.interface import STORE_FAILURES, SnapshotReader, Store, StoreError
 from core.store.keys import ApiKeyRecord
 from core.store.records import (
     ChatRecord,
@@ -61,6 +61,7 @@ __all__ = [
     "SpendReport",
     "Spender",
     "Store",
+    "STORE_FAILURES",
     "StoreError",
     "StoreURL",
     "UserRecord",

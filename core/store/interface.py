@@ -26,6 +26,7 @@ package. Each backend keeps the same promises, tested by one contract suite agai
 from __future__ import annotations
 
 import abc
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
@@ -71,6 +72,13 @@ COPY_TABLES: tuple[tuple[str, str], ...] = (
 
 class StoreError(Exception):
     """The store cannot be reached or used; the message says why, never with a password."""
+
+
+# What a write raises when the store could not take it (a full disk, a read-only file, a
+# lost server): the PostgreSQL backend says StoreError, the SQLite backend hands up
+# sqlite3's own errors, a file system may raise OSError. A caller holding a drawn result
+# tries again on these; anything else is a bug and is not retried.
+STORE_FAILURES: tuple[type[Exception], ...] = (StoreError, sqlite3.Error, OSError)
 
 
 class SnapshotReader(abc.ABC):
