@@ -10,6 +10,7 @@
     │   ├── QueueFull                too many jobs waiting for this user
     │   ├── JobNotFound              a job id (button, refund) that is not there
     │   ├── DuplicateJob             the same platform message was already turned into a job
+    │   ├── JobTakenOver             another process carries the job on (this one's lease ran out)
     │   └── Cancelled                the job was cancelled before it ran
     └── UpstreamError                the image API failed; `detail` keeps the raw answer
         ├── ContentPolicyError       moderation_blocked
@@ -122,6 +123,14 @@ class JobNotFound(UserError):
 
 class DuplicateJob(UserError):
     key = "job.duplicate"
+
+
+class JobTakenOver(UserError):
+    """This process's lease on a job ran out (it was too slow to renew) and another process
+    took the job over: that one carries it on and tells the user; this one lets go without
+    a word (raised with silent=True)."""
+
+    key = "job.taken_over"
 
 
 class Cancelled(UserError):

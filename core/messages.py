@@ -458,6 +458,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Your image (job #{job_id}) was drawn, but its kept copy was lost in a restart. It is marked undelivered; an admin can refund it.",
         "zh": "你的图片（任务 #{job_id}）已生成，但保存的副本在重启中丢失。已标记为未送达，管理员可退款。",
     },
+    "job.taken_over": {
+        "en": "Job #{job_id} is carried on by another process of the bot.",
+        "zh": "任务 #{job_id} 由机器人的另一个进程继续处理。",
+    },
     "job.duplicate": {
         "en": "That message was already handled (job #{job_id}).",
         "zh": "该消息已处理过（任务 #{job_id}）。",

@@ -203,6 +203,8 @@ class JobRunner:
         delay = service.settings.delivery_retry_delay
         attempts = service.settings.delivery_attempts
         for attempt in range(1, attempts + 1):
+            if not await service.still_mine(outcome.job_id):
+                return  # taken over (this process was too slow): the other one delivers it
             try:
                 handles = await reply.result(outcome, four_k)
                 break

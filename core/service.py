@@ -30,6 +30,7 @@ from core.errors import (
     Cancelled,
     ImgbotError,
     JobNotFound,
+    JobTakenOver,
     LimitExceeded,
     UpstreamAuthError,
     UpstreamBalanceError,
@@ -495,6 +496,9 @@ class ImageService:
             finally:
                 if not record.settled:
                     self.queue.release(ticket)
+        except JobTakenOver:
+            record.settled = True  # another process has it: nothing is written from here
+            raise
         except Cancelled as err:
             if err.key == "job.resumes_after_restart":
                 pass  # left open and leased: the next start takes it over
@@ -541,6 +545,10 @@ class ImageService:
             self._inflight.pop(job_id, None)
 
         self._note_upstream(None)
+        # Another process may have taken the job over while this draw ran (its lease ran
+        # out here): that one draws it again and has counted this draw as lost; this result
+        # is not charged, kept or delivered.
+        await self._fence(job_id)
         reported, flag = self.charge_for(result.usage, request, estimate, billed=True)
         # The result is on disk before the charge is written (which moves the job to
         # `drawn`), so a process that dies from here on leaves a drawn job whose result the
@@ -751,10 +759,9 @@ class ImageService:
     async def _start_in_room(self, record: _Inflight) -> None:
         """Start drawing once there is room across every process on the ledger.
 
-        This process's queue gave the job a slot; with several processes on the ledger (their
-        heartbeats), the store checks the same caps (MAX_JOBS_PER_USER, MAX_JOBS_IN_FLIGHT)
-        against every process's drawing jobs in the statement that starts it. Without room
-        the job waits here, still queued.
+        This process's queue gave the job a slot; the store checks the same caps
+        (MAX_JOBS_PER_USER, MAX_JOBS_IN_FLIGHT) against every process's drawing jobs in the
+        statement that starts it. Without room the job waits here, still queued.
         """
         settings = self.settings
         while True:
@@ -762,16 +769,17 @@ class ImageService:
                 raise Cancelled("job.cancelled")
             if record.stop.is_set():
                 raise Cancelled("job.resumes_after_restart", job_id=record.job_id)
-            # One process alone: its own queue is the whole truth (no extra counting).
-            shared = self.replicas > 1
+            await self._fence(record.job_id)
+            # Always counted in the store, even when this process believes it is alone: a
+            # replica that has just started has not yet seen the others' heartbeats.
             started = await self._write(
                 self.ledger.try_start(
-                    record.job_id,
-                    settings.max_jobs_per_user if shared else 0,
-                    settings.max_jobs_in_flight if shared else 0,
+                    record.job_id, settings.max_jobs_per_user, settings.max_jobs_in_flight
                 )
             )
-            if started is not False:
+            if started is None:  # no longer reserved (refunded or ended by an admin)
+                raise Cancelled("job.cancelled")
+            if started:
                 return
             waits = [asyncio.ensure_future(e.wait()) for e in (record.cancel, record.stop)]
             try:
@@ -780,17 +788,39 @@ class ImageService:
                 for wait in waits:
                     wait.cancel()
 
+    async def still_mine(self, job_id: int) -> bool:
+        """Renew this process's lease on a job and say whether it still holds it.
+
+        A process too slow to renew (stalled longer than JOB_LEASE) may find its job taken
+        over by another one; each step with effects outside this process (starting the draw,
+        charging, delivering) checks first, and the renewal keeps the job ours until the
+        step is done. A job no longer held is let go of here.
+        """
+        held = await self._until_written(
+            job_id, "the lease",
+            partial(self.ledger.renew_leases, self.owner, [job_id], self.settings.job_lease),
+        )
+        if job_id in held:
+            return True
+        log.warning("job %d was taken over by another process; letting go of it here", job_id)
+        self.held.discard(job_id)
+        return False
+
+    async def _fence(self, job_id: int) -> None:
+        """Raise a silent JobTakenOver unless the job is still this process's."""
+        if not await self.still_mine(job_id):
+            raise JobTakenOver(job_id=job_id, silent=True)
+
     async def _until_written(
         self, job_id: int, what: str, write: Callable[[], Awaitable[_T]]
     ) -> _T:
-        """Write a job's outcome (its charge or its failure), trying again while the store
-        cannot take it.
+        """Write a job's step (its lease check, its charge, its failure), trying again
+        while the store cannot take it.
 
-        The job is held by this process until the write lands: giving up would leave it
-        `drawing` and leased here for good (and a drawn result thrown away because the
-        ledger is full or read-only). Settle and fail act once, so a write that did commit
-        before its error is not charged again by the next try. Only the store's failures
-        are retried; a bug raises at once.
+        Giving up would leave the job `drawing` and leased here for good, and throw a drawn
+        result away because the ledger is full or read-only. Settle and fail act once, so a
+        write that did commit before its error is not charged again by the next try. Only
+        the store's failures are retried; a bug raises at once.
         """
         delay = 0.5
         while True:

@@ -216,6 +216,10 @@ class RecordedRequest:
     authorized: bool
     json: dict[str, Any] | None = None
     parts: list[Part] = field(default_factory=list)
+    # time.monotonic() when the request came in, and when the fake began sending its answer
+    # (the client cannot have the answer earlier): for checking how many ran at once.
+    received: float = field(default_factory=time.monotonic)
+    answered: float | None = None
 
     @property
     def fields(self) -> dict[str, str]:
@@ -456,6 +460,7 @@ class FakeImageAPI:
         if job.stream and support == "drop" and not name:
             name, params = "stream_drop", {}
         if job.stream and name != "stream_json" and (support != "json" or name):
+            record.answered = time.monotonic()
             self._answer_stream(h, job, name, params, self.delay / slices)
             return
         if job.stream:
@@ -463,6 +468,7 @@ class FakeImageAPI:
             if not self._wait(self.delay - self.delay / slices):
                 return
             job = replace(job, partials=0)
+        record.answered = time.monotonic()
         self._answer(h, job, name, params)
 
     def _authorized(self, h: _Handler) -> bool:

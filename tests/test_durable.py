@@ -45,8 +45,8 @@ def ledger_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> 
     return str(request.getfixturevalue("pg_url"))
 
 
-def jobs_of(url: str) -> dict[str, dict[str, Any]]:
-    """Return every job row by command text, and check the totals equal the jobs' charges."""
+def job_rows(url: str) -> list[dict[str, Any]]:
+    """Return every job row, and check the running totals equal the jobs' charges."""
 
     async def read() -> tuple[list[dict[str, Any]], dict[str, float]]:
         store = await open_store(url, Limits())
@@ -63,7 +63,12 @@ def jobs_of(url: str) -> dict[str, dict[str, Any]]:
     for row in rows:
         by_user[row["user_key"]] = by_user.get(row["user_key"], 0.0) + charged(row)
     assert totals == pytest.approx(by_user)
-    return {row["command_text"]: row for row in rows}
+    return rows
+
+
+def jobs_of(url: str) -> dict[str, dict[str, Any]]:
+    """Return every job row by command text (see job_rows)."""
+    return {row["command_text"]: row for row in job_rows(url)}
 
 
 def charged(row: dict[str, Any]) -> float:
@@ -176,7 +181,7 @@ def test_a_read_only_ledger_at_settle_keeps_the_image_until_it_can_charge_it_onc
     tg.wait_for(lambda: images.api_requests)
     _read_only(pg_url, True)
     try:
-        tg.wait_for(lambda: "the charge could not be written" in bot.output(), within=30)
+        tg.wait_for(lambda: "could not be written" in bot.output(), within=30)
         tg.wait_for(lambda: "unhealthy" in _health(tmp_path, pg_url), within=10)
         assert "ledger cannot be written" in _health(tmp_path, pg_url)
         assert tg.of("sendPhoto") == []  # nothing handed out before it is charged

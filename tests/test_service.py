@@ -17,6 +17,7 @@ from core.admin import run_admin
 from core.errors import (
     AccessDenied,
     Cancelled,
+    JobTakenOver,
     LimitExceeded,
     PromptError,
     QueueFull,
@@ -28,8 +29,9 @@ from core.errors import (
 from core.messages import text
 from core.reports import render_balance, render_caption, render_help, render_sizes
 from core.requester import Requester
+from core.runtime import LEASES_TASK_NAME
 from core.service import ImageService, IncomingImage, Progress
-from core.store import JobStatus
+from core.store import JobStage, JobStatus
 from tests.fake_api import MISSING, FakeImageAPI
 
 ALICE = Requester("telegram", "1", "-100", "Alice", "en", is_group=True)
@@ -558,3 +560,29 @@ async def test_a_failure_that_cannot_be_written_is_written_once_the_store_recove
     assert (job.status, job.error_code) == (JobStatus.FAILED, info.value.code)
     assert report.today == pytest.approx(service.prices.credits(info.value.usage, "gpt-image-2"))
     assert job.id not in service.held
+
+
+async def test_a_job_taken_over_while_drawing_is_let_go_of_not_charged_twice(
+    make_service: Callable[..., Any], fake_api: FakeImageAPI
+) -> None:
+    # A process stalls longer than its lease (its renewals stop), another process takes
+    # its drawing job over and draws it again. When the first one's answer finally comes,
+    # it must not charge, keep or deliver it: the job is the other's now.
+    async with make_service(job_lease=1) as slow, make_service(job_lease=1) as other:
+        for task in asyncio.all_tasks():
+            if task.get_name() == LEASES_TASK_NAME:
+                task.cancel()  # both stop renewing: the stalled one is what matters
+        fake_api.inject("slow", seconds=2.5)
+        drawing = asyncio.create_task(slow.draw(ALICE, "low a cat"))
+        await asyncio.sleep(1.6)  # the lease ran out meanwhile
+        claimed = await other.ledger.claim_expired(other.owner, 30, ["telegram"])
+        assert [job.stage for job in claimed] == [JobStage.QUEUED]  # was drawing: lost
+        with pytest.raises(JobTakenOver):
+            await drawing
+        job = await other.ledger.get_job(claimed[0].id)
+        assert job is not None
+        assert (job.status, job.stage, job.lease_owner) == (
+            JobStatus.RESERVED, JobStage.QUEUED, other.owner
+        )
+        assert job.actual_credits is None and job.lost_credits == job.estimated_credits
+        assert claimed[0].id not in slow.held
