@@ -76,7 +76,8 @@ QUALITIES = ("low", "medium", "high")
 MAX_DRAW_ATTEMPTS = 2
 # How often a job with a slot here asks again for room among all processes (try_start).
 START_RETRY = 0.5
-# How often `take_over` forgets expired marks and old staged parts.
+# How often `take_over` forgets what expired: marks, old staged parts, page sessions and
+# kept files (their reads check expiry themselves; this only frees the rows).
 PRUNE_EVERY = 300.0
 # One alert of a kind to the admins' chats per this many seconds (the log gets each).
 ALERT_EVERY = 600.0
@@ -827,9 +828,9 @@ class ImageService:
             if time.monotonic() - pruned > PRUNE_EVERY:
                 pruned = time.monotonic()
                 try:
-                    await self._write(self.ledger.prune_marks())
+                    await self._write(self.ledger.prune_expired())
                 except Exception as err:  # noqa: BLE001 - tried again later
-                    log.warning("could not forget expired marks: %s", err)
+                    log.warning("could not forget what expired in the ledger: %s", err)
             try:
                 platforms = sorted({*self.resumers, "cli", "web"})
                 jobs = await self._write(
