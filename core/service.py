@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import Protocol, TypeVar
 
 from core.config import Settings
+from core.directory import UserDirectory
 from core.errors import (
     AccessDenied,
     BadReferenceError,
@@ -35,7 +36,6 @@ from core.errors import (
     UpstreamError,
     UserError,
 )
-from core.ids import UserDirectory
 from core.images import ImageClient, prepare_mask, prepare_references
 from core.jobqueue import FairQueue, RateLimiter, Ticket
 from core.messages import language_of
@@ -183,9 +183,9 @@ class ImageService:
         self._settling: set[asyncio.Task[None]] = set()
         self._closing = False
         self._shutdown: asyncio.Future[None] | None = None
-        # Usernames seen in chats, for admin commands naming `@user`. In memory for now;
-        # it belongs in the store (a restart forgets who was seen).
-        self.directory = UserDirectory()
+        # Usernames seen in chats, for admin commands naming `@user`: kept in the ledger,
+        # so every replica (and the next start) knows them.
+        self.directory = UserDirectory(ledger)
         # False from a failed ledger write (disk full, read-only file, database gone) until
         # the next write or `check_store` succeeds; the heartbeat reports it to health.
         self.store_healthy = True
