@@ -55,6 +55,7 @@ from core.store import (
     Store,
     StoreError,
 )
+from core.store.web import FileToKeep, KeptFileData, KeptFileInfo, WebSession
 from core.types import (
     GeneratedImage,
     ImageRequest,
@@ -157,6 +158,39 @@ class Coordination(Protocol):
     async def leases(self, prefix: str = "") -> list[NamedLease]: ...
 
 
+class WebState(Protocol):
+    """What the web door keeps in the store so that every replica answers alike: page
+    sessions, one-time sign-in codes and kept result files (core/store/web.py). Nothing
+    here touches money or jobs."""
+
+    async def open_session(
+        self,
+        user_key: str,
+        how: str,
+        seconds: float,
+        *,
+        display_name: str = "",
+        language: str | None = None,
+        api_key: str | None = None,
+    ) -> str: ...
+    async def get_session(self, token: str) -> WebSession | None: ...
+    async def close_session(self, token: str) -> None: ...
+    async def new_link_code(self, seconds: float) -> str: ...
+    async def spend_link_code(self, code: str) -> bool: ...
+    async def keep_files(
+        self,
+        job_id: int,
+        user_key: str,
+        files: Sequence[FileToKeep],
+        seconds: float,
+        cap_bytes: int,
+    ) -> None: ...
+    async def kept_file(self, name: str) -> KeptFileData | None: ...
+    async def job_files(
+        self, job_ids: Sequence[int], user_key: str
+    ) -> dict[int, list[KeptFileInfo]]: ...
+
+
 class ImageService:
     """The platform-free pipeline, with its queue, rate limiter and shutdown."""
 
@@ -222,6 +256,12 @@ class ImageService:
     def coordination(self) -> Coordination:
         """The store's replica coordination (marks, staged parts, named leases) for front
         ends; the ledger's money and jobs stay behind the service."""
+        return self.ledger
+
+    @property
+    def web_state(self) -> WebState:
+        """The web door's sessions, sign-in codes and kept files in the store, which every
+        replica shares; the ledger's money and jobs stay behind the service."""
         return self.ledger
 
     # --- the store's health --------------------------------------------------------
