@@ -40,6 +40,7 @@ from core.errors import (
     BadReferenceError,
     Cancelled,
     ContentPolicyError,
+    DeliveryFailed,
     ImgbotError,
     LimitExceeded,
     PromptError,
@@ -53,6 +54,7 @@ from core.images import MAX_REFERENCES
 from core.messages import language_of
 from core.runner import JobRunner
 from core.service import DrawOutcome, ImageService, WebState
+from core.store import StoreError
 from core.store.web import FileToKeep, KeptFileData, KeptFileInfo
 from core.types import KNOWN_MODELS, GeneratedImage, IncomingImage, Progress, Requester
 
@@ -180,13 +182,22 @@ class ResultFiles:
     async def keep(
         self, job_id: int, user_key: str, images: Sequence[GeneratedImage]
     ) -> list[KeptFileInfo]:
-        """Keep a job's images for its user (their history offers them); return their names."""
+        """Keep a job's images for its user (their history offers them); return their names.
+
+        Part of delivering them (a Reply's `result`): when the ledger does not take them,
+        DeliveryFailed (retryable) lets the runner try again, then record the job
+        undelivered and refundable, as when a chat's upload fails.
+        """
         files = [
             FileToKeep(f"{secrets.token_urlsafe(32)}.{EXTENSIONS.get(image.mime, 'png')}",
                        image.data, image.mime, image.width, image.height)
             for image in images
         ]
-        await self._state.keep_files(job_id, user_key, files, self.ttl, self.cap)
+        try:
+            await self._state.keep_files(job_id, user_key, files, self.ttl, self.cap)
+        except StoreError as err:
+            raise DeliveryFailed(f"the ledger did not keep the images: {err}",
+                                 retryable=True) from err
         return [KeptFileInfo(f.name, f.mime, f.width, f.height) for f in files]
 
     async def of_jobs(
@@ -201,10 +212,16 @@ class ResultFiles:
 
 
 class WebReply:
-    """The runner's Reply for one HTTP request: it keeps what happened, the handler answers."""
+    """The runner's Reply for one HTTP request: it keeps what happened, the handler answers.
 
-    def __init__(self) -> None:
+    With `files` (a `url` answer), delivering is keeping the images where every replica
+    serves them.
+    """
+
+    def __init__(self, files: ResultFiles | None = None, user_key: str = "") -> None:
+        self._files, self._user_key = files, user_key
         self.outcome: DrawOutcome | None = None
+        self.kept: list[KeptFileInfo] = []
         self.error: ImgbotError | None = None
         self.message: str | None = None
         self.failed: str | None = None
@@ -213,6 +230,8 @@ class WebReply:
         """No progress over plain HTTP (the answer comes when the job ends)."""
 
     async def result(self, outcome: DrawOutcome, four_k_credits: float | None) -> Sequence[str]:
+        if self._files is not None:
+            self.kept = await self._files.keep(outcome.job_id, self._user_key, outcome.images)
         self.outcome = outcome
         return []  # nothing to "vary" from later: no platform handles
 
@@ -462,7 +481,8 @@ class WebApi:
         images: list[IncomingImage],
         mask: IncomingImage | None,
     ) -> Response:
-        reply = WebReply()
+        files = self.files if asked.response_format == "url" else None
+        reply = WebReply(files, requester.user_key)
 
         async def references() -> list[IncomingImage]:
             return images
@@ -475,14 +495,13 @@ class WebApi:
                 raise _error_for(reply.error, reply.message or reply.error.user_message(lang))
             raise ApiError(500, reply.failed or "internal error", type="server_error",
                            code="internal_error")
-        return await self._answer(request, requester, reply.outcome, asked.response_format)
+        return await self._answer(request, reply.outcome, asked.response_format, reply.kept)
 
     async def _answer(
-        self, request: Request, requester: Requester, outcome: DrawOutcome, fmt: str
+        self, request: Request, outcome: DrawOutcome, fmt: str, kept: Sequence[KeptFileInfo]
     ) -> Response:
         slot = f"\u0000{secrets.token_hex(16)}\u0000"  # where each base64 text goes
         if fmt == "url":
-            kept = await self.files.keep(outcome.job_id, requester.user_key, outcome.images)
             data = [{"url": f"{self._root(request)}/v1/files/{f.name}"} for f in kept]
         else:
             data = [{"b64_json": slot} for _ in outcome.images]
