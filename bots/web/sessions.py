@@ -57,7 +57,7 @@ class Sessions:
 
     async def get(self, token: str) -> Session | None:
         """Return the live session of a token, or None."""
-        found = await self._state.get_session(token) if token else None
+        found = await self._state.get_session(token)
         if found is None:
             return None
         if found.how == "link":
