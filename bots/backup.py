@@ -16,6 +16,11 @@ prefer it.)
 Either way the copy is written beside PATH as a 0600 file, checked with
 `PRAGMA integrity_check`, switched to a single self-contained file (no -wal), then renamed
 into place, so PATH is never a half-written file, and never the live database.
+
+A backup holds no web sign-ins and no kept result files (as `imgbot db copy` moves none):
+restoring one must not bring back a page session signed out since, or a sign-in code spent
+since, and the files are an hour's cache of up to URL_CACHE_BYTES. The SQLite copy has
+them deleted (and its space given back) before it is checked.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 
 from core.store import Limits, StoreError, StoreURL, open_store
 from core.store.copy import copy_store
+from core.store.web import LINK_MARK_PREFIX
 
 BUSY_TIMEOUT_S = 30.0
 _SIDE_FILES = ("-wal", "-shm", "-journal")
@@ -72,11 +78,26 @@ def _prepare_part(dest: Path) -> Path:
     return part
 
 
+def _forget_web_state(copy: sqlite3.Connection) -> None:
+    """Delete the web door's sessions, sign-in codes and kept files from a copy."""
+    tables = {row[0] for row in copy.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "web_sessions" not in tables:
+        return  # a ledger from before schema 10 has none
+    with copy:
+        copy.execute("DELETE FROM web_sessions")
+        copy.execute("DELETE FROM marks WHERE substr(key, 1, ?) = ?",
+                     (len(LINK_MARK_PREFIX), LINK_MARK_PREFIX))
+        files = copy.execute("DELETE FROM web_files").rowcount
+    if files:
+        copy.execute("VACUUM")  # up to URL_CACHE_BYTES of images: give the space back
+
+
 def _check_and_seal(part: Path) -> int:
     """Check the copy, make it one self-contained file, and return its job count."""
     copy = sqlite3.connect(part)
     try:
         copy.execute("PRAGMA journal_mode = DELETE")
+        _forget_web_state(copy)
         problems = [row[0] for row in copy.execute("PRAGMA integrity_check")]
         if problems != ["ok"]:
             raise BackupError(f"the copy failed its integrity check: {problems[:3]}")

@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from core.errors import AccessDenied, ImgbotError, PromptError
-from core.ids import parse_key
 from core.messages import language_of, text
 from core.pricing import format_credits
 from core.reports import render_job_line
@@ -53,12 +52,12 @@ TARGETED_COMMANDS = ("limit", "block", "unblock", "grant", "revoke", "purchases"
 _JOB_ID = re.compile(r"#?[0-9]{1,19}")
 
 
-def _key(service: ImageService, word: str, requester: Requester) -> str:
+async def _key(service: ImageService, word: str, requester: Requester) -> str:
     # The requester's own chat (the default of a server manager's chatlimit) came from the
     # platform itself; anything an admin typed is checked.
     if word in (requester.chat_key, requester.user_key):
         return word
-    return parse_key(word, requester.platform, service.directory)
+    return await service.directory.resolve(word, requester.platform)
 
 
 def _own_word(word: str, platform: str) -> str:
@@ -186,7 +185,7 @@ async def _run_admin(
     if name == "limit":
         if not args:
             raise PromptError("admin.usage")
-        user_key = _key(service, args[0], requester)
+        user_key = await _key(service, args[0], requester)
         values = _keyword_args(args[1:], ("daily", "monthly"))
         current = await ledger.get_user(user_key)
         daily = values["daily"] if "daily" in values else (current.daily_limit if current else None)
@@ -198,7 +197,7 @@ async def _run_admin(
     if name == "chatlimit":
         if not args:
             raise PromptError("admin.usage")
-        chat_key = _key(service, args[0], requester)
+        chat_key = await _key(service, args[0], requester)
         values = _keyword_args(args[1:], ("daily",))
         await ledger.set_chat_limit(chat_key, values["daily"])
         return text(lang, "admin.chatlimit_set", who=chat_key, daily=_limit(lang, values["daily"]))
@@ -214,21 +213,21 @@ async def _run_admin(
     if name == "grant":
         if len(args) != 2:
             raise PromptError("admin.usage")
-        user_key = _key(service, args[0], requester)
+        user_key = await _key(service, args[0], requester)
         amount = _credits_arg(args[1])
         balance = await ledger.grant_credits(user_key, amount, by=requester.user_key)
         return text(lang, "admin.granted", who=user_key, credits=amount, balance=balance)
     if name == "revoke":
         if len(args) not in (1, 2):
             raise PromptError("admin.usage")
-        user_key = _key(service, args[0], requester)
+        user_key = await _key(service, args[0], requester)
         amount = _credits_arg(args[1]) if len(args) == 2 else None
         taken, balance = await ledger.revoke_credits(user_key, amount, by=requester.user_key)
         return text(lang, "admin.revoked", who=user_key, credits=taken, balance=balance)
     if name == "purchases":
         if len(args) > 1:
             raise PromptError("admin.usage")
-        user_key = _key(service, args[0], requester) if args else None
+        user_key = await _key(service, args[0], requester) if args else None
         purchases = await ledger.list_purchases(user_key, 20)
         if not purchases:
             return text(lang, "admin.nothing")
@@ -250,7 +249,7 @@ async def _run_admin(
     if name in ("block", "unblock"):
         if len(args) != 1:
             raise PromptError("admin.usage")
-        key = _key(service, args[0], requester)
+        key = await _key(service, args[0], requester)
         await ledger.set_blocked(key, name == "block")
         return text(lang, f"admin.{name}ed", who=key)
     if name == "top":

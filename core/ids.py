@@ -1,12 +1,11 @@
-"""User and chat keys (`platform:id`): their form per platform, and usernames seen in chats.
+"""User and chat keys (`platform:id`): their form per platform, and how an admin writes them.
 
 A key is `telegram:<number>` (chats are negative), `discord:<number>`, `cli:<name>` or
 `web:<name>` (someone who uses only the web API, with a personal key).
 Admin commands and the `ADMINS` / `ALLOWED_*` settings take keys; anything else is an error
 with a message that says what was wrong, never a key that silently matches nobody.
 
-`UserDirectory` remembers, in memory, the usernames the bots have seen (`@ann` → the key
-of the user who wrote), so an admin may name a user by `@username`.
+An admin may also name a user by `@username`; `core.directory` looks those up in the ledger.
 """
 
 from __future__ import annotations
@@ -23,8 +22,6 @@ KEY_FORMS = {"telegram": NUMERIC, "discord": SNOWFLAKE, "cli": NAME, "web": NAME
 # The terminal has no users or chats of its own to mean by a bare id.
 BARE_ID_PLATFORMS = ("telegram", "discord")
 USERNAME = re.compile(r"@([A-Za-z0-9_]{1,64})")
-# Usernames remembered at most, so memory stays bounded.
-KEEP_USERNAMES = 100_000
 
 
 def key_problem(key: str) -> PromptError | None:
@@ -47,37 +44,12 @@ def describe_key_problem(key: str, lang: str = "en") -> str | None:
     return problem.user_message(lang) if problem is not None else None
 
 
-class UserDirectory:
-    """Remember which user key each `@username` seen on a platform belongs to."""
-
-    def __init__(self) -> None:
-        self._keys: dict[tuple[str, str], str] = {}
-
-    def note(self, platform: str, username: str | None, user_key: str) -> None:
-        """Record that `username` on `platform` is the user `user_key`."""
-        if not username:
-            return
-        if len(self._keys) >= KEEP_USERNAMES:
-            self._keys.clear()  # rare; names are learnt again from the next messages
-        self._keys[(platform, username.lower())] = user_key
-
-    def find(self, platform: str, username: str) -> str | None:
-        """Return the user key of `@username` on `platform`, if the bot has seen them."""
-        return self._keys.get((platform, username.lstrip("@").lower()))
-
-
-def parse_key(word: str, platform: str, directory: UserDirectory | None = None) -> str:
+def parse_key(word: str, platform: str) -> str:
     """Turn an admin's word for a user or chat into a checked key, or raise PromptError.
 
-    A bare id means "on the admin's own platform" (not in the terminal); `@name` is a user
-    the bot has seen on that platform.
+    A bare id means "on the admin's own platform" (not in the terminal). `@name` is not a
+    key: `core.directory.UserDirectory.resolve` finds whose it is first.
     """
-    username = USERNAME.fullmatch(word)
-    if username is not None:
-        found = directory.find(platform, username.group(1)) if directory else None
-        if found is None:
-            raise PromptError("admin.unknown_username", name=word)
-        return found
     if ":" not in word and platform in BARE_ID_PLATFORMS:
         word = f"{platform}:{word}"
     problem = key_problem(word)

@@ -24,6 +24,7 @@ from functools import partial
 from typing import Protocol, TypeVar
 
 from core.config import Settings
+from core.directory import UserDirectory
 from core.errors import (
     AccessDenied,
     BadReferenceError,
@@ -37,7 +38,6 @@ from core.errors import (
     UpstreamError,
     UserError,
 )
-from core.ids import UserDirectory
 from core.images import ImageClient, prepare_mask, prepare_references
 from core.jobqueue import FairQueue, RateLimiter, Ticket
 from core.messages import language_of
@@ -57,6 +57,7 @@ from core.store import (
     SpendReport,
     Store,
 )
+from core.store.web import FileToKeep, KeptFileData, KeptFileInfo, WebSession
 from core.types import (
     GeneratedImage,
     ImageRequest,
@@ -78,7 +79,8 @@ QUALITIES = ("low", "medium", "high")
 MAX_DRAW_ATTEMPTS = 2
 # How often a job with a slot here asks again for room among all processes (try_start).
 START_RETRY = 0.5
-# How often `take_over` forgets expired marks and old staged parts.
+# How often `take_over` forgets what expired: marks, old staged parts, page sessions and
+# kept files (their reads check expiry themselves; this only frees the rows).
 PRUNE_EVERY = 300.0
 # One alert of a kind to the admins' chats per this many seconds (the log gets each).
 ALERT_EVERY = 600.0
@@ -158,6 +160,39 @@ class Coordination(Protocol):
     async def leases(self, prefix: str = "") -> list[NamedLease]: ...
 
 
+class WebState(Protocol):
+    """What the web door keeps in the store so that every replica answers alike: page
+    sessions, one-time sign-in codes and kept result files (core/store/web.py). Nothing
+    here touches money or jobs."""
+
+    async def open_session(
+        self,
+        user_key: str,
+        how: str,
+        seconds: float,
+        *,
+        display_name: str = "",
+        language: str | None = None,
+        api_key: str | None = None,
+    ) -> str: ...
+    async def get_session(self, token: str) -> WebSession | None: ...
+    async def close_session(self, token: str) -> None: ...
+    async def new_link_code(self, seconds: float) -> str: ...
+    async def spend_link_code(self, code: str) -> bool: ...
+    async def keep_files(
+        self,
+        job_id: int,
+        user_key: str,
+        files: Sequence[FileToKeep],
+        seconds: float,
+        cap_bytes: int,
+    ) -> None: ...
+    async def kept_file(self, name: str) -> KeptFileData | None: ...
+    async def job_files(
+        self, job_ids: Sequence[int], user_key: str
+    ) -> dict[int, list[KeptFileInfo]]: ...
+
+
 class ImageService:
     """The platform-free pipeline, with its queue, rate limiter and shutdown."""
 
@@ -184,9 +219,9 @@ class ImageService:
         self._settling: set[asyncio.Task[None]] = set()
         self._closing = False
         self._shutdown: asyncio.Future[None] | None = None
-        # Usernames seen in chats, for admin commands naming `@user`. In memory for now;
-        # it belongs in the store (a restart forgets who was seen).
-        self.directory = UserDirectory()
+        # Usernames seen in chats, for admin commands naming `@user`: kept in the ledger,
+        # so every replica (and the next start) knows them.
+        self.directory = UserDirectory(ledger)
         # False from a failed ledger write (disk full, read-only file, database gone) until
         # the next write or `check_store` succeeds; the heartbeat reports it to health.
         self.store_healthy = True
@@ -223,6 +258,12 @@ class ImageService:
     def coordination(self) -> Coordination:
         """The store's replica coordination (marks, staged parts, named leases) for front
         ends; the ledger's money and jobs stay behind the service."""
+        return self.ledger
+
+    @property
+    def web_state(self) -> WebState:
+        """The web door's sessions, sign-in codes and kept files in the store, which every
+        replica shares; the ledger's money and jobs stay behind the service."""
         return self.ledger
 
     # --- the store's health --------------------------------------------------------
@@ -870,9 +911,9 @@ class ImageService:
             if time.monotonic() - pruned > PRUNE_EVERY:
                 pruned = time.monotonic()
                 try:
-                    await self._write(self.ledger.prune_marks())
+                    await self._write(self.ledger.prune_expired())
                 except Exception as err:  # noqa: BLE001 - tried again later
-                    log.warning("could not forget expired marks: %s", err)
+                    log.warning("could not forget what expired in the ledger: %s", err)
             try:
                 platforms = sorted({*self.resumers, "cli", "web"})
                 jobs = await self._write(

@@ -32,6 +32,7 @@ from core.store import JobSpec, JobStatus, Limits, StoreError
 from core.store.interface import COPY_TABLES, iterate_rows
 from core.store.postgres import PostgresStore
 from core.store.postgres_schema import LATEST_VERSION, MIGRATIONS, SCHEMA_VERSION_DDL
+from core.store.web import FileToKeep
 from tests.pg_server import PASSWORD, PgServer, pg_server, pg_url  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,10 +109,10 @@ async def test_migrations_create_the_latest_version_and_a_second_open_changes_no
     stores = await asyncio.gather(*(open_store(pg_url) for _ in range(3)))
     for store in stores:
         assert store.kind == "postgresql"
-        assert await store.schema_version() == LATEST_VERSION == 9
+        assert await store.schema_version() == LATEST_VERSION == 10
         await store.close()
     rows = await fetch(pg_url, "SELECT version, description FROM schema_version")
-    assert [version for version, _ in rows] == [4, 5, 6, 7, 8, 9]
+    assert [version for version, _ in rows] == [4, 5, 6, 7, 8, 9, 10]
     tables = {
         name
         for (name,) in await fetch(
@@ -488,6 +489,13 @@ async def fill(store: PostgresStore) -> None:
     )
     paid = await store.reserve(who("4"), replace(SPEC, prepaid=True), 300)
     await store.settle(paid, 250.25, None)
+    # Names admins may use; and the web door's sign-ins and kept files, which no copy moves.
+    await store.note_username("telegram", "Ann", "telegram:1")
+    await store.note_username("discord", "ann.b", "discord:77")
+    await store.open_session("telegram:1", "telegram", 3600)
+    await store.new_link_code(3600)
+    await store.keep_files(done, "telegram:1", [FileToKeep("x.png", b"png", "image/png", 1, 1)],
+                           3600, 1000)
 
 
 async def test_a_copy_between_two_databases_keeps_ids_and_totals(
@@ -520,6 +528,7 @@ async def test_a_copy_between_two_databases_keeps_ids_and_totals(
                 "jobs": 10,
                 "purchases": 1,
                 "credit_entries": 2,
+                "usernames": 2,
             }
             assert await reader.user_totals() == user_totals
         for table, key in COPY_TABLES:
@@ -548,6 +557,9 @@ async def test_a_copy_between_two_databases_keeps_ids_and_totals(
         flagged = {(j.usage_flag, j.reported_credits) for j in await target.flagged_jobs(START)}
         assert flagged == {("over_estimate", 12.5), ("usage_invalid", None)}
         assert await target.is_blocked("telegram:666", None)
+        assert await target.find_username("telegram", "ann") == "telegram:1"
+        for table in ("web_sessions", "web_files", "marks"):
+            assert await fetch(target_url, f"SELECT * FROM {table}") == [], table  # noqa: S608
     finally:
         await source.close()
         await target.close()
@@ -630,6 +642,7 @@ def test_the_copy_statements_list_the_copied_columns_in_order() -> None:
         ("jobs", postgres._PAGE_JOBS, postgres._LOAD_JOBS),
         ("purchases", postgres._PAGE_PURCHASES, postgres._LOAD_PURCHASES),
         ("credit_entries", postgres._PAGE_CREDIT_ENTRIES, postgres._LOAD_CREDIT_ENTRIES),
+        ("usernames", postgres._PAGE_USERNAMES, postgres._LOAD_USERNAMES),
     ):
         names = [name for name, _ in postgres._COPY_COLUMNS[table]]
         assert columns(page) == names == columns(load), table

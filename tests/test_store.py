@@ -53,7 +53,10 @@ from core.store import (
     open_store,
 )
 from core.store.export import CSV_COLUMNS
+from core.store.keys import key_hash
+from core.store.records import iso as iso_of
 from core.store.sqlite_schema import LATEST_VERSION
+from core.store.web import SESSIONS_PER_USER, FileToKeep, KeptFileInfo, token_hash
 from tests.pg_server import PASSWORD, PgServer, pg_server, pg_url  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1397,7 +1400,7 @@ async def test_a_mark_is_won_once_until_it_expires(target: Target, clock: Clock)
         assert await ledger.mark_once("tg:update:8", 60)
         clock.advance(seconds=61)
         assert await ledger.mark_once("tg:update:7", 60)  # expired: a new mark
-        assert await ledger.prune_marks() == 1  # update 8's
+        assert await ledger.prune_expired() == 1  # update 8's
         assert not await ledger.mark_once("tg:update:7", 60)
 
 
@@ -1721,3 +1724,184 @@ async def test_a_start_needs_room_among_every_process_drawing_jobs(
             await ledger.fail(job_id, "moderation_blocked")
         outcomes = await asyncio.gather(*(ledger.try_start(i, 1, 3) for i in many))
         assert outcomes.count(True) == 3 and outcomes.count(False) == 9
+
+
+# --- the web door's state and the @username directory, shared by replicas (issue 14) ---------
+
+
+async def test_a_session_is_found_by_its_token_on_every_process_until_it_ends(
+    target: Target, clock: Clock
+) -> None:
+    first, second = await target.open(clock), await target.open(clock)  # two replicas
+    try:
+        token = await first.open_session("telegram:42", "telegram", 3600, display_name="Ann",
+                                         language="zh-hans")
+        found = await second.get_session(token)
+        assert found is not None
+        assert (found.user_key, found.how, found.display_name, found.language) == (
+            "telegram:42", "telegram", "Ann", "zh-hans")
+        assert found.expires_at == clock.now + timedelta(hours=1) and not found.key_revoked
+        # Only the token's SHA-256 is kept.
+        rows = await target.fetch("SELECT * FROM web_sessions")
+        assert len(rows) == 1 and token not in repr(rows)
+        assert token_hash(token) in rows[0]
+        assert await second.get_session(token + "x") is None
+        assert await second.get_session("") is None
+        # Signing out on one process ends it on the other.
+        other = await first.open_session("telegram:42", "telegram", 3600)
+        await second.close_session(token)
+        assert await first.get_session(token) is None
+        await second.close_session(token)  # again: nothing happens
+        # Expiry is the query's: a second before its end it is found, at its end not.
+        clock.advance(seconds=3599)
+        assert await first.get_session(other) is not None
+        clock.advance(seconds=1)
+        assert await second.get_session(other) is None
+        assert len(await target.fetch("SELECT * FROM web_sessions")) == 1
+        assert await first.prune_expired() == 1
+        assert await target.fetch("SELECT * FROM web_sessions") == []
+        with pytest.raises(ValueError):
+            await first.open_session("telegram:42", "cookie", 60)
+        with pytest.raises(ValueError):
+            await first.open_session("telegram:42", "key", 0)
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_key_session_ends_at_once_when_its_key_is_revoked(
+    target: Target, clock: Clock
+) -> None:
+    first, second = await target.open(clock), await target.open(clock)
+    try:
+        key_id, key = await first.create_api_key("web:alice", "laptop")
+        token = await first.open_session("web:alice", "key", 7 * 86400, display_name="alice",
+                                         api_key=key)
+        [row] = await target.fetch("SELECT key_hash FROM web_sessions")
+        assert row == (key_hash(key),)  # the key's hash, never the key
+        assert key not in repr(await target.fetch("SELECT * FROM web_sessions"))
+        found = await second.get_session(token)
+        assert found is not None and not found.key_revoked
+        # Using the page is using the key: last_used_at is touched (at most once a minute).
+        [(last_used,)] = await target.fetch("SELECT last_used_at FROM api_keys")
+        assert last_used == iso_of(clock.now)
+        assert await second.revoke_api_key(key_id)
+        found = await first.get_session(token)
+        assert found is not None and found.key_revoked
+        # A key that names another user than the session's does not hold it up either.
+        _, bobs = await first.create_api_key("web:bob")
+        forged = await first.open_session("web:alice", "key", 60, api_key=bobs)
+        assert (await second.get_session(forged)).key_revoked  # type: ignore[union-attr]
+        # Sessions opened another way carry no key.
+        link = await first.open_session("web:operator", "link", 60)
+        assert not (await second.get_session(link)).key_revoked  # type: ignore[union-attr]
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_users_sessions_past_the_cap_end_oldest_first(
+    target: Target, clock: Clock
+) -> None:
+    async with await target.open(clock) as ledger:
+        tokens = [await ledger.open_session("telegram:1", "telegram", 60)
+                  for _ in range(SESSIONS_PER_USER + 2)]
+        bobs = await ledger.open_session("telegram:2", "telegram", 60)
+        assert [await ledger.get_session(t) is not None for t in tokens] == (
+            [False, False] + [True] * SESSIONS_PER_USER)
+        assert await ledger.get_session(bobs) is not None  # another user's are untouched
+        assert len(await target.fetch("SELECT * FROM web_sessions")) == SESSIONS_PER_USER + 1
+
+
+async def test_a_sign_in_code_is_spent_once_from_any_process(
+    target: Target, clock: Clock
+) -> None:
+    first, second = await target.open(clock), await target.open(clock)
+    try:
+        code = await first.new_link_code(3600)
+        marks = await target.fetch("SELECT key FROM marks")
+        assert marks == [(f"web:link:{token_hash(code)}",)]  # its hash, never the code
+        spent = await asyncio.gather(*(store.spend_link_code(code)
+                                       for store in (first, second) * 5))
+        assert spent.count(True) == 1
+        assert not await first.spend_link_code(code)
+        assert not await second.spend_link_code("")
+        assert not await second.spend_link_code("made-up")
+        stale = await second.new_link_code(3600)
+        clock.advance(seconds=3600)
+        assert not await first.spend_link_code(stale)  # expired
+        assert await first.prune_expired() == 1
+    finally:
+        await first.close()
+        await second.close()
+
+
+def kept(name: str, size: int, mime: str = "image/png") -> FileToKeep:
+    return FileToKeep(name, bytes([len(name)]) * size, mime, 16, 9)
+
+
+async def test_kept_files_are_served_everywhere_until_they_expire_oldest_first_past_the_cap(
+    target: Target, clock: Clock
+) -> None:
+    first, second = await target.open(clock), await target.open(clock)
+    try:
+        await first.keep_files(7, "web:alice", [kept("a.png", 400), kept("bb.jpeg", 300,
+                                                 "image/jpeg")], 3600, 1000)
+        found = await second.kept_file("bb.jpeg")
+        assert found is not None
+        assert (found.data, found.mime) == (bytes([7]) * 300, "image/jpeg")
+        assert found.expires_at == clock.now + timedelta(hours=1)
+        assert await second.kept_file("nothing.png") is None
+        listed = await second.job_files([7, 8, -1], "web:alice")
+        assert listed == {7: [KeptFileInfo("a.png", "image/png", 16, 9),
+                              KeptFileInfo("bb.jpeg", "image/jpeg", 16, 9)]}
+        assert await second.job_files([7], "web:bob") == {}  # another user's job: nothing
+        # Over the cap (1000 bytes in all), the oldest go first; a job's own are kept.
+        clock.advance(seconds=60)
+        await second.keep_files(8, "web:alice", [kept("c.png", 200)], 3600, 1000)
+        assert await first.kept_file("a.png") is not None  # 900 bytes: fits
+        await second.keep_files(9, "web:alice", [kept("dd.png", 250)], 3600, 1000)
+        assert await first.kept_file("a.png") is None  # 1150 would not fit: a.png went
+        assert await first.kept_file("bb.jpeg") is not None
+        assert await first.job_files([7, 8, 9], "web:alice") == {
+            7: [KeptFileInfo("bb.jpeg", "image/jpeg", 16, 9)],
+            8: [KeptFileInfo("c.png", "image/png", 16, 9)],
+            9: [KeptFileInfo("dd.png", "image/png", 16, 9)],
+        }
+        await first.keep_files(10, "web:bob", [kept("big.png", 1500)], 3600, 1000)
+        assert await second.kept_file("big.png") is not None  # alone above the cap: kept
+        assert [name for (name,) in await target.fetch("SELECT name FROM web_files")] == [
+            "big.png"]
+        # Expiry is the query's; the prune frees the rows.
+        clock.advance(seconds=3600)
+        assert await second.kept_file("big.png") is None
+        assert await second.job_files([10], "web:bob") == {}
+        assert await first.prune_expired() == 1
+        assert await target.fetch("SELECT name FROM web_files") == []
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_username_resolves_on_every_process_in_any_case(
+    target: Target, clock: Clock
+) -> None:
+    first, second = await target.open(clock), await target.open(clock)
+    try:
+        assert await second.find_username("telegram", "bob") is None
+        await first.note_username("telegram", "Bob_77", "telegram:501")
+        assert await second.find_username("telegram", "bob_77") == "telegram:501"
+        assert await second.find_username("telegram", "@BOB_77") == "telegram:501"
+        assert await second.find_username("discord", "bob_77") is None  # per platform
+        # A name taken by someone else later is theirs now.
+        await second.note_username("telegram", "bob_77", "telegram:502")
+        assert await first.find_username("telegram", "Bob_77") == "telegram:502"
+        assert await target.fetch("SELECT name_key, user_key FROM usernames") == [
+            ("telegram:bob_77", "telegram:502")]
+        with pytest.raises(ValueError):
+            await first.note_username("telegram", "", "telegram:1")
+    finally:
+        await first.close()
+        await second.close()
+    async with await target.open(clock) as again:  # a restart forgets no name
+        assert await again.find_username("telegram", "bob_77") == "telegram:502"

@@ -18,6 +18,7 @@ import pytest
 from core.pricing import Usage
 from core.requester import Requester
 from core.store import JobSpec, Limits, Store, open_store
+from core.store.web import FileToKeep
 from tests.pg_server import PASSWORD, PgServer, pg_server, pg_url  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +146,45 @@ async def test_ledger_and_backup_files_are_private(tmp_path: Path) -> None:
     copy = tmp_path / "backups" / "imgbot.db"
     assert stat.S_IMODE(copy.stat().st_mode) == 0o600
     assert stat.S_IMODE(copy.parent.stat().st_mode) == 0o700
+
+
+async def test_a_backup_keeps_the_usernames_but_no_sign_in_or_kept_file(tmp_path: Path) -> None:
+    live = tmp_path / "data" / "imgbot.db"
+    store = await open_store(f"sqlite:///{live}", Limits())
+    try:
+        await fill(store, 12)
+        await store.note_username("telegram", "Ann", "telegram:1")
+        token = await store.open_session("telegram:1", "telegram", 3600)
+        code = await store.new_link_code(3600)
+        await store.mark_once("tg:update:5", 3600)
+        images = [FileToKeep(f"{n}.png", os.urandom(1_000_000), "image/png", 1, 1)
+                  for n in range(3)]
+        await store.keep_files(1, "telegram:1", images, 3600, 10**9)
+    finally:
+        await store.close()
+    done = imgbot("backup", "backups/", cwd=tmp_path, DATABASE_URL=f"sqlite:///{live}")
+    assert done.returncode == 0, done.stderr
+    copy = tmp_path / "backups" / "imgbot.db"
+    # The 3 MB of kept images are gone and their space given back.
+    assert copy.stat().st_size < 1_000_000 < live.stat().st_size
+    with sqlite3.connect(copy) as db:
+        for table in ("web_sessions", "web_files"):
+            assert db.execute(f"SELECT COUNT(*) FROM {table}").fetchone() == (0,)  # noqa: S608
+        assert db.execute("SELECT key FROM marks").fetchall() == [("tg:update:5",)]
+    restored = await open_store(f"sqlite:///{copy}", Limits())
+    try:
+        assert await restored.find_username("telegram", "ann") == "telegram:1"
+        assert await restored.get_session(token) is None
+        assert not await restored.spend_link_code(code)
+        assert await restored.kept_file("0.png") is None
+    finally:
+        await restored.close()
+    store = await open_store(f"sqlite:///{live}", Limits())  # the live ledger keeps them
+    try:
+        assert await store.get_session(token) is not None
+        assert await store.kept_file("0.png") is not None
+    finally:
+        await store.close()
 
 
 async def test_a_postgresql_backup_is_one_consistent_sqlite_file_that_restores(

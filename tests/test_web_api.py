@@ -11,8 +11,11 @@ import base64
 import io
 import json
 import socket
+import sqlite3
 from collections.abc import AsyncIterator, Callable
+from contextlib import closing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -132,6 +135,28 @@ async def test_generate_two_as_urls(door: Any) -> None:
             assert (await http.get(forged)).status_code == 404
             assert (await http.get(d.base_url + "/v1/files/1.png")).status_code == 404
         assert d.upstream.api_requests[-1].json["n"] == 2
+
+
+async def test_a_url_answer_the_ledger_cannot_keep_is_undelivered_and_refundable(
+    door: Any, tmp_path: Path
+) -> None:
+    async with door(delivery_attempts=2, delivery_retry_delay=0) as d:
+        # The ledger refuses the images (as a full disk would), and only them.
+        with closing(sqlite3.connect(tmp_path / "ledger.db")) as raw, raw:
+            raw.execute("CREATE TRIGGER refuse_files BEFORE INSERT ON web_files"
+                        " BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        with pytest.raises(openai.InternalServerError) as caught:
+            await d.client().images.generate(prompt="a fox", size="1024x1024", quality="low",
+                                             response_format="url")
+        assert "could not be delivered" in caught.value.message
+        [job] = (await d.service.ledger.spend_report(d.user_key, last=1)).last_jobs
+        # Drawn and charged (the upstream billed it), recorded undelivered: refundable.
+        assert (job.status.value, job.stage.value) == ("succeeded", "undelivered")
+        assert len([r for r in d.upstream.api_requests if r.path.endswith("generations")]) == 1
+        # b64 answers keep nothing, and go on.
+        result = await d.client().images.generate(prompt="a fox", size="1024x1024",
+                                                  quality="low")
+        assert result.data[0].b64_json
 
 
 async def test_edit_with_two_references_and_a_mask(door: Any) -> None:

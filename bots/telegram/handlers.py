@@ -233,7 +233,7 @@ class TelegramAdapter:
             requester = self.requester_of_message(carrier)
             sender = carrier.sender_chat or carrier.from_user
             if requester is not None and sender is not None:
-                self.service.directory.note(PLATFORM, sender.username, requester.user_key)
+                await self.service.directory.note(PLATFORM, sender.username, requester.user_key)
 
     # --- /img -------------------------------------------------------------------------
     async def cmd_img(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:

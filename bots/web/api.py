@@ -3,7 +3,8 @@
     POST /v1/images/generations   JSON, OpenAI's fields
     POST /v1/images/edits         multipart: `image` and/or repeated `image[]`, optional `mask`
     GET  /v1/models               the models we draw with
-    GET  /v1/files/<token>.<ext>  url results (unguessable, expiring; see `ResultFiles`)
+    GET  /v1/files/<token>.<ext>  url results (unguessable, expiring, served by any replica;
+                                  see `ResultFiles`)
 
 A request is authorised by a personal key (`Authorization: Bearer ik-…`, made with
 `imgbot keys create`); the key's ledger user is the Requester, so spend, limits, blocks and
@@ -23,9 +24,9 @@ import json
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
@@ -39,6 +40,7 @@ from core.errors import (
     BadReferenceError,
     Cancelled,
     ContentPolicyError,
+    DeliveryFailed,
     ImgbotError,
     LimitExceeded,
     PromptError,
@@ -51,8 +53,10 @@ from core.errors import (
 from core.images import MAX_REFERENCES
 from core.messages import language_of
 from core.runner import JobRunner
-from core.service import DrawOutcome, ImageService
-from core.types import KNOWN_MODELS, IncomingImage, Progress, Requester
+from core.service import DrawOutcome, ImageService, WebState
+from core.store import StoreError
+from core.store.web import FileToKeep, KeptFileData, KeptFileInfo
+from core.types import KNOWN_MODELS, GeneratedImage, IncomingImage, Progress, Requester
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +65,10 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-# url results: kept in this process's memory for an hour, at most this many bytes in all
-# (oldest dropped first). A restart forgets them; several replicas do not share them.
+# url results and the page's originals: kept in the ledger for an hour, at most this many
+# bytes in all (past it, the oldest go first), so any replica serves them.
 URL_TTL_S = 3600.0
 URL_CACHE_BYTES = 512 * 1024 * 1024
-MAX_KEPT_JOBS = 10_000
 # Where a job came through, kept with it: a web job's caller waits on this process, so after
 # a crash no bot may carry it on (a key of `telegram:42` must not be resumed in that chat
 # while the script that asked may already be retrying); the takeover ends it instead.
@@ -168,77 +171,57 @@ class BodyCap:
         await self.app(scope, counted, send)
 
 
-@dataclass(frozen=True)
-class KeptFile:
-    """One kept result image: its file name under /v1/files/ and what it is."""
-
-    name: str
-    width: int
-    height: int
-    mime: str
-
-
 class ResultFiles:
-    """url results: served at an unguessable address (32 random bytes) for URL_TTL_S.
+    """url results and the page's originals: kept in the ledger for URL_TTL_S under an
+    unguessable name (32 random bytes), which any replica serves at /v1/files/<name>."""
 
-    In memory, for now: enough for one process; a restart or another replica does not
-    know the address (a shared store would be the next step).
-    """
-
-    def __init__(self, ttl: float = URL_TTL_S, cap: int = URL_CACHE_BYTES) -> None:
+    def __init__(self, state: WebState, ttl: float = URL_TTL_S, cap: int = URL_CACHE_BYTES) -> None:
+        self._state = state
         self.ttl, self.cap = ttl, cap
-        self._files: OrderedDict[str, tuple[bytes, str, float]] = OrderedDict()
-        self._bytes = 0
-        # job id -> (its user, its files): what the page's history can still offer.
-        self._jobs: OrderedDict[int, tuple[str, tuple[KeptFile, ...]]] = OrderedDict()
 
-    def put(self, data: bytes, mime: str) -> str:
-        """Keep an image; return its file name (token + extension)."""
-        self._expire()
-        token = secrets.token_urlsafe(32)
-        name = f"{token}.{EXTENSIONS.get(mime, 'png')}"
-        self._files[name] = (data, mime, time.monotonic() + self.ttl)
-        self._bytes += len(data)
-        while self._bytes > self.cap and len(self._files) > 1:
-            _, (old, _, _) = self._files.popitem(last=False)
-            self._bytes -= len(old)
-        return name
+    async def keep(
+        self, job_id: int, user_key: str, images: Sequence[GeneratedImage]
+    ) -> list[KeptFileInfo]:
+        """Keep a job's images for its user (their history offers them); return their names.
 
-    def keep_job(self, job_id: int, user_key: str, files: Sequence[KeptFile]) -> None:
-        """Remember which kept files are a job's results, for its user's history."""
-        self._jobs[job_id] = (user_key, tuple(files))
-        while len(self._jobs) > MAX_KEPT_JOBS:
-            self._jobs.popitem(last=False)
+        Part of delivering them (a Reply's `result`): when the ledger does not take them,
+        DeliveryFailed (retryable) lets the runner try again, then record the job
+        undelivered and refundable, as when a chat's upload fails.
+        """
+        files = [
+            FileToKeep(f"{secrets.token_urlsafe(32)}.{EXTENSIONS.get(image.mime, 'png')}",
+                       image.data, image.mime, image.width, image.height)
+            for image in images
+        ]
+        try:
+            await self._state.keep_files(job_id, user_key, files, self.ttl, self.cap)
+        except StoreError as err:
+            raise DeliveryFailed(f"the ledger did not keep the images: {err}",
+                                 retryable=True) from err
+        return [KeptFileInfo(f.name, f.mime, f.width, f.height) for f in files]
 
-    def of_job(self, job_id: int, user_key: str) -> tuple[KeptFile, ...]:
-        """Return a job's files still kept, if the job is that user's (else nothing)."""
-        self._expire()
-        owner, files = self._jobs.get(job_id, ("", ()))
-        if owner != user_key:
-            return ()
-        return tuple(f for f in files if f.name in self._files)
+    async def of_jobs(
+        self, job_ids: Sequence[int], user_key: str
+    ) -> dict[int, list[KeptFileInfo]]:
+        """Return the files still kept of those jobs that are that user's, by job."""
+        return await self._state.job_files(job_ids, user_key)
 
-    def get(self, name: str) -> tuple[bytes, str] | None:
+    async def get(self, name: str) -> KeptFileData | None:
         """Return a kept image, or None (unknown or expired)."""
-        self._expire()
-        found = self._files.get(name)
-        return (found[0], found[1]) if found is not None else None
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        while self._files:
-            name, (data, _, until) = next(iter(self._files.items()))
-            if until > now:
-                break
-            del self._files[name]
-            self._bytes -= len(data)
+        return await self._state.kept_file(name)
 
 
 class WebReply:
-    """The runner's Reply for one HTTP request: it keeps what happened, the handler answers."""
+    """The runner's Reply for one HTTP request: it keeps what happened, the handler answers.
 
-    def __init__(self) -> None:
+    With `files` (a `url` answer), delivering is keeping the images where every replica
+    serves them.
+    """
+
+    def __init__(self, files: ResultFiles | None = None, user_key: str = "") -> None:
+        self._files, self._user_key = files, user_key
         self.outcome: DrawOutcome | None = None
+        self.kept: list[KeptFileInfo] = []
         self.error: ImgbotError | None = None
         self.message: str | None = None
         self.failed: str | None = None
@@ -247,6 +230,8 @@ class WebReply:
         """No progress over plain HTTP (the answer comes when the job ends)."""
 
     async def result(self, outcome: DrawOutcome, four_k_credits: float | None) -> Sequence[str]:
+        if self._files is not None:
+            self.kept = await self._files.keep(outcome.job_id, self._user_key, outcome.images)
         self.outcome = outcome
         return []  # nothing to "vary" from later: no platform handles
 
@@ -375,7 +360,7 @@ class WebApi:
     def __init__(self, service: ImageService, files: ResultFiles | None = None) -> None:
         self.service = service
         self.runner = JobRunner(service)
-        self.files = files or ResultFiles()
+        self.files = files or ResultFiles(service.web_state)
 
     def routes(self) -> list[BaseRoute]:
         """Return the API's routes (under /v1)."""
@@ -406,11 +391,12 @@ class WebApi:
         return JSONResponse({"object": "list", "data": data})
 
     async def file(self, request: Request) -> Response:
-        found = self.files.get(request.path_params["name"])
+        found = await self.files.get(request.path_params["name"])
         if found is None:
             return ApiError(404, "No such file, or it expired.", code="not_found").response()
-        data, mime = found
-        return Response(data, media_type=mime, headers={"Cache-Control": "private, max-age=3600"})
+        left = max(0, int((found.expires_at - datetime.now(UTC)).total_seconds()))
+        return Response(found.data, media_type=found.mime,
+                        headers={"Cache-Control": f"private, max-age={left}"})
 
     async def generations(self, request: Request) -> Response:
         try:
@@ -495,7 +481,8 @@ class WebApi:
         images: list[IncomingImage],
         mask: IncomingImage | None,
     ) -> Response:
-        reply = WebReply()
+        files = self.files if asked.response_format == "url" else None
+        reply = WebReply(files, requester.user_key)
 
         async def references() -> list[IncomingImage]:
             return images
@@ -508,25 +495,19 @@ class WebApi:
                 raise _error_for(reply.error, reply.message or reply.error.user_message(lang))
             raise ApiError(500, reply.failed or "internal error", type="server_error",
                            code="internal_error")
-        return await self._answer(request, requester, reply.outcome, asked.response_format)
+        return await self._answer(request, reply.outcome, asked.response_format, reply.kept)
 
     async def _answer(
-        self, request: Request, requester: Requester, outcome: DrawOutcome, fmt: str
+        self, request: Request, outcome: DrawOutcome, fmt: str, kept: Sequence[KeptFileInfo]
     ) -> Response:
-        data: list[dict[str, Any]] = []
-        kept: list[KeptFile] = []
         slot = f"\u0000{secrets.token_hex(16)}\u0000"  # where each base64 text goes
-        for image in outcome.images:
-            if fmt == "url":
-                name = self.files.put(image.data, image.mime)
-                kept.append(KeptFile(name, image.width, image.height, image.mime))
-                data.append({"url": f"{self._root(request)}/v1/files/{name}"})
-            else:
-                data.append({"b64_json": slot})
-            if outcome.revised_prompt:
-                data[-1]["revised_prompt"] = outcome.revised_prompt
-        if kept:  # the page's history offers them while they are kept
-            self.files.keep_job(outcome.job_id, requester.user_key, kept)
+        if fmt == "url":
+            data = [{"url": f"{self._root(request)}/v1/files/{f.name}"} for f in kept]
+        else:
+            data = [{"b64_json": slot} for _ in outcome.images]
+        if outcome.revised_prompt:
+            for item in data:
+                item["revised_prompt"] = outcome.revised_prompt
         first = outcome.images[0] if outcome.images else None
         body: dict[str, Any] = {
             "created": int(time.time()),

@@ -99,7 +99,7 @@ async def run_web(settings: Settings, service: ImageService, stop: asyncio.Event
     print(f"imgbot web API at {where} (personal keys: imgbot keys create USER)", flush=True)
     if alone(settings):
         # Printed, never logged: the operator's way in on a first run, good once.
-        code = page.sessions.new_link_code()
+        code = await page.sessions.new_link_code()
         print(f"Sign in to the page as the operator (this link works once, within an hour):\n"
               f"  {page_address(settings)}/#signin={code}", flush=True)
     try:

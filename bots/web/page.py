@@ -19,9 +19,10 @@ A job goes through the same `JobRunner` as a chat's; the page polls its state, w
 `PageReply` keeps (the API's answer is synchronous, so progress needs a handle to ask
 about). With PREVIEWS on and an upstream that streams, a page job asks for previews: each
 partial becomes a small JPEG the poll hands out once, as a data URL (the page's own job only;
-the next result or end drops it). Results are kept in the web door's memory with the API's url results (an hour,
-`ResultFiles`): the history lists every job from the ledger, and offers the original of the
-ones still kept. Errors use the API's JSON shape, worded in the browser's language.
+the next result or end drops it). Results are kept in the ledger with the API's url results
+(an hour, `ResultFiles`), so any replica serves them: the history lists every job from the
+ledger, and offers the original of the ones still kept. Errors use the API's JSON shape,
+worded in the browser's language.
 """
 
 from __future__ import annotations
@@ -45,12 +46,13 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from bots.web import command as commands
-from bots.web.api import WEB_ORIGIN, ApiError, BodyTooLarge, KeptFile, ResultFiles
+from bots.web.api import WEB_ORIGIN, ApiError, BodyTooLarge, ResultFiles
 from bots.web.miniapp import InitDataRefused, verify_init_data
 from bots.web.sessions import (
     KEY_SESSION_TTL_S,
     LINK_SESSION_TTL_S,
     MINIAPP_SESSION_TTL_S,
+    OPERATOR,
     Session,
     Sessions,
 )
@@ -64,6 +66,7 @@ from core.reports import render_cancelled, render_spend_line
 from core.runner import JobRunner
 from core.service import DrawOutcome, ImageService
 from core.store import JobRecord
+from core.store.web import KeptFileInfo
 from core.types import KNOWN_MODELS, GeneratedImage, IncomingImage, Progress, Requester
 
 log = logging.getLogger(__name__)
@@ -77,7 +80,6 @@ MAX_PAGE_JOBS = 2000
 # A preview on the page: small enough to poll as a data URL, big enough to see it form.
 PREVIEW_MAX_SIDE = 640
 PREVIEW_JPEG_QUALITY = 70
-OPERATOR = Requester("web", "operator", display_name="operator", is_admin=True)
 
 # The page calls only its own server; Telegram's web client may show it in a frame.
 HEADERS = {
@@ -202,7 +204,7 @@ class WebPage:
     ) -> None:
         self.service = service
         self.files = files
-        self.sessions = sessions or Sessions()
+        self.sessions = sessions or Sessions(service.web_state)
         self.runner = JobRunner(service, texts=text)
         self.jobs: OrderedDict[str, PageJob] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -276,7 +278,7 @@ class WebPage:
         lang = _lang(request)
         try:
             code = str((await _json(request, lang)).get("code") or "")
-            if not self.sessions.spend_link_code(code):
+            if not await self.sessions.spend_link_code(code):
                 raise _error(401, lang, "web.link_invalid", "invalid_link")
             return await self._open(OPERATOR, "link", LINK_SESSION_TTL_S, lang)
         except ApiError as err:
@@ -290,26 +292,23 @@ class WebPage:
         except ImgbotError as err:
             raise ApiError(403, err.user_message(lang, text), type="permission_error",
                            code=err.code) from None
-        token = self.sessions.open(requester, how, ttl, key=key)
+        token = await self.sessions.open(requester, how, ttl, key=key)
         log.info("page: %s signed in (%s)", requester.user_key, how)
-        session = self.sessions.get(token)
-        assert session is not None
-        return JSONResponse({"token": token, "me": await self._me(session, lang)})
+        return JSONResponse({"token": token, "me": await self._me(Session(requester, how), lang)})
 
     async def sign_out(self, request: Request) -> Response:
-        self.sessions.close(_bearer(request))
+        await self.sessions.close(_bearer(request))
         return JSONResponse({"ok": True})
 
     async def _session(self, request: Request, lang: str) -> Session:
         token = _bearer(request)
-        session = self.sessions.get(token)
+        session = await self.sessions.get(token)
         if session is None:
             raise _error(401, lang, "web.signed_out", "signed_out")
-        if session.key is not None:
+        if session.key_revoked:
             # A revoked key ends its sessions from the next call, as it does in the API.
-            if await self.service.api_key_user(session.key) != session.requester.user_key:
-                self.sessions.close(token)
-                raise _error(401, lang, "web.key_revoked", "signed_out")
+            await self.sessions.close(token)
+            raise _error(401, lang, "web.key_revoked", "signed_out")
         return session
 
     async def requester_of(self, request: Request, lang: str) -> Requester:
@@ -456,12 +455,7 @@ class WebPage:
     async def keep_result(self, user_key: str, outcome: DrawOutcome) -> dict[str, Any]:
         """Keep a finished job's images for the page (and its history); describe it."""
         lang = outcome.lang
-        kept = [
-            KeptFile(self.files.put(image.data, image.mime), image.width, image.height,
-                     image.mime)
-            for image in outcome.images
-        ]
-        self.files.keep_job(outcome.job_id, user_key, kept)
+        kept = await self.files.keep(outcome.job_id, user_key, outcome.images)
         req = outcome.request
         first = outcome.images[0] if outcome.images else None
         return {
@@ -514,9 +508,12 @@ class WebPage:
         try:
             requester = await self._requester(request, lang)
             report = await self.service.spend_report(requester, last=HISTORY_SIZE)
+            files = await self.files.of_jobs([job.id for job in report.last_jobs],
+                                             requester.user_key)
             return JSONResponse({
                 "spend": render_spend_line(report, lang),
-                "jobs": [self._job_json(job, lang) for job in report.last_jobs],
+                "jobs": [self._job_json(job, files.get(job.id, []), lang)
+                         for job in report.last_jobs],
             })
         except ApiError as err:
             return err.response()
@@ -530,13 +527,15 @@ class WebPage:
             # Another user's job reads exactly like one that does not exist.
             if job is None or job.user_key != requester.user_key:
                 raise _error(404, lang, "web.job_unknown", "not_found")
-            return JSONResponse(self._job_json(job, lang))
+            files = await self.files.of_jobs([job.id], job.user_key)
+            return JSONResponse(self._job_json(job, files.get(job.id, []), lang))
         except ApiError as err:
             return err.response()
 
-    def _job_json(self, job: JobRecord, lang: str) -> dict[str, Any]:
+    def _job_json(
+        self, job: JobRecord, files: Sequence[KeptFileInfo], lang: str
+    ) -> dict[str, Any]:
         credits = job.actual_credits if job.actual_credits is not None else job.estimated_credits
-        files = self.files.of_job(job.id, job.user_key)
         return {
             "id": job.id,
             "created_at": job.created_at.isoformat(),
@@ -594,7 +593,7 @@ def _sizes(raw: Any) -> list[tuple[int, int]] | None:
     return sizes
 
 
-def _file_json(kept: KeptFile) -> dict[str, Any]:
+def _file_json(kept: KeptFileInfo) -> dict[str, Any]:
     return {"url": f"/v1/files/{kept.name}", "name": kept.name, "width": kept.width,
             "height": kept.height, "mime": kept.mime}
 

@@ -36,8 +36,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "你的密钥已被停用，因此已退出登录。请用其他密钥登录。",
     },
     "web.signed_out": {
-        "en": "You are signed out (the session ended, or the server restarted). Sign in again.",
-        "zh": "你已退出登录（会话已结束或服务器已重启）。请重新登录。",
+        "en": "You are signed out (the session was ended or expired). Sign in again.",
+        "zh": "你已退出登录（会话已结束或已过期）。请重新登录。",
     },
     "web.tg_off": {
         "en": "Telegram sign-in is not set up on this server (no bot token).",

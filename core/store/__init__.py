@@ -10,6 +10,7 @@ returns a `Store`. Module map:
 - `sqlite`, `sqlite_schema`       the embedded default, on aiosqlite
 - `postgres`, `postgres_schema`   PostgreSQL, on asyncpg
 - `keys`      personal API keys: their shape and hashing
+- `web`       the web door's sessions, sign-in codes and kept files: hashing and records
 - `copy`      moving a whole ledger between stores (`imgbot db copy`)
 """
 

@@ -52,6 +52,7 @@ from core.store.records import (
     SpendReport,
     UserRecord,
 )
+from core.store.web import FileToKeep, KeptFileData, KeptFileInfo, WebSession
 
 # The tables a ledger copy moves, in the order that keeps references valid, with the
 # column each is paged by. `spend_totals` is not copied: the target rebuilds it.
@@ -59,7 +60,10 @@ from core.store.records import (
 # locks every web API user out.
 # `balances` is not copied either: the target's triggers rebuild it from `credit_entries`
 # and the prepaid jobs (the two things a balance is made of), and `purchases` travels so
-# that a payment already credited is never credited again after a copy.
+# that a payment already credited is never credited again after a copy. `usernames` travels
+# (admins name users by them). The web door's sessions and kept files do not: a copy or a
+# restored backup must not bring back a session signed out since, and kept files are an
+# hour's cache (core/store/web.py).
 COPY_TABLES: tuple[tuple[str, str], ...] = (
     ("users", "user_key"),
     ("api_keys", "id"),
@@ -67,6 +71,7 @@ COPY_TABLES: tuple[tuple[str, str], ...] = (
     ("jobs", "id"),
     ("purchases", "id"),
     ("credit_entries", "id"),
+    ("usernames", "name_key"),
 )
 
 
@@ -204,8 +209,13 @@ class Store(abc.ABC):
         """Say whether `key` is marked (and not expired)."""
 
     @abc.abstractmethod
-    async def prune_marks(self) -> int:
-        """Forget expired marks; return how many."""
+    async def take_mark(self, key: str) -> bool:
+        """Remove `key`'s mark if it is live; True for the one caller that removed it."""
+
+    @abc.abstractmethod
+    async def prune_expired(self) -> int:
+        """Forget what has expired: marks, staged parts, page sessions and kept files;
+        return how many rows went."""
 
     @abc.abstractmethod
     async def stage(self, group: str, key: str, payload: str) -> None:
@@ -433,6 +443,82 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def revoke_api_key(self, key_id: int) -> bool:
         """Revoke a key; False when there is no such active key."""
+
+    # --- the web door: page sessions and kept result files (core/store/web.py) ---------
+
+    @abc.abstractmethod
+    async def open_session(
+        self,
+        user_key: str,
+        how: str,
+        seconds: float,
+        *,
+        display_name: str = "",
+        language: str | None = None,
+        api_key: str | None = None,
+    ) -> str:
+        """Open a page session for `seconds`; return its token (only its hash is kept).
+
+        `how` is one of web.SESSION_KINDS; a key session (`api_key`, the plaintext it was
+        opened with) keeps the key's hash, never the key. A user's sessions beyond
+        web.SESSIONS_PER_USER end, oldest first.
+        """
+
+    @abc.abstractmethod
+    async def get_session(self, token: str) -> WebSession | None:
+        """Return the session of a token while it lives (None: unknown, ended, expired).
+
+        A key session comes back with `key_revoked` once its key is revoked; a live key's
+        `last_used_at` is touched as by `api_key_user`.
+        """
+
+    @abc.abstractmethod
+    async def close_session(self, token: str) -> None:
+        """End a session (sign out); an unknown token is ignored."""
+
+    @abc.abstractmethod
+    async def new_link_code(self, seconds: float) -> str:
+        """Make a one-time sign-in code good for `seconds`; return it (only its hash is kept)."""
+
+    @abc.abstractmethod
+    async def spend_link_code(self, code: str) -> bool:
+        """Spend a sign-in code: True once while it is fresh, from any process; then False."""
+
+    @abc.abstractmethod
+    async def keep_files(
+        self,
+        job_id: int,
+        user_key: str,
+        files: Sequence[FileToKeep],
+        seconds: float,
+        cap_bytes: int,
+    ) -> None:
+        """Keep a job's result images for `seconds`, in their order, for any process to serve.
+
+        Expired files go first; then, while the files kept and these would pass
+        `cap_bytes` in all, the oldest kept files go (these are always kept).
+        """
+
+    @abc.abstractmethod
+    async def kept_file(self, name: str) -> KeptFileData | None:
+        """Return a kept image's bytes, or None (unknown or expired)."""
+
+    @abc.abstractmethod
+    async def job_files(
+        self, job_ids: Sequence[int], user_key: str
+    ) -> dict[int, list[KeptFileInfo]]:
+        """Return the images still kept of those jobs that are `user_key`'s, each job's in
+        order (jobs with none, or another user's, are left out)."""
+
+    # --- the @username directory ---------------------------------------------------------
+
+    @abc.abstractmethod
+    async def note_username(self, platform: str, username: str, user_key: str) -> None:
+        """Record that `@username` (any case) on `platform` is now the user `user_key`."""
+
+    @abc.abstractmethod
+    async def find_username(self, platform: str, username: str) -> str | None:
+        """Return the user key `@username` (any case) on `platform` was last seen as."""
 
     # --- prepaid credits (BILLING=prepaid) --------------------------------------------
 

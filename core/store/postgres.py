@@ -119,9 +119,22 @@ from core.store.records import (
     to_micro,
     usage_json,
     user_from_mapping,
+    username_key,
     utc_now,
 )
 from core.store.url import redact_dsn
+from core.store.web import (
+    SESSIONS_PER_USER,
+    FileToKeep,
+    KeptFileData,
+    KeptFileInfo,
+    WebSession,
+    check_session,
+    link_mark,
+    new_token,
+    session_from_mapping,
+    token_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -386,12 +399,54 @@ _IS_EMPTY = (
     "SELECT NOT EXISTS (SELECT 1 FROM users) AND NOT EXISTS (SELECT 1 FROM api_keys)"
     " AND NOT EXISTS (SELECT 1 FROM chats) AND NOT EXISTS (SELECT 1 FROM jobs)"
     " AND NOT EXISTS (SELECT 1 FROM purchases) AND NOT EXISTS (SELECT 1 FROM credit_entries)"
+    " AND NOT EXISTS (SELECT 1 FROM usernames)"
 )
 _COUNTS = (
     "SELECT (SELECT count(*) FROM users) AS users, (SELECT count(*) FROM api_keys) AS api_keys,"
     " (SELECT count(*) FROM chats) AS chats, (SELECT count(*) FROM jobs) AS jobs,"
     " (SELECT count(*) FROM purchases) AS purchases,"
-    " (SELECT count(*) FROM credit_entries) AS credit_entries"
+    " (SELECT count(*) FROM credit_entries) AS credit_entries,"
+    " (SELECT count(*) FROM usernames) AS usernames"
+)
+# The web door's state (core/store/web.py).
+_OPEN_SESSION = (
+    "INSERT INTO web_sessions (token_hash, user_key, how, display_name, language, key_hash,"
+    " created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+)
+# A user's live sessions past the cap, and their expired ones, end: the oldest first.
+_TRIM_SESSIONS = (
+    "DELETE FROM web_sessions WHERE user_key = $1 AND id NOT IN (SELECT id FROM web_sessions"
+    " WHERE user_key = $1 AND expires_at > $2 ORDER BY id DESC LIMIT $3)"
+)
+# A key session's key counts only while it is active and still its user's.
+_SELECT_SESSION = (
+    "SELECT s.user_key, s.how, s.display_name, s.language, s.expires_at, s.key_hash,"
+    " k.id AS key_id, k.id IS NOT NULL AS key_live"
+    " FROM web_sessions AS s LEFT JOIN api_keys AS k ON k.key_hash = s.key_hash"
+    " AND k.revoked_at IS NULL AND k.user_key = s.user_key"
+    " WHERE s.token_hash = $1 AND s.expires_at > $2"
+)
+# Serialises keep_files across processes (the size cap's check and the insert); beside
+# the migrations' lock key ("imgbot"), never equal to it.
+_WEB_FILES_LOCK_KEY = 0x696D67626F7402
+# The kept files that, newest first, would pass the cap with the incoming bytes.
+_FILES_OVER_CAP = (
+    "DELETE FROM web_files WHERE id IN (SELECT w.id FROM (SELECT id,"
+    " sum(size) OVER (ORDER BY id DESC) AS newer FROM web_files) AS w WHERE w.newer + $1 > $2)"
+)
+_KEEP_FILE = (
+    "INSERT INTO web_files (name, job_id, n, user_key, mime, width, height, size, kept_at,"
+    " expires_at, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+)
+_JOB_FILES = (
+    "SELECT job_id, name, mime, width, height FROM web_files"
+    " WHERE job_id = ANY($1::bigint[]) AND user_key = $2 AND expires_at > $3"
+    " ORDER BY job_id, n"
+)
+_NOTE_USERNAME = (
+    "INSERT INTO usernames (name_key, user_key, seen_at) VALUES ($1, $2, $3)"
+    " ON CONFLICT (name_key) DO UPDATE SET user_key = excluded.user_key,"
+    " seen_at = excluded.seen_at"
 )
 _USER_TOTALS = "SELECT user_key, SUM(charged) AS total FROM jobs GROUP BY user_key"
 # After a copy the identity must hand out ids above the copied ones (never backwards).
@@ -512,6 +567,11 @@ _COPY_COLUMNS: dict[str, tuple[tuple[str, type], ...]] = {
         ("note", str),
         ("created_at", str),
     ),
+    "usernames": (
+        ("name_key", str),
+        ("user_key", str),
+        ("seen_at", str),
+    ),
 }
 # Columns a later schema added: rows from a store without them load with NULL there (or,
 # for the durable-job columns, what migration 7 gives an old row).
@@ -549,6 +609,10 @@ _PAGE_CREDIT_ENTRIES = (
     "SELECT id, user_key, kind, micro_credits, purchase_id, granted_by, note, created_at"
     " FROM credit_entries WHERE id > $1 ORDER BY id LIMIT $2"
 )
+_PAGE_USERNAMES = (
+    "SELECT name_key, user_key, seen_at FROM usernames WHERE name_key > $1"
+    " ORDER BY name_key LIMIT $2"
+)
 _LOAD_USERS = (
     "INSERT INTO users (user_key, platform, user_id, display_name, language, daily_limit,"
     " monthly_limit, blocked, created_at, updated_at)"
@@ -581,6 +645,7 @@ _LOAD_CREDIT_ENTRIES = (
     "INSERT INTO credit_entries (id, user_key, kind, micro_credits, purchase_id, granted_by,"
     " note, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
 )
+_LOAD_USERNAMES = "INSERT INTO usernames (name_key, user_key, seen_at) VALUES ($1, $2, $3)"
 
 
 def _with_stage(row: dict[str, Any]) -> dict[str, Any]:
@@ -889,6 +954,8 @@ class _Snapshot(SnapshotReader):
                 records = await self._conn.fetch(_PAGE_PURCHASES, after or 0, limit)
             elif table == "credit_entries":
                 records = await self._conn.fetch(_PAGE_CREDIT_ENTRIES, after or 0, limit)
+            elif table == "usernames":
+                records = await self._conn.fetch(_PAGE_USERNAMES, after or "", limit)
             else:
                 raise ValueError(f"not a table a copy moves: {table!r}")
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as err:
@@ -1476,15 +1543,31 @@ class PostgresStore(Store):
 
         await self._write(unstage_on)
 
-    async def prune_marks(self) -> int:
-        """Forget expired marks; return how many."""
+    async def take_mark(self, key: str) -> bool:
+        """Remove `key`'s mark if it is live; True for the one caller that removed it."""
         now_iso = self._now_iso()
 
+        async def take_on(conn: asyncpg.Connection) -> bool:
+            return _updated(await conn.execute(
+                "DELETE FROM marks WHERE key = $1 AND until > $2", key, now_iso
+            )) > 0
+
+        return await self._write(take_on)
+
+    async def prune_expired(self) -> int:
+        """Forget expired marks, staged parts, page sessions and kept files; count them."""
+        now_iso = self._now_iso()
         staged_before = iso(self._now() - timedelta(seconds=STAGED_KEEP))
 
         async def prune_on(conn: asyncpg.Connection) -> int:
-            await conn.execute("DELETE FROM staged WHERE at <= $1", staged_before)
-            return _updated(await conn.execute("DELETE FROM marks WHERE until <= $1", now_iso))
+            gone = _updated(await conn.execute("DELETE FROM marks WHERE until <= $1", now_iso))
+            gone += _updated(await conn.execute("DELETE FROM staged WHERE at <= $1",
+                                                staged_before))
+            gone += _updated(await conn.execute(
+                "DELETE FROM web_sessions WHERE expires_at <= $1", now_iso))
+            gone += _updated(await conn.execute(
+                "DELETE FROM web_files WHERE expires_at <= $1", now_iso))
+            return gone
 
         return await self._write(prune_on)
 
@@ -2226,8 +2309,169 @@ class PostgresStore(Store):
 
         return await self._write(write_on)
 
+    # --- the web door: page sessions and kept result files -------------------------------
+
+    async def open_session(
+        self,
+        user_key: str,
+        how: str,
+        seconds: float,
+        *,
+        display_name: str = "",
+        language: str | None = None,
+        api_key: str | None = None,
+    ) -> str:
+        """Open a page session for `seconds`; return its token (only its hash is kept)."""
+        check_session(how, seconds)
+        split_key(user_key)
+        token = new_token()
+        now = self._now()
+        row = (token_hash(token), user_key, how, display_name, language,
+               key_hash(api_key) if api_key is not None else None, iso(now),
+               iso(now + timedelta(seconds=seconds)))
+
+        async def write_on(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                await conn.execute(_OPEN_SESSION, *row)
+                await conn.execute(_TRIM_SESSIONS, user_key, iso(now), SESSIONS_PER_USER)
+
+        await self._write(write_on)
+        return token
+
+    async def get_session(self, token: str) -> WebSession | None:
+        """Return the session of a token while it lives (see Store.get_session)."""
+        if not token:
+            self._require()
+            return None
+        params = (token_hash(token), self._now_iso())
+
+        async def read(conn: asyncpg.Connection) -> asyncpg.Record | None:
+            return await conn.fetchrow(_SELECT_SESSION, *params)
+
+        row = await self._read(read)
+        if row is None:
+            return None
+        if row["key_id"] is not None and throttle_of(self).due(int(row["key_id"])):
+            now = self._now_iso()
+
+            async def touch(conn: asyncpg.Connection) -> None:
+                await conn.execute(
+                    "UPDATE api_keys SET last_used_at = $1 WHERE id = $2", now, row["key_id"]
+                )
+
+            await self._write(touch)
+        return session_from_mapping(row)
+
+    async def close_session(self, token: str) -> None:
+        """End a session (sign out); an unknown token is ignored."""
+        digest = token_hash(token)
+
+        async def write_on(conn: asyncpg.Connection) -> None:
+            await conn.execute("DELETE FROM web_sessions WHERE token_hash = $1", digest)
+
+        await self._write(write_on)
+
+    async def new_link_code(self, seconds: float) -> str:
+        """Make a one-time sign-in code good for `seconds`; return it."""
+        code = new_token()
+        await self.mark_once(link_mark(code), seconds)
+        return code
+
+    async def spend_link_code(self, code: str) -> bool:
+        """Spend a sign-in code: True once while it is fresh, from any process; then False."""
+        if not code:
+            return False
+        return await self.take_mark(link_mark(code))
+
+    async def keep_files(
+        self,
+        job_id: int,
+        user_key: str,
+        files: Sequence[FileToKeep],
+        seconds: float,
+        cap_bytes: int,
+    ) -> None:
+        """Keep a job's result images for `seconds` (see Store.keep_files)."""
+        if not files:
+            return
+        now = self._now()
+        now_iso, until = iso(now), iso(now + timedelta(seconds=seconds))
+        incoming = sum(len(f.data) for f in files)
+        rows = [
+            (f.name, job_id, n, user_key, f.mime, f.width, f.height, len(f.data), now_iso, until,
+             f.data)
+            for n, f in enumerate(files)
+        ]
+
+        async def write_on(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                # One keeper at a time across processes, so the cap holds exactly.
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _WEB_FILES_LOCK_KEY)
+                await conn.execute("DELETE FROM web_files WHERE expires_at <= $1", now_iso)
+                await conn.execute(_FILES_OVER_CAP, incoming, cap_bytes)
+                await conn.executemany(_KEEP_FILE, rows)
+
+        await self._write(write_on)
+
+    async def kept_file(self, name: str) -> KeptFileData | None:
+        """Return a kept image's bytes, or None (unknown or expired)."""
+        now_iso = self._now_iso()
+
+        async def read(conn: asyncpg.Connection) -> KeptFileData | None:
+            row = await conn.fetchrow(
+                "SELECT data, mime, expires_at FROM web_files WHERE name = $1"
+                " AND expires_at > $2",
+                name, now_iso,
+            )
+            if row is None:
+                return None
+            return KeptFileData(bytes(row[0]), row[1], datetime.fromisoformat(row[2]))
+
+        return await self._read(read)
+
+    async def job_files(
+        self, job_ids: Sequence[int], user_key: str
+    ) -> dict[int, list[KeptFileInfo]]:
+        """Return the images still kept of those jobs that are `user_key`'s, in order."""
+        ids = [int(i) for i in job_ids if is_row_id(i)]
+        now_iso = self._now_iso()
+
+        async def read(conn: asyncpg.Connection) -> dict[int, list[KeptFileInfo]]:
+            found: dict[int, list[KeptFileInfo]] = {}
+            for row in await conn.fetch(_JOB_FILES, ids, user_key, now_iso):
+                found.setdefault(int(row[0]), []).append(
+                    KeptFileInfo(row[1], row[2], int(row[3]), int(row[4]))
+                )
+            return found
+
+        return await self._read(read)
+
+    # --- the @username directory ---------------------------------------------------------
+
+    async def note_username(self, platform: str, username: str, user_key: str) -> None:
+        """Record that `@username` on `platform` is now the user `user_key`."""
+        split_key(user_key)
+        params = (username_key(platform, username), user_key, self._now_iso())
+
+        async def write_on(conn: asyncpg.Connection) -> None:
+            await conn.execute(_NOTE_USERNAME, *params)
+
+        await self._write(write_on)
+
+    async def find_username(self, platform: str, username: str) -> str | None:
+        """Return the user key `@username` on `platform` was last seen as."""
+        name_key = username_key(platform, username)
+
+        async def read(conn: asyncpg.Connection) -> str | None:
+            found = await conn.fetchval(
+                "SELECT user_key FROM usernames WHERE name_key = $1", name_key
+            )
+            return str(found) if found is not None else None
+
+        return await self._read(read)
+
     async def is_empty(self) -> bool:
-        """Say whether the store holds no users, API keys, chats or jobs (a copy's target must)."""
+        """Say whether the store holds none of the copied tables' rows (a copy's target must)."""
 
         async def read(conn: asyncpg.Connection) -> bool:
             return bool(await conn.fetchval(_IS_EMPTY))
@@ -2267,6 +2511,8 @@ class PostgresStore(Store):
                 elif table == "credit_entries":
                     await conn.executemany(_LOAD_CREDIT_ENTRIES, values)
                     await conn.execute(_MOVE_ENTRY_IDS)
+                elif table == "usernames":
+                    await conn.executemany(_LOAD_USERNAMES, values)
                 else:
                     await conn.executemany(_LOAD_JOBS, values)
                     await conn.execute(_MOVE_JOB_IDS)

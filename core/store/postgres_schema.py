@@ -857,6 +857,56 @@ MIGRATIONS = (
     ),
 )
 
+# Migration 10, as SQLite's: the web door's sessions and kept files, and the @username
+# directory, shared by every replica (core/store/web.py). No money moves here, so
+# imgbot_write_batch stays as migration 9 left it; these are written by plain statements.
+MIGRATIONS = (
+    *MIGRATIONS,
+    Migration(
+        10,
+        "web door sessions and kept files, the @username directory",
+        (
+            """CREATE TABLE web_sessions (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                token_hash text COLLATE "C" NOT NULL UNIQUE,
+                user_key text COLLATE "C" NOT NULL,
+                how text COLLATE "C" NOT NULL CHECK (how IN ('key', 'telegram', 'link')),
+                display_name text NOT NULL DEFAULT '',
+                language text,
+                key_hash text COLLATE "C",
+                created_at text COLLATE "C" NOT NULL,
+                expires_at text COLLATE "C" NOT NULL
+            )""",
+            "CREATE INDEX web_sessions_user ON web_sessions (user_key, id)",
+            "CREATE INDEX web_sessions_expires ON web_sessions (expires_at)",
+            """CREATE TABLE web_files (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                name text COLLATE "C" NOT NULL UNIQUE,
+                job_id bigint NOT NULL,
+                n integer NOT NULL,
+                user_key text COLLATE "C" NOT NULL,
+                mime text NOT NULL,
+                width integer NOT NULL,
+                height integer NOT NULL,
+                size bigint NOT NULL,
+                kept_at text COLLATE "C" NOT NULL,
+                expires_at text COLLATE "C" NOT NULL,
+                data bytea NOT NULL
+            )""",
+            # Images are compressed already: TOAST keeps them out of line, uncompressed,
+            # rather than trying pglz on every one.
+            "ALTER TABLE web_files ALTER COLUMN data SET STORAGE EXTERNAL",
+            "CREATE INDEX web_files_job ON web_files (job_id, n)",
+            "CREATE INDEX web_files_expires ON web_files (expires_at)",
+            """CREATE TABLE usernames (
+                name_key text COLLATE "C" PRIMARY KEY,
+                user_key text COLLATE "C" NOT NULL,
+                seen_at text COLLATE "C" NOT NULL
+            )""",
+        ),
+    ),
+)
+
 # Migrations are written where their code is; they run in version order.
 MIGRATIONS = tuple(sorted(MIGRATIONS, key=lambda migration: migration.version))
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -39,7 +39,7 @@ class LimitSettings(Protocol):
 
 # Float sums of credits drift in the last bits; a request that fits exactly must not be refused.
 EPSILON = 1e-6
-# Staged parts (Store.stage) are forgotten this long after they came (prune_marks).
+# Staged parts (Store.stage) are forgotten this long after they came (prune_expired).
 STAGED_KEEP = 3600.0
 # Running totals count whole micro-credits: integer sums are exact in any order.
 MICRO = 1_000_000
@@ -382,6 +382,15 @@ def split_key(key: str) -> tuple[str, str]:
     if not sep or not platform or not ident:
         raise ValueError(f"expected a key of the form platform:id, got {key!r}")
     return platform, ident
+
+
+def username_key(platform: str, username: str) -> str:
+    """Return the key a `@username` is kept under: `platform:name`, lowercased (Telegram
+    and Discord names are the same name in any case)."""
+    name = username.removeprefix("@").lower()
+    if not platform or not name:
+        raise ValueError("a username needs its platform and a name")
+    return f"{platform}:{name}"
 
 
 def check_credits(name: str, value: float | None, *, allow_none: bool = False) -> None:

@@ -106,9 +106,22 @@ from core.store.records import (
     to_micro,
     usage_json,
     user_from_mapping,
+    username_key,
     utc_now,
 )
 from core.store.sqlite_schema import LATEST_VERSION, MIGRATIONS, SCHEMA_VERSION_DDL
+from core.store.web import (
+    SESSIONS_PER_USER,
+    FileToKeep,
+    KeptFileData,
+    KeptFileInfo,
+    WebSession,
+    check_session,
+    link_mark,
+    new_token,
+    session_from_mapping,
+    token_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +279,43 @@ _TRY_START = (
     " RETURNING id"
 )
 _SELECT_BALANCE = "SELECT micro_credits FROM balances WHERE user_key = ?"
+# The web door's state (core/store/web.py).
+_OPEN_SESSION = (
+    "INSERT INTO web_sessions (token_hash, user_key, how, display_name, language, key_hash,"
+    " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# A user's live sessions past the cap, and their expired ones, end: the oldest first.
+_TRIM_SESSIONS = (
+    "DELETE FROM web_sessions WHERE user_key = ? AND id NOT IN (SELECT id FROM web_sessions"
+    " WHERE user_key = ? AND expires_at > ? ORDER BY id DESC LIMIT ?)"
+)
+# A key session's key counts only while it is active and still its user's.
+_SELECT_SESSION = (
+    "SELECT s.user_key, s.how, s.display_name, s.language, s.expires_at, s.key_hash,"
+    " k.id AS key_id, k.id IS NOT NULL AS key_live"
+    " FROM web_sessions AS s LEFT JOIN api_keys AS k ON k.key_hash = s.key_hash"
+    " AND k.revoked_at IS NULL AND k.user_key = s.user_key"
+    " WHERE s.token_hash = ? AND s.expires_at > ?"
+)
+# The kept files that, newest first, would pass the cap with the incoming bytes.
+_FILES_OVER_CAP = (
+    "DELETE FROM web_files WHERE id IN (SELECT id FROM (SELECT id,"
+    " SUM(size) OVER (ORDER BY id DESC) AS newer FROM web_files) WHERE newer + ? > ?)"
+)
+_KEEP_FILE = (
+    "INSERT INTO web_files (name, job_id, n, user_key, mime, width, height, size, kept_at,"
+    " expires_at, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_JOB_FILES = (
+    "SELECT job_id, name, mime, width, height FROM web_files"
+    " WHERE job_id IN (SELECT value FROM json_each(?)) AND user_key = ? AND expires_at > ?"
+    " ORDER BY job_id, n"
+)
+_NOTE_USERNAME = (
+    "INSERT INTO usernames (name_key, user_key, seen_at) VALUES (?, ?, ?)"
+    " ON CONFLICT (name_key) DO UPDATE SET user_key = excluded.user_key,"
+    " seen_at = excluded.seen_at RETURNING 1"
+)
 # Its trigger moves the balance in the same statement.
 _INSERT_ENTRY = (
     "INSERT INTO credit_entries (user_key, kind, micro_credits, purchase_id, granted_by, note,"
@@ -1098,16 +1148,26 @@ class SqliteStore(Store):
             (group, key, key),
         )
 
-    async def prune_marks(self) -> int:
-        """Forget expired marks; return how many."""
+    async def take_mark(self, key: str) -> bool:
+        """Remove `key`'s mark if it is live; True for the one caller that removed it."""
         rows = await self._single(
-            "DELETE FROM marks WHERE until <= ? RETURNING key", (self._now_iso(),)
+            "DELETE FROM marks WHERE key = ? AND until > ? RETURNING key", (key, self._now_iso())
         )
-        await self._single(
-            "DELETE FROM staged WHERE at <= ? RETURNING key",
-            (iso(self._now() - timedelta(seconds=STAGED_KEEP)),),
-        )
-        return len(rows)
+        return bool(rows)
+
+    async def prune_expired(self) -> int:
+        """Forget expired marks, staged parts, page sessions and kept files; count them."""
+        now_iso = self._now_iso()
+        staged_before = iso(self._now() - timedelta(seconds=STAGED_KEEP))
+        gone = 0
+        for sql, param in (
+            ("DELETE FROM marks WHERE until <= ? RETURNING 1", now_iso),
+            ("DELETE FROM staged WHERE at <= ? RETURNING 1", staged_before),
+            ("DELETE FROM web_sessions WHERE expires_at <= ? RETURNING 1", now_iso),
+            ("DELETE FROM web_files WHERE expires_at <= ? RETURNING 1", now_iso),
+        ):
+            gone += len(await self._single(sql, (param,)))
+        return gone
 
     async def hold_lease(self, name: str, owner: str, seconds: float, info: str = "") -> bool:
         """Take or keep the named lease for `seconds`; False while another owner holds it."""
@@ -1562,6 +1622,134 @@ class SqliteStore(Store):
         )
         return bool(rows)
 
+    # --- the web door: page sessions and kept result files -------------------------------
+
+    async def open_session(
+        self,
+        user_key: str,
+        how: str,
+        seconds: float,
+        *,
+        display_name: str = "",
+        language: str | None = None,
+        api_key: str | None = None,
+    ) -> str:
+        """Open a page session for `seconds`; return its token (only its hash is kept)."""
+        check_session(how, seconds)
+        split_key(user_key)
+        token = new_token()
+        now = self._now()
+        row = (token_hash(token), user_key, how, display_name, language,
+               key_hash(api_key) if api_key is not None else None, iso(now),
+               iso(now + timedelta(seconds=seconds)))
+
+        async def write_on(conn: aiosqlite.Connection) -> None:
+            await conn.execute(_OPEN_SESSION, row)
+            await conn.execute(_TRIM_SESSIONS, (user_key, user_key, iso(now), SESSIONS_PER_USER))
+
+        await self._transaction(write_on)
+        return token
+
+    async def get_session(self, token: str) -> WebSession | None:
+        """Return the session of a token while it lives (see Store.get_session)."""
+        if not token:
+            self._require()
+            return None
+        row = await self._read_one(_SELECT_SESSION, (token_hash(token), self._now_iso()))
+        if row is None:
+            return None
+        if row["key_id"] is not None and throttle_of(self).due(int(row["key_id"])):
+            await self._single(
+                "UPDATE api_keys SET last_used_at = ? WHERE id = ?",
+                (self._now_iso(), row["key_id"]),
+            )
+        return session_from_mapping(row)
+
+    async def close_session(self, token: str) -> None:
+        """End a session (sign out); an unknown token is ignored."""
+        await self._single(
+            "DELETE FROM web_sessions WHERE token_hash = ? RETURNING 1", (token_hash(token),)
+        )
+
+    async def new_link_code(self, seconds: float) -> str:
+        """Make a one-time sign-in code good for `seconds`; return it."""
+        code = new_token()
+        await self.mark_once(link_mark(code), seconds)
+        return code
+
+    async def spend_link_code(self, code: str) -> bool:
+        """Spend a sign-in code: True once while it is fresh; then False."""
+        if not code:
+            return False
+        return await self.take_mark(link_mark(code))
+
+    async def keep_files(
+        self,
+        job_id: int,
+        user_key: str,
+        files: Sequence[FileToKeep],
+        seconds: float,
+        cap_bytes: int,
+    ) -> None:
+        """Keep a job's result images for `seconds` (see Store.keep_files)."""
+        if not files:
+            return
+        now = self._now()
+        now_iso, until = iso(now), iso(now + timedelta(seconds=seconds))
+        incoming = sum(len(f.data) for f in files)
+        rows = [
+            (f.name, job_id, n, user_key, f.mime, f.width, f.height, len(f.data), now_iso, until,
+             f.data)
+            for n, f in enumerate(files)
+        ]
+
+        async def write_on(conn: aiosqlite.Connection) -> None:
+            await conn.execute("DELETE FROM web_files WHERE expires_at <= ?", (now_iso,))
+            await conn.execute(_FILES_OVER_CAP, (incoming, cap_bytes))
+            await conn.executemany(_KEEP_FILE, rows)
+
+        await self._transaction(write_on)
+
+    async def kept_file(self, name: str) -> KeptFileData | None:
+        """Return a kept image's bytes, or None (unknown or expired)."""
+        row = await self._read_one(
+            "SELECT data, mime, expires_at FROM web_files WHERE name = ? AND expires_at > ?",
+            (name, self._now_iso()),
+        )
+        if row is None:
+            return None
+        return KeptFileData(bytes(row[0]), row[1], datetime.fromisoformat(row[2]))
+
+    async def job_files(
+        self, job_ids: Sequence[int], user_key: str
+    ) -> dict[int, list[KeptFileInfo]]:
+        """Return the images still kept of those jobs that are `user_key`'s, in order."""
+        ids = [int(i) for i in job_ids if is_row_id(i)]
+        rows = await self._read_all(_JOB_FILES, (json.dumps(ids), user_key, self._now_iso()))
+        found: dict[int, list[KeptFileInfo]] = {}
+        for row in rows:
+            found.setdefault(int(row[0]), []).append(
+                KeptFileInfo(row[1], row[2], int(row[3]), int(row[4]))
+            )
+        return found
+
+    # --- the @username directory ---------------------------------------------------------
+
+    async def note_username(self, platform: str, username: str, user_key: str) -> None:
+        """Record that `@username` on `platform` is now the user `user_key`."""
+        split_key(user_key)
+        await self._single(
+            _NOTE_USERNAME, (username_key(platform, username), user_key, self._now_iso())
+        )
+
+    async def find_username(self, platform: str, username: str) -> str | None:
+        """Return the user key `@username` on `platform` was last seen as."""
+        row = await self._read_one(
+            "SELECT user_key FROM usernames WHERE name_key = ?",
+            (username_key(platform, username),),
+        )
+        return str(row[0]) if row is not None else None
+
     # --- prepaid credits ---------------------------------------------------------------
 
     async def balance(self, user_key: str) -> float:
@@ -1738,12 +1926,13 @@ class SqliteStore(Store):
             await conn.close()
 
     async def is_empty(self) -> bool:
-        """Say whether the store holds no users, API keys, chats or jobs."""
+        """Say whether the store holds none of the copied tables' rows."""
         row = await self._read_one(
             "SELECT NOT EXISTS (SELECT 1 FROM users) AND NOT EXISTS (SELECT 1 FROM api_keys)"
             " AND NOT EXISTS (SELECT 1 FROM chats) AND NOT EXISTS (SELECT 1 FROM jobs)"
             " AND NOT EXISTS (SELECT 1 FROM purchases)"
             " AND NOT EXISTS (SELECT 1 FROM credit_entries)"
+            " AND NOT EXISTS (SELECT 1 FROM usernames)"
         )
         return bool(row[0]) if row is not None else True
 

@@ -396,6 +396,57 @@ MIGRATIONS = (
     ),
 )
 
+# Migration 10: what replicas must share for the web door and the admins' @usernames, kept in
+# the ledger rather than in one process's memory (core/store/web.py). Neither table of the
+# web door is copied by `imgbot db copy` nor kept in backups; `usernames` is.
+WEB_STATE = Migration(
+    10,
+    "web door sessions and kept files, the @username directory",
+    (
+        # A session is found by its token's SHA-256; a key session keeps its key's hash.
+        # `id` orders a user's sessions (the oldest end first past the per-user cap).
+        """CREATE TABLE web_sessions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            token_hash TEXT NOT NULL UNIQUE,
+            user_key TEXT NOT NULL,
+            how TEXT NOT NULL CHECK (how IN ('key', 'telegram', 'link')),
+            display_name TEXT NOT NULL DEFAULT '',
+            language TEXT,
+            key_hash TEXT,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX web_sessions_user ON web_sessions (user_key, id)",
+        "CREATE INDEX web_sessions_expires ON web_sessions (expires_at)",
+        # Result images served at /v1/files/<name>; `id` orders them oldest first for the
+        # size cap. The bytes come last in the row: reading the other columns (the cap's
+        # running sum, the history's list) never reads them.
+        """CREATE TABLE web_files (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL UNIQUE,
+            job_id INTEGER NOT NULL,
+            n INTEGER NOT NULL,
+            user_key TEXT NOT NULL,
+            mime TEXT NOT NULL,
+            width INTEGER NOT NULL,
+            height INTEGER NOT NULL,
+            size INTEGER NOT NULL,
+            kept_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            data BLOB NOT NULL
+        )""",
+        "CREATE INDEX web_files_job ON web_files (job_id, n)",
+        "CREATE INDEX web_files_expires ON web_files (expires_at)",
+        # `platform:name` (lowercased) → the user who last wrote with that name.
+        """CREATE TABLE usernames (
+            name_key TEXT PRIMARY KEY,
+            user_key TEXT NOT NULL,
+            seen_at TEXT NOT NULL
+        ) WITHOUT ROWID""",
+    ),
+)
+MIGRATIONS = (*MIGRATIONS, WEB_STATE)
+
 # Migrations are written where their code is; they run in version order.
 MIGRATIONS = tuple(sorted(MIGRATIONS, key=lambda migration: migration.version))
 LATEST_VERSION = MIGRATIONS[-1].version
