@@ -466,6 +466,31 @@ async def test_buttons_work_after_a_restart_and_the_presser_pays(
         assert bob.all_time > 0 and alice.all_time == alice_before
 
 
+async def test_a_button_pressed_twice_in_a_row_starts_one_job(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
+        result = result_of(await h.feed(p.slash("img", [p.option("prompt", "a red fox")])))
+        again = f"imgbot:job:{job_id_of(result)}:again"
+        # A nervous double click: two interactions for one button, a moment apart.
+        presses = [p.button_press(again, result.answer) for _ in range(2)]
+        for press in presses:
+            h.bot._connection.parse_interaction_create(press)  # type: ignore[arg-type]
+        await _settle()
+        answers = [h.discord.of(press["token"]) for press in presses]
+        drawn = [calls for calls in answers if any(c.files for c in calls)]
+        told = [calls for calls in answers if not any(c.files for c in calls)]
+        assert len(drawn) == 1 and len(told) == 1
+        result_of(drawn[0])
+        (private,) = told[0]
+        assert private.kind == "callback" and private.ephemeral
+        assert private.content == text("en", "discord.press_repeated")
+        assert len(fake_api.api_requests) == 2  # the first job and one replay: paid once
+        # Someone else pressing the same button gets a job of their own.
+        result_of(await h.feed(p.button_press(again, result.answer, user_id=502, username="bob")))
+        assert len(fake_api.api_requests) == 3
+
+
 async def test_vary_re_signs_an_expired_attachment_url(
     settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
 ) -> None:
