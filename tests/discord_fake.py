@@ -171,6 +171,9 @@ class FakeDiscord(AsyncWebhookAdapter):
         self.fail_uploads: Callable[[Route], BaseException | None] | None = None
         # When set, an interaction response of this type fails (e.g. 5: a defer came too late).
         self.fail_callback_type: int | None = None
+        # Interactions never acknowledged (their process died first): Discord answers 404
+        # Unknown Webhook to any edit or followup with their token.
+        self.unacknowledged: set[str] = set()
 
     def of(self, token: str, kind: str | None = None) -> list[SentCall]:
         """Return the calls made for one interaction token (of one kind)."""
@@ -198,6 +201,8 @@ class FakeDiscord(AsyncWebhookAdapter):
                 raise failure
         if kind == "callback" and (body or {}).get("type") == self.fail_callback_type:
             raise http_error(discord.NotFound, 404, "Not Found", "Unknown interaction")
+        if kind != "callback" and token in self.unacknowledged:
+            raise http_error(discord.NotFound, 404, "Not Found", "Unknown Webhook")
         if kind == "callback":
             return self._callback(route, body or {})
         if kind == "delete_original":

@@ -34,13 +34,13 @@ def user(user_id: int, name: str) -> dict[str, Any]:
     }
 
 
-def _channel(guild: bool) -> dict[str, Any]:
+def _channel(guild: bool, guild_id: int, channel_id: int) -> dict[str, Any]:
     if not guild:
-        return {"id": str(CHANNEL_ID), "type": 1}
+        return {"id": str(channel_id), "type": 1}
     return {
-        "id": str(CHANNEL_ID),
+        "id": str(channel_id),
         "type": 0,
-        "guild_id": str(GUILD_ID),
+        "guild_id": str(guild_id),
         "name": "art",
         "position": 0,
         "permission_overwrites": [],
@@ -61,28 +61,31 @@ def interaction(
     size_limit: int = DEFAULT_LIMIT,
     message: dict[str, Any] | None = None,
     age: float = 0.0,
+    guild_id: int = GUILD_ID,
+    channel_id: int = CHANNEL_ID,
 ) -> dict[str, Any]:
-    """Return an INTERACTION_CREATE payload of a type (2 command, 3 component, 5 modal)."""
+    """Return an INTERACTION_CREATE payload of a type (2 command, 3 component, 5 modal),
+    from a server channel (`guild_id`, `channel_id`) or, with guild=False, a DM channel."""
     payload: dict[str, Any] = {
         "id": str(new_snowflake(age)),
         "application_id": str(APP_ID),
         "type": kind,
         "token": f"token-{new_snowflake()}",
         "version": 1,
-        "channel_id": str(CHANNEL_ID),
-        "channel": _channel(guild),
+        "channel_id": str(channel_id),
+        "channel": _channel(guild, guild_id, channel_id),
         "data": data,
         "locale": locale,
         "app_permissions": str((1 << 51) - 1),
         "attachment_size_limit": size_limit,
-        "authorizing_integration_owners": {"0": str(GUILD_ID)} if guild else {"1": str(user_id)},
+        "authorizing_integration_owners": {"0": str(guild_id)} if guild else {"1": str(user_id)},
         "context": 0 if guild else 1,
         "entitlements": [],
     }
     if guild:
-        payload["guild_id"] = str(GUILD_ID)
+        payload["guild_id"] = str(guild_id)
         payload["guild_locale"] = "en-US"
-        payload["guild"] = {"id": str(GUILD_ID), "locale": "en-US", "features": []}
+        payload["guild"] = {"id": str(guild_id), "locale": "en-US", "features": []}
         payload["member"] = {
             "user": user(user_id, username),
             "roles": [],
@@ -127,7 +130,7 @@ def slash(
     if attachments:
         data["resolved"] = {"attachments": {a["id"]: a for a in attachments}}
     if kwargs.get("guild", True):
-        data["guild_id"] = str(GUILD_ID)
+        data["guild_id"] = str(kwargs.get("guild_id", GUILD_ID))
     return interaction(2, data, **kwargs)
 
 

@@ -466,6 +466,31 @@ async def test_buttons_work_after_a_restart_and_the_presser_pays(
         assert bob.all_time > 0 and alice.all_time == alice_before
 
 
+async def test_a_button_pressed_twice_in_a_row_starts_one_job(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    async with running_bot(make_settings(settings, tmp_path), FakeCdn()) as h:
+        result = result_of(await h.feed(p.slash("img", [p.option("prompt", "a red fox")])))
+        again = f"imgbot:job:{job_id_of(result)}:again"
+        # A nervous double click: two interactions for one button, a moment apart.
+        presses = [p.button_press(again, result.answer) for _ in range(2)]
+        for press in presses:
+            h.bot._connection.parse_interaction_create(press)  # type: ignore[arg-type]
+        await _settle()
+        answers = [h.discord.of(press["token"]) for press in presses]
+        drawn = [calls for calls in answers if any(c.files for c in calls)]
+        told = [calls for calls in answers if not any(c.files for c in calls)]
+        assert len(drawn) == 1 and len(told) == 1
+        result_of(drawn[0])
+        (private,) = told[0]
+        assert private.kind == "callback" and private.ephemeral
+        assert private.content == text("en", "discord.press_repeated")
+        assert len(fake_api.api_requests) == 2  # the first job and one replay: paid once
+        # Someone else pressing the same button gets a job of their own.
+        result_of(await h.feed(p.button_press(again, result.answer, user_id=502, username="bob")))
+        assert len(fake_api.api_requests) == 3
+
+
 async def test_vary_re_signs_an_expired_attachment_url(
     settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
 ) -> None:
@@ -1039,6 +1064,51 @@ async def test_jobs_a_dead_process_left_are_carried_on_where_they_were_asked(
             done = await ledger.get_job(job_id)
             assert done is not None and done.stage is JobStage.DELIVERED
             assert done.lost_credits == lost and 0 < done.charged <= estimate
+
+
+async def test_a_job_left_before_its_interaction_was_acknowledged_ends_in_the_channel(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    from core.requester import Requester
+    from core.store import JobSpec
+
+    config = make_settings(settings, tmp_path, job_lease=1)
+    async with running_bot(config, FakeCdn()) as h:
+        result = result_of(await h.feed(p.slash("img", [p.option("prompt", "low a kite")])))
+        job = await h.service.ledger.get_job(job_id_of(result))
+        assert job is not None
+        stored = json.loads(job.request_json)
+    # A process reserved Ann's job and died before Discord had its acknowledgement: her
+    # token is young, but Discord knows no webhook for an interaction never answered.
+    origin = {**stored["origin"], "token": "tok-gone", "token_at": f"{time.time():.0f}"}
+    ann = Requester("discord", "501", str(p.GUILD_ID), "Ann", "en-US", is_group=True)
+    async with running_bot(config, FakeCdn()) as h:
+        h.discord.unacknowledged.add("tok-gone")
+        left = await h.service.ledger.reserve(
+            ann,
+            JobSpec("low a kite", job.model, job.size, job.quality, 1, 0,
+                    json.dumps({**stored, "origin": origin})),
+            job.estimated_credits,
+        )
+        h.bot.start_durable()  # type: ignore[attr-defined]
+        carry = asyncio.create_task(h.service.take_over())
+        try:
+            async with asyncio.timeout(WAIT):
+                while not [c for c in h.rest.calls if c.files]:  # noqa: ASYNC110 - polling the fakes
+                    await asyncio.sleep(0.05)
+        finally:
+            carry.cancel()
+        await _settle()
+        # The followup was refused; the result went to her channel, naming her, once.
+        (tried,) = [c for c in h.discord.of("tok-gone") if c.files]
+        assert tried.kind == "followup"
+        (posted,) = [c for c in h.rest.calls if c.files]
+        assert posted.url.endswith(f"/channels/{p.CHANNEL_ID}/messages")
+        assert posted.json["content"] == text("en", "discord.late", mention="<@501>")
+        done = await h.service.ledger.get_job(left)
+        assert done is not None and done.stage is JobStage.DELIVERED
+        (kept,) = done.result_refs  # where the image is on Discord, for "vary"
+        assert h.cdn.files[kept] == posted.files[0].data
 
 
 # --- /key: a personal web API key, only ever in an ephemeral answer (issue 15) -----------

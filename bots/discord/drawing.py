@@ -21,11 +21,12 @@ import aiohttp
 import discord
 from discord.http import Route
 
-from bots.discord.reply import DiscordReply, address_of
+from bots.discord.reply import DiscordReply, address_of, tell_privately
 from bots.discord.requester import requester_of
-from bots.discord.texts import text
+from bots.discord.texts import lang_of, text
 from core.config import Settings
 from core.errors import BadReferenceError
+from core.presses import PRESS_WINDOW, PressWindow
 from core.prompt import clean_text
 from core.replay import ReplayAction
 from core.runner import JobRunner
@@ -116,6 +117,7 @@ class DiscordDrawing:
         self.service = service
         self.settings = settings
         self.jobs = JobRunner(service, texts=text)
+        self.presses = PressWindow()
 
     async def draw(
         self, interaction: discord.Interaction, command_text: str, images: Sequence[RemoteImage]
@@ -139,14 +141,30 @@ class DiscordDrawing:
     async def replay(
         self, interaction: discord.Interaction, job_id: int, action: ReplayAction
     ) -> None:
-        """Replay a stored job for whoever pressed its button; they pay."""
+        """Replay a stored job for whoever pressed its button; they pay. A burst of
+        presses of one button by one person is one job (the others are told privately)."""
         requester = requester_of(interaction, self.settings)
+        key = (requester.user_key, interaction.channel_id, job_id, action)
+        if not await self.first_press(key):
+            await tell_privately(interaction, text(lang_of(interaction), "discord.press_repeated"))
+            return
         reply = DiscordReply(interaction, self.service.prices)
         await reply.carry(
             self.jobs.replay(
                 requester, job_id, action, self.fetch, reply, origin=address_of(interaction)
             )
         )
+
+    async def first_press(self, key: tuple[object, ...]) -> bool:
+        """Say whether a button press is the first of a burst, across replicas too.
+
+        A server's presses come on its one shard, but a shard moves between replicas
+        (one joins, one dies), so the ledger's mark decides; memory spares it the write.
+        """
+        if not self.presses.first(key):
+            return False
+        mark = "discord:press:" + ":".join(str(part) for part in key)
+        return await self.service.coordination.mark_once(mark, PRESS_WINDOW)
 
     # --- references --------------------------------------------------------------------
     async def download(self, image: RemoteImage, index: int) -> IncomingImage:

@@ -493,27 +493,46 @@ class ResumedReply:
 
     async def result(self, outcome: DrawOutcome, four_k_credits: float | None) -> list[str]:
         """Send the images: a followup in the interaction, or a channel message."""
-        files, embed, view = await result_parts(outcome, self._prices, DEFAULT_UPLOAD_LIMIT)
         try:
+            message = None
             if self._token_fresh():
-                # As discord.py's own Interaction.followup builds it: the interaction's
-                # webhook, on the client's connection state (for the buttons).
-                webhook = discord.Webhook.from_state(
-                    data={"id": self._address["app"], "type": 3, "token": self._address["token"]},
-                    state=self._client._connection,  # noqa: SLF001 - as discord.py does
-                )
-                message = await webhook.send(embed=embed, files=files, view=view, wait=True)
-            else:
-                destination = await self._destination()
-                content = text(self._lang, "discord.late", mention=f"<@{self._user}>")
-                message = await destination.send(
-                    content=content, embed=embed, files=files, view=view,
-                    allowed_mentions=self._mention(),
-                )
+                try:
+                    message = await self._follow_up(outcome)
+                except discord.HTTPException as err:
+                    # 404 Unknown Webhook: the process that took the interaction died
+                    # before Discord had its acknowledgement, so the interaction cannot be
+                    # answered (the user saw it fail); 401: the token is no longer valid.
+                    if err.status not in (401, 404):
+                        raise
+                    log.info("job %d: its interaction cannot be answered (HTTP %s); posting"
+                             " in its channel", outcome.job_id, err.status)
+            if message is None:
+                message = await self._post(outcome)
         except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError) as err:
             status = getattr(err, "status", None) or type(err).__name__
             raise DeliveryFailed(f"Discord answered {status}", retryable=_passing(err)) from None
         return [attachment.url for attachment in message.attachments]
+
+    async def _follow_up(self, outcome: DrawOutcome) -> discord.Message:
+        """Send the result as a followup in the job's interaction."""
+        files, embed, view = await result_parts(outcome, self._prices, DEFAULT_UPLOAD_LIMIT)
+        # As discord.py's own Interaction.followup builds it: the interaction's webhook, on
+        # the client's connection state (for the buttons).
+        webhook = discord.Webhook.from_state(
+            data={"id": self._address["app"], "type": 3, "token": self._address["token"]},
+            state=self._client._connection,  # noqa: SLF001 - as discord.py does
+        )
+        return await webhook.send(embed=embed, files=files, view=view, wait=True)
+
+    async def _post(self, outcome: DrawOutcome) -> discord.Message:
+        """Post the result in the job's channel (or the user's DMs), naming the user."""
+        files, embed, view = await result_parts(outcome, self._prices, DEFAULT_UPLOAD_LIMIT)
+        destination = await self._destination()
+        content = text(self._lang, "discord.late", mention=f"<@{self._user}>")
+        return await destination.send(
+            content=content, embed=embed, files=files, view=view,
+            allowed_mentions=self._mention(),
+        )
 
     async def refusal(self, message: str | None, error: ImgbotError | None = None) -> None:
         """Say why the resumed job ended (nothing for a silent end)."""

@@ -268,6 +268,10 @@ MESSAGES: dict[str, dict[str, str]] = {
     "discord.button.again": {"en": "Again", "zh": "再来一次"},
     "discord.button.4k": {"en": "4K", "zh": "4K"},
     "discord.button.vary": {"en": "Vary", "zh": "变体"},
+    "discord.press_repeated": {
+        "en": "Already on it: one press is enough.",
+        "zh": "已在处理，按一次就够了。",
+    },
     "discord.fit.reencoded": {
         "en": "Uploads here are limited to {limit_mb} MB per message, so image {index} "
         "({size_mb} MB as drawn) was sent as a high-quality {format} ({new_mb} MB, {size}).",
