@@ -1107,12 +1107,26 @@ class ImageService:
 
     async def alert(self, kind: str, message: str, *, level: int = logging.ERROR) -> None:
         """Tell the operator: always in the log (ERROR, or `level` for news that is no
-        failure), and to the admins' chats at most once per kind every ALERT_EVERY seconds."""
+        failure), and to the admins' chats at most once per kind every ALERT_EVERY seconds
+        — over all the processes on the ledger (a mark in the store), so three replicas
+        that all see the upstream key revoked send one message, not three."""
         log.log(level, "ALERT %s: %s", kind, message)
         now = time.monotonic()
         if now - self._alerted.get(kind, -self.alert_every) < self.alert_every:
             return
         self._alerted[kind] = now
+        if not self.alert_senders:
+            return
+        try:
+            # One mark per kind and period (periods counted from the epoch, so every
+            # process names the same one).
+            period = int(time.time() // max(self.alert_every, 1e-3))
+            first = await self.ledger.mark_once(f"alert:{kind}:{period}", self.alert_every)
+        except Exception as err:  # noqa: BLE001 - e.g. the store alert: send it anyway
+            log.debug("alert mark not written (%s); sending from this process", err)
+            first = True
+        if not first:
+            return  # another process sent this kind within the period
         for send in list(self.alert_senders):
             try:
                 await send(message)

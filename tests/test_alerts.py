@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -214,3 +215,23 @@ async def test_discord_alerts_go_to_the_alert_channel_or_the_admins_dms(
             assert posts[0].url.endswith("/channels/4242/messages") and not dms
         else:
             assert [str(c.json["recipient_id"]) for c in dms] == ["900"]
+
+
+async def test_replicas_on_one_ledger_send_each_alert_once(
+    make_service: Callable[..., Any],
+) -> None:
+    # Three processes see the same trouble (the upstream key revoked): the admins get one
+    # message for the period, not one per process; each process still logs it.
+    async with make_service() as a, make_service() as b, make_service() as c:
+        sent: list[str] = []
+
+        async def send(message: str) -> None:
+            sent.append(message)
+
+        for service in (a, b, c):
+            service.alert_senders.append(send)
+        await asyncio.gather(*(s.alert("upstream_auth", "key revoked") for s in (a, b, c)))
+        assert sent == ["key revoked"]
+        # Another kind is its own.
+        await b.alert("undelivered", "job 7 undelivered")
+        assert sent == ["key revoked", "job 7 undelivered"]
