@@ -129,12 +129,23 @@ async def _replicas(ledger: Store) -> str:
             info = {}
         roles = ", ".join(info.get("roles") or []) or "no front end"
         parts.append(f"{lease.owner} [{roles}; {info.get('jobs', 0)} job(s)]")
-    held = [
-        f"{lease.name} → {lease.owner}" for lease in await ledger.leases("")
-        if not lease.name.startswith("replica:") and lease.until.timestamp() > now
-    ]
+    live = [lease for lease in await ledger.leases("") if lease.until.timestamp() > now]
+    # Updates and albums being handled hold short leases too: counted, not listed.
+    passing = {"tg:inbox:": 0, "tg:album:": 0}
+    held = []
+    for lease in live:
+        prefix = next((p for p in passing if lease.name.startswith(p)), None)
+        if prefix is not None:
+            passing[prefix] += 1
+        elif not lease.name.startswith("replica:"):
+            held.append(f"{lease.name} → {lease.owner}")
     roles = f"; roles held: {', '.join(held)}" if held else ""
-    return f"; {len(alive)} process(es) running: {'; '.join(parts)}{roles}"
+    busy = passing["tg:inbox:"] + passing["tg:album:"]
+    handling = (
+        f"; being handled: {passing['tg:inbox:']} Telegram update(s),"
+        f" {passing['tg:album:']} album lease(s)" if busy else ""
+    )
+    return f"; {len(alive)} process(es) running: {'; '.join(parts)}{roles}{handling}"
 
 
 async def doctor(

@@ -414,3 +414,29 @@ def test_gen_saves_previews_only_with_partials(tmp_path: Path) -> None:
         with Image.open(tmp_path / "with" / name) as image:
             assert image.size == (1008, 672)
     assert saved.stdout.count("  preview ") == 3 and "credits ≈ ¥" in saved.stdout
+
+
+async def test_doctor_lists_processes_and_roles_and_counts_passing_leases(tmp_path: Path) -> None:
+    # What an operator reads about replicas: each live process with its roles, the roles one
+    # process may hold with their holder; the short leases of updates and albums being
+    # handled are counted, not listed one by one.
+    from bots.doctor import _replicas
+    from core.store import Limits, open_store
+
+    store = await open_store(f"sqlite:///{tmp_path}/ledger.db", Limits())
+    try:
+        info = json.dumps({"roles": ["telegram:webhook"], "jobs": 2})
+        assert await store.hold_lease("replica:host-a:1", "host-a:1", 60, info)
+        assert await store.hold_lease("replica:host-b:2", "host-b:2", 60, info)
+        assert await store.hold_lease("discord:shard:0", "host-a:1", 60, "")
+        for update_id in (5001, 5002):
+            assert await store.hold_lease(f"tg:inbox:{update_id:015d}", "host-b:2", 60, "")
+        assert await store.hold_lease("tg:album:-100:g1:owner", "host-a:1", 60, "")
+        said = await _replicas(store)
+    finally:
+        await store.close()
+    assert "2 process(es) running" in said
+    assert "host-a:1 [telegram:webhook; 2 job(s)]" in said
+    assert "roles held: discord:shard:0 → host-a:1" in said
+    assert "tg:inbox" not in said and "tg:album" not in said
+    assert "being handled: 2 Telegram update(s), 1 album lease(s)" in said
