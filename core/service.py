@@ -233,6 +233,9 @@ class ImageService:
         # and how each front end carries on a job another process left (see `take_over`).
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.held: set[int] = set()
+        # When each held job's lease was last known renewed (time.monotonic(), taken before
+        # the write was sent): `still_mine` needs no round trip within half a lease of it.
+        self._renewed: dict[int, float] = {}
         self.results = ResultStore(settings.data_path / "results")
         self.resumers: dict[str, Callable[[JobRecord], None]] = {}
         # Replicas: how many `imgbot run` processes share this ledger (from their heartbeats,
@@ -420,6 +423,7 @@ class ImageService:
         # The room check and the place in the queue in one step, before the reservation's
         # await: checked first and queued after, requests arriving together all got in.
         ticket = self.queue.admit(requester.user_key)
+        reserving = time.monotonic()
         try:
             job_id = await self._reserve(
                 requester, text, request, refs, estimate, references, source_ref, origin
@@ -429,6 +433,7 @@ class ImageService:
             raise
         ticket.job_id = job_id
         self.held.add(job_id)
+        self._renewed[job_id] = reserving  # a new job counts from its creation (see claims)
         return await self._run(
             requester, request, refs, estimate, job_id, ticket, progress, lang, mask_ref,
             resumable=self.can_resume(origin), command_text=text,
@@ -837,11 +842,18 @@ class ImageService:
         charging, delivering) checks first, and the renewal keeps the job ours until the
         step is done. A job no longer held is let go of here.
         """
+        lease = self.settings.job_lease
+        asked = time.monotonic()
+        if asked - self._renewed.get(job_id, -math.inf) < lease / 2:
+            # Renewed (or reserved, or claimed) less than half a lease ago: nobody can take
+            # it before the lease ends, so no round trip (the renewal loop keeps it so).
+            return True
         held = await self._until_written(
             job_id, "the lease",
-            partial(self.ledger.renew_leases, self.owner, [job_id], self.settings.job_lease),
+            partial(self.ledger.renew_leases, self.owner, [job_id], lease),
         )
         if job_id in held:
+            self._renewed[job_id] = asked
             return True
         log.warning("job %d was taken over by another process; letting go of it here", job_id)
         self.held.discard(job_id)
@@ -886,6 +898,7 @@ class ImageService:
             ids = sorted(self.held)
             if not ids:
                 continue
+            asked = time.monotonic()
             try:
                 kept = await self._write(
                     self.ledger.renew_leases(self.owner, ids, self.settings.job_lease)
@@ -893,6 +906,10 @@ class ImageService:
             except Exception as err:  # noqa: BLE001 - the store's health reports it
                 log.warning("leases not renewed: %s", err)
                 continue
+            for job_id in kept:
+                self._renewed[job_id] = asked
+            for job_id in set(self._renewed) - self.held:
+                del self._renewed[job_id]
             for job_id in set(ids) - kept:
                 if job_id in self.held and job_id not in self._inflight:
                     log.info("job %d is no longer held here (ended or taken over)", job_id)
@@ -916,6 +933,7 @@ class ImageService:
                     log.warning("could not forget what expired in the ledger: %s", err)
             try:
                 platforms = sorted({*self.resumers, "cli", "web"})
+                claimed_at = time.monotonic()
                 jobs = await self._write(
                     self.ledger.claim_expired(
                         self.owner, self.settings.job_lease, platforms, limit=10,
@@ -939,6 +957,7 @@ class ImageService:
                 )
             for job in jobs:
                 self.held.add(job.id)
+                self._renewed[job.id] = claimed_at
                 log.info("job %d taken over (%s, attempt %d, lost so far %.2f)",
                          job.id, job.stage.value, job.attempts, job.lost_credits)
                 resume = self.resumers.get(_via(job))

@@ -575,7 +575,7 @@ async def test_a_job_taken_over_while_drawing_is_let_go_of_not_charged_twice(
         fake_api.inject("slow", seconds=2.5)
         drawing = asyncio.create_task(slow.draw(ALICE, "low a cat"))
         await asyncio.sleep(1.6)  # the lease ran out meanwhile
-        claimed = await other.ledger.claim_expired(other.owner, 30, ["telegram"])
+        claimed = await other.ledger.claim_expired(other.owner, 1, ["telegram"])
         assert [job.stage for job in claimed] == [JobStage.QUEUED]  # was drawing: lost
         with pytest.raises(JobTakenOver):
             await drawing
