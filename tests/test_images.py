@@ -356,7 +356,7 @@ async def test_each_fault_maps_to_its_error_and_message(
     fake_api.inject(fault, times=params.pop("times", 1), **params)
     # Short timeouts only where the fault waits them out; the rest keep room for a busy CI.
     timeouts = (
-        {"request_timeout": 0.3, "connect_timeout": 0.2} if fault in ("hang", "trickle") else {}
+        {"request_timeout": 1.0, "connect_timeout": 2.0} if fault in ("hang", "trickle") else {}
     )
     sleeps = Sleeps()
     client = ImageClient(http, settings(max_download_bytes=1_000_000, **timeouts), sleep=sleeps)
