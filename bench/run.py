@@ -1082,7 +1082,16 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         f"<= {b['budget_mb']:.0f} (3 x {b['payloads_mb']:.0f} + 100)",
         b["peak_rss_mb"] <= b["budget_mb"],
     )
-    taken = results.get("replicas", {}).get("takeover", {}).get("takeover")
+    fleet = results.get("replicas", {})
+    if "skipped" not in fleet and fleet:
+        failed = [f"{name}, {f['replicas']} replicas, round {f['round']}"
+                  for name, work in fleet.items() for f in work.get("failed_runs", [])]
+        runs = sum(len(row["each_run"]) for work in fleet.values()
+                   for key, row in work.items() if key.endswith(" replicas"))
+        add("replicas: every job of every run delivered",
+            f"{runs} runs delivered all; failed: {failed or 'none'}", "no run fails",
+            not failed)
+    taken = fleet.get("takeover", {}).get("takeover")
     if taken:
         last, goal = taken["seconds_to_last"], taken["target_s"]
         add(
