@@ -55,9 +55,9 @@ import httpx
 
 # Open jobs: what a dead replica can leave behind.
 OPEN_STAGES = ("queued", "drawing", "drawn")
-# Methods a result goes out with (a photo, a document for large files, or a status photo
-# replaced in place).
-RESULT_METHODS = ("sendPhoto", "sendDocument", "editMessageMedia")
+# Methods a result goes out with, as a reply to the command (a photo, or a document for a
+# large file). PREVIEWS is off in the replicas, so no status photo is replaced in place.
+RESULT_METHODS = ("sendPhoto", "sendDocument")
 
 
 @dataclass(frozen=True)
