@@ -42,6 +42,13 @@ which targets were met). Scenarios:
               SDK call straight at the fake upstream; 1024x1024 and 3840x2160, b64_json
               (+ b64decode) and url (+ the GET of the image); interleaved, medians; the
               relay process's CPU time per call beside it.
+9. replicas   jobs/s with 1, 2 and 3 real `imgbot run` processes in Telegram webhook mode
+              behind a round-robin forwarder, on the durable PostgreSQL server, the fake
+              image API answering after a fixed delay, users in private chats each asking
+              again when their photo came; the 3/1 ratio; then kill -9 of one of 3 under
+              that load and the time to the last of its jobs delivered by another, against
+              JOB_LEASE + one job (bench/replicas.py; ~10 min, not in the default run's
+              2-3 minutes: select it with --only replicas).
 """
 
 from __future__ import annotations
@@ -112,10 +119,13 @@ class Plan:
     throughput_jobs: dict[int, int]
     relay_1k: int = 40
     relay_4k: int = 15
+    replica_rounds: int | None = None  # None: each replica workload's own run count
 
 
 FULL = Plan(60, 25, 60, 25, 50, 3000, 10_000, {1: 40, 10: 150, 100: 400}, 40, 15)
-QUICK = Plan(10, 5, 10, 5, 50, 600, 10_000, {1: 10, 10: 40, 100: 100}, 8, 4)
+QUICK = Plan(10, 5, 10, 5, 50, 600, 10_000, {1: 10, 10: 40, 100: 100}, 8, 4, 1)
+# Scenarios run only when named with --only: they take minutes, not seconds.
+ON_REQUEST = {"replicas"}
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -1072,6 +1082,25 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         f"<= {b['budget_mb']:.0f} (3 x {b['payloads_mb']:.0f} + 100)",
         b["peak_rss_mb"] <= b["budget_mb"],
     )
+    fleet = results.get("replicas", {})
+    if "skipped" not in fleet and fleet:
+        failed = [f"{name}, {f['replicas']} replicas, round {f['round']}"
+                  for name, work in fleet.items() for f in work.get("failed_runs", [])]
+        runs = sum(len(row["each_run"]) for work in fleet.values()
+                   for key, row in work.items() if key.endswith(" replicas"))
+        add("replicas: every job of every run delivered",
+            f"{runs} runs delivered all; failed: {failed or 'none'}", "no run fails",
+            not failed)
+    taken = fleet.get("takeover", {}).get("takeover")
+    if taken:
+        last, goal = taken["seconds_to_last"], taken["target_s"]
+        add(
+            "replicas: kill -9 of 1 of 3 under load, until the last of its jobs is delivered"
+            " by another (s)",
+            f"{last['median']} (runs {last['min']}–{last['max']})",
+            f"<= JOB_LEASE + one job ({goal['median']}) in every run",
+            taken["met_every_run"],
+        )
     for key, row in results["ledger"].items():
         if "skipped" in row:
             add(f"ledger {key}", f"not measured: {row['skipped']}", "measured", False)
@@ -1201,6 +1230,7 @@ def table(results: dict[str, Any]) -> str:
                 f"**{row['ratio']:.3f}**",
             )
         )
+    rows += replica_rows(results.get("replicas", {}))
     lines = ["| measure | detail | result |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines += ["", "| target | value | goal | met |", "|---|---|---|---|"]
@@ -1209,6 +1239,51 @@ def table(results: dict[str, Any]) -> str:
         for t in results["targets"]
     ]
     return "\n".join(lines)
+
+
+def replica_rows(fleet: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Render the replica scenario's rows: jobs/s per workload and N, the 3/1 ratio, and
+    the takeover."""
+    if "skipped" in fleet:
+        return [("replicas", fleet["skipped"], "-")]
+    rows: list[tuple[str, str, str]] = []
+    for name, work in fleet.items():
+        plan = work["plan"]
+        if "takeover" in work:
+            t, run = work["takeover"], work["3 replicas"]
+            last = t["seconds_to_last"]
+            rows.append((
+                f"replicas: kill -9 of 1 of 3, {plan['users']} users, upstream "
+                f"{plan['upstream_delay_s']:g} s",
+                f"until the last of its open jobs is delivered by another; JOB_LEASE "
+                f"{plan['job_lease_s']:g} s + one job = {t['target_s']['median']} s; the last "
+                f"request in flight at the kill answered after "
+                f"{t['in_flight_at_kill_last_answer_s']['median']} s; "
+                f"{run['jobs_per_s']['median']} jobs/s",
+                f"**{last['median']} s** [{last['min']}–{last['max']}]",
+            ))
+            continue
+        for n in (1, 2, 3):
+            row = work.get(f"{n} replicas")
+            if row is None:
+                continue
+            rate = row["jobs_per_s"]
+            rows.append((
+                f"replicas: {n}, {name}",
+                f"{plan['jobs']} jobs, {plan['users']} users, MAX_JOBS_IN_FLIGHT "
+                f"{plan['max_jobs_in_flight']}; answer {row['answer_s']['median']} s, one job "
+                f"{row['one_job_s']['median']} s; at most {row['max_drawing_at_once']} drawing;"
+                f" replicas' CPU {row['replica_cpu_per_s']['median']} cores",
+                f"**{rate['median']} jobs/s** [{rate['min']}–{rate['max']}]",
+            ))
+        if "ratio_3_to_1" in work:
+            ratio = work["ratio_3_to_1"]
+            rows.append((
+                f"replicas: 3 / 1, {name}",
+                f"per round {ratio['per_round']}",
+                f"**{ratio['of_medians']}**",
+            ))
+    return rows
 
 
 # --- 7. previews --------------------------------------------------------------------------
@@ -1430,6 +1505,29 @@ async def relay(tmp: Path, plan: Plan) -> dict[str, Any]:
     return out
 
 
+# --- 9. replicas: jobs/s with 1, 2 and 3 processes, and a takeover after kill -9 ----------
+
+
+def replica_fleet(tmp: Path, plan: Plan) -> dict[str, Any]:
+    """Run bench/replicas.py on a durable PostgreSQL server (its own, as in production).
+
+    A failure of the fleet (a job lost, a replica that would not start) is raised, not
+    reported as skipped: only a missing pytest or missing server binaries skip it.
+    """
+    try:
+        from bench import replicas
+        from tests.pg_server import ServerBinariesMissing
+    except ImportError as err:  # tests/replica_kit.py and tests/pg_server.py need pytest
+        return {"skipped": f"{err} (pip install -e '.[test,bench]')"}
+    folder = tmp / "replicas"
+    folder.mkdir(mode=0o700)
+    try:
+        with postgres_server(DURABLE) as server:
+            return replicas.measure(server, folder, plan.replica_rounds)
+    except ServerBinariesMissing as err:
+        return {"skipped": str(err).splitlines()[0]}
+
+
 async def run_all(plan: Plan, only: set[str]) -> dict[str, Any]:
     """Run the scenarios against two upstream processes and collect the results."""
     results: dict[str, Any] = {
@@ -1466,9 +1564,10 @@ async def run_all(plan: Plan, only: set[str]) -> dict[str, Any]:
                 ("throughput", lambda: throughput(url, tmp, plan, backends)),
                 ("stream", lambda: streaming(plan)),
                 ("relay", lambda: relay(tmp, plan)),
+                ("replicas", lambda: asyncio.to_thread(replica_fleet, tmp, plan)),
             ]
             for name, step in steps:
-                if only and name not in only:
+                if (only and name not in only) or (not only and name in ON_REQUEST):
                     continue
                 started = time.perf_counter()
                 print(f"… {name}", file=sys.stderr, flush=True)
@@ -1502,7 +1601,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     parser.add_argument(
         "--only", default="",
-        help="comma-separated scenarios: overhead,sdk,burst,ledger,throughput,stream,relay"
+        help="comma-separated scenarios: overhead,sdk,burst,ledger,throughput,stream,relay;"
+        " replicas (~10 min) runs only when named"
     )
     parser.add_argument(
         "--merge",
