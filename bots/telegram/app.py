@@ -279,6 +279,9 @@ async def _hold_poller(
     return asyncio.create_task(renew(), name="imgbot:telegram-poller")
 
 
+TURN_HOLD = 20.0  # seconds a chat's turn is held while a call is on the wire
+
+
 class LedgerGate:
     """Per-chat turns in the ledger (a named lease per chat), for replicas' flood limiter."""
 
@@ -288,7 +291,9 @@ class LedgerGate:
 
     async def take(self, chat: str) -> bool:
         # Held while the call is on the wire; `done` then keeps it the spacing from its end.
-        return await self._store.hold_lease(f"tg:chat:{chat}", self._owner, 60.0)
+        # A process killed mid-call leaves the chat blocked until this ends: long enough for
+        # a big upload, short enough that the next replica is not kept waiting a minute.
+        return await self._store.hold_lease(f"tg:chat:{chat}", self._owner, TURN_HOLD)
 
     async def done(self, chat: str, spacing: float) -> None:
         await self._store.hold_lease(f"tg:chat:{chat}", self._owner, spacing)
