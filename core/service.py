@@ -44,7 +44,7 @@ from core.messages import language_of
 from core.pricing import PriceTable, estimate_credits, usage_problem
 from core.prompt import PromptDefaults, clean_text, parse_command
 from core.replay import ReplayAction as ReplayAction
-from core.results import ResultStore
+from core.results import result_keeper
 from core.sizes import TIERS
 from core.store import (
     STORE_FAILURES,
@@ -233,7 +233,7 @@ class ImageService:
         # and how each front end carries on a job another process left (see `take_over`).
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.held: set[int] = set()
-        self.results = ResultStore(settings.data_path / "results")
+        self.results = result_keeper(settings.keep_results, ledger, settings.data_path / "results")
         self.resumers: dict[str, Callable[[JobRecord], None]] = {}
         # Replicas: how many `imgbot run` processes share this ledger (from their heartbeats,
         # this one included), who wants to know when that changes (a flood limiter sharing
@@ -591,18 +591,15 @@ class ImageService:
         # is not charged, kept or delivered.
         await self._fence(job_id)
         reported, flag = self.charge_for(result.usage, request, estimate, billed=True)
-        # The result is on disk before the charge is written (which moves the job to
+        # The result is kept before the charge is written (which moves the job to
         # `drawn`), so a process that dies from here on leaves a drawn job whose result the
         # next one delivers. (Writing both at once was faster, but a kill between the
         # commit and the manifest left a drawn job with nothing to deliver.)
         try:
-            await asyncio.to_thread(
-                self.results.save, job_id, result.images,
-                revised_prompt=result.revised_prompt, elapsed=result.elapsed,
-            )
-        except OSError as err:
-            log.warning("job %d: result not kept on disk (%s); delivering it from memory",
-                        job_id, err)
+            await self.results.save(job_id, result.images, revised_prompt=result.revised_prompt,
+                                    elapsed=result.elapsed)
+        except STORE_FAILURES as err:
+            log.warning("job %d: result not kept (%s); delivering it from memory", job_id, err)
         await self._until_written(
             job_id, "the charge",
             partial(self.ledger.settle, job_id, reported, result.usage, flag=flag),
@@ -1000,7 +997,7 @@ class ImageService:
 
     async def kept_outcome(self, job: JobRecord) -> DrawOutcome | None:
         """Rebuild a drawn job's outcome from its kept result; None if it is gone."""
-        kept = await asyncio.to_thread(self.results.load, job.id)
+        kept = await self.results.load(job.id)
         if kept is None:
             return None
         requester = await self.requester_of(job)
@@ -1051,20 +1048,20 @@ class ImageService:
         finally:
             self.held.discard(job_id)
         if delivered and self.settings.result_retention_hours <= 0:
-            await asyncio.to_thread(self.results.remove, job_id)
+            await self.results.remove(job_id)
 
     async def clean_results(self) -> int:
         """Delete kept results older than RESULT_RETENTION_HOURS whose job has ended."""
         cutoff = time.time() - self.settings.result_retention_hours * 3600
         removed = 0
-        for job_id, saved in await asyncio.to_thread(self.results.kept):
-            if saved > cutoff or job_id in self.held:
+        for job_id, saved in await self.results.kept():
+            if saved.timestamp() > cutoff or job_id in self.held:
                 continue
             job = await self.ledger.get_job(job_id)
             if job is not None and job.stage in (JobStage.QUEUED, JobStage.DRAWING,
                                                  JobStage.DRAWN):
                 continue
-            await asyncio.to_thread(self.results.remove, job_id)
+            await self.results.remove(job_id)
             removed += 1
         return removed
 
