@@ -43,6 +43,10 @@ _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 class ResultKeeper(Protocol):
     """Where drawn results wait for their delivery."""
 
+    # In the ledger, a save the store cannot take now is waited for like the charge after
+    # it (which that store could not take either); a file the disk refuses is not.
+    in_ledger: bool
+
     async def save(
         self,
         job_id: int,
@@ -72,6 +76,8 @@ def result_keeper(choice: str, ledger: Store, folder: Path) -> ResultKeeper:
 
 class LedgerResults:
     """Kept results in the ledger, for every process on the same database."""
+
+    in_ledger = True
 
     def __init__(self, ledger: Store) -> None:
         self.ledger = ledger
@@ -103,6 +109,8 @@ class LedgerResults:
 
 class FileResults:
     """Kept results under one folder, for the processes that share it."""
+
+    in_ledger = False
 
     def __init__(self, root: Path) -> None:
         self.root = root

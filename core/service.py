@@ -595,11 +595,16 @@ class ImageService:
         # `drawn`), so a process that dies from here on leaves a drawn job whose result the
         # next one delivers. (Writing both at once was faster, but a kill between the
         # commit and the manifest left a drawn job with nothing to deliver.)
-        try:
-            await self.results.save(job_id, result.images, revised_prompt=result.revised_prompt,
-                                    elapsed=result.elapsed)
-        except STORE_FAILURES as err:
-            log.warning("job %d: result not kept (%s); delivering it from memory", job_id, err)
+        save = partial(self.results.save, job_id, result.images,
+                       revised_prompt=result.revised_prompt, elapsed=result.elapsed)
+        if self.results.in_ledger:
+            await self._until_written(job_id, "the result", save)
+        else:
+            try:
+                await save()
+            except OSError as err:
+                log.warning("job %d: result not kept on disk (%s); delivering it from memory",
+                            job_id, err)
         await self._until_written(
             job_id, "the charge",
             partial(self.ledger.settle, job_id, reported, result.usage, flag=flag),

@@ -531,6 +531,34 @@ async def test_result_is_kept_before_the_job_is_marked_drawn(
         assert seen[0].images == outcome.images
 
 
+async def test_a_result_the_ledger_cannot_take_yet_is_kept_before_the_charge(
+    make_service: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # KEEP_RESULTS=ledger and the disk fills up just as the result is saved: the ledger
+    # cannot take the charge either, so the service waits for both, the result first.
+    async with make_service(keep_results="ledger") as service:
+        original_keep, original_settle = service.ledger.keep_result, service.ledger.settle
+        saves: list[bool] = []
+        seen: list[Any] = []
+
+        async def keep_on_full_disk(*args: Any, **kwargs: Any) -> Any:
+            saves.append(service.store_healthy)
+            if len(saves) == 1:
+                raise sqlite3.OperationalError("database or disk is full")
+            return await original_keep(*args, **kwargs)
+
+        async def settle(job_id: int, *args: Any, **kwargs: Any) -> Any:
+            seen.append(await service.results.load(job_id))
+            return await original_settle(job_id, *args, **kwargs)
+
+        monkeypatch.setattr(service.ledger, "keep_result", keep_on_full_disk)
+        monkeypatch.setattr(service.ledger, "settle", settle)
+        outcome = await service.draw(ALICE, "low a cat")
+        assert saves == [True, False]  # tried again, the store reported unwritable meanwhile
+        assert len(seen) == 1 and seen[0] is not None and seen[0].images == outcome.images
+        assert service.store_healthy
+
+
 @pytest.mark.parametrize(("keep", "shared"), [("auto", True), ("ledger", True), ("files", False)])
 async def test_a_drawn_result_in_the_ledger_is_delivered_by_a_process_without_its_data_dir(
     make_service: Callable[..., Any], tmp_path: Path, pg_url: str, keep: str, shared: bool,  # noqa: F811
