@@ -1053,7 +1053,10 @@ class ImageService:
         finally:
             self.held.discard(job_id)
         if delivered and self.settings.result_retention_hours <= 0:
-            await self.results.remove(job_id)
+            try:
+                await self.results.remove(job_id)
+            except STORE_FAILURES as err:  # delivered all the same; clean_results retries
+                log.warning("job %d: kept result not removed yet (%s)", job_id, err)
 
     async def clean_results(self) -> int:
         """Delete kept results older than RESULT_RETENTION_HOURS whose job has ended."""

@@ -559,6 +559,26 @@ async def test_a_result_the_ledger_cannot_take_yet_is_kept_before_the_charge(
         assert service.store_healthy
 
 
+async def test_a_delivered_result_the_ledger_cannot_drop_yet_is_dropped_by_the_clean_up(
+    make_service: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with make_service(keep_results="ledger", result_retention_hours=0) as service:
+        outcome = await service.draw(ALICE, "low a cat")
+        original_drop = service.ledger.drop_result
+
+        async def drop_on_full_disk(job_id: int) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(service.ledger, "drop_result", drop_on_full_disk)
+        await service.finish_delivery(outcome.job_id, delivered=True)  # no error: delivered
+        job = await service.job(outcome.job_id)
+        assert job is not None and job.stage is JobStage.DELIVERED
+        assert await service.results.load(outcome.job_id) is not None
+        monkeypatch.setattr(service.ledger, "drop_result", original_drop)
+        assert await service.clean_results() == 1
+        assert await service.results.kept() == []
+
+
 @pytest.mark.parametrize(("keep", "shared"), [("auto", True), ("ledger", True), ("files", False)])
 async def test_a_drawn_result_in_the_ledger_is_delivered_by_a_process_without_its_data_dir(
     make_service: Callable[..., Any], tmp_path: Path, pg_url: str, keep: str, shared: bool,  # noqa: F811
