@@ -12,13 +12,14 @@ which targets were met). Scenarios:
 
 1. overhead   one job the durable way a front end runs it — JobRunner.run with a minimal
               in-memory Reply: access → reserve (queued) → start (drawing) → call → decode →
-              the result kept on disk (DATA_DIR/results/<id>/) while the settle commits
+              the result kept (KEEP_RESULTS=auto: DATA_DIR/results/<id>/ on SQLite, the
+              ledger on PostgreSQL) before the settle commits
               (drawn) → spend report → Reply.result → finish_delivery (delivered, with the
               file refs) — vs a bare httpx POST of the same request reading the same body
               (url mode: + the GET of the image), 1024x1024 and 3840x2160, b64_json with a
               data: prefix and url, on SQLite and on a durable PostgreSQL server (fsync on);
               interleaved, medians; every timed job is checked `delivered` with its result
-              on disk afterwards.
+              kept afterwards.
 2. sdk        ImageClient.draw vs openai's AsyncOpenAI.images.generate + b64decode.
 3+4. burst    50 jobs of 3840x2160 from 50 users at once through the pipeline, in a fresh
               child process: loop stalls seen by a 1 ms ticker, and peak RSS (VmHWM) vs the
@@ -211,14 +212,14 @@ async def no_references() -> list[Any]:
 
 async def check_durable(service: ImageService, job_ids: list[int]) -> dict[str, Any]:
     """Check that the timed jobs went the whole durable way: each is `delivered` in the store
-    and its result was kept on disk (retention keeps it after delivery)."""
+    and its result was kept (retention keeps it after delivery)."""
     stages: dict[str, int] = {}
     kept = 0
     for job_id in job_ids:
         job = await service.job(job_id)
         assert job is not None, job_id
         stages[job.stage.value] = stages.get(job.stage.value, 0) + 1
-        kept += (service.results.folder(job_id) / "result.json").is_file()
+        kept += await service.results.load(job_id) is not None
     if stages != {JobStage.DELIVERED.value: len(job_ids)} or kept != len(job_ids):
         raise RuntimeError(f"jobs not through the durable path: {stages}, {kept} kept")
     return {"jobs": len(job_ids), "delivered": len(job_ids), "results_kept": kept}

@@ -19,8 +19,10 @@ into place, so PATH is never a half-written file, and never the live database.
 
 A backup holds no web sign-ins and no kept result files (as `imgbot db copy` moves none):
 restoring one must not bring back a page session signed out since, or a sign-in code spent
-since, and the files are an hour's cache of up to URL_CACHE_BYTES. The SQLite copy has
-them deleted (and its space given back) before it is checked.
+since, and the files are an hour's cache of up to URL_CACHE_BYTES. Of the results kept in
+the ledger (KEEP_RESULTS=ledger) it holds those of the jobs still waiting to be delivered,
+which a restored backup delivers; the others are kept only for RESULT_RETENTION_HOURS. The
+SQLite copy has the rest deleted (and its space given back) before it is checked.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def _prepare_part(dest: Path) -> Path:
 
 
 def _forget_web_state(copy: sqlite3.Connection) -> None:
-    """Delete the web door's sessions, sign-in codes and kept files from a copy."""
+    """Delete the web door's sessions, sign-in codes and kept files from a copy, and the
+    kept results no job waits for."""
     tables = {row[0] for row in copy.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if "web_sessions" not in tables:
         return  # a ledger from before schema 10 has none
@@ -87,9 +90,23 @@ def _forget_web_state(copy: sqlite3.Connection) -> None:
         copy.execute("DELETE FROM web_sessions")
         copy.execute("DELETE FROM marks WHERE substr(key, 1, ?) = ?",
                      (len(LINK_MARK_PREFIX), LINK_MARK_PREFIX))
-        files = copy.execute("DELETE FROM web_files").rowcount
-    if files:
-        copy.execute("VACUUM")  # up to URL_CACHE_BYTES of images: give the space back
+        images = copy.execute("DELETE FROM web_files").rowcount
+        if "kept_results" in tables:  # schema 11 on
+            images += _forget_delivered_results(copy)
+    if images:
+        copy.execute("VACUUM")  # megabytes of images: give the space back
+
+
+def _forget_delivered_results(copy: sqlite3.Connection) -> int:
+    """Delete the kept results of jobs that are not waiting to be delivered; count images."""
+    images = copy.execute(
+        "DELETE FROM kept_result_images WHERE job_id NOT IN"
+        " (SELECT id FROM jobs WHERE stage = 'drawn')"
+    ).rowcount
+    copy.execute(
+        "DELETE FROM kept_results WHERE job_id NOT IN (SELECT id FROM jobs WHERE stage = 'drawn')"
+    )
+    return images
 
 
 def _check_and_seal(part: Path) -> int:

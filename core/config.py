@@ -106,7 +106,8 @@ class Settings(BaseSettings):
         10, ge=1, le=200, description="PostgreSQL connections per process"
     )
     data_dir: str = Field(
-        "", description="Folder for the heartbeat (empty = beside the SQLite file, or ./data)"
+        "",
+        description="Folder for the heartbeat and kept result files (empty = beside the SQLite file, or ./data)",
     )
     user_daily_limit: float = Field(0, ge=0, description="Credits one user may spend per day")
     user_monthly_limit: float = Field(0, ge=0, description="Credits one user may spend per month")
@@ -122,8 +123,12 @@ class Settings(BaseSettings):
     delivery_retry_delay: float = Field(
         2.0, ge=0, le=600, description="Seconds before the second try; doubled each time"
     )
+    keep_results: Literal["auto", "ledger", "files"] = Field(
+        "auto",
+        description="Where drawn results wait for delivery: ledger, files (DATA_DIR/results), auto (ledger on PostgreSQL, files on SQLite)",
+    )
     result_retention_hours: float = Field(
-        24.0, ge=0, description="Hours delivered results stay in DATA_DIR/results (0 = none)"
+        24.0, ge=0, description="Hours delivered results stay kept (0 = none)"
     )
 
     # --- billing: caps only, or prepaid credits (Telegram Stars, admin grants) -----------
@@ -410,7 +415,7 @@ class Settings(BaseSettings):
 
     @property
     def data_path(self) -> Path:
-        """Return the folder for the process's own files (heartbeat, kept results)."""
+        """Return the folder for the process's own files (heartbeat, kept result files)."""
         if self.data_dir:
             return Path(self.data_dir)
         where = self.store_url

@@ -235,13 +235,13 @@ async def user_jobs(service: ImageService, user_key: str, days: int) -> list[Job
 
 
 async def kept_job_ids(service: ImageService) -> set[int]:
-    """Return the ids of the jobs whose result is still kept on disk."""
-    return {job_id for job_id, _ in await asyncio.to_thread(service.results.kept)}
+    """Return the ids of the jobs whose result is still kept."""
+    return {job_id for job_id, _ in await service.results.kept()}
 
 
 async def thumbnail(service: ImageService, job_id: int, index: int) -> bytes | None:
     """Return a small JPEG of one kept result image, or None when it is not kept."""
-    kept = await asyncio.to_thread(service.results.load, job_id)
+    kept = await service.results.load(job_id)
     if kept is None or not 0 <= index < len(kept.images):
         return None
     return await preview_jpeg(kept.images[index].data, max_side=THUMB_SIDE, quality=80)

@@ -1,47 +1,116 @@
-"""Kept results: a drawn job's images on disk until they are delivered (and a while after).
+"""Kept results: a drawn job's images, kept until they are delivered (and a while after).
 
-`DATA_DIR/results/<job id>/` holds the images (`0.png`, `1.png`, …) and `result.json`, a
-manifest written last (through a temporary file and a rename), so a folder without a
-manifest is an unfinished save and reads as nothing. Any process with the same data folder
-can deliver a result another process drew (after a crash or a restart). Folders are 0700
-and files 0600: results are private images. Files are not fsynced: a result survives the
-process dying (the kernel has the pages), not the machine losing power before writeback —
-then the job is found `drawn` without a result and ends `undelivered` (refundable).
+The service saves a result before the charge that marks its job `drawn`, so a process
+that dies from then on leaves a drawn job whose result the next one delivers; nothing
+drops a result to make room; `ImageService.clean_results` removes it
+RESULT_RETENTION_HOURS after its job ended. Two keepers do this, with one interface
+(`ResultKeeper`), chosen by KEEP_RESULTS (`result_keeper`):
 
-Everything here is blocking file work; callers run it in a thread (`asyncio.to_thread`).
+- `LedgerResults` (`ledger`; `auto` on PostgreSQL): in the ledger (`Store.keep_result`), a
+  result and its images written in one transaction. Every process on the same database
+  delivers a result another drew, on any machine, with no shared folder. Private as the
+  ledger is: the database's own access control.
+- `FileResults` (`files`; `auto` on SQLite): under `DATA_DIR/results/<job id>/`, the images
+  (`0.png`, `1.png`, …) and `result.json`, a manifest written last (through a temporary
+  file and a rename), so a folder without a manifest is an unfinished save and reads as
+  nothing. Processes that share the folder deliver each other's results. Folders are 0700
+  and files 0600: results are private images. Files are not fsynced: a result survives the
+  process dying (the kernel has the pages), not the machine losing power before writeback —
+  then the job is found `drawn` without a result and ends `undelivered` (refundable). The
+  file work is blocking and runs in a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
+from core.store import Store
+from core.store.records import KeptResult
 from core.types import GeneratedImage
-
-log = logging.getLogger(__name__)
 
 MANIFEST = "result.json"
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
-@dataclass(frozen=True)
-class KeptResult:
-    """A result read back from disk."""
+class ResultKeeper(Protocol):
+    """Where drawn results wait for their delivery."""
 
-    job_id: int
-    images: tuple[GeneratedImage, ...]
-    revised_prompt: str | None
-    elapsed: float
-    saved_at: float  # epoch seconds
+    # In the ledger, a save the store cannot take now is waited for like the charge after
+    # it (which that store could not take either); a file the disk refuses is not.
+    in_ledger: bool
+
+    async def save(
+        self,
+        job_id: int,
+        images: Sequence[GeneratedImage],
+        *,
+        revised_prompt: str | None,
+        elapsed: float,
+    ) -> None:
+        """Keep a job's result whole (replacing any kept before), or raise."""
+
+    async def load(self, job_id: int) -> KeptResult | None:
+        """Return a job's kept result; None when it is missing or unfinished."""
+
+    async def remove(self, job_id: int) -> None:
+        """Forget a job's kept result, if any."""
+
+    async def kept(self) -> list[tuple[int, datetime]]:
+        """List the kept results as (job id, when saved)."""
 
 
-class ResultStore:
-    """Save, load and clean kept results under one folder."""
+def result_keeper(choice: str, ledger: Store, folder: Path) -> ResultKeeper:
+    """Return the keeper KEEP_RESULTS names (`auto`: the ledger on PostgreSQL, else files)."""
+    if choice == "ledger" or (choice == "auto" and ledger.kind == "postgresql"):
+        return LedgerResults(ledger)
+    return FileResults(folder)
+
+
+class LedgerResults:
+    """Kept results in the ledger, for every process on the same database."""
+
+    in_ledger = True
+
+    def __init__(self, ledger: Store) -> None:
+        self.ledger = ledger
+
+    async def save(
+        self,
+        job_id: int,
+        images: Sequence[GeneratedImage],
+        *,
+        revised_prompt: str | None,
+        elapsed: float,
+    ) -> None:
+        """Keep a job's result in one transaction (a store failure raises)."""
+        await self.ledger.keep_result(job_id, images, revised_prompt=revised_prompt,
+                                      elapsed=elapsed)
+
+    async def load(self, job_id: int) -> KeptResult | None:
+        """Return a job's kept result; None when none is kept."""
+        return await self.ledger.kept_result(job_id)
+
+    async def remove(self, job_id: int) -> None:
+        """Forget a job's kept result, if any."""
+        await self.ledger.drop_result(job_id)
+
+    async def kept(self) -> list[tuple[int, datetime]]:
+        """List the kept results as (job id, when saved)."""
+        return await self.ledger.kept_results()
+
+
+class FileResults:
+    """Kept results under one folder, for the processes that share it."""
+
+    in_ledger = False
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -50,15 +119,36 @@ class ResultStore:
         """Return the folder of one job's result."""
         return self.root / str(int(job_id))
 
-    def save(
+    async def save(
         self,
         job_id: int,
-        images: tuple[GeneratedImage, ...],
+        images: Sequence[GeneratedImage],
         *,
         revised_prompt: str | None,
         elapsed: float,
-    ) -> Path:
-        """Write a result (images, then its manifest); return its folder. Blocking."""
+    ) -> None:
+        """Write a result (images, then its manifest); OSError when the disk refuses."""
+        await asyncio.to_thread(self._save, job_id, tuple(images), revised_prompt, elapsed)
+
+    async def load(self, job_id: int) -> KeptResult | None:
+        """Read a kept result back; None when it is missing, unfinished or damaged."""
+        return await asyncio.to_thread(self._load, job_id)
+
+    async def remove(self, job_id: int) -> None:
+        """Delete a job's kept result, if any."""
+        await asyncio.to_thread(shutil.rmtree, self.folder(job_id), ignore_errors=True)
+
+    async def kept(self) -> list[tuple[int, datetime]]:
+        """List the kept results as (job id, when saved), unfinished folders too."""
+        return await asyncio.to_thread(self._kept)
+
+    def _save(
+        self,
+        job_id: int,
+        images: tuple[GeneratedImage, ...],
+        revised_prompt: str | None,
+        elapsed: float,
+    ) -> None:
         folder = self.folder(job_id)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         folder.mkdir(mode=0o700, exist_ok=True)
@@ -80,10 +170,8 @@ class ResultStore:
         temporary = folder / f".{MANIFEST}.tmp"
         _write_private(temporary, json.dumps(manifest).encode("utf-8"))
         os.replace(temporary, folder / MANIFEST)
-        return folder
 
-    def load(self, job_id: int) -> KeptResult | None:
-        """Read a kept result back; None when it is missing, unfinished or damaged. Blocking."""
+    def _load(self, job_id: int) -> KeptResult | None:
         folder = self.folder(job_id)
         try:
             manifest = json.loads((folder / MANIFEST).read_text("utf-8"))
@@ -106,17 +194,12 @@ class ResultStore:
                 images=tuple(images),
                 revised_prompt=manifest.get("revised_prompt"),
                 elapsed=float(manifest.get("elapsed") or 0.0),
-                saved_at=float(manifest.get("saved_at") or 0.0),
+                saved_at=datetime.fromtimestamp(float(manifest.get("saved_at") or 0.0), UTC),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def remove(self, job_id: int) -> None:
-        """Delete a job's kept result, if any. Blocking."""
-        shutil.rmtree(self.folder(job_id), ignore_errors=True)
-
-    def kept(self) -> list[tuple[int, float]]:
-        """List the kept results as (job id, when saved), oldest folders too. Blocking."""
+    def _kept(self) -> list[tuple[int, datetime]]:
         found = []
         try:
             entries = list(os.scandir(self.root))
@@ -132,7 +215,7 @@ class ResultStore:
                     saved = entry.stat().st_mtime
                 except OSError:
                     continue
-            found.append((int(entry.name), saved))
+            found.append((int(entry.name), datetime.fromtimestamp(saved, UTC)))
         return sorted(found)
 
 

@@ -44,7 +44,7 @@ from core.messages import language_of
 from core.pricing import PriceTable, estimate_credits, usage_problem
 from core.prompt import PromptDefaults, clean_text, parse_command
 from core.replay import ReplayAction as ReplayAction
-from core.results import ResultStore
+from core.results import result_keeper
 from core.sizes import TIERS
 from core.store import (
     STORE_FAILURES,
@@ -236,7 +236,7 @@ class ImageService:
         # When each held job's lease was last known renewed (time.monotonic(), taken before
         # the write was sent): `still_mine` needs no round trip within half a lease of it.
         self._renewed: dict[int, float] = {}
-        self.results = ResultStore(settings.data_path / "results")
+        self.results = result_keeper(settings.keep_results, ledger, settings.data_path / "results")
         self.resumers: dict[str, Callable[[JobRecord], None]] = {}
         # Replicas: how many `imgbot run` processes share this ledger (from their heartbeats,
         # this one included), who wants to know when that changes (a flood limiter sharing
@@ -596,18 +596,20 @@ class ImageService:
         # is not charged, kept or delivered.
         await self._fence(job_id)
         reported, flag = self.charge_for(result.usage, request, estimate, billed=True)
-        # The result is on disk before the charge is written (which moves the job to
+        # The result is kept before the charge is written (which moves the job to
         # `drawn`), so a process that dies from here on leaves a drawn job whose result the
         # next one delivers. (Writing both at once was faster, but a kill between the
         # commit and the manifest left a drawn job with nothing to deliver.)
-        try:
-            await asyncio.to_thread(
-                self.results.save, job_id, result.images,
-                revised_prompt=result.revised_prompt, elapsed=result.elapsed,
-            )
-        except OSError as err:
-            log.warning("job %d: result not kept on disk (%s); delivering it from memory",
-                        job_id, err)
+        save = partial(self.results.save, job_id, result.images,
+                       revised_prompt=result.revised_prompt, elapsed=result.elapsed)
+        if self.results.in_ledger:
+            await self._until_written(job_id, "the result", save)
+        else:
+            try:
+                await save()
+            except OSError as err:
+                log.warning("job %d: result not kept on disk (%s); delivering it from memory",
+                            job_id, err)
         await self._until_written(
             job_id, "the charge",
             partial(self.ledger.settle, job_id, reported, result.usage, flag=flag),
@@ -1019,7 +1021,7 @@ class ImageService:
 
     async def kept_outcome(self, job: JobRecord) -> DrawOutcome | None:
         """Rebuild a drawn job's outcome from its kept result; None if it is gone."""
-        kept = await asyncio.to_thread(self.results.load, job.id)
+        kept = await self.results.load(job.id)
         if kept is None:
             return None
         requester = await self.requester_of(job)
@@ -1070,20 +1072,23 @@ class ImageService:
         finally:
             self.held.discard(job_id)
         if delivered and self.settings.result_retention_hours <= 0:
-            await asyncio.to_thread(self.results.remove, job_id)
+            try:
+                await self.results.remove(job_id)
+            except STORE_FAILURES as err:  # delivered all the same; clean_results retries
+                log.warning("job %d: kept result not removed yet (%s)", job_id, err)
 
     async def clean_results(self) -> int:
         """Delete kept results older than RESULT_RETENTION_HOURS whose job has ended."""
         cutoff = time.time() - self.settings.result_retention_hours * 3600
         removed = 0
-        for job_id, saved in await asyncio.to_thread(self.results.kept):
-            if saved > cutoff or job_id in self.held:
+        for job_id, saved in await self.results.kept():
+            if saved.timestamp() > cutoff or job_id in self.held:
                 continue
             job = await self.ledger.get_job(job_id)
             if job is not None and job.stage in (JobStage.QUEUED, JobStage.DRAWING,
                                                  JobStage.DRAWN):
                 continue
-            await asyncio.to_thread(self.results.remove, job_id)
+            await self.results.remove(job_id)
             removed += 1
         return removed
 

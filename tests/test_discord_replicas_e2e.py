@@ -144,8 +144,8 @@ def start_replica(
     """Start `imgbot run` number n (Discord only) against the fake Discord."""
     data = tmp_path / f"replica-{n}"
     data.mkdir(mode=0o700)
-    # Each replica its own DATA_DIR (heartbeat), one shared results folder (as deployed).
-    (data / "results").symlink_to(tmp_path / "results")
+    # Each replica its own DATA_DIR (heartbeat), no folder shared: results are kept in the
+    # ledger, as deployed.
     env = {k: v for k, v in os.environ.items() if k.upper() not in SETTING_NAMES}
     env.update({
         "PYTHONPATH": str(ROOT),
@@ -541,7 +541,6 @@ def test_two_discord_replicas_with_two_shards_each_behave_as_one_bot(
     pg_url: str,  # noqa: F811
 ) -> None:
     fake = discord_fake
-    (tmp_path / "results").mkdir(mode=0o700)
     replicas: list[BotProcess] = []
     try:
         fleet = start_fleet(tmp_path, fake, images, pg_url, replicas)

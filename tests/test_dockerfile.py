@@ -93,21 +93,21 @@ def test_the_replicas_compose_file_runs_two_webhook_replicas_on_postgresql() -> 
         assert env["TELEGRAM_WEBHOOK_LISTEN"] == "0.0.0.0" and env["TELEGRAM_WEBHOOK_PORT"] == "8443"
         assert env["DISCORD_SHARD_IDS"] == ""  # shards shared out through the ledger
         assert env["DATA_DIR"] == "/data"
+        # Results wait in the ledger, whatever .env says: no folder to share.
+        assert env["KEEP_RESULTS"] == "ledger"
         assert replica["stop_grace_period"]
-    # Own /data each (the heartbeat `imgbot health` reads), one shared results folder.
-    own = {replica["volumes"][0] for replica in replicas}
-    assert own == {"imgbot-1-data:/data", "imgbot-2-data:/data"}
-    assert all("imgbot-results:/data/results" in replica["volumes"] for replica in replicas)
-    assert set(compose["volumes"]) >= {
-        "imgbot-postgres", "imgbot-1-data", "imgbot-2-data", "imgbot-results"
-    }
+    # Own /data each (the heartbeat `imgbot health` reads), and nothing shared.
+    assert [replica["volumes"] for replica in replicas] == [["imgbot-1-data:/data"],
+                                                          ["imgbot-2-data:/data"]]
+    assert set(compose["volumes"]) >= {"imgbot-postgres", "imgbot-1-data", "imgbot-2-data"}
     proxy = services["proxy"]
     assert proxy["image"].startswith("caddy:")  # the official image
     assert "./deploy/Caddyfile:/etc/caddy/Caddyfile:ro" in proxy["volumes"]
     assert {d: c["condition"] for d, c in proxy["depends_on"].items()} == {
         "imgbot-1": "service_healthy", "imgbot-2": "service_healthy"
     }
-    # The image makes the results folder its user owns, so the shared volume starts writable.
+    # The image makes the results folder its user owns, so a volume mounted there
+    # (KEEP_RESULTS=files, replicas on one machine) starts writable.
     assert "mkdir -p /data/results" in (ROOT / "Dockerfile").read_text()
 
 

@@ -1,7 +1,8 @@
 """Durable jobs as operators meet them: real `imgbot run` processes killed at each moment.
 
 Each test starts `python -m bots.cli run` (tests.test_process's starter: the fake Bot API
-and the fake image API on 127.0.0.1, a ledger on a SQLite file or a real PostgreSQL), puts
+and the fake image API on 127.0.0.1, a ledger on a SQLite file or a real PostgreSQL, there
+each process with a DATA_DIR of its own, as on two machines), puts
 jobs in a given state, kills the process with SIGKILL, starts another 0.5 s later, and
 checks from the ledger and the fakes that every accepted job was delivered exactly once to
 its chat, each user was told, each charged once (what the upstream reported for the draw
@@ -103,7 +104,11 @@ def test_kill_9_at_any_moment_then_restart_delivers_every_job_once(
     tg, images = servers
     url = ledger_url(backend, tmp_path, request)
     u = Updates()
-    first = start(DATABASE_URL=url, **FAST)
+    # On PostgreSQL, as replicas on two machines: each process a DATA_DIR of its own, no
+    # folder shared (drawn results are kept in the ledger). SQLite is one machine's file.
+    machines = [tmp_path / "machine-1", tmp_path / "machine-2"]
+    own = [{"DATA_DIR": str(folder)} if backend == "postgresql" else {} for folder in machines]
+    first = start(DATABASE_URL=url, **FAST, **own[0])
     commands = {"low a lamp": ANN, "low a bell": BOB, "low a cat": CAT}
     if moment == "drawing_and_queued":
         # Ann's job hangs upstream (drawing); Bob's and Cat's wait behind it (queued).
@@ -123,7 +128,7 @@ def test_kill_9_at_any_moment_then_restart_delivers_every_job_once(
     assert first.stop(signal.SIGKILL, within=10) == -signal.SIGKILL
     before = jobs_of(url)  # as the dead process left it
     time.sleep(0.5)
-    second = start(DATABASE_URL=url, **FAST)
+    second = start(DATABASE_URL=url, **FAST, **own[1])
     for who in commands.values():
         tg.wait_for(lambda who=who: photos_to(tg, who), within=30)
     tg.wait_for(lambda: all(r["stage"] == "delivered" for r in jobs_of(url).values()))
@@ -150,6 +155,8 @@ def test_kill_9_at_any_moment_then_restart_delivers_every_job_once(
         assert before["low a lamp"]["stage"] == "drawn"
         # Delivered from the kept copy: not drawn again, nothing lost.
         assert (lamp["attempts"], lamp["lost_credits"]) == (1, 0)
+    if backend == "postgresql":  # the copy was in the ledger: no process kept a file
+        assert not any((folder / "results").exists() for folder in machines)
     for command in ("low a bell", "low a cat"):
         job = after[command]
         if before[command]["stage"] in ("queued", "drawn"):  # nothing lost

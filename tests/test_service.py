@@ -6,8 +6,8 @@ import asyncio
 import io
 import json
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +33,7 @@ from core.runtime import LEASES_TASK_NAME
 from core.service import ImageService, IncomingImage, Progress
 from core.store import JobStage, JobStatus
 from tests.fake_api import MISSING, FakeImageAPI
+from tests.pg_server import pg_server, pg_url  # noqa: F401 - fixtures
 
 ALICE = Requester("telegram", "1", "-100", "Alice", "en", is_group=True)
 BOB = Requester("telegram", "2", "-100", "Bob", "zh-hans", is_group=True)
@@ -503,29 +504,127 @@ async def test_store_health_turns_false_while_writes_fail_and_recovers(
     assert service.store_healthy
 
 
-async def test_result_is_kept_on_disk_before_the_job_is_marked_drawn(
-    service: ImageService, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("keep", ["files", "ledger"])
+async def test_result_is_kept_before_the_job_is_marked_drawn(
+    make_service: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, keep: str
 ) -> None:
     # The settle moves the job to `drawn`: a process killed right after it commits must
     # leave a result the next process can deliver, so the copy has to be complete by then.
-    original_settle = service.ledger.settle
-    seen: list[Any] = []
+    async with make_service(keep_results=keep) as service:
+        original_settle = service.ledger.settle
+        seen: list[Any] = []
 
-    async def settle(job_id: int, *args: Any, **kwargs: Any) -> Any:
-        seen.append(await asyncio.to_thread(service.results.load, job_id))
-        return await original_settle(job_id, *args, **kwargs)
+        async def settle(job_id: int, *args: Any, **kwargs: Any) -> Any:
+            seen.append(await service.results.load(job_id))
+            return await original_settle(job_id, *args, **kwargs)
 
-    original_save = service.results.save
+        original_save = service.results.save
 
-    def slow_save(*args: Any, **kwargs: Any) -> Any:  # a big image on a slow disk
-        time.sleep(0.3)
-        return original_save(*args, **kwargs)
+        async def slow_save(*args: Any, **kwargs: Any) -> Any:  # a big image, a slow disk
+            await asyncio.sleep(0.3)
+            return await original_save(*args, **kwargs)
 
-    monkeypatch.setattr(service.ledger, "settle", settle)
-    monkeypatch.setattr(service.results, "save", slow_save)
-    outcome = await service.draw(ALICE, "low a cat")
-    assert len(seen) == 1 and seen[0] is not None
-    assert [image.data for image in seen[0].images] == [image.data for image in outcome.images]
+        monkeypatch.setattr(service.ledger, "settle", settle)
+        monkeypatch.setattr(service.results, "save", slow_save)
+        outcome = await service.draw(ALICE, "low a cat")
+        assert len(seen) == 1 and seen[0] is not None
+        assert seen[0].images == outcome.images
+
+
+async def test_a_result_the_ledger_cannot_take_yet_is_kept_before_the_charge(
+    make_service: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # KEEP_RESULTS=ledger and the disk fills up just as the result is saved: the ledger
+    # cannot take the charge either, so the service waits for both, the result first.
+    async with make_service(keep_results="ledger") as service:
+        original_keep, original_settle = service.ledger.keep_result, service.ledger.settle
+        saves: list[bool] = []
+        seen: list[Any] = []
+
+        async def keep_on_full_disk(*args: Any, **kwargs: Any) -> Any:
+            saves.append(service.store_healthy)
+            if len(saves) == 1:
+                raise sqlite3.OperationalError("database or disk is full")
+            return await original_keep(*args, **kwargs)
+
+        async def settle(job_id: int, *args: Any, **kwargs: Any) -> Any:
+            seen.append(await service.results.load(job_id))
+            return await original_settle(job_id, *args, **kwargs)
+
+        monkeypatch.setattr(service.ledger, "keep_result", keep_on_full_disk)
+        monkeypatch.setattr(service.ledger, "settle", settle)
+        outcome = await service.draw(ALICE, "low a cat")
+        assert saves == [True, False]  # tried again, the store reported unwritable meanwhile
+        assert len(seen) == 1 and seen[0] is not None and seen[0].images == outcome.images
+        assert service.store_healthy
+
+
+async def test_a_delivered_result_the_ledger_cannot_drop_yet_is_dropped_by_the_clean_up(
+    make_service: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with make_service(keep_results="ledger", result_retention_hours=0) as service:
+        outcome = await service.draw(ALICE, "low a cat")
+        original_drop = service.ledger.drop_result
+
+        async def drop_on_full_disk(job_id: int) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(service.ledger, "drop_result", drop_on_full_disk)
+        await service.finish_delivery(outcome.job_id, delivered=True)  # no error: delivered
+        job = await service.job(outcome.job_id)
+        assert job is not None and job.stage is JobStage.DELIVERED
+        assert await service.results.load(outcome.job_id) is not None
+        monkeypatch.setattr(service.ledger, "drop_result", original_drop)
+        assert await service.clean_results() == 1
+        assert await service.results.kept() == []
+
+
+@pytest.mark.parametrize(("keep", "shared"), [("auto", True), ("ledger", True), ("files", False)])
+async def test_a_drawn_result_in_the_ledger_is_delivered_by_a_process_without_its_data_dir(
+    make_service: Callable[..., Any], tmp_path: Path, pg_url: str, keep: str, shared: bool,  # noqa: F811
+) -> None:
+    # Two replicas on different machines: one PostgreSQL, each its own DATA_DIR. The first
+    # draws a job and dies before delivering it; the second takes the job over.
+    first_dir, second_dir = tmp_path / "machine-1", tmp_path / "machine-2"
+    async with make_service(database_url=pg_url, data_dir=str(first_dir),
+                            keep_results=keep) as first:
+        outcome = await first.draw(ALICE, "low a cat")
+        left = await first.job(outcome.job_id)
+        assert left is not None and left.stage is JobStage.DRAWN
+        async with make_service(database_url=pg_url, data_dir=str(second_dir),
+                                keep_results=keep) as second:
+            kept = await second.kept_outcome(left)
+    if not shared:  # files stay on the machine that drew them
+        assert kept is None
+        assert (first_dir / "results" / str(outcome.job_id) / "result.json").is_file()
+        return
+    assert kept is not None
+    assert kept.images == outcome.images  # byte for byte
+    assert (kept.job_id, kept.request, kept.credits) == (outcome.job_id, outcome.request,
+                                                         outcome.credits)
+    # Nothing was written to either machine's folder.
+    assert not (first_dir / "results").exists() and not (second_dir / "results").exists()
+
+
+async def test_results_in_the_ledger_are_cleaned_only_once_their_job_has_ended(
+    make_service: Callable[..., Any], tmp_path: Path, pg_url: str,  # noqa: F811
+) -> None:
+    async with make_service(database_url=pg_url, data_dir=str(tmp_path / "one"),
+                            result_retention_hours=0) as first:
+        waiting = await first.draw(ALICE, "low a cat")
+        lost = await first.draw(BOB, "low a dog")
+        delivered = await first.draw(BOB, "low a fox")
+        await first.finish_delivery(lost.job_id, delivered=False)  # ended: undelivered
+        await first.finish_delivery(delivered.job_id, delivered=True)  # removed at once
+        assert [job for job, _ in await first.results.kept()] == [waiting.job_id,
+                                                                  lost.job_id]
+        # Another replica cleans: the drawn job's result stays (it is not its own to hold,
+        # but its job is not over); the undelivered job's goes.
+        async with make_service(database_url=pg_url, data_dir=str(tmp_path / "two"),
+                                result_retention_hours=0) as second:
+            assert await second.clean_results() == 1
+            assert [job for job, _ in await second.results.kept()] == [waiting.job_id]
+            assert await second.results.load(waiting.job_id) is not None
 
 
 async def test_a_failure_that_cannot_be_written_is_written_once_the_store_recovers(

@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
 import re
 import sqlite3
@@ -52,11 +53,13 @@ from core.store import (
     StoreError,
     open_store,
 )
+from core.store.copy import copy_store
 from core.store.export import CSV_COLUMNS
 from core.store.keys import key_hash
 from core.store.records import iso as iso_of
 from core.store.sqlite_schema import LATEST_VERSION
 from core.store.web import SESSIONS_PER_USER, FileToKeep, KeptFileInfo, token_hash
+from core.types import GeneratedImage
 from tests.pg_server import PASSWORD, PgServer, pg_server, pg_url  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1905,3 +1908,93 @@ async def test_a_username_resolves_on_every_process_in_any_case(
         await second.close()
     async with await target.open(clock) as again:  # a restart forgets no name
         assert await again.find_username("telegram", "bob_77") == "telegram:502"
+
+
+# --- kept results: a drawn job's images until delivery (core/results.py) --------------------
+
+
+def images_of(*sizes: int) -> tuple[GeneratedImage, ...]:
+    """Images of random bytes (every byte value, no pattern a store could shorten)."""
+    mimes = ("image/png", "image/jpeg", "image/webp")
+    return tuple(GeneratedImage(os.urandom(size), mimes[n % 3], 16 + n, 9 + n)
+                 for n, size in enumerate(sizes))
+
+
+async def drawn_job(ledger: Store, uid: str = "1") -> int:
+    """A job settled (drawn), waiting to be delivered."""
+    job_id = await ledger.reserve(who(uid), SPEC, 100)
+    await ledger.mark_started(job_id)
+    await ledger.settle(job_id, 80, None)
+    return job_id
+
+
+async def test_a_kept_result_reads_back_byte_identical_from_any_process_until_dropped(
+    target: Target, clock: Clock
+) -> None:
+    first, second = await target.open(clock), await target.open(clock)
+    try:
+        job, other = await drawn_job(first), await drawn_job(first, "2")
+        images = images_of(3_000_000, 1, 70_000)  # a 4K-sized PNG, a byte, a preview
+        await first.keep_result(job, images, revised_prompt="a cat, drawn", elapsed=12.5)
+        found = await second.kept_result(job)
+        assert found is not None
+        assert found.images == images  # bytes, order, mime and size, as saved
+        assert (found.job_id, found.revised_prompt, found.elapsed) == (job, "a cat, drawn", 12.5)
+        assert found.saved_at == clock.now
+        assert await second.kept_result(other) is None
+        assert await second.kept_result(-1) is None and await second.kept_result(2**63) is None
+        # Saved again (the job drawn again after a lost attempt): the new result replaces it.
+        clock.advance(seconds=30)
+        again = images_of(500)
+        await second.keep_result(job, again, revised_prompt=None, elapsed=3.0)
+        replaced = await first.kept_result(job)
+        assert replaced is not None and replaced.images == again
+        assert (replaced.revised_prompt, replaced.saved_at) == (None, clock.now)
+        # Nothing is dropped to make room: every result stays until it is dropped. A copy
+        # keeps the time a result was saved.
+        await first.keep_result(other, images_of(2_000_000, 2_000_000), revised_prompt=None,
+                                elapsed=1.0, saved_at=START + timedelta(seconds=60))
+        assert await second.kept_results() == [(job, START + timedelta(seconds=30)),
+                                               (other, START + timedelta(seconds=60))]
+        assert (await second.kept_result(job)).images == again  # type: ignore[union-attr]
+        await second.drop_result(job)
+        await second.drop_result(job)  # twice: nothing left to drop
+        await second.drop_result(-5)
+        assert await first.kept_result(job) is None
+        assert await first.kept_results() == [(other, START + timedelta(seconds=60))]
+        assert await target.fetch("SELECT COUNT(*) FROM kept_result_images WHERE job_id = ?",
+                                  job) == [(0,)]
+    finally:
+        await first.close()
+        await second.close()
+    async with await target.open(clock) as again_open:  # a restart keeps them
+        kept_after = await again_open.kept_result(other)
+        assert kept_after is not None and len(kept_after.images) == 2
+
+
+async def test_a_result_is_kept_only_for_a_job_of_the_ledger(target: Target, clock: Clock) -> None:
+    async with await target.open(clock) as ledger:
+        with pytest.raises(StoreError):
+            await ledger.keep_result(12345, images_of(10), revised_prompt=None, elapsed=1.0)
+        assert await ledger.kept_results() == []
+
+
+async def test_a_copy_carries_the_results_of_drawn_jobs_only(
+    target: Target, clock: Clock, tmp_path: Path
+) -> None:
+    async with await target.open(clock) as source:
+        waiting = [await drawn_job(source, str(n)) for n in range(6)]
+        delivered = await drawn_job(source, "9")
+        for job in [*waiting, delivered]:
+            await source.keep_result(job, images_of(job * 1000, 10), revised_prompt=f"#{job}",
+                                     elapsed=job / 2)
+            clock.advance(seconds=1)
+        assert await source.finish_delivery(delivered, "", True)
+        async with await open_store(f"sqlite:///{tmp_path}/copy.db", Limits()) as copy:
+            report = await copy_store(source, copy)
+            assert report.ok, report.summary()
+            assert report.counts["kept_results"] == len(waiting)
+            assert [job for job, _ in await copy.kept_results()] == waiting
+            for job in waiting:
+                assert await copy.kept_result(job) == await source.kept_result(job)
+            assert await copy.kept_result(delivered) is None

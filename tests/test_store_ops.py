@@ -19,6 +19,7 @@ from core.pricing import Usage
 from core.requester import Requester
 from core.store import JobSpec, Limits, Store, open_store
 from core.store.web import FileToKeep
+from core.types import GeneratedImage
 from tests.pg_server import PASSWORD, PgServer, pg_server, pg_url  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,8 +149,12 @@ async def test_ledger_and_backup_files_are_private(tmp_path: Path) -> None:
     assert stat.S_IMODE(copy.parent.stat().st_mode) == 0o700
 
 
-async def test_a_backup_keeps_the_usernames_but_no_sign_in_or_kept_file(tmp_path: Path) -> None:
+async def test_a_backup_keeps_the_usernames_and_results_to_deliver_but_no_sign_in_or_kept_file(
+    tmp_path: Path,
+) -> None:
     live = tmp_path / "data" / "imgbot.db"
+    who = Requester("telegram", "1", None, "Ann")
+    picture = GeneratedImage(os.urandom(1_000_000), "image/png", 1, 1)
     store = await open_store(f"sqlite:///{live}", Limits())
     try:
         await fill(store, 12)
@@ -160,13 +165,20 @@ async def test_a_backup_keeps_the_usernames_but_no_sign_in_or_kept_file(tmp_path
         images = [FileToKeep(f"{n}.png", os.urandom(1_000_000), "image/png", 1, 1)
                   for n in range(3)]
         await store.keep_files(1, "telegram:1", images, 3600, 10**9)
+        # KEEP_RESULTS=ledger: one result still to deliver, one delivered (kept a while).
+        waiting, delivered = [await store.reserve(who, SPEC, 600) for _ in range(2)]
+        for job in (waiting, delivered):
+            await store.settle(job, 500, USAGE)
+            await store.keep_result(job, (picture,) * 2, revised_prompt=None, elapsed=1.0)
+        assert await store.finish_delivery(delivered, "", True)
     finally:
         await store.close()
     done = imgbot("backup", "backups/", cwd=tmp_path, DATABASE_URL=f"sqlite:///{live}")
     assert done.returncode == 0, done.stderr
     copy = tmp_path / "backups" / "imgbot.db"
-    # The 3 MB of kept images are gone and their space given back.
-    assert copy.stat().st_size < 1_000_000 < live.stat().st_size
+    # The 3 MB of kept files and the delivered job's 2 MB are gone and their space given
+    # back; the 2 MB a drawn job waits for stay.
+    assert 2_000_000 < copy.stat().st_size < 3_000_000 < 7_000_000 < live.stat().st_size
     with sqlite3.connect(copy) as db:
         for table in ("web_sessions", "web_files"):
             assert db.execute(f"SELECT COUNT(*) FROM {table}").fetchone() == (0,)  # noqa: S608
@@ -177,12 +189,17 @@ async def test_a_backup_keeps_the_usernames_but_no_sign_in_or_kept_file(tmp_path
         assert await restored.get_session(token) is None
         assert not await restored.spend_link_code(code)
         assert await restored.kept_file("0.png") is None
+        # The drawn job is delivered from the restored backup.
+        kept = await restored.kept_result(waiting)
+        assert kept is not None and kept.images == (picture, picture)
+        assert await restored.kept_result(delivered) is None
     finally:
         await restored.close()
     store = await open_store(f"sqlite:///{live}", Limits())  # the live ledger keeps them
     try:
         assert await store.get_session(token) is not None
         assert await store.kept_file("0.png") is not None
+        assert await store.kept_result(delivered) is not None
     finally:
         await store.close()
 

@@ -29,7 +29,7 @@ from playwright.async_api import Browser, expect
 from core.messages import text as core_text
 from core.pricing import Usage, format_credits
 from core.requester import Requester
-from core.results import ResultStore
+from core.results import FileResults
 from core.store import JobSpec, JobStatus, Limits, open_store
 from core.types import GeneratedImage
 from tests import test_web_page
@@ -135,8 +135,8 @@ async def seed(folder: Path) -> Seeded:
         await ledger.set_chat_limit("telegram:-100", 8000)
 
     image = GeneratedImage(png(300, 200, (220, 40, 40)), "image/png", 300, 200)
-    ResultStore(folder / "results").save(seeded.ids["kept"], (image,), revised_prompt=None,
-                                         elapsed=3.0)
+    await FileResults(folder / "results").save(seeded.ids["kept"], (image,), revised_prompt=None,
+                                               elapsed=3.0)
     return seeded
 
 

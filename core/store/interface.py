@@ -42,6 +42,7 @@ from core.store.records import (
     DailyUsage,
     JobRecord,
     JobSpec,
+    KeptResult,
     Limits,
     NamedLease,
     OutcomeCount,
@@ -53,6 +54,7 @@ from core.store.records import (
     UserRecord,
 )
 from core.store.web import FileToKeep, KeptFileData, KeptFileInfo, WebSession
+from core.types import GeneratedImage
 
 # The tables a ledger copy moves, in the order that keeps references valid, with the
 # column each is paged by. `spend_totals` is not copied: the target rebuilds it.
@@ -63,7 +65,10 @@ from core.store.web import FileToKeep, KeptFileData, KeptFileInfo, WebSession
 # that a payment already credited is never credited again after a copy. `usernames` travels
 # (admins name users by them). The web door's sessions and kept files do not: a copy or a
 # restored backup must not bring back a session signed out since, and kept files are an
-# hour's cache (core/store/web.py).
+# hour's cache (core/store/web.py). Kept results travel only for the jobs still waiting to
+# be delivered (`SnapshotReader.results_to_deliver`): without its result, a drawn job of a
+# restored backup could never be delivered; a delivered job's result is only kept for a
+# while (RESULT_RETENTION_HOURS), and would make every backup that much bigger.
 COPY_TABLES: tuple[tuple[str, str], ...] = (
     ("users", "user_key"),
     ("api_keys", "id"),
@@ -97,11 +102,17 @@ class SnapshotReader(abc.ABC):
 
     @abc.abstractmethod
     async def counts(self) -> dict[str, int]:
-        """Return the number of rows of each copied table."""
+        """Return the number of rows of each copied table, and (as `kept_results`) of the
+        results `results_to_deliver` reads."""
 
     @abc.abstractmethod
     async def user_totals(self) -> dict[str, float]:
         """Return what each user's jobs count in all (the sum of their charges)."""
+
+    @abc.abstractmethod
+    async def results_to_deliver(self, *, after: int = 0, limit: int = 4) -> list[KeptResult]:
+        """Return up to `limit` kept results of drawn jobs (waiting to be delivered) whose
+        job id is > `after`, by job id. Few at a time: each may be tens of megabytes."""
 
 
 class Store(abc.ABC):
@@ -509,6 +520,37 @@ class Store(abc.ABC):
     ) -> dict[int, list[KeptFileInfo]]:
         """Return the images still kept of those jobs that are `user_key`'s, each job's in
         order (jobs with none, or another user's, are left out)."""
+
+    # --- kept results: a drawn job's images until delivery (core/results.py) -----------
+
+    @abc.abstractmethod
+    async def keep_result(
+        self,
+        job_id: int,
+        images: Sequence[GeneratedImage],
+        *,
+        revised_prompt: str | None,
+        elapsed: float,
+        saved_at: datetime | None = None,
+    ) -> None:
+        """Keep a job's result images (replacing any kept before) in one transaction, so a
+        reader finds all of it or none; stamped `saved_at` (default: the store's time).
+
+        Kept until `drop_result`: never dropped to make room, so a drawn job's result is
+        there for whichever process delivers it.
+        """
+
+    @abc.abstractmethod
+    async def kept_result(self, job_id: int) -> KeptResult | None:
+        """Return a job's kept result, its images in order; None when none is kept."""
+
+    @abc.abstractmethod
+    async def drop_result(self, job_id: int) -> None:
+        """Forget a job's kept result, if any."""
+
+    @abc.abstractmethod
+    async def kept_results(self) -> list[tuple[int, datetime]]:
+        """List the kept results as (job id, when saved), by job id, without their bytes."""
 
     # --- the @username directory ---------------------------------------------------------
 

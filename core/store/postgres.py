@@ -90,6 +90,7 @@ from core.store.records import (
     JobSpec,
     JobStage,
     JobStatus,
+    KeptResult,
     Limits,
     NamedLease,
     OutcomeCount,
@@ -109,6 +110,7 @@ from core.store.records import (
     is_row_id,
     iso,
     job_from_mapping,
+    kept_result_from_rows,
     lease_from_mapping,
     month_start,
     nearest_rank,
@@ -135,6 +137,7 @@ from core.store.web import (
     session_from_mapping,
     token_hash,
 )
+from core.types import GeneratedImage
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +409,9 @@ _COUNTS = (
     " (SELECT count(*) FROM chats) AS chats, (SELECT count(*) FROM jobs) AS jobs,"
     " (SELECT count(*) FROM purchases) AS purchases,"
     " (SELECT count(*) FROM credit_entries) AS credit_entries,"
-    " (SELECT count(*) FROM usernames) AS usernames"
+    " (SELECT count(*) FROM usernames) AS usernames,"
+    " (SELECT count(*) FROM kept_results AS r JOIN jobs AS j ON j.id = r.job_id"
+    " WHERE j.stage = 'drawn') AS kept_results"
 )
 # The web door's state (core/store/web.py).
 _OPEN_SESSION = (
@@ -449,6 +454,29 @@ _NOTE_USERNAME = (
     " seen_at = excluded.seen_at"
 )
 _USER_TOTALS = "SELECT user_key, SUM(charged) AS total FROM jobs GROUP BY user_key"
+# Kept results (core/results.py): a result and its images in order, in one statement.
+_KEPT_RESULT = (
+    "SELECT r.revised_prompt, r.elapsed, r.saved_at, i.mime, i.width, i.height, i.data"
+    " FROM kept_results AS r JOIN kept_result_images AS i ON i.job_id = r.job_id"
+    " WHERE r.job_id = $1 ORDER BY i.n"
+)
+_KEEP_RESULT = (
+    "INSERT INTO kept_results (job_id, revised_prompt, elapsed, saved_at) VALUES ($1, $2, $3, $4)"
+)
+_KEEP_RESULT_IMAGE = (
+    "INSERT INTO kept_result_images (job_id, n, mime, width, height, data)"
+    " VALUES ($1, $2, $3, $4, $5, $6)"
+)
+# Images first: they refer to their result.
+_DROP_RESULT = (
+    "DELETE FROM kept_result_images WHERE job_id = $1",
+    "DELETE FROM kept_results WHERE job_id = $1",
+)
+# The results a copy carries: those of the jobs still waiting to be delivered.
+_RESULTS_TO_DELIVER = (
+    "SELECT r.job_id FROM kept_results AS r JOIN jobs AS j ON j.id = r.job_id"
+    " WHERE j.stage = 'drawn' AND r.job_id > $1 ORDER BY r.job_id LIMIT $2"
+)
 # After a copy the identity must hand out ids above the copied ones (never backwards).
 _MOVE_JOB_IDS = (
     "SELECT setval(s.seq, s.top) FROM (SELECT pg_get_serial_sequence('jobs', 'id')::regclass"
@@ -968,7 +996,19 @@ class _Snapshot(SnapshotReader):
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as err:
             raise StoreError(_failure("counting rows", err)) from err
         assert row is not None
-        return {table: int(row[table]) for table, _ in COPY_TABLES}
+        return {table: int(row[table]) for table in (*dict(COPY_TABLES), "kept_results")}
+
+    async def results_to_deliver(self, *, after: int = 0, limit: int = 4) -> list[KeptResult]:
+        try:
+            found = []
+            for (job_id,) in await self._conn.fetch(_RESULTS_TO_DELIVER, after, limit):
+                result = kept_result_from_rows(job_id, await self._conn.fetch(_KEPT_RESULT,
+                                                                                job_id))
+                if result is not None:
+                    found.append(result)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as err:
+            raise StoreError(_failure("reading kept results", err)) from err
+        return found
 
     async def user_totals(self) -> dict[str, float]:
         try:
@@ -2443,6 +2483,62 @@ class PostgresStore(Store):
                     KeptFileInfo(row[1], row[2], int(row[3]), int(row[4]))
                 )
             return found
+
+        return await self._read(read)
+
+    # --- kept results (core/results.py) -------------------------------------------------
+
+    async def keep_result(
+        self,
+        job_id: int,
+        images: Sequence[GeneratedImage],
+        *,
+        revised_prompt: str | None,
+        elapsed: float,
+        saved_at: datetime | None = None,
+    ) -> None:
+        """Keep a job's result images in one transaction (see Store.keep_result)."""
+        stamp = iso(as_utc(saved_at)) if saved_at is not None else self._now_iso()
+        rows = [(job_id, n, image.mime, image.width, image.height, image.data)
+                for n, image in enumerate(images)]
+
+        async def write_on(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                for sql in _DROP_RESULT:
+                    await conn.execute(sql, job_id)
+                await conn.execute(_KEEP_RESULT, job_id, revised_prompt, float(elapsed), stamp)
+                await conn.executemany(_KEEP_RESULT_IMAGE, rows)
+
+        await self._write(write_on)
+
+    async def kept_result(self, job_id: int) -> KeptResult | None:
+        """Return a job's kept result, its images in order; None when none is kept."""
+        if not is_row_id(job_id):
+            return None
+
+        async def read(conn: asyncpg.Connection) -> KeptResult | None:
+            return kept_result_from_rows(job_id, await conn.fetch(_KEPT_RESULT, job_id))
+
+        return await self._read(read)
+
+    async def drop_result(self, job_id: int) -> None:
+        """Forget a job's kept result, if any."""
+        if not is_row_id(job_id):
+            return
+
+        async def drop_on(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                for sql in _DROP_RESULT:
+                    await conn.execute(sql, job_id)
+
+        await self._write(drop_on)
+
+    async def kept_results(self) -> list[tuple[int, datetime]]:
+        """List the kept results as (job id, when saved), by job id."""
+
+        async def read(conn: asyncpg.Connection) -> list[tuple[int, datetime]]:
+            rows = await conn.fetch("SELECT job_id, saved_at FROM kept_results ORDER BY job_id")
+            return [(int(row[0]), datetime.fromisoformat(row[1])) for row in rows]
 
         return await self._read(read)
 

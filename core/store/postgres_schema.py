@@ -907,6 +907,35 @@ MIGRATIONS = (
     ),
 )
 
+# Migration 11, as SQLite's: kept results in the ledger (core/results.py). No money moves,
+# so imgbot_write_batch stays as it was.
+MIGRATIONS = (
+    *MIGRATIONS,
+    Migration(
+        11,
+        "kept results in the ledger",
+        (
+            """CREATE TABLE kept_results (
+                job_id bigint PRIMARY KEY REFERENCES jobs(id),
+                revised_prompt text,
+                elapsed double precision NOT NULL,
+                saved_at text COLLATE "C" NOT NULL
+            )""",
+            """CREATE TABLE kept_result_images (
+                job_id bigint NOT NULL REFERENCES kept_results(job_id),
+                n integer NOT NULL,
+                mime text NOT NULL,
+                width integer NOT NULL,
+                height integer NOT NULL,
+                data bytea NOT NULL,
+                PRIMARY KEY (job_id, n)
+            )""",
+            # As web_files: images are compressed already, so no pglz attempt on each.
+            "ALTER TABLE kept_result_images ALTER COLUMN data SET STORAGE EXTERNAL",
+        ),
+    ),
+)
+
 # Migrations are written where their code is; they run in version order.
 MIGRATIONS = tuple(sorted(MIGRATIONS, key=lambda migration: migration.version))
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -26,6 +27,7 @@ from typing import Any, NamedTuple, Protocol
 
 from core.errors import LimitExceeded, RateLimited, UserError
 from core.pricing import Usage
+from core.types import GeneratedImage
 
 
 class LimitSettings(Protocol):
@@ -606,6 +608,37 @@ def lease_from_mapping(row: Any) -> NamedLease:
         owner=row["owner"],
         until=datetime.fromisoformat(row["until"]),
         info=row["info"] or "",
+    )
+
+
+@dataclass(frozen=True)
+class KeptResult:
+    """A drawn job's images, kept until they are delivered (see core.results)."""
+
+    job_id: int
+    images: tuple[GeneratedImage, ...]
+    revised_prompt: str | None
+    elapsed: float
+    saved_at: datetime
+
+
+def kept_result_from_rows(job_id: int, rows: Sequence[Any]) -> KeptResult | None:
+    """Build a KeptResult from a result joined with its images in order (None for no rows).
+
+    Each row has revised_prompt, elapsed, saved_at, mime, width, height and data.
+    """
+    if not rows:
+        return None
+    first = rows[0]
+    return KeptResult(
+        job_id=int(job_id),
+        images=tuple(
+            GeneratedImage(bytes(row["data"]), row["mime"], int(row["width"]), int(row["height"]))
+            for row in rows
+        ),
+        revised_prompt=first["revised_prompt"],
+        elapsed=float(first["elapsed"]),
+        saved_at=datetime.fromisoformat(first["saved_at"]),
     )
 
 

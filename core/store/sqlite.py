@@ -76,6 +76,7 @@ from core.store.records import (
     JobSpec,
     JobStage,
     JobStatus,
+    KeptResult,
     Limits,
     NamedLease,
     OutcomeCount,
@@ -95,6 +96,7 @@ from core.store.records import (
     is_row_id,
     iso,
     job_from_mapping,
+    kept_result_from_rows,
     lease_from_mapping,
     month_start,
     nearest_rank,
@@ -122,6 +124,7 @@ from core.store.web import (
     session_from_mapping,
     token_hash,
 )
+from core.types import GeneratedImage
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +318,34 @@ _NOTE_USERNAME = (
     "INSERT INTO usernames (name_key, user_key, seen_at) VALUES (?, ?, ?)"
     " ON CONFLICT (name_key) DO UPDATE SET user_key = excluded.user_key,"
     " seen_at = excluded.seen_at RETURNING 1"
+)
+# Kept results (core/results.py): a result and its images in order, in one statement (one
+# read: never half of a result being replaced).
+_KEPT_RESULT = (
+    "SELECT r.revised_prompt, r.elapsed, r.saved_at, i.mime, i.width, i.height, i.data"
+    " FROM kept_results AS r JOIN kept_result_images AS i ON i.job_id = r.job_id"
+    " WHERE r.job_id = ? ORDER BY i.n"
+)
+_KEEP_RESULT = (
+    "INSERT INTO kept_results (job_id, revised_prompt, elapsed, saved_at) VALUES (?, ?, ?, ?)"
+)
+_KEEP_RESULT_IMAGE = (
+    "INSERT INTO kept_result_images (job_id, n, mime, width, height, data)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+# Images first: they refer to their result.
+_DROP_RESULT = (
+    "DELETE FROM kept_result_images WHERE job_id = ?",
+    "DELETE FROM kept_results WHERE job_id = ?",
+)
+# The results a copy carries: those of the jobs still waiting to be delivered.
+_RESULTS_TO_DELIVER = (
+    "SELECT r.job_id FROM kept_results AS r JOIN jobs AS j ON j.id = r.job_id"
+    " WHERE j.stage = 'drawn' AND r.job_id > ? ORDER BY r.job_id LIMIT ?"
+)
+_COUNT_RESULTS_TO_DELIVER = (
+    "SELECT COUNT(*) FROM kept_results AS r JOIN jobs AS j ON j.id = r.job_id"
+    " WHERE j.stage = 'drawn'"
 )
 # Its trigger moves the balance in the same statement.
 _INSERT_ENTRY = (
@@ -671,7 +702,19 @@ class _SqliteSnapshot(SnapshotReader):
             sql = f"SELECT COUNT(*) FROM {table}"  # noqa: S608 - a name from COPY_TABLES
             row = await _fetchone(self._conn, sql)
             counts[table] = int(row[0]) if row is not None else 0
+        row = await _fetchone(self._conn, _COUNT_RESULTS_TO_DELIVER)
+        counts["kept_results"] = int(row[0]) if row is not None else 0
         return counts
+
+    async def results_to_deliver(self, *, after: int = 0, limit: int = 4) -> list[KeptResult]:
+        ids = await self._conn.execute_fetchall(_RESULTS_TO_DELIVER, (after, limit))
+        found = []
+        for (job_id,) in ids:
+            rows = await self._conn.execute_fetchall(_KEPT_RESULT, (job_id,))
+            result = kept_result_from_rows(job_id, list(rows))
+            if result is not None:
+                found.append(result)
+        return found
 
     async def user_totals(self) -> dict[str, float]:
         rows = await self._conn.execute_fetchall(
@@ -1732,6 +1775,52 @@ class SqliteStore(Store):
                 KeptFileInfo(row[1], row[2], int(row[3]), int(row[4]))
             )
         return found
+
+    # --- kept results (core/results.py) -------------------------------------------------
+
+    async def keep_result(
+        self,
+        job_id: int,
+        images: Sequence[GeneratedImage],
+        *,
+        revised_prompt: str | None,
+        elapsed: float,
+        saved_at: datetime | None = None,
+    ) -> None:
+        """Keep a job's result images in one transaction (see Store.keep_result)."""
+        stamp = iso(as_utc(saved_at)) if saved_at is not None else self._now_iso()
+        rows = [(job_id, n, image.mime, image.width, image.height, image.data)
+                for n, image in enumerate(images)]
+
+        async def write_on(conn: aiosqlite.Connection) -> None:
+            for sql in _DROP_RESULT:
+                await conn.execute(sql, (job_id,))
+            await conn.execute(_KEEP_RESULT, (job_id, revised_prompt, float(elapsed), stamp))
+            await conn.executemany(_KEEP_RESULT_IMAGE, rows)
+
+        await self._transaction(write_on)
+
+    async def kept_result(self, job_id: int) -> KeptResult | None:
+        """Return a job's kept result, its images in order; None when none is kept."""
+        if not is_row_id(job_id):
+            return None
+        return kept_result_from_rows(job_id, await self._read_all(_KEPT_RESULT, (job_id,)))
+
+    async def drop_result(self, job_id: int) -> None:
+        """Forget a job's kept result, if any."""
+        if not is_row_id(job_id):
+            return
+
+        async def drop_on(conn: aiosqlite.Connection) -> None:
+            for sql in _DROP_RESULT:
+                await conn.execute(sql, (job_id,))
+
+        await self._transaction(drop_on)
+
+    async def kept_results(self) -> list[tuple[int, datetime]]:
+        """List the kept results as (job id, when saved), by job id."""
+        rows = await self._read_all("SELECT job_id, saved_at FROM kept_results ORDER BY job_id")
+        return [(int(row[0]), datetime.fromisoformat(row[1])) for row in rows]
 
     # --- the @username directory ---------------------------------------------------------
 

@@ -447,6 +447,34 @@ WEB_STATE = Migration(
 )
 MIGRATIONS = (*MIGRATIONS, WEB_STATE)
 
+# Migration 11: kept results in the ledger (KEEP_RESULTS=ledger, the default on PostgreSQL;
+# core/results.py), so a job a dead process drew is delivered by any other on the same
+# database, with no folder shared between machines. A result is one row, its images one row
+# each, written in one transaction; nothing evicts them but the retention clean-up.
+KEPT_RESULTS = Migration(
+    11,
+    "kept results in the ledger",
+    (
+        """CREATE TABLE kept_results (
+            job_id INTEGER PRIMARY KEY REFERENCES jobs(id),
+            revised_prompt TEXT,
+            elapsed REAL NOT NULL,
+            saved_at TEXT NOT NULL
+        )""",
+        # A rowid table (not WITHOUT ROWID): its rows are megabytes of image each.
+        """CREATE TABLE kept_result_images (
+            job_id INTEGER NOT NULL REFERENCES kept_results(job_id),
+            n INTEGER NOT NULL,
+            mime TEXT NOT NULL,
+            width INTEGER NOT NULL,
+            height INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (job_id, n)
+        )""",
+    ),
+)
+MIGRATIONS = (*MIGRATIONS, KEPT_RESULTS)
+
 # Migrations are written where their code is; they run in version order.
 MIGRATIONS = tuple(sorted(MIGRATIONS, key=lambda migration: migration.version))
 LATEST_VERSION = MIGRATIONS[-1].version
