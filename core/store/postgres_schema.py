@@ -907,6 +907,17 @@ MIGRATIONS = (
     ),
 )
 
+# Migration 11, as SQLite's: /cancel asks whoever holds a job to stop it. A plain column
+# written by plain statements (no money moves), so imgbot_write_batch is unchanged.
+MIGRATIONS = (
+    *MIGRATIONS,
+    Migration(
+        11,
+        "jobs.cancel_requested_at: /cancel asks whoever holds a job to stop it",
+        ('ALTER TABLE jobs ADD COLUMN cancel_requested_at text COLLATE "C"',),
+    ),
+)
+
 # Migrations are written where their code is; they run in version order.
 MIGRATIONS = tuple(sorted(MIGRATIONS, key=lambda migration: migration.version))
 LATEST_VERSION = MIGRATIONS[-1].version
