@@ -490,6 +490,14 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "#{job_id} “{prompt}” — was drawing; charged only what the image service bills for it, if anything",
         "zh": "#{job_id}「{prompt}」— 正在绘制；只按图片服务实际计费的部分扣费（如有）",
     },
+    "cancel.line_waiting_later": {
+        "en": "#{job_id} “{prompt}” — was waiting; stops in a moment, nothing charged",
+        "zh": "#{job_id}「{prompt}」— 排队中；稍后停止，未扣费",
+    },
+    "cancel.line_running_later": {
+        "en": "#{job_id} “{prompt}” — was drawing; stops in a moment, charged only what the image service bills for it, if anything",
+        "zh": "#{job_id}「{prompt}」— 正在绘制；稍后停止，只按图片服务实际计费的部分扣费（如有）",
+    },
     "cancel.none": {
         "en": "You have no waiting or running jobs.",
         "zh": "你没有排队中或正在绘制的任务。",

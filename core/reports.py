@@ -130,15 +130,25 @@ def short_prompt(prompt: str, limit: int = SHORT_PROMPT) -> str:
     return prompt if len(prompt) <= limit else prompt[: limit - 1] + "…"
 
 
+# How /cancel names a job: (drawing?, stopped by another process a moment later?) → key.
+CANCEL_LINES = {
+    (False, False): "cancel.line_waiting",
+    (True, False): "cancel.line_running",
+    (False, True): "cancel.line_waiting_later",
+    (True, True): "cancel.line_running_later",
+}
+
+
 def render_cancelled(jobs: list[CancelledJob], lang: str | None) -> str:
-    """Say which jobs /cancel stopped (ids and short prompts), or that there were none."""
+    """Say which jobs /cancel stopped, or asked another process to stop (ids and short
+    prompts), or that there were none."""
     lang = language_of(lang)
     if not jobs:
         return text(lang, "cancel.none")
     lines = [
         text(
             lang,
-            "cancel.line_running" if job.running else "cancel.line_waiting",
+            CANCEL_LINES[job.running, job.later],
             job_id=job.job_id,
             prompt=short_prompt(job.prompt),
         )

@@ -84,6 +84,9 @@ START_RETRY = 0.5
 PRUNE_EVERY = 300.0
 # One alert of a kind to the admins' chats per this many seconds (the log gets each).
 ALERT_EVERY = 600.0
+# How often a process working on jobs asks the ledger whether a /cancel received by another
+# process asked it to stop one (a cheap read by primary key, only while it holds jobs).
+CANCEL_CHECK = 1.0
 
 
 @dataclass(frozen=True)
@@ -116,11 +119,17 @@ class NewApiKey:
 
 @dataclass(frozen=True)
 class CancelledJob:
-    """A job /cancel stopped: waiting ones never ran; a running one is settled later."""
+    """A job /cancel stopped: waiting ones never ran; a running one is settled later.
+
+    `later`: another process works on it; it was asked through the ledger and stops there
+    by the same rules within about CANCEL_CHECK seconds (or, if that process stopped or died,
+    when another takes it over).
+    """
 
     job_id: int
     prompt: str
     running: bool = False
+    later: bool = False
 
 
 @dataclass
@@ -889,33 +898,43 @@ class ImageService:
 
     # --- durable jobs: leases, takeovers, kept results ---------------------------------
     async def keep_leases(self) -> None:
-        """Renew the leases of the jobs this process holds, until cancelled.
+        """Renew the leases of the jobs this process holds, and stop those a /cancel on
+        another process asked to stop, until cancelled.
 
-        Every third of JOB_LEASE; a job another worker took over meanwhile (this process
-        could not renew for a whole lease) is dropped from `held`.
+        Renewed every third of JOB_LEASE; a job another worker took over meanwhile (this
+        process could not renew for a whole lease) is dropped from `held`. Cancel requests
+        are read every CANCEL_CHECK seconds (or as often as the renewals, if that is more).
         """
         every = max(0.2, self.settings.job_lease / 3)
+        renewed = time.monotonic()
         while True:
-            await asyncio.sleep(every)
+            await asyncio.sleep(min(every, CANCEL_CHECK))
             ids = sorted(self.held)
             if not ids:
                 continue
-            asked = time.monotonic()
-            try:
-                kept = await self._write(
-                    self.ledger.renew_leases(self.owner, ids, self.settings.job_lease)
-                )
-            except Exception as err:  # noqa: BLE001 - the store's health reports it
-                log.warning("leases not renewed: %s", err)
-                continue
-            for job_id in kept:
-                self._renewed[job_id] = asked
-            for job_id in set(self._renewed) - self.held:
-                del self._renewed[job_id]
-            for job_id in set(ids) - kept:
-                if job_id in self.held and job_id not in self._inflight:
-                    log.info("job %d is no longer held here (ended or taken over)", job_id)
-                    self.held.discard(job_id)
+            if time.monotonic() - renewed >= every:
+                renewed = time.monotonic()
+                await self._renew(ids)
+            await self._follow_cancels(sorted(self.held))
+
+    async def _renew(self, ids: Sequence[int]) -> None:
+        """Renew the leases on `ids`; let go of those another worker holds now."""
+        asked = time.monotonic()
+        try:
+            kept = await self._write(
+                self.ledger.renew_leases(self.owner, ids, self.settings.job_lease)
+            )
+        except Exception as err:  # noqa: BLE001 - the store's health reports it
+            log.warning("leases not renewed: %s", err)
+            return
+        for job_id in kept:
+            self._renewed[job_id] = asked
+        for job_id in set(self._renewed) - self.held:
+            del self._renewed[job_id]
+        for job_id in set(ids) - kept:
+            if job_id in self.held and job_id not in self._inflight:
+                log.info("job %d is no longer held here (ended or taken over)", job_id)
+                self.held.discard(job_id)
 
     async def take_over(self) -> None:
         """Carry on, until cancelled, the jobs dead processes left (their lease expired).
@@ -962,12 +981,23 @@ class ImageService:
                 self._renewed[job.id] = claimed_at
                 log.info("job %d taken over (%s, attempt %d, lost so far %.2f)",
                          job.id, job.stage.value, job.attempts, job.lost_credits)
+                if job.cancel_requested_at is not None and job.stage is JobStage.QUEUED:
+                    await self._end_cancelled(job)
+                    continue
                 resume = self.resumers.get(_via(job))
                 if resume is not None and not self._closing:
                     resume(job)
                 else:
                     await self._close_orphan(job)
             await asyncio.sleep(every)
+
+    async def _end_cancelled(self, job: JobRecord) -> None:
+        """End a taken-over job its user cancelled while its process stopped or died: at 0,
+        never drawn (the /cancel answer already told the user it stops)."""
+        await self._write(self.ledger.fail(job.id, "cancelled"))
+        self.held.discard(job.id)
+        log.info("job %d cancelled: its user asked while the process holding it stopped",
+                 job.id)
 
     async def _close_orphan(self, job: JobRecord) -> None:
         """End a taken-over job nobody here can carry on (a web or terminal caller is gone)."""
@@ -1299,26 +1329,62 @@ class ImageService:
         return refunded
 
     # --- cancellation and shutdown ---------------------------------------------------
-    def cancel(self, requester: Requester) -> list[CancelledJob]:
+    async def cancel(self, requester: Requester) -> list[CancelledJob]:
         """Cancel the requester's waiting jobs and stop their running ones; say which.
 
         A running job stops being waited for at once; its upstream call finishes in the
         background and the job is charged only what the upstream reports for it, if anything.
+        The jobs this process works on stop now. Behind a load balancer the user's other jobs
+        may be on other processes: they are asked to stop through the ledger, and stop there
+        a moment later by the same rules (a job whose process stopped or died is ended by
+        whoever takes it over, never drawn).
         """
-        mine = {
-            job_id: record
-            for job_id, record in self._inflight.items()
-            if record.requester.user_key == requester.user_key
-        }
-        found = [
-            CancelledJob(job_id, mine[job_id].prompt if job_id in mine else "")
-            for job_id in self.queue.cancel(requester.user_key)
+        user_key = requester.user_key
+        mine = sorted(job_id for job_id, record in self._inflight.items()
+                      if record.requester.user_key == user_key)
+        found = [job for job in map(self._stop_here, mine) if job is not None]
+        try:
+            asked = await self._write(self.ledger.request_cancel(user_key))
+        except STORE_FAILURES as err:
+            log.warning("/cancel of %s: the jobs other processes hold were not asked to stop"
+                        " (%s)", user_key, err)
+            return found
+        # The ledger asks the jobs stopped here too (it still has them open while they end or
+        # settle), so a second /cancel does not name them again; here they are named once.
+        here = {job.job_id for job in found}
+        return found + [
+            CancelledJob(job.id, prompt_of(job), running=job.stage is JobStage.DRAWING,
+                         later=True)
+            for job in asked if job.id not in here
         ]
-        for job_id, record in sorted(mine.items()):
-            if record.drawing and not record.cancel.is_set() and not record.settled:
-                record.cancel.set()
-                found.append(CancelledJob(job_id, record.prompt, running=True))
-        return found
+
+    def _stop_here(self, job_id: int) -> CancelledJob | None:
+        """Cancel one job this process runs, as /cancel does; None if there is nothing to
+        stop (it ended, is ending, or was cancelled already).
+
+        A waiting job leaves the queue; one with a slot that waits for room among every
+        process's jobs stops waiting (both fail at 0); a drawing one stops being waited for.
+        """
+        record = self._inflight.get(job_id)
+        if record is None or record.settled or record.cancel.is_set():
+            return None
+        if self.queue.cancel(record.requester.user_key, job_id):
+            return CancelledJob(job_id, record.prompt)
+        record.cancel.set()
+        return CancelledJob(job_id, record.prompt, running=record.drawing)
+
+    async def _follow_cancels(self, job_ids: Sequence[int]) -> None:
+        """Stop those of this process's jobs that a /cancel asked to stop through the ledger."""
+        try:
+            asked = await self.ledger.cancel_requested(job_ids)
+        except Exception as err:  # noqa: BLE001 - asked again on the next round
+            log.warning("could not read the cancel requests: %s", err)
+            return
+        for job_id in sorted(asked):
+            stopped = self._stop_here(job_id)
+            if stopped is not None:
+                log.info("job %d cancelled (%s) at its user's request, made through the ledger",
+                         job_id, "drawing" if stopped.running else "waiting")
 
     async def shutdown(self, grace: float) -> None:
         """Stop taking jobs, cancel waiting ones, let running ones finish up to `grace`.
@@ -1405,6 +1471,10 @@ class ImageService:
     async def job(self, job_id: int) -> JobRecord | None:
         """Return a stored job."""
         return await self.ledger.get_job(job_id)
+
+    async def job_by_source(self, source_ref: str) -> JobRecord | None:
+        """Return the stored job `source_ref` made (a page job's handle), from any process."""
+        return await self.ledger.job_by_source(source_ref)
 
     async def record_result_refs(self, job_id: int, refs: Sequence[str]) -> None:
         """Remember where a job's delivered files are on its platform (for "vary")."""
@@ -1506,6 +1576,15 @@ def _via(job: JobRecord) -> str:
         origin = {}
     via = origin.get("via") if isinstance(origin, dict) else None
     return str(via) if via else job.platform
+
+
+def prompt_of(job: JobRecord) -> str:
+    """Return the prompt of a stored job (its command, for rows without a stored request)."""
+    try:
+        prompt = json.loads(job.request_json or "{}").get("request", {}).get("prompt")
+    except (ValueError, AttributeError):
+        prompt = None
+    return prompt if isinstance(prompt, str) else job.command_text
 
 
 def _request_from_dict(data: Mapping[str, object]) -> ImageRequest:

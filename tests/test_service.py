@@ -203,7 +203,7 @@ async def test_queue_position_and_cancel(
         second = asyncio.create_task(service.draw(BOB, "low waiting", (), progress))
         await asyncio.wait_for(queued.wait(), 2)
         assert positions == [1]
-        assert service.cancel(BOB)
+        assert await service.cancel(BOB)
         with pytest.raises(Cancelled) as info:
             await second
         assert "未扣费" in info.value.user_message("zh")

@@ -681,6 +681,50 @@ async def test_stages_follow_every_ending_and_released_leases_are_taken_at_once(
         assert mine in taken and other not in taken
 
 
+async def test_a_cancel_request_reaches_the_holder_and_whoever_takes_the_job_over(
+    target: Target, clock: Clock
+) -> None:
+    async with await target.open(clock) as ledger:
+        waiting = await ledger.reserve(who("1"), SPEC, 10)
+        drawing = await ledger.reserve(who("1", "-100"), SPEC, 10)  # the same user elsewhere
+        drawn = await ledger.reserve(who("1"), SPEC, 10)
+        others = await ledger.reserve(who("2"), SPEC, 10)
+        await ledger.mark_started(drawing)
+        await ledger.mark_started(drawn)
+        await ledger.settle(drawn, 5, None)
+        ids = [waiting, drawing, drawn, others]
+        assert await ledger.renew_leases("a", ids, 30) == set(ids)
+        assert await ledger.cancel_requested(ids) == set()
+
+        # /cancel on any process asks for the user's queued and drawing jobs, once.
+        asked = await ledger.request_cancel("telegram:1")
+        assert [(job.id, job.stage) for job in asked] == [
+            (waiting, JobStage.QUEUED), (drawing, JobStage.DRAWING)
+        ]
+        assert {job.cancel_requested_at for job in asked} == {clock.now}
+        clock.advance(seconds=1)
+        assert await ledger.request_cancel("telegram:1") == []
+        first = await ledger.get_job(waiting)
+        assert first is not None and first.cancel_requested_at == START
+        # The holder reads which of its jobs were asked; an ended job is not any more.
+        assert await ledger.cancel_requested([*ids, 10**9, -1]) == {waiting, drawing}
+        assert await ledger.fail(waiting, "cancelled")
+        assert await ledger.cancel_requested(ids) == {drawing}
+
+        # A job whose holder died keeps its request for whoever takes it over.
+        clock.advance(seconds=31)
+        taken = await ledger.claim_expired("b", 30, ["telegram"])
+        requested = {job.id: job.cancel_requested_at is not None for job in taken}
+        assert requested == {drawing: True, drawn: False, others: False}
+        assert [job.stage for job in taken if job.id == drawing] == [JobStage.QUEUED]
+
+        # A page job is found again by the handle it was made with.
+        page = await ledger.reserve(who("3"), replace(SPEC, source_ref="web:page:h1"), 10)
+        found = await ledger.job_by_source("web:page:h1")
+        assert found is not None and found.id == page
+        assert await ledger.job_by_source("web:page:h2") is None
+
+
 async def test_two_workers_claiming_at_once_never_share_a_job(
     target: Target, clock: Clock
 ) -> None:

@@ -324,7 +324,8 @@ class UserCommands(commands.Cog):
     async def cancel(self, interaction: discord.Interaction) -> None:
         """Cancel the user's waiting and running jobs, naming them."""
         requester = requester_of(interaction, self.runner.settings)
-        reply = clip(render_cancelled(self.service.cancel(requester), lang_of(interaction)))
+        stopped = await self.service.cancel(requester)
+        reply = clip(render_cancelled(stopped, lang_of(interaction)))
         await interaction.response.send_message(reply, ephemeral=True)
 
     @app_commands.command(name=loc("discord.cmd.key"), description=loc("discord.cmd.key.desc"))

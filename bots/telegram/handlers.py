@@ -492,7 +492,7 @@ class TelegramAdapter:
         if requester is None:
             return
         lang = language_of(requester.language)
-        await self._answer(update, render_cancelled(self.service.cancel(requester), lang))
+        await self._answer(update, render_cancelled(await self.service.cancel(requester), lang))
 
     async def cmd_key(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Make a personal web API key (`/key [name]`) or revoke yours (`/key revoke`).

@@ -33,13 +33,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from bots.web.api import ApiError
-from bots.web.page import HEADERS, STATIC, WebPage, _error, _json, _lang, _prompt_of
+from bots.web.page import HEADERS, STATIC, WebPage, _error, _json, _lang
 from bots.web.texts import text
 from core import dashboard
 from core.admin import CHANGING_COMMANDS, run_admin
 from core.errors import AccessDenied, ImgbotError
 from core.pricing import format_credits
-from core.service import ImageService
+from core.service import ImageService, prompt_of
 from core.store import JobRecord
 from core.types import Requester
 
@@ -269,7 +269,7 @@ class AdminPage:
             "chat": job.chat_key or "",
             "platform": job.platform,
             "created_at": job.created_at.isoformat(),
-            "prompt": _prompt_of(job),
+            "prompt": prompt_of(job),
             "size": job.size,
             "quality": job.quality,
             "model": job.model,

@@ -23,6 +23,13 @@ the next result or end drops it). Results are kept in the ledger with the API's 
 (an hour, `ResultFiles`), so any replica serves them: the history lists every job from the
 ledger, and offers the original of the ones still kept. Errors use the API's JSON shape,
 worded in the browser's language.
+
+Behind a round-robin proxy a poll may reach another replica than the one running the job, so
+a page job is also in the ledger: its handle names the job it makes (`source_ref`
+`web:page:<handle>`), and two staged parts of the group of that name say who started it
+("start", before the job is reserved) and how it ended ("end": the final answer, result
+included). Another replica answers a poll from those and from the job's stage (waiting,
+drawing, with the seconds since it started); the previews stay with the replica drawing it.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
@@ -64,8 +72,8 @@ from core.messages import language_of
 from core.pricing import format_credits
 from core.reports import render_cancelled, render_spend_line
 from core.runner import JobRunner
-from core.service import DrawOutcome, ImageService
-from core.store import JobRecord
+from core.service import DrawOutcome, ImageService, prompt_of
+from core.store import JobRecord, JobStage
 from core.store.web import KeptFileInfo
 from core.types import KNOWN_MODELS, GeneratedImage, IncomingImage, Progress, Requester
 
@@ -80,6 +88,12 @@ MAX_PAGE_JOBS = 2000
 # A preview on the page: small enough to poll as a data URL, big enough to see it form.
 PREVIEW_MAX_SIDE = 640
 PREVIEW_JPEG_QUALITY = 70
+# A page job in the ledger: the source_ref of the job its handle makes, and the group of its
+# staged "start" (the user's key) and "end" (its final answer, as JSON).
+PAGE_JOB_PREFIX = "web:page:"
+# A page job the ledger has ended with no final answer staged yet still reads as running for
+# this long: the replica running it writes the job's failure before it stages its words.
+ANSWER_GRACE_S = 10.0
 
 # The page calls only its own server; Telegram's web client may show it in a frame.
 HEADERS = {
@@ -104,6 +118,7 @@ class PageJob:
 
     handle: str
     user_key: str
+    lang: str = "en"
     created: float = field(default_factory=time.monotonic)
     state: str = "starting"  # starting | queued | drawing | done | refused | failed
     position: int = 0
@@ -125,7 +140,8 @@ class PageJob:
         now = self.finished or time.monotonic()
         status = ""
         if self.state == "queued":
-            status = text(lang, "progress.queued", position=self.position)
+            status = (text(lang, "progress.queued", position=self.position) if self.position
+                      else text(lang, "web.queued"))
         elif self.state == "drawing":
             status = text(lang, "progress.started")
         return {
@@ -187,13 +203,16 @@ class PageReply:
     async def result(self, outcome: DrawOutcome, four_k_credits: float | None) -> Sequence[str]:
         result = await self.page.keep_result(self.job.user_key, outcome)
         self._end(state="done", result=result)
+        await self.page.share_end(self.job)
         return []  # no platform handles: "vary" has nothing to point at
 
     async def refusal(self, message: str | None, error: ImgbotError | None = None) -> None:
         self._end(state="refused", message=message or "")
+        await self.page.share_end(self.job)
 
     async def failure(self, message: str) -> None:
         self._end(state="failed", message=message)
+        await self.page.share_end(self.job)
 
 
 class WebPage:
@@ -387,8 +406,9 @@ class WebPage:
             # The page shows previews in place of the result while it is drawn.
             requester = replace(await self._requester(request, lang), previews=True)
             command, images, mask = await self._read_job_form(request, lang)
-            job = PageJob(secrets.token_urlsafe(16), requester.user_key)
+            job = PageJob(secrets.token_urlsafe(16), requester.user_key, lang)
             self._remember(job)
+            await self._share_start(job)
             reply = PageReply(job, self)
 
             async def references() -> list[IncomingImage]:
@@ -396,7 +416,7 @@ class WebPage:
 
             async def run() -> None:
                 await self.runner.run(requester, command, references, reply, mask=mask,
-                                      origin=WEB_ORIGIN)
+                                      origin=WEB_ORIGIN, source_ref=PAGE_JOB_PREFIX + job.handle)
 
             task = asyncio.create_task(run(), name=f"page job {job.handle}")
             self._tasks.add(task)
@@ -474,32 +494,74 @@ class WebPage:
             "revised_prompt": outcome.revised_prompt or "",
         }
 
+    async def share_end(self, job: PageJob) -> None:
+        """Put a page job's final answer in the ledger, for a poll another replica gets."""
+        answer = json.dumps(job.as_json(job.lang), ensure_ascii=False)
+        await self._share(job, "end", answer)
+
+    async def _share_start(self, job: PageJob) -> None:
+        await self._share(job, "start", job.user_key)
+
+    async def _share(self, job: PageJob, part: str, payload: str) -> None:
+        try:
+            await self.service.coordination.stage(PAGE_JOB_PREFIX + job.handle, part, payload)
+        except Exception as err:  # noqa: BLE001 - this replica still answers its own polls
+            log.warning("page: the %s of a job is not in the ledger (%s): only this replica"
+                        " answers its polls", part, err)
+
     async def job_state(self, request: Request) -> Response:
         lang = _lang(request)
         try:
-            job = await self._own_job(request, lang)
-            raw = request.query_params.get("seen", "0")
-            seen = int(raw) if raw.isdigit() and len(raw) < 3 else 0
-            return JSONResponse(job.as_json(lang, seen))
+            requester = await self._requester(request, lang)
+            handle = request.path_params["handle"]
+            job = self._local_job(handle, requester.user_key)
+            if job is not None:
+                raw = request.query_params.get("seen", "0")
+                seen = int(raw) if raw.isdigit() and len(raw) < 3 else 0
+                return JSONResponse(job.as_json(lang, seen))
+            answer = await self._job_elsewhere(handle, requester.user_key, lang)
+            if answer is None:
+                raise _error(404, lang, "web.job_unknown", "not_found")
+            return JSONResponse(answer)
         except ApiError as err:
             return err.response()
 
     async def cancel(self, request: Request) -> Response:
         lang = _lang(request)
         try:
-            await self._own_job(request, lang)
             requester = await self._requester(request, lang)
-            stopped = self.service.cancel(requester)
+            handle = request.path_params["handle"]
+            if (self._local_job(handle, requester.user_key) is None
+                    and await self._job_elsewhere(handle, requester.user_key, lang) is None):
+                raise _error(404, lang, "web.job_unknown", "not_found")
+            stopped = await self.service.cancel(requester)
             return JSONResponse({"message": render_cancelled(stopped, lang)})
         except ApiError as err:
             return err.response()
 
-    async def _own_job(self, request: Request, lang: str) -> PageJob:
-        requester = await self._requester(request, lang)
-        job = self.jobs.get(request.path_params["handle"])
-        if job is None or job.user_key != requester.user_key:
-            raise _error(404, lang, "web.job_unknown", "not_found")
-        return job
+    def _local_job(self, handle: str, user_key: str) -> PageJob | None:
+        """Return the user's page job this replica runs (or ran), if it is one."""
+        job = self.jobs.get(handle)
+        return job if job is not None and job.user_key == user_key else None
+
+    async def _job_elsewhere(
+        self, handle: str, user_key: str, lang: str
+    ) -> dict[str, Any] | None:
+        """Describe a page job another replica runs (or ran), from the ledger; None when
+        the user started no such job. No preview: those stay with the replica drawing it."""
+        group = PAGE_JOB_PREFIX + handle
+        parts = {key: (at, payload)
+                 for key, at, payload in await self.service.coordination.staged(group)}
+        start = parts.get("start")
+        if start is None or start[1] != user_key:  # another user's handle reads as unknown
+            return None
+        if "end" in parts:
+            ended: dict[str, Any] = json.loads(parts["end"][1])
+            return ended
+        job = await self.service.job_by_source(group)
+        if job is not None and job.user_key != user_key:
+            return None
+        return _as_seen_in_ledger(handle, user_key, start[0], job, lang).as_json(lang)
 
     # --- history -----------------------------------------------------------------------
 
@@ -541,7 +603,7 @@ class WebPage:
             "created_at": job.created_at.isoformat(),
             "status": job.status.value,
             "status_text": text(lang, f"status.{job.status.value}"),
-            "prompt": _prompt_of(job),
+            "prompt": prompt_of(job),
             "command": job.command_text,
             "size": job.size,
             "quality": job.quality,
@@ -598,9 +660,31 @@ def _file_json(kept: KeptFileInfo) -> dict[str, Any]:
             "height": kept.height, "mime": kept.mime}
 
 
-def _prompt_of(job: JobRecord) -> str:
-    try:
-        prompt = json.loads(job.request_json or "{}").get("request", {}).get("prompt")
-    except (ValueError, AttributeError):
-        prompt = None
-    return prompt if isinstance(prompt, str) else job.command_text
+def _as_seen_in_ledger(
+    handle: str, user_key: str, started: datetime, job: JobRecord | None, lang: str
+) -> PageJob:
+    """Rebuild what a poll shows of a page job from the ledger: `started` is when its
+    start was staged, `job` the job it made (None: not reserved yet)."""
+    now, clock = datetime.now(UTC), time.monotonic()
+
+    def ago(moment: datetime) -> float:
+        return clock - max(0.0, (now - moment).total_seconds())
+
+    seen = PageJob(handle, user_key, lang, created=ago(started))
+    if job is None:
+        return seen  # starting: the replica running it has not reserved it yet
+    ended = job.finished_at or job.delivered_at
+    if job.stage in (JobStage.QUEUED, JobStage.DRAWING, JobStage.DRAWN) or (
+        ended is not None and (now - ended).total_seconds() < ANSWER_GRACE_S
+    ):
+        if job.stage is JobStage.QUEUED or job.started_at is None:
+            seen.state = "queued"
+        else:
+            seen.state, seen.started = "drawing", ago(job.started_at)
+        return seen
+    # Ended long enough ago with no final answer staged: the replica running it stopped
+    # before it could say (web jobs are not carried on); the history has how it ended.
+    seen.state = "failed"
+    seen.message = text(lang, "web.job_ended_elsewhere", job_id=job.id)
+    seen.finished = ago(ended or now)
+    return seen

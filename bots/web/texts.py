@@ -62,6 +62,16 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "No such job.",
         "zh": "没有这个任务。",
     },
+    "web.queued": {
+        "en": "⏳ In the queue",
+        "zh": "⏳ 排队中",
+    },
+    "web.job_ended_elsewhere": {
+        "en": "Job #{job_id} ended without an answer here: the server running it stopped. "
+        "Your history shows how it ended and what it cost.",
+        "zh": "任务 #{job_id} 未能在此返回结果：运行它的服务器已停止。"
+        "你的任务记录中可以看到它的结果和花费。",
+    },
     "web.admin_only": {
         "en": "The dashboard is for the bot's admins only (ADMINS, or the operator's sign-in "
         "link).",

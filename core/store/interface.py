@@ -300,6 +300,20 @@ class Store(abc.ABC):
         `result_refs`, when given, are stored in the same write (as `set_result_refs`)."""
 
     @abc.abstractmethod
+    async def request_cancel(self, user_key: str) -> list[JobRecord]:
+        """Ask whoever works on them to stop the user's queued and drawing jobs; return the
+        ones asked now, oldest first (a job asked before is left as it is, and not returned).
+
+        For /cancel across processes: the process holding a job finds the request with
+        `cancel_requested` and stops the job as its own /cancel would; a job taken over
+        with a request (`JobRecord.cancel_requested_at`) is ended, never drawn.
+        """
+
+    @abc.abstractmethod
+    async def cancel_requested(self, job_ids: Sequence[int]) -> set[int]:
+        """Return those of the jobs, still queued or drawing, that /cancel asked to stop."""
+
+    @abc.abstractmethod
     async def open_jobs(self) -> list[JobRecord]:
         """List the jobs still being worked on (queued, drawing, drawn), oldest first."""
 
@@ -314,6 +328,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_job(self, job_id: int) -> JobRecord | None:
         """Return one job, or None (also for ids no job can have)."""
+
+    @abc.abstractmethod
+    async def job_by_source(self, source_ref: str) -> JobRecord | None:
+        """Return the job `source_ref` (a platform message, a page job's handle) made, or
+        None."""
 
     @abc.abstractmethod
     async def set_result_refs(self, job_id: int, refs: Sequence[str]) -> None:

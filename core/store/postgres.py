@@ -216,6 +216,19 @@ _FINISH_DELIVERY = (
     " WHERE id = $3 AND stage = 'drawn' AND (lease_owner IS NULL OR lease_owner = $4)"
 )
 _SELECT_OPEN = "SELECT * FROM jobs WHERE stage IN ('queued', 'drawing', 'drawn') ORDER BY id"
+# /cancel across processes: a user's open jobs are asked once, their rows locked in id order
+# (as every statement that changes several jobs); a holder reads which of its jobs were asked.
+_REQUEST_CANCEL = (
+    "UPDATE jobs AS j SET cancel_requested_at = $2"
+    " FROM (SELECT id FROM jobs WHERE user_key = $1 AND stage IN ('queued', 'drawing')"
+    "       AND cancel_requested_at IS NULL ORDER BY id FOR UPDATE) AS c"
+    " WHERE j.id = c.id RETURNING j.*"
+)
+_CANCEL_REQUESTED = (
+    "SELECT id FROM jobs WHERE id = ANY($1::bigint[])"
+    " AND stage IN ('queued', 'drawing') AND cancel_requested_at IS NOT NULL"
+)
+_SELECT_JOB_BY_SOURCE = "SELECT * FROM jobs WHERE source_ref = $1"
 # Taken by every capped start (try_start), so its counts cannot change under it.
 START_LOCK_KEY = 0x696D6762_5354  # "imgb" "ST"
 _TRY_START = (
@@ -568,6 +581,7 @@ _COPY_COLUMNS: dict[str, tuple[tuple[str, type], ...]] = {
         ("lease_until", str),
         ("delivered_at", str),
         ("prepaid", int),
+        ("cancel_requested_at", str),
     ),
     "purchases": (
         ("id", int),
@@ -605,7 +619,7 @@ _COPY_COLUMNS: dict[str, tuple[tuple[str, type], ...]] = {
 # for the durable-job columns, what migration 7 gives an old row).
 _LATE_COLUMNS = frozenset(
     {"reported_credits", "usage_flag", "stage", "attempts", "lost_credits", "lease_owner",
-     "lease_until", "delivered_at", "prepaid"}
+     "lease_until", "delivered_at", "prepaid", "cancel_requested_at"}
 )
 # One statement per copied table, written out (tests/test_postgres_store.py checks they list
 # _COPY_COLUMNS, in order). Paging starts after '' or 0: every key is above those.
@@ -626,7 +640,8 @@ _PAGE_JOBS = (
     " size, quality, n, reference_count, status, estimated_credits, actual_credits, usage_json,"
     " error_code, created_at, started_at, finished_at, result_refs, refunded_by, refunded_at,"
     " source_ref, reported_credits, usage_flag, stage, attempts, lost_credits, lease_owner,"
-    " lease_until, delivered_at, prepaid FROM jobs WHERE id > $1 ORDER BY id LIMIT $2"
+    " lease_until, delivered_at, prepaid, cancel_requested_at FROM jobs WHERE id > $1"
+    " ORDER BY id LIMIT $2"
 )
 _PAGE_PURCHASES = (
     "SELECT id, user_key, provider, charge_id, provider_charge_id, pack, amount, currency,"
@@ -659,9 +674,9 @@ _LOAD_JOBS = (
     " request_json, model, size, quality, n, reference_count, status, estimated_credits,"
     " actual_credits, usage_json, error_code, created_at, started_at, finished_at, result_refs,"
     " refunded_by, refunded_at, source_ref, reported_credits, usage_flag, stage, attempts,"
-    " lost_credits, lease_owner, lease_until, delivered_at, prepaid) VALUES ($1, $2, $3,"
-    " $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22,"
-    " $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33)"
+    " lost_credits, lease_owner, lease_until, delivered_at, prepaid, cancel_requested_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,"
+    " $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34)"
 )
 _LOAD_PURCHASES = (
     "INSERT INTO purchases (id, user_key, provider, charge_id, provider_charge_id, pack, amount,"
@@ -1707,6 +1722,28 @@ class PostgresStore(Store):
 
         return await self._write(finish_on)
 
+    async def request_cancel(self, user_key: str) -> list[JobRecord]:
+        """Ask for the user's queued and drawing jobs to be stopped (see Store)."""
+        now_iso = self._now_iso()
+
+        async def ask_on(conn: asyncpg.Connection) -> list[JobRecord]:
+            rows = await conn.fetch(_REQUEST_CANCEL, user_key, now_iso)
+            return sorted((job_from_mapping(row) for row in rows), key=lambda job: job.id)
+
+        return await self._write(ask_on)
+
+    async def cancel_requested(self, job_ids: Sequence[int]) -> set[int]:
+        """Return those of the jobs, still queued or drawing, that /cancel asked to stop."""
+        ids = sorted({int(i) for i in job_ids if is_row_id(i)})
+        self._require()
+        if not ids:
+            return set()
+
+        async def read(conn: asyncpg.Connection) -> set[int]:
+            return {int(row[0]) for row in await conn.fetch(_CANCEL_REQUESTED, ids)}
+
+        return await self._read(read)
+
     async def open_jobs(self) -> list[JobRecord]:
         """List the jobs still being worked on, oldest first."""
 
@@ -1754,6 +1791,15 @@ class PostgresStore(Store):
 
         async def read(conn: asyncpg.Connection) -> JobRecord | None:
             row = await conn.fetchrow(_SELECT_JOB, job_id)
+            return job_from_mapping(row) if row is not None else None
+
+        return await self._read(read)
+
+    async def job_by_source(self, source_ref: str) -> JobRecord | None:
+        """Return the job `source_ref` made, or None."""
+
+        async def read(conn: asyncpg.Connection) -> JobRecord | None:
+            row = await conn.fetchrow(_SELECT_JOB_BY_SOURCE, source_ref)
             return job_from_mapping(row) if row is not None else None
 
         return await self._read(read)

@@ -907,8 +907,9 @@ MIGRATIONS = (
     ),
 )
 
-# Migration 11, as SQLite's: kept results in the ledger (core/results.py). No money moves,
-# so imgbot_write_batch stays as it was.
+# Migration 11, as SQLite's: kept results in the ledger (core/results.py); 12: /cancel
+# asks whoever holds a job to stop it. No money moves in either, so imgbot_write_batch
+# stays as it was.
 MIGRATIONS = (
     *MIGRATIONS,
     Migration(
@@ -933,6 +934,11 @@ MIGRATIONS = (
             # As web_files: images are compressed already, so no pglz attempt on each.
             "ALTER TABLE kept_result_images ALTER COLUMN data SET STORAGE EXTERNAL",
         ),
+    ),
+    Migration(
+        12,
+        "jobs.cancel_requested_at: /cancel asks whoever holds a job to stop it",
+        ('ALTER TABLE jobs ADD COLUMN cancel_requested_at text COLLATE "C"',),
     ),
 )
 

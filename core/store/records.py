@@ -165,6 +165,8 @@ class JobRecord:
     lease_until: datetime | None = None
     delivered_at: datetime | None = None
     prepaid: bool = False
+    # When /cancel (received by any process) asked whoever works on this job to stop it.
+    cancel_requested_at: datetime | None = None
 
     @property
     def user_id(self) -> str:
@@ -491,6 +493,7 @@ def job_from_mapping(row: Any) -> JobRecord:
         lease_until=parse_time(_optional(row, "lease_until")),
         delivered_at=parse_time(_optional(row, "delivered_at")),
         prepaid=bool(_optional(row, "prepaid") or 0),
+        cancel_requested_at=parse_time(_optional(row, "cancel_requested_at")),
     )
 
 

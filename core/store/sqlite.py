@@ -272,6 +272,16 @@ _FINISH_DELIVERY = (
     " RETURNING id"
 )
 _SELECT_OPEN = "SELECT * FROM jobs WHERE stage IN ('queued', 'drawing', 'drawn') ORDER BY id"
+# /cancel across processes: a user's open jobs are asked once (jobs_user_open finds them),
+# and a holder reads which of its jobs were asked.
+_REQUEST_CANCEL = (
+    "UPDATE jobs SET cancel_requested_at = ? WHERE user_key = ?"
+    " AND stage IN ('queued', 'drawing') AND cancel_requested_at IS NULL RETURNING *"
+)
+_CANCEL_REQUESTED = (
+    "SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(?))"
+    " AND stage IN ('queued', 'drawing') AND cancel_requested_at IS NOT NULL"
+)
 # A start only with room among every process's drawing jobs (the writer runs it alone).
 _TRY_START = (
     "UPDATE jobs SET started_at = :now WHERE id = :id AND status = 'reserved'"
@@ -1294,6 +1304,20 @@ class SqliteStore(Store):
         )
         return bool(rows)
 
+    async def request_cancel(self, user_key: str) -> list[JobRecord]:
+        """Ask for the user's queued and drawing jobs to be stopped (see Store)."""
+        rows = await self._single(_REQUEST_CANCEL, (self._now_iso(), user_key))
+        return sorted((job_from_mapping(row) for row in rows), key=lambda job: job.id)
+
+    async def cancel_requested(self, job_ids: Sequence[int]) -> set[int]:
+        """Return those of the jobs, still queued or drawing, that /cancel asked to stop."""
+        ids = [int(i) for i in job_ids if is_row_id(i)]
+        if not ids:
+            self._require()
+            return set()
+        rows = await self._read_all(_CANCEL_REQUESTED, (json.dumps(ids),))
+        return {int(row[0]) for row in rows}
+
     async def open_jobs(self) -> list[JobRecord]:
         """List the jobs still being worked on, oldest first."""
         return [job_from_mapping(row) for row in await self._read_all(_SELECT_OPEN)]
@@ -1324,6 +1348,11 @@ class SqliteStore(Store):
         if not is_row_id(job_id):
             return None
         row = await self._read_one(_SELECT_JOB, (job_id,))
+        return job_from_mapping(row) if row is not None else None
+
+    async def job_by_source(self, source_ref: str) -> JobRecord | None:
+        """Return the job `source_ref` made, or None."""
+        row = await self._read_one("SELECT * FROM jobs WHERE source_ref = ?", (source_ref,))
         return job_from_mapping(row) if row is not None else None
 
     async def set_result_refs(self, job_id: int, refs: Sequence[str]) -> None:

@@ -475,6 +475,16 @@ KEPT_RESULTS = Migration(
 )
 MIGRATIONS = (*MIGRATIONS, KEPT_RESULTS)
 
+# Migration 12: /cancel across replicas. The process that receives /cancel stops the jobs it
+# holds at once and marks the user's other open jobs here; whoever holds them (or takes them
+# over) sees the mark and stops them as a /cancel of its own would.
+CANCEL_REQUESTS = Migration(
+    12,
+    "jobs.cancel_requested_at: /cancel asks whoever holds a job to stop it",
+    ("ALTER TABLE jobs ADD COLUMN cancel_requested_at TEXT",),
+)
+MIGRATIONS = (*MIGRATIONS, CANCEL_REQUESTS)
+
 # Migrations are written where their code is; they run in version order.
 MIGRATIONS = tuple(sorted(MIGRATIONS, key=lambda migration: migration.version))
 LATEST_VERSION = MIGRATIONS[-1].version

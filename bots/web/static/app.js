@@ -36,6 +36,7 @@ const TEXTS = {
     draw: "Draw", cancel: "Cancel",
     starting: "Starting… {seconds} s",
     queued: "In the queue: #{position} · {seconds} s",
+    waiting: "In the queue · {seconds} s",
     drawing: "Drawing… {seconds} s",
     drawingPreview: "Drawing… {seconds} s — preview {number}",
     previewMeta: "Preview {number}: still drawing, the result takes its place.",
@@ -82,6 +83,7 @@ const TEXTS = {
     draw: "画图", cancel: "取消",
     starting: "正在开始… {seconds} 秒",
     queued: "排队中：第 {position} 位 · {seconds} 秒",
+    waiting: "排队中 · {seconds} 秒",
     drawing: "正在绘制… {seconds} 秒",
     drawingPreview: "正在绘制… {seconds} 秒 — 预览 {number}",
     previewMeta: "预览 {number}：仍在绘制，完成后由结果替换。",
@@ -573,6 +575,8 @@ function renderProgress() {
   if (!job) return;
   const seconds = Math.floor((performance.now() - state.jobT0) / 1000);
   let key = { queued: "queued", drawing: "drawing" }[job.state] || "starting";
+  // A poll answered by another replica knows the job waits, not its place.
+  if (key === "queued" && !job.position) key = "waiting";
   if (key === "drawing" && state.previewSeen) key = "drawingPreview";
   $("progress").textContent = t(key, { position: job.position, seconds, number: state.previewSeen });
   $("progress").dataset.state = job.state;
