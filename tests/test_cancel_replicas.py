@@ -291,7 +291,9 @@ async def test_the_page_polled_and_cancelled_on_b_follows_the_jobs_a_runs(
         assert original.status_code == 200 and original.headers["content-type"] == "image/png"
         job = await b.service.ledger.get_job(done["result"]["job_id"])
         assert job is not None and job.stage is JobStage.DELIVERED
-        assert job.lease_owner == a.service.owner  # A drew it; B only answered
+        # A drew it (a job done within half a lease may never have needed a lease written);
+        # B only answered.
+        assert job.lease_owner in (None, a.service.owner)
         # Another user's handle reads as unknown on either replica, and cannot cancel.
         for at in (a, b):
             other = await http.get(f"{at.url}/web/api/jobs/{handle}", headers=bearer(bob))

@@ -109,10 +109,10 @@ async def test_migrations_create_the_latest_version_and_a_second_open_changes_no
     stores = await asyncio.gather(*(open_store(pg_url) for _ in range(3)))
     for store in stores:
         assert store.kind == "postgresql"
-        assert await store.schema_version() == LATEST_VERSION == 11
+        assert await store.schema_version() == LATEST_VERSION == 12
         await store.close()
     rows = await fetch(pg_url, "SELECT version, description FROM schema_version")
-    assert [version for version, _ in rows] == [4, 5, 6, 7, 8, 9, 10, 11]
+    assert [version for version, _ in rows] == [4, 5, 6, 7, 8, 9, 10, 11, 12]
     tables = {
         name
         for (name,) in await fetch(

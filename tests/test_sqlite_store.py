@@ -213,7 +213,7 @@ def build_v2_database(path: Path) -> None:
 async def test_upgrade_from_v2_backfills_the_running_totals(db_path: Path, clock: Clock) -> None:
     build_v2_database(db_path)
     async with await open_ledger(db_path, clock, chat_daily=1100, global_daily=10_000) as ledger:
-        assert await ledger.schema_version() == LATEST_VERSION == 11
+        assert await ledger.schema_version() == LATEST_VERSION == 12
         await assert_totals_match_jobs(sqlite_target(db_path))
         # Today: Ann 120 + 250 in chat -9; Bo 700 (unsettled) in -9, 33.333333 outside it.
         assert await ledger.global_spent_today() == pytest.approx(370 + 700 + 33.333333)
