@@ -78,18 +78,25 @@ async def me(http: httpx.AsyncClient, at: Replica, token: str) -> httpx.Response
     return await http.get(f"{at.url}/web/api/me", headers=bearer(token))
 
 
-def printed_code(capsys: pytest.CaptureFixture[str]) -> str:
-    [code] = re.findall(r"/#signin=(\S+)", capsys.readouterr().out)
-    return code
+async def printed_code(capsys: pytest.CaptureFixture[str]) -> str:
+    """Return the sign-in code a replica printed (it prints just after it starts listening)."""
+    out = ""
+    for _ in range(500):
+        out += capsys.readouterr().out
+        if found := re.findall(r"/#signin=(\S+)", out):
+            [code] = found
+            return code
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no sign-in link printed: {out!r}")
 
 
 async def test_two_replicas_on_one_ledger_answer_as_one_web_door(
     replica: Callable[..., Any], pg_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with replica(database_url=pg_url) as a:
-        a_code = printed_code(capsys)  # alone (no bot token): each replica prints a link
+        a_code = await printed_code(capsys)  # alone (no bot token): each replica prints a link
         async with replica(database_url=pg_url) as b, httpx.AsyncClient() as http:
-            b_code = printed_code(capsys)
+            b_code = await printed_code(capsys)
             _, key = await a.service.ledger.create_api_key(ADMIN, "two replicas")
 
             # A session opened through A works on B (and on A).
