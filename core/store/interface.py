@@ -53,7 +53,14 @@ from core.store.records import (
     SpendReport,
     UserRecord,
 )
-from core.store.web import FileToKeep, KeptFileData, KeptFileInfo, WebSession
+from core.store.web import (
+    FileToKeep,
+    KeptFileData,
+    KeptFileInfo,
+    WebSession,
+    link_mark,
+    new_token,
+)
 from core.types import GeneratedImage
 
 # The tables a ledger copy moves, in the order that keeps references valid, with the
@@ -506,13 +513,18 @@ class Store(abc.ABC):
     async def close_session(self, token: str) -> None:
         """End a session (sign out); an unknown token is ignored."""
 
-    @abc.abstractmethod
     async def new_link_code(self, seconds: float) -> str:
-        """Make a one-time sign-in code good for `seconds`; return it (only its hash is kept)."""
+        """Make a one-time sign-in code good for `seconds`; return it (only its hash is kept,
+        as a mark: see core/store/web.py)."""
+        code = new_token()
+        await self.mark_once(link_mark(code), seconds)
+        return code
 
-    @abc.abstractmethod
     async def spend_link_code(self, code: str) -> bool:
         """Spend a sign-in code: True once while it is fresh, from any process; then False."""
+        if not code:
+            return False
+        return await self.take_mark(link_mark(code))
 
     @abc.abstractmethod
     async def keep_files(

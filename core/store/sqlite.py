@@ -119,7 +119,7 @@ from core.store.web import (
     KeptFileInfo,
     WebSession,
     check_session,
-    link_mark,
+    file_rows,
     new_token,
     session_from_mapping,
     token_hash,
@@ -1743,18 +1743,6 @@ class SqliteStore(Store):
             "DELETE FROM web_sessions WHERE token_hash = ? RETURNING 1", (token_hash(token),)
         )
 
-    async def new_link_code(self, seconds: float) -> str:
-        """Make a one-time sign-in code good for `seconds`; return it."""
-        code = new_token()
-        await self.mark_once(link_mark(code), seconds)
-        return code
-
-    async def spend_link_code(self, code: str) -> bool:
-        """Spend a sign-in code: True once while it is fresh; then False."""
-        if not code:
-            return False
-        return await self.take_mark(link_mark(code))
-
     async def keep_files(
         self,
         job_id: int,
@@ -1767,13 +1755,9 @@ class SqliteStore(Store):
         if not files:
             return
         now = self._now()
-        now_iso, until = iso(now), iso(now + timedelta(seconds=seconds))
+        now_iso = iso(now)
         incoming = sum(len(f.data) for f in files)
-        rows = [
-            (f.name, job_id, n, user_key, f.mime, f.width, f.height, len(f.data), now_iso, until,
-             f.data)
-            for n, f in enumerate(files)
-        ]
+        rows = file_rows(job_id, user_key, files, now_iso, iso(now + timedelta(seconds=seconds)))
 
         async def write_on(conn: aiosqlite.Connection) -> None:
             await conn.execute("DELETE FROM web_files WHERE expires_at <= ?", (now_iso,))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -113,3 +114,15 @@ def check_session(how: str, seconds: float) -> None:
         raise ValueError(f"a session is opened with one of {SESSION_KINDS}, not {how!r}")
     if not seconds > 0:
         raise ValueError("a session needs a time to live > 0")
+
+
+def file_rows(
+    job_id: int, user_key: str, files: Sequence[FileToKeep], now_iso: str, until_iso: str
+) -> list[tuple[object, ...]]:
+    """Return the `web_files` rows of a job's kept images, in their order (both backends):
+    name, job, index, user, mime, width, height, size, kept at, kept until, bytes."""
+    return [
+        (f.name, job_id, n, user_key, f.mime, f.width, f.height, len(f.data), now_iso, until_iso,
+         f.data)
+        for n, f in enumerate(files)
+    ]
