@@ -228,7 +228,7 @@ def test_replicas_share_the_rates_and_take_a_gone_ones_share_only_after_a_minute
     clock = Clock()
     limiter = FloodLimiter(timebase=clock)
     limiter.share_with(3)
-    assert limiter._overall.limit == 10 and limiter._group_per_minute == 6
+    assert limiter._overall.limit == 7 and limiter._group_per_minute == 6
     assert limiter._interval == pytest.approx(3.0)
     # One replica gone: its sends still count in Telegram's windows for a minute.
     limiter.share_with(2)
@@ -238,6 +238,34 @@ def test_replicas_share_the_rates_and_take_a_gone_ones_share_only_after_a_minute
     assert limiter.replicas == 3
     clock.at += 2
     limiter.share_with(2)
-    assert limiter.replicas == 2 and limiter._overall.limit == 15
+    assert limiter.replicas == 2 and limiter._overall.limit == 11
     limiter.share_with(4)  # more replicas: a smaller share at once
     assert limiter.replicas == 4 and limiter._group_per_minute == 5
+
+
+def test_with_turns_in_the_ledger_a_chat_keeps_telegrams_spacing_not_n_times_it() -> None:
+    # Three replicas: the overall and group rates are shared out (with a quarter spare), but a
+    # chat's one message a second is kept by turns in the ledger (held the spacing after each
+    # send), so each process must not also wait three seconds between a chat's messages.
+    class Clock(Timebase):
+        at = 1000.0
+
+        def now(self) -> float:
+            return self.at
+
+    class Turns:
+        async def take(self, chat: str) -> bool:
+            return True
+
+        async def done(self, chat: str, spacing: float) -> None:
+            pass
+
+    clock = Clock()
+    alone, gated = FloodLimiter(timebase=clock), FloodLimiter(timebase=clock)
+    gated.gate = Turns()
+    for limiter in (alone, gated):
+        limiter.share_with(3)
+        limiter._chat(42).last_done = clock.at
+    clock.at += 1.05
+    assert alone._delay(alone._chat(42), 1, clock.now()) == pytest.approx(1.95)
+    assert gated._delay(gated._chat(42), 1, clock.now()) == 0.0

@@ -247,7 +247,14 @@ def test_200_jobs_40_users_a_kill_and_a_rolling_restart(
         lost = sum(job["attempts"] - 1 for job in rows)
         assert len(rows) <= len(draws) <= len(rows) + lost
         # One bot's flood limits, over three replicas.
-        assert tg.flood_refusals == []
+        def story(refused: Any) -> str:
+            ok = tg.of(*{c.method for c in tg.calls}, ok=True)
+            near = [(c.method, round(refused.at - c.at, 3)) for c in ok
+                    if c.chat_id == refused.chat_id and 0 <= refused.at - c.at < 1.5]
+            busy = sum(c.cost for c in ok if c.cost and 0 <= refused.at - c.at < 1.0)
+            return f"{refused.method} to {refused.chat_id}: same chat before {near}; {busy} in 1 s"
+
+        assert tg.flood_refusals == [], [story(c) for c in tg.flood_refusals]
         for bot in replicas:
             assert bot.stop(signal.SIGTERM, within=60) == 0
     finally:

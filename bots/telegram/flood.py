@@ -72,6 +72,10 @@ MESSAGE_METHODS = frozenset(
 Callback = Callable[..., Coroutine[Any, Any, Any]]
 
 
+# The part of Telegram's overall rate replicas share out (arrivals bunch up: see share_with).
+SHARED_OVERALL = 0.75
+
+
 class ChatGate(Protocol):
     """Turns to send to a chat, shared by the processes sending for one bot."""
 
@@ -242,7 +246,9 @@ class FloodLimiter(BaseRateLimiter[str]):
         self._interval = interval * n
         self._group_per_minute = max(1, group // n)
         self._group_reserve = group_reserve // n
-        self._overall.limit = max(1, overall // n)
+        # Each process counts its own sends by its own clock; Telegram counts arrivals. Apart,
+        # N shares can land bunched up, so replicas leave a quarter of the overall rate spare.
+        self._overall.limit = max(1, overall // n if n == 1 else int(overall * SHARED_OVERALL) // n)
         self._overall_reserve = overall_reserve // n
         for chat in self._chats.values():
             if chat.window is not None:
@@ -278,7 +284,11 @@ class FloodLimiter(BaseRateLimiter[str]):
 
     def _delay(self, chat: _Chat, cost: int, now: float) -> float | None:
         """Seconds until `cost` messages may go to `chat` (None: wait for a call in flight)."""
-        waits = [chat.blocked_until - now, chat.last_done + self._interval - now]
+        # With turns in the ledger the chat's spacing is already kept across processes (a
+        # turn is held the spacing after each message): 1/N of it here as well would make
+        # every chat N times slower than Telegram allows.
+        spacing = self._base[0] if self.gate is not None else self._interval
+        waits = [chat.blocked_until - now, chat.last_done + spacing - now]
         for window in (chat.window, self._overall):
             if window is None:
                 continue
