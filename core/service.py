@@ -409,8 +409,11 @@ class ImageService:
         kept in the job's request for the notice after a crash.
         """
         lang = language_of(requester.language)
-        if self._closing:
+        if self._closing and not self.can_resume(origin):
             raise Cancelled("job.shutting_down")
+        # A chat job arriving while this process stops (a rolling restart: the proxy still
+        # sends it updates) is reserved all the same and left queued for another process,
+        # which carries it on; refusing it would lose it, its update being handled.
         # Platform JSON may carry lone surrogates or control characters; SQLite and the API
         # take neither, so the ledger stores (and a replay parses) the cleaned text.
         text = clean_text(text)
@@ -429,6 +432,15 @@ class ImageService:
             previews=requester.previews and progress is not None,
         )
         self.rate.hit(requester.user_key)
+        if self._closing:
+            if not self.can_resume(origin):
+                raise Cancelled("job.shutting_down")
+            # Kept queued and unleased: another process (or the next start) claims it once
+            # it is a lease old, and carries it on.
+            job_id = await self._reserve(
+                requester, text, request, refs, estimate, references, source_ref, origin
+            )
+            raise Cancelled("job.resumes_after_restart", job_id=job_id)
         # The room check and the place in the queue in one step, before the reservation's
         # await: checked first and queued after, requests arriving together all got in.
         ticket = self.queue.admit(requester.user_key)

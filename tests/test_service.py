@@ -685,3 +685,29 @@ async def test_a_job_taken_over_while_drawing_is_let_go_of_not_charged_twice(
         )
         assert job.actual_credits is None and job.lost_credits == job.estimated_credits
         assert claimed[0].id not in slow.held
+
+
+async def test_a_chat_job_arriving_while_stopping_is_kept_for_another_process(
+    make_service: Callable[..., Any],
+) -> None:
+    # A rolling restart: the proxy still hands this process an update after SIGTERM. A chat
+    # job (its front end can carry jobs on) is reserved and left queued, for another process
+    # to claim and deliver; refusing it would lose it, its update being marked handled.
+    async with make_service(job_lease=1) as stopping, make_service(job_lease=1) as other:
+        for service in (stopping, other):
+            service.resumers["telegram"] = lambda job: None
+        await stopping.shutdown(0)
+        origin = {"via": "telegram", "chat": "1"}
+        with pytest.raises(Cancelled) as told:
+            await stopping.draw(ALICE, "low a cat", origin=origin, source_ref="tg:1:77")
+        assert told.value.key == "job.resumes_after_restart"
+        job_id = told.value.params["job_id"]
+        job = await other.ledger.get_job(job_id)
+        assert job is not None and (job.status, job.stage) == (JobStatus.RESERVED, JobStage.QUEUED)
+        # A web or terminal job cannot be carried on: refused, nothing reserved.
+        with pytest.raises(Cancelled) as refused:
+            await stopping.draw(BOB, "low a dog")
+        assert refused.value.key == "job.shutting_down"
+        await asyncio.sleep(1.1)  # a lease old: the other process takes it over
+        claimed = await other.ledger.claim_expired(other.owner, 1, ["telegram"])
+        assert [job.id for job in claimed] == [job_id]
