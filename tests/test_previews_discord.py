@@ -37,9 +37,9 @@ def red(data: bytes) -> int:
 async def test_partials_are_edited_into_the_answer_then_the_result_replaces_them(
     settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
 ) -> None:
-    # Previews at 0.6, 1.2, 1.8 s; the image at 2.4 s: room for at least one preview's
-    # edit before the result even on a busy machine (later ones may be skipped for newer).
-    fake_api.delay = 2.4
+    # Previews at 1, 2, 3 s; the image at 4 s: room for at least one preview's edit before
+    # the result even on a busy machine (later ones may be skipped for newer).
+    fake_api.delay = 4.0
     config = make_settings(settings, tmp_path, preview_count=3)
     async with running_bot(config, FakeCdn()) as h:
         calls = await h.feed(p.slash("img", [p.option("prompt", "16:9 low a red fox")]))
