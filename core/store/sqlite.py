@@ -111,7 +111,6 @@ from core.store.records import (
     username_key,
     utc_now,
 )
-from core.store.report_sql import CHATS_WITH_OVERRIDES, USERS_WITH_OVERRIDES, period_queries
 from core.store.sqlite_schema import LATEST_VERSION, MIGRATIONS, SCHEMA_VERSION_DDL
 from core.store.web import (
     SESSIONS_PER_USER,
@@ -390,11 +389,32 @@ _OUTCOMES = (
     f" SUM(charged) AS credits FROM jobs WHERE {_PERIOD}"
     " GROUP BY stage, status, code ORDER BY jobs DESC, stage, status, code"
 )
-_BY_PERIOD = period_queries(_PERIOD)
-_PURCHASE_TOTALS = _BY_PERIOD.purchase_totals
-_PREPAID_SPEND = _BY_PERIOD.prepaid_spend
-_DRAWN = _BY_PERIOD.drawn
-_DRAWN_COUNT = _BY_PERIOD.drawn_count
+_PURCHASE_TOTALS = (
+    "SELECT COUNT(*) AS purchases,"  # noqa: S608 - constant text
+    " COALESCE(SUM(CASE WHEN currency = 'XTR' THEN amount END), 0) AS stars,"
+    " COALESCE(SUM(credits), 0) AS credits,"
+    " COALESCE(SUM(CASE WHEN status = 'refunded' THEN 1 ELSE 0 END), 0) AS refunds,"
+    " COALESCE(SUM(CASE WHEN status = 'refunded' AND currency = 'XTR' THEN amount END), 0)"
+    " AS refunded_stars,"
+    " COALESCE(SUM(refunded_credits), 0) AS refunded_credits"
+    f" FROM purchases WHERE {_PERIOD}"
+)
+# Settled: succeeded, or failed with a charge; held: still reserved or unsettled.
+_SETTLED = "(status = 'succeeded' OR (status = 'failed' AND charged_micro > 0))"
+_PREPAID_SPEND = (
+    f"SELECT COALESCE(SUM(CASE WHEN {_SETTLED} THEN 1 ELSE 0 END), 0) AS jobs,"  # noqa: S608
+    f" COALESCE(SUM(CASE WHEN {_SETTLED} THEN charged ELSE 0 END), 0) AS credits,"
+    f" COALESCE(SUM(CASE WHEN {_SETTLED}"
+    " THEN COALESCE(reported_credits, actual_credits, 0) ELSE 0 END), 0) AS upstream,"
+    " COALESCE(SUM(CASE WHEN status IN ('reserved', 'unsettled') THEN charged ELSE 0 END), 0)"
+    " AS held"
+    f" FROM jobs WHERE prepaid <> 0 AND {_PERIOD}"
+)
+_DRAWN = (
+    "FROM jobs WHERE stage IN ('drawn', 'delivered', 'undelivered')"
+    f" AND started_at IS NOT NULL AND finished_at IS NOT NULL AND {_PERIOD}"
+)
+_DRAWN_COUNT = f"SELECT COUNT(*) {_DRAWN}"  # noqa: S608 - constant text
 _DRAW_TIME_AT = (
     "SELECT (julianday(finished_at) - julianday(started_at)) * 86400.0 AS seconds"  # noqa: S608
     f" {_DRAWN} ORDER BY seconds, id LIMIT 1 OFFSET :offset"
@@ -408,6 +428,13 @@ _LIST_JOBS = (
 _SELECT_UNDELIVERED = (
     "SELECT * FROM jobs WHERE stage = 'undelivered' AND status <> 'refunded'"
     " ORDER BY id LIMIT ?"
+)
+_USERS_WITH_OVERRIDES = (
+    "SELECT * FROM users WHERE daily_limit IS NOT NULL OR monthly_limit IS NOT NULL"
+    " OR blocked <> 0 ORDER BY user_key"
+)
+_CHATS_WITH_OVERRIDES = (
+    "SELECT * FROM chats WHERE daily_limit IS NOT NULL OR blocked <> 0 ORDER BY chat_key"
 )
 # Generated columns are computed, never copied.
 _GENERATED = frozenset({"charged", "charged_micro"})
@@ -1614,11 +1641,11 @@ class SqliteStore(Store):
 
     async def users_with_overrides(self) -> list[UserRecord]:
         """List the users with a limit of their own or blocked, by user key."""
-        return [user_from_mapping(row) for row in await self._read_all(USERS_WITH_OVERRIDES)]
+        return [user_from_mapping(row) for row in await self._read_all(_USERS_WITH_OVERRIDES)]
 
     async def chats_with_overrides(self) -> list[ChatRecord]:
         """List the chats with a limit of their own or blocked, by chat key."""
-        return [chat_from_mapping(row) for row in await self._read_all(CHATS_WITH_OVERRIDES)]
+        return [chat_from_mapping(row) for row in await self._read_all(_CHATS_WITH_OVERRIDES)]
 
     # --- personal API keys ---------------------------------------------------------------
 
