@@ -247,6 +247,13 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     for warning in settings.id_warnings():
         log.warning("settings: %s (this entry matches nobody)", warning)
     async with open_service(settings) as service:
+        # Count the replicas before any front end sends: a process restarting into a busy
+        # set of replicas would otherwise use the whole of the bot's flood budget until its
+        # first beat.
+        try:
+            await service.beat(_beat_every(service))
+        except Exception as err:  # noqa: BLE001 - the beat loop tries again and reports it
+            log.warning("could not write the replica heartbeat: %s", err)
         tasks = {
             asyncio.create_task(supervise(front, settings, service, stop), name=front.name): (
                 front.name

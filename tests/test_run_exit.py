@@ -110,3 +110,34 @@ async def test_health_is_unhealthy_while_the_ledger_cannot_be_written(
         assert await asyncio.to_thread(health, config) == 0
     finally:
         beat.cancel()
+
+
+async def counts_replicas(settings: Settings, service: ImageService, stop: asyncio.Event) -> None:
+    seen["replicas_at_start"] = service.replicas
+    await stop.wait()
+
+
+async def test_front_ends_start_knowing_how_many_replicas_share_the_ledger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A process restarting among live replicas must take its share of the bot's flood budget
+    # from its first message, not the whole of it until its first heartbeat.
+    from core.store import Limits, open_store
+
+    config = _settings(tmp_path)
+    store = await open_store(config.store_url, Limits.from_settings(config))
+    try:
+        await store.hold_lease("replica:other-host:1", "other-host:1", 60.0, "{}")
+    finally:
+        await store.close()
+    seen.clear()
+    monkeypatch.setattr(bots_run, "FRONT_ENDS", (_front("counting", "counts_replicas"),))
+    stop = asyncio.Event()
+    running = asyncio.create_task(serve(config, stop))
+    for _ in range(100):
+        if "replicas_at_start" in seen:
+            break
+        await asyncio.sleep(0.05)
+    stop.set()
+    assert await asyncio.wait_for(running, 20) == 0
+    assert seen["replicas_at_start"] == 2
