@@ -247,6 +247,9 @@ class ImageService:
         self._renewed: dict[int, float] = {}
         self.results = result_keeper(settings.keep_results, ledger, settings.data_path / "results")
         self.resumers: dict[str, Callable[[JobRecord], None]] = {}
+        # Platforms whose front end ran here: their jobs can be carried on by any process
+        # running it (the next start, or another replica), even after ours stopped.
+        self._resumable: set[str] = set()
         # Replicas: how many `imgbot run` processes share this ledger (from their heartbeats,
         # this one included), who wants to know when that changes (a flood limiter sharing
         # Telegram's budget), and the roles this process plays (for doctor).
@@ -460,10 +463,21 @@ class ImageService:
             resumable=self.can_resume(origin), command_text=text,
         )
 
+    def add_resumer(self, platform: str, resume: Callable[[JobRecord], None]) -> None:
+        """A front end carries on its platform's jobs that dead processes left."""
+        self.resumers[platform] = resume
+        self._resumable.add(platform)
+
+    def drop_resumer(self, platform: str) -> None:
+        """The front end is stopping: it takes no more jobs over. Its platform's jobs stay
+        resumable: one arriving now (its update was already in the queue) is kept for the
+        next process that runs the platform."""
+        self.resumers.pop(platform, None)
+
     def can_resume(self, origin: Mapping[str, str] | None) -> bool:
-        """Say whether a job from `origin` can be carried on by a later process here (its
-        front end registered a resumer); the web API's and the terminal's cannot."""
-        return bool(origin) and str((origin or {}).get("via", "")) in self.resumers
+        """Say whether a job from `origin` can be carried on by a later process (its front
+        end ran here and registered a resumer); the web API's and the terminal's cannot."""
+        return bool(origin) and str((origin or {}).get("via", "")) in self._resumable
 
     async def _reserve(
         self,

@@ -135,12 +135,12 @@ class ImgBot(commands.AutoShardedBot):
     def start_durable(self) -> None:
         """Carry on Discord jobs a dead process left, and send operator alerts to the
         Discord admins (ADMINS entries `discord:<id>`) by direct message."""
-        self.service.resumers[PLATFORM] = self.resume
+        self.service.add_resumer(PLATFORM, self.resume)
         self.service.alert_senders.append(self.alert_admins)
 
     def stop_durable(self) -> None:
         """Take no more jobs over (the bot is stopping)."""
-        self.service.resumers.pop(PLATFORM, None)
+        self.service.drop_resumer(PLATFORM)
         if self.alert_admins in self.service.alert_senders:
             self.service.alert_senders.remove(self.alert_admins)
 

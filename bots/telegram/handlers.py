@@ -637,12 +637,12 @@ class TelegramAdapter:
     def start_durable(self) -> None:
         """Carry on Telegram jobs a dead process left, and send operator alerts to the
         Telegram admins (ADMINS entries `telegram:<id>`)."""
-        self.service.resumers["telegram"] = self.resume
+        self.service.add_resumer("telegram", self.resume)
         self.service.alert_senders.append(self.alert_admins)
 
     def stop_durable(self) -> None:
         """Take no more jobs over (the bot is stopping)."""
-        self.service.resumers.pop("telegram", None)
+        self.service.drop_resumer("telegram")
         self.service.payment_refunders.pop(PROVIDER, None)
         if self.alert_admins in self.service.alert_senders:
             self.service.alert_senders.remove(self.alert_admins)
