@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 from core.errors import DeliveryFailed, ImgbotError, Texts
@@ -55,11 +56,13 @@ class Reply(Protocol):
         """Say why the job did not run (a core error's message), or end quietly (None).
 
         `error` is the core error itself, for a front end's own bookkeeping (an exit code);
-        its wording is `message`.
+        its wording is `message`. Raises DeliveryFailed (retryable) when the platform had
+        a passing problem: the runner says it again, like a result.
         """
 
     async def failure(self, message: str) -> None:
-        """Say that something went wrong on our side (the details are in the log)."""
+        """Say that something went wrong on our side (the details are in the log); raises
+        DeliveryFailed like `refusal`."""
 
 
 # Called with the estimate and a way to start the job later with another Reply.
@@ -187,7 +190,8 @@ class JobRunner:
                         " gone; undelivered, refundable with /refund"
                     )
                     lang = language_of(requester.language)
-                    await reply.failure(self._texts(lang, "job.result_lost", job_id=job.id))
+                    text_ = self._texts(lang, "job.result_lost", job_id=job.id)
+                    await self._tell(partial(reply.failure, text_), job.user_key)
                     return
             else:
                 outcome = await service.resume_draw(job, fetch_ref, reply.progress)
@@ -220,9 +224,8 @@ class JobRunner:
                     "undelivered", f"job {outcome.job_id}: the result could not be delivered"
                     f" after {attempt} tries ({err}); undelivered, refundable with /refund"
                 )
-                await reply.failure(
-                    self._texts(outcome.lang, "job.undelivered", job_id=outcome.job_id)
-                )
+                told = self._texts(outcome.lang, "job.undelivered", job_id=outcome.job_id)
+                await self._tell(partial(reply.failure, told), f"job {outcome.job_id}")
                 return
         # Delivered, and where its files went (for "vary"), in one store write.
         await service.finish_delivery(outcome.job_id, delivered=True, result_refs=handles)
@@ -271,13 +274,34 @@ class JobRunner:
         except ImgbotError as err:
             # A stranger in a group, or a message already handled: say nothing.
             message = None if err.params.get("silent") else err.user_message(lang, self._texts)
-            await reply.refusal(message, err)
+            await self._tell(partial(reply.refusal, message, err), requester.user_key)
         except Exception:
             log.exception("job of %s failed", requester.user_key)
-            await reply.failure(self._texts(lang, "error.internal"))
+            internal = self._texts(lang, "error.internal")
+            await self._tell(partial(reply.failure, internal), requester.user_key)
         finally:
             if task is not None:
                 self._running.discard(task)
+
+    async def _tell(self, say: Callable[[], Awaitable[None]], whom: str) -> None:
+        """Say why a job ended, trying again (as a result is) while the platform's trouble
+        may pass: a user whose job failed must hear of it, not be left at "Drawing…"."""
+        settings = self.service.settings
+        delay = settings.delivery_retry_delay
+        attempts = max(1, settings.delivery_attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                await say()
+                return
+            except DeliveryFailed as err:
+                if not err.retryable or attempt == attempts:
+                    log.error("%s was not told why the job ended, after %d tries: %s",
+                              whom, attempt, err)
+                    return
+                log.warning("%s: telling why the job ended failed (try %d of %d: %s);"
+                            " again in %.1fs", whom, attempt, attempts, err, delay)
+                await asyncio.sleep(delay)
+                delay *= 2
 
     async def drain(self, grace: float) -> None:
         """Let the jobs being answered finish for up to `grace` seconds, then cancel them."""

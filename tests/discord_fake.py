@@ -169,6 +169,9 @@ class FakeDiscord(AsyncWebhookAdapter):
         # When set, a request carrying files raises what this returns, if anything (for the
         # failure tests).
         self.fail_uploads: Callable[[Route], BaseException | None] | None = None
+        # When set, any request raises what this returns for its kind ("followup"…), if
+        # anything (files or not).
+        self.fail_kinds: Callable[[str], BaseException | None] | None = None
         # When set, an interaction response of this type fails (e.g. 5: a defer came too late).
         self.fail_callback_type: int | None = None
         # Interactions never acknowledged (their process died first): Discord answers 404
@@ -198,6 +201,10 @@ class FakeDiscord(AsyncWebhookAdapter):
         if sent and self.fail_uploads is not None:
             failure = self.fail_uploads(route)
             if failure is not None:  # None: this one goes through
+                raise failure
+        if self.fail_kinds is not None:
+            failure = self.fail_kinds(kind)
+            if failure is not None:
                 raise failure
         if kind == "callback" and (body or {}).get("type") == self.fail_callback_type:
             raise http_error(discord.NotFound, 404, "Not Found", "Unknown interaction")

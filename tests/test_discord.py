@@ -590,6 +590,33 @@ async def test_an_upstream_error_is_private_in_the_users_language_and_costs_noth
         assert not [c for c in calls if c.files]
 
 
+async def test_a_failed_job_is_told_even_when_discord_fails_the_first_tries(
+    settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
+) -> None:
+    # The upstream fails the job, and Discord answers 502 to the first two private answers:
+    # the runner says it again, and the user hears why.
+    fake_api.inject("server_error")
+    config = make_settings(settings, tmp_path, delivery_retry_delay=0.01, previews="off")
+    async with running_bot(config, FakeCdn()) as h:
+        failures = iter(range(2))
+
+        def flaky(kind: str) -> BaseException | None:
+            if kind != "followup":
+                return None
+            return next(
+                (http_error(discord.DiscordServerError, 502, "Bad Gateway", "") for _ in failures),
+                None,
+            )
+
+        h.discord.fail_kinds = flaky  # type: ignore[assignment]
+        calls = await h.feed(p.slash("img", [p.option("prompt", "a storm")]))
+        (job,) = (await h.service.ledger.spend_report("discord:501")).last_jobs
+        assert job.status is JobStatus.FAILED
+        told = [c for c in calls if c.kind == "followup"]
+        assert len(told) == 3 and told[-1].ephemeral
+        assert told[-1].content == text("en", f"upstream.{job.error_code}")
+
+
 async def test_strangers_in_a_server_get_silence_and_nothing_is_downloaded(
     settings: Callable[..., Settings], fake_api: FakeImageAPI, tmp_path: Path
 ) -> None:

@@ -692,6 +692,29 @@ async def test_upstream_error_is_a_clear_reply_and_charges_nothing(tg: Harness) 
     assert tg.api.of("sendPhoto") == []
 
 
+async def test_a_failed_job_is_told_even_when_telegram_fails_the_first_tries(
+    make_settings: Callable[..., Settings], fake_api: FakeImageAPI
+) -> None:
+    # The upstream fails the job while Telegram answers 502 to the status message and to the
+    # next two messages: the user still hears why (a later try), not "Drawing…" for ever.
+    api = FakeBotApi()
+    settings = make_settings(delivery_retry_delay=0.01, previews="off")
+    async with running(settings, api, fake_api, Updates()) as tg:
+        u = tg.updates
+        fake_api.inject("server_error")
+        for _ in range(3):
+            api.fail_next("sendMessage", 502, "Bad Gateway")
+        await tg.send(u.update(u.message(ANN, u.private(ANN), text="/img low a cat")))
+        await tg.app.bot_data[ADAPTER_KEY].drain(5)
+        [job] = await tg.jobs()
+        assert job.status == "failed"
+        told = msg("en", f"upstream.{job.error_code}")
+        answered = [c for c in api.of("sendMessage", "editMessageText")
+                    if c.params.get("text") == told]
+        # Failed calls have no result: two refused, then the one Telegram took.
+        assert [c.result is not None for c in answered] == [False, False, True]
+
+
 async def test_prompt_error_is_answered_in_private_chat(tg: Harness) -> None:
     u = tg.updates
     await tg.send(u.update(u.message(ANN, u.private(ANN), text="/img")))

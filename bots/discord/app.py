@@ -48,6 +48,7 @@ from bots.discord.shards import (
 )
 from bots.discord.texts import CommandTranslator, text
 from core.config import Settings
+from core.errors import DeliveryFailed
 from core.messages import language_of
 from core.service import ImageService
 from core.store import JobRecord
@@ -159,7 +160,8 @@ class ImgBot(commands.AutoShardedBot):
         requester = await self.service.requester_of(job)
         lang = language_of(requester.language)
         reply = ResumedReply(self, address, int(job.user_id), lang, self.service.prices)
-        await reply.say(text(lang, "job.resumed", job_id=job.id))
+        with contextlib.suppress(DeliveryFailed):  # a notice only: the job goes on
+            await reply.say(text(lang, "job.resumed", job_id=job.id))
         await self.imgbot_drawing.jobs.resume(job, reply, self.imgbot_drawing.fetch)
 
     async def alert_admins(self, message: str) -> None:

@@ -297,13 +297,13 @@ class DiscordReply:
             try:
                 message = await self._send_result(outcome)
             except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError) as err:
-                status = getattr(err, "status", None) or type(err).__name__
-                log.warning("could not send the result of job %d: %s", outcome.job_id, status)
+                log.warning("could not send the result of job %d: %s", outcome.job_id, _what(err))
                 raise DeliveryFailed(
-                    f"Discord answered {status}", retryable=_passing(err)
+                    f"Discord answered {_what(err)}", retryable=_passing(err)
                 ) from None
             except Exception as err:  # noqa: BLE001 - logged here, without the interaction token
-                await self._say(error_message(self.interaction, err))
+                with contextlib.suppress(DeliveryFailed):
+                    await self._say(error_message(self.interaction, err))
                 return []
         return [attachment.url for attachment in message.attachments]
 
@@ -356,18 +356,24 @@ class DiscordReply:
     async def _say(self, message: str | None) -> None:
         interaction = self.interaction
         late = interaction.response.is_done() and not token_usable(interaction)
-        if not (self._in_channel or late):
-            await tell_privately(interaction, message)
+        if message is None:
+            await tell_privately(interaction, None)
             return
-        # The token is gone, and with it every private way back: say it in the channel.
-        channel = interaction.channel
-        if message is None or not isinstance(channel, discord.abc.Messageable):
-            return
-        content = text(self._lang, "discord.late_failed", mention=interaction.user.mention)
         try:
+            if not (self._in_channel or late):
+                await answer_private(interaction, message)
+                return
+            # The token is gone, and with it every private way back: say it in the channel.
+            channel = interaction.channel
+            if not isinstance(channel, discord.abc.Messageable):
+                return
+            content = text(self._lang, "discord.late_failed", mention=interaction.user.mention)
             await channel.send(content=clip(f"{content}\n{message}"))
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as err:
-            log.warning("could not tell user %s about a late failure: %s", interaction.user.id, err)
+        except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError) as err:
+            # A 5xx or a lost connection may pass: the runner says it again.
+            if _passing(err):
+                raise DeliveryFailed(f"Discord answered {_what(err)}", retryable=True) from None
+            log.warning("could not tell user %s why a job ended: %s", interaction.user.id, err)
 
     async def _send_result(self, outcome: DrawOutcome) -> discord.Message:
         interaction = self.interaction
@@ -413,6 +419,11 @@ async def result_parts(
         colour=discord.Colour.blurple(),
     )
     return files, embed, result_view(outcome.job_id, lang)
+
+
+def _what(err: BaseException) -> str:
+    """Name a failed Discord call's problem for a log line: its status, or the error's kind."""
+    return str(getattr(err, "status", None) or type(err).__name__)
 
 
 def _passing(err: BaseException) -> bool:
@@ -485,7 +496,10 @@ class ResumedReply:
             await destination.send(
                 content=clip(f"<@{self._user}> {message}"), allowed_mentions=self._mention()
             )
-        except (discord.HTTPException, aiohttp.ClientError, OSError, ValueError) as err:
+        except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError,
+                ValueError) as err:
+            if not isinstance(err, ValueError) and _passing(err):
+                raise DeliveryFailed(f"Discord answered {_what(err)}", retryable=True) from None
             log.info("could not post in a resumed job's channel: %s", type(err).__name__)
 
     async def progress(self, event: Progress) -> None:
@@ -509,8 +523,7 @@ class ResumedReply:
             if message is None:
                 message = await self._post(outcome)
         except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError) as err:
-            status = getattr(err, "status", None) or type(err).__name__
-            raise DeliveryFailed(f"Discord answered {status}", retryable=_passing(err)) from None
+            raise DeliveryFailed(f"Discord answered {_what(err)}", retryable=_passing(err)) from None
         return [attachment.url for attachment in message.attachments]
 
     async def _follow_up(self, outcome: DrawOutcome) -> discord.Message:

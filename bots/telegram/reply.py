@@ -114,6 +114,11 @@ def where_of(message: Message) -> Where:
     return Where(message.chat_id, message.message_id, thread)
 
 
+def _passing(err: TelegramError) -> bool:
+    """Say whether a failed Bot API call may work later (5xx, network, 429), not a 4xx."""
+    return isinstance(err, (NetworkError, RetryAfter)) and not isinstance(err, BadRequest)
+
+
 async def with_flood_retry(call: Callable[[], Awaitable[T]], attempts: int = 3) -> T:
     """Run a Bot API call, waiting out 429 answers (retry_after) a few times."""
     for attempt in range(attempts):
@@ -788,10 +793,7 @@ class TelegramReply:
             # A 5xx, a time-out or a lost connection may pass: the runner tries again. A
             # 4xx (chat gone, bot blocked, file refused) will not.
             await self.status.release()
-            passing = isinstance(err, (NetworkError, RetryAfter)) and not isinstance(
-                err, BadRequest
-            )
-            raise DeliveryFailed(self._scrub(str(err)), retryable=passing) from None
+            raise DeliveryFailed(self._scrub(str(err)), retryable=_passing(err)) from None
         if not replaced:
             await self.status.release()
         await self.status.close()
@@ -803,12 +805,20 @@ class TelegramReply:
         if message is None:
             await self.status.discard()
         else:
-            await self.status.fail(message)
+            await self._tell(message)
 
     async def failure(self, message: str) -> None:
         """Say something went wrong, if Telegram lets us."""
         await self.action.stop()
+        await self._tell(message)
+
+    async def _tell(self, message: str) -> None:
         try:
             await self.status.fail(message)
         except TelegramError as err:
-            log.debug("could not report an internal error: %s", self._scrub(str(err)))
+            # A 5xx, a time-out or a lost connection may pass: the runner says it again. A
+            # 4xx (the chat is gone, the bot blocked) will not.
+            detail = self._scrub(str(err))
+            if _passing(err):
+                raise DeliveryFailed(detail, retryable=True) from None
+            log.info("could not tell chat %s why a job ended: %s", self._where.chat_id, detail)
