@@ -969,7 +969,9 @@ class ImageService:
         and the web/terminal jobs (which nobody can carry on: their caller is gone) are
         claimed; start-up, terminal commands and reports never touch another's jobs.
         """
-        every = max(0.2, min(5.0, self.settings.job_lease / 3))
+        # Often, so a dead process's jobs are claimed soon after their lease ends (the
+        # claim is one indexed statement: cheap to repeat).
+        every = max(0.2, min(1.0, self.settings.job_lease / 10))
         pruned = time.monotonic()
         while not self._closing:
             if time.monotonic() - pruned > PRUNE_EVERY:

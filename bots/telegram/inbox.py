@@ -78,14 +78,23 @@ class InboxQueue(asyncio.Queue[Any]):
     async def keep(self) -> None:
         """Until cancelled: renew the leases of the updates being handled here, and take
         over the updates a dead process left in the inbox."""
-        every = max(0.2, self._lease / 3)
+        # Leases are renewed every third of theirs; a dead process's updates are looked
+        # for more often, so they are handled again soon after its leases end.
+        renew_every = max(0.2, self._lease / 3)
+        every = max(0.2, min(1.0, self._lease / 10))
+        renewed = 0.0
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(every)
             try:
-                for update_id in sorted(self.held):
-                    await self._store.hold_lease(f"{GROUP}:{update_id}", self._owner, self._lease)
-                for renew in list(self.also_renew):
-                    await renew()
+                if loop.time() - renewed >= renew_every - every / 2:
+                    renewed = loop.time()
+                    for update_id in sorted(self.held):
+                        await self._store.hold_lease(
+                            f"{GROUP}:{update_id}", self._owner, self._lease
+                        )
+                    for renew in list(self.also_renew):
+                        await renew()
                 await self._sweep()
             except Exception as err:  # noqa: BLE001 - tried again next round
                 log.warning("telegram inbox: %s", err)
