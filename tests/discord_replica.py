@@ -9,8 +9,9 @@ is in DISCORD_FAKE_URL:
 - the gateway (discord.py otherwise connects to wss://gateway.discord.gg);
 - CDN downloads (attachment URLs stay Discord's, so the bot's own checks of where it may
   fetch from still apply; only the download goes to the fake);
-- the five seconds discord.py waits before each IDENTIFY after the first, which keeps to
-  Discord's identify rate limit; the fake gateway has none.
+- the five seconds each IDENTIFY turn lasts (`bots.discord.app.IDENTIFY_EVERY`, turns
+  shared by the replicas through the ledger), which keep to Discord's identify rate limit:
+  the fake gateway has none, so a fifth of a second does here.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import os
 import sys
 
-import discord
 import yarl
 from discord.gateway import DiscordWebSocket
 from discord.http import HTTPClient, Route
@@ -38,13 +38,10 @@ def redirect(root: str) -> None:
                 url = f"{root}/cdn/{url.removeprefix(host).split('?', 1)[0]}"
         return await download(self, url)
 
-    async def identify_at_once(
-        self: discord.Client, shard_id: int | None, *, initial: bool = False
-    ) -> None:
-        return None
-
     HTTPClient.get_from_cdn = get_from_cdn  # type: ignore[method-assign]
-    discord.Client.before_identify_hook = identify_at_once  # type: ignore[method-assign]
+    from bots.discord import app
+
+    app.IDENTIFY_EVERY = 0.2
 
 
 def main() -> int:

@@ -204,3 +204,47 @@ async def test_commands_sync_once_per_deploy(
     async with running_bot(moved, FakeCdn()) as third:
         assert await sync_commands(third.bot, moved, third.service)
         assert len(third.rest.calls) == 3
+
+
+async def test_replicas_take_turns_to_identify_through_the_ledger(
+    settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    # Discord takes one IDENTIFY per 5 s from all of a bot's connections: two replicas (here
+    # two processes' stores on one ledger, with the ledger's clock in the test's hand) must
+    # not both identify within those 5 s, and a second shard of one process waits as well.
+    from datetime import UTC, datetime, timedelta
+    from types import SimpleNamespace
+
+    from bots.discord import app as discord_app
+    from core.store import Limits, open_store
+
+    now = [datetime(2026, 11, 29, 12, 0, tzinfo=UTC)]
+    config = settings(database_url=f"sqlite:///{tmp_path}/imgbot.db")
+    stores = [await open_store(config.store_url, Limits.from_settings(config),
+                               clock=lambda: now[0]) for _ in range(2)]
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(discord_app, "IDENTIFY_POLL", 0.01)
+    try:
+        def replica(n: int) -> Any:
+            service = SimpleNamespace(owner=f"host-{n}:1", coordination=stores[n])
+            return SimpleNamespace(service=service, _identifies=0, is_closed=lambda: False)
+
+        a, b = replica(0), replica(1)
+        hook = ImgBot.before_identify_hook
+        await asyncio.wait_for(hook(a, 0, initial=True), 5)  # the first goes at once
+        waiting = [asyncio.create_task(hook(b, 1, initial=True)),
+                   asyncio.create_task(hook(a, 2))]
+        await asyncio.sleep(0.3)
+        assert not any(t.done() for t in waiting)  # 5 s not passed on the ledger's clock
+        now[0] += timedelta(seconds=discord_app.IDENTIFY_EVERY + 0.1)
+        done, pending = await asyncio.wait(waiting, timeout=5,
+                                           return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1 and len(pending) == 1  # one turn, one of them
+        await asyncio.sleep(0.3)
+        assert not pending.pop().done()
+        now[0] += timedelta(seconds=discord_app.IDENTIFY_EVERY + 0.1)
+        await asyncio.wait_for(asyncio.gather(*waiting), 5)
+    finally:
+        monkey.undo()
+        for store in stores:
+            await store.close()

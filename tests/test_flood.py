@@ -269,3 +269,43 @@ def test_with_turns_in_the_ledger_a_chat_keeps_telegrams_spacing_not_n_times_it(
     clock.at += 1.05
     assert alone._delay(alone._chat(42), 1, clock.now()) == pytest.approx(1.95)
     assert gated._delay(gated._chat(42), 1, clock.now()) == 0.0
+
+
+async def test_a_chats_turn_is_kept_while_a_long_upload_is_on_the_wire_and_then_let_go(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two replicas' limiters on one real ledger. A's upload outlasts the turn's hold several
+    # times: its turn is renewed while the call runs, so B cannot send to the chat meanwhile;
+    # once A's call ends (plus the chat's spacing), B has the turn. A process killed mid-call
+    # renews nothing, and its turn ends TURN_HOLD after its last renewal.
+    from types import SimpleNamespace
+
+    from bots.telegram import app as telegram_app
+    from bots.telegram.app import LedgerGate
+    from core.store import Limits, open_store
+
+    monkeypatch.setattr(telegram_app, "TURN_HOLD", 0.3)
+    monkeypatch.setattr(telegram_flood, "TURN_RENEW", 0.05)
+    store = await open_store(f"sqlite:///{tmp_path}/imgbot.db", Limits())
+    try:
+        a, b = FloodLimiter(per_chat_interval=0.1), FloodLimiter(per_chat_interval=0.1)
+        a.gate = LedgerGate(SimpleNamespace(coordination=store, owner="a:1"))  # type: ignore[arg-type]
+        b.gate = LedgerGate(SimpleNamespace(coordination=store, owner="b:1"))  # type: ignore[arg-type]
+        uploading = asyncio.Event()
+
+        async def upload() -> str:
+            uploading.set()
+            await asyncio.sleep(1.0)  # more than three holds
+            return "sent"
+
+        sending = asyncio.create_task(
+            a.process_request(upload, (), {}, "sendPhoto", {"chat_id": 42}, None)
+        )
+        await uploading.wait()
+        await asyncio.sleep(0.6)  # two holds past the first: held only if renewed
+        assert not await b.gate.take("42")
+        assert await sending == "sent"
+        await asyncio.sleep(0.2)  # the spacing after A's message
+        assert await b.gate.take("42")
+    finally:
+        await store.close()

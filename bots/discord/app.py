@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 
 # How long answers still in flight may take once we stop, beyond the service's own grace.
 _CLOSE_SLACK = 10.0
+# Discord takes one IDENTIFY per 5 s from all of a bot's connections (max_concurrency 1,
+# every bot under 150,000 servers), whichever process they are in.
+IDENTIFY_EVERY = 5.0
+IDENTIFY_POLL = 0.25
 
 
 class ImgBot(commands.AutoShardedBot):
@@ -79,6 +83,7 @@ class ImgBot(commands.AutoShardedBot):
         self._resuming: set[asyncio.Task[None]] = set()
         self._launched = False
         self._launching: dict[int, asyncio.Task[None]] = {}
+        self._identifies = 0
 
     async def setup_hook(self) -> None:
         """Register commands, buttons and the translator; syncing is `run_discord`'s job."""
@@ -89,6 +94,25 @@ class ImgBot(commands.AutoShardedBot):
         await self.add_cog(ServerCommands(self.service, self.settings))
         self.add_dynamic_items(JobButton)
         self.tree.on_error = on_app_command_error
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        """Wait for this bot's IDENTIFY turn, shared by every replica through the ledger
+        (a lease held IDENTIFY_EVERY seconds), instead of discord.py's 5 s sleep in each
+        process: replicas starting together would IDENTIFY together, and Discord answers
+        that by invalidating the sessions."""
+        self._identifies += 1
+        owner = f"{self.service.owner}:identify:{shard_id}:{self._identifies}"
+        while not self.is_closed():
+            try:
+                if await self.service.coordination.hold_lease(
+                    "discord:identify", owner, IDENTIFY_EVERY, f"shard {shard_id}"
+                ):
+                    return
+            except Exception as err:  # noqa: BLE001 - the ledger in trouble: keep to our own
+                log.warning("discord: no IDENTIFY turn from the ledger (%s); waiting 5 s", err)
+                await super().before_identify_hook(shard_id, initial=False)
+                return
+            await asyncio.sleep(IDENTIFY_POLL)
 
     async def launch_shards(self) -> None:
         """Connect the shards this process holds now (maybe none: then it only answers

@@ -279,7 +279,8 @@ async def _hold_poller(
     return asyncio.create_task(renew(), name="imgbot:telegram-poller")
 
 
-TURN_HOLD = 20.0  # seconds a chat's turn is held while a call is on the wire
+# Seconds a chat's turn is held while a call is on the wire, renewed every TURN_RENEW.
+TURN_HOLD = 3.0
 
 
 class LedgerGate:
@@ -290,9 +291,9 @@ class LedgerGate:
         self._owner = service.owner
 
     async def take(self, chat: str) -> bool:
-        # Held while the call is on the wire; `done` then keeps it the spacing from its end.
-        # A process killed mid-call leaves the chat blocked until this ends: long enough for
-        # a big upload, short enough that the next replica is not kept waiting a minute.
+        # Held while the call is on the wire (the limiter renews it every TURN_RENEW, so a
+        # big upload keeps it); `done` then keeps it the spacing from its end. A process
+        # killed mid-call leaves the chat blocked until this ends: a few seconds.
         return await self._store.hold_lease(f"tg:chat:{chat}", self._owner, TURN_HOLD)
 
     async def done(self, chat: str, spacing: float) -> None:

@@ -45,6 +45,8 @@ OVERALL_STATUS_RESERVE = 10
 # One chat action shows for 5 s and covers every job of the chat: send at most this often.
 CHAT_ACTION_EVERY = 4.0
 RETRY_AFTER_CAP = 60.0
+# How often a chat's turn (replicas) is held longer while its call is on the wire.
+TURN_RENEW = 1.0
 # How often a sender re-checks when a budget is held by calls still in flight.
 POLL = 0.05
 # Chats remembered before idle ones are forgotten (a bot may see many chats over months).
@@ -354,17 +356,32 @@ class FloodLimiter(BaseRateLimiter[str]):
             finally:
                 chat.queued -= 1
         gated = False
+        keeping: asyncio.Task[None] | None = None
         try:
             if self.gate is not None:
                 gated = await self._take_turn(str(chat_id), best_effort=rate_limit_args == STATUS)
                 if not gated:
                     self.skipped += 1
                     raise FloodSkipped(f"{endpoint} skipped: another replica has chat {chat_id}")
+                keeping = asyncio.create_task(self._keep_turn(str(chat_id)))
             return await self._send(chat, callback, args, kwargs, cost)
         finally:
+            if keeping is not None:
+                keeping.cancel()
             if gated and self.gate is not None:
                 await self._end_turn(str(chat_id))
             chat.lock.release()
+
+    async def _keep_turn(self, chat: str) -> None:
+        """While a call is on the wire, hold the chat's turn a little longer each second: a
+        long upload keeps it, and a process killed mid-call lets it go within seconds."""
+        assert self.gate is not None
+        while True:
+            await asyncio.sleep(TURN_RENEW)
+            try:
+                await self.gate.take(chat)
+            except Exception:  # noqa: BLE001 - a ledger in trouble: it ends with its lease
+                pass
 
     async def _take_turn(self, chat: str, *, best_effort: bool) -> bool:
         """Wait until this process has the chat's turn (a best-effort call does not wait)."""
