@@ -309,3 +309,35 @@ async def test_a_chats_turn_is_kept_while_a_long_upload_is_on_the_wire_and_then_
         assert await b.gate.take("42")
     finally:
         await store.close()
+
+
+async def test_a_sender_cancelled_while_its_turn_ends_does_not_keep_the_chat_locked() -> None:
+    # The ledger is slow to end a chat's turn and the caller gives up meanwhile (a job cancelled,
+    # a shutdown): the chat's next message must still go.
+    ending = asyncio.Event()
+
+    class SlowTurns:
+        async def take(self, chat: str) -> bool:
+            return True
+
+        async def done(self, chat: str, spacing: float) -> None:
+            ending.set()
+            await asyncio.sleep(30)
+
+    flood = FloodLimiter(per_chat_interval=0.0)
+    flood.gate = SlowTurns()
+
+    async def call() -> str:
+        return "sent"
+
+    first = asyncio.create_task(
+        flood.process_request(call, (), {}, "sendMessage", {"chat_id": 7}, None)
+    )
+    await asyncio.wait_for(ending.wait(), 5)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    flood.gate = None  # the next one needs no turn: only the chat's lock is in question
+    assert await asyncio.wait_for(
+        flood.process_request(call, (), {}, "sendMessage", {"chat_id": 7}, None), 5
+    ) == "sent"

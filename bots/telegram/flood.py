@@ -21,6 +21,7 @@ Time comes from a `Timebase`, so tests run the limiter (and the fake Bot API) sc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import math
 import time
@@ -356,6 +357,7 @@ class FloodLimiter(BaseRateLimiter[str]):
             finally:
                 chat.queued -= 1
         gated = False
+        sent = asyncio.Event()
         keeping: asyncio.Task[None] | None = None
         try:
             if self.gate is not None:
@@ -363,21 +365,32 @@ class FloodLimiter(BaseRateLimiter[str]):
                 if not gated:
                     self.skipped += 1
                     raise FloodSkipped(f"{endpoint} skipped: another replica has chat {chat_id}")
-                keeping = asyncio.create_task(self._keep_turn(str(chat_id)))
+                keeping = asyncio.create_task(self._keep_turn(str(chat_id), sent))
             return await self._send(chat, callback, args, kwargs, cost)
         finally:
-            if keeping is not None:
-                keeping.cancel()
-            if gated and self.gate is not None:
-                await self._end_turn(str(chat_id))
-            chat.lock.release()
+            sent.set()
+            try:
+                if keeping is not None:
+                    # A renewal on its way is let finish: written after the turn's end, it
+                    # would hold the chat the whole TURN_HOLD instead of the spacing.
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(keeping)
+                if gated and self.gate is not None:
+                    await self._end_turn(str(chat_id))
+            finally:
+                # Even when the caller is cancelled meanwhile: the chat's next sender waits
+                # on this lock.
+                chat.lock.release()
 
-    async def _keep_turn(self, chat: str) -> None:
+    async def _keep_turn(self, chat: str, sent: asyncio.Event) -> None:
         """While a call is on the wire, hold the chat's turn a little longer each second: a
         long upload keeps it, and a process killed mid-call lets it go within seconds."""
         assert self.gate is not None
         while True:
-            await asyncio.sleep(TURN_RENEW)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sent.wait(), TURN_RENEW)
+            if sent.is_set():
+                return
             try:
                 await self.gate.take(chat)
             except Exception:  # noqa: BLE001 - a ledger in trouble: it ends with its lease
