@@ -130,8 +130,9 @@ async def _replicas(ledger: Store) -> str:
         roles = ", ".join(info.get("roles") or []) or "no front end"
         parts.append(f"{lease.owner} [{roles}; {info.get('jobs', 0)} job(s)]")
     live = [lease for lease in await ledger.leases("") if lease.until.timestamp() > now]
-    # Updates and albums being handled hold short leases too: counted, not listed.
-    passing = {"tg:inbox:": 0, "tg:album:": 0}
+    # Updates and albums being handled, chats' send turns and the Discord IDENTIFY turn
+    # hold short leases too: counted, not listed.
+    passing = {"tg:inbox:": 0, "tg:album:": 0, "tg:chat:": 0, "discord:identify": 0}
     held = []
     for lease in live:
         prefix = next((p for p in passing if lease.name.startswith(p)), None)
@@ -145,6 +146,9 @@ async def _replicas(ledger: Store) -> str:
         f"; being handled: {passing['tg:inbox:']} Telegram update(s),"
         f" {passing['tg:album:']} album lease(s)" if busy else ""
     )
+    if passing["tg:chat:"] or passing["discord:identify"]:
+        handling += (f"; turns: {passing['tg:chat:']} Telegram chat(s) being sent to,"
+                     f" Discord IDENTIFY {'taken' if passing['discord:identify'] else 'free'}")
     return f"; {len(alive)} process(es) running: {'; '.join(parts)}{roles}{handling}"
 
 

@@ -432,11 +432,15 @@ async def test_doctor_lists_processes_and_roles_and_counts_passing_leases(tmp_pa
         for update_id in (5001, 5002):
             assert await store.hold_lease(f"tg:inbox:{update_id:015d}", "host-b:2", 60, "")
         assert await store.hold_lease("tg:album:-100:g1:owner", "host-a:1", 60, "")
+        assert await store.hold_lease("tg:chat:4001", "host-a:1", 60, "")
+        assert await store.hold_lease("discord:identify", "host-b:2:identify:0:1", 60, "")
         said = await _replicas(store)
     finally:
         await store.close()
     assert "2 process(es) running" in said
     assert "host-a:1 [telegram:webhook; 2 job(s)]" in said
     assert "roles held: discord:shard:0 → host-a:1" in said
-    assert "tg:inbox" not in said and "tg:album" not in said
+    assert "tg:inbox" not in said and "tg:album" not in said and "tg:chat" not in said
     assert "being handled: 2 Telegram update(s), 1 album lease(s)" in said
+    assert "turns: 1 Telegram chat(s) being sent to, Discord IDENTIFY taken" in said
+    assert "discord:identify →" not in said
