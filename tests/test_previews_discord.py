@@ -9,9 +9,11 @@ reach the command language through /img's options.
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -110,3 +112,40 @@ async def test_img_options_carry_the_new_fields(
         ]))
         [answer] = [c for c in refused if c.kind == "callback"]
         assert answer.ephemeral and "--fidelity" in (answer.content or "")
+
+
+async def test_a_preview_keeps_its_words_when_the_clock_ticks_before_it_is_shown() -> None:
+    # A tick of the clock that lands while a preview is being made must not caption that
+    # preview "Drawing… N s" as if none were showing (seen once on a busy CI machine).
+    import datetime as dt
+    from types import SimpleNamespace
+
+    import discord
+
+    from bots.discord.reply import ProgressMessage
+    from core.images import GeneratedImage
+    from core.types import Progress
+    from tests.telegram_fake import image_bytes
+
+    edits: list[tuple[str | None, bool]] = []
+
+    async def edit_original_response(content: str | None = None, **extra: Any) -> None:
+        edits.append((content, bool(extra.get("attachments"))))
+
+    interaction = SimpleNamespace(
+        expires_at=discord.utils.utcnow() + dt.timedelta(minutes=15), extras={},
+        edit_original_response=edit_original_response,
+    )
+    progress = ProgressMessage(interaction, "en")  # type: ignore[arg-type]
+    preview = GeneratedImage(data=image_bytes(256, 256, "PNG"), mime="image/png",
+                             width=256, height=256)
+    await progress(Progress("partial", elapsed=1, image=preview, index=0))
+    await progress(Progress("working", elapsed=2))  # before the flush ran
+    for _ in range(500):
+        if edits:
+            break
+        await asyncio.sleep(0.01)
+    await progress.close()
+    assert edits and edits[0][1]  # the first edit carries the preview
+    for content, _ in edits:
+        assert content is not None and "preview 1" in content, edits

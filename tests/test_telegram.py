@@ -1083,6 +1083,29 @@ async def test_status_message_edits_sparingly() -> None:
         assert api.of("deleteMessage")[-1].params["message_id"] == status_id(api)
 
 
+async def test_a_status_showing_a_preview_keeps_saying_which_as_the_clock_ticks() -> None:
+    # A tick of the clock after a preview must not caption that preview "Drawing… 3 s" as if
+    # none were showing.
+    api = FakeBotApi()
+    now = [100.0]
+    async with (
+        Application.builder().token(TOKEN).request(api).get_updates_request(api).build() as app
+    ):
+        status = StatusMessage(app.bot, Where(ANN["id"], 7), "en", clock=lambda: now[0])
+        await status.show(Progress("started"))
+        now[0] += 5
+        preview = GeneratedImage(data=image_bytes(256, 256, "PNG"), mime="image/png",
+                                 width=256, height=256)
+        await status.show(Progress("partial", elapsed=1, image=preview, index=0))
+        assert len(api.of("sendPhoto")) == 1  # the status became the preview
+        now[0] += 5
+        await status.show(Progress("working", elapsed=6))
+        shown = [c.params.get("caption") or c.params.get("text")
+                 for c in api.of("sendPhoto", "editMessageCaption", "editMessageText")]
+        assert shown[-1] == msg("en", "progress.partial", seconds="6", number=1), shown
+        await status.close()
+
+
 def status_id(api: FakeBotApi) -> int:
     return int(api.of("sendMessage")[0].result["message_id"])
 

@@ -191,6 +191,7 @@ class ProgressMessage:
         self._latest: str | None = None
         self._shown: str | None = None
         self._image: GeneratedImage | None = None  # the latest preview
+        self._number: int | None = None  # its number (1…)
         self._image_shown: GeneratedImage | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -199,12 +200,15 @@ class ProgressMessage:
         if event.kind == "done" or not token_alive(self._interaction):
             return
         seconds = f"{time.monotonic() - self._started:.0f}"
-        key = f"progress.{event.kind}"
-        self._latest = text(
-            self._lang, key, position=event.position, seconds=seconds, number=event.index + 1
-        )
+        key, number = f"progress.{event.kind}", event.index + 1
         if event.kind == "partial" and event.image is not None:
-            self._image = event.image
+            self._image, self._number = event.image, number
+        elif event.kind == "working" and self._number is not None:
+            # The answer shows a preview: the clock's tick keeps saying which.
+            key, number = "progress.partial", self._number
+        self._latest = text(
+            self._lang, key, position=event.position, seconds=seconds, number=number
+        )
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._flush())
 

@@ -194,6 +194,7 @@ class StatusMessage:
         self._photo_shown: GeneratedImage | None = None
         self._jpeg: tuple[GeneratedImage, bytes] | None = None
         self._photos_failed = False
+        self._number: int | None = None  # the preview shown (or on its way), 1…
         self._taken: int | None = None  # the status photo a result took over
         self._pending: set[asyncio.Task[None]] = set()
 
@@ -208,12 +209,13 @@ class StatusMessage:
             return text(self._lang, "progress.queued", position=event.position)
         if event.kind == "started":
             return text(self._lang, "progress.started")
-        if event.kind == "working":
+        if event.kind == "working" and self._number is None:
             return text(self._lang, "progress.working", seconds=f"{event.elapsed:.0f}")
-        if event.kind == "partial":
+        if event.kind in ("partial", "working"):
+            # Once a preview shows, the clock's tick keeps saying which one it is.
+            number = event.index + 1 if event.kind == "partial" else self._number
             return text(
-                self._lang, "progress.partial", seconds=f"{event.elapsed:.0f}",
-                number=event.index + 1,
+                self._lang, "progress.partial", seconds=f"{event.elapsed:.0f}", number=number,
             )
         return None
 
@@ -229,6 +231,7 @@ class StatusMessage:
             return
         if event.kind == "partial" and event.image is not None and not self._photos_failed:
             self._photo_wanted = event.image  # the latest preview wins
+            self._number = event.index + 1
         self._wanted = wanted
         await self._render()
 
@@ -305,6 +308,8 @@ class StatusMessage:
             log.debug("preview not shown: %s", err)
             self._photos_failed = True
             self._photo_wanted = None
+            if not self.is_photo:
+                self._number = None  # no preview shows: the ticks say only the time
             if self._wanted != self._shown:
                 self._schedule_flush(STATUS_RETRY)
             return
