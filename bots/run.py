@@ -22,6 +22,8 @@ from core.service import ImageService
 log = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY = 30.0
+# How often the processes on the ledger are counted (a read), between heartbeats.
+COUNT_EVERY = 1.0
 HEARTBEAT_STALE = 120.0
 
 
@@ -84,6 +86,19 @@ async def _beat(path: Path, service: ImageService | None = None) -> None:
         # state was read, so a flip meanwhile is not missed).
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(service.health_changed.wait(), _beat_every(service))
+
+
+async def _count_replicas(service: ImageService) -> None:
+    # Between heartbeats: a replica that starts beats once before its front ends do, and
+    # the others take their smaller share of Telegram's rates within this second.
+    while True:
+        await asyncio.sleep(COUNT_EVERY)
+        if not service.store_healthy:
+            continue
+        try:
+            await service.count_replicas()
+        except Exception as err:  # noqa: BLE001 - the beat reports the store's trouble
+            log.debug("could not count the replicas: %s", err)
 
 
 def _beat_every(service: ImageService) -> float:
@@ -264,6 +279,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         code = 0
         log.info("imgbot running: %s", ", ".join(tasks.values()))
         beat = asyncio.create_task(_beat(heartbeat_path(settings), service))
+        counting = asyncio.create_task(_count_replicas(service), name="imgbot:count-replicas")
         # Jobs dead processes left (their lease expired) are carried on here, and kept
         # results past RESULT_RETENTION_HOURS are cleaned.
         carry = asyncio.create_task(service.take_over(), name="imgbot:take-over")
@@ -291,6 +307,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
             # then the service drains, then the bots close, then the service closes.
             stop.set()
             beat.cancel()
+            counting.cancel()
             carry.cancel()
             clean.cancel()
             await service.shutdown(settings.shutdown_grace)

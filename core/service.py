@@ -1173,6 +1173,13 @@ class ImageService:
         info = json.dumps({"roles": sorted(self.roles), "jobs": len(self.held)})
         await self._write(self.ledger.hold_lease(f"replica:{self.owner}", self.owner,
                                                  every * 3, info))
+        return await self.count_replicas()
+
+    async def count_replicas(self) -> int:
+        """Count the live processes on the ledger (their heartbeats, this one's included)
+        and tell the listeners. A read only: `imgbot run` does it every second, so a replica
+        that just started is counted by the others before it sends much, whatever their
+        heartbeats' interval."""
         now = time.time()
         live = [
             lease for lease in await self.ledger.leases("replica:")
@@ -1182,7 +1189,7 @@ class ImageService:
         if count != self.replicas:
             log.info("%d imgbot process(es) share this ledger", count)
             self.replicas = count
-        # Every beat, not only on a change: a listener may wait before it follows a drop.
+        # Every count, not only on a change: a listener may wait before it follows a drop.
         for listener in list(self.replica_listeners):
             listener(count)
         return count

@@ -141,3 +141,45 @@ async def test_front_ends_start_knowing_how_many_replicas_share_the_ledger(
     stop.set()
     assert await asyncio.wait_for(running, 20) == 0
     assert seen["replicas_at_start"] == 2
+
+
+async def watches_replicas(settings: Settings, service: ImageService, stop: asyncio.Event) -> None:
+    seen["service"] = service
+    await stop.wait()
+
+
+async def test_a_replica_that_starts_later_is_counted_within_seconds_not_a_heartbeat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Heartbeats come every 30 s (JOB_LEASE 30). A replica starting beside a running one
+    # beats once and starts sending: the running one must take its smaller share of
+    # Telegram's rates at once, not half a minute later (CI: 30 messages in one second).
+    from core.store import Limits, open_store
+
+    config = _settings(tmp_path)
+    seen.clear()
+    monkeypatch.setattr(bots_run, "FRONT_ENDS", (_front("watching", "watches_replicas"),))
+    stop = asyncio.Event()
+    running = asyncio.create_task(serve(config, stop))
+    try:
+        for _ in range(200):
+            if "service" in seen:
+                break
+            await asyncio.sleep(0.05)
+        service = seen["service"]
+        assert isinstance(service, ImageService) and service.replicas == 1
+        shares: list[int] = []
+        service.replica_listeners.append(shares.append)
+        store = await open_store(config.store_url, Limits.from_settings(config))
+        try:
+            await store.hold_lease("replica:other-host:7", "other-host:7", 90.0, "{}")
+        finally:
+            await store.close()
+        for _ in range(100):
+            if service.replicas == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert service.replicas == 2 and shares[-1] == 2
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(running, 20) == 0
