@@ -89,8 +89,9 @@ async def _beat(path: Path, service: ImageService | None = None) -> None:
 
 
 async def _count_replicas(service: ImageService) -> None:
-    # Between heartbeats: a replica that starts beats once before its front ends do, and
-    # the others take their smaller share of Telegram's rates within this second.
+    # The one place the processes are counted, every second whatever the heartbeats'
+    # interval: a replica that starts beats once before its front ends do, and the others
+    # take their smaller share of Telegram's rates within this second.
     while True:
         await asyncio.sleep(COUNT_EVERY)
         if not service.store_healthy:
@@ -267,6 +268,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         # first beat.
         try:
             await service.beat(_beat_every(service))
+            await service.count_replicas()
         except Exception as err:  # noqa: BLE001 - the beat loop tries again and reports it
             log.warning("could not write the replica heartbeat: %s", err)
         tasks = {

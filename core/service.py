@@ -1167,13 +1167,12 @@ class ImageService:
             log.warning("could not hand over %d open job(s) (%s); they are taken over when"
                         " their lease ends", len(ids), err)
 
-    async def beat(self, every: float) -> int:
+    async def beat(self, every: float) -> None:
         """Say in the ledger that this process is alive (for `every` × 3 seconds), with its
-        roles; count the live processes and tell the listeners when that changed."""
+        roles (the others count it: `count_replicas`)."""
         info = json.dumps({"roles": sorted(self.roles), "jobs": len(self.held)})
         await self._write(self.ledger.hold_lease(f"replica:{self.owner}", self.owner,
                                                  every * 3, info))
-        return await self.count_replicas()
 
     async def count_replicas(self) -> int:
         """Count the live processes on the ledger (their heartbeats, this one's included)

@@ -94,10 +94,8 @@ def start_replica(
     **settings: str,
 ) -> BotProcess:
     """Start `imgbot run` number n in webhook mode; `settings` override the defaults."""
-    env = {k: v for k, v in os.environ.items() if k.upper() not in SETTING_NAMES}
     listen_port = free_port()
-    env.update({
-        "PYTHONPATH": str(ROOT),
+    bot = spawn_replica(tmp_path, n, {
         "TELEGRAM_BOT_TOKEN": TOKEN,
         "TELEGRAM_API_BASE_URL": tg.base_url,
         "TELEGRAM_WEBHOOK_URL": hook,
@@ -117,14 +115,23 @@ def start_replica(
         "WEB_PORT": "0",
         **settings,
     })
+    bot.port = listen_port  # type: ignore[attr-defined]
+    return bot
+
+
+def spawn_replica(
+    tmp_path: Path, n: int, settings: dict[str, str], command: tuple[str, ...] = ("bots.cli", "run")
+) -> BotProcess:
+    """Start replica number n (`python -m <command>` in tmp_path, logging to replica-n.log)
+    with `settings` and none of this environment's own imgbot settings."""
+    env = {k: v for k, v in os.environ.items() if k.upper() not in SETTING_NAMES}
+    env.update({"PYTHONPATH": str(ROOT), **settings})
     log = tmp_path / f"replica-{n}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bots.cli", "run"], cwd=tmp_path, env=env,
+            [sys.executable, "-m", *command], cwd=tmp_path, env=env,
             stdout=out, stderr=subprocess.STDOUT,
         )
-    bot = BotProcess(proc, log)
-    bot.port = listen_port  # type: ignore[attr-defined]
-    return bot
+    return BotProcess(proc, log)
 
 

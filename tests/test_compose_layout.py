@@ -37,9 +37,8 @@ from tests.fake_botapi import FakeBotApiServer
 from tests.pg_server import pg_server, pg_url  # noqa: F401 - fixtures
 from tests.replica_kit import fakes, free_port, start_replica  # noqa: F401 - fixture
 from tests.telegram_fake import TOKEN, Updates
-from tests.test_durable import job_rows
 from tests.test_process import BotProcess
-from tests.test_replicas import Telegram, _listening
+from tests.test_replicas import Telegram, _listening, _wait_delivered
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,19 +103,6 @@ def caddy(tmp_path: Path, port: int, replicas: list[int]) -> Iterator[str]:
         log.close()
 
 
-def _delivered(tg: FakeBotApiServer, url: str, count: int) -> list[dict[str, Any]]:
-    """Wait until `count` jobs are in the ledger and all of them delivered; return them."""
-
-    def done() -> bool:
-        rows = job_rows(url)
-        return len(rows) >= count and all(r["stage"] == "delivered" for r in rows)
-
-    tg.wait_for(done, within=120)
-    rows = job_rows(url)
-    assert len(rows) == count
-    return rows
-
-
 def test_the_replicas_compose_layout_runs_behind_its_caddyfile(
     tmp_path: Path, fakes: tuple[FakeBotApiServer, FakeImageAPI], pg_url: str,  # noqa: F811
 ) -> None:
@@ -159,7 +145,7 @@ def test_the_replicas_compose_layout_runs_behind_its_caddyfile(
             first = [ask(i, f"a lamp {i}-{k}") for i in range(10) for k in range(2)]
             telegram.send_all(first + first[::5])  # some sent twice, as Telegram resends
             assert telegram.undelivered == []
-            _delivered(tg, pg_url, len(first))
+            _wait_delivered(tg, pg_url, len(first))
             handled = [bot.output().count("job platform=telegram") for bot in replicas]
             assert all(handled), handled  # round-robin: both replicas drew
 
@@ -169,7 +155,7 @@ def test_the_replicas_compose_layout_runs_behind_its_caddyfile(
             second = [ask(i, f"a bell {i}") for i in range(10)]
             telegram.send_all(second)
             assert telegram.undelivered == []
-            rows = _delivered(tg, pg_url, len(first) + len(second))
+            rows = _wait_delivered(tg, pg_url, len(first) + len(second))
             for row in rows:
                 sent = [c for c in tg.of("sendPhoto", ok=True)
                         if f"j:{row['id']}:" in json.dumps(c.params)]

@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -51,9 +48,10 @@ from tests.discord_server import ACK_WINDOW, Call, FakeDiscordServer
 from tests.fake_api import FakeImageAPI
 from tests.pg_server import PASSWORD as PG_PASSWORD
 from tests.pg_server import pg_server, pg_url  # noqa: F401 - fixtures
+from tests.replica_kit import spawn_replica
 from tests.secret_guard import DISCORD_TEST_TOKEN as TOKEN
 from tests.test_durable import exact, jobs_of
-from tests.test_process import ROOT, SETTING_NAMES, BotProcess
+from tests.test_process import BotProcess
 
 SHARDS = 4
 LEASE = "2"  # JOB_LEASE: a dead replica's shards and jobs are taken over within seconds
@@ -146,9 +144,7 @@ def start_replica(
     data.mkdir(mode=0o700)
     # Each replica its own DATA_DIR (heartbeat), no folder shared: results are kept in the
     # ledger, as deployed.
-    env = {k: v for k, v in os.environ.items() if k.upper() not in SETTING_NAMES}
-    env.update({
-        "PYTHONPATH": str(ROOT),
+    return spawn_replica(tmp_path, n, {
         "DISCORD_FAKE_URL": fake.url,
         "DISCORD_BOT_TOKEN": TOKEN,
         "DISCORD_SHARD_COUNT": str(SHARDS),
@@ -167,14 +163,7 @@ def start_replica(
         "PROGRESS_INTERVAL": "5",
         "LOG_LEVEL": "INFO",
         "WEB_PORT": "0",
-    })
-    log = tmp_path / f"replica-{n}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.discord_replica"], cwd=tmp_path, env=env,
-            stdout=out, stderr=subprocess.STDOUT,
-        )
-    return BotProcess(proc, log)
+    }, ("tests.discord_replica",))
 
 
 # --- the ledger, as the test reads it -----------------------------------------------------

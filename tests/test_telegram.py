@@ -1063,13 +1063,19 @@ def test_plan_delivery(image: GeneratedImage, as_file: bool, policy: Any, expect
     )
 
 
-async def test_status_message_edits_sparingly() -> None:
+@asynccontextmanager
+async def status_in_a_chat() -> AsyncIterator[tuple[StatusMessage, FakeBotApi, list[float]]]:
+    """Yield a status message of Ann's chat on a fake Bot API, with its clock in our hand."""
     api = FakeBotApi()
     now = [100.0]
     async with (
         Application.builder().token(TOKEN).request(api).get_updates_request(api).build() as app
     ):
-        status = StatusMessage(app.bot, Where(ANN["id"], 7), "en", clock=lambda: now[0])
+        yield StatusMessage(app.bot, Where(ANN["id"], 7), "en", clock=lambda: now[0]), api, now
+
+
+async def test_status_message_edits_sparingly() -> None:
+    async with status_in_a_chat() as (status, api, now):
         await status.show(Progress("queued", position=2))
         now[0] += 1
         await status.show(Progress("queued", position=1))  # too soon: held back
@@ -1086,12 +1092,7 @@ async def test_status_message_edits_sparingly() -> None:
 async def test_a_status_showing_a_preview_keeps_saying_which_as_the_clock_ticks() -> None:
     # A tick of the clock after a preview must not caption that preview "Drawing… 3 s" as if
     # none were showing.
-    api = FakeBotApi()
-    now = [100.0]
-    async with (
-        Application.builder().token(TOKEN).request(api).get_updates_request(api).build() as app
-    ):
-        status = StatusMessage(app.bot, Where(ANN["id"], 7), "en", clock=lambda: now[0])
+    async with status_in_a_chat() as (status, api, now):
         await status.show(Progress("started"))
         now[0] += 5
         preview = GeneratedImage(data=image_bytes(256, 256, "PNG"), mime="image/png",
